@@ -1,0 +1,50 @@
+// Every op schema of pyvision_ops, and the _C Python module.
+// Kernels live in csrc/cpu, csrc/cuda (CUDA C++) and kernels/ (Triton, registered from Python).
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef PYVISION_OPS_VERSION
+#define PYVISION_OPS_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(pyvision_ops, m) {
+  // Box IoU family. kind: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU (csrc/common/box_iou.h).
+  // [B, N, 4] x [B, M, 4] -> [B, N, M]
+  m.def("pairwise_box_iou(Tensor boxes1, Tensor boxes2, int kind, float eps) -> Tensor");
+  // [K, 4] x [K, 4] -> [K]; loss=True gives the regression-loss formulas (1 - metric).
+  m.def("matched_box_iou(Tensor boxes1, Tensor boxes2, int kind, bool loss, float eps) -> Tensor");
+  m.def(
+      "matched_box_iou_backward(Tensor grad, Tensor boxes1, Tensor boxes2, int kind, bool loss, float eps) "
+      "-> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = PYVISION_OPS_VERSION;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+#ifdef PYVISION_OPS_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = PYVISION_OPS_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyvision_ops compiled kernels (ops are registered under torch.ops.pyvision_ops)";
+  m.def("build_info", &build_info, "How this extension was built.");
+}

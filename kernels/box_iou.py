@@ -1,0 +1,366 @@
+"""Box IoU family: Triton kernels (the CUDA backend) and their launchers.
+
+The pair math mirrors csrc/common/box_iou.h operation for operation, so the
+GPU and CPU kernels agree to rounding. Divisions are IEEE (div_rn) in fp32.
+atan is not taken in the kernels: the launchers precompute atan(w / h) per box
+(O(N + M) work) and pass it in, which keeps libdevice out of the kernels.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_FOUR_OVER_PI2 = 0.40528473456935108578
+
+
+@triton.jit
+def _div(a, b, F64: tl.constexpr):
+    if F64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.where(b < a, b, a)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.where(a < b, b, a)
+
+
+@triton.jit
+def _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps,
+                KIND: tl.constexpr, LOSS: tl.constexpr, F64: tl.constexpr):
+    iw = _min(ax2, bx2) - _max(ax1, bx1)
+    ih = _min(ay2, by2) - _max(ay1, by1)
+    if LOSS:
+        inter = tl.where((ih > 0) & (iw > 0), iw * ih, 0.0)
+    else:
+        inter = _max(iw, 0.0) * _max(ih, 0.0)
+    uni = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    if LOSS:
+        iou = _div(inter, uni + eps, F64)
+    else:
+        iou = _div(inter, uni, F64)
+    val = iou
+    if KIND != 0:
+        ew = _max(ax2, bx2) - _min(ax1, bx1)
+        eh = _max(ay2, by2) - _min(ay1, by1)
+        if not LOSS:
+            ew = _max(ew, 0.0)
+            eh = _max(eh, 0.0)
+        if KIND == 1:
+            c = ew * eh
+            if LOSS:
+                val = iou - _div(c - uni, c + eps, F64)
+            else:
+                val = iou - _div(c - uni, c, F64)
+        else:
+            dx = (ax1 + ax2) / 2 - (bx1 + bx2) / 2
+            dy = (ay1 + ay2) / 2 - (by1 + by2) / 2
+            diag = ew * ew + eh * eh + eps
+            val = iou - _div(dx * dx + dy * dy, diag, F64)
+            if KIND == 3:
+                t = ta - tb
+                v = _FOUR_OVER_PI2 * (t * t)
+                alpha = _div(v, 1.0 - iou + v + eps, F64)
+                val = val - alpha * v
+    if LOSS:
+        val = 1.0 - val
+    return val
+
+
+@triton.jit
+def _min_grad(a, b, g):
+    # d min(a, b): to the smaller operand, split evenly on ties.
+    ga = tl.where(a < b, g, tl.where(b < a, 0.0, g * 0.5))
+    gb = tl.where(b < a, g, tl.where(a < b, 0.0, g * 0.5))
+    return ga, gb
+
+
+@triton.jit
+def _max_grad(a, b, g):
+    # d max(a, b): to the larger operand, split evenly on ties.
+    ga = tl.where(b < a, g, tl.where(a < b, 0.0, g * 0.5))
+    gb = tl.where(a < b, g, tl.where(b < a, 0.0, g * 0.5))
+    return ga, gb
+
+
+@triton.jit
+def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g,
+               KIND: tl.constexpr, LOSS: tl.constexpr, F64: tl.constexpr):
+    if LOSS:
+        dval = -g
+    else:
+        dval = g
+    iw = _min(ax2, bx2) - _max(ax1, bx1)
+    ih = _min(ay2, by2) - _max(ay1, by1)
+    iwc = _max(iw, 0.0)
+    ihc = _max(ih, 0.0)
+    if LOSS:
+        overlap = (ih > 0) & (iw > 0)
+        inter = tl.where(overlap, iwc * ihc, 0.0)
+        uden_add = eps
+    else:
+        inter = iwc * ihc
+        uden_add = 0.0
+    wa = ax2 - ax1
+    ha = ay2 - ay1
+    wb = bx2 - bx1
+    hb = by2 - by1
+    uni = wa * ha + wb * hb - inter
+    uden = uni + uden_add
+    iou = _div(inter, uden, F64)
+
+    zero = tl.zeros_like(dval)
+    d_uni = zero
+    d_ew = zero
+    d_eh = zero
+    d_dx = zero
+    d_dy = zero
+    d_wa = zero
+    d_ha = zero
+    d_wb = zero
+    d_hb = zero
+    ew_raw = zero
+    eh_raw = zero
+    if KIND != 0:
+        ew_raw = _max(ax2, bx2) - _min(ax1, bx1)
+        eh_raw = _max(ay2, by2) - _min(ay1, by1)
+        if LOSS:
+            ew = ew_raw
+            eh = eh_raw
+        else:
+            ew = _max(ew_raw, 0.0)
+            eh = _max(eh_raw, 0.0)
+        if KIND == 1:
+            c = ew * eh
+            if LOSS:
+                den = c + eps
+            else:
+                den = c
+            d_uni += _div(dval, den, F64)
+            d_c = -dval * _div(den - c + uni, den * den, F64)
+            d_ew += d_c * eh
+            d_eh += d_c * ew
+        else:
+            dx = (ax1 + ax2) / 2 - (bx1 + bx2) / 2
+            dy = (ay1 + ay2) / 2 - (by1 + by2) / 2
+            diag = ew * ew + eh * eh + eps
+            cent = dx * dx + dy * dy
+            d_cent = _div(-dval, diag, F64)
+            d_diag = dval * _div(cent, diag * diag, F64)
+            d_ew += 2.0 * ew * d_diag
+            d_eh += 2.0 * eh * d_diag
+            d_dx = 2.0 * dx * d_cent
+            d_dy = 2.0 * dy * d_cent
+            if KIND == 3:
+                t = ta - tb
+                v = _FOUR_OVER_PI2 * (t * t)
+                alpha = _div(v, 1.0 - iou + v + eps, F64)
+                d_t = -dval * alpha * _FOUR_OVER_PI2 * 2.0 * t
+                na = wa * wa + ha * ha
+                nb = wb * wb + hb * hb
+                d_wa += d_t * _div(ha, na, F64)
+                d_ha -= d_t * _div(wa, na, F64)
+                d_wb -= d_t * _div(hb, nb, F64)
+                d_hb += d_t * _div(wb, nb, F64)
+    d_inter = _div(dval, uden, F64)
+    d_uni -= dval * _div(iou, uden, F64)
+    d_wa += d_uni * ha
+    d_ha += d_uni * wa
+    d_wb += d_uni * hb
+    d_hb += d_uni * wb
+    d_inter -= d_uni
+
+    if LOSS:
+        d_iw = tl.where(overlap, d_inter * ihc, 0.0)
+        d_ih = tl.where(overlap, d_inter * iwc, 0.0)
+    else:
+        d_iw = tl.where(iw >= 0, d_inter * ihc, 0.0)
+        d_ih = tl.where(ih >= 0, d_inter * iwc, 0.0)
+    gax2, gbx2 = _min_grad(ax2, bx2, d_iw)
+    gax1, gbx1 = _max_grad(ax1, bx1, -d_iw)
+    gay2, gby2 = _min_grad(ay2, by2, d_ih)
+    gay1, gby1 = _max_grad(ay1, by1, -d_ih)
+    if KIND != 0:
+        if not LOSS:
+            d_ew = tl.where(ew_raw < 0, 0.0, d_ew)
+            d_eh = tl.where(eh_raw < 0, 0.0, d_eh)
+        p, q = _max_grad(ax2, bx2, d_ew)
+        gax2 += p
+        gbx2 += q
+        p, q = _min_grad(ax1, bx1, -d_ew)
+        gax1 += p
+        gbx1 += q
+        p, q = _max_grad(ay2, by2, d_eh)
+        gay2 += p
+        gby2 += q
+        p, q = _min_grad(ay1, by1, -d_eh)
+        gay1 += p
+        gby1 += q
+    gax1 += d_dx / 2 - d_wa
+    gax2 += d_dx / 2 + d_wa
+    gbx1 += -d_dx / 2 - d_wb
+    gbx2 += -d_dx / 2 + d_wb
+    gay1 += d_dy / 2 - d_ha
+    gay2 += d_dy / 2 + d_ha
+    gby1 += -d_dy / 2 - d_hb
+    gby2 += -d_dy / 2 + d_hb
+    return gax1, gay1, gax2, gay2, gbx1, gby1, gbx2, gby2
+
+
+@triton.jit
+def _load_box(ptr, idx, mask, acc):
+    x1 = tl.load(ptr + idx * 4, mask=mask, other=0.0).to(acc)
+    y1 = tl.load(ptr + idx * 4 + 1, mask=mask, other=0.0).to(acc)
+    x2 = tl.load(ptr + idx * 4 + 2, mask=mask, other=1.0).to(acc)
+    y2 = tl.load(ptr + idx * 4 + 3, mask=mask, other=1.0).to(acc)
+    return x1, y1, x2, y2
+
+
+@triton.jit
+def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps,
+                     KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    acc = out_ptr.dtype.element_ty
+    F64: tl.constexpr = acc == tl.float64
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid % num_m
+    rest = pid // num_m
+    pid_n = rest % num_n
+    b = (rest // num_n).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mn = rn < N
+    mm = rm < M
+    ax1, ay1, ax2, ay2 = _load_box(b1_ptr + b * N * 4, rn, mn, acc)
+    bx1, by1, bx2, by2 = _load_box(b2_ptr + b * M * 4, rm, mm, acc)
+    if KIND == 3:
+        ta = tl.load(t1_ptr + b * N + rn, mask=mn, other=0.0)
+        tb = tl.load(t2_ptr + b * M + rm, mask=mm, other=0.0)
+    else:
+        ta = tl.zeros_like(ax1)
+        tb = tl.zeros_like(bx1)
+    val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                      bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                      ta[:, None], tb[None, :], eps, KIND, False, F64)
+    offs = b * N * M + rn[:, None].to(tl.int64) * M + rm[None, :]
+    tl.store(out_ptr + offs, val, mask=mn[:, None] & mm[None, :])
+
+
+@triton.jit
+def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps,
+                    KIND: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    acc = out_ptr.dtype.element_ty
+    F64: tl.constexpr = acc == tl.float64
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < K
+    ax1, ay1, ax2, ay2 = _load_box(b1_ptr, idx, mask, acc)
+    bx1, by1, bx2, by2 = _load_box(b2_ptr, idx, mask, acc)
+    if KIND == 3:
+        ta = tl.load(t1_ptr + idx, mask=mask, other=0.0)
+        tb = tl.load(t2_ptr + idx, mask=mask, other=0.0)
+    else:
+        ta = tl.zeros_like(ax1)
+        tb = ta
+    val = _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, KIND, LOSS, F64)
+    tl.store(out_ptr + idx, val, mask=mask)
+
+
+@triton.jit
+def _matched_backward_kernel(g_ptr, b1_ptr, b2_ptr, t1_ptr, t2_ptr, g1_ptr, g2_ptr, K, eps,
+                             KIND: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    acc = g_ptr.dtype.element_ty
+    F64: tl.constexpr = acc == tl.float64
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < K
+    ax1, ay1, ax2, ay2 = _load_box(b1_ptr, idx, mask, acc)
+    bx1, by1, bx2, by2 = _load_box(b2_ptr, idx, mask, acc)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0)
+    if KIND == 3:
+        ta = tl.load(t1_ptr + idx, mask=mask, other=0.0)
+        tb = tl.load(t2_ptr + idx, mask=mask, other=0.0)
+    else:
+        ta = tl.zeros_like(g)
+        tb = ta
+    gax1, gay1, gax2, gay2, gbx1, gby1, gbx2, gby2 = _pair_grad(
+        ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g, KIND, LOSS, F64)
+    ty = g1_ptr.dtype.element_ty
+    tl.store(g1_ptr + idx * 4, gax1.to(ty), mask=mask)
+    tl.store(g1_ptr + idx * 4 + 1, gay1.to(ty), mask=mask)
+    tl.store(g1_ptr + idx * 4 + 2, gax2.to(ty), mask=mask)
+    tl.store(g1_ptr + idx * 4 + 3, gay2.to(ty), mask=mask)
+    tl.store(g2_ptr + idx * 4, gbx1.to(ty), mask=mask)
+    tl.store(g2_ptr + idx * 4 + 1, gby1.to(ty), mask=mask)
+    tl.store(g2_ptr + idx * 4 + 2, gbx2.to(ty), mask=mask)
+    tl.store(g2_ptr + idx * 4 + 3, gby2.to(ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _aspect_atan(boxes, acc):
+    """atan(w / h) per box in the accumulation dtype (CIoU's aspect term)."""
+    b = boxes.to(acc)
+    return torch.atan((b[..., 2] - b[..., 0]) / (b[..., 3] - b[..., 1])).contiguous()
+
+
+def pairwise_box_iou(boxes1, boxes2, kind, eps):
+    """[B, N, 4] x [B, M, 4] -> [B, N, M] (fp64 for fp64 input, else fp32)."""
+    B, N, _ = boxes1.shape
+    M = boxes2.shape[1]
+    acc = _acc_dtype(boxes1.dtype)
+    out = torch.empty((B, N, M), dtype=acc, device=boxes1.device)
+    if out.numel() == 0:
+        return out
+    b1 = boxes1.contiguous()
+    b2 = boxes2.contiguous()
+    t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
+    block_n, block_m = 32, 128
+    grid = (B * triton.cdiv(N, block_n) * triton.cdiv(M, block_m),)
+    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, BLOCK_N=block_n, BLOCK_M=block_m,
+                           num_warps=4)
+    return out
+
+
+_BLOCK = 1024
+
+
+def matched_box_iou(boxes1, boxes2, kind, loss, eps):
+    """[K, 4] x [K, 4] -> [K]."""
+    K = boxes1.shape[0]
+    acc = _acc_dtype(boxes1.dtype)
+    out = torch.empty((K,), dtype=acc, device=boxes1.device)
+    if K == 0:
+        return out
+    b1 = boxes1.contiguous()
+    b2 = boxes2.contiguous()
+    t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
+    grid = (triton.cdiv(K, _BLOCK),)
+    _matched_kernel[grid](b1, b2, t1, t2, out, K, eps, KIND=kind, LOSS=loss, BLOCK=_BLOCK, num_warps=4)
+    return out
+
+
+def matched_box_iou_backward(grad, boxes1, boxes2, kind, loss, eps):
+    """Gradients of matched_box_iou w.r.t. boxes1 and boxes2, in the boxes' dtype."""
+    K = boxes1.shape[0]
+    g1 = torch.empty((K, 4), dtype=boxes1.dtype, device=boxes1.device)
+    g2 = torch.empty_like(g1)
+    if K == 0:
+        return g1, g2
+    b1 = boxes1.contiguous()
+    b2 = boxes2.contiguous()
+    acc = _acc_dtype(boxes1.dtype)
+    t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
+    grid = (triton.cdiv(K, _BLOCK),)
+    _matched_backward_kernel[grid](grad.contiguous(), b1, b2, t1, t2, g1, g2, K, eps, KIND=kind, LOSS=loss,
+                                   BLOCK=_BLOCK, num_warps=4)
+    return g1, g2

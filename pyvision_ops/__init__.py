@@ -1,0 +1,34 @@
+"""pyvision_ops: fast, correct detection and segmentation ops for PyTorch.
+
+Every op is a torch custom op (``torch.ops.pyvision_ops.*``) with a C++ CPU
+kernel, a CUDA kernel (CUDA C++ or Triton), a fake kernel and autograd, so it
+works in eager mode, under ``torch.compile`` and ``torch.export``.
+"""
+
+from . import _library  # noqa: F401  (loads _C, registers kernels)
+from ._info import build_info, op_table
+from .box_iou import (
+    box_iou,
+    complete_box_iou,
+    complete_box_iou_loss,
+    distance_box_iou,
+    distance_box_iou_loss,
+    generalized_box_iou,
+    generalized_box_iou_loss,
+    matched_box_iou,
+)
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "box_iou",
+    "build_info",
+    "complete_box_iou",
+    "complete_box_iou_loss",
+    "distance_box_iou",
+    "distance_box_iou_loss",
+    "generalized_box_iou",
+    "generalized_box_iou_loss",
+    "matched_box_iou",
+    "op_table",
+]

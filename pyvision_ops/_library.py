@@ -1,0 +1,98 @@
+"""Loads the compiled ops and registers what lives in Python: fake kernels,
+autograd, and the Triton kernels that serve as CUDA backends."""
+
+import importlib
+
+import torch
+
+try:
+    from pyvision_ops import _C  # noqa: F401  (registers torch.ops.pyvision_ops.*)
+except ImportError as e:  # pragma: no cover - exercised by hand
+    raise ImportError(
+        "pyvision_ops: the compiled extension pyvision_ops._C could not be loaded "
+        f"({e}). Build it from the repository root with `make build` "
+        "(or `pip install --no-build-isolation -e .`)."
+    ) from e
+
+ops = torch.ops.pyvision_ops
+
+# op name -> "kernels/<family>.py:<launcher>" for ops whose CUDA kernel is Triton.
+TRITON_KERNELS: dict[str, str] = {}
+
+
+def _register_triton(op: str, family: str, launcher: str | None = None) -> None:
+    """Registers kernels/<family>.py:<launcher> as the CUDA kernel of pyvision_ops::<op>.
+
+    The module is imported on first call, so `import pyvision_ops` never imports Triton.
+    """
+    launcher = launcher or op
+
+    def cuda_impl(*args):
+        module = importlib.import_module(f"pyvision_ops.kernels.{family}")
+        return getattr(module, launcher)(*args)
+
+    torch.library.register_kernel(f"pyvision_ops::{op}", "cuda", cuda_impl)
+    TRITON_KERNELS[op] = f"kernels/{family}.py:{launcher}"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Output/accumulation dtype of the kernels: fp64 stays fp64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------- box IoU family
+
+@torch.library.register_fake("pyvision_ops::pairwise_box_iou")
+def _(boxes1, boxes2, kind, eps):
+    torch._check(boxes1.dim() == 3 and boxes2.dim() == 3)
+    return boxes1.new_empty((boxes1.shape[0], boxes1.shape[1], boxes2.shape[1]), dtype=_acc_dtype(boxes1.dtype))
+
+
+@torch.library.register_fake("pyvision_ops::matched_box_iou")
+def _(boxes1, boxes2, kind, loss, eps):
+    return boxes1.new_empty((boxes1.shape[0],), dtype=_acc_dtype(boxes1.dtype))
+
+
+@torch.library.register_fake("pyvision_ops::matched_box_iou_backward")
+def _(grad, boxes1, boxes2, kind, loss, eps):
+    return torch.empty_like(boxes1), torch.empty_like(boxes2)
+
+
+def _matched_setup(ctx, inputs, output):
+    boxes1, boxes2, kind, loss, eps = inputs
+    ctx.save_for_backward(boxes1, boxes2)
+    ctx.args = (kind, loss, eps)
+
+
+def _matched_backward(ctx, grad):
+    boxes1, boxes2 = ctx.saved_tensors
+    g1, g2 = ops.matched_box_iou_backward(grad, boxes1, boxes2, *ctx.args)
+    return g1, g2, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::matched_box_iou", _matched_backward, setup_context=_matched_setup)
+
+
+def _pairwise_setup(ctx, inputs, output):
+    boxes1, boxes2, kind, eps = inputs
+    ctx.save_for_backward(boxes1, boxes2)
+    ctx.args = (kind, eps)
+
+
+def _pairwise_backward(ctx, grad):
+    # Each (n, m) pair is a matched pair: expand to [B, N, M, 4], reuse the fused
+    # matched backward, then sum over the partner axis. O(B*N*M) extra memory.
+    boxes1, boxes2 = ctx.saved_tensors
+    kind, eps = ctx.args
+    B, N, M = grad.shape
+    a = boxes1[:, :, None, :].expand(B, N, M, 4).reshape(-1, 4)
+    b = boxes2[:, None, :, :].expand(B, N, M, 4).reshape(-1, 4)
+    ga, gb = ops.matched_box_iou_backward(grad.reshape(-1), a, b, kind, False, eps)
+    return ga.view(B, N, M, 4).sum(2), gb.view(B, N, M, 4).sum(1), None, None
+
+
+torch.library.register_autograd("pyvision_ops::pairwise_box_iou", _pairwise_backward, setup_context=_pairwise_setup)
+
+_register_triton("pairwise_box_iou", "box_iou")
+_register_triton("matched_box_iou", "box_iou")
+_register_triton("matched_box_iou_backward", "box_iou")

@@ -1,0 +1,56 @@
+"""Argument checks shared by the Python fronts. Errors name the argument."""
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_boxes(name: str, t, min_dim: int = 1) -> torch.Tensor:
+    """A [..., 4] tensor of float or integer coordinates."""
+    check_tensor(name, t)
+    if t.dtype not in _FLOAT_DTYPES + _INT_DTYPES:
+        raise TypeError(f"{name} must have a floating point or integer dtype, got {t.dtype}")
+    if t.dim() < min_dim or t.shape[-1] != 4:
+        lead = "..., N, 4" if min_dim == 2 else "..., 4"
+        raise ValueError(f"{name} must have shape [{lead}], got {list(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors) -> None:
+    (n0, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{name} is on {t.device} but {n0} is on {t0.device}; they must be on one device")
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def check_float(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """torchvision's loss reduction: the mean of an empty loss is 0, not NaN."""
+    if reduction == "mean":
+        return loss.mean() if loss.numel() > 0 else 0.0 * loss.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss

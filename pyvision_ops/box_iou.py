@@ -1,0 +1,174 @@
+"""Box IoU family: pairwise and matched IoU / GIoU / DIoU / CIoU and the box regression losses.
+
+Boxes are ``(x1, y1, x2, y2)``. Every function is one fused kernel: C++ on the
+CPU, Triton on CUDA (kernels/box_iou.py), with the same math (csrc/common/box_iou.h).
+
+Dtypes: float32 and float64 stay as they are; float16, bfloat16 and integer
+boxes give float32 results (computed in float32; integers in float64, so
+integer areas are exact), as torchvision does. Gradients come back in the
+dtype of the boxes.
+
+Degenerate boxes follow torchvision's formulas exactly, with no hidden epsilon:
+the pairwise IoU of two boxes whose union is 0 (two zero-area boxes) is
+``0 / 0 = NaN``; a zero-area box against a box of positive area has IoU 0;
+GIoU is NaN when the enclosing box has zero area. The losses add ``eps`` to
+their denominators, as torchvision's do. NaN coordinates give NaN.
+"""
+
+import torch
+
+from . import _utils
+from ._library import ops
+
+_KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+_AXIS_ALIGNED_FMTS = ("xyxy", "xywh", "cxcywh")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    # Integers go through float64 (exact products), then come back as float32.
+    return dtype if dtype.is_floating_point else torch.float64
+
+
+def _out_dtype(compute_dtype: torch.dtype, *tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if compute_dtype == torch.float64 and all(t.is_floating_point() for t in tensors) else torch.float32
+
+
+def _to_xyxy(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "xyxy":
+        return boxes
+    if fmt == "xywh":
+        xy, wh = boxes[..., :2], boxes[..., 2:]
+        return torch.cat([xy, xy + wh], dim=-1)
+    cxy, half = boxes[..., :2], boxes[..., 2:] / 2
+    return torch.cat([cxy - half, cxy + half], dim=-1)
+
+
+def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -> torch.Tensor:
+    _utils.check_boxes("boxes1", boxes1, min_dim=2)
+    _utils.check_boxes("boxes2", boxes2, min_dim=2)
+    _utils.check_same_device(boxes1=boxes1, boxes2=boxes2)
+    eps = _utils.check_float("eps", eps)
+    if fmt not in _AXIS_ALIGNED_FMTS:
+        raise ValueError(f"fmt must be one of {_AXIS_ALIGNED_FMTS}, got {fmt!r}")
+    try:
+        batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dimensions of boxes1 {list(boxes1.shape[:-2])} and boxes2 {list(boxes2.shape[:-2])} "
+            "do not broadcast"
+        ) from None
+    n, m = boxes1.shape[-2], boxes2.shape[-2]
+    dtype = _compute_dtype(boxes1, boxes2)
+    out_dtype = _out_dtype(dtype, boxes1, boxes2)
+    b1 = _to_xyxy(boxes1.to(dtype), fmt).expand(*batch, n, 4).reshape(-1, n, 4)
+    b2 = _to_xyxy(boxes2.to(dtype), fmt).expand(*batch, m, 4).reshape(-1, m, 4)
+    out = ops.pairwise_box_iou(b1, b2, _KINDS[kind], eps)
+    return out.view(*batch, n, m).to(out_dtype)
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str = "xyxy") -> torch.Tensor:
+    """Pairwise IoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (leading dims broadcast).
+
+    Drop-in for ``torchvision.ops.box_iou`` (axis-aligned formats ``xyxy``,
+    ``xywh``, ``cxcywh``). ``inter / union``; two zero-area boxes give NaN.
+    """
+    return _pairwise(boxes1, boxes2, "iou", fmt=fmt)
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; drop-in for torchvision's.
+
+    ``IoU - (C - union) / C`` with ``C`` the enclosing box's area; NaN when ``C`` is 0.
+    """
+    return _pairwise(boxes1, boxes2, "giou")
+
+
+def distance_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Pairwise DIoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; drop-in for torchvision's.
+
+    ``IoU - d^2 / (c^2 + eps)`` with ``d`` the distance between centres and ``c``
+    the enclosing box's diagonal.
+    """
+    return _pairwise(boxes1, boxes2, "diou", eps=eps)
+
+
+def complete_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Pairwise CIoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; drop-in for torchvision's.
+
+    ``DIoU - alpha * v`` with ``v = 4 / pi^2 (atan(w1/h1) - atan(w2/h2))^2`` and
+    ``alpha = v / (1 - IoU + v + eps)``. Gradients treat ``alpha`` as a constant.
+    """
+    return _pairwise(boxes1, boxes2, "ciou", eps=eps)
+
+
+def _matched(boxes1, boxes2, kind: str, loss: bool, eps: float) -> torch.Tensor:
+    _utils.check_boxes("boxes1", boxes1)
+    _utils.check_boxes("boxes2", boxes2)
+    _utils.check_same_device(boxes1=boxes1, boxes2=boxes2)
+    eps = _utils.check_float("eps", eps)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    try:
+        shape = torch.broadcast_shapes(boxes1.shape, boxes2.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"boxes1 {list(boxes1.shape)} and boxes2 {list(boxes2.shape)} do not broadcast"
+        ) from None
+    dtype = _compute_dtype(boxes1, boxes2)
+    out_dtype = _out_dtype(dtype, boxes1, boxes2)
+    if loss and not (boxes1.is_floating_point() and boxes2.is_floating_point()):
+        dtype = out_dtype = torch.float32  # torchvision's losses cast integer boxes to float32
+    b1 = boxes1.to(dtype).expand(shape).reshape(-1, 4)
+    b2 = boxes2.to(dtype).expand(shape).reshape(-1, 4)
+    out = ops.matched_box_iou(b1, b2, _KINDS[kind], loss, eps)
+    return out.view(shape[:-1]).to(out_dtype)
+
+
+def matched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str = "iou", eps: float = 1e-7) -> torch.Tensor:
+    """Elementwise IoU-family metric of matched pairs, ``[..., 4] x [..., 4] -> [...]`` (shapes broadcast).
+
+    ``kind`` is ``"iou"``, ``"giou"``, ``"diou"`` or ``"ciou"``; the value of pair
+    ``i`` equals the diagonal of the pairwise function (``box_iou`` etc.), without
+    computing the ``N x M`` matrix. Differentiable (one fused backward kernel);
+    for CIoU ``alpha`` is a constant of the gradient, as in the CIoU paper.
+    """
+    return _matched(boxes1, boxes2, kind, False, eps)
+
+
+def _loss(boxes1, boxes2, kind: str, reduction: str, eps: float) -> torch.Tensor:
+    _utils.check_reduction(reduction)
+    return _utils.reduce(_matched(boxes1, boxes2, kind, True, eps), reduction)
+
+
+def generalized_box_iou_loss(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
+) -> torch.Tensor:
+    """GIoU loss ``1 - GIoU`` of matched boxes; drop-in for torchvision's.
+
+    ``IoU = inter / (union + eps)``, ``GIoU = IoU - (C - union) / (C + eps)``.
+    ``reduction``: ``"none"`` | ``"mean"`` | ``"sum"``; the mean of no boxes is 0.
+    Forward and backward are one fused kernel each.
+    """
+    return _loss(boxes1, boxes2, "giou", reduction, eps)
+
+
+def distance_box_iou_loss(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
+) -> torch.Tensor:
+    """DIoU loss ``1 - IoU + d^2 / (c^2 + eps)`` of matched boxes; drop-in for torchvision's."""
+    return _loss(boxes1, boxes2, "diou", reduction, eps)
+
+
+def complete_box_iou_loss(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
+) -> torch.Tensor:
+    """CIoU loss ``1 - IoU + d^2 / (c^2 + eps) + alpha * v`` of matched boxes; drop-in for torchvision's.
+
+    ``alpha`` is a constant of the gradient (as torchvision computes it under
+    ``no_grad``). ``eps`` is used in every term; torchvision passes it only to
+    ``alpha`` and uses 1e-7 elsewhere, so the two agree at the default ``eps``.
+    """
+    return _loss(boxes1, boxes2, "ciou", reduction, eps)

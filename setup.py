@@ -1,0 +1,86 @@
+"""Builds pyvision_ops._C: every csrc/**/*.cpp, plus csrc/cuda/*.cu when CUDA is on.
+
+CUDA is on when FORCE_CUDA=1, or when torch sees a GPU and a toolkit is found;
+PYVISION_OPS_NO_CUDA=1 turns it off.
+"""
+
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _pip_cuda_includes():
+    # ATen's CUDA headers include cusparse.h etc., which pip ships under nvidia/cu*/include.
+    dirs = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+
+    if _flag("PYVISION_OPS_NO_CUDA"):
+        with_cuda = False
+    elif _flag("FORCE_CUDA"):
+        with_cuda = True
+    else:
+        with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    define_macros = [("PYVISION_OPS_VERSION", f'"{VERSION}"')]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not archs and not torch.cuda.is_available():
+            archs = os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        define_macros += [("PYVISION_OPS_WITH_CUDA", None), ("PYVISION_OPS_CUDA_ARCHS", f'"{archs or "native"}"')]
+        include_dirs += _pip_cuda_includes()
+        ext = cpp_extension.CUDAExtension(
+            "pyvision_ops._C",
+            cpp_sources + cu_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "pyvision_ops._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext, build_ext = _extension()
+print(f"pyvision_ops: building {ext.name} with {len(ext.sources)} sources", file=sys.stderr)
+
+setup(
+    name="pyvision_ops",
+    version=VERSION,
+    description="Fast, correct detection and segmentation ops for PyTorch",
+    packages=find_packages(include=["pyvision_ops", "pyvision_ops.*"]) + ["pyvision_ops.kernels"],
+    package_dir={"pyvision_ops.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+)
