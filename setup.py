@@ -71,8 +71,13 @@ def _extension():
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
-ext, build_ext = _extension()
-print(f"pyvision_ops: building {ext.name} with {len(ext.sources)} sources", file=sys.stderr)
+if _flag("PYVISION_OPS_NO_EXT"):
+    # Editable install of the Python files only; `make build` compiles _C in place.
+    ext_modules, cmdclass = [], {}
+else:
+    ext, build_ext = _extension()
+    ext_modules, cmdclass = [ext], {"build_ext": build_ext}
+    print(f"pyvision_ops: {ext.name} from {len(ext.sources)} sources", file=sys.stderr)
 
 setup(
     name="pyvision_ops",
@@ -80,7 +85,7 @@ setup(
     description="Fast, correct detection and segmentation ops for PyTorch",
     packages=find_packages(include=["pyvision_ops", "pyvision_ops.*"]) + ["pyvision_ops.kernels"],
     package_dir={"pyvision_ops.kernels": "kernels"},
-    ext_modules=[ext],
-    cmdclass={"build_ext": build_ext},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
 )

@@ -15,6 +15,8 @@ GIoU is NaN when the enclosing box has zero area. The losses add ``eps`` to
 their denominators, as torchvision's do. NaN coordinates give NaN.
 """
 
+import math
+
 import torch
 
 from . import _utils
@@ -63,8 +65,9 @@ def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -
     n, m = boxes1.shape[-2], boxes2.shape[-2]
     dtype = _compute_dtype(boxes1, boxes2)
     out_dtype = _out_dtype(dtype, boxes1, boxes2)
-    b1 = _to_xyxy(boxes1.to(dtype), fmt).expand(*batch, n, 4).reshape(-1, n, 4)
-    b2 = _to_xyxy(boxes2.to(dtype), fmt).expand(*batch, m, 4).reshape(-1, m, 4)
+    nb = math.prod(batch)
+    b1 = _to_xyxy(boxes1.to(dtype), fmt).expand(*batch, n, 4).reshape(nb, n, 4)
+    b2 = _to_xyxy(boxes2.to(dtype), fmt).expand(*batch, m, 4).reshape(nb, m, 4)
     out = ops.pairwise_box_iou(b1, b2, _KINDS[kind], eps)
     return out.view(*batch, n, m).to(out_dtype)
 

@@ -1,0 +1,432 @@
+import itertools
+
+import pytest
+import reference
+import torch
+import torchvision.ops as tv
+from conftest import opcheck
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyvision_ops as P
+from pyvision_ops.testing import clustered_boxes, edge_boxes, random_boxes
+
+PAIRWISE = {
+    "iou": (P.box_iou, tv.box_iou),
+    "giou": (P.generalized_box_iou, tv.generalized_box_iou),
+    "diou": (P.distance_box_iou, tv.distance_box_iou),
+    "ciou": (P.complete_box_iou, tv.complete_box_iou),
+}
+LOSSES = {
+    "giou": (P.generalized_box_iou_loss, tv.generalized_box_iou_loss),
+    "diou": (P.distance_box_iou_loss, tv.distance_box_iou_loss),
+    "ciou": (P.complete_box_iou_loss, tv.complete_box_iou_loss),
+}
+KINDS = list(PAIRWISE)
+ops = torch.ops.pyvision_ops
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ pairwise
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,m", [(1, 1), (7, 13), (64, 3), (130, 257)])
+def test_pairwise_matches_reference(kind, dtype, n, m):
+    g = gen(n * 1000 + m)
+    a, b = random_boxes(n, dtype=dtype, generator=g), random_boxes(m, dtype=dtype, generator=g)
+    out = PAIRWISE[kind][0](a, b)
+    assert out.dtype == dtype and out.shape == (n, m)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(out.double(), reference.pairwise(a, b, kind), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("source", ["random", "clustered", "edge"])
+def test_pairwise_matches_torchvision(kind, source):
+    g = gen(1)
+    if source == "random":
+        a, b = random_boxes(300, generator=g), random_boxes(200, generator=g)
+    elif source == "clustered":
+        a, b = clustered_boxes(500, generator=g), clustered_boxes(100, generator=g)
+    else:
+        a = b = edge_boxes()
+    ours, theirs = PAIRWISE[kind][0](a, b), PAIRWISE[kind][1](a, b)
+    assert ours.dtype == theirs.dtype
+    # Same NaNs (0/0 for two zero-area boxes, as torchvision), same values.
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6, equal_nan=True)
+
+
+def test_zero_area_follows_torchvision():
+    point = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    assert torch.isnan(P.box_iou(point, point)).all()  # union 0 -> 0/0
+    assert P.box_iou(point, box).item() == 0.0
+    assert torch.isnan(P.generalized_box_iou(point, point)).all()  # enclosing area 0
+    assert P.box_iou(box, box).item() == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float16, torch.bfloat16])
+def test_pairwise_low_precision_and_int_give_fp32(kind, dtype):
+    g = gen(2)
+    a = (random_boxes(40, generator=g) * 4).round().to(dtype)
+    b = (random_boxes(30, generator=g) * 4).round().to(dtype)
+    ours, theirs = PAIRWISE[kind][0](a, b), PAIRWISE[kind][1](a, b)
+    assert ours.dtype == torch.float32 == theirs.dtype
+    # Integers: exact areas in both. fp16/bf16: we subtract in fp32 where torchvision
+    # subtracts in the input dtype, so they differ by the input's rounding.
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-6)
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.double(), reference.pairwise(a, b, kind), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pairwise_batched_broadcasts(kind):
+    g = gen(3)
+    a = random_boxes(5, 2, 3, generator=g)  # [2, 3, 5, 4]
+    b = random_boxes(7, 3, generator=g)  # [3, 7, 4]
+    out = PAIRWISE[kind][0](a, b)
+    assert out.shape == (2, 3, 5, 7)
+    for i, j in itertools.product(range(2), range(3)):
+        torch.testing.assert_close(out[i, j], PAIRWISE[kind][0](a[i, j], b[j]), rtol=0, atol=0)
+    torch.testing.assert_close(out, PAIRWISE[kind][1](a, b.expand(2, 3, 7, 4)), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pairwise_empty(kind):
+    f = PAIRWISE[kind][0]
+    assert f(torch.zeros(0, 4), torch.zeros(5, 4)).shape == (0, 5)
+    assert f(torch.zeros(3, 4), torch.zeros(0, 4)).shape == (3, 0)
+    assert f(torch.zeros(0, 3, 4), torch.zeros(0, 2, 4)).shape == (0, 3, 2)
+    assert f(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_pairwise_non_contiguous():
+    g = gen(4)
+    a = random_boxes(50, generator=g).t().contiguous().t()  # column-major
+    b = random_boxes(80, generator=g)[::2]
+    assert not a.is_contiguous() and not b.is_contiguous()
+    torch.testing.assert_close(P.complete_box_iou(a, b), tv.complete_box_iou(a, b), rtol=2e-6, atol=2e-6)
+
+
+def test_box_iou_formats():
+    g = gen(5)
+    a, b = random_boxes(20, generator=g), random_boxes(10, generator=g)
+    for fmt in ("xywh", "cxcywh"):
+        ca, cb = tv.box_convert(a, "xyxy", fmt), tv.box_convert(b, "xyxy", fmt)
+        torch.testing.assert_close(P.box_iou(ca, cb, fmt=fmt), tv.box_iou(ca, cb, fmt=fmt), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_and_inf_coordinates_give_nan_not_crash():
+    a = torch.tensor([[float("nan"), 0, 1, 1], [0, 0, float("inf"), 1], [0, 0, 1, 1]])
+    for kind in KINDS:
+        out = PAIRWISE[kind][0](a, a)
+        assert out.shape == (3, 3)
+        assert torch.isnan(out[0]).all() and torch.isnan(out[:, 0]).all()
+        torch.testing.assert_close(out, PAIRWISE[kind][1](a, a), equal_nan=True)
+
+
+def test_huge_coordinates():
+    a = torch.tensor([[0.0, 0.0, 1e18, 1e18], [1e17, 1e17, 2e18, 3e18]], dtype=torch.float64)
+    for kind in KINDS:
+        torch.testing.assert_close(PAIRWISE[kind][0](a, a), PAIRWISE[kind][1](a, a), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    coords=st.lists(
+        st.tuples(*[st.floats(-1e3, 1e3, allow_nan=False, width=32)] * 4), min_size=1, max_size=12
+    ),
+    kind=st.sampled_from(KINDS),
+)
+def test_pairwise_hypothesis_vs_torchvision(coords, kind):
+    a = torch.tensor(coords, dtype=torch.float64)
+    torch.testing.assert_close(PAIRWISE[kind][0](a, a.flip(0)), PAIRWISE[kind][1](a, a.flip(0)),
+                               rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+# ------------------------------------------------------------------- matched
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matched_is_pairwise_diagonal(kind):
+    g = gen(6)
+    a, b = random_boxes(100, generator=g), random_boxes(100, generator=g)
+    torch.testing.assert_close(P.matched_box_iou(a, b, kind), PAIRWISE[kind][0](a, b).diagonal(), rtol=0, atol=0)
+    e = edge_boxes()
+    torch.testing.assert_close(P.matched_box_iou(e, e.flip(0), kind), PAIRWISE[kind][1](e, e.flip(0)).diagonal(),
+                               rtol=2e-6, atol=2e-6, equal_nan=True)
+
+
+def test_matched_broadcast_and_shape():
+    g = gen(7)
+    a, b = random_boxes(6, 2, generator=g), random_boxes(6, generator=g)
+    out = P.matched_box_iou(a, b, "giou")
+    assert out.shape == (2, 6)
+    torch.testing.assert_close(out[1], P.matched_box_iou(a[1], b, "giou"))
+    assert P.matched_box_iou(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0,)
+    assert P.matched_box_iou(torch.zeros(4), torch.ones(4) * 2).shape == ()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matched_gradcheck(kind):
+    g = gen(8)
+    a = random_boxes(6, dtype=torch.float64, generator=g).requires_grad_()
+    b = random_boxes(6, dtype=torch.float64, generator=g).requires_grad_()
+    # CIoU: alpha is a constant of the gradient, so compare with the reference's autograd.
+    if kind == "ciou":
+        ours = torch.autograd.grad(P.matched_box_iou(a, b, kind).sum(), [a, b])
+        ref = torch.autograd.grad(reference.box_pair_metric(a, b, kind).sum(), [a, b])
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    else:
+        assert torch.autograd.gradcheck(lambda x, y: P.matched_box_iou(x, y, kind), (a, b))
+
+
+# -------------------------------------------------------------------- losses
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("source", ["random", "clustered", "edge"])
+def test_loss_matches_torchvision(kind, reduction, source):
+    g = gen(9)
+    if source == "random":
+        a, b = random_boxes(500, generator=g), random_boxes(500, generator=g)
+    elif source == "clustered":
+        a, b = clustered_boxes(500, generator=g), clustered_boxes(500, generator=g)
+    else:
+        # Drop the rows whose torchvision gradient is NaN (0/0 in its atan/mask chain).
+        e = edge_boxes()[[0, 1, 2, 3, 8, 9, 11]]
+        a, b = e, e.roll(1, 0)
+    ours_f, tv_f = LOSSES[kind]
+    x1, y1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    x2, y2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ours, theirs = ours_f(x1, y1, reduction), tv_f(x2, y2, reduction)
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+    w = torch.rand(ours.shape, generator=g)
+    go = torch.autograd.grad((ours * w).sum(), [x1, y1])
+    gt = torch.autograd.grad((theirs * w).sum(), [x2, y2])
+    torch.testing.assert_close(go, gt, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+def test_loss_ties_split_gradient_like_torch(kind):
+    # A perfect prediction: every min/max ties, torch splits those gradients evenly.
+    a = torch.tensor([[1.0, 2.0, 5.0, 9.0], [0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
+    x1, y1 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    x2, y2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    go = torch.autograd.grad(LOSSES[kind][0](x1, y1, "sum"), [x1, y1])
+    gt = torch.autograd.grad(LOSSES[kind][1](x2, y2, "sum"), [x2, y2])
+    torch.testing.assert_close(go, gt, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+def test_loss_dtypes(kind):
+    g = gen(10)
+    a, b = random_boxes(64, generator=g), random_boxes(64, generator=g)
+    ours_f, tv_f = LOSSES[kind]
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.int64, 2e-6)]:
+        ca, cb = (a.round() if dtype == torch.int64 else a).to(dtype), (b.round() if dtype == torch.int64 else b).to(dtype)
+        ours, theirs = ours_f(ca, cb), tv_f(ca, cb)
+        assert ours.dtype == theirs.dtype, dtype
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    h = a.half().requires_grad_()
+    ours = ours_f(h, b.half(), "sum")
+    (gh,) = torch.autograd.grad(ours, [h])
+    assert gh.dtype == torch.float16 and torch.isfinite(gh).all()
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+def test_loss_empty(kind):
+    f = LOSSES[kind][0]
+    a = torch.zeros(0, 4, requires_grad=True)
+    for reduction in ("none", "mean", "sum"):
+        out = f(a, torch.zeros(0, 4), reduction)
+        ref = LOSSES[kind][1](torch.zeros(0, 4), torch.zeros(0, 4), reduction)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert out.sum().item() == 0.0  # torchvision: the mean of nothing is 0
+    (g,) = torch.autograd.grad(f(a, torch.zeros(0, 4), "mean"), [a])
+    assert g.shape == (0, 4)
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+def test_loss_gradcheck(kind):
+    g = gen(11)
+    a = random_boxes(5, dtype=torch.float64, generator=g).requires_grad_()
+    b = random_boxes(5, dtype=torch.float64, generator=g).requires_grad_()
+    f = LOSSES[kind][0]
+    if kind == "ciou":  # alpha is held constant, as torchvision does
+        ours = torch.autograd.grad(f(a, b, "sum"), [a, b])
+        ref = torch.autograd.grad(reference.box_pair_metric(a, b, kind, loss=True).sum(), [a, b])
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    else:
+        assert torch.autograd.gradcheck(lambda x, y: f(x, y, "mean"), (a, b))
+
+
+def test_pairwise_backward_matches_torchvision():
+    g = gen(12)
+    for kind in KINDS:
+        a = random_boxes(9, dtype=torch.float64, generator=g)
+        b = random_boxes(11, dtype=torch.float64, generator=g)
+        w = torch.rand(9, 11, dtype=torch.float64, generator=g)
+        x1, y1, x2, y2 = (t.clone().requires_grad_() for t in (a, b, a, b))
+        go = torch.autograd.grad((PAIRWISE[kind][0](x1, y1) * w).sum(), [x1, y1])
+        gt = torch.autograd.grad((PAIRWISE[kind][1](x2, y2) * w).sum(), [x2, y2])
+        torch.testing.assert_close(go, gt, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------- op-level machinery
+
+def _op_inputs(requires_grad):
+    g = gen(13)
+    a = random_boxes(6, dtype=torch.float64, generator=g).requires_grad_(requires_grad)
+    b = random_boxes(6, dtype=torch.float64, generator=g).requires_grad_(requires_grad)
+    return a, b
+
+
+@pytest.mark.parametrize("kind", range(4))
+def test_opcheck(kind):
+    a, b = _op_inputs(True)
+    opcheck(ops.pairwise_box_iou, (a[None], b[None, :4], kind, 1e-7))
+    for loss in (False, True):
+        opcheck(ops.matched_box_iou, (a, b, kind, loss, 1e-7))
+        ga, gb = _op_inputs(False)
+        opcheck(ops.matched_box_iou_backward, (torch.rand(6, dtype=torch.float64), ga, gb, kind, loss, 1e-7))
+    opcheck(ops.matched_box_iou, (a[:0], b[:0], kind, True, 1e-7))
+    opcheck(ops.pairwise_box_iou, (a.half()[None].detach(), b.half()[None].detach(), kind, 1e-7))
+
+
+def test_compile_fullgraph():
+    g = gen(14)
+    a, b = random_boxes(20, generator=g), random_boxes(20, generator=g)
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def step(x, y):
+        return P.complete_box_iou(x, y).amax(1).sum() + P.generalized_box_iou_loss(x, y, "mean")
+
+    x = a.clone().requires_grad_()
+    out = step(x, b)
+    out.backward()
+    x2 = a.clone().requires_grad_()
+    ref = P.complete_box_iou(x2, b).amax(1).sum() + P.generalized_box_iou_loss(x2, b, "mean")
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    # a second size under the same compiled function
+    torch.testing.assert_close(step(a[:7], b[:7]), P.complete_box_iou(a[:7], b[:7]).amax(1).sum()
+                               + P.generalized_box_iou_loss(a[:7], b[:7], "mean"))
+
+
+# --------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.box_iou(torch.zeros(3, 5), torch.zeros(2, 4)), ValueError, "boxes1"),
+        (lambda: P.box_iou(torch.zeros(3, 4), torch.zeros(4)), ValueError, "boxes2"),
+        (lambda: P.box_iou(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4)), ValueError, "batch"),
+        (lambda: P.box_iou(torch.zeros(3, 4, dtype=torch.bool), torch.zeros(2, 4)), TypeError, "boxes1"),
+        (lambda: P.box_iou(torch.zeros(3, 4, dtype=torch.complex64), torch.zeros(2, 4)), TypeError, "boxes1"),
+        (lambda: P.box_iou([[0, 0, 1, 1]], torch.zeros(2, 4)), TypeError, "boxes1"),
+        (lambda: P.box_iou(torch.zeros(3, 4), torch.zeros(2, 4, device="meta")), ValueError, "device"),
+        (lambda: P.box_iou(torch.zeros(3, 4), torch.zeros(2, 4), fmt="xyxyxyxy"), ValueError, "fmt"),
+        (lambda: P.distance_box_iou(torch.zeros(3, 4), torch.zeros(2, 4), eps=float("nan")), ValueError, "eps"),
+        (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(2, 4)), ValueError, "broadcast"),
+        (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(3, 4), kind="dice"), ValueError, "kind"),
+        (lambda: P.generalized_box_iou_loss(torch.zeros(3, 4), torch.zeros(3, 4), "avg"), ValueError, "reduction"),
+        (lambda: P.complete_box_iou_loss(torch.zeros(3, 3), torch.zeros(3, 3)), ValueError, "boxes1"),
+        (lambda: P.distance_box_iou_loss(torch.zeros(3, 4), torch.zeros(3, 4, device="meta")), ValueError, "device"),
+    ],
+)
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+def test_op_level_checks_do_not_crash():
+    with pytest.raises(RuntimeError, match="boxes1"):
+        ops.pairwise_box_iou(torch.zeros(3, 4), torch.zeros(1, 3, 4), 0, 1e-7)
+    with pytest.raises(RuntimeError, match="kind"):
+        ops.matched_box_iou(torch.zeros(3, 4), torch.zeros(3, 4), 7, False, 1e-7)
+    with pytest.raises(RuntimeError, match="grad"):
+        ops.matched_box_iou_backward(torch.zeros(2), torch.zeros(3, 4), torch.zeros(3, 4), 0, False, 1e-7)
+
+
+# ------------------------------------------------- Triton under interpreter
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_triton_pairwise_interpreter(kind, dtype):
+    from pyvision_ops.kernels import box_iou as K
+
+    g = gen(15)
+    a = torch.cat([random_boxes(37, dtype=dtype, generator=g), edge_boxes(dtype)])[None]
+    b = random_boxes(45, dtype=dtype, generator=g)[None]
+    out = K.pairwise_box_iou(a, b, kind, 1e-7)
+    ref = ops.pairwise_box_iou(a, b, kind, 1e-7)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(out.double()[0, :37], reference.pairwise(a[0, :37], b[0], KINDS[kind]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", range(4))
+@pytest.mark.parametrize("loss", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_matched_interpreter(kind, loss, dtype):
+    from pyvision_ops.kernels import box_iou as K
+
+    g = gen(16)
+    a = torch.cat([random_boxes(50, dtype=dtype, generator=g), edge_boxes(dtype)])
+    b = torch.cat([random_boxes(50, dtype=dtype, generator=g), edge_boxes(dtype).roll(3, 0)])
+    grad = torch.rand(a.shape[0], dtype=dtype, generator=g)
+    torch.testing.assert_close(K.matched_box_iou(a, b, kind, loss, 1e-7), ops.matched_box_iou(a, b, kind, loss, 1e-7),
+                               rtol=1e-6, atol=1e-6, equal_nan=True)
+    for x, y in zip(K.matched_box_iou_backward(grad, a, b, kind, loss, 1e-7),
+                    ops.matched_box_iou_backward(grad, a, b, kind, loss, 1e-7)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(kind, dtype):
+    g = gen(17)
+    a = torch.cat([random_boxes(1000, 2, dtype=dtype, generator=g), edge_boxes(dtype).expand(2, -1, -1)], 1)
+    b = random_boxes(700, 2, dtype=dtype, generator=g)
+    tol = 1e-5 if dtype != torch.float64 else 1e-12
+    torch.testing.assert_close(ops.pairwise_box_iou(a.cuda(), b.cuda(), kind, 1e-7).cpu(),
+                               ops.pairwise_box_iou(a, b, kind, 1e-7), rtol=tol, atol=tol, equal_nan=True)
+    x, y = a[0, :700], b[0]
+    grad = torch.rand(700, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    for loss in (False, True):
+        torch.testing.assert_close(ops.matched_box_iou(x.cuda(), y.cuda(), kind, loss, 1e-7).cpu(),
+                                   ops.matched_box_iou(x, y, kind, loss, 1e-7), rtol=tol, atol=tol, equal_nan=True)
+        gpu = ops.matched_box_iou_backward(grad.cuda(), x.cuda(), y.cuda(), kind, loss, 1e-7)
+        cpu = ops.matched_box_iou_backward(grad, x, y, kind, loss, 1e-7)
+        gtol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, tol * 10)
+        for p, q in zip(gpu, cpu):
+            torch.testing.assert_close(p.cpu(), q, rtol=gtol, atol=gtol, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_cuda_public_api_and_large_batch():
+    g = gen(18)
+    a, b = random_boxes(3000, generator=g).cuda(), random_boxes(2500, generator=g).cuda()
+    for kind, (ours, theirs) in PAIRWISE.items():
+        torch.testing.assert_close(ours(a, b), theirs(a, b), rtol=1e-5, atol=1e-5)
+    x, y = a[:2500].clone().requires_grad_(), b.clone().requires_grad_()
+    x2, y2 = a[:2500].clone().requires_grad_(), b.clone().requires_grad_()
+    for ours_f, tv_f in LOSSES.values():
+        go = torch.autograd.grad(ours_f(x, y, "mean"), [x, y])
+        gt = torch.autograd.grad(tv_f(x2, y2, "mean"), [x2, y2])
+        torch.testing.assert_close(go, gt, rtol=1e-4, atol=1e-7)
+    # > 65535 row blocks and a big batch: the 1-D grid has no per-axis limit
+    many = random_boxes(3, 70000, generator=g).cuda()
+    torch.testing.assert_close(P.box_iou(many, many).cpu(), P.box_iou(many.cpu(), many.cpu()))
