@@ -17,7 +17,8 @@
 #if defined(__CUDACC__)
 #define PVO_HD __host__ __device__ __forceinline__
 #else
-#define PVO_HD inline
+// Forced: the CPU loops vectorise only when the pair math is inlined into them.
+#define PVO_HD inline __attribute__((always_inline))
 #endif
 
 namespace pyvision_ops {
@@ -40,9 +41,25 @@ struct Box {
   T x1, y1, x2, y2;
 };
 
+// atan for float without branches, so CPU loops vectorise: odd polynomial on
+// [0, tan(pi/8)] after reduction by pi/4 or pi/2. Max abs error 1.4e-7 (1 ulp near
+// pi/2), NaN in -> NaN out, atan(+-inf) = +-pi/2. Coefficients fitted for this file.
+PVO_HD float atan_approx(float x) {
+  const float a = x < 0.f ? -x : x;
+  const bool big = a > 2.414213562373095f;   // tan(3 pi / 8)
+  const bool mid = a > 0.41421356237309503f;  // tan(pi / 8)
+  const float r = big ? -1.f / a : (mid ? (a - 1.f) / (a + 1.f) : a);
+  const float off = big ? 1.5707963267948966f : (mid ? 0.7853981633974483f : 0.f);
+  const float z = r * r;
+  const float p = ((0.08068713f * z - 0.13882908f) * z + 0.19978274f) * z - 0.33332967f;
+  const float y = off + (r + r * z * p);
+  return x < 0.f ? -y : y;
+}
+PVO_HD double atan_approx(double x) { return std::atan(x); }  // fp64 is the reference path: exact libm
+
 template <typename T>
 PVO_HD T aspect_atan(const Box<T>& b) {
-  return std::atan((b.x2 - b.x1) / (b.y2 - b.y1));
+  return atan_approx((b.x2 - b.x1) / (b.y2 - b.y1));
 }
 
 // Value of one pair. `atan_a`/`atan_b` are aspect_atan of each box (read only for CIoU).

@@ -26,6 +26,22 @@ Box<acc_t> load_box(const scalar_t* p) {
   return {acc_t(p[0]), acc_t(p[1]), acc_t(p[2]), acc_t(p[3])};
 }
 
+// One output row: box `a` against the M boxes of `soa` (x1[M], y1[M], x2[M], y2[M], atan[M]).
+// Built twice, for AVX2 and for the baseline ISA; the loader picks one at run time.
+template <typename T, int KIND>
+__attribute__((target_clones("avx2", "default"))) void pairwise_row(const Box<T> a, T atan_a,
+                                                                    const T* __restrict__ soa, int64_t M, T eps,
+                                                                    T* __restrict__ out) {
+  const T* __restrict__ x1 = soa;
+  const T* __restrict__ y1 = soa + M;
+  const T* __restrict__ x2 = soa + 2 * M;
+  const T* __restrict__ y2 = soa + 3 * M;
+  const T* __restrict__ tb = soa + 4 * M;
+  for (int64_t m = 0; m < M; ++m) {
+    out[m] = box::pair_value<T, KIND, false>(a, Box<T>{x1[m], y1[m], x2[m], y2[m]}, atan_a, tb[m], eps);
+  }
+}
+
 at::Tensor pairwise_box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t kind, double eps) {
   TORCH_CHECK(boxes1.dim() == 3 && boxes1.size(2) == 4, "pairwise_box_iou: boxes1 must be [B, N, 4]");
   TORCH_CHECK(boxes2.dim() == 3 && boxes2.size(2) == 4, "pairwise_box_iou: boxes2 must be [B, M, 4]");
@@ -63,23 +79,45 @@ at::Tensor pairwise_box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxe
       at::parallel_for(0, B * N, grain, [&](int64_t lo, int64_t hi) {
         for (int64_t row = lo; row < hi; ++row) {
           const acc_t* s = soa.data() + (row / N) * M * 5;
-          const acc_t* __restrict__ x1 = s;
-          const acc_t* __restrict__ y1 = s + M;
-          const acc_t* __restrict__ x2 = s + 2 * M;
-          const acc_t* __restrict__ y2 = s + 3 * M;
-          const acc_t* __restrict__ ta = s + 4 * M;
           const Box<acc_t> a = load_box<scalar_t, acc_t>(p1 + row * 4);
           const acc_t atan_a = KIND == box::kCIoU ? box::aspect_atan(a) : acc_t(0);
-          acc_t* __restrict__ o = po + row * M;
-          for (int64_t m = 0; m < M; ++m) {
-            const Box<acc_t> bx{x1[m], y1[m], x2[m], y2[m]};
-            o[m] = box::pair_value<acc_t, KIND, LOSS>(a, bx, atan_a, ta[m], e);
-          }
+          pairwise_row<acc_t, KIND>(a, atan_a, s, M, e, po + row * M);
         }
       });
     });
   });
   return out;
+}
+
+template <typename scalar_t, typename T, int KIND, bool LOSS>
+__attribute__((target_clones("avx2", "default"))) void matched_forward(const scalar_t* __restrict__ p1,
+                                                                       const scalar_t* __restrict__ p2, int64_t n,
+                                                                       T eps, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Box<T> a = load_box<scalar_t, T>(p1 + i * 4);
+    const Box<T> b = load_box<scalar_t, T>(p2 + i * 4);
+    const T ta = KIND == box::kCIoU ? box::aspect_atan(a) : T(0);
+    const T tb = KIND == box::kCIoU ? box::aspect_atan(b) : T(0);
+    out[i] = box::pair_value<T, KIND, LOSS>(a, b, ta, tb, eps);
+  }
+}
+
+template <typename scalar_t, typename T, int KIND, bool LOSS>
+__attribute__((target_clones("avx2", "default"))) void matched_backward(
+    const T* __restrict__ grad, const scalar_t* __restrict__ p1, const scalar_t* __restrict__ p2, int64_t n, T eps,
+    scalar_t* __restrict__ o1, scalar_t* __restrict__ o2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Box<T> a = load_box<scalar_t, T>(p1 + i * 4);
+    const Box<T> b = load_box<scalar_t, T>(p2 + i * 4);
+    const T ta = KIND == box::kCIoU ? box::aspect_atan(a) : T(0);
+    const T tb = KIND == box::kCIoU ? box::aspect_atan(b) : T(0);
+    T ga[4] = {0, 0, 0, 0}, gb[4] = {0, 0, 0, 0};
+    box::pair_grad<T, KIND, LOSS>(a, b, ta, tb, eps, grad[i], ga, gb);
+    for (int j = 0; j < 4; ++j) {
+      o1[i * 4 + j] = static_cast<scalar_t>(ga[j]);
+      o2[i * 4 + j] = static_cast<scalar_t>(gb[j]);
+    }
+  }
 }
 
 void check_matched(const char* name, const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t kind) {
@@ -105,13 +143,7 @@ at::Tensor matched_box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes
     const acc_t e = static_cast<acc_t>(eps);
     box::dispatch_kind(static_cast<int>(kind), loss, [&]<int KIND, bool LOSS>() {
       at::parallel_for(0, K, 4096, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const Box<acc_t> a = load_box<scalar_t, acc_t>(p1 + i * 4);
-          const Box<acc_t> b = load_box<scalar_t, acc_t>(p2 + i * 4);
-          const acc_t ta = KIND == box::kCIoU ? box::aspect_atan(a) : acc_t(0);
-          const acc_t tb = KIND == box::kCIoU ? box::aspect_atan(b) : acc_t(0);
-          po[i] = box::pair_value<acc_t, KIND, LOSS>(a, b, ta, tb, e);
-        }
+        matched_forward<scalar_t, acc_t, KIND, LOSS>(p1 + lo * 4, p2 + lo * 4, hi - lo, e, po + lo);
       });
     });
   });
@@ -142,18 +174,8 @@ std::tuple<at::Tensor, at::Tensor> matched_box_iou_backward_cpu(const at::Tensor
     const acc_t e = static_cast<acc_t>(eps);
     box::dispatch_kind(static_cast<int>(kind), loss, [&]<int KIND, bool LOSS>() {
       at::parallel_for(0, K, 2048, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const Box<acc_t> a = load_box<scalar_t, acc_t>(p1 + i * 4);
-          const Box<acc_t> b = load_box<scalar_t, acc_t>(p2 + i * 4);
-          const acc_t ta = KIND == box::kCIoU ? box::aspect_atan(a) : acc_t(0);
-          const acc_t tb = KIND == box::kCIoU ? box::aspect_atan(b) : acc_t(0);
-          acc_t ga[4] = {0, 0, 0, 0}, gb[4] = {0, 0, 0, 0};
-          box::pair_grad<acc_t, KIND, LOSS>(a, b, ta, tb, e, pg[i], ga, gb);
-          for (int j = 0; j < 4; ++j) {
-            o1[i * 4 + j] = static_cast<scalar_t>(ga[j]);
-            o2[i * 4 + j] = static_cast<scalar_t>(gb[j]);
-          }
-        }
+        matched_backward<scalar_t, acc_t, KIND, LOSS>(pg + lo, p1 + lo * 4, p2 + lo * 4, hi - lo, e, o1 + lo * 4,
+                                                      o2 + lo * 4);
       });
     });
   });

@@ -1,0 +1,150 @@
+"""`python -m benchmarks.run [--device cpu|cuda] [--only box_iou,nms] [--quick]`
+
+Times every workload against its anchor in one process, on the same inputs,
+prints one table (markdown), writes benchmarks/results/<device>.json and a PNG
+chart of the speedups beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import re
+import sys
+import time
+
+import torch
+
+import pyvision_ops
+
+from . import common
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def families() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
+
+
+def workloads(only: list[str] | None) -> list[common.Workload]:
+    out = []
+    for fam in families():
+        if only and fam not in only:
+            continue
+        out += importlib.import_module(f"benchmarks.bench_{fam}").WORKLOADS
+    return out
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def run(device: str, only: list[str] | None, quick: bool) -> dict:
+    bandwidth = common.cuda_copy_bandwidth() if device == "cuda" else None
+    rows = []
+    for w in workloads(only):
+        if device not in w.devices or (quick and not w.quick):
+            continue
+        anchor_fn, ours_fn = w.make(device)
+        t_anchor, t_ours = common.time_pair(anchor_fn, ours_fn, device, quick)
+        row = {"family": w.family, "workload": w.name, "anchor": w.anchor,
+               "anchor_ms": t_anchor * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_anchor / t_ours}
+        if device == "cuda":
+            row["anchor_peak_mb"] = common.peak_cuda_memory(anchor_fn) / 2**20
+            row["ours_peak_mb"] = common.peak_cuda_memory(ours_fn) / 2**20
+            if w.bytes_moved is not None:
+                row["ours_gbps"] = w.bytes_moved() / t_ours / 1e9
+                row["bandwidth_fraction"] = w.bytes_moved() / t_ours / bandwidth
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+        del anchor_fn, ours_fn
+    info = pyvision_ops.build_info()
+    return {
+        "device": device_name(device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
+        "host": {"machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+                 "torch": torch.__version__, "pyvision_ops": info["version"]},
+        "copy_bandwidth_gbps": bandwidth / 1e9 if bandwidth else None,
+        "rows": rows,
+    }
+
+
+def _fmt_row(r: dict) -> str:
+    cells = [r["workload"], r["anchor"], f"{r['anchor_ms']:.3f}", f"{r['ours_ms']:.3f}", f"{r['speedup']:.2f}x"]
+    if "anchor_peak_mb" in r:
+        cells.append(f"{r['anchor_peak_mb']:.1f} / {r['ours_peak_mb']:.1f}")
+    if "bandwidth_fraction" in r:
+        cells.append(f"{r['ours_gbps']:.0f} GB/s ({100 * r['bandwidth_fraction']:.0f}% of copy)")
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(result: dict) -> str:
+    head = ["workload", "anchor", "anchor ms", "ours ms", "speedup"]
+    if any("anchor_peak_mb" in r for r in result["rows"]):
+        head.append("peak MB anchor / ours")
+    if any("bandwidth_fraction" in r for r in result["rows"]):
+        head.append("ours bandwidth")
+    lines = [f"Device: {result['device']} ({result['date']}, `{result['command']}`)"]
+    if result["copy_bandwidth_gbps"]:
+        lines[0] += f"; measured copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s"
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [_fmt_row(r) for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
+    ax.barh([r["workload"] for r in rows], [r["speedup"] for r in rows], color="#3a7")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over anchor (higher is better)")
+    ax.set_title(f"pyvision_ops on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", help="comma-separated families: " + ",".join(families()))
+    p.add_argument("--quick", action="store_true", help="shorter timing, quick workloads only")
+    p.add_argument("--out", default=RESULTS, help="folder for <device>.json / .png / .md")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    only = args.only.split(",") if args.only else None
+    if only and set(only) - set(families()):
+        p.error(f"--only: unknown families {sorted(set(only) - set(families()))}; known: {families()}")
+
+    result = run(args.device, only, args.quick)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, result["device"])
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table(result) + "\n")
+    if result["rows"]:
+        chart(result, stem + ".png")
+    print()
+    print(table(result))
+    print(f"\nwrote {stem}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
