@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import pyvision_ops as P
+
+
+def test_build_info():
+    info = P.build_info()
+    for key in ("version", "torch_version", "torch_runtime", "cuda", "cuda_archs", "openmp", "triton",
+                "cuda_available", "cpu_threads"):
+        assert key in info, key
+    assert info["version"] == P.__version__
+    assert info["torch_runtime"].startswith(info["torch_version"])
+    assert info["cpu_threads"] >= 1
+
+
+def test_op_table_lists_every_op_with_a_cpu_kernel():
+    rows = {r["op"]: r for r in P.op_table()}
+    for op in ("pairwise_box_iou", "matched_box_iou", "matched_box_iou_backward"):
+        assert rows[op]["cpu"] == "C++"
+        assert rows[op]["cuda"].startswith("Triton")
+
+
+def test_main_prints_info_and_table():
+    out = subprocess.run([sys.executable, "-m", "pyvision_ops"], capture_output=True, text=True, check=True).stdout
+    assert "torch_version" in out and "pairwise_box_iou" in out
+
+
+def test_missing_extension_gives_one_clear_message():
+    code = "import sys; sys.modules['pyvision_ops._C'] = None\nimport pyvision_ops"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "make build" in proc.stderr and "pyvision_ops._C" in proc.stderr
