@@ -22,6 +22,7 @@ class Workload:
     devices: tuple[str, ...] = ("cpu", "cuda")
     bytes_moved: Callable[[], int] | None = None  # fewest bytes ours must move (GPU bandwidth rows)
     quick: bool = True  # part of --quick
+    graph: bool = False  # on CUDA, time CUDA-graph replays: the kernels without Python launch overhead
 
 
 def time_cpu(fn: Callable, min_run_time: float) -> float:
@@ -33,20 +34,24 @@ def time_cpu(fn: Callable, min_run_time: float) -> float:
     return m.blocked_autorange(min_run_time=min_run_time).median
 
 
-def time_cuda(fn: Callable, quick: bool) -> float:
-    """Median seconds per call with CUDA events (triton.testing.do_bench)."""
+def time_cuda(fn: Callable, quick: bool, graph: bool = False) -> float:
+    """Median seconds per call with CUDA events (triton.testing.do_bench), or of CUDA-graph replays."""
     import triton.testing
 
-    ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+    if graph:
+        fn()  # compile/warm up outside the capture
+        ms = triton.testing.do_bench_cudagraph(fn, rep=40 if quick else 100, return_mode="median")
+    else:
+        ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
     return ms / 1e3
 
 
-def time_pair(anchor: Callable, ours: Callable, device: str, quick: bool) -> tuple[float, float]:
+def time_pair(anchor: Callable, ours: Callable, device: str, quick: bool, graph: bool = False) -> tuple[float, float]:
     """Times anchor and ours alternately, twice each, and keeps each one's best median."""
     rounds = []
     for _ in range(2):
         if device == "cuda":
-            rounds.append((time_cuda(anchor, quick), time_cuda(ours, quick)))
+            rounds.append((time_cuda(anchor, quick, graph), time_cuda(ours, quick, graph)))
         else:
             t = 0.2 if quick else 0.6
             rounds.append((time_cpu(anchor, t), time_cpu(ours, t)))

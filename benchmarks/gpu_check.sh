@@ -25,9 +25,12 @@ PYVISION_OPS_NO_EXT=1 $PY -m pip install -q --no-build-isolation --no-deps -e . 
 $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 $PY -m pyvision_ops | tee -a "$OUT/env.txt"
 
-step tests
-timeout 300 $PY -m pytest tests -q -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
-tail -25 "$OUT/tests.log"
+step "gpu tests"
+timeout 200 $PY -m pytest tests -m gpu -q -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
+tail -15 "$OUT/tests.log"
+step "other tests"
+timeout 200 $PY -m pytest tests -m "not gpu" -q -rfE -p no:cacheprovider >> "$OUT/tests.log" 2>&1 || rc=1
+tail -8 "$OUT/tests.log"
 
 step bench
 timeout 240 $PY -m benchmarks.run --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || rc=1

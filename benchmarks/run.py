@@ -53,7 +53,7 @@ def run(device: str, only: list[str] | None, quick: bool) -> dict:
         if device not in w.devices or (quick and not w.quick):
             continue
         anchor_fn, ours_fn = w.make(device)
-        t_anchor, t_ours = common.time_pair(anchor_fn, ours_fn, device, quick)
+        t_anchor, t_ours = common.time_pair(anchor_fn, ours_fn, device, quick, w.graph)
         row = {"family": w.family, "workload": w.name, "anchor": w.anchor,
                "anchor_ms": t_anchor * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_anchor / t_ours}
         if device == "cuda":

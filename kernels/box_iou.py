@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FOUR_OVER_PI2 = 0.40528473456935108578
+_FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
 
 @triton.jit
@@ -313,6 +313,9 @@ def _aspect_atan(boxes, acc):
     return torch.atan((b[..., 2] - b[..., 0]) / (b[..., 3] - b[..., 1])).contiguous()
 
 
+PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 128, "num_warps": 4}
+
+
 def pairwise_box_iou(boxes1, boxes2, kind, eps):
     """[B, N, 4] x [B, M, 4] -> [B, N, M] (fp64 for fp64 input, else fp32)."""
     B, N, _ = boxes1.shape
@@ -324,10 +327,9 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     b1 = boxes1.contiguous()
     b2 = boxes2.contiguous()
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
-    block_n, block_m = 32, 128
-    grid = (B * triton.cdiv(N, block_n) * triton.cdiv(M, block_m),)
-    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, BLOCK_N=block_n, BLOCK_M=block_m,
-                           num_warps=4)
+    cfg = PAIRWISE_CONFIG
+    grid = (B * triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
+    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, **cfg)
     return out
 
 
