@@ -1,19 +1,17 @@
 """`python -m benchmarks.tune_box_iou`: tile sizes of the Triton pairwise kernel on this GPU.
 
-Prints, per config, the CUDA-graph time of a 4096x4096 IoU and CIoU and the
+Prints, per config and fp32 division mode, the CUDA-graph time of a 4096x4096 IoU and CIoU and the
 bandwidth of the output write; kernels/box_iou.py:PAIRWISE_CONFIG takes the best.
 """
 
-import torch
 import triton.testing
-
 from pyvision_ops.kernels import box_iou as K
+
 from pyvision_ops.testing import random_boxes
 
 CONFIGS = [
     {"BLOCK_N": n, "BLOCK_M": m, "num_warps": w}
-    for n, m, w in [(32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (64, 256, 8), (16, 128, 4), (8, 512, 4),
-                    (32, 64, 4)]
+    for n, m, w in [(32, 64, 4), (16, 128, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 64, 8)]
 ]
 
 
@@ -22,11 +20,12 @@ def main():
     a = random_boxes(n, 1, scale=1000.0, max_size=200.0).cuda()
     b = random_boxes(n, 1, scale=1000.0, max_size=200.0).cuda()
     out_bytes = n * n * 4
-    for cfg in CONFIGS:
+    for precise, cfg in [(p, c) for p in (False, True) for c in CONFIGS]:
         K.PAIRWISE_CONFIG = cfg
-        cells = []
+        K.PRECISE_DIV = precise
+        cells = [f"div_rn={precise!s:5}"]
         for kind in (0, 3):
-            ms = triton.testing.do_bench_cudagraph(lambda: K.pairwise_box_iou(a, b, kind, 1e-7), rep=50)
+            ms = triton.testing.do_bench_cudagraph(lambda k=kind: K.pairwise_box_iou(a, b, k, 1e-7), rep=50)
             cells.append(f"kind {kind}: {ms * 1e3:6.1f} us {out_bytes / ms / 1e6:6.0f} GB/s")
         print(cfg, " | ".join(cells), flush=True)
 

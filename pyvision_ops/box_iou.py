@@ -35,7 +35,9 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _out_dtype(compute_dtype: torch.dtype, *tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if compute_dtype == torch.float64 and all(t.is_floating_point() for t in tensors) else torch.float32
+    if compute_dtype == torch.float64 and all(t.is_floating_point() for t in tensors):
+        return torch.float64
+    return torch.float32
 
 
 def _to_xyxy(boxes: torch.Tensor, fmt: str) -> torch.Tensor:

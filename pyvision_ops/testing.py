@@ -1,4 +1,7 @@
-"""Synthetic inputs shared by the tests, the benchmarks and the model zoo: random, clustered (detector-like) and edge-case boxes."""
+"""Synthetic inputs shared by the tests, the benchmarks and the model zoo.
+
+Random, clustered (detector-like) and edge-case boxes.
+"""
 
 import torch
 

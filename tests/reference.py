@@ -39,7 +39,8 @@ def box_pair_metric(a, b, kind: str, loss: bool = False, eps: float = 1e-7):
             dy = (ay1 + ay2) / 2 - (by1 + by2) / 2
             val = iou - (dx**2 + dy**2) / (ew**2 + eh**2 + eps)
             if kind == "ciou":
-                v = 4 / math.pi**2 * (torch.atan((ax2 - ax1) / (ay2 - ay1)) - torch.atan((bx2 - bx1) / (by2 - by1))) ** 2
+                t = torch.atan((ax2 - ax1) / (ay2 - ay1)) - torch.atan((bx2 - bx1) / (by2 - by1))
+                v = 4 / math.pi**2 * t**2
                 with torch.no_grad():
                     alpha = v / (1 - iou + v + eps)
                 val = val - alpha * v

@@ -228,7 +228,7 @@ def test_loss_dtypes(kind):
     a, b = random_boxes(64, generator=g), random_boxes(64, generator=g)
     ours_f, tv_f = LOSSES[kind]
     for dtype, tol in [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.int64, 2e-6)]:
-        ca, cb = (a.round() if dtype == torch.int64 else a).to(dtype), (b.round() if dtype == torch.int64 else b).to(dtype)
+        ca, cb = ((t.round() if dtype == torch.int64 else t).to(dtype) for t in (a, b))
         ours, theirs = ours_f(ca, cb), tv_f(ca, cb)
         assert ours.dtype == theirs.dtype, dtype
         torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
@@ -359,9 +359,11 @@ def test_op_level_checks_do_not_crash():
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", range(4))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_triton_pairwise_interpreter(kind, dtype):
+@pytest.mark.parametrize("precise_div", [False, True])
+def test_triton_pairwise_interpreter(kind, dtype, precise_div, monkeypatch):
     from pyvision_ops.kernels import box_iou as K
 
+    monkeypatch.setattr(K, "PRECISE_DIV", precise_div)
     g = gen(15)
     a = torch.cat([random_boxes(37, dtype=dtype, generator=g), edge_boxes(dtype)])[None]
     b = random_boxes(45, dtype=dtype, generator=g)[None]
@@ -419,7 +421,7 @@ def test_cuda_matches_cpu(kind, dtype):
 def test_cuda_public_api_and_large_batch():
     g = gen(18)
     a, b = random_boxes(3000, generator=g).cuda(), random_boxes(2500, generator=g).cuda()
-    for kind, (ours, theirs) in PAIRWISE.items():
+    for ours, theirs in PAIRWISE.values():
         torch.testing.assert_close(ours(a, b), theirs(a, b), rtol=1e-5, atol=1e-5)
     x, y = a[:2500].clone().requires_grad_(), b.clone().requires_grad_()
     x2, y2 = a[:2500].clone().requires_grad_(), b.clone().requires_grad_()

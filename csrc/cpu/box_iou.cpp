@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "common/box_iou.h"
@@ -16,7 +17,10 @@ namespace {
 using box::Box;
 
 void check_kind(int64_t kind) {
-  TORCH_CHECK(kind >= 0 && kind <= 3, "pyvision_ops: box kind must be 0..3 (iou, giou, diou, ciou), got ", kind);
+  // std::to_string, not ostream << int64_t: built with GCC 13 against torch 2.11 (the lent GPU
+  // machine), the extension's inlined ostream<<long crashed while formatting this message.
+  TORCH_CHECK(kind >= 0 && kind <= 3, "pyvision_ops: box kind must be 0..3 (iou, giou, diou, ciou), got ",
+              std::to_string(kind));
 }
 
 at::ScalarType out_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
