@@ -18,6 +18,13 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "matched_box_iou_backward(Tensor grad, Tensor boxes1, Tensor boxes2, int kind, bool loss, float eps) "
       "-> (Tensor, Tensor)");
+
+  // NMS family. idxs (categories) None: one group. Kept indices in decreasing score order.
+  m.def("nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold) -> Tensor");
+  // method: 0 gaussian, 1 linear, 2 hard. Returns (keep, score of each kept box when it was selected).
+  m.def(
+      "soft_nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, float sigma, float score_threshold, "
+      "int method) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -17,10 +17,13 @@ from .box_iou import (
     generalized_box_iou_loss,
     matched_box_iou,
 )
+from .nms import batched_nms, batched_soft_nms, nms, soft_nms
 
 __version__ = build_info()["version"]
 
 __all__ = [
+    "batched_nms",
+    "batched_soft_nms",
     "box_iou",
     "build_info",
     "complete_box_iou",
@@ -30,5 +33,7 @@ __all__ = [
     "generalized_box_iou",
     "generalized_box_iou_loss",
     "matched_box_iou",
+    "nms",
     "op_table",
+    "soft_nms",
 ]

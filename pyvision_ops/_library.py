@@ -93,6 +93,21 @@ def _pairwise_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::pairwise_box_iou", _pairwise_backward, setup_context=_pairwise_setup)
 
+# ------------------------------------------------------------------ NMS family
+
+@torch.library.register_fake("pyvision_ops::nms")
+def _(boxes, scores, idxs, iou_threshold):
+    # The number of kept boxes depends on the data; 0 and 1 are valid sizes.
+    n = torch.library.get_ctx().new_dynamic_size(min=0)
+    return boxes.new_empty((n,), dtype=torch.int64)
+
+
+@torch.library.register_fake("pyvision_ops::soft_nms")
+def _(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
+    n = torch.library.get_ctx().new_dynamic_size(min=0)
+    return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))
+
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")

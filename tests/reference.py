@@ -50,3 +50,61 @@ def box_pair_metric(a, b, kind: str, loss: bool = False, eps: float = 1e-7):
 def pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7):
     """[..., N, 4] x [..., M, 4] -> [..., N, M], float64."""
     return box_pair_metric(boxes1[..., :, None, :], boxes2[..., None, :, :], kind, False, eps)
+
+
+def _order(scores):
+    """Indices by decreasing score, stable, NaN first."""
+    s = [float(v) for v in scores]
+    return sorted(range(len(s)), key=lambda i: (0 if math.isnan(s[i]) else 1, -s[i] if not math.isnan(s[i]) else 0, i))
+
+
+def _iou64(a, b):
+    return float(box_pair_metric(a, b, "iou"))
+
+
+def nms(boxes, scores, iou_threshold):
+    """Greedy NMS from the definition, float64: suppress later boxes with IoU > threshold."""
+    b = boxes.to(torch.float64)
+    kept = []
+    for i in _order(scores):
+        if all(not (_iou64(b[k], b[i]) > iou_threshold) for k in kept):
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.int64)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold):
+    """Per-category NMS by a loop over categories, merged by decreasing score (stable, NaN first)."""
+    kept = []
+    for c in torch.unique(idxs):
+        members = torch.where(idxs == c)[0]
+        kept += members[nms(boxes[members], scores[members], iou_threshold)].tolist()
+    rank = {i: r for r, i in enumerate(_order(scores))}
+    return torch.tensor(sorted(kept, key=rank.__getitem__), dtype=torch.int64)
+
+
+def soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=1e-3, method="gaussian"):
+    """Soft-NMS as in Bodla et al. 2017, Algorithm 1, float64 (plain loop).
+
+    Returns (keep in selection order, score at selection). Boxes whose score is
+    below score_threshold are dropped (initially and after each decay).
+    """
+    b = boxes.to(torch.float64)
+    s = {i: float(scores[i]) for i in range(len(scores)) if not float(scores[i]) < score_threshold}
+    rank = {i: r for r, i in enumerate(_order(scores))}
+    keep, kept_scores = [], []
+    while s:
+        # highest current score; NaN first; ties: higher original rank
+        m = min(s, key=lambda i: (0 if math.isnan(s[i]) else 1, -s[i] if not math.isnan(s[i]) else 0, rank[i]))
+        keep.append(m)
+        kept_scores.append(s.pop(m))
+        for j in list(s):
+            iou = _iou64(b[m], b[j])
+            if math.isnan(iou):
+                continue
+            if method == "gaussian":
+                s[j] *= math.exp(-(iou * iou) / sigma)
+            elif iou >= iou_threshold:
+                s[j] *= (1 - iou) if method == "linear" else 0.0
+            if s[j] < score_threshold:
+                del s[j]
+    return torch.tensor(keep, dtype=torch.int64), torch.tensor(kept_scores, dtype=torch.float64)

@@ -1,0 +1,76 @@
+// NMS family: math shared by the CPU and CUDA kernels. The IoU of two boxes is
+// box::pair_value<T, kIoU, false> (csrc/common/box_iou.h): inter / union, so a
+// NaN coordinate or a 0/0 union gives NaN, which never suppresses.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common/box_iou.h"
+
+namespace pyvision_ops {
+namespace nms {
+
+enum Method : int { kGaussian = 0, kLinear = 1, kHard = 2 };
+
+// Threshold in T such that, for every T value x, (x > t) == ((double)x > thr).
+// Comparing a float IoU with the float nearest to thr would disagree when that
+// float rounds above thr.
+template <typename T>
+inline T gt_threshold(double thr) {
+  T t = static_cast<T>(thr);
+  if (static_cast<double>(t) > thr) t = std::nextafter(t, -std::numeric_limits<T>::infinity());
+  return t;
+}
+
+// Same for (x >= t) == ((double)x >= thr).
+template <typename T>
+inline T ge_threshold(double thr) {
+  T t = static_cast<T>(thr);
+  if (static_cast<double>(t) < thr) t = std::nextafter(t, std::numeric_limits<T>::infinity());
+  return t;
+}
+
+// exp for float without branches or calls, so CPU loops vectorise: 2^k * p(r),
+// |r| <= ln2 / 2, degree-6 Taylor polynomial; relative error < 3e-7 on [-87, 0].
+// Arguments below -87 give 0. Soft-NMS only takes it of values <= 0.
+PVO_HD float exp_approx(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  x = x < -87.f ? -87.f : x;
+  const float kf = std::floor(x * 1.4426950408889634f + 0.5f);
+  const float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;  // x - k ln2, two parts
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x <= -87.f ? 0.f : p * scale;
+#endif
+}
+PVO_HD double exp_approx(double x) { return std::exp(x); }
+
+// Soft-NMS decay factor for a box whose IoU with the selected box is `iou`.
+// `thr` is the IoU threshold as ge_threshold() returns it. A NaN IoU (NaN
+// coordinates) decays nothing.
+template <typename T>
+PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
+  if (method == kGaussian) {
+    const T q = iou == iou ? iou : T(0);
+    return exp_approx(-(q * q) * inv_sigma);
+  }
+  const bool hit = iou >= thr;
+  if (method == kLinear) return hit ? T(1) - iou : T(1);
+  return hit ? T(0) : T(1);
+}
+
+}  // namespace nms
+}  // namespace pyvision_ops

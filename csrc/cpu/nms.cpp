@@ -1,0 +1,284 @@
+// NMS family, CPU kernels.
+//
+// Both ops sort once (stable, descending, NaN first), group the sorted positions by
+// category (one group when idxs is None), and run each group on its own thread.
+// Within a group the boxes sit in structure-of-arrays form, in score order, and
+// every pass over the remaining boxes is a branch-free loop the compiler
+// vectorises; suppressed boxes are compacted away as they accumulate.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/nms.h"
+
+namespace pyvision_ops {
+namespace {
+
+using box::Box;
+
+void check_inputs(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
+                  const std::optional<at::Tensor>& idxs) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must be [N, 4]");
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op, ": scores must be [N]");
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be floating point");
+  TORCH_CHECK(scores.scalar_type() == boxes.scalar_type(), op, ": scores must have the dtype of boxes");
+  if (idxs) {
+    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == boxes.size(0), op, ": idxs must be [N]");
+    TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false), op, ": idxs must be integer");
+  }
+}
+
+// Positions into `order` (the score-sorted permutation), grouped by category with
+// score order kept inside each group; `starts` has one entry per group plus the end.
+struct Groups {
+  at::Tensor order;                 // int64 [N]: original index of the k-th highest score
+  std::vector<int64_t> positions;   // [N]: positions into order, grouped by category
+  std::vector<int64_t> starts;
+};
+
+Groups group_by_category(const at::Tensor& scores, const std::optional<at::Tensor>& idxs) {
+  Groups g;
+  const int64_t n = scores.size(0);
+  g.order = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
+  g.positions.resize(n);
+  if (!idxs) {
+    for (int64_t k = 0; k < n; ++k) g.positions[k] = k;
+    g.starts = {0, n};
+    return g;
+  }
+  const at::Tensor cats = idxs->to(at::kLong).index_select(0, g.order);
+  auto [sorted_cats, perm] = at::sort(cats, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  sorted_cats = sorted_cats.contiguous();
+  perm = perm.contiguous();
+  const int64_t* c = sorted_cats.const_data_ptr<int64_t>();
+  const int64_t* p = perm.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < n; ++k) {
+    g.positions[k] = p[k];
+    if (k == 0 || c[k] != c[k - 1]) g.starts.push_back(k);
+  }
+  g.starts.push_back(n);
+  return g;
+}
+
+// One group's boxes in score order, structure-of-arrays.
+template <typename T>
+struct Soa {
+  std::vector<T> x1, y1, x2, y2;
+  std::vector<int64_t> pos;  // position into `order`
+  explicit Soa(int64_t n) : x1(n), y1(n), x2(n), y2(n), pos(n) {}
+  Box<T> box(int64_t k) const { return {x1[k], y1[k], x2[k], y2[k]}; }
+  // Keeps the entries k in [from, n) with drop[k] == 0; returns the new n.
+  template <typename Flag, typename... Extra>
+  int64_t compact(int64_t from, int64_t n, Flag* drop, Extra*... extra) {
+    int64_t w = from;
+    for (int64_t k = from; k < n; ++k) {
+      if (drop[k]) continue;
+      x1[w] = x1[k], y1[w] = y1[k], x2[w] = x2[k], y2[w] = y2[k], pos[w] = pos[k];
+      ((extra[w] = extra[k]), ...);
+      drop[w] = 0;
+      ++w;
+    }
+    return w;
+  }
+};
+
+template <typename scalar_t, typename T>
+Soa<T> gather(const scalar_t* boxes, const int64_t* order, const int64_t* positions, int64_t begin, int64_t end) {
+  Soa<T> s(end - begin);
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t pos = positions[k];
+    const scalar_t* b = boxes + order[pos] * 4;
+    s.x1[k - begin] = T(b[0]), s.y1[k - begin] = T(b[1]), s.x2[k - begin] = T(b[2]), s.y2[k - begin] = T(b[3]);
+    s.pos[k - begin] = pos;
+  }
+  return s;
+}
+
+// removed[j] |= IoU(a, box j) > thr for j in [begin, end); returns how many it newly removed.
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) int64_t suppress(const Box<T> a, const T* __restrict__ x1,
+                                                                   const T* __restrict__ y1, const T* __restrict__ x2,
+                                                                   const T* __restrict__ y2, int64_t begin, int64_t end,
+                                                                   T thr, int32_t* __restrict__ removed) {
+  int64_t count = 0;
+  for (int64_t j = begin; j < end; ++j) {
+    const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
+    const int32_t hit = iou > thr;
+    count += hit & (removed[j] ^ 1);
+    removed[j] |= hit;
+  }
+  return count;
+}
+
+// Greedy NMS of one group; sets keep[pos] for the kept boxes.
+template <typename T>
+void greedy_nms(Soa<T>& s, T thr, uint8_t* keep) {
+  int64_t n = static_cast<int64_t>(s.pos.size());
+  std::vector<int32_t> removed(n, 0);
+  int64_t pending = 0;  // removed entries not yet compacted away
+  for (int64_t i = 0; i < n; ++i) {
+    if (removed[i]) continue;
+    keep[s.pos[i]] = 1;
+    pending += suppress<T>(s.box(i), s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), i + 1, n, thr,
+                           removed.data());
+    if (pending > 256 && 4 * pending > n - i) {
+      n = s.compact(i + 1, n, removed.data());
+      pending = 0;
+    }
+  }
+}
+
+at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
+                   double iou_threshold) {
+  check_inputs("nms", boxes, scores, idxs);
+  const int64_t n = boxes.size(0);
+  if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  Groups g = group_by_category(scores, idxs);
+  auto keep = at::zeros({n}, boxes.options().dtype(at::kByte));
+  uint8_t* kp = keep.mutable_data_ptr<uint8_t>();
+  auto b = boxes.contiguous();
+  const int64_t* order = g.order.const_data_ptr<int64_t>();
+  const int64_t groups = static_cast<int64_t>(g.starts.size()) - 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "nms_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T thr = nms::gt_threshold<T>(iou_threshold);
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
+        greedy_nms<T>(s, thr, kp);
+      }
+    });
+  });
+  return g.order.masked_select(keep.to(at::kBool));
+}
+
+// One Soft-NMS pass over the remaining boxes: decay by the selected box `a`, drop
+// those under the score threshold, and return the highest remaining score.
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, const T* __restrict__ x1,
+                                                               const T* __restrict__ y1, const T* __restrict__ x2,
+                                                               const T* __restrict__ y2, T* __restrict__ s,
+                                                               int32_t* __restrict__ drop, int64_t n, int method,
+                                                               T thr, T inv_sigma, T score_thr) {
+  T best = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
+    const T v = s[j] * nms::decay<T>(iou, method, thr, inv_sigma);
+    const int32_t gone = drop[j] | (v < score_thr);
+    s[j] = v;
+    drop[j] = gone;
+    const T cand = gone ? -std::numeric_limits<T>::infinity() : v;
+    best = cand > best ? cand : best;
+  }
+  return best;
+}
+
+// Soft-NMS of one group (boxes already in score order, NaN scores first).
+// Appends (position, score at selection) to `out` in selection order.
+template <typename T>
+void soft_nms_group(Soa<T>& s, std::vector<T>& score, int method, T thr, T inv_sigma, T score_thr,
+                    std::vector<std::pair<int64_t, T>>& out) {
+  int64_t n = static_cast<int64_t>(s.pos.size());
+  std::vector<int32_t> drop(n);
+  for (int64_t j = 0; j < n; ++j) drop[j] = score[j] < score_thr;  // NaN scores stay
+  n = s.compact(0, n, drop.data(), score.data());
+  // NaN scores rank first, in index order; they decay others like any selected box.
+  int64_t first_real = 0;
+  while (first_real < n && std::isnan(score[first_real])) ++first_real;
+  T best = -std::numeric_limits<T>::infinity();
+  for (int64_t j = first_real; j < n; ++j) best = score[j] > best ? score[j] : best;
+  int64_t nan_next = 0;
+  int64_t since_compact = 0;
+  const T none = -std::numeric_limits<T>::infinity();
+  while (n > 0) {
+    int64_t m;
+    if (nan_next < first_real) {
+      m = nan_next++;
+    } else {
+      if (!(best >= score_thr) || best == none) break;  // nothing eligible is left
+      m = first_real;
+      while (drop[m] || score[m] != best) ++m;  // first (highest-ranked) entry holding the max
+    }
+    out.emplace_back(s.pos[m], score[m]);
+    drop[m] = 1;
+    best = decay_pass<T>(s.box(m), s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), score.data(), drop.data(), n,
+                         method, thr, inv_sigma, score_thr);
+    // Compact now and then; not while NaN-score entries are still selected by position.
+    if (++since_compact >= 32 && nan_next >= first_real) {
+      n = s.compact(0, n, drop.data(), score.data());
+      first_real = nan_next = 0;
+      since_compact = 0;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                                                const std::optional<at::Tensor>& idxs, double iou_threshold,
+                                                double sigma, double score_threshold, int64_t method) {
+  check_inputs("soft_nms", boxes, scores, idxs);
+  TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
+  TORCH_CHECK(sigma > 0, "soft_nms: sigma must be > 0");
+  const int64_t n = boxes.size(0);
+  if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
+  Groups g = group_by_category(scores, idxs);
+  auto b = boxes.contiguous();
+  auto sc = scores.contiguous();
+  const int64_t* order = g.order.const_data_ptr<int64_t>();
+  const int64_t groups = static_cast<int64_t>(g.starts.size()) - 1;
+  at::Tensor keep, kept_scores;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "soft_nms_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const scalar_t* ps = sc.const_data_ptr<scalar_t>();
+    const T thr = nms::ge_threshold<T>(iou_threshold);
+    const T score_thr = nms::ge_threshold<T>(score_threshold);
+    const T inv_sigma = T(1.0 / sigma);
+    std::vector<std::vector<std::pair<int64_t, T>>> picked(groups);
+    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
+        std::vector<T> score(s.pos.size());
+        for (size_t k = 0; k < score.size(); ++k) score[k] = T(ps[order[s.pos[k]]]);
+        soft_nms_group<T>(s, score, static_cast<int>(method), thr, inv_sigma, score_thr, picked[c]);
+      }
+    });
+    int64_t total = 0;
+    for (const auto& p : picked) total += static_cast<int64_t>(p.size());
+    keep = at::empty({total}, boxes.options().dtype(at::kLong));
+    kept_scores = at::empty({total}, scores.options());
+    int64_t* kp = keep.mutable_data_ptr<int64_t>();
+    scalar_t* sp = kept_scores.mutable_data_ptr<scalar_t>();
+    int64_t w = 0;
+    for (const auto& p : picked) {
+      for (const auto& [pos, v] : p) {
+        kp[w] = order[pos];
+        sp[w++] = static_cast<scalar_t>(v);
+      }
+    }
+  });
+  if (groups > 1) {
+    // Selection order is already decreasing within a group; merge the groups by score.
+    auto perm = std::get<1>(at::sort(kept_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+    return {keep.index_select(0, perm), kept_scores.index_select(0, perm)};
+  }
+  return {keep, kept_scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
+  m.impl("nms", &nms_cpu);
+  m.impl("soft_nms", &soft_nms_cpu);
+}
+
+}  // namespace pyvision_ops

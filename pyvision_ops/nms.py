@@ -1,0 +1,115 @@
+"""NMS family: nms, batched_nms, soft_nms, batched_soft_nms.
+
+One op each for hard and soft suppression (``torch.ops.pyvision_ops.nms`` and
+``soft_nms``), with an optional category tensor: C++ on the CPU (categories run
+in parallel), CUDA C++ on the GPU (csrc/cuda/nms.cu). Boxes are ``(x1, y1, x2, y2)``.
+
+Ordering: scores are sorted descending with a stable sort (equal scores: lower
+index first) and NaN ranks highest. IoU is ``inter / union`` in fp32 (fp64 for
+fp64 boxes); a box with NaN coordinates has NaN IoU with every box, so it neither
+suppresses nor is suppressed. Boxes and scores may have different float dtypes:
+both are promoted to their common dtype.
+"""
+
+import math
+
+import torch
+
+from . import _utils
+from ._library import ops
+
+_METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
+
+
+def _check(boxes, scores, idxs, iou_threshold):
+    _utils.check_tensor("boxes", boxes)
+    _utils.check_tensor("scores", scores)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [N, 4], got {list(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"boxes must be a floating point tensor, got {boxes.dtype}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating point tensor, got {scores.dtype}")
+    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores must have shape [N] with N = boxes.shape[0] = {boxes.shape[0]}, "
+                         f"got {list(scores.shape)}")
+    devices = {"boxes": boxes, "scores": scores}
+    if idxs is not None:
+        _utils.check_tensor("idxs", idxs)
+        if idxs.dtype.is_floating_point or idxs.dtype.is_complex or idxs.dtype == torch.bool:
+            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
+            raise ValueError(f"idxs must have shape [N] with N = boxes.shape[0] = {boxes.shape[0]}, "
+                             f"got {list(idxs.shape)}")
+        devices["idxs"] = idxs
+    _utils.check_same_device(**devices)
+    threshold = _utils.check_float("iou_threshold", iou_threshold)
+    dtype = torch.promote_types(boxes.dtype, scores.dtype)
+    return boxes.to(dtype), scores.to(dtype), threshold
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression; drop-in for ``torchvision.ops.nms``.
+
+    Visits boxes in decreasing score order and removes every later box whose IoU
+    with a kept box is ``> iou_threshold`` (strict). Returns the int64 indices of
+    the kept boxes in decreasing score order; empty input gives ``int64[0]``.
+    """
+    boxes, scores, thr = _check(boxes, scores, None, iou_threshold)
+    return ops.nms(boxes, scores, None, thr)
+
+
+def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torch.Tensor:
+    """NMS independently per category ``idxs``; drop-in for ``torchvision.ops.batched_nms``.
+
+    Exact for any coordinates (no coordinate offsets), one call for all
+    categories. Result in decreasing score order. With empty ``boxes``,
+    ``scores`` and ``idxs`` may be None.
+    """
+    _utils.check_tensor("boxes", boxes)
+    if boxes.numel() == 0 and scores is None and idxs is None:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if idxs is None:
+        raise TypeError("idxs must be a tensor of categories (it may be None only when boxes is empty)")
+    boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
+    return ops.nms(boxes, scores, idxs, thr)
+
+
+def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
+    boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
+    sigma = _utils.check_float("sigma", sigma, positive=True)
+    score_threshold = _utils.check_float("score_threshold", score_threshold)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
+    if math.isinf(sigma):
+        raise ValueError("sigma must be finite")
+    return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, _METHODS[method])
+
+
+def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
+             score_threshold: float = 1e-3, method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-NMS (Bodla et al., 2017). Returns ``(keep, decayed_scores)``.
+
+    Repeatedly selects the highest remaining score, then multiplies every other
+    remaining score by ``exp(-iou^2 / sigma)`` (``"gaussian"``), by ``1 - iou``
+    when ``iou >= iou_threshold`` (``"linear"``), or by 0 when ``iou >=
+    iou_threshold`` (``"hard"``), and drops boxes whose score is below
+    ``score_threshold`` (boxes that start below it are never selected).
+    ``keep`` is in selection order, which is decreasing ``decayed_scores``;
+    ``decayed_scores[i]`` is the score box ``keep[i]`` had when selected, in the
+    dtype of ``scores``. Ties go to the lower index; NaN scores are selected first.
+    """
+    return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)
+
+
+def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float = 0.3,
+                     sigma: float = 0.5, score_threshold: float = 1e-3,
+                     method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-NMS independently per category ``idxs``, in one call.
+
+    Returns ``(keep, decayed_scores)`` ordered by decreasing decayed score (ties:
+    lower category first, then selection order).
+    """
+    if idxs is None:
+        raise TypeError("idxs must be a tensor of categories")
+    return _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method)

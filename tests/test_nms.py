@@ -1,0 +1,316 @@
+import pytest
+import reference
+import torch
+import torchvision.ops as tv
+from conftest import opcheck
+
+import pyvision_ops as P
+from pyvision_ops.testing import clustered_boxes, edge_boxes, random_boxes
+
+ops = torch.ops.pyvision_ops
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def detections(n, objects=None, seed=0, dtype=torch.float32, categories=None):
+    """A detector's raw output: n boxes around `objects` objects, random scores (and categories)."""
+    g = gen(seed)
+    boxes = clustered_boxes(n, objects=objects or max(1, n // 20), generator=g, dtype=dtype)
+    scores = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    if categories is None:
+        return boxes, scores
+    return boxes, scores, torch.randint(0, categories, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------- nms
+
+@pytest.mark.parametrize("n", [1, 2, 10, 500, 3000])
+@pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_nms_matches_torchvision(n, thr):
+    boxes, scores = detections(n, seed=n)
+    torch.testing.assert_close(P.nms(boxes, scores, thr), tv.nms(boxes, scores, thr), rtol=0, atol=0)
+
+
+def test_nms_matches_reference_float64():
+    boxes, scores = detections(300, objects=15, seed=1, dtype=torch.float64)
+    for thr in (0.2, 0.5, 0.8):
+        torch.testing.assert_close(P.nms(boxes, scores, thr), reference.nms(boxes, scores, thr))
+
+
+def test_nms_ties_keep_lower_index_first():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.0]])
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    assert P.nms(boxes, scores, 0.5).tolist() == [0, 3]
+    torch.testing.assert_close(P.nms(boxes, scores, 0.5), tv.nms(boxes, scores, 0.5))
+    s = torch.full((200,), 0.25)  # all tied: output must be stable
+    b, _ = detections(200, seed=3)
+    torch.testing.assert_close(P.nms(b, s, 0.5), reference.nms(b, s, 0.5))
+
+
+def test_nms_nan_scores_rank_highest_and_nan_boxes_neither_suppress_nor_are_suppressed():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [float("nan"), 0, 10, 10], [0, 0, 10, 10.5]])
+    scores = torch.tensor([0.9, float("nan"), 0.95, 0.1])
+    keep = P.nms(boxes, scores, 0.5)
+    assert keep.tolist() == [1, 2]  # NaN score first; the NaN box survives and suppresses nothing
+    torch.testing.assert_close(keep, tv.nms(boxes, scores, 0.5))
+
+
+def test_nms_negative_coordinates_and_degenerate_boxes():
+    e = edge_boxes()
+    scores = torch.linspace(1, 0.1, len(e))
+    for thr in (0.0, 0.5):
+        torch.testing.assert_close(P.nms(e, scores, thr), tv.nms(e, scores, thr))
+    b, s = detections(400, seed=4)
+    torch.testing.assert_close(P.nms(b - 1000, s, 0.5), tv.nms(b - 1000, s, 0.5))
+
+
+def test_nms_threshold_is_compared_in_double():
+    # IoU = 0.3 exactly representable in float32 is 0.30000001192...; torchvision compares
+    # the float IoU with the double threshold, and so must we.
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 3.0]])  # IoU = 0.3 (float: 0.3000000119)
+    s = torch.tensor([0.9, 0.8])
+    assert P.nms(a, s, 0.3).tolist() == tv.nms(a, s, 0.3).tolist() == [0]
+
+
+def test_nms_empty_and_single():
+    assert P.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).dtype == torch.int64
+    assert P.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
+    assert P.nms(torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0.3]), 0.5).tolist() == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_nms_dtypes(dtype):
+    boxes, scores = detections(2000, seed=5)
+    b, s = boxes.to(dtype), scores.to(dtype)
+    ours = P.nms(b, s, 0.5)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours, tv.nms(b, s, 0.5))
+        return
+    # IoU is computed in fp32 from the rounded coordinates; torchvision's fp16 path computes in fp16.
+    # Decisions may differ only where an IoU sits within fp16 rounding of the threshold, so compare
+    # with fp32 NMS on the same (rounded) inputs: identical, and close to the fp32-input result.
+    torch.testing.assert_close(ours, tv.nms(b.float(), s.float(), 0.5))
+    # Against fp32 inputs: bf16 keeps 8 mantissa bits, so coordinates near 400 move by up to 1
+    # and many scores tie; the kept sets still mostly agree.
+    ref = set(tv.nms(boxes, scores, 0.5).tolist())
+    agree = len(ref & set(ours.tolist())) / len(ref | set(ours.tolist()))
+    assert agree > {torch.float16: 0.9, torch.bfloat16: 0.8}[dtype], agree
+
+
+def test_nms_mixed_dtypes_promote():
+    boxes, scores = detections(300, seed=6)
+    torch.testing.assert_close(P.nms(boxes, scores.double(), 0.5), tv.nms(boxes.double(), scores.double(), 0.5))
+
+
+# --------------------------------------------------------------- batched_nms
+
+@pytest.mark.parametrize("n,categories", [(1, 1), (100, 3), (2000, 80), (5000, 10)])
+def test_batched_nms_matches_torchvision(n, categories):
+    boxes, scores, idxs = detections(n, seed=n, categories=categories)
+    ours = P.batched_nms(boxes, scores, idxs, 0.5)
+    torch.testing.assert_close(ours, tv.batched_nms(boxes, scores, idxs, 0.5))
+
+
+def test_batched_nms_exact_with_negative_coordinates():
+    # Boxes of different categories that overlap must not suppress each other, for any
+    # coordinates; compare with a plain loop over categories.
+    boxes, scores, idxs = detections(600, seed=7, categories=5)
+    boxes = boxes - 300
+    torch.testing.assert_close(P.batched_nms(boxes, scores, idxs, 0.5),
+                               reference.batched_nms(boxes, scores, idxs, 0.5))
+    # two identical boxes in two categories both survive
+    b = torch.tensor([[-10.0, -10, -1, -1], [-10.0, -10, -1, -1]])
+    assert sorted(P.batched_nms(b, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.5).tolist()) == [0, 1]
+
+
+def test_batched_nms_arbitrary_category_ids_and_none_when_empty():
+    boxes, scores, idxs = detections(500, seed=8, categories=4)
+    big = idxs * 1_000_003 - 7  # negative and sparse ids
+    torch.testing.assert_close(P.batched_nms(boxes, scores, big, 0.5), P.batched_nms(boxes, scores, idxs, 0.5))
+    assert P.batched_nms(torch.empty(0, 4), None, None, 0.5).shape == (0,)
+    torch.testing.assert_close(P.batched_nms(boxes, scores, idxs.int(), 0.5), P.batched_nms(boxes, scores, idxs, 0.5))
+
+
+# ------------------------------------------------------------------ soft-NMS
+
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_nms_matches_reference(method, dtype):
+    boxes, scores = detections(150, objects=10, seed=9, dtype=dtype)
+    keep, dec = P.soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=0.05, method=method)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, 0.5, 0.05, method)
+    assert dec.dtype == dtype
+    torch.testing.assert_close(keep, rkeep)
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)
+
+
+def test_soft_nms_hard_is_nms_with_inclusive_threshold():
+    boxes, scores = detections(800, seed=10)
+    keep, dec = P.soft_nms(boxes, scores, iou_threshold=0.5, score_threshold=1e-9, method="hard")
+    torch.testing.assert_close(keep, reference.soft_nms(boxes, scores, 0.5, 0.5, 1e-9, "hard")[0])
+    torch.testing.assert_close(dec, scores[keep])
+    assert (dec[1:] <= dec[:-1]).all()
+
+
+def test_soft_nms_edge_cases():
+    keep, dec = P.soft_nms(torch.zeros(0, 4), torch.zeros(0))
+    assert keep.shape == dec.shape == (0,) and keep.dtype == torch.int64
+    keep, dec = P.soft_nms(torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([1e-4]))  # below score_threshold
+    assert keep.numel() == 0
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [float("nan"), 0, 1, 1], [20, 20, 30, 30.0]])
+    scores = torch.tensor([0.9, float("nan"), 0.8, 0.7])
+    keep, dec = P.soft_nms(boxes, scores, method="linear", iou_threshold=0.5)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.5, 0.5, 1e-3, "linear")
+    torch.testing.assert_close(keep, rkeep)
+    torch.testing.assert_close(dec.double(), rdec, equal_nan=True)
+    assert keep[0].item() == 1 and torch.isnan(dec[0])
+
+
+def test_soft_nms_ties_are_stable():
+    boxes, _ = detections(200, seed=11)
+    scores = torch.full((200,), 0.5)
+    keep, dec = P.soft_nms(boxes, scores, method="linear")
+    torch.testing.assert_close(keep, reference.soft_nms(boxes, scores, 0.3, 0.5, 1e-3, "linear")[0])
+
+
+@pytest.mark.parametrize("method", ["gaussian", "hard"])
+def test_batched_soft_nms_is_per_category(method):
+    boxes, scores, idxs = detections(400, seed=12, categories=6)
+    keep, dec = P.batched_soft_nms(boxes, scores, idxs, method=method, score_threshold=0.01)
+    parts_k, parts_s = [], []
+    for c in torch.unique(idxs):
+        m = torch.where(idxs == c)[0]
+        k, s = reference.soft_nms(boxes[m], scores[m], 0.3, 0.5, 0.01, method)
+        parts_k.append(m[k])
+        parts_s.append(s)
+    rk, rs = torch.cat(parts_k), torch.cat(parts_s)
+    order = torch.sort(rs, stable=True, descending=True)[1]
+    torch.testing.assert_close(keep, rk[order])
+    torch.testing.assert_close(dec.double(), rs[order], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------- op-level machinery
+
+def test_opcheck():
+    boxes, scores, idxs = detections(60, seed=13, categories=3)
+    opcheck(ops.nms, (boxes, scores, None, 0.5))
+    opcheck(ops.nms, (boxes, scores, idxs, 0.5))
+    opcheck(ops.nms, (boxes[:0], scores[:0], None, 0.5))
+    opcheck(ops.soft_nms, (boxes, scores, None, 0.3, 0.5, 1e-3, 0))
+    opcheck(ops.soft_nms, (boxes, scores, idxs, 0.3, 0.5, 1e-3, 1))
+
+
+@pytest.mark.parametrize("survivors", [0, 1, "many"])
+def test_compile_and_export_with_0_1_many_survivors(survivors):
+    # 0 survivors: soft-NMS with every score under its threshold (NMS keeps >= 1 box of any input).
+    if survivors == 0:
+        boxes, scores = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10]]), torch.tensor([1e-4, 1e-5])
+    elif survivors == 1:
+        boxes, scores = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10]]), torch.tensor([0.9, 0.8])
+    else:
+        boxes, scores = detections(300, seed=14)
+
+    def f(b, s):
+        keep = P.nms(b, s, 0.5)
+        soft, dec = P.soft_nms(b, s, method="hard", iou_threshold=0.5)
+        return b[keep].sum(0), b[soft].sum(0) + dec.sum(), soft.numel()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(boxes, scores)
+    ref = f(boxes, scores)
+    torch.testing.assert_close(out, ref)
+    assert out[2] == {0: 0, 1: 1}.get(survivors, ref[2])
+
+    class M(torch.nn.Module):
+        def forward(self, b, s):
+            keep = P.nms(b, s, 0.5)
+            kept, dec = P.soft_nms(b, s)
+            return b.index_select(0, keep), kept, dec
+
+    ep = torch.export.export(M(), (boxes, scores))
+    for x, y in zip(ep.module()(boxes, scores), M()(boxes, scores)):
+        torch.testing.assert_close(x, y)
+
+
+def test_compile_empty_input():
+    f = torch.compile(lambda b, s: P.nms(b, s, 0.5), fullgraph=True)
+    assert f(torch.zeros(0, 4), torch.zeros(0)).shape == (0,)
+
+
+# --------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.nms(torch.zeros(3, 5), torch.zeros(3), 0.5), ValueError, "boxes"),
+        (lambda: P.nms(torch.zeros(3, 4), torch.zeros(4), 0.5), ValueError, "scores"),
+        (lambda: P.nms(torch.zeros(3, 4), torch.zeros(3, 1), 0.5), ValueError, "scores"),
+        (lambda: P.nms(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3), 0.5), TypeError, "boxes"),
+        (lambda: P.nms(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int32), 0.5), TypeError, "scores"),
+        (lambda: P.nms(torch.zeros(3, 4), torch.zeros(3, device="meta"), 0.5), ValueError, "device"),
+        (lambda: P.nms(torch.zeros(3, 4), torch.zeros(3), float("nan")), ValueError, "iou_threshold"),
+        (lambda: P.nms(torch.zeros(3, 4), torch.zeros(3), "0.5"), TypeError, "iou_threshold"),
+        (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5), TypeError, "idxs"),
+        (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long), 0.5),
+         ValueError, "idxs"),
+        (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), None, 0.5), TypeError, "idxs"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=0.0), ValueError, "sigma"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=-1.0), ValueError, "sigma"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method="cubic"), ValueError, "method"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), score_threshold=float("nan")), ValueError,
+         "score_threshold"),
+    ],
+)
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+# ---------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [0, 1, 7, 64, 65, 1000, 20000])
+def test_cuda_nms_matches_cpu(n):
+    boxes, scores = detections(n, seed=n) if n else (torch.zeros(0, 4), torch.zeros(0))
+    for thr in (0.3, 0.7):
+        torch.testing.assert_close(P.nms(boxes.cuda(), scores.cuda(), thr).cpu(), P.nms(boxes, scores, thr))
+    torch.testing.assert_close(P.nms(boxes.cuda(), scores.cuda(), 0.5).cpu(), tv.nms(boxes, scores, 0.5))
+
+
+@pytest.mark.gpu
+def test_cuda_nms_nan_ties_dtypes():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [float("nan"), 0, 10, 10], [0, 0, 10, 10.5]])
+    scores = torch.tensor([0.9, float("nan"), 0.95, 0.1])
+    assert P.nms(boxes.cuda(), scores.cuda(), 0.5).tolist() == [1, 2]
+    b, _ = detections(3000, seed=15)
+    s = torch.full((3000,), 0.5)
+    torch.testing.assert_close(P.nms(b.cuda(), s.cuda(), 0.5).cpu(), P.nms(b, s, 0.5))
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        bb, ss = b.to(dtype), torch.rand(3000, generator=gen(1)).to(dtype)
+        torch.testing.assert_close(P.nms(bb.cuda(), ss.cuda(), 0.5).cpu(), P.nms(bb, ss, 0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,categories", [(100, 3), (20000, 80), (5000, 1)])
+def test_cuda_batched_nms_matches_cpu(n, categories):
+    boxes, scores, idxs = detections(n, seed=n, categories=categories)
+    ours = P.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu()
+    torch.testing.assert_close(ours, P.batched_nms(boxes, scores, idxs, 0.5))
+    torch.testing.assert_close(ours, tv.batched_nms(boxes, scores, idxs, 0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+@pytest.mark.parametrize("n", [0, 1, 300, 5000, 12000])
+def test_cuda_soft_nms_matches_cpu(method, n):
+    boxes, scores, idxs = detections(n, seed=n, categories=4) if n else (torch.zeros(0, 4), torch.zeros(0),
+                                                                          torch.zeros(0, dtype=torch.long))
+    for cats in (None, idxs):
+        args = (boxes, scores) if cats is None else (boxes, scores, cats)
+        f = P.soft_nms if cats is None else P.batched_soft_nms
+        k_gpu, s_gpu = f(*[a.cuda() for a in args], method=method)
+        k_cpu, s_cpu = f(*args, method=method)
+        torch.testing.assert_close(k_gpu.cpu(), k_cpu)
+        torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=1e-5, atol=1e-6)
