@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -162,62 +163,86 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std:
   return g.order.masked_select(keep.to(at::kBool));
 }
 
-// One Soft-NMS pass over the remaining boxes: decay by the selected box `a`, drop
-// those under the score threshold, and return the highest remaining score.
-template <typename T>
+constexpr int64_t kBlock = 64;
+
+// One Soft-NMS pass over the remaining boxes: decay by the selected box `a` and drop
+// those under the score threshold. Writes the highest remaining score of each block
+// of kBlock entries to block_max and returns the highest overall.
+template <typename T, int METHOD>
 __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, const T* __restrict__ x1,
                                                                const T* __restrict__ y1, const T* __restrict__ x2,
                                                                const T* __restrict__ y2, T* __restrict__ s,
-                                                               int32_t* __restrict__ drop, int64_t n, int method,
-                                                               T thr, T inv_sigma, T score_thr) {
-  T best = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
-    const T v = s[j] * nms::decay<T>(iou, method, thr, inv_sigma);
-    const int32_t gone = drop[j] | (v < score_thr);
-    s[j] = v;
-    drop[j] = gone;
-    const T cand = gone ? -std::numeric_limits<T>::infinity() : v;
-    best = cand > best ? cand : best;
+                                                               int32_t* __restrict__ drop, int64_t n, T thr,
+                                                               T inv_sigma, T score_thr, T* __restrict__ block_max) {
+  constexpr T none = -std::numeric_limits<T>::infinity();
+  T best = none;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t end = std::min(n, b0 + kBlock);
+    T bm = none;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = b0; j < end; ++j) {
+      const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
+      const T v = s[j] * nms::decay<T>(iou, METHOD, thr, inv_sigma);
+      const int32_t gone = drop[j] | (v < score_thr);
+      s[j] = v;
+      drop[j] = gone;
+      const T cand = (gone || v != v) ? none : v;  // NaN-score entries are picked by position
+      bm = cand > bm ? cand : bm;
+    }
+    block_max[b0 / kBlock] = bm;
+    best = bm > best ? bm : best;
   }
   return best;
 }
 
 // Soft-NMS of one group (boxes already in score order, NaN scores first).
 // Appends (position, score at selection) to `out` in selection order.
-template <typename T>
-void soft_nms_group(Soa<T>& s, std::vector<T>& score, int method, T thr, T inv_sigma, T score_thr,
+template <typename T, int METHOD>
+void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T score_thr,
                     std::vector<std::pair<int64_t, T>>& out) {
+  constexpr T none = -std::numeric_limits<T>::infinity();
   int64_t n = static_cast<int64_t>(s.pos.size());
   std::vector<int32_t> drop(n);
   for (int64_t j = 0; j < n; ++j) drop[j] = score[j] < score_thr;  // NaN scores stay
   n = s.compact(0, n, drop.data(), score.data());
+  std::vector<T> block_max(n / kBlock + 1, none);
   // NaN scores rank first, in index order; they decay others like any selected box.
+  // NaN entries never win a block max (NaN > x is false), so they are picked by position.
   int64_t first_real = 0;
   while (first_real < n && std::isnan(score[first_real])) ++first_real;
-  T best = -std::numeric_limits<T>::infinity();
-  for (int64_t j = first_real; j < n; ++j) best = score[j] > best ? score[j] : best;
+  T best = none;
+  for (int64_t j = first_real; j < n; ++j) {
+    block_max[j / kBlock] = score[j] > block_max[j / kBlock] ? score[j] : block_max[j / kBlock];
+    best = score[j] > best ? score[j] : best;
+  }
   int64_t nan_next = 0;
   int64_t since_compact = 0;
-  const T none = -std::numeric_limits<T>::infinity();
   while (n > 0) {
     int64_t m;
     if (nan_next < first_real) {
       m = nan_next++;
     } else {
       if (!(best >= score_thr) || best == none) break;  // nothing eligible is left
-      m = first_real;
-      while (drop[m] || score[m] != best) ++m;  // first (highest-ranked) entry holding the max
+      int64_t blk = 0;
+      while (block_max[blk] != best) ++blk;  // first block holding the max ...
+      m = std::max(blk * kBlock, first_real);
+      while (drop[m] || score[m] != best) ++m;  // ... and its first (highest-ranked) entry
     }
     out.emplace_back(s.pos[m], score[m]);
     drop[m] = 1;
-    best = decay_pass<T>(s.box(m), s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), score.data(), drop.data(), n,
-                         method, thr, inv_sigma, score_thr);
+    best = decay_pass<T, METHOD>(s.box(m), s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), score.data(),
+                                 drop.data(), n, thr, inv_sigma, score_thr, block_max.data());
     // Compact now and then; not while NaN-score entries are still selected by position.
     if (++since_compact >= 32 && nan_next >= first_real) {
       n = s.compact(0, n, drop.data(), score.data());
       first_real = nan_next = 0;
       since_compact = 0;
+      best = none;
+      std::fill(block_max.begin(), block_max.end(), none);
+      for (int64_t j = 0; j < n; ++j) {
+        block_max[j / kBlock] = score[j] > block_max[j / kBlock] ? score[j] : block_max[j / kBlock];
+        best = score[j] > best ? score[j] : best;
+      }
     }
   }
 }
@@ -249,7 +274,11 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
         Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
         std::vector<T> score(s.pos.size());
         for (size_t k = 0; k < score.size(); ++k) score[k] = T(ps[order[s.pos[k]]]);
-        soft_nms_group<T>(s, score, static_cast<int>(method), thr, inv_sigma, score_thr, picked[c]);
+        switch (method) {
+          case nms::kGaussian: soft_nms_group<T, nms::kGaussian>(s, score, thr, inv_sigma, score_thr, picked[c]); break;
+          case nms::kLinear: soft_nms_group<T, nms::kLinear>(s, score, thr, inv_sigma, score_thr, picked[c]); break;
+          default: soft_nms_group<T, nms::kHard>(s, score, thr, inv_sigma, score_thr, picked[c]); break;
+        }
       }
     });
     int64_t total = 0;
