@@ -5,7 +5,7 @@ import torchvision.ops as tv
 from conftest import opcheck
 
 import pyvision_ops as P
-from pyvision_ops.testing import clustered_boxes, edge_boxes, random_boxes
+from pyvision_ops.testing import clustered_boxes, edge_boxes
 
 ops = torch.ops.pyvision_ops
 
