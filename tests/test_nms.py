@@ -14,6 +14,25 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def assert_same_modulo_ties(ours, theirs, scores):
+    """Same kept boxes in the same score order; boxes with equal scores may be permuted
+    (torchvision's batched_nms sorts its result with an unstable sort)."""
+    assert sorted(ours.tolist()) == sorted(theirs.tolist())
+    torch.testing.assert_close(scores[ours], scores[theirs], rtol=0, atol=0)
+
+
+def assert_soft_close(keep_a, dec_a, keep_b, dec_b):
+    """Soft-NMS results from two backends: the same boxes with the same decayed scores to
+    fp32 rounding. exp differs in the last bits between backends, so two boxes whose
+    decayed scores are nearly equal may come out in either order."""
+    assert sorted(keep_a.tolist()) == sorted(keep_b.tolist())
+    score_a = dict(zip(keep_a.tolist(), dec_a.double().tolist()))
+    score_b = dict(zip(keep_b.tolist(), dec_b.double().tolist()))
+    got = torch.tensor([score_a[k] for k in keep_b.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(got, dec_b.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dec_a.double(), dec_b.double(), rtol=1e-5, atol=1e-6)  # both decreasing
+
+
 def detections(n, objects=None, seed=0, dtype=torch.float32, categories=None):
     """A detector's raw output: n boxes around `objects` objects, random scores (and categories)."""
     g = gen(seed)
@@ -110,7 +129,9 @@ def test_nms_mixed_dtypes_promote():
 def test_batched_nms_matches_torchvision(n, categories):
     boxes, scores, idxs = detections(n, seed=n, categories=categories)
     ours = P.batched_nms(boxes, scores, idxs, 0.5)
-    torch.testing.assert_close(ours, tv.batched_nms(boxes, scores, idxs, 0.5))
+    assert_same_modulo_ties(ours, tv.batched_nms(boxes, scores, idxs, 0.5), scores)
+    if n <= 100:  # the float64 reference is a plain Python loop
+        torch.testing.assert_close(ours, reference.batched_nms(boxes, scores, idxs, 0.5))
 
 
 def test_batched_nms_exact_with_negative_coordinates():
@@ -298,7 +319,7 @@ def test_cuda_batched_nms_matches_cpu(n, categories):
     boxes, scores, idxs = detections(n, seed=n, categories=categories)
     ours = P.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu()
     torch.testing.assert_close(ours, P.batched_nms(boxes, scores, idxs, 0.5))
-    torch.testing.assert_close(ours, tv.batched_nms(boxes, scores, idxs, 0.5))
+    assert_same_modulo_ties(ours, tv.batched_nms(boxes, scores, idxs, 0.5), scores)
 
 
 @pytest.mark.gpu
@@ -312,5 +333,4 @@ def test_cuda_soft_nms_matches_cpu(method, n):
         f = P.soft_nms if cats is None else P.batched_soft_nms
         k_gpu, s_gpu = f(*[a.cuda() for a in args], method=method)
         k_cpu, s_cpu = f(*args, method=method)
-        torch.testing.assert_close(k_gpu.cpu(), k_cpu)
-        torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=1e-5, atol=1e-6)
+        assert_soft_close(k_gpu.cpu(), s_gpu.cpu(), k_cpu, s_cpu)
