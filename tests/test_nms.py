@@ -27,7 +27,6 @@ def assert_soft_close(keep_a, dec_a, keep_b, dec_b):
     decayed scores are nearly equal may come out in either order."""
     assert sorted(keep_a.tolist()) == sorted(keep_b.tolist())
     score_a = dict(zip(keep_a.tolist(), dec_a.double().tolist()))
-    score_b = dict(zip(keep_b.tolist(), dec_b.double().tolist()))
     got = torch.tensor([score_a[k] for k in keep_b.tolist()], dtype=torch.float64)
     torch.testing.assert_close(got, dec_b.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dec_a.double(), dec_b.double(), rtol=1e-5, atol=1e-6)  # both decreasing
