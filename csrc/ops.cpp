@@ -25,6 +25,14 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "soft_nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, float sigma, float score_threshold, "
       "int method) -> (Tensor, Tensor)");
+
+  // RoI Align. rois: [K, 5] (batch index, x1, y1, x2, y2). Backward is its own op.
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+      "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor");
 }
 
 namespace {

@@ -18,10 +18,13 @@ from .box_iou import (
     matched_box_iou,
 )
 from .nms import batched_nms, batched_soft_nms, nms, soft_nms
+from .roi_align import MultiScaleRoIAlign, RoIAlign, multi_scale_roi_align, roi_align
 
 __version__ = build_info()["version"]
 
 __all__ = [
+    "MultiScaleRoIAlign",
+    "RoIAlign",
     "batched_nms",
     "batched_soft_nms",
     "box_iou",
@@ -33,7 +36,9 @@ __all__ = [
     "generalized_box_iou",
     "generalized_box_iou_loss",
     "matched_box_iou",
+    "multi_scale_roi_align",
     "nms",
     "op_table",
+    "roi_align",
     "soft_nms",
 ]

@@ -108,6 +108,37 @@ def _(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))
 
 
+# ------------------------------------------------------------------ RoI Align
+
+@torch.library.register_fake("pyvision_ops::roi_align")
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5)
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("pyvision_ops::roi_align_backward")
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
+      aligned):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _roi_align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, ph, pw, sampling_ratio, aligned)
+    ctx.input_shape = input.shape
+
+
+def _roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    spatial_scale, ph, pw, sampling_ratio, aligned = ctx.args
+    b, c, h, w = ctx.input_shape
+    g = ops.roi_align_backward(grad, rois, spatial_scale, ph, pw, b, c, h, w, sampling_ratio, aligned)
+    return g, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")

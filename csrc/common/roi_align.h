@@ -1,0 +1,124 @@
+// RoI Align: the sampling math shared by the CPU and CUDA kernels.
+//
+// The rule is torchvision's: a RoI (batch, x1, y1, x2, y2) is scaled by
+// spatial_scale (and shifted by -0.5 when aligned); without `aligned` its size is
+// clamped to >= 1; each of the PH x PW bins averages grid_h x grid_w bilinear
+// samples (grid = sampling_ratio, or ceil(roi size / bins) when it is <= 0).
+// A sample with y < -1, y > H, x < -1 or x > W contributes 0; coordinates <= 0
+// are clamped to 0, and the last row/column is clamped to H-1 / W-1.
+//
+// The sample weights factor into a row part and a column part, so a bin is
+// sum_r Wy[r] * sum_c Wx[c] * in[r, c] over the rows and columns it touches: the
+// kernels precompute Wy per (RoI, bin row) and Wx per (RoI, bin column), shared
+// by every channel, instead of four weights per sample.
+#pragma once
+
+#include <cmath>
+
+#include "common/box_iou.h"  // PVO_HD
+
+namespace pyvision_ops {
+namespace roi {
+
+// Adaptive samples per bin, ceil(bin size), capped at kMaxGrid so that an absurdly
+// large RoI cannot overflow the count or stall the kernel (such a bin samples
+// almost only outside the map, where samples weigh 0).
+constexpr int kMaxGrid = 1 << 16;
+
+template <typename T>
+PVO_HD int adaptive_grid(T bin) {
+  const T g = std::ceil(bin);
+  return g > T(kMaxGrid) ? kMaxGrid : (g < T(-kMaxGrid) ? -kMaxGrid : static_cast<int>(g));
+}
+
+template <typename T>
+struct Geometry {
+  T start_h, start_w, bin_h, bin_w;
+  int grid_h, grid_w;
+  T inv_count;  // 1 / max(grid_h * grid_w, 1)
+  bool valid;   // false for non-finite coordinates: the RoI pools to zeros
+};
+
+template <typename T>
+PVO_HD Geometry<T> geometry(const T* roi, T spatial_scale, int pooled_h, int pooled_w, int sampling_ratio,
+                            bool aligned) {
+  Geometry<T> g{};
+  const T offset = aligned ? T(0.5) : T(0);
+  const T sw = roi[1] * spatial_scale - offset, sh = roi[2] * spatial_scale - offset;
+  const T ew = roi[3] * spatial_scale - offset, eh = roi[4] * spatial_scale - offset;
+  T rw = ew - sw, rh = eh - sh;
+  g.valid = std::isfinite(sw) && std::isfinite(sh) && std::isfinite(ew) && std::isfinite(eh);
+  if (!g.valid) return g;
+  if (!aligned) {
+    rw = rw > T(1) ? rw : T(1);
+    rh = rh > T(1) ? rh : T(1);
+  }
+  g.start_h = sh;
+  g.start_w = sw;
+  g.bin_h = rh / static_cast<T>(pooled_h);
+  g.bin_w = rw / static_cast<T>(pooled_w);
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(rh / static_cast<T>(pooled_h));
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(rw / static_cast<T>(pooled_w));
+  // A grid of <= 0 samples (empty or negative-size aligned RoI) has no samples: zeros.
+  const T count = static_cast<T>(g.grid_h) * static_cast<T>(g.grid_w);
+  g.inv_count = (g.grid_h > 0 && g.grid_w > 0) ? T(1) / count : T(0);
+  return g;
+}
+
+// Position of sample i (of `grid`) in bin p along one axis.
+template <typename T>
+PVO_HD T sample_pos(T start, T bin, int p, int i, int grid) {
+  return start + static_cast<T>(p) * bin + static_cast<T>(i + .5f) * bin / static_cast<T>(grid);
+}
+
+// The two cells a sample at `v` reads along an axis of `size` cells and their weights.
+// Returns false (weight 0) when the sample lies outside [-1, size].
+template <typename T>
+PVO_HD bool axis_weights(T v, int size, int& lo, int& hi, T& w_lo, T& w_hi) {
+  if (v < T(-1) || v > static_cast<T>(size)) return false;
+  if (v <= T(0)) v = T(0);
+  lo = static_cast<int>(v);
+  if (lo >= size - 1) {
+    hi = lo = size - 1;
+    v = static_cast<T>(lo);
+  } else {
+    hi = lo + 1;
+  }
+  const T l = v - static_cast<T>(lo);
+  w_lo = T(1) - l;
+  w_hi = l;
+  return true;
+}
+
+// Number of cells a bin's samples can touch along an axis of `size` cells: the bin's
+// extent plus one cell on each side of the interpolation, never more than the axis.
+template <typename T>
+PVO_HD int axis_span(T bin, int size) {
+  const T b = std::fabs(bin);
+  return (b < static_cast<T>(size) ? static_cast<int>(std::ceil(b)) : size) + 2;
+}
+
+// Row (or column) weights of bin p: w[k] is the weight of cell first + k, k < n; `w`
+// has room for `span` = axis_span(bin, size) entries. Two passes, because a
+// negative-size (aligned) RoI visits its samples in decreasing order.
+template <typename T>
+PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int& first, int& n, T* w) {
+  int lo, hi;
+  T wl, wh;
+  first = size;
+  n = 0;
+  for (int i = 0; i < grid; ++i) {
+    if (axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) first = lo < first ? lo : first;
+  }
+  if (first == size) return;  // no sample inside [-1, size]
+  for (int k = 0; k < span; ++k) w[k] = T(0);
+  for (int i = 0; i < grid; ++i) {
+    if (!axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) continue;
+    w[lo - first] += wl;
+    w[hi - first] += wh;
+    n = hi - first + 1 > n ? hi - first + 1 : n;
+  }
+}
+
+}  // namespace roi
+}  // namespace pyvision_ops

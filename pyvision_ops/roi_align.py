@@ -1,0 +1,184 @@
+"""RoI Align: roi_align / RoIAlign, and multi-scale pooling over FPN levels.
+
+Same sampling rule and results as ``torchvision.ops.roi_align`` (bilinear samples,
+``aligned`` half-pixel shift, adaptive ``ceil(roi / bin)`` sampling when
+``sampling_ratio <= 0``, the legacy size clamp when ``aligned=False``). C++ on the
+CPU: sampling weights are computed once per RoI and shared by all channels;
+forward runs in parallel over (RoI, channel), backward over (image, channel), so
+the gradient is deterministic. NCHW and channels_last inputs (channels_last
+output for channels_last input).
+
+A RoI with a NaN or infinite coordinate pools to zeros (and gets no gradient).
+RoIs may have any float dtype; they are used in fp32 (fp64 for fp64 input),
+including for fp16/bf16 inputs, which are pooled with fp32 accumulation.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from . import _utils
+from ._library import ops
+
+
+def _pair(size, name="output_size"):
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"{name} must be positive, got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def _to_rois(boxes, input):
+    """Tensor[K, 5] or a list of Tensor[L, 4] (one per image) -> Tensor[K, 5]."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
+                             f"Tensor[L, 4], got a tensor of shape {list(boxes.shape)}")
+        rois = boxes
+    elif isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            _utils.check_tensor(f"boxes[{i}]", b)
+            if b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {list(b.shape)}")
+        if len(boxes) > input.shape[0]:
+            raise ValueError(f"boxes has {len(boxes)} entries but input has batch size {input.shape[0]}")
+        if len(boxes) == 0:
+            rois = input.new_zeros((0, 5))
+        else:
+            dtype = boxes[0].dtype if boxes[0].is_floating_point() else input.dtype
+            ids = torch.cat([torch.full_like(b[:, :1], i, dtype=dtype) for i, b in enumerate(boxes)])
+            rois = torch.cat([ids, torch.cat([b.to(dtype) for b in boxes])], dim=1)
+    else:
+        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    if not rois.is_floating_point():
+        rois = rois.to(input.dtype if input.is_floating_point() else torch.float32)
+    return rois
+
+
+def _check_batch_index(rois, batch_size):
+    # Reading the indices syncs a GPU, and is data-dependent under torch.compile; there the
+    # CPU kernel raises on its own.
+    if rois.device.type == "cpu" and rois.numel() > 0 and not torch.compiler.is_compiling():
+        idx = rois[:, 0]
+        finite = torch.isfinite(idx)
+        bad = finite & ((idx < 0) | (idx >= batch_size))
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            raise ValueError(f"boxes: RoI {k} has batch index {idx[k].item()} outside [0, {batch_size})")
+
+
+def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> torch.Tensor:
+    """RoI Align; drop-in for ``torchvision.ops.roi_align``.
+
+    ``input``: ``[N, C, H, W]``; ``boxes``: ``Tensor[K, 5]`` (batch index, x1, y1,
+    x2, y2) or a list of ``Tensor[L, 4]``, one per image; returns ``[K, C, PH, PW]``
+    in the input's dtype.
+    """
+    _utils.check_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be [N, C, H, W], got shape {list(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be floating point, got {input.dtype}")
+    rois = _to_rois(boxes, input)
+    _utils.check_same_device(input=input, boxes=rois)
+    ph, pw = _pair(output_size)
+    spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    _check_batch_index(rois, input.shape[0])
+    return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, bool(aligned))
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`; drop-in for ``torchvision.ops.RoIAlign``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input, rois):
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def __repr__(self):
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+
+
+def fpn_levels(boxes: torch.Tensor, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+               eps: float = 1e-6) -> torch.Tensor:
+    """FPN eq. 1: the level (0-based from k_min) of each box, as torchvision's LevelMapper."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    s = torch.sqrt(area)
+    lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    return (torch.clamp(lvl, min=k_min, max=k_max) - k_min).to(torch.int64)
+
+
+def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: list, sampling_ratio: int = 2,
+                          canonical_scale: int = 224, canonical_level: int = 4, aligned: bool = False) -> torch.Tensor:
+    """Pools each RoI from its FPN level (``fpn_levels``) of ``features`` (finest first).
+
+    ``spatial_scales[i]`` is the scale of ``features[i]`` (powers of 2). Returns
+    ``[K, C, PH, PW]`` in the order of the RoIs. This session's version runs one
+    roi_align per level (differentiable, deterministic); a single-launch kernel
+    over all levels is still to come.
+    """
+    if not features:
+        raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
+    if len(spatial_scales) != len(features):
+        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature maps")
+    rois = _to_rois(boxes, features[0])
+    ph, pw = _pair(output_size)
+    k_min = -math.log2(spatial_scales[0])
+    k_max = -math.log2(spatial_scales[-1])
+    if not (float(k_min).is_integer() and float(k_max).is_integer()):
+        raise ValueError(f"spatial_scales must be powers of 2, got {spatial_scales}")
+    k_min, k_max = int(k_min), int(k_max)
+    x = features[0]
+    out = x.new_zeros((rois.shape[0], x.shape[1], ph, pw))
+    if len(features) == 1:
+        return roi_align(x, rois, (ph, pw), spatial_scales[0], sampling_ratio, aligned)
+    levels = fpn_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    for lvl, (feat, scale) in enumerate(zip(features, spatial_scales)):
+        idx = torch.where(levels == lvl)[0]
+        pooled = roi_align(feat, rois[idx], (ph, pw), scale, sampling_ratio, aligned)
+        out = out.index_put((idx,), pooled.to(out.dtype))
+    return out
+
+
+def _infer_scale(feature: torch.Tensor, original_size) -> float:
+    # Same rule as torchvision: the power of 2 nearest to feature size / image size.
+    approx = [float(s1) / float(s2) for s1, s2 in zip(feature.shape[-2:], original_size)]
+    scales = [2 ** float(torch.tensor(a).log2().round()) for a in approx]
+    if scales[0] != scales[1]:
+        raise ValueError(f"feature map {list(feature.shape[-2:])} has different scales in height and width")
+    return scales[0]
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Drop-in for ``torchvision.ops.MultiScaleRoIAlign``: ``forward(x: dict, boxes: list, image_shapes: list)``."""
+
+    def __init__(self, featmap_names: list, output_size, sampling_ratio: int, *, canonical_scale: int = 224,
+                 canonical_level: int = 4):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = _pair(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(self, x: dict, boxes: list, image_shapes: list) -> torch.Tensor:
+        features = [x[name] for name in self.featmap_names]
+        max_h = max(s[0] for s in image_shapes)
+        max_w = max(s[1] for s in image_shapes)
+        scales = [_infer_scale(f, (max_h, max_w)) for f in features]
+        return multi_scale_roi_align(features, boxes, self.output_size, scales, self.sampling_ratio,
+                                     self.canonical_scale, self.canonical_level)
