@@ -150,7 +150,7 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
     for lvl, (feat, scale) in enumerate(zip(features, spatial_scales)):
         idx = torch.where(levels == lvl)[0]
         pooled = roi_align(feat, rois[idx], (ph, pw), scale, sampling_ratio, aligned)
-        out = out.index_put((idx,), pooled.to(out.dtype))
+        out.index_put_((idx,), pooled.to(out.dtype))
     return out
 
 

@@ -98,11 +98,13 @@ PVO_HD int axis_span(T bin, int size) {
   return (b < static_cast<T>(size) ? static_cast<int>(std::ceil(b)) : size) + 2;
 }
 
-// Row (or column) weights of bin p: w[k] is the weight of cell first + k, k < n; `w`
-// has room for `span` = axis_span(bin, size) entries. Two passes, because a
-// negative-size (aligned) RoI visits its samples in decreasing order.
+// Row (or column) weights of bin p: w[k] is the weight of cell first + k, k < n, and
+// touched[k] says whether a sample reads that cell (a cell between two samples may
+// not be read); both have room for `span` = axis_span(bin, size) entries. Two passes,
+// because a negative-size (aligned) RoI visits its samples in decreasing order.
 template <typename T>
-PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int& first, int& n, T* w) {
+PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int& first, int& n, T* w,
+                        unsigned char* touched) {
   int lo, hi;
   T wl, wh;
   first = size;
@@ -111,11 +113,12 @@ PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int
     if (axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) first = lo < first ? lo : first;
   }
   if (first == size) return;  // no sample inside [-1, size]
-  for (int k = 0; k < span; ++k) w[k] = T(0);
+  for (int k = 0; k < span; ++k) w[k] = T(0), touched[k] = 0;
   for (int i = 0; i < grid; ++i) {
     if (!axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) continue;
     w[lo - first] += wl;
     w[hi - first] += wh;
+    touched[lo - first] = touched[hi - first] = 1;
     n = hi - first + 1 > n ? hi - first + 1 : n;
   }
 }

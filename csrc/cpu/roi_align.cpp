@@ -18,17 +18,38 @@
 namespace pyvision_ops {
 namespace {
 
-// Per-RoI tables: for each bin row the first input row, the row count and the
-// weights (already divided by the sample count), and the same for bin columns.
+// Per-RoI tables: for each bin row the input rows its samples read and their weights
+// (already divided by the sample count), and the same for bin columns. Entry j of
+// bin row p of RoI k is at y_off[k] + p * span_h[k] + j, j < ny[k * ph + p].
 template <typename T>
 struct Tables {
   int ph, pw;
-  std::vector<int64_t> batch;       // [K], -1 for a RoI that pools to zeros
-  std::vector<int64_t> y_off, x_off;  // [K + 1] offsets into wy / wx (per RoI: ph * span_h)
-  std::vector<int> span_h, span_w;  // [K]
-  std::vector<int> fy, ny, fx, nx;  // [K * ph], [K * pw]
+  std::vector<int64_t> batch;         // [K], -1 for a RoI that pools to zeros
+  std::vector<int64_t> y_off, x_off;  // [K + 1]
+  std::vector<int> span_h, span_w;    // [K]
+  std::vector<int> ny, nx;            // [K * ph], [K * pw]
+  std::vector<int> iy, ix;            // input row / column of each entry
   std::vector<T> wy, wx;
 };
+
+// bin_weights, then keep only the cells a sample reads.
+template <typename T>
+void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, int& n, int* idx, T* w) {
+  int first = 0, m = 0;
+  std::vector<T> tmp(span);
+  std::vector<unsigned char> touched(span);
+  if (rows) {
+    roi::bin_weights(g.start_h, g.bin_h, p, g.grid_h, size, span, first, m, tmp.data(), touched.data());
+  } else {
+    roi::bin_weights(g.start_w, g.bin_w, p, g.grid_w, size, span, first, m, tmp.data(), touched.data());
+  }
+  n = 0;
+  for (int j = 0; j < m; ++j) {
+    if (!touched[j]) continue;
+    idx[n] = first + j;
+    w[n++] = rows ? tmp[j] * g.inv_count : tmp[j];  // fold 1 / count into the rows
+  }
+}
 
 template <typename T>
 Tables<T> make_tables(const at::Tensor& rois, int64_t batch_size, int64_t height, int64_t width, double scale, int ph,
@@ -42,9 +63,7 @@ Tables<T> make_tables(const at::Tensor& rois, int64_t batch_size, int64_t height
   t.span_w.assign(K, 0);
   t.y_off.assign(K + 1, 0);
   t.x_off.assign(K + 1, 0);
-  t.fy.assign(K * ph, 0);
   t.ny.assign(K * ph, 0);
-  t.fx.assign(K * pw, 0);
   t.nx.assign(K * pw, 0);
   const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const T* pr = r.const_data_ptr<T>();
@@ -65,23 +84,33 @@ Tables<T> make_tables(const at::Tensor& rois, int64_t batch_size, int64_t height
   }
   t.wy.assign(t.y_off[K], T(0));
   t.wx.assign(t.x_off[K], T(0));
+  t.iy.assign(t.y_off[K], 0);
+  t.ix.assign(t.x_off[K], 0);
   at::parallel_for(0, K, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       if (t.batch[k] < 0) continue;
-      const auto& g = geo[k];
       for (int p = 0; p < ph; ++p) {
-        T* w = t.wy.data() + t.y_off[k] + int64_t(p) * t.span_h[k];
-        roi::bin_weights(g.start_h, g.bin_h, p, g.grid_h, static_cast<int>(height), t.span_h[k], t.fy[k * ph + p],
-                         t.ny[k * ph + p], w);
-        for (int i = 0; i < t.ny[k * ph + p]; ++i) w[i] *= g.inv_count;  // fold 1 / count into the rows
+        const int64_t o = t.y_off[k] + int64_t(p) * t.span_h[k];
+        fill_axis(geo[k], true, p, static_cast<int>(height), t.span_h[k], t.ny[k * ph + p], t.iy.data() + o,
+                  t.wy.data() + o);
       }
       for (int p = 0; p < pw; ++p) {
-        roi::bin_weights(g.start_w, g.bin_w, p, g.grid_w, static_cast<int>(width), t.span_w[k], t.fx[k * pw + p],
-                         t.nx[k * pw + p], t.wx.data() + t.x_off[k] + int64_t(p) * t.span_w[k]);
+        const int64_t o = t.x_off[k] + int64_t(p) * t.span_w[k];
+        fill_axis(geo[k], false, p, static_cast<int>(width), t.span_w[k], t.nx[k * pw + p], t.ix.data() + o,
+                  t.wx.data() + o);
       }
     }
   });
   return t;
+}
+
+// The RoIs of each image, in RoI order (RoIs that pool to zeros left out).
+template <typename T>
+std::vector<std::vector<int64_t>> rois_per_image(const Tables<T>& t, int64_t batch_size) {
+  std::vector<std::vector<int64_t>> per_image(batch_size);
+  for (int64_t k = 0; k < static_cast<int64_t>(t.batch.size()); ++k)
+    if (t.batch[k] >= 0) per_image[t.batch[k]].push_back(k);
+  return per_image;
 }
 
 void check_args(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw) {
@@ -109,26 +138,33 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
     const scalar_t* pin = in.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     if (!cl) {
-      at::parallel_for(0, K * C, 16, [&](int64_t lo, int64_t hi) {
-        for (int64_t kc = lo; kc < hi; ++kc) {
-          const int64_t k = kc / C, c = kc % C;
-          if (t.batch[k] < 0) continue;
-          const scalar_t* plane = pin + (t.batch[k] * C + c) * H * W;
-          scalar_t* o = po + kc * ph * pw;
-          for (int y = 0; y < ph; ++y) {
-            const int fy = t.fy[k * ph + y], ny = t.ny[k * ph + y];
-            const T* wy = t.wy.data() + t.y_off[k] + int64_t(y) * t.span_h[k];
-            for (int x = 0; x < pw; ++x) {
-              const int fx = t.fx[k * pw + x], nx = t.nx[k * pw + x];
-              const T* wx = t.wx.data() + t.x_off[k] + int64_t(x) * t.span_w[k];
-              T acc = 0;
-              for (int r = 0; r < ny; ++r) {
-                const scalar_t* row = plane + int64_t(fy + r) * W + fx;
-                T racc = 0;
-                for (int q = 0; q < nx; ++q) racc += wx[q] * T(row[q]);
-                acc += wy[r] * racc;
+      // One (image, channel) plane per task, all of that image's RoIs: the plane stays in cache.
+      const auto per_image = rois_per_image(t, B);
+      at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t bc = lo; bc < hi; ++bc) {
+          const int64_t b = bc / C, c = bc % C;
+          const scalar_t* plane = pin + bc * H * W;
+          for (int64_t k : per_image[b]) {
+            scalar_t* o = po + (k * C + c) * ph * pw;
+            for (int y = 0; y < ph; ++y) {
+              const int ny = t.ny[k * ph + y];
+              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
+              const int* iy = t.iy.data() + oy;
+              const T* wy = t.wy.data() + oy;
+              for (int x = 0; x < pw; ++x) {
+                const int nx = t.nx[k * pw + x];
+                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+                const int* ix = t.ix.data() + ox;
+                const T* wx = t.wx.data() + ox;
+                T acc = 0;
+                for (int r = 0; r < ny; ++r) {
+                  const scalar_t* row = plane + int64_t(iy[r]) * W;
+                  T racc = 0;
+                  for (int q = 0; q < nx; ++q) racc += wx[q] * T(row[ix[q]]);
+                  acc += wy[r] * racc;
+                }
+                o[y * pw + x] = static_cast<scalar_t>(acc);
               }
-              o[y * pw + x] = static_cast<scalar_t>(acc);
             }
           }
         }
@@ -142,14 +178,14 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
           const int y = static_cast<int>((kb / pw) % ph), x = static_cast<int>(kb % pw);
           if (t.batch[k] < 0) continue;
           std::fill(acc.begin(), acc.end(), T(0));
-          const int fy = t.fy[k * ph + y], ny = t.ny[k * ph + y];
-          const int fx = t.fx[k * pw + x], nx = t.nx[k * pw + x];
-          const T* wy = t.wy.data() + t.y_off[k] + int64_t(y) * t.span_h[k];
-          const T* wx = t.wx.data() + t.x_off[k] + int64_t(x) * t.span_w[k];
+          const int ny = t.ny[k * ph + y], nx = t.nx[k * pw + x];
+          const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k], ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+          const int *iy = t.iy.data() + oy, *ix = t.ix.data() + ox;
+          const T *wy = t.wy.data() + oy, *wx = t.wx.data() + ox;
           for (int r = 0; r < ny; ++r) {
             for (int q = 0; q < nx; ++q) {
               const T w = wy[r] * wx[q];
-              const scalar_t* px = pin + ((t.batch[k] * H + fy + r) * W + fx + q) * C;
+              const scalar_t* px = pin + ((t.batch[k] * H + iy[r]) * W + ix[q]) * C;
               for (int64_t c = 0; c < C; ++c) acc[c] += w * T(px[c]);
             }
           }
@@ -180,9 +216,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
     using T = at::opmath_type<scalar_t>;
     const Tables<T> t = make_tables<T>(rois, B, H, W, spatial_scale, ph, pw, static_cast<int>(sampling_ratio), aligned);
     // RoIs of each image, in order: the fixed accumulation order that makes this deterministic.
-    std::vector<std::vector<int64_t>> per_image(B);
-    for (int64_t k = 0; k < K; ++k)
-      if (t.batch[k] >= 0) per_image[t.batch[k]].push_back(k);
+    const auto per_image = rois_per_image(t, B);
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
     if (!cl) {
@@ -195,16 +229,20 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
           for (int64_t k : per_image[b]) {
             const scalar_t* go = pg + (k * C + c) * ph * pw;
             for (int y = 0; y < ph; ++y) {
-              const int fy = t.fy[k * ph + y], ny = t.ny[k * ph + y];
-              const T* wy = t.wy.data() + t.y_off[k] + int64_t(y) * t.span_h[k];
+              const int ny = t.ny[k * ph + y];
+              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
+              const int* iy = t.iy.data() + oy;
+              const T* wy = t.wy.data() + oy;
               for (int x = 0; x < pw; ++x) {
                 const T gv = T(go[y * pw + x]);
-                const int fx = t.fx[k * pw + x], nx = t.nx[k * pw + x];
-                const T* wx = t.wx.data() + t.x_off[k] + int64_t(x) * t.span_w[k];
+                const int nx = t.nx[k * pw + x];
+                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+                const int* ix = t.ix.data() + ox;
+                const T* wx = t.wx.data() + ox;
                 for (int r = 0; r < ny; ++r) {
-                  T* row = plane.data() + int64_t(fy + r) * W + fx;
+                  T* row = plane.data() + int64_t(iy[r]) * W;
                   const T gr = gv * wy[r];
-                  for (int q = 0; q < nx; ++q) row[q] += gr * wx[q];
+                  for (int q = 0; q < nx; ++q) row[ix[q]] += gr * wx[q];
                 }
               }
             }
@@ -226,16 +264,20 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
           acc.assign(H * W * nc, T(0));
           for (int64_t k : per_image[b]) {
             for (int y = 0; y < ph; ++y) {
-              const int fy = t.fy[k * ph + y], ny = t.ny[k * ph + y];
-              const T* wy = t.wy.data() + t.y_off[k] + int64_t(y) * t.span_h[k];
+              const int ny = t.ny[k * ph + y];
+              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
+              const int* iy = t.iy.data() + oy;
+              const T* wy = t.wy.data() + oy;
               for (int x = 0; x < pw; ++x) {
                 const scalar_t* go = pg + ((k * ph + y) * pw + x) * C + c0;  // channels_last grad
-                const int fx = t.fx[k * pw + x], nx = t.nx[k * pw + x];
-                const T* wx = t.wx.data() + t.x_off[k] + int64_t(x) * t.span_w[k];
+                const int nx = t.nx[k * pw + x];
+                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+                const int* ix = t.ix.data() + ox;
+                const T* wx = t.wx.data() + ox;
                 for (int r = 0; r < ny; ++r) {
                   for (int q = 0; q < nx; ++q) {
                     const T w = wy[r] * wx[q];
-                    T* a = acc.data() + (int64_t(fy + r) * W + fx + q) * nc;
+                    T* a = acc.data() + (int64_t(iy[r]) * W + ix[q]) * nc;
                     for (int64_t c = 0; c < nc; ++c) a[c] += w * T(go[c]);
                   }
                 }
