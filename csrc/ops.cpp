@@ -33,6 +33,14 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
       "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor");
+  // All FPN levels in one call: RoI k is pooled from features[levels[k]] at spatial_scales[levels[k]].
+  m.def(
+      "multi_scale_roi_align(Tensor[] features, Tensor rois, Tensor levels, float[] spatial_scales, "
+      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "multi_scale_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] spatial_scales, "
+      "int[] heights, int[] widths, int batch_size, int channels, int pooled_height, int pooled_width, "
+      "int sampling_ratio, bool aligned) -> Tensor[]");
 }
 
 namespace {

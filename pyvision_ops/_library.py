@@ -139,6 +139,36 @@ def _roi_align_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
 
+
+@torch.library.register_fake("pyvision_ops::multi_scale_roi_align")
+def _(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    x = features[0]
+    return x.new_empty((rois.shape[0], x.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("pyvision_ops::multi_scale_roi_align_backward")
+def _(grad, rois, levels, spatial_scales, heights, widths, batch_size, channels, pooled_height, pooled_width,
+      sampling_ratio, aligned):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
+def _ms_setup(ctx, inputs, output):
+    features, rois, levels, scales, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, levels)
+    ctx.args = (scales, [f.shape[2] for f in features], [f.shape[3] for f in features], features[0].shape[0],
+                features[0].shape[1], ph, pw, sampling_ratio, aligned)
+
+
+def _ms_backward(ctx, grad):
+    rois, levels = ctx.saved_tensors
+    scales, hs, ws, b, c, ph, pw, sampling_ratio, aligned = ctx.args
+    grads = ops.multi_scale_roi_align_backward(grad, rois, levels, scales, hs, ws, b, c, ph, pw, sampling_ratio,
+                                               aligned)
+    return list(grads), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup)
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")

@@ -127,31 +127,34 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
     """Pools each RoI from its FPN level (``fpn_levels``) of ``features`` (finest first).
 
     ``spatial_scales[i]`` is the scale of ``features[i]`` (powers of 2). Returns
-    ``[K, C, PH, PW]`` in the order of the RoIs. This session's version runs one
-    roi_align per level (differentiable, deterministic); a single-launch kernel
-    over all levels is still to come.
+    ``[K, C, PH, PW]`` in the order of the RoIs. One op call pools every level
+    (forward and backward), deterministic like :func:`roi_align`.
     """
-    if not features:
+    if not isinstance(features, (list, tuple)) or not features:
         raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
+    for i, f in enumerate(features):
+        _utils.check_tensor(f"features[{i}]", f)
+        if f.dim() != 4 or f.shape[:2] != features[0].shape[:2]:
+            raise ValueError(f"features[{i}] must be [N, C, H, W] with the N and C of features[0], "
+                             f"got {list(f.shape)}")
+        if f.dtype != features[0].dtype or f.device != features[0].device:
+            raise ValueError(f"features[{i}] must have the dtype and device of features[0]")
     if len(spatial_scales) != len(features):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature maps")
     rois = _to_rois(boxes, features[0])
+    _utils.check_same_device(features=features[0], boxes=rois)
     ph, pw = _pair(output_size)
     k_min = -math.log2(spatial_scales[0])
     k_max = -math.log2(spatial_scales[-1])
     if not (float(k_min).is_integer() and float(k_max).is_integer()):
         raise ValueError(f"spatial_scales must be powers of 2, got {spatial_scales}")
-    k_min, k_max = int(k_min), int(k_max)
-    x = features[0]
-    out = x.new_zeros((rois.shape[0], x.shape[1], ph, pw))
+    _check_batch_index(rois, features[0].shape[0])
     if len(features) == 1:
-        return roi_align(x, rois, (ph, pw), spatial_scales[0], sampling_ratio, aligned)
-    levels = fpn_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
-    for lvl, (feat, scale) in enumerate(zip(features, spatial_scales)):
-        idx = torch.where(levels == lvl)[0]
-        pooled = roi_align(feat, rois[idx], (ph, pw), scale, sampling_ratio, aligned)
-        out.index_put_((idx,), pooled.to(out.dtype))
-    return out
+        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    else:
+        levels = fpn_levels(rois[:, 1:], int(k_min), int(k_max), canonical_scale, canonical_level)
+    return ops.multi_scale_roi_align(list(features), rois, levels, [float(s) for s in spatial_scales], ph, pw,
+                                     sampling_ratio, bool(aligned))
 
 
 def _infer_scale(feature: torch.Tensor, original_size) -> float:

@@ -1,8 +1,11 @@
-// RoI Align, CPU kernels. Separable sampling weights (csrc/common/roi_align.h) are
-// computed once per RoI and shared by all channels. Forward is parallel over
-// (RoI, channel); backward is parallel over (image, channel) so each thread owns a
-// disjoint slice of the input gradient: deterministic, no atomics. channels_last
-// inputs take a path whose inner loops run over contiguous channels.
+// RoI Align, CPU kernels, single- and multi-level (FPN) in one code path: a
+// single-level call is one level. Separable sampling weights
+// (csrc/common/roi_align.h) are computed once per RoI and shared by all channels.
+// NCHW: one task per (level, image, channel) plane running that image's RoIs of
+// that level, so the plane stays in cache (tasks ordered channel-major, so the
+// threads' contiguous shares hold every level alike); the backward accumulates into the plane
+// it owns, so it is deterministic without atomics. channels_last: inner loops
+// run over contiguous channels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +21,11 @@
 namespace pyvision_ops {
 namespace {
 
+struct Level {
+  int64_t H, W;
+  double scale;
+};
+
 // Per-RoI tables: for each bin row the input rows its samples read and their weights
 // (already divided by the sample count), and the same for bin columns. Entry j of
 // bin row p of RoI k is at y_off[k] + p * span_h[k] + j, j < ny[k * ph + p].
@@ -25,11 +33,14 @@ template <typename T>
 struct Tables {
   int ph, pw;
   std::vector<int64_t> batch;         // [K], -1 for a RoI that pools to zeros
+  std::vector<int64_t> level;         // [K]
   std::vector<int64_t> y_off, x_off;  // [K + 1]
   std::vector<int> span_h, span_w;    // [K]
   std::vector<int> ny, nx;            // [K * ph], [K * pw]
   std::vector<int> iy, ix;            // input row / column of each entry
   std::vector<T> wy, wx;
+  // RoIs of each (level, image), in RoI order: the fixed accumulation order.
+  std::vector<std::vector<int64_t>> groups;  // [levels * batch]
 };
 
 // bin_weights, then keep only the cells a sample reads.
@@ -52,32 +63,40 @@ void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, 
 }
 
 template <typename T>
-Tables<T> make_tables(const at::Tensor& rois, int64_t batch_size, int64_t height, int64_t width, double scale, int ph,
-                      int pw, int sampling_ratio, bool aligned) {
-  const int64_t K = rois.size(0);
+Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const std::vector<Level>& levels,
+                      int64_t batch_size, int ph, int pw, int sampling_ratio, bool aligned) {
+  const int64_t K = rois.size(0), L = static_cast<int64_t>(levels.size());
   Tables<T> t;
   t.ph = ph;
   t.pw = pw;
   t.batch.assign(K, -1);
+  t.level.assign(K, 0);
   t.span_h.assign(K, 0);
   t.span_w.assign(K, 0);
   t.y_off.assign(K + 1, 0);
   t.x_off.assign(K + 1, 0);
   t.ny.assign(K * ph, 0);
   t.nx.assign(K * pw, 0);
+  t.groups.assign(L * batch_size, {});
   const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const T* pr = r.const_data_ptr<T>();
   std::vector<roi::Geometry<T>> geo(K);
   for (int64_t k = 0; k < K; ++k) {
-    geo[k] = roi::geometry<T>(pr + k * 5, static_cast<T>(scale), ph, pw, sampling_ratio, aligned);
+    const int64_t l = roi_level ? roi_level[k] : 0;
+    TORCH_CHECK(l >= 0 && l < L, "multi_scale_roi_align: RoI ", std::to_string(k), " has level ", std::to_string(l),
+                " outside [0, ", std::to_string(L), ")");
+    const Level& lv = levels[l];
+    t.level[k] = l;
+    geo[k] = roi::geometry<T>(pr + k * 5, static_cast<T>(lv.scale), ph, pw, sampling_ratio, aligned);
     const T b = pr[k * 5];
-    if (geo[k].valid && geo[k].inv_count > T(0) && std::isfinite(b)) {
+    if (geo[k].valid && geo[k].inv_count > T(0) && std::isfinite(b) && lv.H > 0 && lv.W > 0) {
       const int64_t bi = static_cast<int64_t>(b);
       TORCH_CHECK(bi >= 0 && bi < batch_size, "roi_align: RoI ", std::to_string(k), " has batch index ",
                   std::to_string(bi), " outside [0, ", std::to_string(batch_size), ")");
       t.batch[k] = bi;
-      t.span_h[k] = roi::axis_span(geo[k].bin_h, static_cast<int>(height));
-      t.span_w[k] = roi::axis_span(geo[k].bin_w, static_cast<int>(width));
+      t.span_h[k] = roi::axis_span(geo[k].bin_h, static_cast<int>(lv.H));
+      t.span_w[k] = roi::axis_span(geo[k].bin_w, static_cast<int>(lv.W));
+      t.groups[l * batch_size + bi].push_back(k);
     }
     t.y_off[k + 1] = t.y_off[k] + int64_t(ph) * t.span_h[k];
     t.x_off[k + 1] = t.x_off[k] + int64_t(pw) * t.span_w[k];
@@ -89,14 +108,15 @@ Tables<T> make_tables(const at::Tensor& rois, int64_t batch_size, int64_t height
   at::parallel_for(0, K, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       if (t.batch[k] < 0) continue;
+      const Level& lv = levels[t.level[k]];
       for (int p = 0; p < ph; ++p) {
         const int64_t o = t.y_off[k] + int64_t(p) * t.span_h[k];
-        fill_axis(geo[k], true, p, static_cast<int>(height), t.span_h[k], t.ny[k * ph + p], t.iy.data() + o,
+        fill_axis(geo[k], true, p, static_cast<int>(lv.H), t.span_h[k], t.ny[k * ph + p], t.iy.data() + o,
                   t.wy.data() + o);
       }
       for (int p = 0; p < pw; ++p) {
         const int64_t o = t.x_off[k] + int64_t(p) * t.span_w[k];
-        fill_axis(geo[k], false, p, static_cast<int>(width), t.span_w[k], t.nx[k * pw + p], t.ix.data() + o,
+        fill_axis(geo[k], false, p, static_cast<int>(lv.W), t.span_w[k], t.nx[k * pw + p], t.ix.data() + o,
                   t.wx.data() + o);
       }
     }
@@ -104,193 +124,273 @@ Tables<T> make_tables(const at::Tensor& rois, int64_t batch_size, int64_t height
   return t;
 }
 
-// The RoIs of each image, in RoI order (RoIs that pool to zeros left out).
-template <typename T>
-std::vector<std::vector<int64_t>> rois_per_image(const Tables<T>& t, int64_t batch_size) {
-  std::vector<std::vector<int64_t>> per_image(batch_size);
-  for (int64_t k = 0; k < static_cast<int64_t>(t.batch.size()); ++k)
-    if (t.batch[k] >= 0) per_image[t.batch[k]].push_back(k);
-  return per_image;
+// Calls f(ny, iy, wy, nx, ix, wx) for bin (y, x) of RoI k.
+template <typename T, typename F>
+inline void with_bin(const Tables<T>& t, int64_t k, int y, int x, F&& f) {
+  const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k], ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+  f(t.ny[k * t.ph + y], t.iy.data() + oy, t.wy.data() + oy, t.nx[k * t.pw + x], t.ix.data() + ox,
+    t.wx.data() + ox);
 }
 
-void check_args(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw) {
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
-  TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
-}
-
-at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_height,
-                         int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
-  TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W]");
-  check_args("roi_align", rois, pooled_height, pooled_width);
-  const int64_t K = rois.size(0), B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int ph = static_cast<int>(pooled_height), pw = static_cast<int>(pooled_width);
-  const bool cl = input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
-  // at::zeros drops the memory format: allocate with it, then zero.
-  auto out = at::empty({K, C, ph, pw}, input.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                                         : at::MemoryFormat::Contiguous));
-  out.zero_();
-  if (K == 0 || C == 0 || H == 0 || W == 0) return out;
-  const at::Tensor in = cl ? input : input.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "roi_align_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const Tables<T> t = make_tables<T>(rois, B, H, W, spatial_scale, ph, pw, static_cast<int>(sampling_ratio), aligned);
-    const scalar_t* pin = in.const_data_ptr<scalar_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    if (!cl) {
-      // One (image, channel) plane per task, all of that image's RoIs: the plane stays in cache.
-      const auto per_image = rois_per_image(t, B);
-      at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t bc = lo; bc < hi; ++bc) {
-          const int64_t b = bc / C, c = bc % C;
-          const scalar_t* plane = pin + bc * H * W;
-          for (int64_t k : per_image[b]) {
-            scalar_t* o = po + (k * C + c) * ph * pw;
-            for (int y = 0; y < ph; ++y) {
-              const int ny = t.ny[k * ph + y];
-              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
-              const int* iy = t.iy.data() + oy;
-              const T* wy = t.wy.data() + oy;
-              for (int x = 0; x < pw; ++x) {
-                const int nx = t.nx[k * pw + x];
-                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
-                const int* ix = t.ix.data() + ox;
-                const T* wx = t.wx.data() + ox;
-                T acc = 0;
-                for (int r = 0; r < ny; ++r) {
-                  const scalar_t* row = plane + int64_t(iy[r]) * W;
-                  T racc = 0;
-                  for (int q = 0; q < nx; ++q) racc += wx[q] * T(row[ix[q]]);
-                  acc += wy[r] * racc;
-                }
-                o[y * pw + x] = static_cast<scalar_t>(acc);
-              }
-            }
-          }
-        }
-      });
-    } else {
-      // NHWC: one (RoI, bin) per task, inner loops over contiguous channels.
-      at::parallel_for(0, K * ph * pw, 4, [&](int64_t lo, int64_t hi) {
-        std::vector<T> acc(C);
-        for (int64_t kb = lo; kb < hi; ++kb) {
-          const int64_t k = kb / (ph * pw);
-          const int y = static_cast<int>((kb / pw) % ph), x = static_cast<int>(kb % pw);
-          if (t.batch[k] < 0) continue;
-          std::fill(acc.begin(), acc.end(), T(0));
-          const int ny = t.ny[k * ph + y], nx = t.nx[k * pw + x];
-          const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k], ox = t.x_off[k] + int64_t(x) * t.span_w[k];
-          const int *iy = t.iy.data() + oy, *ix = t.ix.data() + ox;
-          const T *wy = t.wy.data() + oy, *wx = t.wx.data() + ox;
-          for (int r = 0; r < ny; ++r) {
-            for (int q = 0; q < nx; ++q) {
-              const T w = wy[r] * wx[q];
-              const scalar_t* px = pin + ((t.batch[k] * H + iy[r]) * W + ix[q]) * C;
-              for (int64_t c = 0; c < C; ++c) acc[c] += w * T(px[c]);
-            }
-          }
-          scalar_t* o = po + kb * C;  // channels_last [K, PH, PW, C]
-          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-        }
-      });
+// sum_q w[q] * row[ix[q]]; bins read at most 2 * sampling_ratio cells per axis, so
+// the common short lengths are unrolled.
+template <typename scalar_t, typename T>
+inline T dot_row(const scalar_t* row, const int* ix, const T* w, int n) {
+  switch (n) {
+    case 2: return w[0] * T(row[ix[0]]) + w[1] * T(row[ix[1]]);
+    case 3: return w[0] * T(row[ix[0]]) + w[1] * T(row[ix[1]]) + w[2] * T(row[ix[2]]);
+    case 4: return (w[0] * T(row[ix[0]]) + w[1] * T(row[ix[1]])) + (w[2] * T(row[ix[2]]) + w[3] * T(row[ix[3]]));
+    default: {
+      T acc = 0;
+      for (int q = 0; q < n; ++q) acc += w[q] * T(row[ix[q]]);
+      return acc;
     }
-  });
+  }
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+at::Tensor zeros_like_format(at::IntArrayRef size, const at::TensorOptions& opts, bool channels_last) {
+  // at::zeros drops the memory format: allocate with it, then zero.
+  auto out = at::empty(size, opts.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous));
+  out.zero_();
   return out;
 }
 
-at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                  int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
-                                  int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_args("roi_align_backward", rois, pooled_height, pooled_width);
-  const int64_t K = rois.size(0), B = batch_size, C = channels, H = height, W = width;
-  const int ph = static_cast<int>(pooled_height), pw = static_cast<int>(pooled_width);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == C && grad.size(2) == ph && grad.size(3) == pw,
-              "roi_align_backward: grad must be [K, C, pooled_height, pooled_width]");
-  const bool cl = grad.is_contiguous(at::MemoryFormat::ChannelsLast) && !grad.is_contiguous();
-  auto gin = at::empty({B, C, H, W}, grad.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous));
-  gin.zero_();
-  if (K == 0 || C == 0 || H == 0 || W == 0 || B == 0) return gin;
-  const at::Tensor g = cl ? grad : grad.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const Tables<T> t = make_tables<T>(rois, B, H, W, spatial_scale, ph, pw, static_cast<int>(sampling_ratio), aligned);
-    // RoIs of each image, in order: the fixed accumulation order that makes this deterministic.
-    const auto per_image = rois_per_image(t, B);
-    const scalar_t* pg = g.const_data_ptr<scalar_t>();
-    scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
-    if (!cl) {
-      at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<T> plane(H * W);
-        for (int64_t bc = lo; bc < hi; ++bc) {
-          const int64_t b = bc / C, c = bc % C;
-          if (per_image[b].empty()) continue;
-          std::fill(plane.begin(), plane.end(), T(0));
-          for (int64_t k : per_image[b]) {
-            const scalar_t* go = pg + (k * C + c) * ph * pw;
-            for (int y = 0; y < ph; ++y) {
-              const int ny = t.ny[k * ph + y];
-              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
-              const int* iy = t.iy.data() + oy;
-              const T* wy = t.wy.data() + oy;
-              for (int x = 0; x < pw; ++x) {
-                const T gv = T(go[y * pw + x]);
-                const int nx = t.nx[k * pw + x];
-                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
-                const int* ix = t.ix.data() + ox;
-                const T* wx = t.wx.data() + ox;
+// Pools every RoI from its level's features; all features share dtype, layout, N and C.
+template <typename scalar_t>
+void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>& levels,
+                  const Tables<at::opmath_type<scalar_t>>& t, int64_t B, int64_t C, bool cl, at::Tensor& out) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t K = static_cast<int64_t>(t.batch.size()), L = static_cast<int64_t>(levels.size());
+  const int ph = t.ph, pw = t.pw;
+  scalar_t* po = out.mutable_data_ptr<scalar_t>();
+  if (!cl) {
+    at::parallel_for(0, L * B * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t c = task / (L * B), lb = task % (L * B), l = lb / B, b = lb % B;
+        const int64_t W = levels[l].W;
+        const scalar_t* plane = feats[l].template const_data_ptr<scalar_t>() + (b * C + c) * levels[l].H * W;
+        for (int64_t k : t.groups[lb]) {
+          scalar_t* o = po + (k * C + c) * ph * pw;
+          for (int y = 0; y < ph; ++y) {
+            for (int x = 0; x < pw; ++x) {
+              with_bin(t, k, y, x, [&](int ny, const int* iy, const T* wy, int nx, const int* ix, const T* wx) {
+                T acc = 0;
+                for (int r = 0; r < ny; ++r) acc += wy[r] * dot_row(plane + int64_t(iy[r]) * W, ix, wx, nx);
+                o[y * pw + x] = static_cast<scalar_t>(acc);
+              });
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  // NHWC: one (RoI, bin) per task, inner loops over contiguous channels; output [K, PH, PW, C].
+  at::parallel_for(0, K * ph * pw, 4, [&](int64_t lo, int64_t hi) {
+    std::vector<T> acc(C);
+    for (int64_t kb = lo; kb < hi; ++kb) {
+      const int64_t k = kb / (ph * pw);
+      if (t.batch[k] < 0) continue;
+      const Level& lv = levels[t.level[k]];
+      const scalar_t* img = feats[t.level[k]].template const_data_ptr<scalar_t>() + t.batch[k] * lv.H * lv.W * C;
+      std::fill(acc.begin(), acc.end(), T(0));
+      with_bin(t, k, static_cast<int>((kb / pw) % ph), static_cast<int>(kb % pw),
+               [&](int ny, const int* iy, const T* wy, int nx, const int* ix, const T* wx) {
+                 for (int r = 0; r < ny; ++r) {
+                   for (int q = 0; q < nx; ++q) {
+                     const T w = wy[r] * wx[q];
+                     const scalar_t* px = img + (int64_t(iy[r]) * lv.W + ix[q]) * C;
+                     for (int64_t c = 0; c < C; ++c) acc[c] += w * T(px[c]);
+                   }
+                 }
+               });
+      scalar_t* o = po + kb * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+}
+
+// Gradient w.r.t. every level's features; grads[l] has the layout the caller chose.
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad, const std::vector<Level>& levels, const Tables<at::opmath_type<scalar_t>>& t,
+                   int64_t B, int64_t C, bool cl, std::vector<at::Tensor>& grads) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t L = static_cast<int64_t>(levels.size());
+  const int ph = t.ph, pw = t.pw;
+  const scalar_t* pg = grad.const_data_ptr<scalar_t>();
+  if (!cl) {
+    at::parallel_for(0, L * B * C, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> plane;
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t c = task / (L * B), lb = task % (L * B), l = lb / B, b = lb % B;
+        if (t.groups[lb].empty()) continue;
+        const int64_t H = levels[l].H, W = levels[l].W;
+        plane.assign(H * W, T(0));
+        for (int64_t k : t.groups[lb]) {
+          const scalar_t* go = pg + (k * C + c) * ph * pw;
+          for (int y = 0; y < ph; ++y) {
+            for (int x = 0; x < pw; ++x) {
+              const T gv = T(go[y * pw + x]);
+              with_bin(t, k, y, x, [&](int ny, const int* iy, const T* wy, int nx, const int* ix, const T* wx) {
                 for (int r = 0; r < ny; ++r) {
                   T* row = plane.data() + int64_t(iy[r]) * W;
                   const T gr = gv * wy[r];
                   for (int q = 0; q < nx; ++q) row[ix[q]] += gr * wx[q];
                 }
-              }
+              });
             }
           }
-          scalar_t* dst = pi + bc * H * W;
-          for (int64_t i = 0; i < H * W; ++i) dst[i] = static_cast<scalar_t>(plane[i]);
         }
-      });
-    } else {
-      // NHWC: each task owns one image and a block of channels.
-      constexpr int64_t kCBlock = 64;
-      const int64_t cblocks = (C + kCBlock - 1) / kCBlock;
-      at::parallel_for(0, B * cblocks, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<T> acc;
-        for (int64_t task = lo; task < hi; ++task) {
-          const int64_t b = task / cblocks, c0 = (task % cblocks) * kCBlock, c1 = std::min(C, c0 + kCBlock);
-          const int64_t nc = c1 - c0;
-          if (per_image[b].empty()) continue;
-          acc.assign(H * W * nc, T(0));
-          for (int64_t k : per_image[b]) {
-            for (int y = 0; y < ph; ++y) {
-              const int ny = t.ny[k * ph + y];
-              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
-              const int* iy = t.iy.data() + oy;
-              const T* wy = t.wy.data() + oy;
-              for (int x = 0; x < pw; ++x) {
-                const scalar_t* go = pg + ((k * ph + y) * pw + x) * C + c0;  // channels_last grad
-                const int nx = t.nx[k * pw + x];
-                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
-                const int* ix = t.ix.data() + ox;
-                const T* wx = t.wx.data() + ox;
-                for (int r = 0; r < ny; ++r) {
-                  for (int q = 0; q < nx; ++q) {
-                    const T w = wy[r] * wx[q];
-                    T* a = acc.data() + (int64_t(iy[r]) * W + ix[q]) * nc;
-                    for (int64_t c = 0; c < nc; ++c) a[c] += w * T(go[c]);
-                  }
+        scalar_t* dst = grads[l].template mutable_data_ptr<scalar_t>() + (b * C + c) * H * W;
+        for (int64_t i = 0; i < H * W; ++i) dst[i] = static_cast<scalar_t>(plane[i]);
+      }
+    });
+    return;
+  }
+  // NHWC: each task owns one (level, image) and a block of channels.
+  constexpr int64_t kCBlock = 64;
+  const int64_t cblocks = (C + kCBlock - 1) / kCBlock;
+  at::parallel_for(0, L * B * cblocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> acc;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t lb = task % (L * B), l = lb / B, b = lb % B;
+      const int64_t c0 = (task / (L * B)) * kCBlock, c1 = std::min(C, c0 + kCBlock), nc = c1 - c0;
+      if (t.groups[lb].empty()) continue;
+      const int64_t H = levels[l].H, W = levels[l].W;
+      acc.assign(H * W * nc, T(0));
+      for (int64_t k : t.groups[lb]) {
+        for (int y = 0; y < ph; ++y) {
+          for (int x = 0; x < pw; ++x) {
+            const scalar_t* go = pg + ((k * ph + y) * pw + x) * C + c0;  // channels_last grad
+            with_bin(t, k, y, x, [&](int ny, const int* iy, const T* wy, int nx, const int* ix, const T* wx) {
+              for (int r = 0; r < ny; ++r) {
+                for (int q = 0; q < nx; ++q) {
+                  const T w = wy[r] * wx[q];
+                  T* a = acc.data() + (int64_t(iy[r]) * W + ix[q]) * nc;
+                  for (int64_t c = 0; c < nc; ++c) a[c] += w * T(go[c]);
                 }
               }
-            }
+            });
           }
-          for (int64_t p = 0; p < H * W; ++p)
-            for (int64_t c = 0; c < nc; ++c) pi[(b * H * W + p) * C + c0 + c] = static_cast<scalar_t>(acc[p * nc + c]);
         }
-      });
+      }
+      scalar_t* dst = grads[l].template mutable_data_ptr<scalar_t>() + b * H * W * C;
+      for (int64_t p = 0; p < H * W; ++p)
+        for (int64_t c = 0; c < nc; ++c) dst[p * C + c0 + c] = static_cast<scalar_t>(acc[p * nc + c]);
     }
   });
-  return gin;
+}
+
+void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
+  TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
+}
+
+// Shared by both forward ops: features[l] is [N, C, H_l, W_l].
+at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois, const at::Tensor* roi_levels,
+                const std::vector<double>& scales, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
+  const at::Tensor& x0 = features[0];
+  const int64_t K = rois.size(0), B = x0.size(0), C = x0.size(1);
+  const bool cl = is_channels_last(x0);
+  std::vector<at::Tensor> feats;
+  std::vector<Level> levels;
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4 && f.size(0) == B && f.size(1) == C, "roi_align: every feature map must be [N, C, H, W]"
+                " with the N and C of the first");
+    TORCH_CHECK(f.scalar_type() == x0.scalar_type(), "roi_align: feature maps must share one dtype");
+    feats.push_back(cl ? f.contiguous(at::MemoryFormat::ChannelsLast) : f.contiguous());
+    levels.push_back({f.size(2), f.size(3), scales[l]});
+  }
+  auto out = zeros_like_format({K, C, ph, pw}, x0.options(), cl);
+  if (K == 0 || C == 0) return out;
+  at::Tensor lv = roi_levels ? roi_levels->to(at::kLong).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "roi_align_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto t = make_tables<T>(rois, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
+                                  static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(sampling_ratio),
+                                  aligned);
+    forward_impl<scalar_t>(feats, levels, t, B, C, cl, out);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor* roi_levels,
+                               const std::vector<double>& scales, const std::vector<std::array<int64_t, 2>>& hw,
+                               int64_t B, int64_t C, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
+  const int64_t K = rois.size(0);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == K && grad.size(1) == C && grad.size(2) == ph && grad.size(3) == pw,
+              "roi_align_backward: grad must be [K, C, pooled_height, pooled_width]");
+  const bool cl = is_channels_last(grad);
+  const at::Tensor g = cl ? grad : grad.contiguous();
+  std::vector<at::Tensor> grads;
+  std::vector<Level> levels;
+  for (size_t l = 0; l < hw.size(); ++l) {
+    grads.push_back(zeros_like_format({B, C, hw[l][0], hw[l][1]}, grad.options(), cl));
+    levels.push_back({hw[l][0], hw[l][1], scales[l]});
+  }
+  if (K == 0 || C == 0 || B == 0) return grads;
+  at::Tensor lv = roi_levels ? roi_levels->to(at::kLong).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto t = make_tables<T>(rois, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
+                                  static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(sampling_ratio),
+                                  aligned);
+    backward_impl<scalar_t>(g, levels, t, B, C, cl, grads);
+  });
+  return grads;
+}
+
+at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_height,
+                         int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
+  TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W]");
+  check_rois("roi_align", rois, pooled_height, pooled_width);
+  return pool({input}, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned);
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                  int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
+                                  int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
+  check_rois("roi_align_backward", rois, pooled_height, pooled_width);
+  return unpool(grad, rois, nullptr, {spatial_scale}, {{height, width}}, batch_size, channels, pooled_height,
+                pooled_width, sampling_ratio, aligned)[0];
+}
+
+void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& levels, size_t n_levels, size_t n_scales) {
+  TORCH_CHECK(n_levels > 0, op, ": at least one feature map is needed");
+  TORCH_CHECK(n_scales == n_levels, op, ": one spatial scale per feature map is needed");
+  TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0), op, ": levels must be [K]");
+  TORCH_CHECK(at::isIntegralType(levels.scalar_type(), false), op, ": levels must be integer");
+}
+
+at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
+                                     at::ArrayRef<double> spatial_scales, int64_t pooled_height, int64_t pooled_width,
+                                     int64_t sampling_ratio, bool aligned) {
+  check_rois("multi_scale_roi_align", rois, pooled_height, pooled_width);
+  check_levels("multi_scale_roi_align", rois, levels, features.size(), spatial_scales.size());
+  return pool(features.vec(), rois, &levels, spatial_scales.vec(), pooled_height, pooled_width, sampling_ratio,
+              aligned);
+}
+
+std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                                           const at::Tensor& levels,
+                                                           at::ArrayRef<double> spatial_scales,
+                                                           at::IntArrayRef heights, at::IntArrayRef widths,
+                                                           int64_t batch_size, int64_t channels, int64_t pooled_height,
+                                                           int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
+  check_rois("multi_scale_roi_align_backward", rois, pooled_height, pooled_width);
+  check_levels("multi_scale_roi_align_backward", rois, levels, heights.size(), spatial_scales.size());
+  TORCH_CHECK(widths.size() == heights.size(), "multi_scale_roi_align_backward: heights and widths differ in length");
+  std::vector<std::array<int64_t, 2>> hw;
+  for (size_t l = 0; l < heights.size(); ++l) hw.push_back({heights[l], widths[l]});
+  return unpool(grad, rois, &levels, spatial_scales.vec(), hw, batch_size, channels, pooled_height, pooled_width,
+                sampling_ratio, aligned);
 }
 
 }  // namespace
@@ -298,6 +398,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("roi_align", &roi_align_cpu);
   m.impl("roi_align_backward", &roi_align_backward_cpu);
+  m.impl("multi_scale_roi_align", &multi_scale_roi_align_cpu);
+  m.impl("multi_scale_roi_align_backward", &multi_scale_roi_align_backward_cpu);
 }
 
 }  // namespace pyvision_ops
