@@ -125,7 +125,7 @@ def test_gradcheck():
     rois = torch.tensor([[0, 1.3, 2.1, 6.7, 7.9], [1, 0.2, 0.5, 9.4, 5.5], [0, 3.3, 3.3, 4.1, 4.4]],
                         dtype=torch.float64)
     for aligned, sr in [(False, -1), (True, 2), (True, 0)]:
-        assert torch.autograd.gradcheck(lambda t: P.roi_align(t, rois, (3, 2), 1.0, sr, aligned), (x,))
+        assert torch.autograd.gradcheck(lambda t, s=sr, a=aligned: P.roi_align(t, rois, (3, 2), 1.0, s, a), (x,))
 
 
 def test_backward_is_deterministic():
