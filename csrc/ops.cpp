@@ -41,6 +41,12 @@ TORCH_LIBRARY(pyvision_ops, m) {
       "multi_scale_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] spatial_scales, "
       "int[] heights, int[] widths, int batch_size, int channels, int pooled_height, int pooled_width, "
       "int sampling_ratio, bool aligned) -> Tensor[]");
+
+  // Losses. Elementwise (no reduction); alpha < 0 disables the class weight.
+  m.def("sigmoid_focal_loss(Tensor inputs, Tensor targets, float alpha, float gamma) -> Tensor");
+  m.def(
+      "sigmoid_focal_loss_backward(Tensor grad, Tensor inputs, Tensor targets, float alpha, float gamma) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

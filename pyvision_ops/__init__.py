@@ -17,6 +17,7 @@ from .box_iou import (
     generalized_box_iou_loss,
     matched_box_iou,
 )
+from .losses import sigmoid_focal_loss
 from .nms import batched_nms, batched_soft_nms, nms, soft_nms
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multi_scale_roi_align, roi_align
 
@@ -40,5 +41,6 @@ __all__ = [
     "nms",
     "op_table",
     "roi_align",
+    "sigmoid_focal_loss",
     "soft_nms",
 ]

@@ -169,6 +169,34 @@ def _ms_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup)
 
+# --------------------------------------------------------------------- losses
+
+@torch.library.register_fake("pyvision_ops::sigmoid_focal_loss")
+def _(inputs, targets, alpha, gamma):
+    return torch.empty_like(inputs)
+
+
+@torch.library.register_fake("pyvision_ops::sigmoid_focal_loss_backward")
+def _(grad, inputs, targets, alpha, gamma):
+    return torch.empty_like(inputs), torch.empty_like(inputs)
+
+
+def _focal_setup(ctx, inputs, output):
+    x, t, alpha, gamma = inputs
+    ctx.save_for_backward(x, t)
+    ctx.args = (alpha, gamma)
+
+
+def _focal_backward(ctx, grad):
+    x, t = ctx.saved_tensors
+    dx, dt = ops.sigmoid_focal_loss_backward(grad, x, t, *ctx.args)
+    return dx, dt, None, None
+
+
+torch.library.register_autograd("pyvision_ops::sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")
+_register_triton("sigmoid_focal_loss", "losses")
+_register_triton("sigmoid_focal_loss_backward", "losses")

@@ -1,0 +1,95 @@
+// Loss family: per-element math shared by the CPU kernels (the GPU side is Triton,
+// kernels/losses.py, with the same formulas).
+//
+// Sigmoid focal loss of logit x and target t (Lin et al. 2017, torchvision's form):
+//   p = sigmoid(x), ce = max(x, 0) - x t + log1p(exp(-|x|)), m = 1 - p_t = p + t - 2 p t,
+//   loss = a_t ce m^gamma, a_t = alpha t + (1 - alpha)(1 - t) (1 when alpha < 0).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/nms.h"  // exp_approx
+
+namespace pyvision_ops {
+namespace losses {
+
+// log1p(u) for u in [0, 1] without branches: 2 atanh(s), s = u / (2 + u) <= 1/3, odd
+// series to s^19 (relative error < 1e-9 before rounding).
+PVO_HD float log1p_unit(float u) {
+  const float s = u / (2.f + u), z = s * s;
+  float p = 1.f / 19.f;
+  p = p * z + 1.f / 17.f;
+  p = p * z + 1.f / 15.f;
+  p = p * z + 1.f / 13.f;
+  p = p * z + 1.f / 11.f;
+  p = p * z + 1.f / 9.f;
+  p = p * z + 1.f / 7.f;
+  p = p * z + 1.f / 5.f;
+  p = p * z + 1.f / 3.f;
+  p = p * z + 1.f;
+  return 2.f * s * p;
+}
+PVO_HD double log1p_unit(double u) { return std::log1p(u); }
+
+// log(v) for v > 0: v = 2^k f with f in [1, 2), log v = k ln 2 + log1p(f - 1).
+PVO_HD float log_pos(float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const int32_t k = ((bits >> 23) & 0xff) - 127;
+  const int32_t fb = (bits & 0x007fffff) | 0x3f800000;
+  float f;
+  std::memcpy(&f, &fb, sizeof(f));
+  return static_cast<float>(k) * 0.6931471805599453f + log1p_unit(f - 1.f);
+}
+PVO_HD double log_pos(double v) { return std::log(v); }
+
+// m^g with torch.pow's values at m = 0 (0 for g > 0, 1 for g = 0, inf for g < 0) and
+// NaN for m < 0 (the kernels use SQUARE = true for g = 2, where m^2 is exact).
+// Selects only, no early returns, so the loops that call it vectorise.
+template <bool SQUARE, typename T>
+PVO_HD T pow_(T m, T g) {
+  if (SQUARE) return m * m;
+  const T r = nms::exp_approx(g * log_pos(m > T(0) ? m : T(1)));
+  const T at_zero = g > T(0) ? T(0) : (g == T(0) ? T(1) : T(INFINITY));
+  return g == T(0) ? T(1) : (m > T(0) ? r : (m == T(0) ? at_zero : T(NAN)));
+}
+
+template <typename T>
+struct Focal {
+  T p, ce, m, at;
+};
+
+template <typename T>
+PVO_HD Focal<T> focal_terms(T x, T t, T alpha) {
+  const T e = nms::exp_approx(-(x < T(0) ? -x : x));  // exp(-|x|)
+  const T inv = T(1) / (T(1) + e);
+  Focal<T> f;
+  f.p = x >= T(0) ? inv : e * inv;
+  f.ce = (x > T(0) ? x : T(0)) - x * t + log1p_unit(e);
+  f.m = f.p + t - T(2) * f.p * t;
+  f.at = alpha >= T(0) ? alpha * t + (T(1) - alpha) * (T(1) - t) : T(1);
+  return f;
+}
+
+template <bool SQUARE, typename T>
+PVO_HD T focal_loss(T x, T t, T alpha, T gamma) {
+  const Focal<T> f = focal_terms(x, t, alpha);
+  return f.at * f.ce * pow_<SQUARE>(f.m, gamma);
+}
+
+// d loss / d x and d loss / d t, times g.
+template <bool SQUARE, typename T>
+PVO_HD void focal_grad(T x, T t, T alpha, T gamma, T g, T& dx, T& dt) {
+  const Focal<T> f = focal_terms(x, t, alpha);
+  const T mg = pow_<SQUARE>(f.m, gamma);
+  // gamma * m^(gamma - 1); torch's pow backward gives 0 for gamma = 0
+  const T dmg = SQUARE ? T(2) * f.m : (gamma == T(0) ? T(0) : gamma * pow_<false>(f.m, gamma - T(1)));
+  const T d_at = alpha >= T(0) ? T(2) * alpha - T(1) : T(0);
+  dx = g * f.at * ((f.p - t) * mg + f.ce * dmg * f.p * (T(1) - f.p) * (T(1) - T(2) * t));
+  dt = g * (d_at * f.ce * mg + f.at * (-x * mg + f.ce * dmg * (T(1) - T(2) * f.p)));
+}
+
+}  // namespace losses
+}  // namespace pyvision_ops
