@@ -55,9 +55,11 @@ def _multi_scale(device):
     return (lambda: theirs(feats, boxes, shapes)), (lambda: ours(feats, boxes, shapes))
 
 
+CPU = ("cpu",)  # no CUDA kernel yet
 WORKLOADS = [
-    Workload("roi_align", "roi_align forward 1000 RoIs", "torchvision", _forward()),
-    Workload("roi_align", "roi_align forward 1000 RoIs, channels_last", "torchvision", _forward(True), quick=False),
-    Workload("roi_align", "roi_align forward+backward 1000 RoIs", "torchvision", _fwd_bwd),
-    Workload("roi_align", "MultiScaleRoIAlign 4 levels, 1000 RoIs", "torchvision", _multi_scale),
+    Workload("roi_align", "roi_align forward 1000 RoIs", "torchvision", _forward(), devices=CPU),
+    Workload("roi_align", "roi_align forward 1000 RoIs, channels_last", "torchvision", _forward(True), devices=CPU,
+             quick=False),
+    Workload("roi_align", "roi_align forward+backward 1000 RoIs", "torchvision", _fwd_bwd, devices=CPU),
+    Workload("roi_align", "MultiScaleRoIAlign 4 levels, 1000 RoIs", "torchvision", _multi_scale, devices=CPU),
 ]

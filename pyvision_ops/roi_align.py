@@ -60,6 +60,11 @@ def _to_rois(boxes, input):
     return rois
 
 
+def _check_cpu(x):
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"roi_align has no {x.device.type} kernel yet (CPU only); got input on {x.device}")
+
+
 def _check_batch_index(rois, batch_size):
     # Reading the indices syncs a GPU, and is data-dependent under torch.compile; there the
     # CPU kernel raises on its own.
@@ -87,6 +92,7 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
         raise TypeError(f"input must be floating point, got {input.dtype}")
     rois = _to_rois(boxes, input)
     _utils.check_same_device(input=input, boxes=rois)
+    _check_cpu(input)
     ph, pw = _pair(output_size)
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
@@ -143,6 +149,7 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature maps")
     rois = _to_rois(boxes, features[0])
     _utils.check_same_device(features=features[0], boxes=rois)
+    _check_cpu(features[0])
     ph, pw = _pair(output_size)
     k_min = -math.log2(spatial_scales[0])
     k_max = -math.log2(spatial_scales[-1])

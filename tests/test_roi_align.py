@@ -197,6 +197,12 @@ def test_bad_input(call, exc, words):
         call()
 
 
+@pytest.mark.gpu
+def test_cuda_input_raises_until_there_is_a_kernel():
+    with pytest.raises(NotImplementedError, match="roi_align"):
+        P.roi_align(torch.zeros(1, 3, 4, 4, device="cuda"), torch.zeros(1, 5, device="cuda"), 2)
+
+
 def test_op_level_batch_index_check():
     with pytest.raises(RuntimeError, match="batch index"):
         ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[5.0, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
