@@ -1,4 +1,5 @@
-"""Loss workloads vs torchvision: sigmoid focal loss forward+backward on 1M logits."""
+"""Loss workloads: sigmoid focal loss vs torchvision (1M logits); Dice vs the unfused torch
+composition (softmax, one-hot, sums) on (2, 19, 128, 256) logits."""
 
 import torch
 import torchvision.ops as tv
@@ -24,6 +25,33 @@ def _focal(n):
     return make
 
 
+def _dice_torch(x, y, ignore_index=255, smooth=1.0):
+    p = torch.softmax(x, 1)
+    valid = (y != ignore_index).unsqueeze(1)
+    onehot = torch.nn.functional.one_hot(torch.where(y == ignore_index, 0, y), x.shape[1]).movedim(-1, 1)
+    p = p * valid
+    onehot = onehot * valid
+    inter = (p * onehot).sum((0, 2, 3))
+    card = p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return (1 - (2 * inter + smooth) / (card + smooth)).mean()
+
+
+def _dice(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 19, 128, 256, generator=g).to(device)
+    y = torch.randint(0, 19, (2, 128, 256), generator=g)
+    y[torch.rand(2, 128, 256, generator=g) < 0.1] = 255
+    y = y.to(device)
+
+    def run(f):
+        xr = x.detach().requires_grad_()
+        f(xr, y).backward()
+        return xr.grad
+
+    return (lambda: run(_dice_torch)), (lambda: run(lambda a, b: P.dice_loss(a, b, ignore_index=255)))
+
+
 WORKLOADS = [
     Workload("losses", "sigmoid_focal_loss fwd+bwd 1M", "torchvision", _focal(1_000_000)),
+    Workload("losses", "dice_loss fwd+bwd (2, 19, 128, 256)", "torch composition", _dice),
 ]

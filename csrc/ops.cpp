@@ -47,6 +47,10 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "sigmoid_focal_loss_backward(Tensor grad, Tensor inputs, Tensor targets, float alpha, float gamma) "
       "-> (Tensor, Tensor)");
+  // Soft Dice statistics of softmax(logits) over the batch and all positions: [2, C] =
+  // (sum p_c [target == c], sum p_c + sum [target == c]) over positions whose target != ignore_index.
+  m.def("dice_stats(Tensor logits, Tensor target, int ignore_index) -> Tensor");
+  m.def("dice_stats_backward(Tensor grad, Tensor logits, Tensor target, int ignore_index) -> Tensor");
 }
 
 namespace {

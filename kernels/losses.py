@@ -86,3 +86,83 @@ def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
         _focal_backward_kernel[(triton.cdiv(n, _BLOCK),)](g, x, t, dx, dt, n, alpha, gamma, SQUARE=gamma == 2.0,
                                                           BLOCK=_BLOCK)
     return dx, dt
+
+
+@triton.jit
+def _dice_probs(z_ptr, y_ptr, n, blk, C, HW, ignore_index, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """softmax over classes of one block of positions; zeros on ignored/padded positions."""
+    c = tl.arange(0, BLOCK_C)
+    j = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = c < C
+    mj = j < HW
+    m2 = mc[:, None] & mj[None, :]
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    base = n.to(tl.int64) * C * HW
+    z = tl.load(z_ptr + base + c[:, None].to(tl.int64) * HW + j[None, :], mask=m2, other=0.0).to(acc)
+    y = tl.load(y_ptr + n.to(tl.int64) * HW + j, mask=mj, other=ignore_index)
+    zm = tl.where(m2, z, float("-inf"))
+    mx = tl.max(zm, axis=0)
+    e = tl.where(m2, tl.exp(zm - mx[None, :]), 0.0)
+    s = tl.sum(e, axis=0)
+    valid = (y != ignore_index) & mj
+    p = tl.where(valid[None, :] & mc[:, None], e / tl.where(valid, s, 1.0)[None, :], 0.0)
+    hit = (y[None, :] == c[:, None]) & valid[None, :] & mc[:, None]
+    return c, mc, valid, p, hit
+
+
+@triton.jit
+def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    c, mc, valid, p, hit = _dice_probs(z_ptr, y_ptr, pid // nb, pid % nb, C, HW, ignore_index, BLOCK_C, BLOCK_P)
+    inter = tl.sum(tl.where(hit, p, 0.0), axis=1)
+    card = tl.sum(p, axis=1) + tl.sum(hit.to(p.dtype), axis=1)
+    out = part_ptr + pid.to(tl.int64) * 2 * C
+    tl.store(out + c, inter, mask=mc)
+    tl.store(out + C + c, card, mask=mc)
+
+
+@triton.jit
+def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, BLOCK_C: tl.constexpr,
+                          BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid // nb
+    blk = pid % nb
+    c, mc, valid, p, hit = _dice_probs(z_ptr, y_ptr, n, blk, C, HW, ignore_index, BLOCK_C, BLOCK_P)
+    gi = tl.load(g_ptr + c, mask=mc, other=0.0)
+    gs = tl.load(g_ptr + C + c, mask=mc, other=0.0)
+    # h_c = d loss / d p_c on valid positions; softmax backward: dz = p (h - sum_c p_c h_c)
+    h = tl.where(valid[None, :], gs[:, None] + tl.where(hit, gi[:, None], 0.0), 0.0)
+    dot = tl.sum(p * h, axis=0)
+    dz = p * (h - dot[None, :])
+    j = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs = n.to(tl.int64) * C * HW + c[:, None].to(tl.int64) * HW + j[None, :]
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mc[:, None] & (j < HW)[None, :])
+
+
+def _dice_blocks(logits):
+    n, c = logits.shape[:2]
+    hw = logits.numel() // max(n * c, 1)
+    block_c = triton.next_power_of_2(c)
+    block_p = max(16, 4096 // block_c)
+    return n, c, hw, block_c, block_p, triton.cdiv(hw, block_p)
+
+
+def dice_stats(logits, target, ignore_index):
+    n, c, hw, block_c, block_p, nb = _dice_blocks(logits)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    part = torch.zeros((n * nb, 2, c), dtype=acc, device=logits.device)
+    if n * nb:
+        _dice_stats_kernel[(n * nb,)](logits.contiguous(), target.contiguous(), part, c, hw, nb, ignore_index,
+                                      BLOCK_C=block_c, BLOCK_P=block_p)
+    return part.sum(0)  # per-block partials, summed in a fixed order: deterministic
+
+
+def dice_stats_backward(grad, logits, target, ignore_index):
+    n, c, hw, block_c, block_p, nb = _dice_blocks(logits)
+    z = logits.contiguous()
+    dz = torch.empty_like(z)
+    if n * nb:
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        _dice_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(), dz, c, hw, nb,
+                                         ignore_index, BLOCK_C=block_c, BLOCK_P=block_p)
+    return dz

@@ -195,8 +195,34 @@ def _focal_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
 
+
+@torch.library.register_fake("pyvision_ops::dice_stats")
+def _(logits, target, ignore_index):
+    return logits.new_empty((2, logits.shape[1]), dtype=_acc_dtype(logits.dtype))
+
+
+@torch.library.register_fake("pyvision_ops::dice_stats_backward")
+def _(grad, logits, target, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _dice_setup(ctx, inputs, output):
+    logits, target, ignore_index = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.ignore_index = ignore_index
+
+
+def _dice_backward(ctx, grad):
+    logits, target = ctx.saved_tensors
+    return ops.dice_stats_backward(grad, logits, target, ctx.ignore_index), None, None
+
+
+torch.library.register_autograd("pyvision_ops::dice_stats", _dice_backward, setup_context=_dice_setup)
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")
 _register_triton("sigmoid_focal_loss", "losses")
 _register_triton("sigmoid_focal_loss_backward", "losses")
+_register_triton("dice_stats", "losses")
+_register_triton("dice_stats_backward", "losses")

@@ -108,3 +108,19 @@ def soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=1e-3, 
             if s[j] < score_threshold:
                 del s[j]
     return torch.tensor(keep, dtype=torch.int64), torch.tensor(kept_scores, dtype=torch.float64)
+
+
+def dice_loss(logits, target, smooth=1.0, ignore_index=None, classes=None, reduction="mean"):
+    """Multiclass soft Dice from logits, float64, from the definition."""
+    p = torch.softmax(logits.to(torch.float64), dim=1)
+    c = logits.shape[1]
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), c).movedim(-1, 1).to(torch.float64)
+    v = valid.unsqueeze(1).to(torch.float64)
+    dims = [0] + list(range(2, logits.dim()))
+    inter = (p * onehot * v).sum(dims)
+    card = (p * v).sum(dims) + (onehot * v).sum(dims)
+    loss = 1 - (2 * inter + smooth) / (card + smooth)
+    if classes is not None:
+        loss = loss[list(classes)]
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()

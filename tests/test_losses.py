@@ -1,4 +1,5 @@
 import pytest
+import reference
 import torch
 import torchvision.ops as tv
 from conftest import opcheck
@@ -126,3 +127,116 @@ def test_cuda_focal_matches_cpu(dtype):
         for a, b in zip(ops.sigmoid_focal_loss_backward(g.cuda(), x.cuda(), t.cuda(), 0.25, gamma),
                         ops.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma)):
             torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol)
+
+
+# ---------------------------------------------------------------- dice_loss
+
+def seg_batch(n=2, c=5, h=13, w=17, dtype=torch.float64, ignore=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = torch.randint(0, c, (n, h, w), generator=g)
+    if ignore is not None:
+        y[torch.rand(n, h, w, generator=g) < 0.2] = ignore
+    return x, y
+
+
+@pytest.mark.parametrize("ignore_index", [None, 255, -100])
+@pytest.mark.parametrize("classes", [None, [0, 3]])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smooth", [1.0, 0.0])
+def test_dice_matches_reference(ignore_index, classes, reduction, smooth):
+    x, y = seg_batch(ignore=ignore_index)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.dice_loss(x1, y, smooth, ignore_index, classes, reduction)
+    ref = reference.dice_loss(x2, y, smooth, ignore_index, classes, reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    w = torch.rand(ours.shape, dtype=torch.float64)
+    (go,) = torch.autograd.grad((ours * w).sum(), [x1])
+    (gr,) = torch.autograd.grad((ref * w).sum(), [x2])
+    torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_dice_dtypes_and_layouts(dtype, tol):
+    x, y = seg_batch(c=19, h=32, w=40, ignore=255)
+    ours = P.dice_loss(x.to(dtype), y, ignore_index=255)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), reference.dice_loss(x.to(dtype), y, ignore_index=255), rtol=tol,
+                               atol=tol)
+    x1d = x[:, :, 0]  # [N, C, W]: any number of spatial dims
+    torch.testing.assert_close(P.dice_loss(x1d, y[:, 0], ignore_index=255),
+                               reference.dice_loss(x1d, y[:, 0], ignore_index=255))
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(P.dice_loss(xcl, y, ignore_index=255), reference.dice_loss(x, y, ignore_index=255))
+
+
+def test_dice_edge_cases_and_determinism():
+    x, y = seg_batch()
+    all_ignored = torch.full_like(y, 255)
+    xr = x.clone().requires_grad_()
+    loss = P.dice_loss(xr, all_ignored, ignore_index=255)
+    assert loss.item() == 0.0  # (0 + smooth) / (0 + smooth) = 1 for every class
+    (g,) = torch.autograd.grad(loss, [xr])
+    assert (g == 0).all()
+    one = P.dice_loss(x[:, :, :1, :1], y[:, :1, :1])
+    torch.testing.assert_close(one, reference.dice_loss(x[:, :, :1, :1], y[:, :1, :1]))
+    big, yb = seg_batch(n=2, c=19, h=128, w=128, dtype=torch.float32, ignore=255)
+    b1, b2 = big.clone().requires_grad_(), big.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(P.dice_loss(b1, yb, ignore_index=255), [b1])
+    (gb,) = torch.autograd.grad(P.dice_loss(b2, yb, ignore_index=255), [b2])
+    assert torch.equal(ga, gb)
+
+
+def test_dice_opcheck_gradcheck_compile():
+    x, y = seg_batch(n=2, c=3, h=4, w=5, ignore=255)
+    xr = x.clone().requires_grad_()
+    opcheck(ops.dice_stats, (xr, y, 255))
+    opcheck(ops.dice_stats_backward, (torch.rand(2, 3, dtype=torch.float64), x, y, 255))
+    assert torch.autograd.gradcheck(lambda t: P.dice_loss(t, y, ignore_index=255, reduction="none"), (xr,))
+    f = torch.compile(lambda t, u: P.dice_loss(t, u, ignore_index=255) * 3, fullgraph=True)
+    torch.testing.assert_close(f(x, y), P.dice_loss(x, y, ignore_index=255) * 3)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError, "target"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4)), TypeError, "target"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), TypeError,
+         "logits"),
+        (lambda: P.dice_loss(torch.zeros(2), torch.zeros(2, dtype=torch.long)), ValueError, "logits"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.full((2, 4), 3)), RuntimeError, "outside"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[5]), ValueError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), reduction="avg"), ValueError,
+         "reduction"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2.5), TypeError,
+         "ignore_index"),
+    ],
+)
+def test_dice_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [1, 5, 19])
+def test_triton_dice_interpreter(dtype, c):
+    from pyvision_ops.kernels import losses as K
+
+    x, y = seg_batch(c=c, h=9, w=23, dtype=dtype, ignore=255)
+    torch.testing.assert_close(K.dice_stats(x, y, 255), ops.dice_stats(x, y, 255), rtol=1e-5, atol=1e-5)
+    g = torch.rand(2, c, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(K.dice_stats_backward(g, x, y, 255), ops.dice_stats_backward(g, x, y, 255),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_dice_matches_cpu():
+    x, y = seg_batch(n=2, c=19, h=256, w=300, dtype=torch.float32, ignore=255)
+    torch.testing.assert_close(ops.dice_stats(x.cuda(), y.cuda(), 255).cpu(), ops.dice_stats(x, y, 255),
+                               rtol=1e-4, atol=1e-3)
+    g = torch.rand(2, 19)
+    torch.testing.assert_close(ops.dice_stats_backward(g.cuda(), x.cuda(), y.cuda(), 255).cpu(),
+                               ops.dice_stats_backward(g, x, y, 255), rtol=1e-4, atol=1e-7)

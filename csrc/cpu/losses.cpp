@@ -5,9 +5,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common/losses.h"
 
@@ -87,11 +92,127 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_backward_cpu(const at::Ten
   return {dx, dt};
 }
 
+// ------------------------------------------------------------------ Dice
+
+constexpr int64_t kPixBlock = 2048;  // fixed blocks: the sums do not depend on the thread count
+
+void check_dice(const char* op, const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.dim() >= 2, op, ": logits must be [N, C, ...]");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64");
+  TORCH_CHECK(target.dim() == logits.dim() - 1 && target.size(0) == logits.size(0) &&
+                  target.sizes().slice(1) == logits.sizes().slice(2),
+              op, ": target must be [N, ...] with the spatial shape of logits");
+}
+
+// Calls f(pixel index j in [0, n), class c, probability p_c) for every class of every
+// pixel of one block, after a per-pixel softmax over the C planes (stride hw).
+template <typename scalar_t, typename T, typename F>
+void softmax_block(const scalar_t* z, int64_t C, int64_t hw, int64_t n, std::vector<T>& mx, std::vector<T>& sum, F&& f) {
+  std::fill(mx.begin(), mx.begin() + n, -std::numeric_limits<T>::infinity());
+  std::fill(sum.begin(), sum.begin() + n, T(0));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < n; ++j) mx[j] = std::max(mx[j], T(z[c * hw + j]));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < n; ++j) sum[j] += nms::exp_approx(T(z[c * hw + j]) - mx[j]);
+  for (int64_t j = 0; j < n; ++j) sum[j] = T(1) / sum[j];
+  for (int64_t c = 0; c < C; ++c) f(c, [&](int64_t j) { return nms::exp_approx(T(z[c * hw + j]) - mx[j]) * sum[j]; });
+}
+
+at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+  check_dice("dice_stats", logits, target);
+  const int64_t N = logits.size(0), C = logits.size(1), HW = logits.numel() / std::max<int64_t>(N * C, 1);
+  auto z = logits.contiguous();
+  auto y = target.contiguous();
+  const int64_t nb = (HW + kPixBlock - 1) / kPixBlock;
+  const bool f64 = z.scalar_type() == at::kDouble;
+  auto partial = at::zeros({N * nb, 2, C}, z.options().dtype(f64 ? at::kDouble : at::kFloat));
+  const int64_t* py = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "dice_loss: target value ", std::to_string(py[i]),
+                " is outside [0, ", std::to_string(C), ") and is not ignore_index");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dice_stats_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* pz = z.const_data_ptr<scalar_t>();
+    T* pp = partial.mutable_data_ptr<T>();
+    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> mx(kPixBlock), sum(kPixBlock);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
+        const int64_t* yy = py + n * HW + j0;
+        T* inter = pp + task * 2 * C;
+        T* card = inter + C;
+        softmax_block<scalar_t, T>(pz + n * C * HW + j0, C, HW, cnt, mx, sum, [&](int64_t c, auto prob) {
+          T a = 0, b = 0;
+          for (int64_t j = 0; j < cnt; ++j) {
+            const bool valid = yy[j] != ignore_index;
+            const T p = valid ? prob(j) : T(0);
+            a += yy[j] == c ? p : T(0);
+            b += p + (yy[j] == c ? T(1) : T(0));
+          }
+          inter[c] = a;
+          card[c] = b;
+        });
+      }
+    });
+  });
+  return partial.sum(0);  // fixed order over the blocks
+}
+
+at::Tensor dice_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                   int64_t ignore_index) {
+  check_dice("dice_stats_backward", logits, target);
+  const int64_t N = logits.size(0), C = logits.size(1), HW = logits.numel() / std::max<int64_t>(N * C, 1);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == 2 && grad.size(1) == C, "dice_stats_backward: grad must be [2, C]");
+  auto z = logits.contiguous();
+  auto y = target.contiguous();
+  auto dz = at::empty_like(z);
+  const int64_t nb = (HW + kPixBlock - 1) / kPixBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dice_stats_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* gi = g.const_data_ptr<T>();  // d/d inter
+    const T* gs = gi + C;                 // d/d card
+    const scalar_t* pz = z.const_data_ptr<scalar_t>();
+    const int64_t* py = y.const_data_ptr<int64_t>();
+    scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> mx(kPixBlock), sum(kPixBlock), dot(kPixBlock), prob(C * kPixBlock);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
+        const int64_t* yy = py + n * HW + j0;
+        // h_c = d loss / d p_c = gI_c [y == c] + gS_c on valid pixels; dz = p (h - sum_c p_c h_c)
+        std::fill(dot.begin(), dot.begin() + cnt, T(0));
+        softmax_block<scalar_t, T>(pz + n * C * HW + j0, C, HW, cnt, mx, sum, [&](int64_t c, auto pr) {
+          T* pc = prob.data() + c * kPixBlock;
+          for (int64_t j = 0; j < cnt; ++j) {
+            pc[j] = pr(j);
+            const T h = yy[j] == ignore_index ? T(0) : gs[c] + (yy[j] == c ? gi[c] : T(0));
+            dot[j] += pc[j] * h;
+          }
+        });
+        for (int64_t c = 0; c < C; ++c) {
+          const T* pc = prob.data() + c * kPixBlock;
+          scalar_t* out = pd + (n * C + c) * HW + j0;
+          for (int64_t j = 0; j < cnt; ++j) {
+            const T h = yy[j] == ignore_index ? T(0) : gs[c] + (yy[j] == c ? gi[c] : T(0));
+            out[j] = static_cast<scalar_t>(pc[j] * (h - dot[j]));
+          }
+        }
+      }
+    });
+  });
+  return dz;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cpu);
   m.impl("sigmoid_focal_loss_backward", &sigmoid_focal_loss_backward_cpu);
+  m.impl("dice_stats", &dice_stats_cpu);
+  m.impl("dice_stats_backward", &dice_stats_backward_cpu);
 }
 
 }  // namespace pyvision_ops
