@@ -105,18 +105,46 @@ void check_dice(const char* op, const at::Tensor& logits, const at::Tensor& targ
               op, ": target must be [N, ...] with the spatial shape of logits");
 }
 
-// Calls f(pixel index j in [0, n), class c, probability p_c) for every class of every
-// pixel of one block, after a per-pixel softmax over the C planes (stride hw).
-template <typename scalar_t, typename T, typename F>
-void softmax_block(const scalar_t* z, int64_t C, int64_t hw, int64_t n, std::vector<T>& mx, std::vector<T>& sum, F&& f) {
-  std::fill(mx.begin(), mx.begin() + n, -std::numeric_limits<T>::infinity());
-  std::fill(sum.begin(), sum.begin() + n, T(0));
+// Softmax over the C planes (stride hw) of one block of n positions: prob[c * kPixBlock + j].
+// Positions whose target is ignore_index get probability 0 for every class.
+template <typename scalar_t, typename T>
+__attribute__((target_clones("avx2", "default"))) void softmax_block(const scalar_t* __restrict__ z, int64_t C,
+                                                                     int64_t hw, int64_t n,
+                                                                     const int64_t* __restrict__ y,
+                                                                     int64_t ignore_index, T* __restrict__ mx,
+                                                                     T* __restrict__ inv, T* __restrict__ prob) {
+  for (int64_t j = 0; j < n; ++j) mx[j] = -std::numeric_limits<T>::infinity();
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < n; ++j) mx[j] = std::max(mx[j], T(z[c * hw + j]));
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < n; ++j) sum[j] += nms::exp_approx(T(z[c * hw + j]) - mx[j]);
-  for (int64_t j = 0; j < n; ++j) sum[j] = T(1) / sum[j];
-  for (int64_t c = 0; c < C; ++c) f(c, [&](int64_t j) { return nms::exp_approx(T(z[c * hw + j]) - mx[j]) * sum[j]; });
+  for (int64_t j = 0; j < n; ++j) inv[j] = T(0);
+  for (int64_t c = 0; c < C; ++c) {
+    T* pc = prob + c * kPixBlock;
+    for (int64_t j = 0; j < n; ++j) {
+      pc[j] = nms::exp_approx(T(z[c * hw + j]) - mx[j]);
+      inv[j] += pc[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) inv[j] = y[j] == ignore_index ? T(0) : T(1) / inv[j];
+  for (int64_t c = 0; c < C; ++c) {
+    T* pc = prob + c * kPixBlock;
+    for (int64_t j = 0; j < n; ++j) pc[j] *= inv[j];
+  }
+}
+
+// (sum p_c [y == c], sum p_c + sum [y == c]) over one block (p already 0 where ignored).
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) void class_sums(const T* __restrict__ pc,
+                                                                  const int64_t* __restrict__ y, int64_t n, int64_t c,
+                                                                  int64_t ignore_index, T& inter, T& card) {
+  T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t j = 0; j < n; ++j) {
+    const T hit = (y[j] == c) ? T(1) : T(0);
+    a += hit * pc[j];
+    b += pc[j] + hit;
+  }
+  inter = a;
+  card = b;
 }
 
 at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
@@ -137,23 +165,15 @@ at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, in
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T* pp = partial.mutable_data_ptr<T>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> mx(kPixBlock), sum(kPixBlock);
+      std::vector<T> mx(kPixBlock), inv(kPixBlock), prob(C * kPixBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
         const int64_t* yy = py + n * HW + j0;
+        softmax_block<scalar_t, T>(pz + n * C * HW + j0, C, HW, cnt, yy, ignore_index, mx.data(), inv.data(),
+                                   prob.data());
         T* inter = pp + task * 2 * C;
-        T* card = inter + C;
-        softmax_block<scalar_t, T>(pz + n * C * HW + j0, C, HW, cnt, mx, sum, [&](int64_t c, auto prob) {
-          T a = 0, b = 0;
-          for (int64_t j = 0; j < cnt; ++j) {
-            const bool valid = yy[j] != ignore_index;
-            const T p = valid ? prob(j) : T(0);
-            a += yy[j] == c ? p : T(0);
-            b += p + (yy[j] == c ? T(1) : T(0));
-          }
-          inter[c] = a;
-          card[c] = b;
-        });
+        for (int64_t c = 0; c < C; ++c)
+          class_sums<T>(prob.data() + c * kPixBlock, yy, cnt, c, ignore_index, inter[c], inter[C + c]);
       }
     });
   });
@@ -178,27 +198,24 @@ at::Tensor dice_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& log
     const int64_t* py = y.const_data_ptr<int64_t>();
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> mx(kPixBlock), sum(kPixBlock), dot(kPixBlock), prob(C * kPixBlock);
+      std::vector<T> mx(kPixBlock), inv(kPixBlock), dot(kPixBlock), prob(C * kPixBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
         const int64_t* yy = py + n * HW + j0;
-        // h_c = d loss / d p_c = gI_c [y == c] + gS_c on valid pixels; dz = p (h - sum_c p_c h_c)
+        softmax_block<scalar_t, T>(pz + n * C * HW + j0, C, HW, cnt, yy, ignore_index, mx.data(), inv.data(),
+                                   prob.data());
+        // h_c = d loss / d p_c = gI_c [y == c] + gS_c on valid positions (p = 0 elsewhere, so
+        // dz = p (h - sum_c p_c h_c) vanishes there); dz = p (h - sum_c p_c h_c).
         std::fill(dot.begin(), dot.begin() + cnt, T(0));
-        softmax_block<scalar_t, T>(pz + n * C * HW + j0, C, HW, cnt, mx, sum, [&](int64_t c, auto pr) {
-          T* pc = prob.data() + c * kPixBlock;
-          for (int64_t j = 0; j < cnt; ++j) {
-            pc[j] = pr(j);
-            const T h = yy[j] == ignore_index ? T(0) : gs[c] + (yy[j] == c ? gi[c] : T(0));
-            dot[j] += pc[j] * h;
-          }
-        });
+        for (int64_t c = 0; c < C; ++c) {
+          const T* pc = prob.data() + c * kPixBlock;
+          for (int64_t j = 0; j < cnt; ++j) dot[j] += pc[j] * (gs[c] + (yy[j] == c ? gi[c] : T(0)));
+        }
         for (int64_t c = 0; c < C; ++c) {
           const T* pc = prob.data() + c * kPixBlock;
           scalar_t* out = pd + (n * C + c) * HW + j0;
-          for (int64_t j = 0; j < cnt; ++j) {
-            const T h = yy[j] == ignore_index ? T(0) : gs[c] + (yy[j] == c ? gi[c] : T(0));
-            out[j] = static_cast<scalar_t>(pc[j] * (h - dot[j]));
-          }
+          for (int64_t j = 0; j < cnt; ++j)
+            out[j] = static_cast<scalar_t>(pc[j] * (gs[c] + (yy[j] == c ? gi[c] : T(0)) - dot[j]));
         }
       }
     });
