@@ -51,6 +51,10 @@ TORCH_LIBRARY(pyvision_ops, m) {
   // (sum p_c [target == c], sum p_c + sum [target == c]) over positions whose target != ignore_index.
   m.def("dice_stats(Tensor logits, Tensor target, int ignore_index) -> Tensor");
   m.def("dice_stats_backward(Tensor grad, Tensor logits, Tensor target, int ignore_index) -> Tensor");
+  // Lovasz extension gradient of each row of ground truth sorted by decreasing error:
+  // fg_sorted [R, M] (0/1, fp32 or fp64), lengths [R] = valid entries per row (later ones get 0).
+  // Counts are int64: exact at any size. Output dtype = fg_sorted's.
+  m.def("lovasz_gradient(Tensor fg_sorted, Tensor lengths) -> Tensor");
 }
 
 namespace {

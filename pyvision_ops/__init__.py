@@ -17,7 +17,7 @@ from .box_iou import (
     generalized_box_iou_loss,
     matched_box_iou,
 )
-from .losses import dice_loss, sigmoid_focal_loss
+from .losses import dice_loss, lovasz_hinge, lovasz_softmax, sigmoid_focal_loss
 from .nms import batched_nms, batched_soft_nms, nms, soft_nms
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multi_scale_roi_align, roi_align
 
@@ -37,6 +37,8 @@ __all__ = [
     "distance_box_iou_loss",
     "generalized_box_iou",
     "generalized_box_iou_loss",
+    "lovasz_hinge",
+    "lovasz_softmax",
     "matched_box_iou",
     "multi_scale_roi_align",
     "nms",

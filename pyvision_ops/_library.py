@@ -219,6 +219,11 @@ def _dice_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::dice_stats", _dice_backward, setup_context=_dice_setup)
 
+
+@torch.library.register_fake("pyvision_ops::lovasz_gradient")
+def _(fg_sorted, lengths):
+    return torch.empty_like(fg_sorted)
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")
@@ -226,3 +231,4 @@ _register_triton("sigmoid_focal_loss", "losses")
 _register_triton("sigmoid_focal_loss_backward", "losses")
 _register_triton("dice_stats", "losses")
 _register_triton("dice_stats_backward", "losses")
+_register_triton("lovasz_gradient", "losses")

@@ -1,4 +1,4 @@
-"""Losses: sigmoid_focal_loss and dice_loss (fused forward and backward kernels).
+"""Losses: sigmoid_focal_loss, dice_loss, lovasz_softmax and lovasz_hinge.
 
 C++ on the CPU (csrc/cpu/losses.cpp), Triton on CUDA (kernels/losses.py); the
 per-element math is in csrc/common/losses.h.
@@ -85,3 +85,98 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
             raise ValueError(f"classes must be a non-empty list of indices in [0, {logits.shape[1]}), got {classes}")
         loss = loss.index_select(0, idx.to(loss.device))
     return _utils.reduce(loss, reduction) if reduction != "mean" else loss.mean()
+
+
+def _lovasz_rows(errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Lovasz extension of each row: dot(relu(errors sorted descending), Lovasz gradient of the
+    ground truth in that order). One stable sort for all rows (ties: lower position first);
+    invalid entries sort last and count for nothing."""
+    e = torch.where(valid, errors, float("-inf"))
+    e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
+    acc = torch.float64 if errors.dtype == torch.float64 else torch.float32
+    fg_sorted = torch.gather(fg.to(acc), 1, perm)
+    grad = ops.lovasz_gradient(fg_sorted, valid.sum(1))
+    return (e_sorted.clamp(min=0).to(acc) * grad).sum(1)
+
+
+def _flatten_seg(name: str, x: torch.Tensor, labels: torch.Tensor, with_classes: bool):
+    _utils.check_tensor(name, x)
+    _utils.check_tensor("labels", labels)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    spatial = x.shape[2:] if with_classes else x.shape[1:]
+    if x.dim() < (3 if with_classes else 2) or labels.shape != x.shape[:1] + spatial:
+        want = "[N, C, ...]" if with_classes else "[N, ...]"
+        raise ValueError(f"{name} must be {want} and labels [N, ...] with the same N and positions; got "
+                         f"{list(x.shape)} and {list(labels.shape)}")
+    _utils.check_same_device(**{name: x, "labels": labels})
+
+
+def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present", per_image: bool = False,
+                   ignore_index=None, from_logits: bool = False) -> torch.Tensor:
+    """Lovasz-softmax loss (Berman et al., CVPR 2018), all classes and images in one batched pass.
+
+    ``probas``: ``[N, C, ...]`` softmax probabilities (or logits with
+    ``from_logits=True``); ``labels``: ``[N, ...]``. Per class c, the errors
+    ``|[y = c] - p_c|`` over the valid positions are sorted in decreasing order
+    (stable: ties keep position order, so gradients are deterministic) and
+    ``loss_c`` is their dot product with the Lovasz gradient of the sorted ground
+    truth (Algorithm 1; counts are int64, exact at any size). ``classes``:
+    ``"present"`` averages over classes present in the labels, ``"all"`` over all,
+    or a list of class indices. ``per_image=True`` averages per-image losses.
+    No valid position, or no present class: the loss is 0 with zero gradients.
+    The loss is fp32 (fp64 for fp64 input).
+    """
+    _flatten_seg("probas", probas, labels, with_classes=True)
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
+    n, c = probas.shape[:2]
+    sel = None
+    if not isinstance(classes, str):
+        sel = torch.as_tensor(classes, dtype=torch.int64)
+        if sel.dim() != 1 or sel.numel() == 0 or bool(((sel < 0) | (sel >= c)).any()):
+            raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {classes}")
+    p = torch.softmax(probas, dim=1) if from_logits else probas
+    p = p.reshape(n, c, -1)
+    y = labels.reshape(n, -1).to(torch.int64)
+    valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+    if not per_image:  # one group: every position of every image
+        p = p.transpose(0, 1).reshape(1, c, -1)
+        y, valid = y.reshape(1, -1), valid.reshape(1, -1)
+    g = p.shape[0]
+    cls = torch.arange(c, device=y.device)
+    fg = (y[:, None, :] == cls[None, :, None]) & valid[:, None, :]  # [G, C, M]
+    v = valid[:, None, :].expand_as(fg)
+    losses = _lovasz_rows((fg.to(p.dtype) - p).abs().reshape(g * c, -1), fg.reshape(g * c, -1),
+                          v.reshape(g * c, -1)).reshape(g, c)
+    if sel is not None:
+        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_fill_(0, sel.to(losses.device), 1)
+        weight = weight.expand(g, c)
+    elif classes == "present":
+        weight = fg.any(-1).to(losses.dtype)
+    else:
+        weight = torch.ones_like(losses)
+    per_group = (losses * weight).sum(1) / weight.sum(1).clamp(min=1)
+    return per_group.mean()
+
+
+def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True, ignore_index=None):
+    """Binary Lovasz hinge loss (Berman et al. 2018) on ``[N, ...]`` logits and {0, 1} labels.
+
+    Errors ``1 - logit * (2 label - 1)``, sorted descending (stable), dotted with the
+    Lovasz gradient after a ReLU; ``per_image=True`` averages per-image losses. An
+    image with no valid position contributes 0. The loss is fp32 (fp64 for fp64).
+    """
+    _flatten_seg("logits", logits, labels, with_classes=False)
+    n = logits.shape[0]
+    x = logits.reshape(n, -1)
+    y = labels.reshape(n, -1).to(torch.int64)
+    valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+    if not per_image:
+        x, y, valid = x.reshape(1, -1), y.reshape(1, -1), valid.reshape(1, -1)
+    fg = (y == 1) & valid
+    errors = 1 - x * (2 * fg.to(x.dtype) - 1)
+    return _lovasz_rows(errors, fg, valid).mean()

@@ -124,3 +124,60 @@ def dice_loss(logits, target, smooth=1.0, ignore_index=None, classes=None, reduc
     if classes is not None:
         loss = loss[list(classes)]
     return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+def lovasz_grad(gt_sorted):
+    """Algorithm 1's gradient of the Lovasz extension w.r.t. sorted errors (float64)."""
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    if len(gt_sorted) > 1:
+        jaccard[1:] = jaccard[1:] - jaccard[:-1].clone()
+    return jaccard
+
+
+def _lovasz_flat(errors, fg):
+    if errors.numel() == 0:
+        return errors.sum() * 0
+    e, perm = torch.sort(errors, descending=True, stable=True)
+    return torch.dot(torch.relu(e), lovasz_grad(fg[perm]))
+
+
+def lovasz_softmax(probas, labels, classes="present", per_image=False, ignore_index=None, from_logits=False):
+    """Lovasz-softmax by the paper's plain loop over images and classes, float64."""
+    p = probas.to(torch.float64)
+    if from_logits:
+        p = torch.softmax(p, 1)
+    c = p.shape[1]
+    groups = [(p[i:i + 1], labels[i:i + 1]) for i in range(p.shape[0])] if per_image else [(p, labels)]
+    out = []
+    for pg, lg in groups:
+        pf = pg.movedim(1, -1).reshape(-1, c)
+        lf = lg.reshape(-1)
+        if ignore_index is not None:
+            keep = lf != ignore_index
+            pf, lf = pf[keep], lf[keep]
+        losses = []
+        for k in (range(c) if isinstance(classes, str) else classes):
+            fg = (lf == k).to(torch.float64)
+            if classes == "present" and fg.sum() == 0:
+                continue
+            losses.append(_lovasz_flat((fg - pf[:, k]).abs(), fg))
+        out.append(torch.stack(losses).mean() if losses else p.sum() * 0)
+    return torch.stack(out).mean()
+
+
+def lovasz_hinge(logits, labels, per_image=True, ignore_index=None):
+    """Binary Lovasz hinge by a plain loop over images, float64."""
+    x = logits.to(torch.float64)
+    groups = [(x[i], labels[i]) for i in range(x.shape[0])] if per_image else [(x, labels)]
+    out = []
+    for xg, yg in groups:
+        xf, yf = xg.reshape(-1), yg.reshape(-1)
+        if ignore_index is not None:
+            keep = yf != ignore_index
+            xf, yf = xf[keep], yf[keep]
+        fg = (yf == 1).to(torch.float64)
+        out.append(_lovasz_flat(1 - xf * (2 * fg - 1), fg))
+    return torch.stack(out).mean()

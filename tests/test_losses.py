@@ -240,3 +240,116 @@ def test_cuda_dice_matches_cpu():
     g = torch.rand(2, 19)
     torch.testing.assert_close(ops.dice_stats_backward(g.cuda(), x.cuda(), y.cuda(), 255).cpu(),
                                ops.dice_stats_backward(g, x, y, 255), rtol=1e-4, atol=1e-7)
+
+
+# -------------------------------------------------------------------- Lovasz
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("classes", ["present", "all", [1, 3]])
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_lovasz_softmax_matches_reference(per_image, classes, ignore_index):
+    x, y = seg_batch(ignore=ignore_index, seed=2)
+    y[1][y[1] == 3] = 0  # class 3 absent from image 1
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.lovasz_softmax(x1, y, classes, per_image, ignore_index, from_logits=True)
+    ref = reference.lovasz_softmax(x2, y, classes, per_image, ignore_index, from_logits=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    (go,) = torch.autograd.grad(ours, [x1])
+    (gr,) = torch.autograd.grad(ref, [x2])
+    torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
+
+
+def test_lovasz_softmax_probas_ties_and_edge_cases():
+    x, y = seg_batch(c=4, seed=3)
+    p = torch.softmax(x, 1)
+    torch.testing.assert_close(P.lovasz_softmax(p, y), reference.lovasz_softmax(p, y))
+    # ties: constant probabilities give equal errors; stable order makes gradients reproducible
+    flat = torch.full_like(p, 0.25).requires_grad_()
+    (g1,) = torch.autograd.grad(P.lovasz_softmax(flat, y), [flat])
+    (g2,) = torch.autograd.grad(P.lovasz_softmax(flat, y), [flat])
+    assert torch.equal(g1, g2)
+    (gr,) = torch.autograd.grad(reference.lovasz_softmax(flat, y), [flat])
+    torch.testing.assert_close(g1, gr)
+    # every position ignored, and a single valid position
+    xr = x.clone().requires_grad_()
+    loss = P.lovasz_softmax(xr, torch.full_like(y, 255), ignore_index=255, from_logits=True)
+    (g,) = torch.autograd.grad(loss, [xr])
+    assert loss.item() == 0 and (g == 0).all()
+    one = torch.full_like(y, 255)
+    one[0, 0, 0] = 2
+    torch.testing.assert_close(P.lovasz_softmax(x, one, ignore_index=255, from_logits=True),
+                               reference.lovasz_softmax(x, one, ignore_index=255, from_logits=True))
+    assert P.lovasz_softmax(x.float(), y, from_logits=True).dtype == torch.float32
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_lovasz_hinge_matches_reference(per_image):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 9, 11, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 9, 11), generator=g)
+    y[0, :3] = 255
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.lovasz_hinge(x1, y, per_image, 255)
+    ref = reference.lovasz_hinge(x2, y, per_image, 255)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2]))
+
+
+def test_lovasz_gradient_op_exact_counts_opcheck_compile():
+    fg = torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    lengths = torch.tensor([6, 4, 2])
+    out = ops.lovasz_gradient(fg, lengths)
+    for r in range(3):
+        torch.testing.assert_close(out[r, :lengths[r]].double(), reference.lovasz_grad(fg[r, :lengths[r]].double()))
+    assert (out[1, 4:] == 0).all() and (out[2, 2:] == 0).all()
+    opcheck(ops.lovasz_gradient, (fg, lengths))
+    # counts are int64: a row longer than 2^24 would lose 1s in a float32 cumsum
+    big = torch.zeros(1, (1 << 24) + 3)
+    big[0, -1] = 1
+    g = ops.lovasz_gradient(big, torch.tensor([big.shape[1]]))
+    assert g[0, -1].item() > 0  # the last entry's increment is still seen
+    x, y = seg_batch(c=3, h=5, w=6, seed=5)
+    f = torch.compile(lambda a, b: P.lovasz_softmax(a, b, from_logits=True), fullgraph=True)
+    torch.testing.assert_close(f(x, y), P.lovasz_softmax(x, y, from_logits=True))
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError, "labels"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4)), TypeError, "labels"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes="some"),
+         ValueError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[3]),
+         ValueError, "classes"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), TypeError,
+         "logits"),
+    ],
+)
+def test_lovasz_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_lovasz_gradient_interpreter(dtype):
+    from pyvision_ops.kernels import losses as K
+
+    g = torch.Generator().manual_seed(6)
+    fg = (torch.rand(5, 2500, generator=g) > 0.6).to(dtype)
+    lengths = torch.tensor([2500, 0, 1, 1024, 2047])
+    torch.testing.assert_close(K.lovasz_gradient(fg, lengths), ops.lovasz_gradient(fg, lengths), rtol=1e-6,
+                               atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_lovasz_matches_cpu():
+    x, y = seg_batch(n=2, c=19, h=64, w=96, dtype=torch.float32, ignore=255, seed=7)
+    for per_image in (False, True):
+        xg, xc = x.cuda().requires_grad_(), x.clone().requires_grad_()
+        a = P.lovasz_softmax(xg, y.cuda(), per_image=per_image, ignore_index=255, from_logits=True)
+        b = P.lovasz_softmax(xc, y, per_image=per_image, ignore_index=255, from_logits=True)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(a, [xg])[0].cpu(), torch.autograd.grad(b, [xc])[0],
+                                   rtol=1e-4, atol=1e-7)

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -223,6 +224,44 @@ at::Tensor dice_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& log
   return dz;
 }
 
+// ---------------------------------------------------------------- Lovasz
+
+at::Tensor lovasz_gradient_cpu(const at::Tensor& fg_sorted, const at::Tensor& lengths) {
+  TORCH_CHECK(fg_sorted.dim() == 2, "lovasz_gradient: fg_sorted must be [R, M]");
+  TORCH_CHECK(fg_sorted.scalar_type() == at::kFloat || fg_sorted.scalar_type() == at::kDouble,
+              "lovasz_gradient: fg_sorted must be float32 or float64");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == fg_sorted.size(0) && lengths.scalar_type() == at::kLong,
+              "lovasz_gradient: lengths must be int64 [R]");
+  const int64_t R = fg_sorted.size(0), M = fg_sorted.size(1);
+  auto fg = fg_sorted.contiguous();
+  auto len = lengths.contiguous();
+  auto out = at::zeros_like(fg);
+  const int64_t* pl = len.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(fg.scalar_type(), "lovasz_gradient_cpu", [&] {
+    const scalar_t* pf = fg.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t n = std::min(std::max<int64_t>(pl[r], 0), M);
+        const scalar_t* f = pf + r * M;
+        scalar_t* o = po + r * M;
+        int64_t gts = 0;
+        for (int64_t i = 0; i < n; ++i) gts += f[i] != scalar_t(0);
+        int64_t cum = 0;
+        double prev = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          cum += f[i] != scalar_t(0);
+          // Jaccard loss of the first i + 1 entries: 1 - |gt & pred| / |gt | pred| (union > 0).
+          const double jac = 1.0 - static_cast<double>(gts - cum) / static_cast<double>(gts + (i + 1) - cum);
+          o[i] = static_cast<scalar_t>(jac - prev);
+          prev = jac;
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
@@ -230,6 +269,7 @@ TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("sigmoid_focal_loss_backward", &sigmoid_focal_loss_backward_cpu);
   m.impl("dice_stats", &dice_stats_cpu);
   m.impl("dice_stats_backward", &dice_stats_backward_cpu);
+  m.impl("lovasz_gradient", &lovasz_gradient_cpu);
 }
 
 }  // namespace pyvision_ops
