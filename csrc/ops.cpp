@@ -55,6 +55,14 @@ TORCH_LIBRARY(pyvision_ops, m) {
   // fg_sorted [R, M] (0/1, fp32 or fp64), lengths [R] = valid entries per row (later ones get 0).
   // Counts are int64: exact at any size. Output dtype = fg_sorted's.
   m.def("lovasz_gradient(Tensor fg_sorted, Tensor lengths) -> Tensor");
+
+  // Bilinear interpolation of [N, C, H, W] (torch's index rule; scale <= 0: none given).
+  m.def(
+      "upsample_bilinear(Tensor input, int out_h, int out_w, bool align_corners, float scale_h, float scale_w) "
+      "-> Tensor");
+  m.def(
+      "upsample_bilinear_backward(Tensor grad, int in_h, int in_w, bool align_corners, float scale_h, "
+      "float scale_w) -> Tensor");
 }
 
 namespace {

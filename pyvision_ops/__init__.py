@@ -17,6 +17,7 @@ from .box_iou import (
     generalized_box_iou_loss,
     matched_box_iou,
 )
+from .interpolate import interpolate_bilinear
 from .losses import dice_loss, lovasz_hinge, lovasz_softmax, sigmoid_focal_loss
 from .nms import batched_nms, batched_soft_nms, nms, soft_nms
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multi_scale_roi_align, roi_align
@@ -37,6 +38,7 @@ __all__ = [
     "distance_box_iou_loss",
     "generalized_box_iou",
     "generalized_box_iou_loss",
+    "interpolate_bilinear",
     "lovasz_hinge",
     "lovasz_softmax",
     "matched_box_iou",

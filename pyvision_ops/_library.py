@@ -169,6 +169,30 @@ def _ms_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup)
 
+# -------------------------------------------------------------- interpolate
+
+@torch.library.register_fake("pyvision_ops::upsample_bilinear")
+def _(input, out_h, out_w, align_corners, scale_h, scale_w):
+    return input.new_empty((input.shape[0], input.shape[1], out_h, out_w))
+
+
+@torch.library.register_fake("pyvision_ops::upsample_bilinear_backward")
+def _(grad, in_h, in_w, align_corners, scale_h, scale_w):
+    return grad.new_empty((grad.shape[0], grad.shape[1], in_h, in_w))
+
+
+def _upsample_setup(ctx, inputs, output):
+    input, out_h, out_w, align_corners, scale_h, scale_w = inputs
+    ctx.args = (input.shape[2], input.shape[3], align_corners, scale_h, scale_w)
+
+
+def _upsample_backward(ctx, grad):
+    return ops.upsample_bilinear_backward(grad, *ctx.args), None, None, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
+
+
 # --------------------------------------------------------------------- losses
 
 @torch.library.register_fake("pyvision_ops::sigmoid_focal_loss")

@@ -1,0 +1,43 @@
+// Bilinear interpolation: torch's source-index rule for one axis, shared by the kernels.
+//
+// ratio = (in - 1) / (out - 1) with align_corners (0 when out == 1); else 1 / scale when
+// the caller gave a scale factor (scale > 0), else in / out. Destination d reads source
+// src = ratio * d (align_corners) or max(ratio * (d + 0.5) - 0.5, 0), from cells
+// i0 = min(floor(src), in - 1) and i1 = i0 + (i0 < in - 1), weights 1 - l and l with
+// l = clamp(src - i0, 0, 1). Equal sizes copy.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/box_iou.h"  // PVO_HD
+
+namespace pyvision_ops {
+namespace interp {
+
+template <typename T>
+PVO_HD T axis_ratio(int64_t in, int64_t out, bool align_corners, double scale) {
+  if (align_corners) return out > 1 ? static_cast<T>(in - 1) / static_cast<T>(out - 1) : T(0);
+  return scale > 0 ? static_cast<T>(1.0 / scale) : static_cast<T>(in) / static_cast<T>(out);
+}
+
+template <typename T>
+struct Tap {
+  int64_t i0, i1;
+  T w0, w1;
+};
+
+template <typename T>
+PVO_HD Tap<T> axis_tap(int64_t d, int64_t in, int64_t out, bool align_corners, T ratio) {
+  if (in == out) return {d, d, T(1), T(0)};
+  T src = align_corners ? ratio * static_cast<T>(d) : ratio * (static_cast<T>(d) + T(0.5)) - T(0.5);
+  if (!align_corners && src < T(0)) src = T(0);
+  int64_t i0 = static_cast<int64_t>(std::floor(src));
+  i0 = i0 < in - 1 ? i0 : in - 1;
+  T l = src - static_cast<T>(i0);
+  l = l < T(0) ? T(0) : (l > T(1) ? T(1) : l);
+  return {i0, i0 + (i0 < in - 1 ? 1 : 0), T(1) - l, l};
+}
+
+}  // namespace interp
+}  // namespace pyvision_ops

@@ -1,0 +1,58 @@
+"""Bilinear interpolation with a deterministic, gather-based backward.
+
+Same values as ``F.interpolate(mode="bilinear")`` on 4-D input, including
+torch's source-index rules (with ``scale_factor`` given, the source index uses
+``1 / scale_factor``, not in / out). C++ on the CPU (csrc/cpu/interpolate.cpp);
+no GPU kernel yet. fp16/bf16 are computed with fp32 accumulation.
+"""
+
+import math
+
+import torch
+
+from . import _utils
+from ._library import ops
+
+
+def _two(value, name, kind):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must have 2 entries (H, W), got {len(value)}")
+        a, b = value
+    else:
+        a = b = value
+    for v in (a, b):
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise TypeError(f"{name} must be {kind.__name__ if kind is int else 'a number'} or a pair, got {value!r}")
+    return a, b
+
+
+def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, align_corners: bool = False):
+    """Bilinear resize of ``[N, C, H, W]``; ``size`` or ``scale_factor`` (exactly one).
+
+    Output size with ``scale_factor`` is ``floor(in * scale_factor)``, as in torch.
+    Backward: each input pixel sums its contributions in a fixed order (no atomics).
+    """
+    _utils.check_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be [N, C, H, W], got shape {list(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be floating point, got {input.dtype}")
+    if input.device.type != "cpu":
+        raise NotImplementedError(f"interpolate_bilinear has no {input.device.type} kernel yet (CPU only)")
+    if (size is None) == (scale_factor is None):
+        raise ValueError("give exactly one of size and scale_factor")
+    h, w = input.shape[2:]
+    if h == 0 or w == 0:
+        raise ValueError(f"input must have a non-empty spatial size, got {list(input.shape[2:])}")
+    if size is not None:
+        oh, ow = _two(size, "size", int)
+        sh = sw = -1.0
+    else:
+        sh, sw = (float(s) for s in _two(scale_factor, "scale_factor", (int, float)))
+        if not (sh > 0 and sw > 0 and math.isfinite(sh) and math.isfinite(sw)):
+            raise ValueError(f"scale_factor must be positive and finite, got {scale_factor!r}")
+        oh, ow = math.floor(h * sh), math.floor(w * sw)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"the output size must be positive, got {(oh, ow)}")
+    return ops.upsample_bilinear(input, oh, ow, bool(align_corners), sh, sw)

@@ -1,0 +1,89 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import opcheck
+
+import pyvision_ops as P
+
+ops = torch.ops.pyvision_ops
+
+RESIZES = [dict(size=(20, 33)), dict(size=(3, 4)), dict(size=(7, 11)), dict(size=(1, 1)), dict(size=5),
+           dict(scale_factor=2.5), dict(scale_factor=(1.3, 0.7)), dict(scale_factor=8), dict(scale_factor=0.34)]
+
+
+def feature(n=2, c=3, h=7, w=11, dtype=torch.float64, seed=0):
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("kw", RESIZES, ids=str)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_matches_torch_values_and_gradients(kw, align_corners):
+    x = feature()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.interpolate_bilinear(x1, align_corners=align_corners, **kw)
+    ref = F.interpolate(x2, mode="bilinear", align_corners=align_corners, **kw)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (go,) = torch.autograd.grad((ours * w).sum(), [x1])
+    (gr,) = torch.autograd.grad((ref * w).sum(), [x2])
+    torch.testing.assert_close(go, gr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_dtypes_layouts(dtype, tol):
+    x = feature(c=4, h=16, w=24, dtype=dtype)
+    ref = F.interpolate(x.float(), scale_factor=3, mode="bilinear").to(dtype)
+    out = P.interpolate_bilinear(x, scale_factor=3)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(P.interpolate_bilinear(xc, scale_factor=3), out)
+    torch.testing.assert_close(P.interpolate_bilinear(x[:, :, ::2], size=(9, 9)),
+                               F.interpolate(x[:, :, ::2].float(), size=(9, 9), mode="bilinear").to(dtype),
+                               rtol=tol, atol=tol)
+
+
+def test_backward_is_deterministic_and_gradcheck():
+    x = feature(c=8, h=16, w=32, dtype=torch.float32).requires_grad_()
+    grads = [torch.autograd.grad(P.interpolate_bilinear(x, scale_factor=8).square().sum(), [x])[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+    xs = feature(n=1, c=2, h=3, w=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: P.interpolate_bilinear(t, size=(5, 7)), (xs,))
+    assert torch.autograd.gradcheck(lambda t: P.interpolate_bilinear(t, scale_factor=1.7, align_corners=True), (xs,))
+
+
+def test_empty_and_nan():
+    assert P.interpolate_bilinear(torch.zeros(0, 3, 4, 4), size=8).shape == (0, 3, 8, 8)
+    x = feature()
+    x[0, 0, 3, 5] = float("nan")
+    out = P.interpolate_bilinear(x, scale_factor=2)
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=2, mode="bilinear"), equal_nan=True)
+
+
+def test_opcheck_and_compile():
+    x = feature(n=1, c=2, h=5, w=6).requires_grad_()
+    opcheck(ops.upsample_bilinear, (x, 9, 13, False, -1.0, -1.0))
+    opcheck(ops.upsample_bilinear, (x, 12, 15, True, 2.5, 2.5))
+    opcheck(ops.upsample_bilinear_backward, (torch.randn(1, 2, 9, 13, dtype=torch.float64), 5, 6, False, -1.0, -1.0))
+    f = torch.compile(lambda t: P.interpolate_bilinear(t, scale_factor=2).sum(), fullgraph=True)
+    torch.testing.assert_close(f(x), P.interpolate_bilinear(x, scale_factor=2).sum())
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.interpolate_bilinear(torch.zeros(2, 3, 4), size=4), ValueError, "input"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4, dtype=torch.long), size=4), TypeError, "input"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4)), ValueError, "exactly one"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), size=4, scale_factor=2), ValueError, "exactly one"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), size=(4, 4, 4)), ValueError, "size"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), size=2.5), TypeError, "size"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=-1), ValueError, "scale_factor"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=0.1), ValueError, "output size"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 0, 4), size=4), ValueError, "spatial"),
+    ],
+)
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
