@@ -63,6 +63,15 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "upsample_bilinear_backward(Tensor grad, int in_h, int in_w, bool align_corners, float scale_h, "
       "float scale_w) -> Tensor");
+
+  // Softmax cross-entropy with class-index targets on [N, C, S] logits: per position
+  // (loss, weight of its target class, log-sum-exp); ignored positions give (0, 0, lse).
+  m.def(
+      "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "int ignore_index, float label_smoothing) -> Tensor");
 }
 
 namespace {

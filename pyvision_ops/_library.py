@@ -193,6 +193,38 @@ def _upsample_backward(ctx, grad):
 torch.library.register_autograd("pyvision_ops::upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
 
 
+# ------------------------------------------------------------- cross-entropy
+
+@torch.library.register_fake("pyvision_ops::softmax_cross_entropy")
+def _(logits, target, weight, ignore_index, label_smoothing):
+    acc = _acc_dtype(logits.dtype)
+    shape = (logits.shape[0], logits.shape[2])
+    return logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake("pyvision_ops::softmax_cross_entropy_backward")
+def _(grad, logits, target, weight, lse, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(logits, target, weight, output[2])
+    ctx.args = (ignore_index, label_smoothing)
+
+
+def _ce_backward(ctx, grad_loss, grad_wpos, grad_lse):
+    # The target weights and the log-sum-exp are not differentiable outputs: only the loss is.
+    logits, target, weight, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, lse, *ctx.args)
+    return dz, None, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::softmax_cross_entropy", _ce_backward, setup_context=_ce_setup)
+
+
 # --------------------------------------------------------------------- losses
 
 @torch.library.register_fake("pyvision_ops::sigmoid_focal_loss")

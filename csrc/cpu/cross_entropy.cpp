@@ -1,0 +1,200 @@
+// Softmax cross-entropy, CPU kernels. Logits are [N, C, S]; positions run in fixed
+// blocks of one image, classes in the outer loop, so every inner loop is contiguous
+// and vectorised. The forward keeps one log-sum-exp per position; the backward
+// recomputes the softmax from it.
+//
+// Per position with target y (not ignored), weights w (1 when absent), W = sum_c w_c:
+//   loss = (1 - eps) w_y (lse - z_y) + eps / C sum_c w_c (lse - z_c)
+//   d loss / d z_c = (1 - eps) w_y (p_c - [c = y]) + eps / C (W p_c - w_c)
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/losses.h"  // log_pos, and exp_approx via nms.h
+
+namespace pyvision_ops {
+namespace {
+
+constexpr int64_t kBlock = 1024;
+
+void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target,
+              const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be [N, C, S]");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
+              ": target must be [N, S]");
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64");
+  if (weight) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op, ": weight must be [C]");
+  }
+}
+
+template <typename T>
+std::vector<T> class_weights(const std::optional<at::Tensor>& weight, int64_t C) {
+  std::vector<T> w(C, T(1));
+  if (weight) {
+    const auto wt = weight->to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* pw = wt.template const_data_ptr<T>();
+    std::copy(pw, pw + C, w.begin());
+  }
+  return w;
+}
+
+// Over the C planes (stride S) of a block of n positions: lse[j], wz[j] = sum_c w_c z_c and
+// zy[j] = z_{y_j}, in two passes over the logits.
+template <typename scalar_t, typename T>
+__attribute__((target_clones("avx2", "default"))) void block_stats(const scalar_t* __restrict__ z, int64_t C,
+                                                                   int64_t S, int64_t n,
+                                                                   const int64_t* __restrict__ y,
+                                                                   const T* __restrict__ w, T* __restrict__ mx,
+                                                                   T* __restrict__ sum, T* __restrict__ wz,
+                                                                   T* __restrict__ zy, T* __restrict__ lse) {
+  for (int64_t j = 0; j < n; ++j) {
+    mx[j] = -std::numeric_limits<T>::infinity();
+    sum[j] = wz[j] = zy[j] = T(0);
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < n; ++j) mx[j] = std::max(mx[j], T(z[c * S + j]));
+  for (int64_t c = 0; c < C; ++c) {
+    const T wc = w[c];
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = T(z[c * S + j]);
+      sum[j] += nms::exp_approx(v - mx[j]);
+      wz[j] += wc * v;
+      zy[j] += y[j] == c ? v : T(0);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) lse[j] = mx[j] + losses::log_pos(sum[j]);
+}
+
+// dz_c = a p_c - [c = y] b - g spread w_c for every class plane of a block.
+template <typename scalar_t, typename T>
+__attribute__((target_clones("avx2", "default"))) void block_grad(const scalar_t* __restrict__ z, int64_t C,
+                                                                  int64_t S, int64_t n,
+                                                                  const int64_t* __restrict__ y,
+                                                                  const T* __restrict__ w, const T* __restrict__ a,
+                                                                  const T* __restrict__ b, const T* __restrict__ g,
+                                                                  const T* __restrict__ lse, T spread,
+                                                                  scalar_t* __restrict__ dz) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T gs = spread * w[c];
+    for (int64_t j = 0; j < n; ++j) {
+      const T p = nms::exp_approx(T(z[c * S + j]) - lse[j]);
+      dz[c * S + j] = static_cast<scalar_t>(a[j] * p - (y[j] == c ? b[j] : T(0)) - g[j] * gs);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& logits,
+                                                                         const at::Tensor& target,
+                                                                         const std::optional<at::Tensor>& weight,
+                                                                         int64_t ignore_index,
+                                                                         double label_smoothing) {
+  check_ce("softmax_cross_entropy", logits, target, weight);
+  const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
+  const auto z = logits.contiguous();
+  const auto y = target.contiguous();
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({N, S}, z.options().dtype(acc));
+  auto wpos = at::empty({N, S}, z.options().dtype(acc));
+  auto lse = at::empty({N, S}, z.options().dtype(acc));
+  const int64_t* py = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * S; ++i) {
+    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "cross_entropy: target value ",
+                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
+  }
+  if (N * S == 0) return {loss, wpos, lse};
+  const int64_t nb = (S + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = class_weights<T>(weight, C);
+    T wsum = 0;
+    for (T v : w) wsum += v;
+    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const scalar_t* pz = z.const_data_ptr<scalar_t>();
+    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
+    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> mx(kBlock), sum(kBlock), wz(kBlock), zy(kBlock);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
+        const int64_t* yy = py + n * S + j0;
+        T* e = pe + n * S + j0;
+        block_stats<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), mx.data(), sum.data(), wz.data(),
+                                 zy.data(), e);
+        for (int64_t j = 0; j < cnt; ++j) {
+          const bool ign = yy[j] == ignore_index;
+          const T wy = ign ? T(0) : w[yy[j]];
+          const T l = keep * wy * (e[j] - zy[j]) + spread * (wsum * e[j] - wz[j]);
+          pl[n * S + j0 + j] = ign ? T(0) : l;
+          pw[n * S + j0 + j] = wy;
+        }
+      }
+    });
+  });
+  return {loss, wpos, lse};
+}
+
+at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                              const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                              const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+  check_ce("softmax_cross_entropy_backward", logits, target, weight);
+  const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
+  TORCH_CHECK(grad.sizes() == target.sizes() && lse.sizes() == target.sizes(),
+              "softmax_cross_entropy_backward: grad and lse must be [N, S]");
+  const auto z = logits.contiguous();
+  const auto y = target.contiguous();
+  auto dz = at::empty_like(z);
+  if (N * S == 0 || C == 0) return dz;
+  const int64_t nb = (S + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = class_weights<T>(weight, C);
+    T wsum = 0;
+    for (T v : w) wsum += v;
+    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto e = lse.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const scalar_t* pz = z.const_data_ptr<scalar_t>();
+    const int64_t* py = y.const_data_ptr<int64_t>();
+    const T *pg = g.const_data_ptr<T>(), *pe = e.const_data_ptr<T>();
+    scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> a(kBlock), b(kBlock), gm(kBlock);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
+        const int64_t* yy = py + n * S + j0;
+        const T* gg = pg + n * S + j0;
+        // dz_c = g (keep w_y + spread W) p_c - g (keep w_y [c = y] + spread w_c); 0 where ignored
+        for (int64_t j = 0; j < cnt; ++j) {
+          const bool ign = yy[j] == ignore_index;
+          const T wy = ign ? T(0) : w[yy[j]];
+          gm[j] = ign ? T(0) : gg[j];
+          a[j] = gm[j] * (keep * wy + spread * wsum);
+          b[j] = gm[j] * keep * wy;
+        }
+        block_grad<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), a.data(), b.data(), gm.data(),
+                                pe + n * S + j0, spread, pd + n * C * S + j0);
+      }
+    });
+  });
+  return dz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
+  m.impl("softmax_cross_entropy", &softmax_cross_entropy_cpu);
+  m.impl("softmax_cross_entropy_backward", &softmax_cross_entropy_backward_cpu);
+}
+
+}  // namespace pyvision_ops

@@ -1,0 +1,54 @@
+"""Softmax cross-entropy with class-index targets: one fused pass forward, one backward.
+
+Same values and gradients as ``F.cross_entropy`` for ``[N, C]`` and ``[N, C, d1, ...]``
+logits with class-index targets, ``weight``, ``ignore_index``, ``reduction`` and
+``label_smoothing`` (with torch's weighted-mean normalisation). The forward keeps
+one log-sum-exp per position; the backward recomputes the softmax from it. C++ on
+the CPU (csrc/cpu/cross_entropy.cpp); no GPU kernel yet. The loss is fp32 (fp64
+for fp64 logits), fp16/bf16 logits are read with fp32 accumulation. As torch does,
+the mean over a batch whose targets are all ``ignore_index`` is NaN (0 / 0).
+"""
+
+import torch
+
+from . import _utils
+from ._library import ops
+
+
+def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=None, ignore_index: int = -100,
+                          reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of ``softmax(logits, dim=1)``; see the module docstring."""
+    _utils.check_tensor("logits", logits)
+    _utils.check_tensor("target", target)
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    if logits.dim() == 1:  # unbatched: [C] and a scalar target
+        logits, target = logits[None], target.reshape(1)
+    if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"target must be [N, d1, ...] for logits [N, C, d1, ...]; got logits "
+                         f"{list(logits.shape)} and target {list(target.shape)}")
+    c = logits.shape[1]
+    if weight is not None:
+        _utils.check_tensor("weight", weight)
+        if weight.shape != (c,):
+            raise ValueError(f"weight must have shape [C] = [{c}], got {list(weight.shape)}")
+        _utils.check_same_device(logits=logits, weight=weight)
+    _utils.check_same_device(logits=logits, target=target)
+    if logits.device.type != "cpu":
+        raise NotImplementedError(f"softmax_cross_entropy has no {logits.device.type} kernel yet (CPU only)")
+    _utils.check_reduction(reduction)
+    eps = _utils.check_float("label_smoothing", label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    n = logits.shape[0]
+    loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, -1), target.reshape(n, -1).to(torch.int64),
+                                              weight, ignore_index, eps)
+    if reduction == "none":
+        return loss.view(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / wpos.sum()

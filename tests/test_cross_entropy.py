@@ -1,0 +1,103 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import opcheck
+
+import pyvision_ops as P
+
+ops = torch.ops.pyvision_ops
+
+
+def batch(shape=(3, 5, 4, 6), dtype=torch.float64, ignore=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+    y[torch.rand(y.shape, generator=g) < 0.2] = ignore
+    w = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.1
+    return x, y, w
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4, 6), (2, 3, 4, 5, 2), (1, 1, 9)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_torch(shape, weighted, label_smoothing, reduction):
+    x, y, w = batch(shape)
+    kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=label_smoothing)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = P.softmax_cross_entropy(x1, y, **kw), F.cross_entropy(x2, y, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    gw = torch.rand(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    go = torch.autograd.grad((ours * gw).sum(), [x1])[0]
+    gr = torch.autograd.grad((ref * gw).sum(), [x2])[0]
+    torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
+
+
+def test_ignore_index_values_and_all_ignored():
+    x, y, w = batch(ignore=255)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.2)):
+        torch.testing.assert_close(P.softmax_cross_entropy(x, y, ignore_index=255, **kw),
+                                   F.cross_entropy(x, y, ignore_index=255, **kw))
+    none = torch.full_like(y, 255)
+    ours = P.softmax_cross_entropy(x, none, ignore_index=255)
+    assert torch.isnan(ours) and torch.isnan(F.cross_entropy(x, none, ignore_index=255))  # 0 / 0, as torch
+    assert P.softmax_cross_entropy(x, none, ignore_index=255, reduction="sum").item() == 0
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(P.softmax_cross_entropy(xr, none, ignore_index=255, reduction="sum"), [xr])
+    assert (g == 0).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_low_precision_gives_fp32(dtype, tol):
+    x, y, w = batch((2, 19, 16, 24), dtype=dtype, ignore=255)
+    ours = P.softmax_cross_entropy(x, y, weight=w.float(), ignore_index=255, label_smoothing=0.1)
+    assert ours.dtype == torch.float32
+    ref = F.cross_entropy(x.double(), y, weight=w, ignore_index=255, label_smoothing=0.1)
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+
+
+def test_unbatched_noncontiguous_determinism():
+    x, y, _ = batch((6, 4))
+    torch.testing.assert_close(P.softmax_cross_entropy(x[0], y[0].clamp(min=0)),
+                               F.cross_entropy(x[0], y[0].clamp(min=0)))
+    xt = torch.randn(3, 8, 5, 7, dtype=torch.float64).transpose(2, 3)
+    yt = torch.randint(0, 8, (3, 7, 5))
+    torch.testing.assert_close(P.softmax_cross_entropy(xt, yt), F.cross_entropy(xt, yt))
+    xb, yb, _ = batch((2, 19, 64, 64), dtype=torch.float32, ignore=255)
+    xb.requires_grad_()
+    g1 = torch.autograd.grad(P.softmax_cross_entropy(xb, yb, ignore_index=255), [xb])[0]
+    g2 = torch.autograd.grad(P.softmax_cross_entropy(xb, yb, ignore_index=255), [xb])[0]
+    assert torch.equal(g1, g2)
+
+
+def test_gradcheck_opcheck_compile():
+    x, y, w = batch((2, 3, 4))
+    xr = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: P.softmax_cross_entropy(t, y, weight=w, label_smoothing=0.2, reduction="none"), (xr,))
+    opcheck(ops.softmax_cross_entropy, (xr, y.clamp(min=0), w, -100, 0.1))
+    opcheck(ops.softmax_cross_entropy, (xr, y, None, -100, 0.0))
+    f = torch.compile(lambda t: P.softmax_cross_entropy(t, y) * 2, fullgraph=True)
+    torch.testing.assert_close(f(x), P.softmax_cross_entropy(x, y) * 2)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)), ValueError, "target"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2)), TypeError, "target"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
+         TypeError, "logits"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), weight=torch.ones(4)),
+         ValueError, "weight"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3])), RuntimeError, "outside"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([0, -5])), RuntimeError, "outside"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg"),
+         ValueError, "reduction"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.5),
+         ValueError, "label_smoothing"),
+    ],
+)
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
