@@ -1,4 +1,6 @@
-"""Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits, ignore_index 255, forward+backward."""
+"""Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits, and upsample + cross-entropy from
+(2, 19, 64, 128) logits to (512, 1024) labels vs interpolate then cross_entropy; ignore_index 255,
+forward+backward."""
 
 import torch
 import torch.nn.functional as F
@@ -23,5 +25,27 @@ def _ce(device):
     return (lambda: run(F.cross_entropy)), (lambda: run(P.softmax_cross_entropy))
 
 
-WORKLOADS = [Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024)", "F.cross_entropy", _ce,
-                      devices=("cpu",))]
+def _upsample_ce(device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 19, 64, 128, generator=g).to(device)
+    y = torch.randint(0, 19, (2, 512, 1024), generator=g)
+    y[torch.rand(2, 512, 1024, generator=g) < 0.1] = 255
+    y = y.to(device)
+
+    def unfused(t, u):
+        return F.cross_entropy(F.interpolate(t, size=(512, 1024), mode="bilinear"), u, ignore_index=255)
+
+    def run(f):
+        xr = x.detach().requires_grad_()
+        f(xr, y).backward()
+        return xr.grad
+
+    return (lambda: run(unfused)), (lambda: run(lambda t, u: P.upsample_cross_entropy(t, u, ignore_index=255)))
+
+
+CPU = ("cpu",)  # no CUDA kernels yet
+WORKLOADS = [
+    Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024)", "F.cross_entropy", _ce, devices=CPU),
+    Workload("cross_entropy", "upsample+CE fwd+bwd (2,19,64,128)->(512,1024)", "interpolate + cross_entropy",
+             _upsample_ce, devices=CPU),
+]

@@ -72,6 +72,14 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "softmax_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "int ignore_index, float label_smoothing) -> Tensor");
+  // Cross-entropy of bilinearly upsampled [N, C, h, w] logits against [N, H, W] targets, one output
+  // row at a time: the [N, C, H, W] logits never exist. Outputs as softmax_cross_entropy, [N, H, W].
+  m.def(
+      "upsample_cross_entropy(Tensor logits, Tensor target, bool align_corners, Tensor? weight, int ignore_index, "
+      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool align_corners, "
+      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing) -> Tensor");
 }
 
 namespace {

@@ -17,7 +17,7 @@ from .box_iou import (
     generalized_box_iou_loss,
     matched_box_iou,
 )
-from .cross_entropy import softmax_cross_entropy
+from .cross_entropy import softmax_cross_entropy, upsample_cross_entropy
 from .interpolate import interpolate_bilinear
 from .losses import dice_loss, lovasz_hinge, lovasz_softmax, sigmoid_focal_loss
 from .nms import batched_nms, batched_soft_nms, nms, soft_nms
@@ -49,5 +49,6 @@ __all__ = [
     "roi_align",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
+    "upsample_cross_entropy",
     "soft_nms",
 ]

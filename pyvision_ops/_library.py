@@ -225,6 +225,36 @@ def _ce_backward(ctx, grad_loss, grad_wpos, grad_lse):
 torch.library.register_autograd("pyvision_ops::softmax_cross_entropy", _ce_backward, setup_context=_ce_setup)
 
 
+@torch.library.register_fake("pyvision_ops::upsample_cross_entropy")
+def _(logits, target, align_corners, weight, ignore_index, label_smoothing):
+    acc = _acc_dtype(logits.dtype)
+    return tuple(target.new_empty(target.shape, dtype=acc) for _ in range(3))
+
+
+@torch.library.register_fake("pyvision_ops::upsample_cross_entropy_backward")
+def _(grad, logits, target, align_corners, weight, lse, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+def _up_ce_setup(ctx, inputs, output):
+    logits, target, align_corners, weight, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(logits, target, weight, output[2])
+    ctx.args = (align_corners, ignore_index, label_smoothing)
+
+
+def _up_ce_backward(ctx, grad_loss, grad_wpos, grad_lse):
+    logits, target, weight, lse = ctx.saved_tensors
+    align_corners, ignore_index, label_smoothing = ctx.args
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, lse, ignore_index,
+                                             label_smoothing)
+    return dz, None, None, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::upsample_cross_entropy", _up_ce_backward, setup_context=_up_ce_setup)
+
+
 # --------------------------------------------------------------------- losses
 
 @torch.library.register_fake("pyvision_ops::sigmoid_focal_loss")

@@ -1,4 +1,5 @@
-"""Softmax cross-entropy with class-index targets: one fused pass forward, one backward.
+"""Softmax cross-entropy with class-index targets (one fused pass forward, one backward), and
+the same on bilinearly upsampled logits without materialising them.
 
 Same values and gradients as ``F.cross_entropy`` for ``[N, C]`` and ``[N, C, d1, ...]``
 logits with class-index targets, ``weight``, ``ignore_index``, ``reduction`` and
@@ -15,20 +16,7 @@ from . import _utils
 from ._library import ops
 
 
-def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=None, ignore_index: int = -100,
-                          reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of ``softmax(logits, dim=1)``; see the module docstring."""
-    _utils.check_tensor("logits", logits)
-    _utils.check_tensor("target", target)
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
-    if logits.dim() == 1:  # unbatched: [C] and a scalar target
-        logits, target = logits[None], target.reshape(1)
-    if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"target must be [N, d1, ...] for logits [N, C, d1, ...]; got logits "
-                         f"{list(logits.shape)} and target {list(target.shape)}")
+def _check_options(logits, target, weight, ignore_index, reduction, label_smoothing, op):
     c = logits.shape[1]
     if weight is not None:
         _utils.check_tensor("weight", weight)
@@ -37,18 +25,67 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
         _utils.check_same_device(logits=logits, weight=weight)
     _utils.check_same_device(logits=logits, target=target)
     if logits.device.type != "cpu":
-        raise NotImplementedError(f"softmax_cross_entropy has no {logits.device.type} kernel yet (CPU only)")
+        raise NotImplementedError(f"{op} has no {logits.device.type} kernel yet (CPU only)")
     _utils.check_reduction(reduction)
     eps = _utils.check_float("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    n = logits.shape[0]
-    loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, -1), target.reshape(n, -1).to(torch.int64),
-                                              weight, ignore_index, eps)
+    return eps
+
+
+def _reduce(loss, wpos, shape, reduction):
     if reduction == "none":
-        return loss.view(target.shape)
+        return loss.view(shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / wpos.sum()
+    return loss.sum() / wpos.sum()  # torch's weighted mean; NaN when every target is ignored
+
+
+def _check_tensors(logits, target):
+    _utils.check_tensor("logits", logits)
+    _utils.check_tensor("target", target)
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+
+
+def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=None, ignore_index: int = -100,
+                          reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of ``softmax(logits, dim=1)``; see the module docstring."""
+    _check_tensors(logits, target)
+    if logits.dim() == 1:  # unbatched: [C] and a scalar target
+        logits, target = logits[None], target.reshape(1)
+    if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"target must be [N, d1, ...] for logits [N, C, d1, ...]; got logits "
+                         f"{list(logits.shape)} and target {list(target.shape)}")
+    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing, "softmax_cross_entropy")
+    n, c = logits.shape[:2]
+    loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, -1), target.reshape(n, -1).to(torch.int64),
+                                              weight, ignore_index, eps)
+    return _reduce(loss, wpos, target.shape, reduction)
+
+
+def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_corners: bool = False, weight=None,
+                           ignore_index: int = -100, reduction: str = "mean",
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """``F.cross_entropy(F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+    align_corners=align_corners), target, ...)`` without the upsampled logits.
+
+    ``logits``: ``[N, C, h, w]``; ``target``: ``[N, H, W]``. Forward and backward go
+    one output row at a time; the gradient reaches the low-resolution logits
+    directly, accumulated per image in a fixed order (deterministic). Extra memory
+    is three ``[N, H, W]`` fp32 maps (loss, target weight, log-sum-exp).
+    """
+    _check_tensors(logits, target)
+    if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"logits must be [N, C, h, w] and target [N, H, W]; got {list(logits.shape)} and "
+                         f"{list(target.shape)}")
+    if logits.shape[2] == 0 or logits.shape[3] == 0:
+        raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
+    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing, "upsample_cross_entropy")
+    loss, wpos, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), bool(align_corners), weight,
+                                               ignore_index, eps)
+    return _reduce(loss, wpos, target.shape, reduction)

@@ -101,3 +101,77 @@ def test_gradcheck_opcheck_compile():
 def test_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+# ------------------------------------------------- fused upsample + cross-entropy
+
+def unfused(x, y, align_corners=False, **kw):
+    up = F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=align_corners)
+    return F.cross_entropy(up, y, **kw)
+
+
+@pytest.mark.parametrize("out_size", [(23, 17), (48, 56), (6, 7), (3, 4)])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(weighted=True, label_smoothing=0.2), dict(label_smoothing=1.0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upsample_ce_matches_unfused(out_size, align_corners, options, reduction):
+    x, _, w = batch((2, 5, 6, 7))
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 5, (2, *out_size), generator=g)
+    y[torch.rand(y.shape, generator=g) < 0.2] = 255
+    kw = dict(weight=w if options.get("weighted") else None, ignore_index=255, reduction=reduction,
+              label_smoothing=options.get("label_smoothing", 0.0))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.upsample_cross_entropy(x1, y, align_corners, **kw)
+    ref = unfused(x2, y, align_corners, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    gw = torch.rand(ours.shape, dtype=torch.float64, generator=g)
+    go = torch.autograd.grad((ours * gw).sum(), [x1])[0]
+    gr = torch.autograd.grad((ref * gw).sum(), [x2])[0]
+    torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
+
+
+def test_upsample_ce_low_precision_all_ignored_determinism():
+    x, _, _ = batch((2, 19, 16, 32), dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(0, 19, (2, 128, 256), generator=g)
+    y[torch.rand(y.shape, generator=g) < 0.1] = 255
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
+        ours = P.upsample_cross_entropy(x.to(dtype), y, ignore_index=255)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), unfused(x.to(dtype).double(), y, ignore_index=255), rtol=tol,
+                                   atol=tol)
+    xr = x.clone().requires_grad_()
+    g1 = torch.autograd.grad(P.upsample_cross_entropy(xr, y, ignore_index=255), [xr])[0]
+    g2 = torch.autograd.grad(P.upsample_cross_entropy(xr, y, ignore_index=255), [xr])[0]
+    assert torch.equal(g1, g2)
+    none = torch.full_like(y, 255)
+    assert torch.isnan(P.upsample_cross_entropy(x, none, ignore_index=255))  # 0 / 0, as torch
+
+
+def test_upsample_ce_opcheck_compile_gradcheck():
+    x, _, w = batch((1, 3, 3, 4))
+    y = torch.randint(0, 3, (1, 7, 9))
+    xr = x.clone().requires_grad_()
+    opcheck(ops.upsample_cross_entropy, (xr, y, False, w, -100, 0.1))
+    assert torch.autograd.gradcheck(lambda t: P.upsample_cross_entropy(t, y, True, weight=w, reduction="none"), (xr,))
+    f = torch.compile(lambda t: P.upsample_cross_entropy(t, y) * 2, fullgraph=True)
+    torch.testing.assert_close(f(x), P.upsample_cross_entropy(x, y) * 2)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: P.upsample_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 4, 4, dtype=torch.long)), ValueError,
+         "logits"),
+        (lambda: P.upsample_cross_entropy(torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.long)),
+         ValueError, "target"),
+        (lambda: P.upsample_cross_entropy(torch.zeros(1, 3, 4, 4), torch.full((1, 8, 8), 7)), RuntimeError,
+         "outside"),
+        (lambda: P.upsample_cross_entropy(torch.zeros(1, 3, 0, 4), torch.zeros(1, 8, 8, dtype=torch.long)),
+         ValueError, "spatial"),
+    ],
+)
+def test_upsample_ce_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "common/interpolate.h"
 #include "common/losses.h"  // log_pos, and exp_approx via nms.h
 
 namespace pyvision_ops {
@@ -190,11 +191,158 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
   return dz;
 }
 
+// ------------------------------------------------- fused upsample + cross-entropy
+
+void check_up(const char* op, const at::Tensor& logits, const at::Tensor& target,
+              const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(logits.dim() == 4, op, ": logits must be [N, C, h, w]");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
+  TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.scalar_type() == at::kLong, op,
+              ": target must be int64 [N, H, W]");
+  TORCH_CHECK(logits.size(2) > 0 && logits.size(3) > 0, op, ": logits must have a non-empty spatial size");
+  if (weight) TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op, ": weight must be [C]");
+}
+
+// Upsampled logits of output row oy for every class: u[c * W + ox].
+template <typename scalar_t, typename T>
+void upsampled_row(const scalar_t* L, int64_t C, int64_t h, int64_t w, int64_t W, const interp::Tap<T>& ty,
+                   const std::vector<interp::Tap<T>>& tx, T* blend, T* u) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* r0 = L + (c * h + ty.i0) * w;
+    const scalar_t* r1 = L + (c * h + ty.i1) * w;
+    for (int64_t x = 0; x < w; ++x) blend[x] = ty.w0 * T(r0[x]) + ty.w1 * T(r1[x]);
+    T* uc = u + c * W;
+    for (int64_t ox = 0; ox < W; ++ox) uc[ox] = tx[ox].w0 * blend[tx[ox].i0] + tx[ox].w1 * blend[tx[ox].i1];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const at::Tensor& logits,
+                                                                          const at::Tensor& target,
+                                                                          bool align_corners,
+                                                                          const std::optional<at::Tensor>& weight,
+                                                                          int64_t ignore_index,
+                                                                          double label_smoothing) {
+  check_up("upsample_cross_entropy", logits, target, weight);
+  const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const int64_t H = target.size(1), W = target.size(2);
+  const auto z = logits.contiguous();
+  const auto y = target.contiguous();
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({N, H, W}, z.options().dtype(acc));
+  auto wpos = at::empty({N, H, W}, z.options().dtype(acc));
+  auto lse = at::empty({N, H, W}, z.options().dtype(acc));
+  const int64_t* py = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "cross_entropy: target value ",
+                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
+  }
+  if (y.numel() == 0) return {loss, wpos, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto wc = class_weights<T>(weight, C);
+    T wsum = 0;
+    for (T v : wc) wsum += v;
+    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const T ry = interp::axis_ratio<T>(h, H, align_corners, -1.0), rx = interp::axis_ratio<T>(w, W, align_corners, -1.0);
+    std::vector<interp::Tap<T>> tx(W);
+    for (int64_t ox = 0; ox < W; ++ox) tx[ox] = interp::axis_tap<T>(ox, w, W, align_corners, rx);
+    const scalar_t* pz = z.const_data_ptr<scalar_t>();
+    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
+    at::parallel_for(0, N * H, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> blend(w), u(C * W), mx(W), sum(W), wz(W), zy(W);
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t n = row / H, oy = row % H;
+        upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, interp::axis_tap<T>(oy, h, H, align_corners, ry),
+                                   tx, blend.data(), u.data());
+        const int64_t* yy = py + row * W;
+        T* e = pe + row * W;
+        block_stats<T, T>(u.data(), C, W, W, yy, wc.data(), mx.data(), sum.data(), wz.data(), zy.data(), e);
+        for (int64_t j = 0; j < W; ++j) {
+          const bool ign = yy[j] == ignore_index;
+          const T wy = ign ? T(0) : wc[yy[j]];
+          pl[row * W + j] = ign ? T(0) : keep * wy * (e[j] - zy[j]) + spread * (wsum * e[j] - wz[j]);
+          pw[row * W + j] = wy;
+        }
+      }
+    });
+  });
+  return {loss, wpos, lse};
+}
+
+at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                               const at::Tensor& target, bool align_corners,
+                                               const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                               int64_t ignore_index, double label_smoothing) {
+  check_up("upsample_cross_entropy_backward", logits, target, weight);
+  const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const int64_t H = target.size(1), W = target.size(2);
+  TORCH_CHECK(grad.sizes() == target.sizes() && lse.sizes() == target.sizes(),
+              "upsample_cross_entropy_backward: grad and lse must be [N, H, W]");
+  const auto z = logits.contiguous();
+  const auto y = target.contiguous();
+  auto dz = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto wc = class_weights<T>(weight, C);
+    T wsum = 0;
+    for (T v : wc) wsum += v;
+    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const T ry = interp::axis_ratio<T>(h, H, align_corners, -1.0), rx = interp::axis_ratio<T>(w, W, align_corners, -1.0);
+    std::vector<interp::Tap<T>> tx(W);
+    for (int64_t ox = 0; ox < W; ++ox) tx[ox] = interp::axis_tap<T>(ox, w, W, align_corners, rx);
+    const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto e = lse.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const scalar_t* pz = z.const_data_ptr<scalar_t>();
+    const int64_t* py = y.const_data_ptr<int64_t>();
+    const T *pg = g.const_data_ptr<T>(), *pe = e.const_data_ptr<T>();
+    scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
+    // One image per task, rows in order: each image's gradient is accumulated in a fixed order.
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> blend(w), u(C * W), du(C * W), a(W), b(W), gm(W), dr(w), acc(C * h * w);
+      for (int64_t n = lo; n < hi; ++n) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t oy = 0; oy < H; ++oy) {
+          const int64_t row = n * H + oy;
+          const auto ty = interp::axis_tap<T>(oy, h, H, align_corners, ry);
+          upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, ty, tx, blend.data(), u.data());
+          const int64_t* yy = py + row * W;
+          for (int64_t j = 0; j < W; ++j) {
+            const bool ign = yy[j] == ignore_index;
+            const T wy = ign ? T(0) : wc[yy[j]];
+            gm[j] = ign ? T(0) : pg[row * W + j];
+            a[j] = gm[j] * (keep * wy + spread * wsum);
+            b[j] = gm[j] * keep * wy;
+          }
+          block_grad<T, T>(u.data(), C, W, W, yy, wc.data(), a.data(), b.data(), gm.data(), pe + row * W, spread,
+                           du.data());
+          for (int64_t c = 0; c < C; ++c) {
+            std::fill(dr.begin(), dr.end(), T(0));
+            const T* duc = du.data() + c * W;
+            for (int64_t ox = 0; ox < W; ++ox) {
+              dr[tx[ox].i0] += tx[ox].w0 * duc[ox];
+              dr[tx[ox].i1] += tx[ox].w1 * duc[ox];
+            }
+            T* g0 = acc.data() + (c * h + ty.i0) * w;
+            T* g1 = acc.data() + (c * h + ty.i1) * w;
+            for (int64_t x = 0; x < w; ++x) g0[x] += ty.w0 * dr[x];
+            for (int64_t x = 0; x < w; ++x) g1[x] += ty.w1 * dr[x];
+          }
+        }
+        scalar_t* dst = pd + n * C * h * w;
+        for (int64_t i = 0; i < C * h * w; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return dz;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("softmax_cross_entropy", &softmax_cross_entropy_cpu);
   m.impl("softmax_cross_entropy_backward", &softmax_cross_entropy_backward_cpu);
+  m.impl("upsample_cross_entropy", &upsample_cross_entropy_cpu);
+  m.impl("upsample_cross_entropy_backward", &upsample_cross_entropy_backward_cpu);
 }
 
 }  // namespace pyvision_ops
