@@ -40,15 +40,30 @@ void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target
   }
 }
 
+// Class weights (1 when absent) and the label-smoothing split of the loss:
+// loss = keep * w_y (lse - z_y) + spread * sum_c w_c (lse - z_c).
 template <typename T>
-std::vector<T> class_weights(const std::optional<at::Tensor>& weight, int64_t C) {
-  std::vector<T> w(C, T(1));
-  if (weight) {
-    const auto wt = weight->to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const T* pw = wt.template const_data_ptr<T>();
-    std::copy(pw, pw + C, w.begin());
+struct Classes {
+  std::vector<T> w;
+  T wsum = 0, keep, spread;
+  Classes(const std::optional<at::Tensor>& weight, int64_t C, double label_smoothing)
+      : w(C, T(1)), keep(T(1) - T(label_smoothing)), spread(T(label_smoothing) / T(C)) {
+    if (weight) {
+      const auto wt = weight->to(c10::CppTypeToScalarType<T>::value).contiguous();
+      const T* pw = wt.template const_data_ptr<T>();
+      std::copy(pw, pw + C, w.begin());
+    }
+    for (T v : w) wsum += v;
   }
-  return w;
+};
+
+// Class-index targets must be in [0, C) or ignore_index (checked on the host: CPU kernels).
+void check_targets(const at::Tensor& y, int64_t C, int64_t ignore_index) {
+  const int64_t* py = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "cross_entropy: target value ",
+                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
+  }
 }
 
 // Over the C planes (stride S) of a block of n positions: lse[j], wz[j] = sum_c w_c z_c and
@@ -109,19 +124,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
   auto loss = at::empty({N, S}, z.options().dtype(acc));
   auto wpos = at::empty({N, S}, z.options().dtype(acc));
   auto lse = at::empty({N, S}, z.options().dtype(acc));
+  check_targets(y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < N * S; ++i) {
-    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "cross_entropy: target value ",
-                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
-  }
   if (N * S == 0) return {loss, wpos, lse};
   const int64_t nb = (S + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto w = class_weights<T>(weight, C);
-    T wsum = 0;
-    for (T v : w) wsum += v;
-    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const Classes<T> cls(weight, C, label_smoothing);
+    const auto& w = cls.w;
+    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
@@ -159,10 +170,9 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
   const int64_t nb = (S + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto w = class_weights<T>(weight, C);
-    T wsum = 0;
-    for (T v : w) wsum += v;
-    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const Classes<T> cls(weight, C, label_smoothing);
+    const auto& w = cls.w;
+    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const auto e = lse.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
@@ -231,18 +241,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
   auto loss = at::empty({N, H, W}, z.options().dtype(acc));
   auto wpos = at::empty({N, H, W}, z.options().dtype(acc));
   auto lse = at::empty({N, H, W}, z.options().dtype(acc));
+  check_targets(y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < y.numel(); ++i) {
-    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "cross_entropy: target value ",
-                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
-  }
   if (y.numel() == 0) return {loss, wpos, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto wc = class_weights<T>(weight, C);
-    T wsum = 0;
-    for (T v : wc) wsum += v;
-    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const Classes<T> cls(weight, C, label_smoothing);
+    const auto& wc = cls.w;
+    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const T ry = interp::axis_ratio<T>(h, H, align_corners, -1.0), rx = interp::axis_ratio<T>(w, W, align_corners, -1.0);
     std::vector<interp::Tap<T>> tx(W);
     for (int64_t ox = 0; ox < W; ++ox) tx[ox] = interp::axis_tap<T>(ox, w, W, align_corners, rx);
@@ -283,10 +289,9 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
   auto dz = at::empty_like(z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto wc = class_weights<T>(weight, C);
-    T wsum = 0;
-    for (T v : wc) wsum += v;
-    const T eps = T(label_smoothing), keep = T(1) - eps, spread = eps / T(C);
+    const Classes<T> cls(weight, C, label_smoothing);
+    const auto& wc = cls.w;
+    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const T ry = interp::axis_ratio<T>(h, H, align_corners, -1.0), rx = interp::axis_ratio<T>(w, W, align_corners, -1.0);
     std::vector<interp::Tap<T>> tx(W);
     for (int64_t ox = 0; ox < W; ++ox) tx[ox] = interp::axis_tap<T>(ox, w, W, align_corners, rx);
