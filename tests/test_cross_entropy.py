@@ -175,3 +175,38 @@ def test_upsample_ce_opcheck_compile_gradcheck():
 def test_upsample_ce_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch((2, 7, 5, 9), dtype=dtype)
+    x, y = x.reshape(2, 7, 45), y.reshape(2, 45)
+    wt = w.to(dtype) if weighted else None
+    for a, b in zip(K.softmax_cross_entropy(x, y, wt, -100, label_smoothing),
+                    ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    lse = ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)[2]
+    g = torch.rand(2, 45, dtype=lse.dtype)
+    torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing),
+                               ops.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_cross_entropy_matches_cpu(dtype):
+    x, y, w = batch((2, 19, 64, 96), dtype=dtype, ignore=255)
+    for kw in (dict(), dict(weight=w.float(), label_smoothing=0.1)):
+        xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+        a = P.softmax_cross_entropy(xg, y.cuda(), ignore_index=255, **{k: v.cuda() if torch.is_tensor(v) else v
+                                                                      for k, v in kw.items()})
+        b = P.softmax_cross_entropy(xc, y, ignore_index=255, **kw)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
+        torch.testing.assert_close(torch.autograd.grad(a, [xg])[0].cpu(), torch.autograd.grad(b, [xc])[0],
+                                   rtol=tol, atol=tol)
