@@ -20,5 +20,4 @@ def _x8(device):
             (lambda: run(lambda t: P.interpolate_bilinear(t, size=(512, 1024)))))
 
 
-WORKLOADS = [Workload("interpolate", "bilinear x8 fwd+bwd (2,19,64,128)->(512,1024)", "F.interpolate", _x8,
-                      devices=("cpu",))]
+WORKLOADS = [Workload("interpolate", "bilinear x8 fwd+bwd (2,19,64,128)->(512,1024)", "F.interpolate", _x8)]

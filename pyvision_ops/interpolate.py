@@ -2,8 +2,9 @@
 
 Same values as ``F.interpolate(mode="bilinear")`` on 4-D input, including
 torch's source-index rules (with ``scale_factor`` given, the source index uses
-``1 / scale_factor``, not in / out). C++ on the CPU (csrc/cpu/interpolate.cpp);
-no GPU kernel yet. fp16/bf16 are computed with fp32 accumulation.
+``1 / scale_factor``, not in / out). C++ on the CPU (csrc/cpu/interpolate.cpp),
+Triton on CUDA (kernels/interpolate.py); both backwards are gather-based and
+deterministic. fp16/bf16 are computed with fp32 accumulation.
 """
 
 import math
@@ -38,8 +39,6 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         raise ValueError(f"input must be [N, C, H, W], got shape {list(input.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"input must be floating point, got {input.dtype}")
-    if input.device.type != "cpu":
-        raise NotImplementedError(f"interpolate_bilinear has no {input.device.type} kernel yet (CPU only)")
     if (size is None) == (scale_factor is None):
         raise ValueError("give exactly one of size and scale_factor")
     h, w = input.shape[2:]

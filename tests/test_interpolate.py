@@ -87,3 +87,36 @@ def test_opcheck_and_compile():
 def test_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [(7, 11, 20, 33, False, -1.0), (7, 11, 20, 33, True, -1.0),
+                                  (7, 11, 17, 27, False, 2.5), (7, 11, 3, 4, False, -1.0),
+                                  (1, 5, 6, 9, False, -1.0), (2, 2, 9, 9, True, -1.0)], ids=str)
+def test_triton_interpreter(dtype, case):
+    from pyvision_ops.kernels import interpolate as K
+
+    h, w, oh, ow, ac, scale = case
+    x = feature(h=h, w=w, dtype=dtype)
+    torch.testing.assert_close(K.upsample_bilinear(x, oh, ow, ac, scale, scale),
+                               ops.upsample_bilinear(x, oh, ow, ac, scale, scale), rtol=1e-5, atol=1e-6)
+    g = torch.randn(2, 3, oh, ow, dtype=torch.float64).to(dtype)
+    torch.testing.assert_close(K.upsample_bilinear_backward(g, h, w, ac, scale, scale),
+                               ops.upsample_bilinear_backward(g, h, w, ac, scale, scale), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu_and_is_deterministic(dtype):
+    x = feature(c=19, h=64, w=128, dtype=dtype)
+    for kw in (dict(size=(512, 1024)), dict(scale_factor=2.5, align_corners=True)):
+        xg, xc = x.cuda().requires_grad_(), x.clone().requires_grad_()
+        a, b = P.interpolate_bilinear(xg, **kw), P.interpolate_bilinear(xc, **kw)
+        tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
+        w = torch.randn(a.shape, dtype=torch.float32).to(dtype)
+        g1 = torch.autograd.grad((a * w.cuda()).sum(), [xg])[0]
+        g2 = torch.autograd.grad((P.interpolate_bilinear(xg, **kw) * w.cuda()).sum(), [xg])[0]
+        assert torch.equal(g1, g2)
+        torch.testing.assert_close(g1.cpu(), torch.autograd.grad((b * w).sum(), [xc])[0], rtol=tol * 10, atol=tol * 10)
