@@ -5,8 +5,8 @@ Same values and gradients as ``F.cross_entropy`` for ``[N, C]`` and ``[N, C, d1,
 logits with class-index targets, ``weight``, ``ignore_index``, ``reduction`` and
 ``label_smoothing`` (with torch's weighted-mean normalisation). The forward keeps
 one log-sum-exp per position; the backward recomputes the softmax from it. C++ on
-the CPU (csrc/cpu/cross_entropy.cpp), Triton on CUDA (kernels/cross_entropy.py; the
-fused upsample version is CPU only so far). The loss is fp32 (fp64
+the CPU (csrc/cpu/cross_entropy.cpp), Triton on CUDA (kernels/cross_entropy.py). The
+loss is fp32 (fp64
 for fp64 logits), fp16/bf16 logits are read with fp32 accumulation. As torch does,
 the mean over a batch whose targets are all ``ignore_index`` is NaN (0 / 0). A
 target outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on CUDA it
@@ -19,7 +19,7 @@ from . import _utils
 from ._library import ops
 
 
-def _check_options(logits, target, weight, ignore_index, reduction, label_smoothing, op, cpu_only):
+def _check_options(logits, target, weight, ignore_index, reduction, label_smoothing):
     c = logits.shape[1]
     if weight is not None:
         _utils.check_tensor("weight", weight)
@@ -27,8 +27,6 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
             raise ValueError(f"weight must have shape [C] = [{c}], got {list(weight.shape)}")
         _utils.check_same_device(logits=logits, weight=weight)
     _utils.check_same_device(logits=logits, target=target)
-    if cpu_only and logits.device.type != "cpu":
-        raise NotImplementedError(f"{op} has no {logits.device.type} kernel yet (CPU only)")
     _utils.check_reduction(reduction)
     eps = _utils.check_float("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
@@ -64,8 +62,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target must be [N, d1, ...] for logits [N, C, d1, ...]; got logits "
                          f"{list(logits.shape)} and target {list(target.shape)}")
-    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing, "softmax_cross_entropy",
-                         cpu_only=False)
+    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
     loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, -1), target.reshape(n, -1).to(torch.int64),
                                               weight, ignore_index, eps)
@@ -89,8 +86,7 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
                          f"{list(target.shape)}")
     if logits.shape[2] == 0 or logits.shape[3] == 0:
         raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
-    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing, "upsample_cross_entropy",
-                         cpu_only=True)
+    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     loss, wpos, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), bool(align_corners), weight,
                                                ignore_index, eps)
     return _reduce(loss, wpos, target.shape, reduction)

@@ -210,3 +210,43 @@ def test_cuda_cross_entropy_matches_cpu(dtype):
         tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
         torch.testing.assert_close(torch.autograd.grad(a, [xg])[0].cpu(), torch.autograd.grad(b, [xc])[0],
                                    rtol=tol, atol=tol)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("weighted_smoothing", [False, True])
+def test_triton_upsample_ce_interpreter(dtype, align_corners, weighted_smoothing):
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, _, w = batch((2, 3, 4, 5), dtype=dtype)
+    y = torch.randint(0, 3, (2, 9, 11), generator=torch.Generator().manual_seed(5))
+    y[0, :2] = -100
+    wt, ls = (w.to(dtype), 0.2) if weighted_smoothing else (None, 0.0)
+    fwd_k = K.upsample_cross_entropy(x, y, align_corners, wt, -100, ls)
+    fwd_c = ops.upsample_cross_entropy(x, y, align_corners, wt, -100, ls)
+    for a, b in zip(fwd_k, fwd_c):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    g = torch.rand(2, 9, 11, dtype=fwd_c[2].dtype)
+    torch.testing.assert_close(K.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
+                               ops.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_upsample_ce_matches_cpu():
+    x, _, w = batch((2, 19, 32, 64), dtype=torch.float32)
+    g = torch.Generator().manual_seed(6)
+    y = torch.randint(0, 19, (2, 256, 512), generator=g)
+    y[torch.rand(y.shape, generator=g) < 0.1] = 255
+    for kw in (dict(), dict(weight=w.float(), label_smoothing=0.1)):
+        xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+        a = P.upsample_cross_entropy(xg, y.cuda(), ignore_index=255,
+                                     **{k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()})
+        b = P.upsample_cross_entropy(xc, y, ignore_index=255, **kw)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+        ga = torch.autograd.grad(a, [xg])[0]
+        torch.testing.assert_close(ga.cpu(), torch.autograd.grad(b, [xc])[0], rtol=1e-3, atol=1e-7)
+        assert torch.equal(ga, torch.autograd.grad(P.upsample_cross_entropy(
+            xg, y.cuda(), ignore_index=255, **{k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}),
+            [xg])[0])
