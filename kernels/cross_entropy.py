@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpolate import axis_taps, bilinear_at, max_span, tap_weight
+
 
 @triton.jit
 def _tile(z_ptr, y_ptr, w_ptr, n, blk, C, S, ignore_index, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -110,27 +112,6 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, lse, ignore_ind
 # ------------------------------------------------- fused upsample + cross-entropy
 
 @triton.jit
-def _upsampled(l_ptr, plane, c, oy, ox, mc, mo, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, h, w):
-    """Bilinearly upsampled logits U[c, o] of class plane(s) `plane + c` at outputs (oy, ox)."""
-    a0 = tl.load(yi0 + oy, mask=mo, other=0)
-    a1 = tl.load(yi1 + oy, mask=mo, other=0)
-    b0 = tl.load(xi0 + ox, mask=mo, other=0)
-    b1 = tl.load(xi1 + ox, mask=mo, other=0)
-    wa0 = tl.load(yw0 + oy, mask=mo, other=0.0)
-    wa1 = tl.load(yw1 + oy, mask=mo, other=0.0)
-    wb0 = tl.load(xw0 + ox, mask=mo, other=0.0)
-    wb1 = tl.load(xw1 + ox, mask=mo, other=0.0)
-    base = l_ptr + (plane + c).to(tl.int64) * h * w
-    m = mc & mo
-    acc = wa0.dtype
-    v00 = tl.load(base + a0 * w + b0, mask=m, other=0.0).to(acc)
-    v01 = tl.load(base + a0 * w + b1, mask=m, other=0.0).to(acc)
-    v10 = tl.load(base + a1 * w + b0, mask=m, other=0.0).to(acc)
-    v11 = tl.load(base + a1 * w + b1, mask=m, other=0.0).to(acc)
-    return wa0 * (wb0 * v00 + wb1 * v01) + wa1 * (wb0 * v10 + wb1 * v11)
-
-
-@triton.jit
 def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
                           C, h, w, H, W, ignore_index, keep, spread, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_P: tl.constexpr):
@@ -140,8 +121,8 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0,
     mj = o < H * W
     mc = c < C
     m2 = mc[:, None] & mj[None, :]
-    z = _upsampled(l_ptr, n.to(tl.int64) * C, c[:, None], (o // W)[None, :], (o % W)[None, :], mc[:, None],
-                   mj[None, :], yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, h, w)
+    planes = l_ptr + (n.to(tl.int64) * C + c[:, None]) * h * w
+    z = bilinear_at(planes, w, (o // W)[None, :], (o % W)[None, :], m2, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1)
     y = tl.load(y_ptr + n.to(tl.int64) * H * W + o, mask=mj, other=ignore_index)
     if HAS_W:
         wc = tl.load(w_ptr + c, mask=mc, other=0.0).to(z.dtype)
@@ -186,16 +167,14 @@ def _up_ce_backward_kernel(l_ptr, y_ptr, w_ptr, coef_a, coef_b, gm_ptr, lse_ptr,
     for dy in range(MAX_SY):
         oy = y_lo + dy
         my = m & (oy < H)
-        wy = tl.where(tl.load(yi0 + oy, mask=my, other=-1) == i, tl.load(yw0 + oy, mask=my, other=0.0), 0.0) \
-            + tl.where(tl.load(yi1 + oy, mask=my, other=-1) == i, tl.load(yw1 + oy, mask=my, other=0.0), 0.0)
+        wy = tap_weight(yi0, yi1, yw0, yw1, oy, my, i)
         for dx in range(MAX_SX):
             ox = x_lo + dx
             mo = my & (ox < W)
-            wx = tl.where(tl.load(xi0 + ox, mask=mo, other=-1) == j, tl.load(xw0 + ox, mask=mo, other=0.0), 0.0) \
-                + tl.where(tl.load(xi1 + ox, mask=mo, other=-1) == j, tl.load(xw1 + ox, mask=mo, other=0.0), 0.0)
+            wx = tap_weight(xi0, xi1, xw0, xw1, ox, mo, j)
             wgt = wy * wx
             mo = mo & (wgt != 0)
-            u = _upsampled(l_ptr, plane, c, oy, ox, mo, mo, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, h, w)
+            u = bilinear_at(l_ptr + (plane + c) * h * w, w, oy, ox, mo, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1)
             o = n.to(tl.int64) * H * W + oy * W + ox
             pc = tl.exp(u - tl.load(lse_ptr + o, mask=mo, other=0.0))
             yv = tl.load(y_ptr + o, mask=mo, other=-1)
@@ -207,11 +186,10 @@ def _up_ce_backward_kernel(l_ptr, y_ptr, w_ptr, coef_a, coef_b, gm_ptr, lse_ptr,
 
 
 def _up_taps(logits, target, align_corners, acc):
-    from pyvision_ops.kernels.interpolate import _taps
-
     h, w = logits.shape[2:]
     H, W = target.shape[1:]
-    return (_taps(h, H, align_corners, -1.0, acc, logits.device), _taps(w, W, align_corners, -1.0, acc, logits.device))
+    return (axis_taps(h, H, align_corners, -1.0, acc, logits.device),
+            axis_taps(w, W, align_corners, -1.0, acc, logits.device))
 
 
 def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing):
@@ -232,8 +210,6 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
 
 
 def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, lse, ignore_index, label_smoothing):
-    from pyvision_ops.kernels.interpolate import _max_span
-
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     lg = logits.contiguous()
@@ -255,6 +231,6 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     _up_ce_backward_kernel[(triton.cdiv(h * w, block), n * c)](
         lg, target.contiguous(), wc, coef_a, coef_b, gm.contiguous(), lse.to(acc).contiguous(), dl,
         ty[0], ty[1], ty[2], ty[3], ty[4], tx[0], tx[1], tx[2], tx[3], tx[4], c, h, w, H, W, spread,
-        HAS_W=weight is not None, MAX_SY=_max_span(h, H, align_corners, -1.0),
-        MAX_SX=_max_span(w, W, align_corners, -1.0), BLOCK=block)
+        HAS_W=weight is not None, MAX_SY=max_span(h, H, align_corners, -1.0),
+        MAX_SX=max_span(w, W, align_corners, -1.0), BLOCK=block)
     return dl

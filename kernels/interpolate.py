@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 
-def _taps(n_in, n_out, align_corners, scale, acc, device):
+def axis_taps(n_in, n_out, align_corners, scale, acc, device):
     """(i0, i1, w0, w1) per output index, and per input index the range [lo, hi) of outputs reading it."""
     d = torch.arange(n_out, device=device, dtype=acc)
     if n_in == n_out:
@@ -38,28 +38,38 @@ def _taps(n_in, n_out, align_corners, scale, acc, device):
 
 
 @triton.jit
+def bilinear_at(base, W, oy, ox, mask, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1):
+    """Value at outputs (oy, ox) of the bilinearly resized plane at `base` (row length W)."""
+    a0 = tl.load(yi0 + oy, mask=mask, other=0)
+    a1 = tl.load(yi1 + oy, mask=mask, other=0)
+    b0 = tl.load(xi0 + ox, mask=mask, other=0)
+    b1 = tl.load(xi1 + ox, mask=mask, other=0)
+    wa0 = tl.load(yw0 + oy, mask=mask, other=0.0)
+    wa1 = tl.load(yw1 + oy, mask=mask, other=0.0)
+    wb0 = tl.load(xw0 + ox, mask=mask, other=0.0)
+    wb1 = tl.load(xw1 + ox, mask=mask, other=0.0)
+    acc = wa0.dtype
+    v00 = tl.load(base + a0 * W + b0, mask=mask, other=0.0).to(acc)
+    v01 = tl.load(base + a0 * W + b1, mask=mask, other=0.0).to(acc)
+    v10 = tl.load(base + a1 * W + b0, mask=mask, other=0.0).to(acc)
+    v11 = tl.load(base + a1 * W + b1, mask=mask, other=0.0).to(acc)
+    return wa0 * (wb0 * v00 + wb1 * v01) + wa1 * (wb0 * v10 + wb1 * v11)
+
+
+@triton.jit
+def tap_weight(i0, i1, w0, w1, o, mask, cell):
+    """Weight with which output index o reads input `cell` along one axis (0 if it does not)."""
+    return tl.where(tl.load(i0 + o, mask=mask, other=-1) == cell, tl.load(w0 + o, mask=mask, other=0.0), 0.0) \
+        + tl.where(tl.load(i1 + o, mask=mask, other=-1) == cell, tl.load(w1 + o, mask=mask, other=0.0), 0.0)
+
+
+@triton.jit
 def _forward_kernel(x_ptr, out_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, H, W, OH, OW,
                     BLOCK: tl.constexpr):
     plane = tl.program_id(1).to(tl.int64)
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < OH * OW
-    oy = o // OW
-    ox = o % OW
-    a0 = tl.load(yi0 + oy, mask=m, other=0)
-    a1 = tl.load(yi1 + oy, mask=m, other=0)
-    b0 = tl.load(xi0 + ox, mask=m, other=0)
-    b1 = tl.load(xi1 + ox, mask=m, other=0)
-    wa0 = tl.load(yw0 + oy, mask=m, other=0.0)
-    wa1 = tl.load(yw1 + oy, mask=m, other=0.0)
-    wb0 = tl.load(xw0 + ox, mask=m, other=0.0)
-    wb1 = tl.load(xw1 + ox, mask=m, other=0.0)
-    base = x_ptr + plane * H * W
-    acc = wa0.dtype
-    v00 = tl.load(base + a0 * W + b0, mask=m, other=0.0).to(acc)
-    v01 = tl.load(base + a0 * W + b1, mask=m, other=0.0).to(acc)
-    v10 = tl.load(base + a1 * W + b0, mask=m, other=0.0).to(acc)
-    v11 = tl.load(base + a1 * W + b1, mask=m, other=0.0).to(acc)
-    val = wa0 * (wb0 * v00 + wb1 * v01) + wa1 * (wb0 * v10 + wb1 * v11)
+    val = bilinear_at(x_ptr + plane * H * W, W, o // OW, o % OW, m, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1)
     tl.store(out_ptr + plane * OH * OW + o, val.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -80,14 +90,12 @@ def _backward_kernel(g_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, xi0, xi1, xw0
     for dy in range(MAX_SY):
         oy = y_lo + dy
         my = m & (oy < y_hi)
-        wy = tl.where(tl.load(yi0 + oy, mask=my, other=-1) == y, tl.load(yw0 + oy, mask=my, other=0.0), 0.0) \
-            + tl.where(tl.load(yi1 + oy, mask=my, other=-1) == y, tl.load(yw1 + oy, mask=my, other=0.0), 0.0)
+        wy = tap_weight(yi0, yi1, yw0, yw1, oy, my, y)
         row = tl.zeros((BLOCK,), dtype=yw0.dtype.element_ty)
         for dx in range(MAX_SX):
             ox = x_lo + dx
             mx = my & (ox < x_hi)
-            wx = tl.where(tl.load(xi0 + ox, mask=mx, other=-1) == x, tl.load(xw0 + ox, mask=mx, other=0.0), 0.0) \
-                + tl.where(tl.load(xi1 + ox, mask=mx, other=-1) == x, tl.load(xw1 + ox, mask=mx, other=0.0), 0.0)
+            wx = tap_weight(xi0, xi1, xw0, xw1, ox, mx, x)
             gv = tl.load(gbase + oy * OW + ox, mask=mx, other=0.0).to(row.dtype)
             row += wx * gv
         acc += wy * row
@@ -97,7 +105,7 @@ def _backward_kernel(g_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, xi0, xi1, xw0
 _BLOCK = 256
 
 
-def _max_span(n_in, n_out, align_corners, scale):
+def max_span(n_in, n_out, align_corners, scale):
     """An upper bound, from the sizes alone (no device read), on how many output indices
     read one input cell: about 2 / ratio, plus the outputs clamped onto the first and
     last cells."""
@@ -123,8 +131,8 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
     if out.numel() == 0:
         return out
     acc = _acc(x.dtype)
-    ty = _taps(h, out_h, align_corners, scale_h, acc, x.device)
-    tx = _taps(w, out_w, align_corners, scale_w, acc, x.device)
+    ty = axis_taps(h, out_h, align_corners, scale_h, acc, x.device)
+    tx = axis_taps(w, out_w, align_corners, scale_w, acc, x.device)
     grid = (triton.cdiv(out_h * out_w, _BLOCK), n * c)
     _forward_kernel[grid](x, out, *ty[:4], *tx[:4], h, w, out_h, out_w, BLOCK=_BLOCK)
     return out
@@ -137,10 +145,10 @@ def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w
     if gin.numel() == 0:
         return gin
     acc = _acc(g.dtype)
-    ty = _taps(in_h, out_h, align_corners, scale_h, acc, g.device)
-    tx = _taps(in_w, out_w, align_corners, scale_w, acc, g.device)
-    max_sy = _max_span(in_h, out_h, align_corners, scale_h)
-    max_sx = _max_span(in_w, out_w, align_corners, scale_w)
+    ty = axis_taps(in_h, out_h, align_corners, scale_h, acc, g.device)
+    tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
+    max_sy = max_span(in_h, out_h, align_corners, scale_h)
+    max_sx = max_span(in_w, out_w, align_corners, scale_w)
     grid = (triton.cdiv(in_h * in_w, _BLOCK), n * c)
     _backward_kernel[grid](g, gin, *ty, *tx, in_h, in_w, out_h, out_w, MAX_SY=max_sy, MAX_SX=max_sx, BLOCK=_BLOCK)
     return gin
