@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common/box_iou.h"  // PVO_HD
 
@@ -37,6 +38,15 @@ PVO_HD Tap<T> axis_tap(int64_t d, int64_t in, int64_t out, bool align_corners, T
   T l = src - static_cast<T>(i0);
   l = l < T(0) ? T(0) : (l > T(1) ? T(1) : l);
   return {i0, i0 + (i0 < in - 1 ? 1 : 0), T(1) - l, l};
+}
+
+// Host helper: the taps of every destination index along one axis.
+template <typename T>
+inline std::vector<Tap<T>> axis_taps(int64_t in, int64_t out, bool align_corners, double scale) {
+  const T ratio = axis_ratio<T>(in, out, align_corners, scale);
+  std::vector<Tap<T>> t(out);
+  for (int64_t d = 0; d < out; ++d) t[d] = axis_tap<T>(d, in, out, align_corners, ratio);
+  return t;
 }
 
 }  // namespace interp

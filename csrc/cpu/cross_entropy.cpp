@@ -249,16 +249,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& wc = cls.w;
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
-    const T ry = interp::axis_ratio<T>(h, H, align_corners, -1.0), rx = interp::axis_ratio<T>(w, W, align_corners, -1.0);
-    std::vector<interp::Tap<T>> tx(W);
-    for (int64_t ox = 0; ox < W; ++ox) tx[ox] = interp::axis_tap<T>(ox, w, W, align_corners, rx);
+    const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
+    const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
     at::parallel_for(0, N * H, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> blend(w), u(C * W), mx(W), sum(W), wz(W), zy(W);
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t n = row / H, oy = row % H;
-        upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, interp::axis_tap<T>(oy, h, H, align_corners, ry),
+        upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, ty[oy],
                                    tx, blend.data(), u.data());
         const int64_t* yy = py + row * W;
         T* e = pe + row * W;
@@ -292,9 +291,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& wc = cls.w;
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
-    const T ry = interp::axis_ratio<T>(h, H, align_corners, -1.0), rx = interp::axis_ratio<T>(w, W, align_corners, -1.0);
-    std::vector<interp::Tap<T>> tx(W);
-    for (int64_t ox = 0; ox < W; ++ox) tx[ox] = interp::axis_tap<T>(ox, w, W, align_corners, rx);
+    const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
+    const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const auto e = lse.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
@@ -308,8 +306,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t oy = 0; oy < H; ++oy) {
           const int64_t row = n * H + oy;
-          const auto ty = interp::axis_tap<T>(oy, h, H, align_corners, ry);
-          upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, ty, tx, blend.data(), u.data());
+          const interp::Tap<T>& tyo = ty[oy];
+          upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, tyo, tx, blend.data(), u.data());
           const int64_t* yy = py + row * W;
           for (int64_t j = 0; j < W; ++j) {
             const bool ign = yy[j] == ignore_index;
@@ -327,10 +325,10 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
               dr[tx[ox].i0] += tx[ox].w0 * duc[ox];
               dr[tx[ox].i1] += tx[ox].w1 * duc[ox];
             }
-            T* g0 = acc.data() + (c * h + ty.i0) * w;
-            T* g1 = acc.data() + (c * h + ty.i1) * w;
-            for (int64_t x = 0; x < w; ++x) g0[x] += ty.w0 * dr[x];
-            for (int64_t x = 0; x < w; ++x) g1[x] += ty.w1 * dr[x];
+            T* g0 = acc.data() + (c * h + tyo.i0) * w;
+            T* g1 = acc.data() + (c * h + tyo.i1) * w;
+            for (int64_t x = 0; x < w; ++x) g0[x] += tyo.w0 * dr[x];
+            for (int64_t x = 0; x < w; ++x) g1[x] += tyo.w1 * dr[x];
           }
         }
         scalar_t* dst = pd + n * C * h * w;

@@ -17,14 +17,6 @@ namespace {
 
 using interp::Tap;
 
-template <typename T>
-std::vector<Tap<T>> taps(int64_t in, int64_t out, bool align_corners, double scale) {
-  const T ratio = interp::axis_ratio<T>(in, out, align_corners, scale);
-  std::vector<Tap<T>> t(out);
-  for (int64_t d = 0; d < out; ++d) t[d] = interp::axis_tap<T>(d, in, out, align_corners, ratio);
-  return t;
-}
-
 at::Tensor upsample_bilinear_cpu(const at::Tensor& input, int64_t out_h, int64_t out_w, bool align_corners,
                                  double scale_h, double scale_w) {
   TORCH_CHECK(input.dim() == 4, "upsample_bilinear: input must be [N, C, H, W]");
@@ -36,8 +28,8 @@ at::Tensor upsample_bilinear_cpu(const at::Tensor& input, int64_t out_h, int64_t
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_bilinear_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto ty = taps<T>(H, out_h, align_corners, scale_h);
-    const auto tx = taps<T>(W, out_w, align_corners, scale_w);
+    const auto ty = interp::axis_taps<T>(H, out_h, align_corners, scale_h);
+    const auto tx = interp::axis_taps<T>(W, out_w, align_corners, scale_w);
     const scalar_t* pi = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t lo, int64_t hi) {
@@ -72,8 +64,8 @@ at::Tensor upsample_bilinear_backward_cpu(const at::Tensor& grad, int64_t in_h, 
   if (gin.numel() == 0) return gin;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_bilinear_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto ty = taps<T>(in_h, OH, align_corners, scale_h);
-    const auto tx = taps<T>(in_w, OW, align_corners, scale_w);
+    const auto ty = interp::axis_taps<T>(in_h, OH, align_corners, scale_h);
+    const auto tx = interp::axis_taps<T>(in_w, OW, align_corners, scale_w);
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t lo, int64_t hi) {
