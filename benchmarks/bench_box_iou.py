@@ -6,7 +6,7 @@ import torchvision.ops as tv
 import pyvision_ops as P
 from pyvision_ops.testing import clustered_boxes, random_boxes
 
-from .common import Workload
+from .common import Workload, fwd_bwd
 
 PAIRWISE = [
     ("box_iou", P.box_iou, tv.box_iou),
@@ -37,13 +37,8 @@ def _loss(ours, theirs, k):
         gt = clustered_boxes(k, objects=1000, generator=g)
         pred = (gt + torch.randn(k, 4, generator=g) * 3).to(device)
         gt = gt.to(device)
-
-        def run(f):
-            x = pred.detach().requires_grad_()
-            f(x, gt, reduction="mean").backward()
-            return x.grad
-
-        return (lambda: run(theirs)), (lambda: run(ours))
+        return (fwd_bwd(pred, lambda x: theirs(x, gt, reduction="mean")),
+                fwd_bwd(pred, lambda x: ours(x, gt, reduction="mean")))
 
     return make
 

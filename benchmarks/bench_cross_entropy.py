@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import pyvision_ops as P
 
-from .common import Workload
+from .common import Workload, fwd_bwd
 
 
 def _ce(device):
@@ -16,13 +16,8 @@ def _ce(device):
     y = torch.randint(0, 19, (2, 512, 1024), generator=g)
     y[torch.rand(2, 512, 1024, generator=g) < 0.1] = 255
     y = y.to(device)
-
-    def run(f):
-        xr = x.detach().requires_grad_()
-        f(xr, y, ignore_index=255).backward()
-        return xr.grad
-
-    return (lambda: run(F.cross_entropy)), (lambda: run(P.softmax_cross_entropy))
+    return (fwd_bwd(x, lambda t: F.cross_entropy(t, y, ignore_index=255)),
+            fwd_bwd(x, lambda t: P.softmax_cross_entropy(t, y, ignore_index=255)))
 
 
 def _upsample_ce(device):
@@ -32,15 +27,10 @@ def _upsample_ce(device):
     y[torch.rand(2, 512, 1024, generator=g) < 0.1] = 255
     y = y.to(device)
 
-    def unfused(t, u):
-        return F.cross_entropy(F.interpolate(t, size=(512, 1024), mode="bilinear"), u, ignore_index=255)
+    def unfused(t):
+        return F.cross_entropy(F.interpolate(t, size=(512, 1024), mode="bilinear"), y, ignore_index=255)
 
-    def run(f):
-        xr = x.detach().requires_grad_()
-        f(xr, y).backward()
-        return xr.grad
-
-    return (lambda: run(unfused)), (lambda: run(lambda t, u: P.upsample_cross_entropy(t, u, ignore_index=255)))
+    return fwd_bwd(x, unfused), fwd_bwd(x, lambda t: P.upsample_cross_entropy(t, y, ignore_index=255))
 
 
 WORKLOADS = [

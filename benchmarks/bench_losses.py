@@ -7,7 +7,7 @@ import torchvision.ops as tv
 
 import pyvision_ops as P
 
-from .common import Workload
+from .common import Workload, fwd_bwd
 
 
 def _focal(n):
@@ -15,13 +15,8 @@ def _focal(n):
         g = torch.Generator().manual_seed(0)
         x = (torch.randn(n, generator=g) * 3).to(device)
         t = (torch.rand(n, generator=g) > 0.9).float().to(device)
-
-        def run(f):
-            xr = x.detach().requires_grad_()
-            f(xr, t, 0.25, 2.0, "mean").backward()
-            return xr.grad
-
-        return (lambda: run(tv.sigmoid_focal_loss)), (lambda: run(P.sigmoid_focal_loss))
+        return (fwd_bwd(x, lambda a: tv.sigmoid_focal_loss(a, t, 0.25, 2.0, "mean")),
+                fwd_bwd(x, lambda a: P.sigmoid_focal_loss(a, t, 0.25, 2.0, "mean")))
 
     return make
 
@@ -43,13 +38,7 @@ def _dice(device):
     y = torch.randint(0, 19, (2, 128, 256), generator=g)
     y[torch.rand(2, 128, 256, generator=g) < 0.1] = 255
     y = y.to(device)
-
-    def run(f):
-        xr = x.detach().requires_grad_()
-        f(xr, y).backward()
-        return xr.grad
-
-    return (lambda: run(_dice_torch)), (lambda: run(lambda a, b: P.dice_loss(a, b, ignore_index=255)))
+    return fwd_bwd(x, lambda a: _dice_torch(a, y)), fwd_bwd(x, lambda a: P.dice_loss(a, y, ignore_index=255))
 
 
 def _lovasz_per_class(probas, labels, ignore_index=255):
@@ -79,13 +68,8 @@ def _lovasz(device):
     y = torch.randint(0, 19, (2, 128, 256), generator=g)
     y[torch.rand(2, 128, 256, generator=g) < 0.1] = 255
     y = y.to(device)
-
-    def run(f):
-        xr = x.detach().requires_grad_()
-        f(xr, y).backward()
-        return xr.grad
-
-    return (lambda: run(_lovasz_per_class)), (lambda: run(lambda a, b: P.lovasz_softmax(a, b, ignore_index=255)))
+    return (fwd_bwd(x, lambda a: _lovasz_per_class(a, y)),
+            fwd_bwd(x, lambda a: P.lovasz_softmax(a, y, ignore_index=255)))
 
 
 WORKLOADS = [

@@ -7,7 +7,7 @@ import torchvision.ops as tv
 
 import pyvision_ops as P
 
-from .common import Workload
+from .common import Workload, fwd_bwd
 
 
 def _inputs(device, channels_last=False):
@@ -31,13 +31,8 @@ def _forward(channels_last=False):
 
 def _fwd_bwd(device):
     x, rois = _inputs(device)
-
-    def run(f):
-        xr = x.detach().requires_grad_()
-        f(xr, rois, 7, 0.25, 2, True).sum().backward()
-        return xr.grad
-
-    return (lambda: run(tv.roi_align)), (lambda: run(P.roi_align))
+    return (fwd_bwd(x, lambda t: tv.roi_align(t, rois, 7, 0.25, 2, True)),
+            fwd_bwd(x, lambda t: P.roi_align(t, rois, 7, 0.25, 2, True)))
 
 
 def _multi_scale(device):

@@ -25,6 +25,19 @@ class Workload:
     graph: bool = False  # on CUDA, time CUDA-graph replays: the kernels without Python launch overhead
 
 
+def fwd_bwd(x: torch.Tensor, loss_fn: Callable) -> Callable:
+    """A closure running loss_fn forward and backward on a fresh leaf copy of x (a non-scalar
+    output is summed first); it returns the gradient."""
+
+    def run():
+        xr = x.detach().requires_grad_()
+        out = loss_fn(xr)
+        (out if out.dim() == 0 else out.sum()).backward()
+        return xr.grad
+
+    return run
+
+
 def time_cpu(fn: Callable, min_run_time: float) -> float:
     """Median seconds per call (torch.utils.benchmark, warm-up excluded)."""
     from torch.utils import benchmark
