@@ -1,5 +1,6 @@
 """Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits, and upsample + cross-entropy from
-(2, 19, 64, 128) logits to (512, 1024) labels vs interpolate then cross_entropy; ignore_index 255,
+(2, 19, 64, 128) logits to (512, 1024) labels (on CUDA also Cityscapes size, (8, 19, 128, 256) to
+(1024, 2048)) vs interpolate then cross_entropy; ignore_index 255,
 forward+backward."""
 
 import torch
@@ -20,17 +21,21 @@ def _ce(device):
             fwd_bwd(x, lambda t: P.softmax_cross_entropy(t, y, ignore_index=255)))
 
 
-def _upsample_ce(device):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 19, 64, 128, generator=g).to(device)
-    y = torch.randint(0, 19, (2, 512, 1024), generator=g)
-    y[torch.rand(2, 512, 1024, generator=g) < 0.1] = 255
-    y = y.to(device)
+def _upsample_ce(n, h, w, factor=8):
+    def make(device):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(n, 19, h, w, generator=g).to(device)
+        size = (h * factor, w * factor)
+        y = torch.randint(0, 19, (n, *size), generator=g)
+        y[torch.rand(n, *size, generator=g) < 0.1] = 255
+        y = y.to(device)
 
-    def unfused(t):
-        return F.cross_entropy(F.interpolate(t, size=(512, 1024), mode="bilinear"), y, ignore_index=255)
+        def unfused(t):
+            return F.cross_entropy(F.interpolate(t, size=size, mode="bilinear"), y, ignore_index=255)
 
-    return fwd_bwd(x, unfused), fwd_bwd(x, lambda t: P.upsample_cross_entropy(t, y, ignore_index=255))
+        return fwd_bwd(x, unfused), fwd_bwd(x, lambda t: P.upsample_cross_entropy(t, y, ignore_index=255))
+
+    return make
 
 
 WORKLOADS = [
@@ -38,5 +43,7 @@ WORKLOADS = [
     Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024)", "F.cross_entropy", _ce,
              bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
     Workload("cross_entropy", "upsample+CE fwd+bwd (2,19,64,128)->(512,1024)", "interpolate + cross_entropy",
-             _upsample_ce),
+             _upsample_ce(2, 64, 128)),
+    Workload("cross_entropy", "upsample+CE fwd+bwd (8,19,128,256)->(1024,2048)", "interpolate + cross_entropy",
+             _upsample_ce(8, 128, 256), devices=("cuda",)),
 ]

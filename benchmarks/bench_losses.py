@@ -62,18 +62,23 @@ def _lovasz_per_class(probas, labels, ignore_index=255):
     return torch.stack(losses).mean()
 
 
-def _lovasz(device):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 19, 128, 256, generator=g).softmax(1).to(device)
-    y = torch.randint(0, 19, (2, 128, 256), generator=g)
-    y[torch.rand(2, 128, 256, generator=g) < 0.1] = 255
-    y = y.to(device)
-    return (fwd_bwd(x, lambda a: _lovasz_per_class(a, y)),
-            fwd_bwd(x, lambda a: P.lovasz_softmax(a, y, ignore_index=255)))
+def _lovasz(n, h, w):
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 19, h, w, generator=g).softmax(1).to(device)
+        y = torch.randint(0, 19, (n, h, w), generator=g)
+        y[torch.rand(n, h, w, generator=g) < 0.1] = 255
+        y = y.to(device)
+        return (fwd_bwd(x, lambda a: _lovasz_per_class(a, y)),
+                fwd_bwd(x, lambda a: P.lovasz_softmax(a, y, ignore_index=255)))
+
+    return make
 
 
 WORKLOADS = [
     Workload("losses", "sigmoid_focal_loss fwd+bwd 1M", "torchvision", _focal(1_000_000)),
     Workload("losses", "dice_loss fwd+bwd (2, 19, 128, 256)", "torch composition", _dice),
-    Workload("losses", "lovasz_softmax fwd+bwd (2, 19, 128, 256)", "per-class loop", _lovasz),
+    Workload("losses", "lovasz_softmax fwd+bwd (2, 19, 128, 256)", "per-class loop", _lovasz(2, 128, 256)),
+    Workload("losses", "lovasz_softmax fwd+bwd (8, 19, 512, 1024)", "per-class loop", _lovasz(8, 512, 1024),
+             devices=("cuda",)),
 ]

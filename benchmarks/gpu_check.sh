@@ -2,7 +2,8 @@
 # `make gpu-check`, for the lent GPU machine (its own python3/torch/triton, nvcc, no
 # network, no venv): build in place for sm_90, run the whole suite (the `gpu` tests
 # run there), then the CUDA benchmarks. Logs and results go to $OUT (or
-# benchmarks/results). Budget: under 8 minutes.
+# benchmarks/results). Budget: under 8 minutes. GPU_CHECK_QUICK=1 skips the CPU-only tests,
+# GPU_CHECK_ONLY=fam1,fam2 limits the benchmarks to those families.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -33,7 +34,7 @@ step "other tests"
 tail -8 "$OUT/tests.log"
 
 step bench
-timeout 240 $PY -m benchmarks.run --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || rc=1
+timeout 240 $PY -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/bench.log" 2>&1 || rc=1
 tail -30 "$OUT/bench.log"
 step done
 exit $rc
