@@ -1,188 +1,225 @@
 """Softmax cross-entropy and upsample + cross-entropy: Triton kernels (the CUDA backend).
 
-Same per-position formulas as csrc/cpu/cross_entropy.cpp: one program per block of
-positions of one image holding every class (C up to a few hundred fits one tile),
-fp32 math (fp64 for fp64 logits). The fused upsample version computes the upsampled
-logits from their 4 low-resolution taps inside the tile, and its backward is
-gather-based per low-resolution pixel and class (deterministic, no atomics).
+Same per-position formulas as csrc/cpu/cross_entropy.cpp, fp32 math (fp64 for fp64
+logits). Each program owns a block of positions of one image and walks the classes
+(coalesced loads of one class plane at a time, no padding of C, no cross-thread
+reductions): a first pass for the max and the target/weight terms, a second (from
+cache) for the sum of exponentials. The fused upsample version computes each
+upsampled logit from its 4 low-resolution taps inside the program; its backward is
+gather-based and separable like the bilinear one (kernels/interpolate.py), so it is
+deterministic, and its only full-resolution buffer is one row-contracted block of
+classes of at most N*H*W values.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .interpolate import axis_taps, bilinear_at, max_span, tap_weight
+from .interpolate import axis_taps, bilinear_row, column_weights, contract_x, contract_y, row_taps
 
 
 @triton.jit
-def _tile(z_ptr, y_ptr, w_ptr, n, blk, C, S, ignore_index, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
-          BLOCK_P: tl.constexpr):
-    c = tl.arange(0, BLOCK_C)
-    j = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = c < C
-    mj = j < S
-    m2 = mc[:, None] & mj[None, :]
-    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    z = tl.load(z_ptr + n.to(tl.int64) * C * S + c[:, None].to(tl.int64) * S + j[None, :], mask=m2,
-                other=0.0).to(acc)
-    y = tl.load(y_ptr + n.to(tl.int64) * S + j, mask=mj, other=ignore_index)
+def _class_weight(w_ptr, c, HAS_W: tl.constexpr):
+    # The launchers pass the weight in the accumulation dtype.
     if HAS_W:
-        w = tl.load(w_ptr + c, mask=mc, other=0.0).to(acc)
+        return tl.load(w_ptr + c)
     else:
-        w = tl.where(mc, 1.0, 0.0).to(acc)
-    zm = tl.where(m2, z, float("-inf"))
-    mx = tl.max(zm, axis=0)
-    mx = tl.where(mj, mx, 0.0)
-    s = tl.sum(tl.where(m2, tl.exp(zm - mx[None, :]), 0.0), axis=0)
-    lse = mx + tl.log(tl.where(mj, s, 1.0))
-    valid = (y != ignore_index) & mj
-    hit = (y[None, :] == c[:, None]) & m2
-    return c, j, mc, mj, m2, z, y, w, lse, valid, hit
+        return 1.0
+
+
+@triton.jit
+def _target_weight(w_ptr, y, valid, C, HAS_W: tl.constexpr):
+    """w[y] at valid positions (0 elsewhere, and for a target outside [0, C))."""
+    inr = valid & (y >= 0) & (y < C)
+    if HAS_W:
+        return tl.load(w_ptr + tl.where(inr, y, 0), mask=inr, other=0.0)
+    else:
+        return tl.where(inr, 1.0, 0.0)
+
+
+@triton.jit
+def _weight_sum(w_ptr, C, HAS_W: tl.constexpr):
+    if HAS_W:
+        ws = tl.load(w_ptr, mask=C > 0, other=0.0)
+        for c in range(1, C):
+            ws += tl.load(w_ptr + c)
+        return ws
+    else:
+        return C * 1.0
+
+
+@triton.jit
+def _ce_loss(mx, s, zy, wy, wz, wsum, valid, keep, spread):
+    """Per-position loss and log-sum-exp from the class pass statistics."""
+    lse = mx + tl.log(s)
+    return tl.where(valid, keep * wy * (lse - zy) + spread * (wsum * lse - wz), 0.0), lse
 
 
 @triton.jit
 def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, nb, ignore_index, keep, spread,
-                       HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                       HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    n = pid // nb
-    c, j, mc, mj, m2, z, y, w, lse, valid, hit = _tile(z_ptr, y_ptr, w_ptr, n, pid % nb, C, S, ignore_index, HAS_W,
-                                                       BLOCK_C, BLOCK_P)
-    wsum = tl.sum(w, axis=0)
-    zy = tl.sum(tl.where(hit, z, 0.0), axis=0)
-    wy = tl.where(valid, tl.sum(tl.where(hit, w[:, None], 0.0), axis=0), 0.0)
-    wz = tl.sum(tl.where(m2, w[:, None] * z, 0.0), axis=0)
-    loss = tl.where(valid, keep * wy * (lse - zy) + spread * (wsum * lse - wz), 0.0)
-    offs = n.to(tl.int64) * S + j
+    n = (pid // nb).to(tl.int64)
+    j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
+    mj = j < S
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    base = z_ptr + n * C * S + j
+    y = tl.load(y_ptr + n * S + j, mask=mj, other=ignore_index)
+    valid = (y != ignore_index) & mj
+    mx = tl.full((BLOCK,), float("-inf"), acc)
+    zy = tl.zeros((BLOCK,), acc)
+    wz = tl.zeros((BLOCK,), acc)
+    for c in range(C):
+        z = tl.load(base + c * S, mask=mj, other=0.0).to(acc)
+        mx = tl.maximum(mx, z)
+        zy += tl.where(y == c, z, 0.0)
+        wz += _class_weight(w_ptr, c, HAS_W) * z
+    s = tl.zeros((BLOCK,), acc)
+    for c in range(C):
+        s += tl.exp(tl.load(base + c * S, mask=mj, other=0.0).to(acc) - mx)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    loss, lse = _ce_loss(mx, s, zy, wy, wz, _weight_sum(w_ptr, C, HAS_W), valid, keep, spread)
+    offs = n * S + j
     tl.store(loss_ptr + offs, loss, mask=mj)
     tl.store(wpos_ptr + offs, wy, mask=mj)
     tl.store(lse_ptr + offs, lse, mask=mj)
 
 
 @triton.jit
+def _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
+    """d loss / d z_c = a p_c - b [c = y] - g spread w_c, with a = g (keep w_y + spread W), b = g keep w_y."""
+    return coef_a * tl.exp(z - lse) - tl.where(y == c, coef_b, 0.0) - gs * _class_weight(w_ptr, c, HAS_W)
+
+
+@triton.jit
 def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, lse_ptr, dz_ptr, C, S, nb, ignore_index, keep, spread,
-                        HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                        HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    n = pid // nb
-    c, j, mc, mj, m2, z, y, w, lse, valid, hit = _tile(z_ptr, y_ptr, w_ptr, n, pid % nb, C, S, ignore_index, HAS_W,
-                                                       BLOCK_C, BLOCK_P)
-    offs = n.to(tl.int64) * S + j
-    g = tl.where(valid, tl.load(g_ptr + offs, mask=mj, other=0.0), 0.0)
-    wsum = tl.sum(w, axis=0)
-    wy = tl.sum(tl.where(hit, w[:, None], 0.0), axis=0)
-    p = tl.exp(z - lse[None, :])
-    # dz_c = g (keep w_y + spread W) p_c - g keep w_y [c = y] - g spread w_c
-    dz = (g * (keep * wy + spread * wsum))[None, :] * p - tl.where(hit, (g * keep * wy)[None, :], 0.0) \
-        - g[None, :] * (spread * w)[:, None]
-    dofs = n.to(tl.int64) * C * S + c[:, None].to(tl.int64) * S + j[None, :]
-    tl.store(dz_ptr + dofs, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+    n = (pid // nb).to(tl.int64)
+    j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
+    mj = j < S
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs = n * S + j
+    y = tl.load(y_ptr + offs, mask=mj, other=ignore_index)
+    valid = (y != ignore_index) & mj
+    g = tl.where(valid, tl.load(g_ptr + offs, mask=mj, other=0.0), 0.0).to(acc)
+    lse = tl.load(lse_ptr + offs, mask=mj, other=0.0).to(acc)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
+    coef_b = g * keep * wy
+    gs = g * spread
+    base = n * C * S + j
+    for c in range(C):
+        z = tl.load(z_ptr + base + c * S, mask=mj, other=0.0).to(acc)
+        dz = _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W)
+        tl.store(dz_ptr + base + c * S, dz.to(dz_ptr.dtype.element_ty), mask=mj)
 
 
-def _blocks(logits):
-    n, c, s = logits.shape
-    block_c = triton.next_power_of_2(max(c, 1))
-    block_p = max(16, min(256, 4096 // block_c))
-    return n, c, s, block_c, block_p, triton.cdiv(s, block_p)
+_BLOCK = 512
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weight(weight, logits):
+    """The class weight in the accumulation dtype (any tensor when there is none: unused)."""
+    return weight.to(_acc(logits.dtype)).contiguous() if weight is not None else logits
 
 
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing):
-    n, c, s, block_c, block_p, nb = _blocks(logits)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss, wpos, lse = (torch.empty((n, s), dtype=acc, device=logits.device) for _ in range(3))
+    n, c, s = logits.shape
+    nb = triton.cdiv(s, _BLOCK)
+    loss, wpos, lse = (torch.empty((n, s), dtype=_acc(logits.dtype), device=logits.device) for _ in range(3))
     if n * nb:
-        _ce_forward_kernel[(n * nb,)](logits.contiguous(), target.contiguous(), weight if weight is not None
-                                      else logits, loss, wpos, lse, c, s, nb, ignore_index, 1.0 - label_smoothing,
-                                      label_smoothing / c, HAS_W=weight is not None, BLOCK_C=block_c,
-                                      BLOCK_P=block_p)
+        z = logits.contiguous()
+        _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss, wpos, lse,
+                                      c, s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+                                      HAS_W=weight is not None, BLOCK=_BLOCK)
     return loss, wpos, lse
 
 
 def softmax_cross_entropy_backward(grad, logits, target, weight, lse, ignore_index, label_smoothing):
-    n, c, s, block_c, block_p, nb = _blocks(logits)
+    n, c, s = logits.shape
+    nb = triton.cdiv(s, _BLOCK)
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb:
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = _acc(logits.dtype)
         _ce_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(),
-                                       weight if weight is not None else z, lse.to(acc).contiguous(), dz, c, s, nb,
+                                       _weight(weight, z), lse.to(acc).contiguous(), dz, c, s, nb,
                                        ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-                                       HAS_W=weight is not None, BLOCK_C=block_c, BLOCK_P=block_p)
+                                       HAS_W=weight is not None, BLOCK=_BLOCK)
     return dz
 
 
 # ------------------------------------------------- fused upsample + cross-entropy
 
 @triton.jit
-def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
-                          C, h, w, H, W, ignore_index, keep, spread, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_P: tl.constexpr):
-    n = tl.program_id(1)
-    o = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.arange(0, BLOCK_C)
-    mj = o < H * W
-    mc = c < C
-    m2 = mc[:, None] & mj[None, :]
-    planes = l_ptr + (n.to(tl.int64) * C + c[:, None]) * h * w
-    z = bilinear_at(planes, w, (o // W)[None, :], (o % W)[None, :], m2, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1)
-    y = tl.load(y_ptr + n.to(tl.int64) * H * W + o, mask=mj, other=ignore_index)
-    if HAS_W:
-        wc = tl.load(w_ptr + c, mask=mc, other=0.0).to(z.dtype)
-    else:
-        wc = tl.where(mc, 1.0, 0.0).to(z.dtype)
-    zm = tl.where(m2, z, float("-inf"))
-    mx = tl.where(mj, tl.max(zm, axis=0), 0.0)
-    lse = mx + tl.log(tl.where(mj, tl.sum(tl.where(m2, tl.exp(zm - mx[None, :]), 0.0), axis=0), 1.0))
-    valid = (y != ignore_index) & mj
-    hit = (y[None, :] == c[:, None]) & m2
-    zy = tl.sum(tl.where(hit, z, 0.0), axis=0)
-    wy = tl.where(valid, tl.sum(tl.where(hit, wc[:, None], 0.0), axis=0), 0.0)
-    wz = tl.sum(tl.where(m2, wc[:, None] * z, 0.0), axis=0)
-    loss = tl.where(valid, keep * wy * (lse - zy) + spread * (tl.sum(wc, axis=0) * lse - wz), 0.0)
-    offs = n.to(tl.int64) * H * W + o
-    tl.store(loss_ptr + offs, loss, mask=mj)
-    tl.store(wpos_ptr + offs, wy, mask=mj)
-    tl.store(lse_ptr + offs, lse, mask=mj)
+def _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H):
+    """Taps of output row `row` (= image * H + oy) and columns ox: the row's scalars,
+    the columns' vectors, and the image index."""
+    a0, a1, wa0, wa1 = row_taps(yi0, yi1, yw0, yw1, row % H)
+    b0 = tl.load(xi0 + ox, mask=mo, other=0)
+    b1 = tl.load(xi1 + ox, mask=mo, other=0)
+    wb0 = tl.load(xw0 + ox, mask=mo, other=0.0)
+    wb1 = tl.load(xw1 + ox, mask=mo, other=0.0)
+    return a0, a1, wa0, wa1, b0, b1, wb0, wb1, (row // H).to(tl.int64)
 
 
 @triton.jit
-def _up_ce_backward_kernel(l_ptr, y_ptr, w_ptr, coef_a, coef_b, gm_ptr, lse_ptr, dl_ptr, yi0, yi1, yw0, yw1, ylo,
-                           xi0, xi1, xw0, xw1, xlo, C, h, w, H, W, spread, HAS_W: tl.constexpr,
-                           MAX_SY: tl.constexpr, MAX_SX: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per block of low-res pixels of one (image, class) plane: each pixel sums, in a
-    # fixed order, d loss / d U_c(o) times its bilinear weight over the outputs o that read it.
-    nc = tl.program_id(1)
-    n = nc // C
-    c = nc % C
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = p < h * w
-    i = p // w
-    j = p % w
-    y_lo = tl.load(ylo + i, mask=m, other=0)
-    x_lo = tl.load(xlo + j, mask=m, other=0)
-    if HAS_W:
-        wcls = tl.load(w_ptr + c).to(yw0.dtype.element_ty)
-    else:
-        wcls = 1.0
-    acc = tl.zeros((BLOCK,), dtype=yw0.dtype.element_ty)
-    plane = n.to(tl.int64) * C
-    for dy in range(MAX_SY):
-        oy = y_lo + dy
-        my = m & (oy < H)
-        wy = tap_weight(yi0, yi1, yw0, yw1, oy, my, i)
-        for dx in range(MAX_SX):
-            ox = x_lo + dx
-            mo = my & (ox < W)
-            wx = tap_weight(xi0, xi1, xw0, xw1, ox, mo, j)
-            wgt = wy * wx
-            mo = mo & (wgt != 0)
-            u = bilinear_at(l_ptr + (plane + c) * h * w, w, oy, ox, mo, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1)
-            o = n.to(tl.int64) * H * W + oy * W + ox
-            pc = tl.exp(u - tl.load(lse_ptr + o, mask=mo, other=0.0))
-            yv = tl.load(y_ptr + o, mask=mo, other=-1)
-            du = tl.load(coef_a + o, mask=mo, other=0.0) * pc \
-                - tl.where(yv == c, tl.load(coef_b + o, mask=mo, other=0.0), 0.0) \
-                - tl.load(gm_ptr + o, mask=mo, other=0.0) * spread * wcls
-            acc += tl.where(mo, wgt * du, 0.0)
-    tl.store(dl_ptr + nc.to(tl.int64) * h * w + p, acc.to(dl_ptr.dtype.element_ty), mask=m)
+def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
+                          C, h, w, H, W, ignore_index, keep, spread, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # image * H + output row
+    ox = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mo = ox < W
+    a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
+    acc = wa0.dtype
+    offs = row.to(tl.int64) * W + ox
+    y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
+    valid = (y != ignore_index) & mo
+    mx = tl.full((BLOCK,), float("-inf"), acc)
+    zy = tl.zeros((BLOCK,), acc)
+    wz = tl.zeros((BLOCK,), acc)
+    for c in range(C):
+        z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
+        mx = tl.maximum(mx, z)
+        zy += tl.where(y == c, z, 0.0)
+        wz += _class_weight(w_ptr, c, HAS_W) * z
+    s = tl.zeros((BLOCK,), acc)
+    for c in range(C):
+        s += tl.exp(bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo) - mx)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    loss, lse = _ce_loss(mx, s, zy, wy, wz, _weight_sum(w_ptr, C, HAS_W), valid, keep, spread)
+    tl.store(loss_ptr + offs, loss, mask=mo)
+    tl.store(wpos_ptr + offs, wy, mask=mo)
+    tl.store(lse_ptr + offs, lse, mask=mo)
+
+
+@triton.jit
+def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, lse_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
+                             xlo, xhi, C, c0, CC, h, w, H, W, ignore_index, keep, spread, BX,
+                             HAS_W: tl.constexpr, FX: tl.constexpr, BXP: tl.constexpr):
+    # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
+    # summed along x into the low-resolution columns of this program's block.
+    row = tl.program_id(0)  # image * H + output row
+    ox, mo, cells, mc, wmat = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), w, BX, FX, BXP)
+    a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
+    offs = row.to(tl.int64) * W + ox
+    y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
+    valid = (y != ignore_index) & mo
+    g = tl.where(valid, tl.load(g_ptr + offs, mask=mo, other=0.0), 0.0).to(wa0.dtype)
+    lse = tl.load(lse_ptr + offs, mask=mo, other=0.0)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
+    coef_b = g * keep * wy
+    gs = g * spread
+    oy = row % H
+    for cc in range(CC):
+        c = c0 + cc
+        z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
+        du = tl.where(mo, _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W), 0.0)
+        tl.store(t_ptr + ((n * CC + cc) * H + oy) * w + cells, contract_x(du, wmat), mask=mc)
 
 
 def _up_taps(logits, target, align_corners, acc):
@@ -195,17 +232,15 @@ def _up_taps(logits, target, align_corners, acc):
 def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing):
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = _acc(logits.dtype)
     loss, wpos, lse = (torch.empty((n, H, W), dtype=acc, device=logits.device) for _ in range(3))
     if loss.numel():
         ty, tx = _up_taps(logits, target, align_corners, acc)
-        block_c = triton.next_power_of_2(max(c, 1))
-        block_p = max(16, min(256, 4096 // block_c))
         lg = logits.contiguous()
-        _up_ce_forward_kernel[(triton.cdiv(H * W, block_p), n)](
-            lg, target.contiguous(), weight if weight is not None else lg, loss, wpos, lse, *ty[:4], *tx[:4], c, h, w,
-            H, W, ignore_index, 1.0 - label_smoothing, label_smoothing / c, HAS_W=weight is not None,
-            BLOCK_C=block_c, BLOCK_P=block_p)
+        _up_ce_forward_kernel[(n * H, triton.cdiv(W, _BLOCK))](
+            lg, target.contiguous(), _weight(weight, lg), loss, wpos, lse, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1,
+            tx.w0, tx.w1, c, h, w, H, W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+            HAS_W=weight is not None, BLOCK=_BLOCK)
     return loss, wpos, lse
 
 
@@ -216,21 +251,20 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     dl = torch.empty_like(lg)
     if dl.numel() == 0:
         return dl
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if H * W == 0:
         return dl.zero_()
+    acc = _acc(logits.dtype)
     ty, tx = _up_taps(logits, target, align_corners, acc)
-    keep, spread = 1.0 - label_smoothing, label_smoothing / c
-    valid = target != ignore_index
-    wc = weight.to(acc) if weight is not None else torch.ones(c, dtype=acc, device=lg.device)
-    wy = torch.where(valid, wc[target.clamp(0, c - 1)], 0)
-    gm = torch.where(valid, grad.to(acc), 0)
-    coef_a = (gm * (keep * wy + spread * wc.sum())).contiguous()  # d loss / d U_c = a p_c - [c = y] b - gm spread w_c
-    coef_b = (gm * keep * wy).contiguous()
-    block = 128
-    _up_ce_backward_kernel[(triton.cdiv(h * w, block), n * c)](
-        lg, target.contiguous(), wc, coef_a, coef_b, gm.contiguous(), lse.to(acc).contiguous(), dl,
-        ty[0], ty[1], ty[2], ty[3], ty[4], tx[0], tx[1], tx[2], tx[3], tx[4], c, h, w, H, W, spread,
-        HAS_W=weight is not None, MAX_SY=max_span(h, H, align_corners, -1.0),
-        MAX_SX=max_span(w, W, align_corners, -1.0), BLOCK=block)
+    # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
+    cc = max(1, min(c, W // w))
+    t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
+    args = (lg, target.contiguous(), _weight(weight, lg), grad.to(acc).contiguous(), lse.to(acc).contiguous())
+    for c0 in range(0, c, cc):
+        k = min(cc, c - c0)
+        tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
+        _up_ce_contract_x_kernel[(n * H, triton.cdiv(w, tx.bx))](
+            *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
+            ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None, FX=tx.fx,
+            BXP=tx.bxp)
+        contract_y(tk, dl, ty, dst_first=c0)
     return dl

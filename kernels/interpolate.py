@@ -1,127 +1,177 @@
 """Bilinear interpolation: Triton kernels (the CUDA backend) and their launchers.
 
-The launchers compute each axis' taps (two source cells and weights per output
-index) with the same formula as csrc/common/interpolate.h, in the accumulation
-dtype. Forward: one program per block of output pixels of one plane. Backward:
-gather-based, one program per block of input pixels; each input pixel walks the
-contiguous range of output rows/columns that read it, in a fixed order, so the
-result is deterministic (no atomics).
+The launchers take each axis' taps (two source cells and weights per output index,
+the formula of csrc/common/interpolate.h in the accumulation dtype) from `axis_taps`,
+computed once per shape on the host and cached on the device. Forward: one program
+per block of one output row, so the row's taps are scalars. Backward: gather-based
+and separable, so deterministic without atomics: `contract_x` sums each output row
+into the input columns (a fixed-order reduction over the outputs that read each
+column), then `_contract_y_kernel` sums those rows into the input rows.
 """
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 
-def axis_taps(n_in, n_out, align_corners, scale, acc, device):
-    """(i0, i1, w0, w1) per output index, and per input index the range [lo, hi) of outputs reading it."""
-    d = torch.arange(n_out, device=device, dtype=acc)
+class Taps:
+    """One axis' taps on a device: i0, i1, w0, w1 per output index; lo, hi per input
+    cell (the outputs reading it are [lo, hi)); and the column blocking of the
+    backward (cells per program `bx`, the padded block `bxp`, the outputs `fx` that a
+    block of `bx` cells is read by, at most)."""
+
+    def __init__(self, cpu, device):
+        self.i0, self.i1, self.w0, self.w1, self.lo, self.hi = (t.to(device) for t in cpu)
+        lo, hi = cpu[4], cpu[5]
+        n = lo.numel()
+        self.bx, self.fx = 1, 1
+        # The largest block of cells (<= 32) whose outputs fit 128 lanes, or single cells.
+        for bx in range(min(32, n), 0, -1):
+            first = torch.arange(0, n, bx)
+            foot = int((hi[(first + bx).clamp(max=n) - 1] - lo[first]).max()) if n else 0
+            if foot <= 128 or bx == 1:
+                self.bx, self.fx = bx, triton.next_power_of_2(max(foot, 16))
+                break
+        self.bxp = triton.next_power_of_2(self.bx)
+
+
+@functools.lru_cache(maxsize=128)
+def _axis_taps(n_in, n_out, align_corners, scale, acc, device):
+    d = torch.arange(n_out, dtype=acc)
     if n_in == n_out:
-        i0 = torch.arange(n_out, device=device)
-        w1 = torch.zeros(n_out, device=device, dtype=acc)
+        i0 = torch.arange(n_out)
+        w1 = torch.zeros(n_out, dtype=acc)
         i1 = i0
     else:
         if align_corners:
             ratio = torch.tensor(n_in - 1, dtype=acc) / (n_out - 1) if n_out > 1 else torch.tensor(0.0, dtype=acc)
-            src = ratio.to(device) * d
+            src = ratio * d
         else:
             ratio = torch.tensor(1.0 / scale, dtype=acc) if scale > 0 else torch.tensor(n_in, dtype=acc) / n_out
-            src = (ratio.to(device) * (d + 0.5) - 0.5).clamp(min=0)
+            src = (ratio * (d + 0.5) - 0.5).clamp(min=0)
         i0 = torch.floor(src).to(torch.int64).clamp(max=n_in - 1)
         w1 = (src - i0.to(acc)).clamp(0, 1)
         i1 = i0 + (i0 < n_in - 1).to(torch.int64)
     w0 = 1 - w1
-    cells = torch.arange(n_in, device=device)
+    cells = torch.arange(n_in)
     lo = torch.searchsorted(i0, cells - 1, right=False)  # first output whose i0 >= cell - 1
     hi = torch.searchsorted(i0, cells, right=True)       # past the last output whose i0 <= cell
-    return (i0.contiguous(), i1.contiguous(), w0.contiguous(), w1.contiguous(), lo.contiguous(), hi.contiguous())
+    return Taps((i0, i1, w0, w1, lo, hi), device)
+
+
+def axis_taps(n_in, n_out, align_corners, scale, acc, device) -> Taps:
+    """The taps of one axis (see Taps), cached per shape, options, dtype and device."""
+    return _axis_taps(int(n_in), int(n_out), bool(align_corners), float(scale), acc, torch.device(device))
 
 
 @triton.jit
-def bilinear_at(base, W, oy, ox, mask, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1):
-    """Value at outputs (oy, ox) of the bilinearly resized plane at `base` (row length W)."""
-    a0 = tl.load(yi0 + oy, mask=mask, other=0)
-    a1 = tl.load(yi1 + oy, mask=mask, other=0)
-    b0 = tl.load(xi0 + ox, mask=mask, other=0)
-    b1 = tl.load(xi1 + ox, mask=mask, other=0)
-    wa0 = tl.load(yw0 + oy, mask=mask, other=0.0)
-    wa1 = tl.load(yw1 + oy, mask=mask, other=0.0)
-    wb0 = tl.load(xw0 + ox, mask=mask, other=0.0)
-    wb1 = tl.load(xw1 + ox, mask=mask, other=0.0)
+def row_taps(i0, i1, w0, w1, o):
+    """Scalar taps of output index o."""
+    return tl.load(i0 + o), tl.load(i1 + o), tl.load(w0 + o), tl.load(w1 + o)
+
+
+@triton.jit
+def bilinear_row(base, W, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mask):
+    """Values at one output row (input rows a0/a1, weights wa0/wa1: scalars) and the
+    columns whose taps are b0/b1, wb0/wb1 (vectors) of the plane at `base`."""
     acc = wa0.dtype
-    v00 = tl.load(base + a0 * W + b0, mask=mask, other=0.0).to(acc)
-    v01 = tl.load(base + a0 * W + b1, mask=mask, other=0.0).to(acc)
-    v10 = tl.load(base + a1 * W + b0, mask=mask, other=0.0).to(acc)
-    v11 = tl.load(base + a1 * W + b1, mask=mask, other=0.0).to(acc)
+    r0 = base + a0 * W
+    r1 = base + a1 * W
+    v00 = tl.load(r0 + b0, mask=mask, other=0.0).to(acc)
+    v01 = tl.load(r0 + b1, mask=mask, other=0.0).to(acc)
+    v10 = tl.load(r1 + b0, mask=mask, other=0.0).to(acc)
+    v11 = tl.load(r1 + b1, mask=mask, other=0.0).to(acc)
     return wa0 * (wb0 * v00 + wb1 * v01) + wa1 * (wb0 * v10 + wb1 * v11)
 
 
 @triton.jit
-def tap_weight(i0, i1, w0, w1, o, mask, cell):
-    """Weight with which output index o reads input `cell` along one axis (0 if it does not)."""
-    return tl.where(tl.load(i0 + o, mask=mask, other=-1) == cell, tl.load(w0 + o, mask=mask, other=0.0), 0.0) \
-        + tl.where(tl.load(i1 + o, mask=mask, other=-1) == cell, tl.load(w1 + o, mask=mask, other=0.0), 0.0)
+def column_weights(xi0, xi1, xw0, xw1, lo, hi, blk, in_w, BX, FX: tl.constexpr, BXP: tl.constexpr):
+    """For the program's block of BX input columns: the outputs `ox` reading them (FX
+    lanes, masked by `mo`), the columns `cells` (BXP lanes) and the dense weight matrix
+    wmat[f, j] with which output ox[f] reads column cells[j]."""
+    x0 = blk * BX
+    j = tl.arange(0, BXP)
+    cells = x0 + j
+    mc = (j < BX) & (cells < in_w)
+    o0 = tl.load(lo + x0)
+    o1 = tl.load(hi + tl.minimum(x0 + BX, in_w) - 1)
+    ox = o0 + tl.arange(0, FX)
+    mo = ox < o1
+    a = tl.load(xi0 + ox, mask=mo, other=-1)
+    b = tl.load(xi1 + ox, mask=mo, other=-1)
+    wa = tl.load(xw0 + ox, mask=mo, other=0.0)
+    wb = tl.load(xw1 + ox, mask=mo, other=0.0)
+    hit = mc[None, :] & mo[:, None]
+    wmat = tl.where(hit & (a[:, None] == cells[None, :]), wa[:, None], 0.0) \
+        + tl.where(hit & (b[:, None] == cells[None, :]), wb[:, None], 0.0)
+    return ox, mo, cells, mc, wmat
 
 
 @triton.jit
-def _forward_kernel(x_ptr, out_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, H, W, OH, OW,
-                    BLOCK: tl.constexpr):
-    plane = tl.program_id(1).to(tl.int64)
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = o < OH * OW
-    val = bilinear_at(x_ptr + plane * H * W, W, o // OW, o % OW, m, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1)
-    tl.store(out_ptr + plane * OH * OW + o, val.to(out_ptr.dtype.element_ty), mask=m)
+def contract_x(v, wmat):
+    """Sum of output values v[f] into the input columns: sum_f v[f] * wmat[f, j]."""
+    return tl.sum(v[:, None] * wmat, axis=0)
 
 
 @triton.jit
-def _backward_kernel(g_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, xi0, xi1, xw0, xw1, xlo, xhi, H, W, OH, OW,
-                     MAX_SY: tl.constexpr, MAX_SX: tl.constexpr, BLOCK: tl.constexpr):
-    plane = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = p < H * W
-    y = p // W
-    x = p % W
-    y_lo = tl.load(ylo + y, mask=m, other=0)
-    y_hi = tl.load(yhi + y, mask=m, other=0)
-    x_lo = tl.load(xlo + x, mask=m, other=0)
-    x_hi = tl.load(xhi + x, mask=m, other=0)
-    gbase = g_ptr + plane * OH * OW
+def _forward_kernel(x_ptr, out_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, H, W, OH, OW, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # plane * OH + output row
+    plane = (row // OH).to(tl.int64)
+    a0, a1, wa0, wa1 = row_taps(yi0, yi1, yw0, yw1, row % OH)
+    ox = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = ox < OW
+    b0 = tl.load(xi0 + ox, mask=m, other=0)
+    b1 = tl.load(xi1 + ox, mask=m, other=0)
+    wb0 = tl.load(xw0 + ox, mask=m, other=0.0)
+    wb1 = tl.load(xw1 + ox, mask=m, other=0.0)
+    val = bilinear_row(x_ptr + plane * H * W, W, a0, a1, wa0, wa1, b0, b1, wb0, wb1, m)
+    tl.store(out_ptr + row.to(tl.int64) * OW + ox, val.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _contract_x_kernel(g_ptr, t_ptr, xi0, xi1, xw0, xw1, xlo, xhi, W, OW, BX, FX: tl.constexpr,
+                       BXP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # plane * OH + output row
+    ox, mo, cells, mc, wmat = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), W, BX, FX, BXP)
+    v = tl.load(g_ptr + row * OW + ox, mask=mo, other=0.0).to(wmat.dtype)
+    tl.store(t_ptr + row * W + cells, contract_x(v, wmat), mask=mc)
+
+
+@triton.jit
+def _contract_y_kernel(t_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, H, W, OH, src_planes, dst_planes, dst_first,
+                       BLOCK: tl.constexpr):
+    # t: [images, src_planes, OH, W] rows already summed over x; gin plane (image, dst_first + p)
+    # row y = sum over the output rows oy reading y, in increasing oy, of weight * t row oy.
+    prow = tl.program_id(0)  # (image * src_planes + p) * H + y
+    y = prow % H
+    p = prow // H
+    dst = ((p // src_planes) * dst_planes + dst_first + p % src_planes).to(tl.int64) * H * W + y * W
+    x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = x < W
     acc = tl.zeros((BLOCK,), dtype=yw0.dtype.element_ty)
-    for dy in range(MAX_SY):
-        oy = y_lo + dy
-        my = m & (oy < y_hi)
-        wy = tap_weight(yi0, yi1, yw0, yw1, oy, my, y)
-        row = tl.zeros((BLOCK,), dtype=yw0.dtype.element_ty)
-        for dx in range(MAX_SX):
-            ox = x_lo + dx
-            mx = my & (ox < x_hi)
-            wx = tap_weight(xi0, xi1, xw0, xw1, ox, mx, x)
-            gv = tl.load(gbase + oy * OW + ox, mask=mx, other=0.0).to(row.dtype)
-            row += wx * gv
-        acc += wy * row
-    tl.store(gin_ptr + plane * H * W + p, acc.to(gin_ptr.dtype.element_ty), mask=m)
+    src = t_ptr + p.to(tl.int64) * OH * W
+    for oy in range(tl.load(ylo + y), tl.load(yhi + y)):
+        a0, a1, wa0, wa1 = row_taps(yi0, yi1, yw0, yw1, oy)
+        wy = tl.where(a0 == y, wa0, 0.0) + tl.where(a1 == y, wa1, 0.0)
+        acc += wy * tl.load(src + oy * W + x, mask=m, other=0.0)
+    tl.store(gin_ptr + dst + x, acc.to(gin_ptr.dtype.element_ty), mask=m)
 
 
 _BLOCK = 256
 
 
-def max_span(n_in, n_out, align_corners, scale):
-    """An upper bound, from the sizes alone (no device read), on how many output indices
-    read one input cell: about 2 / ratio, plus the outputs clamped onto the first and
-    last cells."""
-    if n_in == n_out:
-        return 1
-    if align_corners:
-        ratio = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    else:
-        ratio = 1.0 / scale if scale > 0 else n_in / n_out
-    if ratio <= 0:
-        return n_out
-    return min(n_out, 3 * int(1.0 / ratio) + 6)
-
-
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def contract_y(t, gin, ty: Taps, dst_first=0):
+    """gin[:, dst_first : dst_first + P] = the y-contraction of t ([N, P, OH, W] -> [N, P, H, W])."""
+    n, p, oh, w = t.shape
+    h = gin.shape[2]
+    _contract_y_kernel[(n * p * h, triton.cdiv(w, _BLOCK))](t, gin, ty.i0, ty.i1, ty.w0, ty.w1, ty.lo, ty.hi, h, w,
+                                                            oh, p, gin.shape[1], dst_first, BLOCK=_BLOCK)
 
 
 def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
@@ -133,8 +183,9 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
     acc = _acc(x.dtype)
     ty = axis_taps(h, out_h, align_corners, scale_h, acc, x.device)
     tx = axis_taps(w, out_w, align_corners, scale_w, acc, x.device)
-    grid = (triton.cdiv(out_h * out_w, _BLOCK), n * c)
-    _forward_kernel[grid](x, out, *ty[:4], *tx[:4], h, w, out_h, out_w, BLOCK=_BLOCK)
+    grid = (n * c * out_h, triton.cdiv(out_w, _BLOCK))
+    _forward_kernel[grid](x, out, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, h, w, out_h, out_w,
+                          BLOCK=_BLOCK)
     return out
 
 
@@ -147,8 +198,10 @@ def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w
     acc = _acc(g.dtype)
     ty = axis_taps(in_h, out_h, align_corners, scale_h, acc, g.device)
     tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
-    max_sy = max_span(in_h, out_h, align_corners, scale_h)
-    max_sx = max_span(in_w, out_w, align_corners, scale_w)
-    grid = (triton.cdiv(in_h * in_w, _BLOCK), n * c)
-    _backward_kernel[grid](g, gin, *ty, *tx, in_h, in_w, out_h, out_w, MAX_SY=max_sy, MAX_SX=max_sx, BLOCK=_BLOCK)
+    t = torch.empty((n, c, out_h, in_w), dtype=acc, device=g.device)
+    if out_h * out_w:
+        _contract_x_kernel[(n * c * out_h, triton.cdiv(in_w, tx.bx))](g, t, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo,
+                                                                      tx.hi, in_w, out_w, tx.bx, FX=tx.fx,
+                                                                      BXP=tx.bxp)
+    contract_y(t, gin, ty)
     return gin

@@ -89,116 +89,135 @@ def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
 
 
 @triton.jit
-def _dice_probs(z_ptr, y_ptr, n, blk, C, HW, ignore_index, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """softmax over classes of one block of positions; zeros on ignored/padded positions."""
-    c = tl.arange(0, BLOCK_C)
-    j = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = c < C
+def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK: tl.constexpr):
+    """One block of positions of one image: the class planes' base, the targets, and the
+    softmax max and 1 / sum (0 on ignored and padded positions); classes are walked one
+    plane at a time."""
+    n = (pid // nb).to(tl.int64)
+    j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
     mj = j < HW
-    m2 = mc[:, None] & mj[None, :]
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    base = n.to(tl.int64) * C * HW
-    z = tl.load(z_ptr + base + c[:, None].to(tl.int64) * HW + j[None, :], mask=m2, other=0.0).to(acc)
-    y = tl.load(y_ptr + n.to(tl.int64) * HW + j, mask=mj, other=ignore_index)
-    zm = tl.where(m2, z, float("-inf"))
-    mx = tl.max(zm, axis=0)
-    e = tl.where(m2, tl.exp(zm - mx[None, :]), 0.0)
-    s = tl.sum(e, axis=0)
+    base = z_ptr + n * C * HW + j
+    y = tl.load(y_ptr + n * HW + j, mask=mj, other=ignore_index)
     valid = (y != ignore_index) & mj
-    p = tl.where(valid[None, :] & mc[:, None], e / tl.where(valid, s, 1.0)[None, :], 0.0)
-    hit = (y[None, :] == c[:, None]) & valid[None, :] & mc[:, None]
-    return c, mc, valid, p, hit
+    mx = tl.full((BLOCK,), float("-inf"), acc)
+    for c in range(C):
+        mx = tl.maximum(mx, tl.load(base + c * HW, mask=mj, other=0.0).to(acc))
+    s = tl.zeros((BLOCK,), acc)
+    for c in range(C):
+        s += tl.exp(tl.load(base + c * HW, mask=mj, other=0.0).to(acc) - mx)
+    return n, j, mj, base, y, valid, mx, tl.where(valid, 1.0 / s, 0.0)
 
 
 @triton.jit
-def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _dice_p(base, c, HW, mj, valid, mx, inv):
+    z = tl.load(base + c * HW, mask=mj, other=0.0).to(mx.dtype)
+    return tl.where(valid, tl.exp(z - mx) * inv, 0.0)
+
+
+@triton.jit
+def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    c, mc, valid, p, hit = _dice_probs(z_ptr, y_ptr, pid // nb, pid % nb, C, HW, ignore_index, BLOCK_C, BLOCK_P)
-    inter = tl.sum(tl.where(hit, p, 0.0), axis=1)
-    card = tl.sum(p, axis=1) + tl.sum(hit.to(p.dtype), axis=1)
+    n, j, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
     out = part_ptr + pid.to(tl.int64) * 2 * C
-    tl.store(out + c, inter, mask=mc)
-    tl.store(out + C + c, card, mask=mc)
+    for c in range(C):
+        p = _dice_p(base, c, HW, mj, valid, mx, inv)
+        hit = valid & (y == c)
+        tl.store(out + c, tl.sum(tl.where(hit, p, 0.0), axis=0))
+        tl.store(out + C + c, tl.sum(p, axis=0) + tl.sum(hit.to(p.dtype), axis=0))
 
 
 @triton.jit
-def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, BLOCK_C: tl.constexpr,
-                          BLOCK_P: tl.constexpr):
+def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
+    # h_c = d loss / d p_c = g_card[c] + [y = c] g_inter[c] on valid positions; softmax
+    # backward: dz_c = p_c (h_c - sum_k p_k h_k).
     pid = tl.program_id(0)
-    n = pid // nb
-    blk = pid % nb
-    c, mc, valid, p, hit = _dice_probs(z_ptr, y_ptr, n, blk, C, HW, ignore_index, BLOCK_C, BLOCK_P)
-    gi = tl.load(g_ptr + c, mask=mc, other=0.0)
-    gs = tl.load(g_ptr + C + c, mask=mc, other=0.0)
-    # h_c = d loss / d p_c on valid positions; softmax backward: dz = p (h - sum_c p_c h_c)
-    h = tl.where(valid[None, :], gs[:, None] + tl.where(hit, gi[:, None], 0.0), 0.0)
-    dot = tl.sum(p * h, axis=0)
-    dz = p * (h - dot[None, :])
-    j = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs = n.to(tl.int64) * C * HW + c[:, None].to(tl.int64) * HW + j[None, :]
-    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mc[:, None] & (j < HW)[None, :])
+    n, j, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    dot = tl.zeros((BLOCK,), mx.dtype)
+    for c in range(C):
+        h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
+        dot += _dice_p(base, c, HW, mj, valid, mx, inv) * h
+    out = dz_ptr + n * C * HW + j
+    for c in range(C):
+        h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
+        dz = _dice_p(base, c, HW, mj, valid, mx, inv) * (h - dot)
+        tl.store(out + c * HW, dz.to(dz_ptr.dtype.element_ty), mask=mj)
 
 
 def _dice_blocks(logits):
     n, c = logits.shape[:2]
     hw = logits.numel() // max(n * c, 1)
-    block_c = triton.next_power_of_2(c)
-    block_p = max(16, 4096 // block_c)
-    return n, c, hw, block_c, block_p, triton.cdiv(hw, block_p)
+    return n, c, hw, triton.cdiv(hw, _BLOCK)
 
 
 def dice_stats(logits, target, ignore_index):
-    n, c, hw, block_c, block_p, nb = _dice_blocks(logits)
+    n, c, hw, nb = _dice_blocks(logits)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     part = torch.zeros((n * nb, 2, c), dtype=acc, device=logits.device)
     if n * nb:
         _dice_stats_kernel[(n * nb,)](logits.contiguous(), target.contiguous(), part, c, hw, nb, ignore_index,
-                                      BLOCK_C=block_c, BLOCK_P=block_p)
+                                      BLOCK=_BLOCK)
     return part.sum(0)  # per-block partials, summed in a fixed order: deterministic
 
 
 def dice_stats_backward(grad, logits, target, ignore_index):
-    n, c, hw, block_c, block_p, nb = _dice_blocks(logits)
+    n, c, hw, nb = _dice_blocks(logits)
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb:
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         _dice_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(), dz, c, hw, nb,
-                                         ignore_index, BLOCK_C=block_c, BLOCK_P=block_p)
+                                         ignore_index, BLOCK=_BLOCK)
     return dz
 
 
 @triton.jit
-def _lovasz_grad_kernel(fg_ptr, len_ptr, out_ptr, M, BLOCK: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
+def _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK: tl.constexpr):
+    """Row r and positions i of block pid; hit = 1 where entry i is a valid foreground entry."""
+    r = (pid // nb).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), M)
-    row = fg_ptr + r * M
-    gts = tl.zeros((), dtype=tl.int64)
-    for start in range(0, M, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        f = tl.load(row + i, mask=i < n, other=0.0)
-        gts += tl.sum((f != 0).to(tl.int64), axis=0)
-    cum = tl.zeros((), dtype=tl.int64)
-    for start in range(0, M, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        m = i < n
-        hit = ((tl.load(row + i, mask=m, other=0.0) != 0) & m).to(tl.int64)
-        c = tl.cumsum(hit, 0) + cum
-        # Jaccard loss of the first i + 1 entries, and of the first i (closed form: no shift needed)
-        jac = 1.0 - (gts - c).to(tl.float64) / (gts + i + 1 - c).to(tl.float64)
-        cp = c - hit
-        prev = tl.where(i == 0, 0.0, 1.0 - (gts - cp).to(tl.float64) / tl.maximum(gts + i - cp, 1).to(tl.float64))
-        out = tl.where(m, jac - prev, 0.0)
-        tl.store(out_ptr + r * M + i, out.to(out_ptr.dtype.element_ty), mask=i < M)
-        cum += tl.sum(hit, axis=0)
+    i = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    hit = ((tl.load(fg_ptr + r * M + i, mask=m, other=0.0) != 0) & m).to(tl.int64)
+    return r, i, m, hit
+
+
+@triton.jit
+def _lovasz_count_kernel(fg_ptr, len_ptr, cnt_ptr, M, nb, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    r, i, m, hit = _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK)
+    tl.store(cnt_ptr + pid, tl.sum(hit, axis=0))
+
+
+@triton.jit
+def _lovasz_grad_kernel(fg_ptr, len_ptr, before_ptr, total_ptr, out_ptr, M, nb, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    r, i, m, hit = _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK)
+    gts = tl.load(total_ptr + r)
+    c = tl.cumsum(hit, 0) + tl.load(before_ptr + pid)  # foreground entries among the first i + 1
+    # Jaccard loss of the first i + 1 entries, and of the first i (closed form: no shift needed)
+    jac = 1.0 - (gts - c).to(tl.float64) / (gts + i + 1 - c).to(tl.float64)
+    cp = c - hit
+    prev = tl.where(i == 0, 0.0, 1.0 - (gts - cp).to(tl.float64) / tl.maximum(gts + i - cp, 1).to(tl.float64))
+    tl.store(out_ptr + r * M + i, tl.where(m, jac - prev, 0.0).to(out_ptr.dtype.element_ty), mask=i < M)
+
+
+_SCAN_BLOCK = 1024
 
 
 def lovasz_gradient(fg_sorted, lengths):
+    """Two passes over blocks of every row (the rows' blocks run in parallel): foreground
+    counts per block, then each block's cumulative counts from the exclusive scan of those."""
     fg = fg_sorted.contiguous()
     out = torch.empty_like(fg)
     r, m = fg.shape
     if r and m:
-        _lovasz_grad_kernel[(r,)](fg, lengths.contiguous(), out, m, BLOCK=1024)
+        nb = triton.cdiv(m, _SCAN_BLOCK)
+        lens = lengths.contiguous()
+        cnt = torch.empty((r, nb), dtype=torch.int64, device=fg.device)
+        _lovasz_count_kernel[(r * nb,)](fg, lens, cnt, m, nb, BLOCK=_SCAN_BLOCK)
+        before = cnt.cumsum(1) - cnt
+        _lovasz_grad_kernel[(r * nb,)](fg, lens, before, cnt.sum(1), out, m, nb, BLOCK=_SCAN_BLOCK)
     elif out.numel():
         out.zero_()
     return out

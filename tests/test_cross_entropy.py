@@ -216,18 +216,20 @@ def test_cuda_cross_entropy_matches_cpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("weighted_smoothing", [False, True])
-def test_triton_upsample_ce_interpreter(dtype, align_corners, weighted_smoothing):
+@pytest.mark.parametrize("sizes", [((4, 5), (9, 11)), ((2, 3), (5, 200)), ((6, 9), (4, 5))], ids=str)
+def test_triton_upsample_ce_interpreter(dtype, align_corners, weighted_smoothing, sizes):
     from pyvision_ops.kernels import cross_entropy as K
 
-    x, _, w = batch((2, 3, 4, 5), dtype=dtype)
-    y = torch.randint(0, 3, (2, 9, 11), generator=torch.Generator().manual_seed(5))
+    (lh, lw), (H, W) = sizes
+    x, _, w = batch((2, 3, lh, lw), dtype=dtype)
+    y = torch.randint(0, 3, (2, H, W), generator=torch.Generator().manual_seed(5))
     y[0, :2] = -100
     wt, ls = (w.to(dtype), 0.2) if weighted_smoothing else (None, 0.0)
     fwd_k = K.upsample_cross_entropy(x, y, align_corners, wt, -100, ls)
     fwd_c = ops.upsample_cross_entropy(x, y, align_corners, wt, -100, ls)
     for a, b in zip(fwd_k, fwd_c):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    g = torch.rand(2, 9, 11, dtype=fwd_c[2].dtype)
+    g = torch.rand(2, H, W, dtype=fwd_c[2].dtype)
     torch.testing.assert_close(K.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
                                ops.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
                                rtol=1e-5, atol=1e-6)

@@ -93,7 +93,10 @@ def test_bad_input(call, exc, words):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", [(7, 11, 20, 33, False, -1.0), (7, 11, 20, 33, True, -1.0),
                                   (7, 11, 17, 27, False, 2.5), (7, 11, 3, 4, False, -1.0),
-                                  (1, 5, 6, 9, False, -1.0), (2, 2, 9, 9, True, -1.0)], ids=str)
+                                  (1, 5, 6, 9, False, -1.0), (2, 2, 9, 9, True, -1.0),
+                                  # a cell read by > 128 outputs (one column per program); downsampling
+                                  (2, 3, 5, 301, False, -1.0), (13, 40, 5, 9, True, -1.0),
+                                  (3, 70, 7, 90, False, -1.0)], ids=str)
 def test_triton_interpreter(dtype, case):
     from pyvision_ops.kernels import interpolate as K
 

@@ -225,7 +225,7 @@ def test_dice_bad_input(call, exc, words):
 def test_triton_dice_interpreter(dtype, c):
     from pyvision_ops.kernels import losses as K
 
-    x, y = seg_batch(c=c, h=9, w=23, dtype=dtype, ignore=255)
+    x, y = seg_batch(c=c, h=37, w=41, dtype=dtype, ignore=255)
     torch.testing.assert_close(K.dice_stats(x, y, 255), ops.dice_stats(x, y, 255), rtol=1e-5, atol=1e-5)
     g = torch.rand(2, c, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(K.dice_stats_backward(g, x, y, 255), ops.dice_stats_backward(g, x, y, 255),
@@ -239,7 +239,7 @@ def test_cuda_dice_matches_cpu():
                                rtol=1e-4, atol=1e-3)
     g = torch.rand(2, 19)
     torch.testing.assert_close(ops.dice_stats_backward(g.cuda(), x.cuda(), y.cuda(), 255).cpu(),
-                               ops.dice_stats_backward(g, x, y, 255), rtol=1e-4, atol=1e-7)
+                               ops.dice_stats_backward(g, x, y, 255), rtol=1e-4, atol=1e-6)
 
 
 # -------------------------------------------------------------------- Lovasz
