@@ -310,6 +310,31 @@ torch.library.register_autograd("pyvision_ops::dice_stats", _dice_backward, setu
 def _(fg_sorted, lengths):
     return torch.empty_like(fg_sorted)
 
+
+@torch.library.register_fake("pyvision_ops::lovasz_softmax_rows")
+def _(probas, labels, ignore_index, per_image):
+    rows = (probas.shape[0] if per_image else 1, probas.shape[1])
+    acc = _acc_dtype(probas.dtype)
+    return (probas.new_empty(rows, dtype=acc), probas.new_empty(probas.shape, dtype=acc),
+            probas.new_empty(rows, dtype=torch.int64))
+
+
+def _lovasz_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.dtype = inputs[0].dtype
+
+
+def _lovasz_rows_backward(ctx, g_losses, g_grad, g_counts):
+    (grad,) = ctx.saved_tensors
+    if g_losses is None:
+        return None, None, None, None
+    # Row (g, c) depends on probas[n, c] of its group only: G = N (per image) or 1 (broadcast).
+    return (grad * g_losses.to(grad.dtype).unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::lovasz_softmax_rows", _lovasz_rows_backward,
+                                setup_context=_lovasz_rows_setup)
+
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")
 _register_triton("matched_box_iou_backward", "box_iou")
@@ -318,6 +343,7 @@ _register_triton("sigmoid_focal_loss_backward", "losses")
 _register_triton("dice_stats", "losses")
 _register_triton("dice_stats_backward", "losses")
 _register_triton("lovasz_gradient", "losses")
+_register_triton("lovasz_softmax_rows", "losses")
 _register_triton("upsample_bilinear", "interpolate")
 _register_triton("upsample_bilinear_backward", "interpolate")
 _register_triton("softmax_cross_entropy", "cross_entropy")
