@@ -55,6 +55,14 @@ TORCH_LIBRARY(pyvision_ops, m) {
   // fg_sorted [R, M] (0/1, fp32 or fp64), lengths [R] = valid entries per row (later ones get 0).
   // Counts are int64: exact at any size. Output dtype = fg_sorted's.
   m.def("lovasz_gradient(Tensor fg_sorted, Tensor lengths) -> Tensor");
+  // Lovasz-softmax per (group, class): probas [N, C, S], labels [N, S] (int64); a group is one
+  // image (per_image) or the whole batch. Per row: errors |[y = c] - p_c| over the positions whose
+  // label is not ignore_index, sorted decreasing (stable), dotted with the Lovasz gradient.
+  // Returns (losses [G, C], grad [N, C, S] = d losses / d probas, fg_count [G, C] int64);
+  // losses and grad are fp32 (fp64 for fp64 probas).
+  m.def(
+      "lovasz_softmax_rows(Tensor probas, Tensor labels, int? ignore_index, bool per_image) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // Bilinear interpolation of [N, C, H, W] (torch's index rule; scale <= 0: none given).
   m.def(

@@ -221,3 +221,29 @@ def lovasz_gradient(fg_sorted, lengths):
     elif out.numel():
         out.zero_()
     return out
+
+
+def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
+    """The op on CUDA: every (group, class) row's errors in one batched stable sort (torch),
+    the Lovasz gradient of each sorted row (the block scan above), and its scatter back to
+    the positions; same results as the CPU kernel."""
+    n, c, s = probas.shape
+    acc = torch.float64 if probas.dtype == torch.float64 else torch.float32
+    p = probas.to(acc)
+    valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
+    y = labels
+    if not per_image:  # one group: every position of every image
+        p, y, valid = p.transpose(0, 1).reshape(1, c, n * s), y.reshape(1, -1), valid.reshape(1, -1)
+    g, m = p.shape[0], p.shape[2]
+    fg = (y[:, None, :] == torch.arange(c, device=y.device)[None, :, None]) & valid[:, None, :]
+    diff = p - fg.to(acc)
+    e = torch.where(valid[:, None, :], diff.abs(), float("-inf")).reshape(g * c, m)
+    e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
+    lg = lovasz_gradient(torch.gather(fg.reshape(g * c, m).to(acc), 1, perm), valid.sum(1).repeat_interleave(c))
+    losses = (e_sorted.clamp(min=0) * lg).sum(1).reshape(g, c)
+    # d |p - fg| / d p = sign(p - fg); ignored positions get exactly 0
+    grad = torch.zeros_like(e).scatter_(1, perm, lg).reshape(g, c, m)
+    grad = torch.where(valid[:, None, :], grad * torch.sign(diff), 0.0)
+    if not per_image:
+        grad = grad.reshape(c, n, s).transpose(0, 1)
+    return losses, grad.contiguous(), fg.sum(-1)

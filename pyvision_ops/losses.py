@@ -127,9 +127,13 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     ``"present"`` averages over classes present in the labels, ``"all"`` over all,
     or a list of class indices. ``per_image=True`` averages per-image losses.
     No valid position, or no present class: the loss is 0 with zero gradients.
-    The loss is fp32 (fp64 for fp64 input).
+    The loss is fp32 (fp64 for fp64 input). One op computes every row's loss and
+    its gradient: on the CPU each (group, class) row is a stable radix sort and one
+    walk, rows in parallel; on CUDA one batched sort and a block scan.
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     if isinstance(classes, str):
         if classes not in ("present", "all"):
             raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
@@ -140,23 +144,14 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
         if sel.dim() != 1 or sel.numel() == 0 or bool(((sel < 0) | (sel >= c)).any()):
             raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {classes}")
     p = torch.softmax(probas, dim=1) if from_logits else probas
-    p = p.reshape(n, c, -1)
-    y = labels.reshape(n, -1).to(torch.int64)
-    valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
-    if not per_image:  # one group: every position of every image
-        p = p.transpose(0, 1).reshape(1, c, -1)
-        y, valid = y.reshape(1, -1), valid.reshape(1, -1)
-    g = p.shape[0]
-    cls = torch.arange(c, device=y.device)
-    fg = (y[:, None, :] == cls[None, :, None]) & valid[:, None, :]  # [G, C, M]
-    v = valid[:, None, :].expand_as(fg)
-    losses = _lovasz_rows((fg.to(p.dtype) - p).abs().reshape(g * c, -1), fg.reshape(g * c, -1),
-                          v.reshape(g * c, -1)).reshape(g, c)
+    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, -1), labels.reshape(n, -1).to(torch.int64),
+                                                ignore_index, bool(per_image))
+    g = losses.shape[0]
     if sel is not None:
         weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_fill_(0, sel.to(losses.device), 1)
         weight = weight.expand(g, c)
     elif classes == "present":
-        weight = fg.any(-1).to(losses.dtype)
+        weight = (counts > 0).to(losses.dtype)
     else:
         weight = torch.ones_like(losses)
     per_group = (losses * weight).sum(1) / weight.sum(1).clamp(min=1)

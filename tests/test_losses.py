@@ -313,9 +313,36 @@ def test_lovasz_gradient_op_exact_counts_opcheck_compile():
     torch.testing.assert_close(f(x, y), P.lovasz_softmax(x, y, from_logits=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
+    x, y = seg_batch(c=5, h=7, w=9, ignore=255, seed=8)
+    p = torch.softmax(x, 1).to(dtype)
+    for per_image in (False, True):
+        pr = p.clone().requires_grad_()
+        ours = P.lovasz_softmax(pr, y, per_image=per_image, ignore_index=255)
+        assert ours.dtype == torch.float32
+        pd = p.double().requires_grad_()
+        ref = reference.lovasz_softmax(pd, y, per_image=per_image, ignore_index=255)
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+        (go,) = torch.autograd.grad(ours, [pr])
+        (gr,) = torch.autograd.grad(ref, [pd])
+        assert go.dtype == dtype
+        torch.testing.assert_close(go.double(), gr, rtol=1e-3, atol=1e-3)
+    opcheck(ops.lovasz_softmax_rows, (p.float().reshape(2, 5, -1).requires_grad_(), y.reshape(2, -1), 255, False))
+    opcheck(ops.lovasz_softmax_rows, (p.double().reshape(2, 5, -1), y.reshape(2, -1), None, True))
+    # a NaN probability makes its rows' losses NaN (it sorts first), not a crash
+    bad = p.float().clone()
+    bad[0, 1, 0, 0] = float("nan")
+    losses = ops.lovasz_softmax_rows(bad.reshape(2, 5, -1), y.reshape(2, -1), 255, True)[0]
+    assert losses[0, 1].isnan() or y[0, 0, 0] == 255
+    assert not losses[1].isnan().any()
+
+
 @pytest.mark.parametrize(
     "call, exc, words",
     [
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=1.5),
+         TypeError, "ignore_index"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError, "labels"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4)), TypeError, "labels"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes="some"),
@@ -341,6 +368,18 @@ def test_triton_lovasz_gradient_interpreter(dtype):
     lengths = torch.tensor([2500, 0, 1, 1024, 2047])
     torch.testing.assert_close(K.lovasz_gradient(fg, lengths), ops.lovasz_gradient(fg, lengths), rtol=1e-6,
                                atol=1e-7)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index):
+    from pyvision_ops.kernels import losses as K
+
+    x, y = seg_batch(c=4, h=30, w=41, ignore=ignore_index, seed=9)
+    args = (torch.softmax(x, 1).float().reshape(2, 4, -1), y.reshape(2, -1), ignore_index, per_image)
+    for a, b in zip(K.lovasz_softmax_rows(*args), ops.lovasz_softmax_rows(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -262,6 +266,145 @@ at::Tensor lovasz_gradient_cpu(const at::Tensor& fg_sorted, const at::Tensor& le
   return out;
 }
 
+// Unsigned keys that sort like the floats (NaN above +inf), inverted so that an ascending
+// sort gives decreasing values.
+inline uint32_t descending_key(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return ~((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+}
+inline uint64_t descending_key(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return ~((b & (uint64_t(1) << 63)) ? ~b : (b | (uint64_t(1) << 63)));
+}
+template <typename T, typename K>
+T key_value(K k) {
+  k = ~k;
+  k = (k & (K(1) << (sizeof(K) * 8 - 1))) ? (k & ~(K(1) << (sizeof(K) * 8 - 1))) : ~k;
+  T v;
+  std::memcpy(&v, &k, sizeof v);
+  return v;
+}
+
+// Stable LSD radix sort of (key, value) pairs by ascending key, 11 bits a pass; a pass
+// whose digit is the same for every key is skipped. The result is left in key / val.
+template <typename K, typename I>
+void radix_sort(K* key, I* val, K* key_tmp, I* val_tmp, int64_t n) {
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  constexpr int kPasses = (sizeof(K) * 8 + kBits - 1) / kBits;
+  std::vector<int64_t> count(kBuckets);
+  K *sk = key, *dk = key_tmp;
+  I *sv = val, *dv = val_tmp;
+  for (int p = 0; p < kPasses; ++p) {
+    const int shift = p * kBits;
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[(sk[i] >> shift) & (kBuckets - 1)];
+    if (std::any_of(count.begin(), count.end(), [n](int64_t c) { return c == n; })) continue;
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t t = c;
+      c = sum;
+      sum += t;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = count[(sk[i] >> shift) & (kBuckets - 1)]++;
+      dk[at] = sk[i];
+      dv[at] = sv[i];
+    }
+    std::swap(sk, dk);
+    std::swap(sv, dv);
+  }
+  if (sk != key) {
+    std::copy(sk, sk + n, key);
+    std::copy(sv, sv + n, val);
+  }
+}
+
+// One row (group g, class c): errors of the valid positions, radix-sorted, then the Lovasz
+// gradient in one walk (int64 counts). The value packs position * 4 + [y = c] * 2 + [p > y = c].
+template <typename scalar_t, typename T, typename I>
+void lovasz_softmax_row(const scalar_t* p, const int64_t* y, int64_t n0, int64_t n1, int64_t C, int64_t S, int64_t c,
+                        const std::optional<int64_t>& ignore, T* grad, T& loss, int64_t& fg_count) {
+  using K = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const int64_t m = (n1 - n0) * S;
+  std::vector<K> key(m), key_tmp(m);
+  std::vector<I> val(m), val_tmp(m);
+  int64_t n = 0, gts = 0;
+  for (int64_t img = n0; img < n1; ++img) {
+    const scalar_t* pc = p + (img * C + c) * S;
+    const int64_t* yc = y + img * S;
+    for (int64_t s = 0; s < S; ++s) {
+      if (ignore && yc[s] == *ignore) continue;
+      const bool fg = yc[s] == c;
+      const T pv = static_cast<T>(pc[s]);
+      key[n] = descending_key(std::fabs(static_cast<T>(fg) - pv));
+      val[n++] = static_cast<I>(((img - n0) * S + s) * 4 + fg * 2 + (pv > T(fg)));
+      gts += fg;
+    }
+  }
+  radix_sort(key.data(), val.data(), key_tmp.data(), val_tmp.data(), n);
+  double acc = 0, prev = 0;
+  int64_t cum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool fg = val[i] & 2;
+    const int64_t pos = static_cast<int64_t>(val[i] >> 2);
+    cum += fg;
+    // Jaccard loss of the first i + 1 entries: 1 - |gt & pred| / |gt | pred| (union > 0).
+    const double jac = 1.0 - static_cast<double>(gts - cum) / static_cast<double>(gts + (i + 1) - cum);
+    const double lg = jac - prev;
+    prev = jac;
+    const T e = key_value<T>(key[i]);
+    acc += static_cast<double>(e < T(0) ? T(0) : e) * lg;
+    // d |fg - p| / d p = sign(p - fg): -1 on foreground, +1 on background, 0 where equal.
+    const T sign = (val[i] & 1) ? T(1) : (e > T(0) ? T(-1) : T(0));
+    const int64_t img = n0 + pos / S;
+    grad[(img * C + c) * S + pos % S] = static_cast<T>(lg) * sign;
+  }
+  loss = static_cast<T>(acc);
+  fg_count = gts;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lovasz_softmax_rows_cpu(const at::Tensor& probas,
+                                                                      const at::Tensor& labels,
+                                                                      std::optional<int64_t> ignore_index,
+                                                                      bool per_image) {
+  TORCH_CHECK(probas.dim() == 3, "lovasz_softmax_rows: probas must be [N, C, S]");
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == probas.size(0) && labels.size(1) == probas.size(2) &&
+                  labels.scalar_type() == at::kLong,
+              "lovasz_softmax_rows: labels must be int64 [N, S] matching probas");
+  TORCH_CHECK(at::isFloatingType(probas.scalar_type()), "lovasz_softmax_rows: probas must be floating point");
+  const int64_t N = probas.size(0), C = probas.size(1), S = probas.size(2);
+  const int64_t G = per_image ? N : 1;
+  const auto acc_type = probas.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto p = probas.contiguous();
+  auto y = labels.contiguous();
+  auto losses = at::zeros({G, C}, probas.options().dtype(acc_type));
+  auto grad = at::zeros({N, C, S}, probas.options().dtype(acc_type));
+  auto counts = at::zeros({G, C}, probas.options().dtype(at::kLong));
+  const int64_t group_size = per_image ? S : N * S;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "lovasz_softmax_rows_cpu", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const int64_t* py = y.const_data_ptr<int64_t>();
+    T* pg = grad.mutable_data_ptr<T>();
+    T* pl = losses.mutable_data_ptr<T>();
+    int64_t* pc = counts.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, G * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t g = r / C, c = r % C;
+        const int64_t n0 = per_image ? g : 0, n1 = per_image ? g + 1 : N;
+        if (group_size < (int64_t(1) << 30)) {
+          lovasz_softmax_row<scalar_t, T, uint32_t>(pp, py, n0, n1, C, S, c, ignore_index, pg, pl[r], pc[r]);
+        } else {
+          lovasz_softmax_row<scalar_t, T, uint64_t>(pp, py, n0, n1, C, S, c, ignore_index, pg, pl[r], pc[r]);
+        }
+      }
+    });
+  });
+  return {losses, grad, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
@@ -270,6 +413,7 @@ TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("dice_stats", &dice_stats_cpu);
   m.impl("dice_stats_backward", &dice_stats_backward_cpu);
   m.impl("lovasz_gradient", &lovasz_gradient_cpu);
+  m.impl("lovasz_softmax_rows", &lovasz_softmax_rows_cpu);
 }
 
 }  // namespace pyvision_ops
