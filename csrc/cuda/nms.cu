@@ -91,15 +91,32 @@ __device__ __forceinline__ Box<T> load_box(const T* p, int64_t i) {
 
 // ---------------------------------------------------------------- hard NMS
 
+// Where a group lies: with `start` null there is one group of `single` boxes (no idxs),
+// and the kernels take its layout from the launch instead of from device tables.
+struct Layout {
+  const int64_t *start, *len, *mask_off, *removed_off, *grouped;
+  int64_t single;
+  __device__ int64_t s(int64_t c) const { return start ? start[c] : 0; }
+  __device__ int64_t n(int64_t c) const { return start ? len[c] : single; }
+  __device__ int64_t moff(int64_t c) const { return start ? mask_off[c] : 0; }
+  __device__ int64_t roff(int64_t c) const { return start ? removed_off[c] : 0; }
+  __device__ int64_t pos(int64_t i) const { return start ? grouped[i] : i; }
+};
+
 // One 64-thread block per tile (group, row block, column block >= row block): thread t
-// sets bit c of word [row, column block] when IoU(row, column box c) > thr.
+// sets bit c of word [row, column block] when IoU(row, column box c) > thr. Tiles come
+// from a list, or for one group from the grid (x: column block, y: row block).
 template <typename T>
-__global__ void mask_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ tiles,
-                            const int64_t* __restrict__ start, const int64_t* __restrict__ len,
-                            const int64_t* __restrict__ mask_off, T thr, unsigned long long* __restrict__ mask) {
-  const int64_t* tile = tiles + blockIdx.x * 3;
-  const int64_t c = tile[0], rb = tile[1], cb = tile[2];
-  const int64_t s = start[c], n = len[c], words = (n + kWord - 1) / kWord;
+__global__ void mask_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ tiles, Layout L, T thr,
+                            unsigned long long* __restrict__ mask) {
+  int64_t c = 0, rb = blockIdx.y, cb = blockIdx.x;
+  if (tiles) {
+    const int64_t* tile = tiles + blockIdx.x * 3;
+    c = tile[0], rb = tile[1], cb = tile[2];
+  } else if (cb < rb) {
+    return;
+  }
+  const int64_t s = L.s(c), n = L.n(c), words = (n + kWord - 1) / kWord;
   __shared__ T cols[kWord * 4];
   const int t = threadIdx.x;
   const int64_t col0 = cb * kWord;
@@ -116,20 +133,18 @@ __global__ void mask_kernel(const T* __restrict__ boxes, const int64_t* __restri
     const Box<T> b{cols[j * 4], cols[j * 4 + 1], cols[j * 4 + 2], cols[j * 4 + 3]};
     if (box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0)) > thr) bits |= 1ull << j;
   }
-  mask[mask_off[c] + row * words + cb] = bits;
+  mask[L.moff(c) + row * words + cb] = bits;
 }
 
 // One block per group: walk the 64-box blocks in order; thread 0 resolves the block's
 // own boxes from the diagonal words (in shared memory), then all threads OR the masks
 // of the kept boxes into the "removed" words of the later blocks.
-__global__ void greedy_kernel(const unsigned long long* __restrict__ mask, const int64_t* __restrict__ start,
-                              const int64_t* __restrict__ len, const int64_t* __restrict__ mask_off,
-                              const int64_t* __restrict__ removed_off, unsigned long long* __restrict__ removed_all,
-                              const int64_t* __restrict__ grouped, uint8_t* __restrict__ keep) {
+__global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layout L,
+                              unsigned long long* __restrict__ removed_all, uint8_t* __restrict__ keep) {
   const int64_t c = blockIdx.x;
-  const int64_t s = start[c], n = len[c], words = (n + kWord - 1) / kWord;
-  const unsigned long long* m = mask + mask_off[c];
-  unsigned long long* removed = removed_all + removed_off[c];  // zeroed by the caller
+  const int64_t s = L.s(c), n = L.n(c), words = (n + kWord - 1) / kWord;
+  const unsigned long long* m = mask + L.moff(c);
+  unsigned long long* removed = removed_all + L.roff(c);  // zeroed by the caller
   __shared__ unsigned long long diag[kWord];
   __shared__ unsigned long long kept;
   for (int64_t rb = 0; rb < words; ++rb) {
@@ -148,7 +163,7 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, const
     }
     __syncthreads();
     const unsigned long long k = kept;
-    if (threadIdx.x < rows && ((k >> threadIdx.x) & 1ull)) keep[grouped[s + rb * kWord + threadIdx.x]] = 1;
+    if (threadIdx.x < rows && ((k >> threadIdx.x) & 1ull)) keep[L.pos(s + rb * kWord + threadIdx.x)] = 1;
     for (int64_t w = rb + 1 + threadIdx.x; w < words; w += blockDim.x) {
       unsigned long long acc = removed[w];
       for (unsigned long long bits = k; bits; bits &= bits - 1) {
@@ -170,7 +185,9 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
   Groups g = group_by_category(scores, idxs);
   const int64_t groups = static_cast<int64_t>(g.len.size());
 
-  // Host-side layout: mask and "removed" offsets per group, and the tile list.
+  // Host-side layout: mask and "removed" offsets per group, and the tile list; one group
+  // (no idxs) needs neither tables nor list on the device.
+  const bool single = !idxs.has_value();
   std::vector<int64_t> mask_off(groups), removed_off(groups), tiles;
   int64_t mask_words = 0, removed_words = 0;
   for (int64_t c = 0; c < groups; ++c) {
@@ -179,6 +196,7 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
     removed_off[c] = removed_words;
     mask_words += g.len[c] * words;
     removed_words += words;
+    if (single) continue;
     for (int64_t rb = 0; rb < words; ++rb)
       for (int64_t cb = rb; cb < words; ++cb) tiles.insert(tiles.end(), {c, rb, cb});
   }
@@ -186,31 +204,38 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
               "nms: a category with ", std::to_string(*std::max_element(g.len.begin(), g.len.end())),
               " boxes needs a ", std::to_string(mask_words * 8 >> 20),
               " MiB suppression mask on the GPU; run this input on the CPU");
-  const at::Tensor d_tiles = to_device(tiles, boxes), d_start = to_device(g.start, boxes),
-                   d_len = to_device(g.len, boxes), d_mask_off = to_device(mask_off, boxes),
-                   d_removed_off = to_device(removed_off, boxes);
+  at::Tensor d_tiles, d_start, d_len, d_mask_off, d_removed_off;
+  Layout L{nullptr, nullptr, nullptr, nullptr, nullptr, n};
+  if (!single) {
+    d_tiles = to_device(tiles, boxes);
+    d_start = to_device(g.start, boxes);
+    d_len = to_device(g.len, boxes);
+    d_mask_off = to_device(mask_off, boxes);
+    d_removed_off = to_device(removed_off, boxes);
+    L = Layout{d_start.const_data_ptr<int64_t>(), d_len.const_data_ptr<int64_t>(),
+               d_mask_off.const_data_ptr<int64_t>(), d_removed_off.const_data_ptr<int64_t>(),
+               g.grouped.const_data_ptr<int64_t>(), 0};
+  }
   at::Tensor mask = at::empty({std::max<int64_t>(mask_words, 1)}, boxes.options().dtype(at::kLong));
   at::Tensor removed = at::zeros({removed_words}, boxes.options().dtype(at::kLong));
   at::Tensor keep = at::zeros({n}, boxes.options().dtype(at::kByte));
-  const at::Tensor grouped_orig = g.order.index_select(0, g.grouped);
+  const at::Tensor grouped_orig = single ? g.order : g.order.index_select(0, g.grouped);
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const at::Tensor sorted = boxes.index_select(0, grouped_orig).to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const int64_t ntiles = static_cast<int64_t>(tiles.size()) / 3;
-    mask_kernel<T><<<ntiles, kWord, 0, stream>>>(
-        sorted.const_data_ptr<T>(), d_tiles.const_data_ptr<int64_t>(), d_start.const_data_ptr<int64_t>(),
-        d_len.const_data_ptr<int64_t>(), d_mask_off.const_data_ptr<int64_t>(), nms::gt_threshold<T>(iou_threshold),
-        reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()));
+    const int64_t words = (n + kWord - 1) / kWord;  // < 65536: the mask check above bounds n
+    const dim3 grid = single ? dim3(static_cast<unsigned>(words), static_cast<unsigned>(words))
+                             : dim3(static_cast<unsigned>(tiles.size() / 3));
+    mask_kernel<T><<<grid, kWord, 0, stream>>>(
+        sorted.const_data_ptr<T>(), single ? nullptr : d_tiles.const_data_ptr<int64_t>(), L,
+        nms::gt_threshold<T>(iou_threshold), reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   greedy_kernel<<<groups, 256, 0, stream>>>(
-      reinterpret_cast<const unsigned long long*>(mask.const_data_ptr<int64_t>()), d_start.const_data_ptr<int64_t>(),
-      d_len.const_data_ptr<int64_t>(), d_mask_off.const_data_ptr<int64_t>(),
-      d_removed_off.const_data_ptr<int64_t>(),
-      reinterpret_cast<unsigned long long*>(removed.mutable_data_ptr<int64_t>()), g.grouped.const_data_ptr<int64_t>(),
-      keep.mutable_data_ptr<uint8_t>());
+      reinterpret_cast<const unsigned long long*>(mask.const_data_ptr<int64_t>()), L,
+      reinterpret_cast<unsigned long long*>(removed.mutable_data_ptr<int64_t>()), keep.mutable_data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return g.order.masked_select(keep.to(at::kBool));  // keep is indexed by position in order
 }
