@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -334,8 +335,12 @@ void lovasz_softmax_row(const scalar_t* p, const int64_t* y, int64_t n0, int64_t
   for (int64_t img = n0; img < n1; ++img) {
     const scalar_t* pc = p + (img * C + c) * S;
     const int64_t* yc = y + img * S;
+    T* gc = grad + (img * C + c) * S;  // this row owns it: ignored positions get 0 here
     for (int64_t s = 0; s < S; ++s) {
-      if (ignore && yc[s] == *ignore) continue;
+      if (ignore && yc[s] == *ignore) {
+        gc[s] = T(0);
+        continue;
+      }
       const bool fg = yc[s] == c;
       const T pv = static_cast<T>(pc[s]);
       key[n] = descending_key(std::fabs(static_cast<T>(fg) - pv));
@@ -380,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lovasz_softmax_rows_cpu(const at:
   auto p = probas.contiguous();
   auto y = labels.contiguous();
   auto losses = at::zeros({G, C}, probas.options().dtype(acc_type));
-  auto grad = at::zeros({N, C, S}, probas.options().dtype(acc_type));
+  auto grad = at::empty({N, C, S}, probas.options().dtype(acc_type));  // every entry is written
   auto counts = at::zeros({G, C}, probas.options().dtype(at::kLong));
   const int64_t group_size = per_image ? S : N * S;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "lovasz_softmax_rows_cpu", [&] {
