@@ -169,6 +169,36 @@ def _ms_backward(ctx, grad):
 
 torch.library.register_autograd("pyvision_ops::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup)
 
+
+# Autocast as torchvision's roi_align: fp16/bf16 features and RoIs are pooled in fp32 (fp64
+# stays fp64), and the result comes back in the input's dtype.
+_roi_autocast = torch.library.Library("pyvision_ops", "IMPL")
+
+
+def _fp32(t):
+    return t.float() if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
+def _register_roi_autocast(key: str) -> None:
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def roi_align(_, input, rois, *args):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            out = ops.roi_align(_fp32(input), _fp32(rois), *args)
+        return out.to(input.dtype)
+
+    def multi_scale_roi_align(_, features, rois, levels, *args):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            out = ops.multi_scale_roi_align([_fp32(f) for f in features], _fp32(rois), levels, *args)
+        return out.to(features[0].dtype)
+
+    _roi_autocast.impl("roi_align", roi_align, key, with_keyset=True)
+    _roi_autocast.impl("multi_scale_roi_align", multi_scale_roi_align, key, with_keyset=True)
+
+
+_register_roi_autocast("AutocastCUDA")
+_register_roi_autocast("AutocastCPU")
+
 # -------------------------------------------------------------- interpolate
 
 @torch.library.register_fake("pyvision_ops::upsample_bilinear")

@@ -2,15 +2,31 @@
 
 Same sampling rule and results as ``torchvision.ops.roi_align`` (bilinear samples,
 ``aligned`` half-pixel shift, adaptive ``ceil(roi / bin)`` sampling when
-``sampling_ratio <= 0``, the legacy size clamp when ``aligned=False``). C++ on the
-CPU: sampling weights are computed once per RoI and shared by all channels;
-forward runs in parallel over (RoI, channel), backward over (image, channel), so
-the gradient is deterministic. NCHW and channels_last inputs (channels_last
-output for channels_last input).
+``sampling_ratio <= 0``, the legacy size clamp when ``aligned=False``). Sampling
+weights are computed once per RoI (separable row and column tables) and shared by
+all channels. NCHW and channels_last inputs (channels_last output for
+channels_last input).
+
+Backends:
+
+- CPU (C++): forward in parallel over (RoI, channel), backward over (image,
+  channel), so the gradient is always deterministic.
+- CUDA (C++): forward one block per (RoI, channel chunk). The backward scatters
+  with ``atomicAdd`` into an fp32 (fp64) buffer, which is fast but not bitwise
+  reproducible; when ``torch.are_deterministic_algorithms_enabled()`` it instead
+  gathers per input cell over the image's RoIs in RoI order (no atomics, same
+  values up to float rounding, bitwise reproducible). With 32 or more channels
+  both work channels_last: an NCHW gradient is transposed there and back, which
+  costs O(input) extra memory and is much faster than NCHW atomics.
 
 A RoI with a NaN or infinite coordinate pools to zeros (and gets no gradient).
+A batch index outside ``[0, N)`` raises ``ValueError`` on the CPU; on CUDA it is
+not checked (that would need a device-to-host sync): such a RoI pools to zeros
+and gets no gradient, and nothing outside the input is ever read.
 RoIs may have any float dtype; they are used in fp32 (fp64 for fp64 input),
-including for fp16/bf16 inputs, which are pooled with fp32 accumulation.
+including for fp16/bf16 inputs, which are pooled with fp32 accumulation. Under
+``torch.autocast`` (CUDA or CPU) fp16/bf16 inputs are pooled in fp32 and the
+result is returned in the input's dtype, as torchvision does.
 """
 
 import math
@@ -60,14 +76,9 @@ def _to_rois(boxes, input):
     return rois
 
 
-def _check_cpu(x):
-    if x.device.type != "cpu":
-        raise NotImplementedError(f"roi_align has no {x.device.type} kernel yet (CPU only); got input on {x.device}")
-
-
 def _check_batch_index(rois, batch_size):
-    # Reading the indices syncs a GPU, and is data-dependent under torch.compile; there the
-    # CPU kernel raises on its own.
+    # Reading the indices would sync a GPU (on CUDA an out-of-range RoI pools to zeros), and
+    # is data-dependent under torch.compile; there the CPU kernel raises on its own.
     if rois.device.type == "cpu" and rois.numel() > 0 and not torch.compiler.is_compiling():
         idx = rois[:, 0]
         finite = torch.isfinite(idx)
@@ -83,7 +94,11 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
 
     ``input``: ``[N, C, H, W]``; ``boxes``: ``Tensor[K, 5]`` (batch index, x1, y1,
     x2, y2) or a list of ``Tensor[L, 4]``, one per image; returns ``[K, C, PH, PW]``
-    in the input's dtype.
+    in the input's dtype (channels_last for a channels_last input).
+
+    On CUDA the backward uses atomics unless deterministic algorithms are enabled
+    (``torch.use_deterministic_algorithms(True)``), and a batch index outside
+    ``[0, N)`` pools to zeros instead of raising (see the module docstring).
     """
     _utils.check_tensor("input", input)
     if input.dim() != 4:
@@ -92,7 +107,6 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
         raise TypeError(f"input must be floating point, got {input.dtype}")
     rois = _to_rois(boxes, input)
     _utils.check_same_device(input=input, boxes=rois)
-    _check_cpu(input)
     ph, pw = _pair(output_size)
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
@@ -133,8 +147,9 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
     """Pools each RoI from its FPN level (``fpn_levels``) of ``features`` (finest first).
 
     ``spatial_scales[i]`` is the scale of ``features[i]`` (powers of 2). Returns
-    ``[K, C, PH, PW]`` in the order of the RoIs. One op call pools every level
-    (forward and backward), deterministic like :func:`roi_align`.
+    ``[K, C, PH, PW]`` in the order of the RoIs. One op call (one kernel launch on
+    CUDA) pools every level, forward and backward; the backward is deterministic
+    under the same rules as :func:`roi_align`. On CUDA at most 8 levels.
     """
     if not isinstance(features, (list, tuple)) or not features:
         raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
@@ -147,9 +162,10 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
             raise ValueError(f"features[{i}] must have the dtype and device of features[0]")
     if len(spatial_scales) != len(features):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature maps")
+    if features[0].device.type == "cuda" and len(features) > 8:
+        raise ValueError(f"multi_scale_roi_align takes at most 8 feature maps on CUDA, got {len(features)}")
     rois = _to_rois(boxes, features[0])
     _utils.check_same_device(features=features[0], boxes=rois)
-    _check_cpu(features[0])
     ph, pw = _pair(output_size)
     k_min = -math.log2(spatial_scales[0])
     k_max = -math.log2(spatial_scales[-1])

@@ -1,3 +1,4 @@
+import contextlib
 from collections import OrderedDict
 
 import pytest
@@ -197,12 +198,6 @@ def test_bad_input(call, exc, words):
         call()
 
 
-@pytest.mark.gpu
-def test_cuda_input_raises_until_there_is_a_kernel():
-    with pytest.raises(NotImplementedError, match="roi_align"):
-        P.roi_align(torch.zeros(1, 3, 4, 4, device="cuda"), torch.zeros(1, 5, device="cuda"), 2)
-
-
 def test_op_level_batch_index_check():
     with pytest.raises(RuntimeError, match="batch index"):
         ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[5.0, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
@@ -230,3 +225,260 @@ def test_multi_scale_backward_matches_torchvision_and_opcheck():
     opcheck(ops.multi_scale_roi_align, (fl, rois, levels, [0.25, 0.125, 0.0625], 3, 3, 2, True))
     f = torch.compile(lambda fs, r: P.multi_scale_roi_align(fs, r, 3, [0.25, 0.125, 0.0625]).sum(), fullgraph=True)
     torch.testing.assert_close(f(fl, rois), P.multi_scale_roi_align(fl, rois, 3, [0.25, 0.125, 0.0625]).sum())
+
+
+def test_autocast_cpu_pools_in_fp32_and_returns_the_input_dtype():
+    x = feature(dtype=torch.bfloat16).requires_grad_()
+    rois = make_rois(20, 2, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = P.roi_align(x, rois, 7, 0.25, 2, True)
+        out32 = P.roi_align(x.detach().float(), rois, 7, 0.25, 2, True)
+        ms = P.multi_scale_roi_align([x], rois, 7, [0.25], 2, aligned=True)
+    ref = P.roi_align(x.detach().float(), rois.float(), 7, 0.25, 2, True)
+    assert out.dtype == torch.bfloat16 and out32.dtype == torch.float32 and ms.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(ms, ref.bfloat16(), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(out.float().sum(), [x])
+    assert g.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ CUDA
+# The CUDA kernels are compared with the CPU kernel on the same inputs (and with
+# torchvision's CUDA kernel), for the atomic backward and the deterministic one.
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.float16: dict(rtol=2e-3, atol=1e-4), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3)}
+
+
+@contextlib.contextmanager
+def deterministic(on=True):
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=warn)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
+def cuda_rois(k, batch, size, seed=0):
+    """Random RoIs plus degenerate ones: inverted, a point, outside the map, straddling it."""
+    rois = make_rois(k, batch, size=size, dtype=torch.float32, seed=seed)
+    odd = torch.tensor([[0, 30, 20, 10, 5], [1, 12, 12, 12, 12], [0, -500, -500, -400, -400],
+                        [1, -8, -6, 9, 7], [0, 0, 0, 4 * size, 4 * size]], dtype=torch.float32)
+    return torch.cat([rois, odd])
+
+
+def backward_both(grad, rois, *args):
+    """(atomic, deterministic) results of the backward op."""
+    fast = ops.roi_align_backward(grad, rois, *args)
+    with deterministic():
+        det = ops.roi_align_backward(grad, rois, *args)
+    return fast, det
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = feature(b=2, c=6, h=23, w=31, dtype=dtype).contiguous(memory_format=fmt)
+    rois = cuda_rois(50, 2, 120.0)
+    for aligned, sr, (ph, pw) in [(False, -1, (5, 4)), (True, 0, (7, 7)), (True, 2, (3, 5)), (False, 2, (1, 1))]:
+        out = ops.roi_align(x, rois, 0.25, ph, pw, sr, aligned)
+        out_cuda = ops.roi_align(x.cuda(), rois.cuda(), 0.25, ph, pw, sr, aligned)
+        assert out_cuda.dtype == dtype
+        assert out_cuda.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out_cuda.cpu(), out, **TOL[dtype])
+        g = torch.randn(out.shape, generator=gen(1), dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+        args = (0.25, ph, pw, 2, 6, 23, 31, sr, aligned)
+        ref = ops.roi_align_backward(g, rois, *args)
+        for got in backward_both(g.cuda(), rois.cuda(), *args):
+            assert got.dtype == dtype and got.stride() == ref.stride()  # a 1x1 grad is NCHW
+            torch.testing.assert_close(got.cpu(), ref, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
+def test_cuda_matches_torchvision(aligned, sampling_ratio):
+    # 32 channels: the NCHW backward runs channels_last internally (float4 loads in the gather).
+    x = feature(b=2, c=32, h=40, w=48, dtype=torch.float32).cuda()
+    rois = cuda_rois(120, 2, 180.0).cuda()
+    for size in [(7, 7), (3, 5), 1]:
+        torch.testing.assert_close(P.roi_align(x, rois, size, 0.25, sampling_ratio, aligned),
+                                   tv.roi_align(x, rois, size, 0.25, sampling_ratio, aligned), rtol=1e-5, atol=1e-5)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = P.roi_align(xa, rois, size, 0.25, sampling_ratio, aligned)
+        w = torch.randn(out.shape, generator=gen(2)).cuda()
+        (gt,) = torch.autograd.grad((tv.roi_align(xb, rois, size, 0.25, sampling_ratio, aligned) * w).sum(), [xb])
+        (ga,) = torch.autograd.grad((out * w).sum(), [xa])
+        torch.testing.assert_close(ga, gt, rtol=1e-5, atol=1e-5)
+        with deterministic():
+            (gd,) = torch.autograd.grad((P.roi_align(xa, rois, size, 0.25, sampling_ratio, aligned) * w).sum(), [xa])
+        torch.testing.assert_close(gd, gt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_deterministic_backward_is_reproducible(channels_last):
+    # 1200 overlapping RoIs on 2 images (several 256-RoI batches per image), 70 channels
+    # (a partial chunk in both kernels).
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = feature(b=2, c=70, h=40, w=40, dtype=torch.float32).contiguous(memory_format=fmt).cuda()
+    rois = make_rois(1200, 2, size=160.0, dtype=torch.float32).cuda()
+    out = ops.roi_align(x, rois, 0.25, 7, 7, 2, True)
+    g = torch.randn(out.shape, generator=gen(3)).cuda().contiguous(memory_format=fmt)
+    args = (0.25, 7, 7, 2, 70, 40, 40, 2, True)
+    with deterministic():
+        first = ops.roi_align_backward(g, rois, *args)
+        second = ops.roi_align_backward(g, rois, *args)
+    assert torch.equal(first, second)
+    assert first.is_contiguous(memory_format=fmt)
+    fast = ops.roi_align_backward(g, rois, *args)
+    assert fast.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(first, fast, rtol=1e-5, atol=1e-4)
+    ref = ops.roi_align_backward(g.cpu(), rois.cpu(), *args)
+    torch.testing.assert_close(first.cpu(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_nan_and_out_of_range_boxes_give_zeros():
+    x = feature(b=2, c=5, h=20, w=24)
+    rois = make_rois(12, 2, size=90.0)
+    bad = [1, 4, 5, 7, 8, 10]
+    rois[1, 2] = float("nan")
+    rois[4, 3] = float("inf")
+    rois[5, 0] = 7  # batch index out of range: zeros on CUDA (no host sync to raise)
+    rois[7, 0] = -3
+    rois[8, 0] = float("nan")
+    rois[10, 0] = float("inf")
+    cpu_rois = rois.clone()
+    cpu_rois[[5, 7], 0] = float("nan")  # the CPU raises on those; NaN pools to zeros there too
+    out = ops.roi_align(x.cuda(), rois.cuda(), 0.25, 4, 4, -1, True)
+    assert (out[bad] == 0).all()
+    torch.testing.assert_close(out.cpu(), ops.roi_align(x, cpu_rois, 0.25, 4, 4, -1, True))
+    g = torch.randn(out.shape, generator=gen(4), dtype=torch.float64)
+    args = (0.25, 4, 4, 2, 5, 20, 24, -1, True)
+    ref = ops.roi_align_backward(g, cpu_rois, *args)
+    for got in backward_both(g.cuda(), rois.cuda(), *args):
+        torch.testing.assert_close(got.cpu(), ref)
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.gpu
+def test_cuda_empty_inputs():
+    rois = make_rois(3, 2, size=20.0).cuda()
+    x = feature(b=2, c=3, h=10, w=10).cuda()
+    assert P.roi_align(x, rois[:0], 7).shape == (0, 3, 7, 7)
+    assert P.roi_align(x[:, :0], rois, 7).shape == (3, 0, 7, 7)
+    out = ops.roi_align(x[:, :, :0], rois, 1.0, 2, 2, -1, False)
+    assert out.shape == (3, 3, 2, 2) and (out == 0).all()
+    for args, shape in [((rois[:0], 1.0, 2, 2, 2, 3, 10, 10, -1, False), (2, 3, 10, 10)),
+                        ((rois, 1.0, 2, 2, 2, 3, 0, 10, -1, False), (2, 3, 0, 10))]:
+        grad = torch.ones(args[0].shape[0], 3, 2, 2, dtype=torch.float64, device="cuda")
+        for got in backward_both(grad, *args):
+            assert got.shape == shape and (got == 0).all()
+
+
+@pytest.mark.gpu
+def test_cuda_large_bins_and_pooled_sizes():
+    # Bins over 1000 cells wide with adaptive sampling exceed the shared tables (direct
+    # sampling); a 1 x 2500 output has no tables at all and needs several gather passes;
+    # a 1e30 RoI caps its grid at 65536 samples.
+    cases = [
+        (feature(b=1, c=3, h=6, w=2100, dtype=torch.float32),
+         torch.tensor([[0, 0, 0, 2100, 6], [0, 10, 1, 1900, 5]], dtype=torch.float32), 1.0, (2, 2), -1, True),
+        (feature(b=2, c=2, h=5, w=9), make_rois(4, 2, size=9.0), 1.0, (1, 2500), 2, False),
+        (feature(b=1, c=2, h=8, w=8), torch.tensor([[0, 0, 0, 1e30, 1e30]], dtype=torch.float64), 1.0, (2, 2),
+         -1, False),
+    ]
+    for x, rois, scale, (ph, pw), sr, aligned in cases:
+        out = ops.roi_align(x, rois, scale, ph, pw, sr, aligned)
+        torch.testing.assert_close(ops.roi_align(x.cuda(), rois.cuda(), scale, ph, pw, sr, aligned).cpu(), out,
+                                   rtol=1e-5, atol=1e-5)
+        g = torch.randn(out.shape, generator=gen(5), dtype=torch.float64).to(x.dtype)
+        args = (scale, ph, pw, *x.shape, sr, aligned)
+        ref = ops.roi_align_backward(g, rois, *args)
+        for got in backward_both(g.cuda(), rois.cuda(), *args):
+            torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_multi_scale_matches_cpu(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = gen(7)
+    feats = [torch.randn(2, 6, s, s, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+             for s in (32, 16, 8, 4)]
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    rois = make_rois(60, 2, size=120.0)
+    levels = torch.randint(0, 4, (60,), generator=g)
+    levels[-1] = 7  # a level outside the list pools to zeros on CUDA (the CPU raises)
+    ref_levels = levels.clone()
+    ref_levels[-1] = 0
+    ref_rois = rois.clone()
+    ref_rois[-1, 0] = float("nan")
+    for aligned, sr in [(False, 2), (True, -1)]:
+        out = ops.multi_scale_roi_align(feats, ref_rois, ref_levels, scales, 3, 4, sr, aligned)
+        got = ops.multi_scale_roi_align([f.cuda() for f in feats], rois.cuda(), levels.cuda(), scales, 3, 4, sr,
+                                        aligned)
+        assert got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got.cpu(), out, rtol=1e-10, atol=1e-10)
+        w = torch.randn(out.shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+        args = (scales, [f.shape[2] for f in feats], [f.shape[3] for f in feats], 2, 6, 3, 4, sr, aligned)
+        ref = ops.multi_scale_roi_align_backward(w, ref_rois, ref_levels, *args)
+        fast = ops.multi_scale_roi_align_backward(w.cuda(), rois.cuda(), levels.cuda(), *args)
+        with deterministic():
+            det = ops.multi_scale_roi_align_backward(w.cuda(), rois.cuda(), levels.cuda(), *args)
+        for grads in (fast, det):
+            assert len(grads) == 4
+            for a, b in zip(grads, ref):
+                assert a.is_contiguous(memory_format=fmt)
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuda_multi_scale_module_matches_torchvision():
+    g = gen(8)
+    names = ["p2", "p3", "p4", "p5"]
+    feats = OrderedDict((n, torch.randn(2, 8, s, s, generator=g).cuda()) for n, s in zip(names, (64, 32, 16, 8)))
+    image_shapes = [(256, 256), (240, 250)]
+    boxes = [make_rois(40, 1, size=220.0, dtype=torch.float32, seed=s)[:, 1:].cuda() for s in (9, 10)]
+    ours_in = OrderedDict((n, f.clone().requires_grad_()) for n, f in feats.items())
+    tv_in = OrderedDict((n, f.clone().requires_grad_()) for n, f in feats.items())
+    ours = P.MultiScaleRoIAlign(names, 7, 2)(ours_in, boxes, image_shapes)
+    theirs = tv.MultiScaleRoIAlign(names, 7, 2)(tv_in, boxes, image_shapes)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    w = torch.randn(ours.shape, generator=g).cuda()
+    go = torch.autograd.grad((ours * w).sum(), list(ours_in.values()))
+    gt = torch.autograd.grad((theirs * w).sum(), list(tv_in.values()))
+    torch.testing.assert_close(go, gt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_autocast():
+    x = feature(b=2, c=4, h=20, w=20, dtype=torch.float16).cuda().requires_grad_()
+    rois = make_rois(10, 2, size=80.0, dtype=torch.float16).cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = P.roi_align(x, rois, 7, 0.25, 2, True)
+        out32 = P.roi_align(x.detach().float(), rois, 7, 0.25, 2, True)
+    assert out.dtype == torch.float16 and out32.dtype == torch.float32
+    ref = P.roi_align(x.detach().float(), rois.float(), 7, 0.25, 2, True)
+    torch.testing.assert_close(out, ref.half(), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(out.float().sum(), [x])
+    assert g.dtype == torch.float16 and torch.isfinite(g).all()
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    x = feature(b=2, c=3, h=10, w=12).cuda().requires_grad_()
+    rois = make_rois(6, 2, size=40.0).cuda()
+    opcheck(ops.roi_align, (x, rois, 0.25, 3, 2, 2, True))
+    opcheck(ops.roi_align, (x, rois[:0], 0.25, 3, 2, -1, False))
+    grad = torch.randn(6, 3, 3, 2, dtype=torch.float64, device="cuda")
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, 3, 10, 12, 2, True))
+    feats = [feature(b=2, c=3, h=s, w=s, seed=s).cuda().requires_grad_() for s in (16, 8)]
+    levels = torch.tensor([0, 1, 1, 0, 1, 0], device="cuda")
+    opcheck(ops.multi_scale_roi_align, (feats, rois, levels, [0.25, 0.125], 3, 3, 2, False))
+    opcheck(ops.multi_scale_roi_align_backward, (torch.randn(6, 3, 3, 3, dtype=torch.float64, device="cuda"), rois,
+                                                 levels, [0.25, 0.125], [16, 8], [16, 8], 2, 3, 3, 3, 2, False))

@@ -123,5 +123,38 @@ PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int
   }
 }
 
+// The distinct cells the samples of bin p read along one axis, in increasing order,
+// with their summed (unnormalised) weights: the touched entries of bin_weights,
+// without a span-sized scratch. Returns their number, or -1 when more than `cap`
+// cells would be needed. Samples are visited by increasing position (backwards for
+// a negative-size bin), so a new cell is almost always the last one stored, the one
+// before it, or a new last one; the insertion below stays correct in any order.
+template <typename T>
+PVO_HD int bin_cells(T start, T bin, int p, int grid, int size, int cap, int* cell, T* w) {
+  int n = 0;
+  for (int s = 0; s < grid; ++s) {
+    const int i = bin < T(0) ? grid - 1 - s : s;
+    int lo, hi;
+    T wl, wh;
+    if (!axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) continue;
+    for (int e = 0; e < 2; ++e) {
+      const int c = e ? hi : lo;
+      const T wt = e ? wh : wl;
+      int j = n - 1;
+      while (j >= 0 && cell[j] > c) --j;
+      if (j >= 0 && cell[j] == c) {
+        w[j] += wt;
+        continue;
+      }
+      if (n == cap) return -1;
+      for (int m = n; m > j + 1; --m) cell[m] = cell[m - 1], w[m] = w[m - 1];
+      cell[j + 1] = c;
+      w[j + 1] = wt;
+      ++n;
+    }
+  }
+  return n;
+}
+
 }  // namespace roi
 }  // namespace pyvision_ops
