@@ -1,0 +1,101 @@
+"""Compiles every Triton kernel for sm_90 on a machine without a GPU.
+
+`python tests/triton_sm90.py` runs each launcher in kernels/ on small CPU tensors
+with Triton's driver replaced by one that names an sm_90 target and with launches
+turned into compile-only warm-ups: each kernel goes through Triton's whole
+pipeline down to a cubin (ptxas) with the specialisations its launcher gives it,
+but nothing runs. The interpreter tests check what the kernels compute; this
+checks that the GPU compiler accepts them. Prints one JSON line: the kernels
+compiled and those defined. Never run it with TRITON_INTERPRET=1.
+"""
+
+import inspect
+import json
+import os
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+
+class _Sm90:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _launchers():
+    from pyvision_ops.kernels import box_iou, cross_entropy, interpolate, losses
+
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n, dtype):
+        xy = torch.rand(n, 2, generator=g) * 50
+        return torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 20 + 1], 1).to(dtype)
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        a, b = boxes(7, dtype), boxes(9, dtype)
+        for kind in range(4):
+            box_iou.pairwise_box_iou(a[None], b[None], kind, 1e-7)
+            if dtype in (torch.float32, torch.float64):
+                for loss in (False, True):
+                    box_iou.matched_box_iou(a, b[:7], kind, loss, 1e-7)
+                    box_iou.matched_box_iou_backward(torch.ones(7, dtype=dtype), a, b[:7], kind, loss, 1e-7)
+
+        x = torch.randn(2, 5, 6, 7, generator=g).to(dtype)
+        y = torch.randint(0, 5, (2, 6, 7), generator=g)
+        w = (torch.rand(5, generator=g) + 0.1).to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        losses.sigmoid_focal_loss(x, (x > 0).to(dtype), 0.25, 2.0)
+        losses.sigmoid_focal_loss(x, (x > 0).to(dtype), -1.0, 1.5)
+        losses.sigmoid_focal_loss_backward(torch.ones_like(x), x, (x > 0).to(dtype), 0.25, 2.0)
+        losses.sigmoid_focal_loss_backward(torch.ones_like(x), x, (x > 0).to(dtype), 0.25, 1.5)
+        losses.dice_stats(x, y, 255)
+        losses.dice_stats_backward(torch.ones(2, 5, dtype=acc), x, y, 255)
+        losses.lovasz_softmax_rows(x.softmax(1).reshape(2, 5, -1), y.reshape(2, -1), 255, False)
+        interpolate.upsample_bilinear(x, 13, 20, False, -1.0, -1.0)
+        interpolate.upsample_bilinear(x, 13, 20, True, 2.5, 2.5)
+        interpolate.upsample_bilinear_backward(torch.ones(2, 5, 13, 20, dtype=dtype), 6, 7, False, -1.0, -1.0)
+        for weight in (None, w):
+            z, t = x.reshape(2, 5, -1), y.reshape(2, -1)
+            _, _, lse = cross_entropy.softmax_cross_entropy(z, t, weight, 255, 0.1)
+            cross_entropy.softmax_cross_entropy_backward(torch.ones(2, 42, dtype=acc), z, t, weight, lse, 255, 0.1)
+            big = torch.randint(0, 5, (2, 13, 20), generator=g)
+            _, _, lse = cross_entropy.upsample_cross_entropy(x, big, False, weight, 255, 0.1)
+            cross_entropy.upsample_cross_entropy_backward(torch.ones(2, 13, 20, dtype=acc), x, big, False, weight,
+                                                          lse, 255, 0.1)
+    for dtype in (torch.float32, torch.float64):
+        losses.lovasz_gradient((torch.rand(3, 2000, generator=g) > 0.5).to(dtype), torch.tensor([2000, 5, 0]))
+    return (box_iou, cross_entropy, interpolate, losses)
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1")
+    driver.set_active(_Sm90())
+    run = JITFunction.run
+    compiled = set()
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel is None or "cubin" not in kernel.asm:
+            raise RuntimeError(f"{self.fn.__name__}: no cubin")
+        compiled.add(f"{self.fn.__module__}.{self.fn.__name__}")
+        return kernel
+
+    JITFunction.run = compile_only
+    modules = _launchers()
+    defined = sorted(f"{m.__name__}.{name}" for m in modules for name, obj in inspect.getmembers(m)
+                     if isinstance(obj, JITFunction) and name.endswith("_kernel"))
+    print(json.dumps({"compiled": sorted(compiled), "defined": defined}))
+
+
+if __name__ == "__main__":
+    main()
