@@ -13,6 +13,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <string>
 #include <vector>
 
@@ -132,19 +134,78 @@ inline void with_bin(const Tables<T>& t, int64_t k, int y, int x, F&& f) {
     t.wx.data() + ox);
 }
 
-// sum_q w[q] * row[ix[q]]; bins read at most 2 * sampling_ratio cells per axis, so
+// sum_q w[q] * row[ix[q] - off]; bins read at most 2 * sampling_ratio cells per axis, so
 // the common short lengths are unrolled.
 template <typename scalar_t, typename T>
-inline T dot_row(const scalar_t* row, const int* ix, const T* w, int n) {
+inline T dot_row(const scalar_t* row, const int* ix, const T* w, int n, int off = 0) {
   switch (n) {
-    case 2: return w[0] * T(row[ix[0]]) + w[1] * T(row[ix[1]]);
-    case 3: return w[0] * T(row[ix[0]]) + w[1] * T(row[ix[1]]) + w[2] * T(row[ix[2]]);
-    case 4: return (w[0] * T(row[ix[0]]) + w[1] * T(row[ix[1]])) + (w[2] * T(row[ix[2]]) + w[3] * T(row[ix[3]]));
+    case 2: return w[0] * T(row[ix[0] - off]) + w[1] * T(row[ix[1] - off]);
+    case 3: return w[0] * T(row[ix[0] - off]) + w[1] * T(row[ix[1] - off]) + w[2] * T(row[ix[2] - off]);
+    case 4:
+      return (w[0] * T(row[ix[0] - off]) + w[1] * T(row[ix[1] - off])) +
+             (w[2] * T(row[ix[2] - off]) + w[3] * T(row[ix[3] - off]));
     default: {
       T acc = 0;
-      for (int q = 0; q < n; ++q) acc += w[q] * T(row[ix[q]]);
+      for (int q = 0; q < n; ++q) acc += w[q] * T(row[ix[q] - off]);
       return acc;
     }
+  }
+}
+
+// The input columns a RoI's bins read, [lo, lo + n); dense when the bins read most of them,
+// so that blending whole rows first costs less than reading every bin's cells.
+struct Span {
+  int lo, n;
+  bool dense;
+};
+
+template <typename T>
+Span column_span(const Tables<T>& t, int64_t k) {
+  int lo = INT_MAX, hi = -1, cells = 0;
+  for (int x = 0; x < t.pw; ++x) {
+    const int n = t.nx[k * t.pw + x];
+    if (n == 0) continue;
+    const int* ix = t.ix.data() + t.x_off[k] + int64_t(x) * t.span_w[k];
+    lo = std::min(lo, ix[0]);  // a bin's cells are in increasing order
+    hi = std::max(hi, ix[n - 1]);
+    cells += n;
+  }
+  if (hi < lo) return {0, 0, false};
+  return {lo, hi - lo + 1, hi - lo + 1 <= 2 * cells};
+}
+
+// When every bin of RoI k reads at most 4 columns: their offsets from lo and weights,
+// padded to 4 per bin with weight 0 (offset 0), in idx / w [pw * 4]; else false.
+template <typename T>
+bool pad_columns(const Tables<T>& t, int64_t k, int lo, std::vector<int>& idx, std::vector<T>& w) {
+  for (int x = 0; x < t.pw; ++x) {
+    if (t.nx[k * t.pw + x] > 4) return false;
+  }
+  for (int x = 0; x < t.pw; ++x) {
+    const int n = t.nx[k * t.pw + x];
+    const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+    for (int q = 0; q < 4; ++q) {
+      idx[4 * x + q] = q < n ? t.ix[ox + q] - lo : 0;
+      w[4 * x + q] = q < n ? t.wx[ox + q] : T(0);
+    }
+  }
+  return true;
+}
+
+// out[j] = sum_r w[r] * plane[iy[r], lo + j], j < n.
+template <typename scalar_t, typename T>
+inline void blend_rows(const scalar_t* plane, int64_t W, int ny, const int* iy, const T* w, int lo, int n,
+                       T* __restrict__ out) {
+  if (ny == 0) {
+    std::fill(out, out + n, T(0));
+    return;
+  }
+  const scalar_t* __restrict__ src = plane + int64_t(iy[0]) * W + lo;
+  for (int j = 0; j < n; ++j) out[j] = w[0] * T(src[j]);
+  for (int r = 1; r < ny; ++r) {
+    const scalar_t* __restrict__ row = plane + int64_t(iy[r]) * W + lo;
+    const T wr = w[r];
+    for (int j = 0; j < n; ++j) out[j] += wr * T(row[j]);
   }
 }
 
@@ -169,13 +230,42 @@ void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>
   const int ph = t.ph, pw = t.pw;
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
   if (!cl) {
+    int64_t widest = 0;
+    for (int64_t k = 0; k < K; ++k) widest = std::max<int64_t>(widest, column_span(t, k).n);
     at::parallel_for(0, L * B * C, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> blended(std::max<int64_t>(widest, 1)), cw(4 * pw);
+      std::vector<int> cidx(4 * pw);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t c = task / (L * B), lb = task % (L * B), l = lb / B, b = lb % B;
         const int64_t W = levels[l].W;
         const scalar_t* plane = feats[l].template const_data_ptr<scalar_t>() + (b * C + c) * levels[l].H * W;
         for (int64_t k : t.groups[lb]) {
           scalar_t* o = po + (k * C + c) * ph * pw;
+          const Span sp = column_span(t, k);
+          if (sp.dense) {
+            // Separable: each bin row's input rows are first blended over the RoI's columns
+            // (a contiguous, vectorised loop), then each bin reads its few columns, padded to
+            // 4 with zero weights so that the inner loop has no branches.
+            const bool four = pad_columns(t, k, sp.lo, cidx, cw);
+            for (int y = 0; y < ph; ++y) {
+              const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
+              const T* b = blended.data();
+              blend_rows(plane, W, t.ny[k * ph + y], t.iy.data() + oy, t.wy.data() + oy, sp.lo, sp.n, blended.data());
+              for (int x = 0; x < pw; ++x) {
+                T v;
+                if (four) {
+                  const int* i4 = cidx.data() + 4 * x;
+                  const T* w4 = cw.data() + 4 * x;
+                  v = (w4[0] * b[i4[0]] + w4[1] * b[i4[1]]) + (w4[2] * b[i4[2]] + w4[3] * b[i4[3]]);
+                } else {
+                  const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+                  v = dot_row(b, t.ix.data() + ox, t.wx.data() + ox, t.nx[k * pw + x], sp.lo);
+                }
+                o[y * pw + x] = static_cast<scalar_t>(v);
+              }
+            }
+            continue;
+          }
           for (int y = 0; y < ph; ++y) {
             for (int x = 0; x < pw; ++x) {
               with_bin(t, k, y, x, [&](int ny, const int* iy, const T* wy, int nx, const int* ix, const T* wx) {
