@@ -288,26 +288,29 @@ T key_value(K k) {
   return v;
 }
 
-// Stable LSD radix sort of (key, value) pairs by ascending key, 11 bits a pass; a pass
-// whose digit is the same for every key is skipped. The result is left in key / val.
+// Stable LSD radix sort of (key, value) pairs by ascending key, 11 bits a pass, with every
+// pass's histogram counted in one read; a pass whose digit is the same for every key is
+// skipped. The result is left in key / val.
 template <typename K, typename I>
 void radix_sort(K* key, I* val, K* key_tmp, I* val_tmp, int64_t n) {
-  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  constexpr int kBits = 8, kBuckets = 1 << kBits;
   constexpr int kPasses = (sizeof(K) * 8 + kBits - 1) / kBits;
-  std::vector<int64_t> count(kBuckets);
+  std::vector<int64_t> hist(int64_t(kPasses) * kBuckets, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int p = 0; p < kPasses; ++p) ++hist[p * kBuckets + ((key[i] >> (p * kBits)) & (kBuckets - 1))];
+  }
   K *sk = key, *dk = key_tmp;
   I *sv = val, *dv = val_tmp;
   for (int p = 0; p < kPasses; ++p) {
-    const int shift = p * kBits;
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[(sk[i] >> shift) & (kBuckets - 1)];
-    if (std::any_of(count.begin(), count.end(), [n](int64_t c) { return c == n; })) continue;
+    int64_t* count = hist.data() + p * kBuckets;
+    if (std::any_of(count, count + kBuckets, [n](int64_t c) { return c == n; })) continue;
     int64_t sum = 0;
-    for (auto& c : count) {
-      const int64_t t = c;
-      c = sum;
+    for (int b = 0; b < kBuckets; ++b) {
+      const int64_t t = count[b];
+      count[b] = sum;
       sum += t;
     }
+    const int shift = p * kBits;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t at = count[(sk[i] >> shift) & (kBuckets - 1)]++;
       dk[at] = sk[i];
@@ -323,7 +326,8 @@ void radix_sort(K* key, I* val, K* key_tmp, I* val_tmp, int64_t n) {
 }
 
 // One row (group g, class c): errors of the valid positions, radix-sorted, then the Lovasz
-// gradient in one walk (int64 counts). The value packs position * 4 + [y = c] * 2 + [p > y = c].
+// gradient in one walk (int64 counts). The value packs the entry's offset in probas / grad
+// * 4 + [y = c] * 2 + [p > [y = c]].
 template <typename scalar_t, typename T, typename I>
 void lovasz_softmax_row(const scalar_t* p, const int64_t* y, int64_t n0, int64_t n1, int64_t C, int64_t S, int64_t c,
                         const std::optional<int64_t>& ignore, T* grad, T& loss, int64_t& fg_count) {
@@ -333,18 +337,18 @@ void lovasz_softmax_row(const scalar_t* p, const int64_t* y, int64_t n0, int64_t
   std::vector<I> val(m), val_tmp(m);
   int64_t n = 0, gts = 0;
   for (int64_t img = n0; img < n1; ++img) {
-    const scalar_t* pc = p + (img * C + c) * S;
+    const int64_t base = (img * C + c) * S;
+    const scalar_t* pc = p + base;
     const int64_t* yc = y + img * S;
-    T* gc = grad + (img * C + c) * S;  // this row owns it: ignored positions get 0 here
     for (int64_t s = 0; s < S; ++s) {
       if (ignore && yc[s] == *ignore) {
-        gc[s] = T(0);
+        grad[base + s] = T(0);  // this row owns its planes: ignored positions get 0 here
         continue;
       }
       const bool fg = yc[s] == c;
       const T pv = static_cast<T>(pc[s]);
       key[n] = descending_key(std::fabs(static_cast<T>(fg) - pv));
-      val[n++] = static_cast<I>(((img - n0) * S + s) * 4 + fg * 2 + (pv > T(fg)));
+      val[n++] = static_cast<I>((base + s) * 4 + fg * 2 + (pv > T(fg)));
       gts += fg;
     }
   }
@@ -352,19 +356,17 @@ void lovasz_softmax_row(const scalar_t* p, const int64_t* y, int64_t n0, int64_t
   double acc = 0, prev = 0;
   int64_t cum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const bool fg = val[i] & 2;
-    const int64_t pos = static_cast<int64_t>(val[i] >> 2);
-    cum += fg;
-    // Jaccard loss of the first i + 1 entries: 1 - |gt & pred| / |gt | pred| (union > 0).
-    const double jac = 1.0 - static_cast<double>(gts - cum) / static_cast<double>(gts + (i + 1) - cum);
+    cum += (val[i] >> 1) & 1;
+    // Jaccard loss of the first i + 1 entries, 1 - |gt & pred| / |gt | pred|, which
+    // simplifies to (i + 1) / |gt | pred| (the union is > 0).
+    const double jac = static_cast<double>(i + 1) / static_cast<double>(gts + (i + 1) - cum);
     const double lg = jac - prev;
     prev = jac;
     const T e = key_value<T>(key[i]);
     acc += static_cast<double>(e < T(0) ? T(0) : e) * lg;
     // d |fg - p| / d p = sign(p - fg): -1 on foreground, +1 on background, 0 where equal.
     const T sign = (val[i] & 1) ? T(1) : (e > T(0) ? T(-1) : T(0));
-    const int64_t img = n0 + pos / S;
-    grad[(img * C + c) * S + pos % S] = static_cast<T>(lg) * sign;
+    grad[val[i] >> 2] = static_cast<T>(lg) * sign;
   }
   loss = static_cast<T>(acc);
   fg_count = gts;
@@ -387,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lovasz_softmax_rows_cpu(const at:
   auto losses = at::zeros({G, C}, probas.options().dtype(acc_type));
   auto grad = at::empty({N, C, S}, probas.options().dtype(acc_type));  // every entry is written
   auto counts = at::zeros({G, C}, probas.options().dtype(at::kLong));
-  const int64_t group_size = per_image ? S : N * S;
+  // Values pack an offset into [N, C, S] and 2 flag bits: 32 bits while N * C * S < 2^30.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "lovasz_softmax_rows_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
@@ -399,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lovasz_softmax_rows_cpu(const at:
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t g = r / C, c = r % C;
         const int64_t n0 = per_image ? g : 0, n1 = per_image ? g + 1 : N;
-        if (group_size < (int64_t(1) << 30)) {
+        if (N * C * S < (int64_t(1) << 30)) {
           lovasz_softmax_row<scalar_t, T, uint32_t>(pp, py, n0, n1, C, S, c, ignore_index, pg, pl[r], pc[r]);
         } else {
           lovasz_softmax_row<scalar_t, T, uint64_t>(pp, py, n0, n1, C, S, c, ignore_index, pg, pl[r], pc[r]);
