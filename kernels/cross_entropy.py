@@ -56,16 +56,23 @@ def _ce_loss(mx, s, zy, wy, wz, wsum, valid, keep, spread):
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, nb, ignore_index, keep, spread,
-                       HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexpr):
+    """Block pid of the S positions of an image ([N, C, S] logits, nb blocks an image): the
+    positions' offsets in [N, S] and in class plane 0 of the logits, their mask, targets and
+    validity."""
     n = (pid // nb).to(tl.int64)
     j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
     mj = j < S
-    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    base = z_ptr + n * C * S + j
     y = tl.load(y_ptr + n * S + j, mask=mj, other=ignore_index)
-    valid = (y != ignore_index) & mj
+    return n * S + j, n * C * S + j, mj, y, (y != ignore_index) & mj
+
+
+@triton.jit
+def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, nb, ignore_index, keep, spread,
+                       HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
     zy = tl.zeros((BLOCK,), acc)
     wz = tl.zeros((BLOCK,), acc)
@@ -79,7 +86,6 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, n
         s += tl.exp(tl.load(base + c * S, mask=mj, other=0.0).to(acc) - mx)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     loss, lse = _ce_loss(mx, s, zy, wy, wz, _weight_sum(w_ptr, C, HAS_W), valid, keep, spread)
-    offs = n * S + j
     tl.store(loss_ptr + offs, loss, mask=mj)
     tl.store(wpos_ptr + offs, wy, mask=mj)
     tl.store(lse_ptr + offs, lse, mask=mj)
@@ -94,21 +100,14 @@ def _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
 @triton.jit
 def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, lse_ptr, dz_ptr, C, S, nb, ignore_index, keep, spread,
                         HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    n = (pid // nb).to(tl.int64)
-    j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
-    mj = j < S
+    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    offs = n * S + j
-    y = tl.load(y_ptr + offs, mask=mj, other=ignore_index)
-    valid = (y != ignore_index) & mj
     g = tl.where(valid, tl.load(g_ptr + offs, mask=mj, other=0.0), 0.0).to(acc)
     lse = tl.load(lse_ptr + offs, mask=mj, other=0.0).to(acc)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
     coef_b = g * keep * wy
     gs = g * spread
-    base = n * C * S + j
     for c in range(C):
         z = tl.load(z_ptr + base + c * S, mask=mj, other=0.0).to(acc)
         dz = _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cross_entropy import position_block
+
 
 @triton.jit
 def _pow(m, g, SQUARE: tl.constexpr):
@@ -93,20 +95,16 @@ def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK: tl.constexp
     """One block of positions of one image: the class planes' base, the targets, and the
     softmax max and 1 / sum (0 on ignored and padded positions); classes are walked one
     plane at a time."""
-    n = (pid // nb).to(tl.int64)
-    j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
-    mj = j < HW
+    _, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    base = z_ptr + n * C * HW + j
-    y = tl.load(y_ptr + n * HW + j, mask=mj, other=ignore_index)
-    valid = (y != ignore_index) & mj
+    base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
     for c in range(C):
         mx = tl.maximum(mx, tl.load(base + c * HW, mask=mj, other=0.0).to(acc))
     s = tl.zeros((BLOCK,), acc)
     for c in range(C):
         s += tl.exp(tl.load(base + c * HW, mask=mj, other=0.0).to(acc) - mx)
-    return n, j, mj, base, y, valid, mx, tl.where(valid, 1.0 / s, 0.0)
+    return zoffs, mj, base, y, valid, mx, tl.where(valid, 1.0 / s, 0.0)
 
 
 @triton.jit
@@ -118,7 +116,7 @@ def _dice_p(base, c, HW, mj, valid, mx, inv):
 @triton.jit
 def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    n, j, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
     out = part_ptr + pid.to(tl.int64) * 2 * C
     for c in range(C):
         p = _dice_p(base, c, HW, mj, valid, mx, inv)
@@ -132,12 +130,12 @@ def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, 
     # h_c = d loss / d p_c = g_card[c] + [y = c] g_inter[c] on valid positions; softmax
     # backward: dz_c = p_c (h_c - sum_k p_k h_k).
     pid = tl.program_id(0)
-    n, j, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
     dot = tl.zeros((BLOCK,), mx.dtype)
     for c in range(C):
         h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
         dot += _dice_p(base, c, HW, mj, valid, mx, inv) * h
-    out = dz_ptr + n * C * HW + j
+    out = dz_ptr + zoffs
     for c in range(C):
         h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
         dz = _dice_p(base, c, HW, mj, valid, mx, inv) * (h - dot)
