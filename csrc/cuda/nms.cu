@@ -147,29 +147,40 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layou
   unsigned long long* removed = removed_all + L.roff(c);  // zeroed by the caller
   __shared__ unsigned long long diag[kWord];
   __shared__ unsigned long long kept;
+  __shared__ int kept_rows[kWord], n_kept;
   for (int64_t rb = 0; rb < words; ++rb) {
     const int rows = static_cast<int>(min(static_cast<int64_t>(kWord), n - rb * kWord));
     if (threadIdx.x < rows) diag[threadIdx.x] = m[(rb * kWord + threadIdx.x) * words + rb];
     __syncthreads();
     if (threadIdx.x == 0) {
       unsigned long long rem = removed[rb], k = 0;
+      int nk = 0;
       for (int r = 0; r < rows; ++r) {
         if (!((rem >> r) & 1ull)) {
           k |= 1ull << r;
           rem |= diag[r];
+          kept_rows[nk++] = r;
         }
       }
       kept = k;
+      n_kept = nk;
     }
     __syncthreads();
     const unsigned long long k = kept;
+    const int nk = n_kept;
     if (threadIdx.x < rows && ((k >> threadIdx.x) & 1ull)) keep[L.pos(s + rb * kWord + threadIdx.x)] = 1;
+    // OR the kept rows' masks into the later words; a counted loop, 4 independent loads at a
+    // time, so that the loads overlap instead of waiting on each other.
+    const unsigned long long* block_rows = m + rb * kWord * words;
     for (int64_t w = rb + 1 + threadIdx.x; w < words; w += blockDim.x) {
+      const unsigned long long* col = block_rows + w;
       unsigned long long acc = removed[w];
-      for (unsigned long long bits = k; bits; bits &= bits - 1) {
-        const int r = __ffsll(static_cast<long long>(bits)) - 1;
-        acc |= m[(rb * kWord + r) * words + w];
+      int i = 0;
+      for (; i + 4 <= nk; i += 4) {
+        acc |= (col[kept_rows[i] * words] | col[kept_rows[i + 1] * words]) |
+               (col[kept_rows[i + 2] * words] | col[kept_rows[i + 3] * words]);
       }
+      for (; i < nk; ++i) acc |= col[kept_rows[i] * words];
       removed[w] = acc;
     }
     __syncthreads();
