@@ -77,8 +77,10 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
 
     ``logits``: ``[N, C, h, w]``; ``target``: ``[N, H, W]``. Forward and backward go
     one output row at a time; the gradient reaches the low-resolution logits
-    directly, accumulated per image in a fixed order (deterministic). Extra memory
-    is three ``[N, H, W]`` fp32 maps (loss, target weight, log-sum-exp).
+    directly, accumulated in a fixed order (deterministic). Extra memory is three
+    ``[N, H, W]`` fp32 maps (loss, target weight, log-sum-exp); the CUDA backward
+    adds the incoming gradient as one more and a block of classes' gradient summed
+    along x (``[N, c, H, w]`` with ``c * w <= W``, so at most ``N * H * W`` values).
     """
     _check_tensors(logits, target)
     if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
