@@ -80,7 +80,8 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
     directly, accumulated in a fixed order (deterministic). Extra memory is three
     ``[N, H, W]`` fp32 maps (loss, target weight, log-sum-exp); the CUDA backward
     adds the incoming gradient as one more and a block of classes' gradient summed
-    along x (``[N, c, H, w]`` with ``c * w <= W``, so at most ``N * H * W`` values).
+    along x (``[N, c, H, w]`` with ``c * w <= max(W, w)``: at most ``N * H * max(W, w)``
+    values).
     """
     _check_tensors(logits, target)
     if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
