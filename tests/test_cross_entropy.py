@@ -178,7 +178,7 @@ def test_upsample_ce_bad_input(call, exc, words):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
 def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
@@ -192,9 +192,9 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     lse = ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)[2]
     g = torch.rand(2, 45, dtype=lse.dtype)
+    half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
     torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing),
-                               ops.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing),
-                               rtol=1e-5, atol=1e-6)
+                               ops.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing), **half)
 
 
 @pytest.mark.gpu
@@ -213,7 +213,7 @@ def test_cuda_cross_entropy_matches_cpu(dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("weighted_smoothing", [False, True])
 @pytest.mark.parametrize("sizes", [((4, 5), (9, 11)), ((2, 3), (5, 200)), ((6, 9), (4, 5))], ids=str)
@@ -230,9 +230,10 @@ def test_triton_upsample_ce_interpreter(dtype, align_corners, weighted_smoothing
     for a, b in zip(fwd_k, fwd_c):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     g = torch.rand(2, H, W, dtype=fwd_c[2].dtype)
+    half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
     torch.testing.assert_close(K.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
                                ops.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
-                               rtol=1e-5, atol=1e-6)
+                               **half)
 
 
 @pytest.mark.gpu
