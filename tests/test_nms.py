@@ -188,6 +188,22 @@ def test_soft_nms_edge_cases():
     assert keep[0].item() == 1 and torch.isnan(dec[0])
 
 
+@pytest.mark.parametrize("method, iou_threshold", [("gaussian", 0.3), ("linear", 0.0), ("hard", 0.0), ("hard", 0.4)])
+def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
+    # Several 64-box blocks, plus boxes whose overlap tests are special: NaN coordinates,
+    # zero area, inverted, far away; a threshold of 0 makes "hard" drop non-overlapping boxes.
+    boxes, scores = detections(420, objects=25, seed=21)
+    boxes[5] = torch.tensor([float("nan"), 1.0, 5.0, 9.0])
+    boxes[17] = torch.tensor([30.0, 30.0, 30.0, 30.0])
+    boxes[33] = torch.tensor([50.0, 50.0, 40.0, 45.0])
+    boxes[40] = torch.tensor([1e6, 1e6, 1e6 + 5, 1e6 + 5])
+    scores[77] = float("nan")
+    keep, dec = P.soft_nms(boxes, scores, iou_threshold=iou_threshold, sigma=0.5, score_threshold=0.01, method=method)
+    rkeep, rdec = reference.soft_nms(boxes, scores, iou_threshold, 0.5, 0.01, method)
+    torch.testing.assert_close(keep, rkeep)
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
 def test_soft_nms_ties_are_stable():
     boxes, _ = detections(200, seed=11)
     scores = torch.full((200,), 0.5)

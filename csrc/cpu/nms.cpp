@@ -195,8 +195,49 @@ __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, c
   return best;
 }
 
+// Bit-interleaved (Morton) code of 16-bit quantised box centres: boxes close in the plane get
+// close codes. Non-finite centres go last.
+template <typename T>
+std::vector<uint32_t> morton_codes(const Soa<T>& s, int64_t begin, int64_t end) {
+  T lo_x = std::numeric_limits<T>::infinity(), lo_y = lo_x, hi_x = -lo_x, hi_y = -lo_x;
+  std::vector<T> cx(end - begin), cy(end - begin);
+  for (int64_t j = begin; j < end; ++j) {
+    cx[j - begin] = (s.x1[j] + s.x2[j]) / 2, cy[j - begin] = (s.y1[j] + s.y2[j]) / 2;
+    if (std::isfinite(cx[j - begin]) && std::isfinite(cy[j - begin])) {
+      lo_x = std::min(lo_x, cx[j - begin]), hi_x = std::max(hi_x, cx[j - begin]);
+      lo_y = std::min(lo_y, cy[j - begin]), hi_y = std::max(hi_y, cy[j - begin]);
+    }
+  }
+  auto spread = [](uint32_t v) {  // 16 bits -> every other bit of 32
+    v = (v | (v << 8)) & 0x00FF00FFu;
+    v = (v | (v << 4)) & 0x0F0F0F0Fu;
+    v = (v | (v << 2)) & 0x33333333u;
+    return (v | (v << 1)) & 0x55555555u;
+  };
+  const double sx = hi_x > lo_x ? 65535.0 / (double(hi_x) - double(lo_x)) : 0.0;
+  const double sy = hi_y > lo_y ? 65535.0 / (double(hi_y) - double(lo_y)) : 0.0;
+  std::vector<uint32_t> code(end - begin);
+  for (int64_t j = 0; j < end - begin; ++j) {
+    if (!(std::isfinite(cx[j]) && std::isfinite(cy[j]))) {
+      code[j] = 0xFFFFFFFFu;
+      continue;
+    }
+    const auto qx = static_cast<uint32_t>((double(cx[j]) - double(lo_x)) * sx);
+    const auto qy = static_cast<uint32_t>((double(cy[j]) - double(lo_y)) * sy);
+    code[j] = spread(qx) | (spread(qy) << 1);
+  }
+  return code;
+}
+
 // Soft-NMS of one group (boxes already in score order, NaN scores first).
 // Appends (position, score at selection) to `out` in selection order.
+//
+// A box that does not overlap the selected one keeps its score (its decay factor is exactly
+// 1), so after the NaN-score entries the boxes are laid out in spatial (Morton) order in
+// blocks of kBlock with their union box: a selection decays only the blocks its box
+// overlaps, and picks the highest score (ties: lowest position) from the blocks' maxima.
+// The hard method with a threshold <= 0 drops non-overlapping boxes too: it visits every
+// block. The decay of each box is the same arithmetic in the same order as a full pass.
 template <typename T, int METHOD>
 void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T score_thr,
                     std::vector<std::pair<int64_t, T>>& out) {
@@ -206,44 +247,75 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
   for (int64_t j = 0; j < n; ++j) drop[j] = score[j] < score_thr;  // NaN scores stay
   n = s.compact(0, n, drop.data(), score.data());
   std::vector<T> block_max(n / kBlock + 1, none);
-  // NaN scores rank first, in index order; they decay others like any selected box.
-  // NaN entries never win a block max (NaN > x is false), so they are picked by position.
+  // NaN scores rank first, in position order; each decays the others like any selected box.
   int64_t first_real = 0;
   while (first_real < n && std::isnan(score[first_real])) ++first_real;
-  T best = none;
-  for (int64_t j = first_real; j < n; ++j) {
-    block_max[j / kBlock] = score[j] > block_max[j / kBlock] ? score[j] : block_max[j / kBlock];
-    best = score[j] > best ? score[j] : best;
+  for (int64_t m = 0; m < first_real; ++m) {
+    out.emplace_back(s.pos[m], score[m]);
+    decay_pass<T, METHOD>(s.box(m), s.x1.data() + first_real, s.y1.data() + first_real, s.x2.data() + first_real,
+                          s.y2.data() + first_real, score.data() + first_real, drop.data() + first_real,
+                          n - first_real, thr, inv_sigma, score_thr, block_max.data());
   }
-  int64_t nan_next = 0;
-  int64_t since_compact = 0;
-  while (n > 0) {
-    int64_t m;
-    if (nan_next < first_real) {
-      m = nan_next++;
-    } else {
-      if (!(best >= score_thr) || best == none) break;  // nothing eligible is left
-      int64_t blk = 0;
-      while (block_max[blk] != best) ++blk;  // first block holding the max ...
-      m = std::max(blk * kBlock, first_real);
-      while (drop[m] || score[m] != best) ++m;  // ... and its first (highest-ranked) entry
+  for (int64_t m = 0; m < first_real; ++m) drop[m] = 1;
+  n = s.compact(0, n, drop.data(), score.data());
+
+  // Spatial layout of the remaining entries.
+  {
+    const std::vector<uint32_t> code = morton_codes(s, 0, n);
+    std::vector<int64_t> perm(n);
+    for (int64_t j = 0; j < n; ++j) perm[j] = j;
+    std::stable_sort(perm.begin(), perm.end(), [&](int64_t i, int64_t j) { return code[i] < code[j]; });
+    Soa<T> t(n);
+    std::vector<T> ts(n);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t k = perm[j];
+      t.x1[j] = s.x1[k], t.y1[j] = s.y1[k], t.x2[j] = s.x2[k], t.y2[j] = s.y2[k], t.pos[j] = s.pos[k];
+      ts[j] = score[k];
+    }
+    s = std::move(t);
+    score = std::move(ts);
+  }
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  // Union box of each block (NaN coordinates left out: such a box's IoU is NaN, decay 1).
+  std::vector<Box<T>> ub(nb, Box<T>{std::numeric_limits<T>::infinity(), std::numeric_limits<T>::infinity(),
+                                    -std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity()});
+  block_max.assign(nb, none);
+  for (int64_t j = 0; j < n; ++j) {
+    Box<T>& u = ub[j / kBlock];
+    if (!std::isnan(s.x1[j]) && !std::isnan(s.x2[j])) u.x1 = std::min(u.x1, s.x1[j]), u.x2 = std::max(u.x2, s.x2[j]);
+    if (!std::isnan(s.y1[j]) && !std::isnan(s.y2[j])) u.y1 = std::min(u.y1, s.y1[j]), u.y2 = std::max(u.y2, s.y2[j]);
+    block_max[j / kBlock] = score[j] > block_max[j / kBlock] ? score[j] : block_max[j / kBlock];
+  }
+  const bool visit_all = METHOD == nms::kHard && !(thr > T(0));
+  auto rescan = [&](int64_t b) {
+    T bm = none;
+    for (int64_t j = b * kBlock; j < std::min(n, (b + 1) * kBlock); ++j)
+      if (!drop[j] && score[j] > bm) bm = score[j];
+    block_max[b] = bm;
+  };
+  while (true) {
+    T best = none;
+    for (int64_t b = 0; b < nb; ++b) best = block_max[b] > best ? block_max[b] : best;
+    if (!(best >= score_thr) || best == none) break;  // nothing eligible is left
+    int64_t m = -1;  // the highest-ranked (lowest position) entry holding the best score
+    for (int64_t b = 0; b < nb; ++b) {
+      if (block_max[b] != best) continue;
+      for (int64_t j = b * kBlock; j < std::min(n, (b + 1) * kBlock); ++j)
+        if (!drop[j] && score[j] == best && (m < 0 || s.pos[j] < s.pos[m])) m = j;
     }
     out.emplace_back(s.pos[m], score[m]);
     drop[m] = 1;
-    best = decay_pass<T, METHOD>(s.box(m), s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), score.data(),
-                                 drop.data(), n, thr, inv_sigma, score_thr, block_max.data());
-    // Compact now and then; not while NaN-score entries are still selected by position.
-    if (++since_compact >= 32 && nan_next >= first_real) {
-      n = s.compact(0, n, drop.data(), score.data());
-      first_real = nan_next = 0;
-      since_compact = 0;
-      best = none;
-      std::fill(block_max.begin(), block_max.end(), none);
-      for (int64_t j = 0; j < n; ++j) {
-        block_max[j / kBlock] = score[j] > block_max[j / kBlock] ? score[j] : block_max[j / kBlock];
-        best = score[j] > best ? score[j] : best;
-      }
+    const Box<T> a = s.box(m);
+    bool own_visited = false;
+    for (int64_t b = 0; b < nb; ++b) {
+      const Box<T>& u = ub[b];
+      if (!visit_all && !(a.x1 < u.x2 && u.x1 < a.x2 && a.y1 < u.y2 && u.y1 < a.y2)) continue;
+      const int64_t b0 = b * kBlock, len = std::min(n, b0 + kBlock) - b0;
+      decay_pass<T, METHOD>(a, s.x1.data() + b0, s.y1.data() + b0, s.x2.data() + b0, s.y2.data() + b0,
+                            score.data() + b0, drop.data() + b0, len, thr, inv_sigma, score_thr, block_max.data() + b);
+      own_visited |= b == m / kBlock;
     }
+    if (!own_visited) rescan(m / kBlock);  // the selected entry leaves its block's maximum
   }
 }
 
