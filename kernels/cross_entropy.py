@@ -49,10 +49,21 @@ def _weight_sum(w_ptr, C, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _ce_loss(mx, s, zy, wy, wz, wsum, valid, keep, spread):
-    """Per-position loss and log-sum-exp from the class pass statistics."""
+def _ce_update(z, c, y, mx, zy, wz, w_ptr, HAS_W: tl.constexpr):
+    """First class pass: running max, the target's logit and the weighted sum of logits."""
+    return tl.maximum(mx, z), zy + tl.where(y == c, z, 0.0), wz + _class_weight(w_ptr, c, HAS_W) * z
+
+
+@triton.jit
+def _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mask,
+               HAS_W: tl.constexpr):
+    """Stores the loss, target weight and log-sum-exp of the positions from the class passes."""
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     lse = mx + tl.log(s)
-    return tl.where(valid, keep * wy * (lse - zy) + spread * (wsum * lse - wz), 0.0), lse
+    loss = tl.where(valid, keep * wy * (lse - zy) + spread * (_weight_sum(w_ptr, C, HAS_W) * lse - wz), 0.0)
+    tl.store(loss_ptr + offs, loss, mask=mask)
+    tl.store(wpos_ptr + offs, wy, mask=mask)
+    tl.store(lse_ptr + offs, lse, mask=mask)
 
 
 @triton.jit
@@ -77,18 +88,11 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, n
     zy = tl.zeros((BLOCK,), acc)
     wz = tl.zeros((BLOCK,), acc)
     for c in range(C):
-        z = tl.load(base + c * S, mask=mj, other=0.0).to(acc)
-        mx = tl.maximum(mx, z)
-        zy += tl.where(y == c, z, 0.0)
-        wz += _class_weight(w_ptr, c, HAS_W) * z
+        mx, zy, wz = _ce_update(tl.load(base + c * S, mask=mj, other=0.0).to(acc), c, y, mx, zy, wz, w_ptr, HAS_W)
     s = tl.zeros((BLOCK,), acc)
     for c in range(C):
         s += tl.exp(tl.load(base + c * S, mask=mj, other=0.0).to(acc) - mx)
-    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    loss, lse = _ce_loss(mx, s, zy, wy, wz, _weight_sum(w_ptr, C, HAS_W), valid, keep, spread)
-    tl.store(loss_ptr + offs, loss, mask=mj)
-    tl.store(wpos_ptr + offs, wy, mask=mj)
-    tl.store(lse_ptr + offs, lse, mask=mj)
+    _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mj, HAS_W)
 
 
 @triton.jit
@@ -182,17 +186,11 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0,
     wz = tl.zeros((BLOCK,), acc)
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        mx = tl.maximum(mx, z)
-        zy += tl.where(y == c, z, 0.0)
-        wz += _class_weight(w_ptr, c, HAS_W) * z
+        mx, zy, wz = _ce_update(z, c, y, mx, zy, wz, w_ptr, HAS_W)
     s = tl.zeros((BLOCK,), acc)
     for c in range(C):
         s += tl.exp(bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo) - mx)
-    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    loss, lse = _ce_loss(mx, s, zy, wy, wz, _weight_sum(w_ptr, C, HAS_W), valid, keep, spread)
-    tl.store(loss_ptr + offs, loss, mask=mo)
-    tl.store(wpos_ptr + offs, wy, mask=mo)
-    tl.store(lse_ptr + offs, lse, mask=mo)
+    _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mo, HAS_W)
 
 
 @triton.jit
