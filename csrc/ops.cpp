@@ -25,10 +25,6 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "soft_nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, float sigma, float score_threshold, "
       "int method) -> (Tensor, Tensor)");
-  // Connected components of "has a positive-area intersection" over boxes [N, 4] (CPU): Soft-NMS
-  // never lets boxes of different components affect each other. int64 labels [N], numbered in
-  // order of each component's lowest index; boxes of no positive area are alone.
-  m.def("overlap_components(Tensor boxes) -> Tensor");
 
   // RoI Align. rois: [K, 5] (batch index, x1, y1, x2, y2). Backward is its own op.
   m.def(

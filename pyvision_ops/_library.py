@@ -108,11 +108,6 @@ def _(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))
 
 
-@torch.library.register_fake("pyvision_ops::overlap_components")
-def _(boxes):
-    return boxes.new_empty((boxes.shape[0],), dtype=torch.int64)
-
-
 # ------------------------------------------------------------------ RoI Align
 
 @torch.library.register_fake("pyvision_ops::roi_align")

@@ -9,10 +9,6 @@ index first) and NaN ranks highest. IoU is ``inter / union`` in fp32 (fp64 for
 fp64 boxes); a box with NaN coordinates has NaN IoU with every box, so it neither
 suppresses nor is suppressed. Boxes and scores may have different float dtypes:
 both are promoted to their common dtype.
-
-Soft-NMS on CUDA with 256 boxes or more first finds the connected components of
-the overlap graph on the CPU (one device-to-host copy of the boxes) and runs them
-as parallel groups; the result is the same as one group's.
 """
 
 import math
@@ -87,48 +83,7 @@ def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
         raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
     if math.isinf(sigma):
         raise ValueError("sigma must be finite")
-    m = _METHODS[method]
-    if _by_components(boxes, thr, m):
-        return _soft_by_components(boxes, scores, idxs, thr, sigma, score_threshold, m)
-    return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, m)
-
-
-# Soft-NMS runs one selection at a time per group; on a GPU that is one block-wide argmax per
-# selection. Boxes that do not overlap never change each other's scores (their decay factor is
-# exactly 1), so each connected component of the overlap graph can run as its own group, all
-# in parallel, and the results merge by score. Not for "hard" with a threshold <= 0, which
-# also drops boxes that do not overlap.
-_COMPONENTS_MIN_BOXES = 256
-
-
-def _by_components(boxes, thr, method, device_type="cuda"):
-    return (boxes.device.type == device_type and boxes.shape[0] >= _COMPONENTS_MIN_BOXES
-            and not (method == _METHODS["hard"] and not thr > 0) and not torch.compiler.is_compiling())
-
-
-def _soft_by_components(boxes, scores, idxs, thr, sigma, score_threshold, method):
-    comp = ops.overlap_components(boxes.detach().cpu())
-    if idxs is None:
-        groups = comp
-    else:
-        groups = torch.unique(torch.stack([idxs.detach().cpu().long(), comp]), dim=1, return_inverse=True)[1]
-    # In the kernels' precision (fp16/bf16 run in fp32, exactly), so that the merge below sorts the
-    # scores the selections compared, not their rounding to the output dtype.
-    half = scores.dtype in (torch.float16, torch.bfloat16)
-    keep, dec = ops.soft_nms(boxes.float() if half else boxes, scores.float() if half else scores,
-                             groups.to(boxes.device), thr, sigma, score_threshold, method)
-    # Selection order within a group: decreasing score, ties (and NaN scores, first) by rank in
-    # the stable score order; so one group's order is the sort by (score, rank). Batched, the op
-    # merges its categories by score, ties to the lower category, then selection order.
-    order = torch.sort(scores.detach(), descending=True, stable=True)[1]
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    perm = torch.argsort(rank[keep])
-    perm = perm[torch.sort(dec[perm], descending=True, stable=True)[1]]
-    if idxs is not None:
-        perm = perm[torch.sort(idxs[keep[perm]], stable=True)[1]]
-        perm = perm[torch.sort(dec[perm], descending=True, stable=True)[1]]
-    return keep[perm], dec[perm].to(scores.dtype)
+    return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, _METHODS[method])
 
 
 def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,

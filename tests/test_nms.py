@@ -1,5 +1,3 @@
-import importlib
-
 import pytest
 import reference
 import torch
@@ -204,49 +202,6 @@ def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
     rkeep, rdec = reference.soft_nms(boxes, scores, iou_threshold, 0.5, 0.01, method)
     torch.testing.assert_close(keep, rkeep)
     torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7, equal_nan=True)
-
-
-def test_overlap_components_match_brute_force():
-    boxes, _ = detections(300, objects=40, seed=22)
-    boxes[3] = torch.tensor([float("nan"), 0.0, 1.0, 1.0])
-    boxes[4] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width: no positive-area overlap
-    boxes[5] = torch.tensor([9.0, 9.0, 2.0, 2.0])  # inverted
-    labels = ops.overlap_components(boxes)
-    x1, y1, x2, y2 = boxes.double().unbind(1)
-    iw = torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None])
-    ih = torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None])
-    adj = (iw > 0) & (ih > 0)
-    reach = adj | torch.eye(300, dtype=torch.bool)
-    for _ in range(9):  # transitive closure by squaring: paths up to 2^9 edges
-        reach = (reach.float() @ reach.float()) > 0
-    torch.testing.assert_close(labels[:, None] == labels[None], reach)
-    first = [int(torch.nonzero(labels == k)[0]) for k in range(int(labels.max()) + 1)]
-    assert first == sorted(first)  # numbered by each component's lowest index
-    assert all((labels == labels[i]).sum() == 1 for i in (3, 4, 5))
-    assert ops.overlap_components(torch.zeros(0, 4)).shape == (0,)
-    opcheck(ops.overlap_components, (boxes,))
-
-
-@pytest.mark.parametrize("method, thr", [("gaussian", 0.3), ("linear", 0.5), ("hard", 0.4), ("linear", 0.0)])
-@pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_soft_nms_by_components_equals_one_group(method, thr, batched, dtype):
-    # The CUDA path splits boxes into overlap components run as separate groups and merges
-    # them; run the same code on the CPU: keep and scores must be bitwise the one-group result.
-    N = importlib.import_module("pyvision_ops.nms")
-
-    boxes, scores, idxs = detections(900, objects=60, seed=23, dtype=dtype, categories=4)
-    scores[::97] = 0.5  # ties across components
-    scores[7] = float("nan")
-    boxes[11] = torch.tensor([float("nan"), 0.0, 1.0, 1.0], dtype=dtype)
-    idxs = idxs if batched else None
-    m = N._METHODS[method]
-    got = N._soft_by_components(boxes, scores, idxs, thr, 0.5, 0.01, m)
-    want = ops.soft_nms(boxes, scores, idxs, thr, 0.5, 0.01, m)
-    assert torch.equal(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
-    assert N._by_components(boxes, thr, m, "cpu") == (not (method == "hard" and thr <= 0))
-    assert not N._by_components(boxes, 0.0, N._METHODS["hard"], "cpu")
 
 
 def test_soft_nms_ties_are_stable():

@@ -319,46 +319,6 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
   }
 }
 
-at::Tensor overlap_components_cpu(const at::Tensor& boxes) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "overlap_components: boxes must be [N, 4]");
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "overlap_components: boxes must be floating point");
-  const int64_t n = boxes.size(0);
-  const at::Tensor b = boxes.to(at::kDouble).contiguous();  // exact for every float dtype
-  const double* p = b.const_data_ptr<double>();
-  std::vector<int64_t> parent(n);
-  for (int64_t i = 0; i < n; ++i) parent[i] = i;
-  auto find = [&](int64_t i) {
-    while (parent[i] != i) i = parent[i] = parent[parent[i]];
-    return i;
-  };
-  // Sweep in x1 order over the boxes of positive extent (NaN fails the test): box j can meet
-  // box i only while x1[j] < x2[i].
-  std::vector<int64_t> idx;
-  for (int64_t i = 0; i < n; ++i)
-    if (p[i * 4 + 2] > p[i * 4] && p[i * 4 + 3] > p[i * 4 + 1]) idx.push_back(i);
-  std::sort(idx.begin(), idx.end(), [&](int64_t i, int64_t j) { return p[i * 4] < p[j * 4]; });
-  for (size_t a = 0; a < idx.size(); ++a) {
-    const double* bi = p + idx[a] * 4;
-    for (size_t c = a + 1; c < idx.size() && p[idx[c] * 4] < bi[2]; ++c) {
-      const double* bj = p + idx[c] * 4;
-      if (bj[1] < bi[3] && bi[1] < bj[3]) {
-        const int64_t ri = find(idx[a]), rj = find(idx[c]);
-        if (ri != rj) parent[std::max(ri, rj)] = std::min(ri, rj);
-      }
-    }
-  }
-  at::Tensor labels = at::empty({n}, boxes.options().dtype(at::kLong).device(at::kCPU));
-  int64_t* out = labels.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> label_of(n, -1);
-  int64_t next = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = find(i);  // the lowest index of its component: labelled first
-    if (label_of[r] < 0) label_of[r] = next++;
-    out[i] = label_of[r];
-  }
-  return labels;
-}
-
 std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                                                 const std::optional<at::Tensor>& idxs, double iou_threshold,
                                                 double sigma, double score_threshold, int64_t method) {
@@ -396,25 +356,23 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     int64_t total = 0;
     for (const auto& p : picked) total += static_cast<int64_t>(p.size());
     keep = at::empty({total}, boxes.options().dtype(at::kLong));
-    // In the kernels' precision: groups merge by the scores the selections compared (as on CUDA).
-    kept_scores = at::empty({total}, scores.options().dtype(c10::CppTypeToScalarType<T>::value));
+    kept_scores = at::empty({total}, scores.options());
     int64_t* kp = keep.mutable_data_ptr<int64_t>();
-    T* sp = kept_scores.mutable_data_ptr<T>();
+    scalar_t* sp = kept_scores.mutable_data_ptr<scalar_t>();
     int64_t w = 0;
     for (const auto& p : picked) {
       for (const auto& [pos, v] : p) {
         kp[w] = order[pos];
-        sp[w++] = v;
+        sp[w++] = static_cast<scalar_t>(v);
       }
     }
   });
   if (groups > 1) {
     // Selection order is already decreasing within a group; merge the groups by score.
     auto perm = std::get<1>(at::sort(kept_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-    keep = keep.index_select(0, perm);
-    kept_scores = kept_scores.index_select(0, perm);
+    return {keep.index_select(0, perm), kept_scores.index_select(0, perm)};
   }
-  return {keep, kept_scores.to(scores.scalar_type())};
+  return {keep, kept_scores};
 }
 
 }  // namespace
@@ -422,7 +380,6 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("nms", &nms_cpu);
   m.impl("soft_nms", &soft_nms_cpu);
-  m.impl("overlap_components", &overlap_components_cpu);
 }
 
 }  // namespace pyvision_ops
