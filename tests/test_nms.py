@@ -204,6 +204,17 @@ def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
     torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
+def test_batched_soft_nms_bf16_merges_by_fp32_scores():
+    # Categories merge by the fp32 scores the kernels compared (as on CUDA), not by their
+    # bf16 rounding: the result equals the fp32 run's order.
+    boxes, scores, idxs = detections(600, seed=24, categories=5)
+    bb, sb = boxes.bfloat16(), scores.bfloat16()
+    keep, dec = P.batched_soft_nms(bb, sb, idxs, score_threshold=0.01)
+    keep32, dec32 = P.batched_soft_nms(bb.float(), sb.float(), idxs, score_threshold=0.01)
+    assert torch.equal(keep, keep32)
+    assert torch.equal(dec, dec32.bfloat16())
+
+
 def test_soft_nms_ties_are_stable():
     boxes, _ = detections(200, seed=11)
     scores = torch.full((200,), 0.5)

@@ -356,23 +356,25 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     int64_t total = 0;
     for (const auto& p : picked) total += static_cast<int64_t>(p.size());
     keep = at::empty({total}, boxes.options().dtype(at::kLong));
-    kept_scores = at::empty({total}, scores.options());
+    // In the kernels' precision: groups merge by the scores the selections compared (as on CUDA).
+    kept_scores = at::empty({total}, scores.options().dtype(c10::CppTypeToScalarType<T>::value));
     int64_t* kp = keep.mutable_data_ptr<int64_t>();
-    scalar_t* sp = kept_scores.mutable_data_ptr<scalar_t>();
+    T* sp = kept_scores.mutable_data_ptr<T>();
     int64_t w = 0;
     for (const auto& p : picked) {
       for (const auto& [pos, v] : p) {
         kp[w] = order[pos];
-        sp[w++] = static_cast<scalar_t>(v);
+        sp[w++] = v;
       }
     }
   });
   if (groups > 1) {
     // Selection order is already decreasing within a group; merge the groups by score.
     auto perm = std::get<1>(at::sort(kept_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-    return {keep.index_select(0, perm), kept_scores.index_select(0, perm)};
+    keep = keep.index_select(0, perm);
+    kept_scores = kept_scores.index_select(0, perm);
   }
-  return {keep, kept_scores};
+  return {keep, kept_scores.to(scores.scalar_type())};
 }
 
 }  // namespace
