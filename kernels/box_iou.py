@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._library import _acc_dtype as acc_dtype
+
 _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
 
@@ -309,9 +311,6 @@ def _div_rn(acc):
     return acc == torch.float32 and PRECISE_DIV
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _aspect_atan(boxes, acc):
     """atan(w / h) per box in the accumulation dtype (CIoU's aspect term)."""
@@ -328,7 +327,7 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     """[B, N, 4] x [B, M, 4] -> [B, N, M] (fp64 for fp64 input, else fp32)."""
     B, N, _ = boxes1.shape
     M = boxes2.shape[1]
-    acc = _acc_dtype(boxes1.dtype)
+    acc = acc_dtype(boxes1.dtype)
     out = torch.empty((B, N, M), dtype=acc, device=boxes1.device)
     if out.numel() == 0:
         return out
@@ -347,7 +346,7 @@ _BLOCK = 1024
 def matched_box_iou(boxes1, boxes2, kind, loss, eps):
     """[K, 4] x [K, 4] -> [K]."""
     K = boxes1.shape[0]
-    acc = _acc_dtype(boxes1.dtype)
+    acc = acc_dtype(boxes1.dtype)
     out = torch.empty((K,), dtype=acc, device=boxes1.device)
     if K == 0:
         return out
@@ -369,7 +368,7 @@ def matched_box_iou_backward(grad, boxes1, boxes2, kind, loss, eps):
         return g1, g2
     b1 = boxes1.contiguous()
     b2 = boxes2.contiguous()
-    acc = _acc_dtype(boxes1.dtype)
+    acc = acc_dtype(boxes1.dtype)
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
     grid = (triton.cdiv(K, _BLOCK),)
     _matched_backward_kernel[grid](grad.contiguous(), b1, b2, t1, t2, g1, g2, K, eps, KIND=kind, LOSS=loss,

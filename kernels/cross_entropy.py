@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._library import _acc_dtype as acc_dtype
 from .interpolate import axis_taps, bilinear_row, column_weights, contract_x, contract_y, row_taps
 
 
@@ -121,19 +122,16 @@ def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, lse_ptr, dz_ptr, C, S, nb, i
 _BLOCK = 512
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _weight(weight, logits):
     """The class weight in the accumulation dtype (any tensor when there is none: unused)."""
-    return weight.to(_acc(logits.dtype)).contiguous() if weight is not None else logits
+    return weight.to(acc_dtype(logits.dtype)).contiguous() if weight is not None else logits
 
 
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing):
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
-    loss, wpos, lse = (torch.empty((n, s), dtype=_acc(logits.dtype), device=logits.device) for _ in range(3))
+    loss, wpos, lse = (torch.empty((n, s), dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(3))
     if n * nb:
         z = logits.contiguous()
         _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss, wpos, lse,
@@ -148,7 +146,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, lse, ignore_ind
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb:
-        acc = _acc(logits.dtype)
+        acc = acc_dtype(logits.dtype)
         _ce_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(),
                                        _weight(weight, z), lse.to(acc).contiguous(), dz, c, s, nb,
                                        ignore_index, 1.0 - label_smoothing, label_smoothing / c,
@@ -229,7 +227,7 @@ def _up_taps(logits, target, align_corners, acc):
 def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing):
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
-    acc = _acc(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     loss, wpos, lse = (torch.empty((n, H, W), dtype=acc, device=logits.device) for _ in range(3))
     if loss.numel():
         ty, tx = _up_taps(logits, target, align_corners, acc)
@@ -250,7 +248,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
         return dl
     if H * W == 0:
         return dl.zero_()
-    acc = _acc(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     ty, tx = _up_taps(logits, target, align_corners, acc)
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._library import _acc_dtype as acc_dtype
+
 
 class Taps:
     """One axis' taps on a device: i0, i1, w0, w1 per output index; lo, hi per input
@@ -162,9 +164,6 @@ def _contract_y_kernel(t_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, H, W, OH, s
 _BLOCK = 256
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def contract_y(t, gin, ty: Taps, dst_first=0):
     """gin[:, dst_first : dst_first + P] = the y-contraction of t ([N, P, OH, W] -> [N, P, H, W])."""
@@ -180,7 +179,7 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
     out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     ty = axis_taps(h, out_h, align_corners, scale_h, acc, x.device)
     tx = axis_taps(w, out_w, align_corners, scale_w, acc, x.device)
     grid = (n * c * out_h, triton.cdiv(out_w, _BLOCK))
@@ -195,7 +194,7 @@ def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w
     gin = torch.empty((n, c, in_h, in_w), dtype=g.dtype, device=g.device)
     if gin.numel() == 0:
         return gin
-    acc = _acc(g.dtype)
+    acc = acc_dtype(g.dtype)
     ty = axis_taps(in_h, out_h, align_corners, scale_h, acc, g.device)
     tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
     t = torch.empty((n, c, out_h, in_w), dtype=acc, device=g.device)

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._library import _acc_dtype as acc_dtype
 from .cross_entropy import position_block
 
 
@@ -150,7 +151,7 @@ def _dice_blocks(logits):
 
 def dice_stats(logits, target, ignore_index):
     n, c, hw, nb = _dice_blocks(logits)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     part = torch.zeros((n * nb, 2, c), dtype=acc, device=logits.device)
     if n * nb:
         _dice_stats_kernel[(n * nb,)](logits.contiguous(), target.contiguous(), part, c, hw, nb, ignore_index,
@@ -163,7 +164,7 @@ def dice_stats_backward(grad, logits, target, ignore_index):
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb:
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(logits.dtype)
         _dice_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(), dz, c, hw, nb,
                                          ignore_index, BLOCK=_BLOCK)
     return dz
@@ -226,7 +227,7 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
     the Lovasz gradient of each sorted row (the block scan above), and its scatter back to
     the positions; same results as the CPU kernel."""
     n, c, s = probas.shape
-    acc = torch.float64 if probas.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(probas.dtype)
     p = probas.to(acc)
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
     y = labels

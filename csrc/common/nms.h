@@ -3,10 +3,14 @@
 // NaN coordinate or a 0/0 union gives NaN, which never suppresses.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/sort.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 
 #include "common/box_iou.h"
 
@@ -70,6 +74,19 @@ PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
   const bool hit = iou >= thr;
   if (method == kLinear) return hit ? T(1) - iou : T(1);
   return hit ? T(0) : T(1);
+}
+
+// Host side of both soft_nms ops: the groups' selections (each group in selection order,
+// scores in the kernels' precision) merged by decreasing score, ties keeping group order,
+// then the scores cast to the input's dtype; so both devices order them alike.
+inline std::tuple<at::Tensor, at::Tensor> merge_groups(at::Tensor keep, at::Tensor scores, int64_t groups,
+                                                      at::ScalarType dtype) {
+  if (groups > 1) {
+    const at::Tensor perm = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+    keep = keep.index_select(0, perm);
+    scores = scores.index_select(0, perm);
+  }
+  return {keep, scores.to(dtype)};
 }
 
 }  // namespace nms

@@ -356,7 +356,6 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     int64_t total = 0;
     for (const auto& p : picked) total += static_cast<int64_t>(p.size());
     keep = at::empty({total}, boxes.options().dtype(at::kLong));
-    // In the kernels' precision: groups merge by the scores the selections compared (as on CUDA).
     kept_scores = at::empty({total}, scores.options().dtype(c10::CppTypeToScalarType<T>::value));
     int64_t* kp = keep.mutable_data_ptr<int64_t>();
     T* sp = kept_scores.mutable_data_ptr<T>();
@@ -368,13 +367,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
       }
     }
   });
-  if (groups > 1) {
-    // Selection order is already decreasing within a group; merge the groups by score.
-    auto perm = std::get<1>(at::sort(kept_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-    keep = keep.index_select(0, perm);
-    kept_scores = kept_scores.index_select(0, perm);
-  }
-  return {keep, kept_scores.to(scores.scalar_type())};
+  return nms::merge_groups(keep, kept_scores, groups, scores.scalar_type());
 }
 
 }  // namespace

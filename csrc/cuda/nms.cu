@@ -447,14 +447,8 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);
   const at::Tensor pos = (out_pos.masked_fill(~filled, 0) + d_start.index_select(0, seg)).masked_select(filled);
-  at::Tensor keep = grouped_orig.index_select(0, pos);
-  at::Tensor kept_scores = out_score.masked_select(filled);
-  if (groups > 1) {
-    const at::Tensor perm = std::get<1>(at::sort(kept_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-    keep = keep.index_select(0, perm);
-    kept_scores = kept_scores.index_select(0, perm);
-  }
-  return {keep, kept_scores.to(scores.scalar_type())};
+  return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(filled), groups,
+                           scores.scalar_type());
 }
 
 }  // namespace

@@ -272,6 +272,19 @@ __device__ void direct_scatter(T* base, int64_t ys, int64_t xs, const roi::Geome
   }
 }
 
+// Item e of a block's (channel, bin) work: channels_last walks channels fastest (consecutive
+// threads, consecutive addresses), NCHW walks bins fastest.
+template <bool CL>
+__device__ __forceinline__ void split_item(int e, int nc, int nbins, int& c, int& bin) {
+  if (CL) {
+    bin = e / nc;
+    c = e - bin * nc;
+  } else {
+    c = e / nbins;
+    bin = e - c * nbins;
+  }
+}
+
 // ------------------------------------------------------------------ forward
 
 // Grid (K, channel chunks). out: [K, C, PH, PW], NCHW or channels_last like the input.
@@ -302,13 +315,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t xs = CL ? C : 1, ys = CL ? r.W * C : r.W;
   for (int e = threadIdx.x; e < items; e += blockDim.x) {
     int c, bin;
-    if (CL) {
-      bin = e / nc;
-      c = e - bin * nc;
-    } else {
-      c = e / nbins;
-      bin = e - c * nbins;
-    }
+    split_item<CL>(e, nc, nbins, c, bin);
     const int p = bin / pw, q = bin - p * pw;
     const scalar_t* base = img + (CL ? c0 + c : (c0 + c) * HW);
     const T acc = tabled ? pool_bin(base, ys, xs, t, p, q) : direct_bin(base, ys, xs, r.g, p, q, r.H, r.W);
@@ -366,13 +373,7 @@ __global__ void __launch_bounds__(kThreads)
     // One (channel, bin) per item; channels_last: consecutive threads, consecutive channels.
     for (int e = threadIdx.x; e < items; e += blockDim.x) {
       int c, bin;
-      if (CL) {
-        bin = e / nc;
-        c = e - bin * nc;
-      } else {
-        c = e / nbins;
-        bin = e - c * nbins;
-      }
+      split_item<CL>(e, nc, nbins, c, bin);
       const int p = bin / pw, q = bin - p * pw;
       T* base = img + (CL ? c0 + c : (c0 + c) * HW);
       const T gv = static_cast<T>(g[CL ? static_cast<int64_t>(bin) * C + c : static_cast<int64_t>(c) * nbins + bin]);
