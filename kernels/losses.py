@@ -235,10 +235,11 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
         p, y, valid = p.transpose(0, 1).reshape(1, c, n * s), y.reshape(1, -1), valid.reshape(1, -1)
     g, m = p.shape[0], p.shape[2]
     fg = (y[:, None, :] == torch.arange(c, device=y.device)[None, :, None]) & valid[:, None, :]
-    diff = p - fg.to(acc)
+    fg_acc = fg.to(acc)
+    diff = p - fg_acc
     e = torch.where(valid[:, None, :], diff.abs(), float("-inf")).reshape(g * c, m)
     e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
-    lg = lovasz_gradient(torch.gather(fg.reshape(g * c, m).to(acc), 1, perm), valid.sum(1).repeat_interleave(c))
+    lg = lovasz_gradient(torch.gather(fg_acc.reshape(g * c, m), 1, perm), valid.sum(1).repeat_interleave(c))
     losses = (e_sorted.clamp(min=0) * lg).sum(1).reshape(g, c)
     # d |p - fg| / d p = sign(p - fg); ignored positions get exactly 0
     grad = torch.zeros_like(e).scatter_(1, perm, lg).reshape(g, c, m)
