@@ -1,7 +1,10 @@
 """Box IoU family: Triton kernels (the CUDA backend) and their launchers.
 
 The pair math mirrors csrc/common/box_iou.h operation for operation, so the
-GPU and CPU kernels agree to rounding. fp32 divisions use the GPU's fast
+GPU and CPU kernels agree to rounding. One difference: min/max here are the
+hardware's (one instruction; a NaN operand is ignored) where the C++ ones keep
+a NaN left operand; a NaN or inf - inf coordinate still makes that box's area,
+the union and so the value NaN, as on the CPU. fp32 divisions use the GPU's fast
 division (at most 2 ulp) unless PRECISE_DIV is set, which makes them IEEE
 (div_rn); fp64 divisions are always IEEE.
 atan is not taken in the kernels: the launchers precompute atan(w / h) per box
@@ -27,12 +30,12 @@ def _div(a, b, DIV_RN: tl.constexpr):
 
 @triton.jit
 def _min(a, b):
-    return tl.where(b < a, b, a)
+    return tl.minimum(a, b)
 
 
 @triton.jit
 def _max(a, b):
-    return tl.where(a < b, b, a)
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -219,16 +222,23 @@ def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g,
 
 @triton.jit
 def _load_box(ptr, idx, mask, acc):
-    x1 = tl.load(ptr + idx * 4, mask=mask, other=0.0).to(acc)
-    y1 = tl.load(ptr + idx * 4 + 1, mask=mask, other=0.0).to(acc)
-    x2 = tl.load(ptr + idx * 4 + 2, mask=mask, other=1.0).to(acc)
-    y2 = tl.load(ptr + idx * 4 + 3, mask=mask, other=1.0).to(acc)
+    if mask is None:
+        x1 = tl.load(ptr + idx * 4).to(acc)
+        y1 = tl.load(ptr + idx * 4 + 1).to(acc)
+        x2 = tl.load(ptr + idx * 4 + 2).to(acc)
+        y2 = tl.load(ptr + idx * 4 + 3).to(acc)
+    else:
+        x1 = tl.load(ptr + idx * 4, mask=mask, other=0.0).to(acc)
+        y1 = tl.load(ptr + idx * 4 + 1, mask=mask, other=0.0).to(acc)
+        x2 = tl.load(ptr + idx * 4 + 2, mask=mask, other=1.0).to(acc)
+        y2 = tl.load(ptr + idx * 4 + 3, mask=mask, other=1.0).to(acc)
     return x1, y1, x2, y2
 
 
 @triton.jit
 def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps,
-                     KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                     KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     EVEN: tl.constexpr):
     acc = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -239,13 +249,14 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps,
     b = (rest // num_n).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mn = rn < N
-    mm = rm < M
-    ax1, ay1, ax2, ay2 = _load_box(b1_ptr + b * N * 4, rn, mn, acc)
-    bx1, by1, bx2, by2 = _load_box(b2_ptr + b * M * 4, rm, mm, acc)
+    # Loads clamp instead of masking (N, M >= 1); only the store of a partial tile is masked.
+    ln = tl.minimum(rn, N - 1)
+    lm = tl.minimum(rm, M - 1)
+    ax1, ay1, ax2, ay2 = _load_box(b1_ptr + b * N * 4, ln, None, acc)
+    bx1, by1, bx2, by2 = _load_box(b2_ptr + b * M * 4, lm, None, acc)
     if KIND == 3:
-        ta = tl.load(t1_ptr + b * N + rn, mask=mn, other=0.0)
-        tb = tl.load(t2_ptr + b * M + rm, mask=mm, other=0.0)
+        ta = tl.load(t1_ptr + b * N + ln)
+        tb = tl.load(t2_ptr + b * M + lm)
     else:
         ta = tl.zeros_like(ax1)
         tb = tl.zeros_like(bx1)
@@ -253,7 +264,10 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps,
                       bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
                       ta[:, None], tb[None, :], eps, KIND, False, DIV_RN)
     offs = b * N * M + rn[:, None].to(tl.int64) * M + rm[None, :]
-    tl.store(out_ptr + offs, val, mask=mn[:, None] & mm[None, :])
+    if EVEN:
+        tl.store(out_ptr + offs, val)
+    else:
+        tl.store(out_ptr + offs, val, mask=(rn < N)[:, None] & (rm < M)[None, :])
 
 
 @triton.jit
@@ -336,7 +350,8 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
     cfg = PAIRWISE_CONFIG
     grid = (B * triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
-    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, DIV_RN=_div_rn(acc), **cfg)
+    even = N % cfg["BLOCK_N"] == 0 and M % cfg["BLOCK_M"] == 0
+    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, DIV_RN=_div_rn(acc), EVEN=even, **cfg)
     return out
 
 

@@ -377,6 +377,21 @@ def test_triton_pairwise_interpreter(kind, dtype, precise_div, monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", range(4))
+def test_triton_pairwise_interpreter_whole_tiles(kind):
+    # Sizes that are multiples of the tile take the unmasked store; two batch entries.
+    from pyvision_ops.kernels import box_iou as K
+
+    g = gen(18)
+    bn, bm = K.PAIRWISE_CONFIG["BLOCK_N"], K.PAIRWISE_CONFIG["BLOCK_M"]
+    edge = edge_boxes(torch.float32)
+    a = torch.stack([torch.cat([edge, random_boxes(2 * bn - len(edge), generator=g)]) for _ in range(2)])
+    b = torch.stack([torch.cat([random_boxes(bm - len(edge), generator=g), edge]) for _ in range(2)])
+    torch.testing.assert_close(K.pairwise_box_iou(a, b, kind, 1e-7), ops.pairwise_box_iou(a, b, kind, 1e-7),
+                               rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", range(4))
 @pytest.mark.parametrize("loss", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_matched_interpreter(kind, loss, dtype):
