@@ -28,8 +28,8 @@ def assert_soft_close(keep_a, dec_a, keep_b, dec_b):
     assert sorted(keep_a.tolist()) == sorted(keep_b.tolist())
     score_a = dict(zip(keep_a.tolist(), dec_a.double().tolist()))
     got = torch.tensor([score_a[k] for k in keep_b.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(got, dec_b.double(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dec_a.double(), dec_b.double(), rtol=1e-5, atol=1e-6)  # both decreasing
+    torch.testing.assert_close(got, dec_b.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(dec_a.double(), dec_b.double(), rtol=1e-5, atol=1e-6, equal_nan=True)  # both decreasing
 
 
 def detections(n, objects=None, seed=0, dtype=torch.float32, categories=None):
@@ -188,16 +188,26 @@ def test_soft_nms_edge_cases():
     assert keep[0].item() == 1 and torch.isnan(dec[0])
 
 
-@pytest.mark.parametrize("method, iou_threshold", [("gaussian", 0.3), ("linear", 0.0), ("hard", 0.0), ("hard", 0.4)])
-def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
-    # Several 64-box blocks, plus boxes whose overlap tests are special: NaN coordinates,
-    # zero area, inverted, far away; a threshold of 0 makes "hard" drop non-overlapping boxes.
-    boxes, scores = detections(420, objects=25, seed=21)
+def special_detections(n, objects, seed):
+    """detections() with boxes whose overlap tests are special: NaN coordinates, zero area,
+    inverted, far away; and a NaN score."""
+    boxes, scores = detections(n, objects=objects, seed=seed)
     boxes[5] = torch.tensor([float("nan"), 1.0, 5.0, 9.0])
     boxes[17] = torch.tensor([30.0, 30.0, 30.0, 30.0])
     boxes[33] = torch.tensor([50.0, 50.0, 40.0, 45.0])
     boxes[40] = torch.tensor([1e6, 1e6, 1e6 + 5, 1e6 + 5])
     scores[77] = float("nan")
+    return boxes, scores
+
+
+SOFT_CASES = [("gaussian", 0.3), ("linear", 0.0), ("hard", 0.0), ("hard", 0.4)]
+
+
+@pytest.mark.parametrize("method, iou_threshold", SOFT_CASES)
+def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
+    # Several 64-box blocks, plus boxes whose overlap tests are special: NaN coordinates,
+    # zero area, inverted, far away; a threshold of 0 makes "hard" drop non-overlapping boxes.
+    boxes, scores = special_detections(420, objects=25, seed=21)
     keep, dec = P.soft_nms(boxes, scores, iou_threshold=iou_threshold, sigma=0.5, score_threshold=0.01, method=method)
     rkeep, rdec = reference.soft_nms(boxes, scores, iou_threshold, 0.5, 0.01, method)
     torch.testing.assert_close(keep, rkeep)
@@ -213,6 +223,16 @@ def test_batched_soft_nms_bf16_merges_by_fp32_scores():
     keep32, dec32 = P.batched_soft_nms(bb.float(), sb.float(), idxs, score_threshold=0.01)
     assert torch.equal(keep, keep32)
     assert torch.equal(dec, dec32.bfloat16())
+
+
+@pytest.mark.parametrize("dtype, sigma", [(torch.float32, 1e-39), (torch.float32, 1e-300), (torch.float64, 5e-324)])
+def test_soft_nms_sigma_whose_inverse_overflows(dtype, sigma):
+    # A box that does not overlap the selected one keeps its score (exp(-0 * inf) would be NaN).
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [1, 1, 11, 11]], dtype=dtype)
+    scores = torch.tensor([0.9, 0.8, 0.7], dtype=dtype)
+    keep, dec = P.soft_nms(boxes, scores, sigma=sigma)
+    assert keep.tolist() == [0, 1]
+    torch.testing.assert_close(dec, scores[:2])
 
 
 def test_soft_nms_ties_are_stable():
@@ -360,3 +380,31 @@ def test_cuda_soft_nms_matches_cpu(method, n):
         k_gpu, s_gpu = f(*[a.cuda() for a in args], method=method)
         k_cpu, s_cpu = f(*args, method=method)
         assert_soft_close(k_gpu.cpu(), s_gpu.cpu(), k_cpu, s_cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [420, 3000, 6000])
+@pytest.mark.parametrize("method, iou_threshold", SOFT_CASES)
+def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype):
+    # Every kernel layout (1, 4, 8 register slots per thread, global memory for fp64 at
+    # 6000), with and without the spatial skipping (hard at threshold 0 visits every box).
+    boxes, scores = special_detections(n, objects=n // 16, seed=n)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    kw = dict(iou_threshold=iou_threshold, sigma=0.5, score_threshold=0.01, method=method)
+    for idxs in (None, torch.arange(n) % 3):
+        if idxs is None:
+            k_gpu, s_gpu = P.soft_nms(boxes.cuda(), scores.cuda(), **kw)
+            k_cpu, s_cpu = P.soft_nms(boxes, scores, **kw)
+        else:
+            k_gpu, s_gpu = P.batched_soft_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), **kw)
+            k_cpu, s_cpu = P.batched_soft_nms(boxes, scores, idxs, **kw)
+        assert_soft_close(k_gpu.cpu(), s_gpu.cpu(), k_cpu, s_cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, sigma", [(torch.float32, 1e-39), (torch.float64, 5e-324)])
+def test_cuda_soft_nms_sigma_whose_inverse_overflows(dtype, sigma):
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [1, 1, 11, 11]], dtype=dtype, device="cuda")
+    keep, dec = P.soft_nms(boxes, torch.tensor([0.9, 0.8, 0.7], dtype=dtype, device="cuda"), sigma=sigma)
+    assert keep.tolist() == [0, 1]

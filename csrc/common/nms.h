@@ -62,6 +62,15 @@ PVO_HD float exp_approx(float x) {
 }
 PVO_HD double exp_approx(double x) { return std::exp(x); }
 
+// 1 / sigma in T, at most T's largest finite value: an infinite one would make the
+// gaussian decay of IoU 0 exp(-0 * inf) = NaN instead of 1.
+template <typename T>
+inline T inv_sigma(double sigma) {
+  const double v = 1.0 / sigma;
+  const double top = static_cast<double>(std::numeric_limits<T>::max());
+  return static_cast<T>(v < top ? v : top);
+}
+
 // Soft-NMS decay factor for a box whose IoU with the selected box is `iou`.
 // `thr` is the IoU threshold as ge_threshold() returns it. A NaN IoU (NaN
 // coordinates) decays nothing.

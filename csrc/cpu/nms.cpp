@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     const scalar_t* ps = sc.const_data_ptr<scalar_t>();
     const T thr = nms::ge_threshold<T>(iou_threshold);
     const T score_thr = nms::ge_threshold<T>(score_threshold);
-    const T inv_sigma = T(1.0 / sigma);
+    const T inv_sigma = nms::inv_sigma<T>(sigma);
     std::vector<std::vector<std::pair<int64_t, T>>> picked(groups);
     at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {

@@ -5,8 +5,9 @@
 // group only, a bitmask of "IoU > threshold" between each box and the 64-box
 // blocks after it (work = sum over groups of n_c^2 / 2), then resolves it greedily
 // on the device, one CUDA block per group. Soft-NMS runs one CUDA block per group:
-// each step a block-wide argmax, then every thread decays its boxes, which it
-// keeps in registers when the group is small enough.
+// each step one block-wide max of packed (score, position) keys, then the threads
+// decay their boxes, kept in registers in spatial order when the group is small
+// enough, so that a selection only visits the warps whose boxes it may overlap.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -253,149 +254,319 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
 
 // ---------------------------------------------------------------- Soft-NMS
 
-// (value, index) ordering of Soft-NMS selection: NaN first (lowest index), then the
-// highest value, ties to the lowest index; index INT_MAX is "none".
+// Selection key of a live box: words compared as unsigned, most significant first, so a
+// larger key is a better candidate: NaN scores first, then higher scores (-0 equal to +0),
+// ties to the lower position in the group (the last word is ~position). A dead box has
+// the all-zero key, below every live one. fp32 scores take one word, fp64 two.
 template <typename T>
-__device__ __forceinline__ bool better(T av, int aj, T bv, int bj) {
-  if (aj == INT_MAX) return false;
-  if (bj == INT_MAX) return true;
-  const bool an = av != av, bn = bv != bv;
-  if (an != bn) return an;
-  if (an || av == bv) return aj < bj;
-  return av > bv;
+struct Key {
+  static constexpr int W = sizeof(T) == 4 ? 2 : 3;
+  uint32_t w[W];
+};
+
+template <typename T>
+__device__ __forceinline__ Key<T> dead_key() {
+  Key<T> k;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) k.w[i] = 0u;
+  return k;
 }
 
 template <typename T>
-__device__ __forceinline__ void block_argmax(T& v, int& j, T* sv, int* sj) {
+__device__ __forceinline__ Key<T> live_key(T v, int pos) {
+  Key<T> k;
+  if constexpr (sizeof(T) == 4) {
+    uint32_t b = v == 0.f ? 0u : __float_as_uint(v);
+    b = (b >> 31) ? ~b : (b | 0x80000000u);
+    k.w[0] = v != v ? 0xffffffffu : b;
+  } else {
+    unsigned long long b = v == 0.0 ? 0ull : static_cast<unsigned long long>(__double_as_longlong(v));
+    b = (b >> 63) ? ~b : (b | (1ull << 63));
+    if (v != v) b = ~0ull;
+    k.w[0] = static_cast<uint32_t>(b >> 32);
+    k.w[1] = static_cast<uint32_t>(b);
+  }
+  k.w[Key<T>::W - 1] = ~static_cast<uint32_t>(pos);
+  return k;
+}
+
+template <typename T>
+__device__ __forceinline__ bool key_greater(const Key<T>& a, const Key<T>& b) {
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i)
+    if (a.w[i] != b.w[i]) return a.w[i] > b.w[i];
+  return false;
+}
+
+template <typename T>
+__device__ __forceinline__ bool key_equal(const Key<T>& a, const Key<T>& b) {
+  bool eq = true;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) eq = eq && a.w[i] == b.w[i];
+  return eq;
+}
+
+// The largest key of the warp, in every lane; all 32 lanes call it.
+template <typename T>
+__device__ __forceinline__ Key<T> warp_max(Key<T> k) {
+#if __CUDA_ARCH__ >= 800
+  bool tied = true;  // word by word: the max among the lanes still equal to the max so far
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) {
+    const uint32_t m = __reduce_max_sync(0xffffffffu, tied ? k.w[i] : 0u);
+    tied = tied && k.w[i] == m;
+    k.w[i] = m;
+  }
+#else
   for (int off = 16; off > 0; off >>= 1) {
-    const T ov = __shfl_down_sync(0xffffffffu, v, off);
-    const int oj = __shfl_down_sync(0xffffffffu, j, off);
-    if (better(ov, oj, v, j)) v = ov, j = oj;
+    Key<T> o;
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) o.w[i] = __shfl_xor_sync(0xffffffffu, k.w[i], off);
+    if (key_greater(o, k)) k = o;
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) sv[warp] = v, sj[warp] = j;
-  __syncthreads();
-  if (warp == 0) {
-    const int nw = blockDim.x >> 5;
-    v = lane < nw ? sv[lane] : T(0);
-    j = lane < nw ? sj[lane] : INT_MAX;
-    for (int off = 16; off > 0; off >>= 1) {
-      const T ov = __shfl_down_sync(0xffffffffu, v, off);
-      const int oj = __shfl_down_sync(0xffffffffu, j, off);
-      if (better(ov, oj, v, j)) v = ov, j = oj;
-    }
-    if (lane == 0) sv[32] = v, sj[32] = j;
-  }
-  __syncthreads();
-  v = sv[32];
-  j = sj[32];
+#endif
+  return k;
 }
 
-// One block per group. K > 0: each thread keeps K boxes in registers (group length <=
-// K * blockDim); K == 0: boxes and scores stay in global memory (any length).
+// The largest key of the block, in every thread; every thread calls it with its warp's
+// warp_max. One barrier: callers alternate between two `slots` buffers, so a warp that
+// runs ahead never overwrites the slots a slower warp is still reading.
+template <typename T>
+__device__ __forceinline__ Key<T> block_max(const Key<T>& warp_best, uint32_t (*slots)[32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) slots[i][warp] = warp_best.w[i];
+  }
+  __syncthreads();
+  Key<T> k;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) k.w[i] = lane < nw ? slots[i][lane] : 0u;
+  return warp_max(k);
+}
+
+// False only when no box inside `u` (a union of boxes) can meet `a` with positive area.
+// Such a box has IoU 0 or NaN with `a`, so a decay factor of exactly 1 (except the hard
+// method with a threshold <= 0, which callers exclude). NaN in `a` answers true.
+template <typename T>
+__device__ __forceinline__ bool may_overlap(const Box<T>& a, const Box<T>& u) {
+  return !(a.x2 <= u.x1 || u.x2 <= a.x1 || a.y2 <= u.y1 || u.y2 <= a.y1);
+}
+
+// Union of the warp's boxes in every lane (fmin/fmax skip NaN coordinates: such a box
+// has a NaN IoU, which never decays it).
+template <typename T>
+__device__ __forceinline__ Box<T> warp_union(Box<T> b) {
+  for (int off = 16; off > 0; off >>= 1) {
+    b.x1 = fmin(b.x1, __shfl_xor_sync(0xffffffffu, b.x1, off));
+    b.y1 = fmin(b.y1, __shfl_xor_sync(0xffffffffu, b.y1, off));
+    b.x2 = fmax(b.x2, __shfl_xor_sync(0xffffffffu, b.x2, off));
+    b.y2 = fmax(b.y2, __shfl_xor_sync(0xffffffffu, b.y2, off));
+  }
+  return b;
+}
+
+template <typename T, int METHOD>
+__device__ __forceinline__ T decayed(T score, const Box<T>& a, const Box<T>& b, T thr, T inv_sigma) {
+  return score * nms::decay<T>(box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0)), METHOD, thr, inv_sigma);
+}
+
+// Best live box of a thread's K register slots (`pos` strided by 32: the thread's entries).
+template <typename T, int K>
+__device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, const int32_t* pos, int& slot) {
+  Key<T> best = dead_key<T>();
+  slot = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (alive >> k & 1u) {
+      const Key<T> key = live_key(sc[k], pos[k * 32]);
+      if (key_greater(key, best)) best = key, slot = k;
+    }
+  }
+  return best;
+}
+
+// One block per group; each step one block-wide max of the keys (one barrier), then the
+// decay. K > 0: the group's boxes sit in registers, K per thread, in the spatial order
+// `place` gives (warp w, slot k holds placements [(wK + k) 32, (wK + k + 1) 32)); a
+// selection visits only the warps, and in them the slots, whose union box it may
+// overlap: the other boxes keep their scores bit for bit. K == 0: boxes and scores stay
+// in global memory (any length), thread t owns positions t, t + nt, ...
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(1024) soft_nms_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
-    const int64_t* __restrict__ len, T thr, T inv_sigma, T score_thr, int32_t* __restrict__ alive_all,
-    int64_t* __restrict__ out_pos, T* __restrict__ out_score, int64_t* __restrict__ out_count) {
+    const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T inv_sigma, T score_thr,
+    int32_t* __restrict__ alive_all, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
+    int64_t* __restrict__ out_count) {
   const int64_t c = blockIdx.x, s = start[c];
   const int n = static_cast<int>(len[c]);
-  const int tid = threadIdx.x, nt = blockDim.x;
-  __shared__ T sv[33];
-  __shared__ int sj[33];
-  __shared__ T sel[4];
-  constexpr int R = K > 0 ? K : 1;
-  Box<T> bx[R];
-  T sc[R];
-  bool alive[R];
-  int32_t* alive_g = alive_all + s;
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const bool skip = !(METHOD == nms::kHard && thr <= T(0));  // that one drops boxes at IoU 0 too
+  __shared__ uint32_t slots[2][Key<T>::W][32];
+  int par = 0;
+  int64_t count = 0;
   if constexpr (K > 0) {
+    __shared__ int32_t pos_of[K * 1024];  // placement -> position; each thread reads its own
+    __shared__ Box<T> slot_union[32 * K];
+    const T inf = T(INFINITY);
+    Box<T> bx[K];
+    T sc[K];
+    uint32_t alive = 0;
+    Box<T> warp_u{inf, inf, -inf, -inf};
+    int32_t* pos = pos_of + warp * K * 32 + lane;
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const int j = tid + k * nt;
-      alive[k] = j < n;
-      if (alive[k]) {
-        bx[k] = load_box(boxes, s + j);
-        sc[k] = scores[s + j];
-        alive[k] = !(sc[k] < score_thr);
+    for (int k = 0; k < K; ++k) {
+      const int i = (warp * K + k) * 32 + lane;
+      Box<T> u{inf, inf, -inf, -inf};
+      bx[k] = {T(0), T(0), T(0), T(0)};
+      sc[k] = T(0);
+      pos[k * 32] = 0;
+      if (i < n) {
+        const int p = static_cast<int>(place[s + i] - s);
+        pos[k * 32] = p;
+        bx[k] = load_box(boxes, s + p);
+        sc[k] = scores[s + p];
+        if (!(sc[k] < score_thr)) {
+          alive |= 1u << k;
+          u = bx[k];
+        }
+      }
+      u = warp_union(u);
+      if (lane == 0) slot_union[warp * K + k] = u;
+      warp_u = {fmin(warp_u.x1, u.x1), fmin(warp_u.y1, u.y1), fmax(warp_u.x2, u.x2), fmax(warp_u.y2, u.y2)};
+    }
+    __syncwarp();
+    int lslot;
+    Key<T> lbest = lane_best<T, K>(sc, alive, pos, lslot);
+    Key<T> wbest = warp_max(lbest);
+    while (true) {
+      const Key<T> best = block_max(wbest, slots[par]);
+      par ^= 1;
+      if (best.w[0] == 0u) break;
+      const int j = static_cast<int>(~best.w[Key<T>::W - 1]);
+      const Box<T> a = load_box(boxes, s + j);
+      bool touched = !skip || may_overlap(a, warp_u);
+      if (key_equal(wbest, best)) {  // the selected box is this warp's
+        touched = true;
+        if (key_equal(lbest, best)) {
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (k == lslot) out_score[s + count] = sc[k];
+          out_pos[s + count] = j;
+          alive &= ~(1u << lslot);
+        }
+      }
+      ++count;
+      if (touched) {  // warp-uniform, as is every condition on a slot union
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (skip && !may_overlap(a, slot_union[warp * K + k])) continue;
+          if (alive >> k & 1u) {
+            sc[k] = decayed<T, METHOD>(sc[k], a, bx[k], thr, inv_sigma);
+            if (sc[k] < score_thr) alive &= ~(1u << k);
+          }
+        }
+        lbest = lane_best<T, K>(sc, alive, pos, lslot);
+        wbest = warp_max(lbest);
       }
     }
   } else {
-    for (int j = tid; j < n; j += nt) alive_g[j] = !(scores[s + j] < score_thr);
-    __syncthreads();
-  }
-  int64_t count = 0;
-  while (true) {
-    T v = T(0);
-    int jbest = INT_MAX;
-    if constexpr (K > 0) {
-#pragma unroll
-      for (int k = 0; k < R; ++k)
-        if (alive[k] && better(sc[k], tid + k * nt, v, jbest)) v = sc[k], jbest = tid + k * nt;
-    } else {
-      for (int j = tid; j < n; j += nt)
-        if (alive_g[j] && better(scores[s + j], j, v, jbest)) v = scores[s + j], jbest = j;
-    }
-    block_argmax(v, jbest, sv, sj);
-    if (jbest == INT_MAX || (v == v && !(v >= score_thr))) break;
-    if (tid == 0) {
-      out_pos[s + count] = jbest;
-      out_score[s + count] = v;
-    }
-    ++count;
-    if constexpr (K > 0) {
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (tid + k * nt == jbest) {
-          sel[0] = bx[k].x1, sel[1] = bx[k].y1, sel[2] = bx[k].x2, sel[3] = bx[k].y2;
-          alive[k] = false;
-        }
+    int32_t* alive_g = alive_all + s;
+    Key<T> lbest = dead_key<T>();
+    for (int j = tid; j < n; j += nt) {
+      const T v = scores[s + j];
+      alive_g[j] = !(v < score_thr);
+      if (alive_g[j]) {
+        const Key<T> key = live_key(v, j);
+        if (key_greater(key, lbest)) lbest = key;
       }
-    } else if (tid == 0) {
-      const Box<T> b = load_box(boxes, s + jbest);
-      sel[0] = b.x1, sel[1] = b.y1, sel[2] = b.x2, sel[3] = b.y2;
-      alive_g[jbest] = 0;
     }
-    __syncthreads();
-    const Box<T> a{sel[0], sel[1], sel[2], sel[3]};
-    if constexpr (K > 0) {
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (!alive[k]) continue;
-        const T iou = box::pair_value<T, box::kIoU, false>(a, bx[k], T(0), T(0), T(0));
-        sc[k] = sc[k] * nms::decay<T>(iou, METHOD, thr, inv_sigma);
-        alive[k] = !(sc[k] < score_thr);
+    while (true) {
+      const Key<T> best = block_max(warp_max(lbest), slots[par]);
+      par ^= 1;
+      if (best.w[0] == 0u) break;
+      const int jb = static_cast<int>(~best.w[Key<T>::W - 1]);
+      const Box<T> a = load_box(boxes, s + jb);
+      if (jb % nt == tid) {  // only its owner ever touches position jb
+        out_pos[s + count] = jb;
+        out_score[s + count] = scores[s + jb];
+        alive_g[jb] = 0;
       }
-    } else {
+      ++count;
+      lbest = dead_key<T>();
       for (int j = tid; j < n; j += nt) {
         if (!alive_g[j]) continue;
-        const T iou = box::pair_value<T, box::kIoU, false>(a, load_box(boxes, s + j), T(0), T(0), T(0));
-        const T v2 = scores[s + j] * nms::decay<T>(iou, METHOD, thr, inv_sigma);
-        scores[s + j] = v2;
-        alive_g[j] = !(v2 < score_thr);
+        T v = scores[s + j];
+        const Box<T> b = load_box(boxes, s + j);
+        if (!skip || may_overlap(a, b)) {
+          v = decayed<T, METHOD>(v, a, b, thr, inv_sigma);
+          scores[s + j] = v;
+          if (v < score_thr) {
+            alive_g[j] = 0;
+            continue;
+          }
+        }
+        const Key<T> key = live_key(v, j);
+        if (key_greater(key, lbest)) lbest = key;
       }
-      __syncthreads();
     }
   }
   if (tid == 0) out_count[c] = count;
 }
 
+// Per box (in group order): its group index above the Morton code of its centre, whose
+// per-axis coordinate is the top 16 bits of the float's order-preserving integer image
+// (monotone, finer near 0); NaN centres last. Sorting by it puts each group in spatial order.
+__device__ __forceinline__ uint32_t spread16(uint32_t x) {
+  x &= 0xffffu;
+  x = (x | (x << 8)) & 0x00ff00ffu;
+  x = (x | (x << 4)) & 0x0f0f0f0fu;
+  x = (x | (x << 2)) & 0x33333333u;
+  x = (x | (x << 1)) & 0x55555555u;
+  return x;
+}
+
+__device__ __forceinline__ uint32_t order16(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return ((u >> 31) ? ~u : (u | 0x80000000u)) >> 16;
+}
+
+template <typename T>
+__global__ void morton_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ seg, int64_t n,
+                              int64_t* __restrict__ keys) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const Box<T> b = load_box(boxes, i);
+  const float cx = static_cast<float>(b.x1 / 2 + b.x2 / 2), cy = static_cast<float>(b.y1 / 2 + b.y2 / 2);
+  const uint32_t code = cx == cx && cy == cy ? spread16(order16(cx)) | (spread16(order16(cy)) << 1) : 0xffffffffu;
+  keys[i] = (seg ? seg[i] << 32 : int64_t(0)) | static_cast<int64_t>(code);
+}
+
+// Register slots per thread for groups of up to `max_len` boxes (0: global memory).
+template <typename T>
+int soft_slots(int64_t max_len) {
+  if (max_len <= 1024) return 1;
+  if (max_len <= 4 * 1024) return 4;
+  if (sizeof(T) == 4 && max_len <= 8 * 1024) return 8;  // 8 fp64 boxes per thread spill registers
+  return 0;
+}
+
 template <typename T, int METHOD>
-void launch_soft(int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
-                 const int64_t* start, const int64_t* len, T thr, T inv_sigma, T score_thr, int32_t* alive,
-                 int64_t* out_pos, T* out_score, int64_t* out_count) {
-  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (max_len + 31) / 32 * 32)));
-#define PVO_SOFT(KK) \
-  soft_nms_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(boxes, scores, start, len, thr, inv_sigma, \
+void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
+                 const int64_t* start, const int64_t* len, const int32_t* place, T thr, T inv_sigma, T score_thr,
+                 int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
+  const int64_t per_thread = slots > 0 ? (max_len + slots - 1) / slots : max_len;
+  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (per_thread + 31) / 32 * 32)));
+#define PVO_SOFT(KK)                                                                                              \
+  soft_nms_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(boxes, scores, start, len, place, thr, inv_sigma, \
                                                                  score_thr, alive, out_pos, out_score, out_count)
-  if (max_len <= threads) {
-    PVO_SOFT(1);
-  } else if (max_len <= 4 * threads) {
-    PVO_SOFT(4);
-  } else if (max_len <= 8 * threads && sizeof(T) == 4) {  // 8 fp64 boxes per thread spill registers
-    PVO_SOFT(8);
-  } else {
-    PVO_SOFT(0);
+  switch (slots) {
+    case 1: PVO_SOFT(1); break;
+    case 4: PVO_SOFT(4); break;
+    case 8:
+      if constexpr (sizeof(T) == 4) PVO_SOFT(8);
+      break;
+    default: PVO_SOFT(0); break;
   }
 #undef PVO_SOFT
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -416,10 +587,11 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const int64_t max_len = *std::max_element(g.len.begin(), g.len.end());
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
   const at::Tensor grouped_orig = g.order.index_select(0, g.grouped);
+  const at::Tensor seg = at::repeat_interleave(at::arange(groups, d_len.options()), d_len);
   at::Tensor out_pos = at::empty({n}, boxes.options().dtype(at::kLong));
   at::Tensor out_count = at::empty({groups}, boxes.options().dtype(at::kLong));
   at::Tensor alive = at::empty({n}, boxes.options().dtype(at::kInt));
-  at::Tensor out_score;
+  at::Tensor out_score, place;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "soft_nms_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -427,14 +599,24 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     const at::Tensor b = boxes.index_select(0, grouped_orig).to(acc).contiguous();
     at::Tensor sc = scores.index_select(0, grouped_orig).to(acc).contiguous();
     out_score = at::empty({n}, boxes.options().dtype(acc));
+    const int slots = soft_slots<T>(max_len);
+    if (slots > 0) {
+      at::Tensor keys = at::empty({n}, boxes.options().dtype(at::kLong));
+      morton_kernel<T><<<(n + 255) / 256, 256, 0, stream.stream()>>>(
+          b.const_data_ptr<T>(), groups > 1 ? seg.const_data_ptr<int64_t>() : nullptr, n,
+          keys.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      place = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false)).to(at::kInt);
+    }
     const T thr = nms::ge_threshold<T>(iou_threshold), score_thr = nms::ge_threshold<T>(score_threshold);
-    const T inv_sigma = T(1.0 / sigma);
+    const T inv_sigma = nms::inv_sigma<T>(sigma);
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
-                                d_len.const_data_ptr<int64_t>(), thr, inv_sigma, score_thr,
-                                alive.mutable_data_ptr<int32_t>(), out_pos.mutable_data_ptr<int64_t>(),
+                                d_len.const_data_ptr<int64_t>(),
+                                slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,
+                                score_thr, alive.mutable_data_ptr<int32_t>(), out_pos.mutable_data_ptr<int64_t>(),
                                 out_score.mutable_data_ptr<T>(), out_count.mutable_data_ptr<int64_t>());
     auto run = [&](auto launcher) {
-      std::apply([&](auto... a) { launcher(groups, max_len, stream.stream(), a...); }, args);
+      std::apply([&](auto... a) { launcher(slots, groups, max_len, stream.stream(), a...); }, args);
     };
     switch (method) {
       case nms::kGaussian: run(launch_soft<T, nms::kGaussian>); break;
@@ -443,7 +625,6 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     }
   });
   // Slot k of group c holds its (k - start[c])-th selection; keep the filled slots.
-  const at::Tensor seg = at::repeat_interleave(at::arange(groups, out_count.options()), d_len);
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);
   const at::Tensor pos = (out_pos.masked_fill(~filled, 0) + d_start.index_select(0, seg)).masked_select(filled);
