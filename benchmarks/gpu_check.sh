@@ -3,7 +3,8 @@
 # network, no venv): build in place for sm_90, run the whole suite (the `gpu` tests
 # run there), then the CUDA benchmarks. Logs and results go to $OUT (or
 # benchmarks/results). Budget: under 8 minutes. GPU_CHECK_QUICK=1 skips the CPU-only tests,
-# GPU_CHECK_ONLY=fam1,fam2 limits the benchmarks to those families.
+# GPU_CHECK_ONLY=fam1,fam2 limits the benchmarks to those families, GPU_CHECK_TUNE=1 also
+# times the box IoU tile configs (benchmarks/tune_box_iou.py, ~1 minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -36,5 +37,10 @@ tail -8 "$OUT/tests.log"
 step bench
 timeout 240 $PY -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/bench.log" 2>&1 || rc=1
 tail -30 "$OUT/bench.log"
+if [ -n "${GPU_CHECK_TUNE:-}" ]; then
+  step "tune box_iou"
+  timeout 120 $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1
+  cat "$OUT/tune_box_iou.log"
+fi
 step done
 exit $rc
