@@ -360,6 +360,19 @@ def test_cuda_nms_nan_ties_dtypes():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_nms_gathers_any_layout_and_dtype(dtype):
+    # The CUDA kernels read the input boxes through the score order in their own dtype.
+    boxes, scores, idxs = detections(700, seed=16, categories=5)
+    wide = torch.cat([boxes, boxes], 1).to(dtype)
+    b, s = wide[:, :4], scores.to(dtype)  # b is not contiguous
+    assert not b.is_contiguous()
+    torch.testing.assert_close(P.nms(b.cuda(), s.cuda(), 0.5).cpu(), P.nms(b, s, 0.5))
+    torch.testing.assert_close(P.batched_nms(b.cuda(), s.cuda(), idxs.cuda(), 0.5).cpu(),
+                               P.batched_nms(b, s, idxs, 0.5))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,categories", [(100, 3), (20000, 80), (5000, 1)])
 def test_cuda_batched_nms_matches_cpu(n, categories):
     boxes, scores, idxs = detections(n, seed=n, categories=categories)

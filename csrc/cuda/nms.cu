@@ -52,6 +52,7 @@ void check_inputs(const char* op, const at::Tensor& boxes, const at::Tensor& sco
 
 // Score order and category groups (see csrc/cpu/nms.cpp); `grouped[k]` is a position
 // into `order`; group c is grouped[start[c] : start[c] + len[c]]. Lengths live on the host.
+// Without idxs there is one group and `grouped` is left undefined (the identity).
 struct Groups {
   at::Tensor order, grouped;
   std::vector<int64_t> start, len;
@@ -62,7 +63,6 @@ Groups group_by_category(const at::Tensor& scores, const std::optional<at::Tenso
   const int64_t n = scores.size(0);
   g.order = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
   if (!idxs) {
-    g.grouped = at::arange(n, scores.options().dtype(at::kLong));
     g.start = {0};
     g.len = {n};
     return g;
@@ -85,9 +85,16 @@ at::Tensor to_device(const std::vector<int64_t>& v, const at::Tensor& like) {
   return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(like.device());
 }
 
+// Box i of p, converted to T.
+template <typename T, typename S>
+__device__ __forceinline__ Box<T> load_box_as(const S* p, int64_t i) {
+  return {static_cast<T>(p[i * 4]), static_cast<T>(p[i * 4 + 1]), static_cast<T>(p[i * 4 + 2]),
+          static_cast<T>(p[i * 4 + 3])};
+}
+
 template <typename T>
 __device__ __forceinline__ Box<T> load_box(const T* p, int64_t i) {
-  return {p[i * 4], p[i * 4 + 1], p[i * 4 + 2], p[i * 4 + 3]};
+  return load_box_as<T>(p, i);
 }
 
 // ---------------------------------------------------------------- hard NMS
@@ -106,9 +113,11 @@ struct Layout {
 
 // One 64-thread block per tile (group, row block, column block >= row block): thread t
 // sets bit c of word [row, column block] when IoU(row, column box c) > thr. Tiles come
-// from a list, or for one group from the grid (x: column block, y: row block).
-template <typename T>
-__global__ void mask_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ tiles, Layout L, T thr,
+// from a list, or for one group from the grid (x: column block, y: row block). Boxes are
+// read in the input's dtype through the score order and converted here.
+template <typename S, typename T>
+__global__ void mask_kernel(const S* __restrict__ boxes, const int64_t* __restrict__ order,
+                            const int64_t* __restrict__ tiles, Layout L, T thr,
                             unsigned long long* __restrict__ mask) {
   int64_t c = 0, rb = blockIdx.y, cb = blockIdx.x;
   if (tiles) {
@@ -123,12 +132,13 @@ __global__ void mask_kernel(const T* __restrict__ boxes, const int64_t* __restri
   const int64_t col0 = cb * kWord;
   const int ncols = static_cast<int>(min(static_cast<int64_t>(kWord), n - col0));
   if (t < ncols) {
-    for (int q = 0; q < 4; ++q) cols[t * 4 + q] = boxes[(s + col0 + t) * 4 + q];
+    const Box<T> b = load_box_as<T>(boxes, order[L.pos(s + col0 + t)]);
+    cols[t * 4] = b.x1, cols[t * 4 + 1] = b.y1, cols[t * 4 + 2] = b.x2, cols[t * 4 + 3] = b.y2;
   }
   __syncthreads();
   const int64_t row = rb * kWord + t;
   if (row >= n) return;
-  const Box<T> a = load_box(boxes, s + row);
+  const Box<T> a = load_box_as<T>(boxes, order[L.pos(s + row)]);
   unsigned long long bits = 0;
   for (int j = (rb == cb ? t + 1 : 0); j < ncols; ++j) {
     const Box<T> b{cols[j * 4], cols[j * 4 + 1], cols[j * 4 + 2], cols[j * 4 + 3]};
@@ -139,16 +149,18 @@ __global__ void mask_kernel(const T* __restrict__ boxes, const int64_t* __restri
 
 // One block per group: walk the 64-box blocks in order; thread 0 resolves the block's
 // own boxes from the diagonal words (in shared memory), then all threads OR the masks
-// of the kept boxes into the "removed" words of the later blocks.
+// of the kept boxes into the "removed" words of the later blocks. Writes every keep flag.
 __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layout L,
-                              unsigned long long* __restrict__ removed_all, uint8_t* __restrict__ keep) {
+                              unsigned long long* __restrict__ removed_all, bool* __restrict__ keep) {
   const int64_t c = blockIdx.x;
   const int64_t s = L.s(c), n = L.n(c), words = (n + kWord - 1) / kWord;
   const unsigned long long* m = mask + L.moff(c);
-  unsigned long long* removed = removed_all + L.roff(c);  // zeroed by the caller
+  unsigned long long* removed = removed_all + L.roff(c);
   __shared__ unsigned long long diag[kWord];
   __shared__ unsigned long long kept;
   __shared__ int kept_rows[kWord], n_kept;
+  for (int64_t w = threadIdx.x; w < words; w += blockDim.x) removed[w] = 0;
+  __syncthreads();
   for (int64_t rb = 0; rb < words; ++rb) {
     const int rows = static_cast<int>(min(static_cast<int64_t>(kWord), n - rb * kWord));
     if (threadIdx.x < rows) diag[threadIdx.x] = m[(rb * kWord + threadIdx.x) * words + rb];
@@ -169,7 +181,7 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layou
     __syncthreads();
     const unsigned long long k = kept;
     const int nk = n_kept;
-    if (threadIdx.x < rows && ((k >> threadIdx.x) & 1ull)) keep[L.pos(s + rb * kWord + threadIdx.x)] = 1;
+    if (threadIdx.x < rows) keep[L.pos(s + rb * kWord + threadIdx.x)] = (k >> threadIdx.x) & 1ull;
     // OR the kept rows' masks into the later words; a counted loop, 4 independent loads at a
     // time, so that the loads overlap instead of waiting on each other.
     const unsigned long long* block_rows = m + rb * kWord * words;
@@ -228,28 +240,30 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
                d_mask_off.const_data_ptr<int64_t>(), d_removed_off.const_data_ptr<int64_t>(),
                g.grouped.const_data_ptr<int64_t>(), 0};
   }
+  // Few device ops (what small inputs pay for): the kernels gather and convert the boxes
+  // and zero their own buffers.
   at::Tensor mask = at::empty({std::max<int64_t>(mask_words, 1)}, boxes.options().dtype(at::kLong));
-  at::Tensor removed = at::zeros({removed_words}, boxes.options().dtype(at::kLong));
-  at::Tensor keep = at::zeros({n}, boxes.options().dtype(at::kByte));
-  const at::Tensor grouped_orig = single ? g.order : g.order.index_select(0, g.grouped);
+  at::Tensor removed = at::empty({removed_words}, boxes.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kBool));
+  const at::Tensor input = boxes.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor sorted = boxes.index_select(0, grouped_orig).to(c10::CppTypeToScalarType<T>::value).contiguous();
     const int64_t words = (n + kWord - 1) / kWord;  // < 65536: the mask check above bounds n
     const dim3 grid = single ? dim3(static_cast<unsigned>(words), static_cast<unsigned>(words))
                              : dim3(static_cast<unsigned>(tiles.size() / 3));
-    mask_kernel<T><<<grid, kWord, 0, stream>>>(
-        sorted.const_data_ptr<T>(), single ? nullptr : d_tiles.const_data_ptr<int64_t>(), L,
-        nms::gt_threshold<T>(iou_threshold), reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()));
+    mask_kernel<scalar_t, T><<<grid, kWord, 0, stream>>>(
+        input.const_data_ptr<scalar_t>(), g.order.const_data_ptr<int64_t>(),
+        single ? nullptr : d_tiles.const_data_ptr<int64_t>(), L, nms::gt_threshold<T>(iou_threshold),
+        reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   greedy_kernel<<<groups, 256, 0, stream>>>(
       reinterpret_cast<const unsigned long long*>(mask.const_data_ptr<int64_t>()), L,
-      reinterpret_cast<unsigned long long*>(removed.mutable_data_ptr<int64_t>()), keep.mutable_data_ptr<uint8_t>());
+      reinterpret_cast<unsigned long long*>(removed.mutable_data_ptr<int64_t>()), keep.mutable_data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return g.order.masked_select(keep.to(at::kBool));  // keep is indexed by position in order
+  return g.order.masked_select(keep);  // keep is indexed by position in order
 }
 
 // ---------------------------------------------------------------- Soft-NMS
@@ -586,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const int64_t groups = static_cast<int64_t>(g.len.size());
   const int64_t max_len = *std::max_element(g.len.begin(), g.len.end());
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
-  const at::Tensor grouped_orig = g.order.index_select(0, g.grouped);
+  const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
   const at::Tensor seg = at::repeat_interleave(at::arange(groups, d_len.options()), d_len);
   at::Tensor out_pos = at::empty({n}, boxes.options().dtype(at::kLong));
   at::Tensor out_count = at::empty({groups}, boxes.options().dtype(at::kLong));
