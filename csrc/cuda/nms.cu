@@ -228,17 +228,16 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
               "nms: a category with ", std::to_string(*std::max_element(g.len.begin(), g.len.end())),
               " boxes needs a ", std::to_string(mask_words * 8 >> 20),
               " MiB suppression mask on the GPU; run this input on the CPU");
-  at::Tensor d_tiles, d_start, d_len, d_mask_off, d_removed_off;
+  at::Tensor tables;  // start, len, mask_off, removed_off, tiles: one copy to the device
   Layout L{nullptr, nullptr, nullptr, nullptr, nullptr, n};
   if (!single) {
-    d_tiles = to_device(tiles, boxes);
-    d_start = to_device(g.start, boxes);
-    d_len = to_device(g.len, boxes);
-    d_mask_off = to_device(mask_off, boxes);
-    d_removed_off = to_device(removed_off, boxes);
-    L = Layout{d_start.const_data_ptr<int64_t>(), d_len.const_data_ptr<int64_t>(),
-               d_mask_off.const_data_ptr<int64_t>(), d_removed_off.const_data_ptr<int64_t>(),
-               g.grouped.const_data_ptr<int64_t>(), 0};
+    std::vector<int64_t> host;
+    host.reserve(4 * groups + tiles.size());
+    for (const auto* v : {&g.start, &g.len, &mask_off, &removed_off, &tiles})
+      host.insert(host.end(), v->begin(), v->end());
+    tables = to_device(host, boxes);
+    const int64_t* t = tables.const_data_ptr<int64_t>();
+    L = Layout{t, t + groups, t + 2 * groups, t + 3 * groups, g.grouped.const_data_ptr<int64_t>(), 0};
   }
   // Few device ops (what small inputs pay for): the kernels gather and convert the boxes
   // and zero their own buffers.
@@ -255,7 +254,7 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
                              : dim3(static_cast<unsigned>(tiles.size() / 3));
     mask_kernel<scalar_t, T><<<grid, kWord, 0, stream>>>(
         input.const_data_ptr<scalar_t>(), g.order.const_data_ptr<int64_t>(),
-        single ? nullptr : d_tiles.const_data_ptr<int64_t>(), L, nms::gt_threshold<T>(iou_threshold),
+        single ? nullptr : tables.const_data_ptr<int64_t>() + 4 * groups, L, nms::gt_threshold<T>(iou_threshold),
         reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
