@@ -88,11 +88,15 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, n
     mx = tl.full((BLOCK,), float("-inf"), acc)
     zy = tl.zeros((BLOCK,), acc)
     wz = tl.zeros((BLOCK,), acc)
+    plane = base  # class planes by pointer steps: c * S could pass 2^31
     for c in range(C):
-        mx, zy, wz = _ce_update(tl.load(base + c * S, mask=mj, other=0.0).to(acc), c, y, mx, zy, wz, w_ptr, HAS_W)
+        mx, zy, wz = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, zy, wz, w_ptr, HAS_W)
+        plane += S
     s = tl.zeros((BLOCK,), acc)
+    plane = base
     for c in range(C):
-        s += tl.exp(tl.load(base + c * S, mask=mj, other=0.0).to(acc) - mx)
+        s += tl.exp(tl.load(plane, mask=mj, other=0.0).to(acc) - mx)
+        plane += S
     _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mj, HAS_W)
 
 
@@ -113,10 +117,14 @@ def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, lse_ptr, dz_ptr, C, S, nb, i
     coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
     coef_b = g * keep * wy
     gs = g * spread
+    zp = z_ptr + base
+    dp = dz_ptr + base
     for c in range(C):
-        z = tl.load(z_ptr + base + c * S, mask=mj, other=0.0).to(acc)
+        z = tl.load(zp, mask=mj, other=0.0).to(acc)
         dz = _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W)
-        tl.store(dz_ptr + base + c * S, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+        tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+        zp += S
+        dp += S
 
 
 _BLOCK = 512

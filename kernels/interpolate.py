@@ -79,8 +79,8 @@ def bilinear_row(base, W, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mask):
     """Values at one output row (input rows a0/a1, weights wa0/wa1: scalars) and the
     columns whose taps are b0/b1, wb0/wb1 (vectors) of the plane at `base`."""
     acc = wa0.dtype
-    r0 = base + a0 * W
-    r1 = base + a1 * W
+    r0 = base + a0.to(tl.int64) * W  # a plane may hold 2^31 values
+    r1 = base + a1.to(tl.int64) * W
     v00 = tl.load(r0 + b0, mask=mask, other=0.0).to(acc)
     v01 = tl.load(r0 + b1, mask=mask, other=0.0).to(acc)
     v10 = tl.load(r1 + b0, mask=mask, other=0.0).to(acc)
@@ -149,15 +149,17 @@ def _contract_y_kernel(t_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, H, W, OH, s
     prow = tl.program_id(0)  # (image * src_planes + p) * H + y
     y = prow % H
     p = prow // H
-    dst = ((p // src_planes) * dst_planes + dst_first + p % src_planes).to(tl.int64) * H * W + y * W
+    dst = (((p // src_planes) * dst_planes + dst_first + p % src_planes).to(tl.int64) * H + y) * W
     x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = x < W
     acc = tl.zeros((BLOCK,), dtype=yw0.dtype.element_ty)
-    src = t_ptr + p.to(tl.int64) * OH * W
-    for oy in range(tl.load(ylo + y), tl.load(yhi + y)):
+    o0 = tl.load(ylo + y)
+    src = t_ptr + (p.to(tl.int64) * OH + o0) * W + x
+    for oy in range(o0, tl.load(yhi + y)):
         a0, a1, wa0, wa1 = row_taps(yi0, yi1, yw0, yw1, oy)
         wy = tl.where(a0 == y, wa0, 0.0) + tl.where(a1 == y, wa1, 0.0)
-        acc += wy * tl.load(src + oy * W + x, mask=m, other=0.0)
+        acc += wy * tl.load(src, mask=m, other=0.0)
+        src += W
     tl.store(gin_ptr + dst + x, acc.to(gin_ptr.dtype.element_ty), mask=m)
 
 

@@ -100,17 +100,21 @@ def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK: tl.constexp
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
+    plane = base  # class planes by pointer steps: c * HW could pass 2^31
     for c in range(C):
-        mx = tl.maximum(mx, tl.load(base + c * HW, mask=mj, other=0.0).to(acc))
+        mx = tl.maximum(mx, tl.load(plane, mask=mj, other=0.0).to(acc))
+        plane += HW
     s = tl.zeros((BLOCK,), acc)
+    plane = base
     for c in range(C):
-        s += tl.exp(tl.load(base + c * HW, mask=mj, other=0.0).to(acc) - mx)
+        s += tl.exp(tl.load(plane, mask=mj, other=0.0).to(acc) - mx)
+        plane += HW
     return zoffs, mj, base, y, valid, mx, tl.where(valid, 1.0 / s, 0.0)
 
 
 @triton.jit
-def _dice_p(base, c, HW, mj, valid, mx, inv):
-    z = tl.load(base + c * HW, mask=mj, other=0.0).to(mx.dtype)
+def _dice_p(plane, mj, valid, mx, inv):
+    z = tl.load(plane, mask=mj, other=0.0).to(mx.dtype)
     return tl.where(valid, tl.exp(z - mx) * inv, 0.0)
 
 
@@ -119,8 +123,10 @@ def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: t
     pid = tl.program_id(0)
     zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
     out = part_ptr + pid.to(tl.int64) * 2 * C
+    plane = base
     for c in range(C):
-        p = _dice_p(base, c, HW, mj, valid, mx, inv)
+        p = _dice_p(plane, mj, valid, mx, inv)
+        plane += HW
         hit = valid & (y == c)
         tl.store(out + c, tl.sum(tl.where(hit, p, 0.0), axis=0))
         tl.store(out + C + c, tl.sum(p, axis=0) + tl.sum(hit.to(p.dtype), axis=0))
@@ -133,14 +139,19 @@ def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, 
     pid = tl.program_id(0)
     zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
     dot = tl.zeros((BLOCK,), mx.dtype)
+    plane = base
     for c in range(C):
         h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
-        dot += _dice_p(base, c, HW, mj, valid, mx, inv) * h
+        dot += _dice_p(plane, mj, valid, mx, inv) * h
+        plane += HW
+    plane = base
     out = dz_ptr + zoffs
     for c in range(C):
         h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
-        dz = _dice_p(base, c, HW, mj, valid, mx, inv) * (h - dot)
-        tl.store(out + c * HW, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+        dz = _dice_p(plane, mj, valid, mx, inv) * (h - dot)
+        tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+        plane += HW
+        out += HW
 
 
 def _dice_blocks(logits):

@@ -212,6 +212,27 @@ def test_cuda_cross_entropy_matches_cpu(dtype):
                                    rtol=tol, atol=tol)
 
 
+@pytest.mark.gpu
+def test_cuda_cross_entropy_class_planes_past_2_31():
+    # C * S = 2^31 + 14 logits: the offset of class plane c (c * S) does not fit in 32 bits.
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs 60 GiB of GPU memory")
+    S = 2**30 + 7
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 2, S, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+    y = torch.randint(0, 2, (1, S), device="cuda", generator=g)
+    loss = P.softmax_cross_entropy(x, y, reduction="none")
+    tail = slice(S - 5, S)
+    xt = x.detach()[..., tail].float()
+    torch.testing.assert_close(loss[:, tail], F.cross_entropy(xt, y[:, tail], reduction="none"))
+    (dx,) = torch.autograd.grad(loss[:, tail].sum(), [x])
+    ref = torch.softmax(xt, 1) - F.one_hot(y[:, tail], 2).permute(0, 2, 1)
+    torch.testing.assert_close(dx[..., tail].float(), ref, rtol=2e-3, atol=2e-3)
+    assert not dx[..., : S - 5].any()
+    del x, loss, dx
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("align_corners", [False, True])
