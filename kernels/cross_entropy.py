@@ -3,8 +3,8 @@
 Same per-position formulas as csrc/cpu/cross_entropy.cpp, fp32 math (fp64 for fp64
 logits). Each program owns a block of positions of one image and walks the classes
 (coalesced loads of one class plane at a time, no padding of C, no cross-thread
-reductions): a first pass for the max and the target/weight terms, a second (from
-cache) for the sum of exponentials. The fused upsample version computes each
+reductions) once: an online log-sum-exp (running max and rescaled sum) and the
+target/weight terms, so the forward reads the logits once. The fused upsample version computes each
 upsampled logit from its 4 low-resolution taps inside the program; its backward is
 gather-based and separable like the bilinear one (kernels/interpolate.py), so it is
 deterministic, and its only full-resolution buffer is one row-contracted block of
@@ -50,9 +50,21 @@ def _weight_sum(w_ptr, C, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _ce_update(z, c, y, mx, zy, wz, w_ptr, HAS_W: tl.constexpr):
-    """First class pass: running max, the target's logit and the weighted sum of logits."""
-    return tl.maximum(mx, z), zy + tl.where(y == c, z, 0.0), wz + _class_weight(w_ptr, c, HAS_W) * z
+def lse_update(mx, s, z):
+    """Online log-sum-exp: the max and the sum of exp(logit - max) after one more class.
+    One exp: whichever of z and the max is smaller is scaled by exp(-|z - max|). As in two
+    passes, a -inf logit adds nothing (even while the max is -inf), a +inf or NaN logit
+    makes the sum NaN."""
+    d = z - mx
+    e = tl.where(z == float("-inf"), 0.0, tl.where(z == float("inf"), float("nan"), tl.exp(-tl.abs(d))))
+    return tl.maximum(mx, z), tl.where(d > 0, s * e + 1.0, s + e)
+
+
+@triton.jit
+def _ce_update(z, c, y, mx, s, zy, wz, w_ptr, HAS_W: tl.constexpr):
+    """One class: the log-sum-exp state, the target's logit and the weighted sum of logits."""
+    mx, s = lse_update(mx, s, z)
+    return mx, s, zy + tl.where(y == c, z, 0.0), wz + _class_weight(w_ptr, c, HAS_W) * z
 
 
 @triton.jit
@@ -60,8 +72,11 @@ def _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_p
                HAS_W: tl.constexpr):
     """Stores the loss, target weight and log-sum-exp of the positions from the class passes."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    lse = mx + tl.log(s)
-    loss = tl.where(valid, keep * wy * (lse - zy) + spread * (_weight_sum(w_ptr, C, HAS_W) * lse - wz), 0.0)
+    lse = tl.where(mx == float("-inf"), float("nan"), mx + tl.log(s))  # all logits -inf: NaN, as in two passes
+    # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
+    hard = tl.where(keep != 0, keep * wy * (lse - zy), 0.0)
+    loss = tl.where(valid, tl.where(spread != 0, hard + spread * (_weight_sum(w_ptr, C, HAS_W) * lse - wz), hard),
+                    0.0)
     tl.store(loss_ptr + offs, loss, mask=mask)
     tl.store(wpos_ptr + offs, wy, mask=mask)
     tl.store(lse_ptr + offs, lse, mask=mask)
@@ -86,16 +101,12 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, n
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
+    s = tl.zeros((BLOCK,), acc)
     zy = tl.zeros((BLOCK,), acc)
     wz = tl.zeros((BLOCK,), acc)
     plane = base  # class planes by pointer steps: c * S could pass 2^31
     for c in range(C):
-        mx, zy, wz = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, zy, wz, w_ptr, HAS_W)
-        plane += S
-    s = tl.zeros((BLOCK,), acc)
-    plane = base
-    for c in range(C):
-        s += tl.exp(tl.load(plane, mask=mj, other=0.0).to(acc) - mx)
+        mx, s, zy, wz = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wz, w_ptr, HAS_W)
         plane += S
     _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mj, HAS_W)
 
@@ -188,14 +199,12 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0,
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
     mx = tl.full((BLOCK,), float("-inf"), acc)
+    s = tl.zeros((BLOCK,), acc)
     zy = tl.zeros((BLOCK,), acc)
     wz = tl.zeros((BLOCK,), acc)
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        mx, zy, wz = _ce_update(z, c, y, mx, zy, wz, w_ptr, HAS_W)
-    s = tl.zeros((BLOCK,), acc)
-    for c in range(C):
-        s += tl.exp(bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo) - mx)
+        mx, s, zy, wz = _ce_update(z, c, y, mx, s, zy, wz, w_ptr, HAS_W)
     _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mo, HAS_W)
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from .cross_entropy import position_block
+from .cross_entropy import lse_update, position_block
 
 
 @triton.jit
@@ -100,14 +100,10 @@ def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK: tl.constexp
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
-    plane = base  # class planes by pointer steps: c * HW could pass 2^31
-    for c in range(C):
-        mx = tl.maximum(mx, tl.load(plane, mask=mj, other=0.0).to(acc))
-        plane += HW
     s = tl.zeros((BLOCK,), acc)
-    plane = base
-    for c in range(C):
-        s += tl.exp(tl.load(plane, mask=mj, other=0.0).to(acc) - mx)
+    plane = base  # class planes by pointer steps: c * HW could pass 2^31
+    for _ in range(C):
+        mx, s = lse_update(mx, s, tl.load(plane, mask=mj, other=0.0).to(acc))
         plane += HW
     return zoffs, mj, base, y, valid, mx, tl.where(valid, 1.0 / s, 0.0)
 
@@ -127,9 +123,9 @@ def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: t
     for c in range(C):
         p = _dice_p(plane, mj, valid, mx, inv)
         plane += HW
-        hit = valid & (y == c)
-        tl.store(out + c, tl.sum(tl.where(hit, p, 0.0), axis=0))
-        tl.store(out + C + c, tl.sum(p, axis=0) + tl.sum(hit.to(p.dtype), axis=0))
+        hit = (valid & (y == c)).to(p.dtype)
+        tl.store(out + c, tl.sum(p * hit, axis=0))  # a product, as on the CPU: a NaN p stays NaN
+        tl.store(out + C + c, tl.sum(p, axis=0) + tl.sum(hit, axis=0))
 
 
 @triton.jit

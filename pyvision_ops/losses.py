@@ -55,7 +55,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     indices, default all) selects the classes; ``reduction`` ``"mean"`` / ``"sum"``
     over them, or ``"none"`` for the per-class losses. A class absent from the
     target and never predicted has loss ``1 - smooth / (S_c + smooth)``; with every
-    position ignored, every class has loss 0 (when smooth > 0). One fused pass
+    position ignored, every class has loss 0 (when smooth > 0). Ignored positions
+    count for nothing whatever their logits (NaN too); a NaN logit at a counted
+    position makes every class's loss NaN. One fused pass
     computes the statistics and one computes their gradient; the loss is fp32
     (fp64 for fp64 logits). Target values outside ``[0, C)`` that are not
     ``ignore_index`` raise.

@@ -115,6 +115,7 @@ def dice_loss(logits, target, smooth=1.0, ignore_index=None, classes=None, reduc
     p = torch.softmax(logits.to(torch.float64), dim=1)
     c = logits.shape[1]
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    p = torch.where(valid.unsqueeze(1), p, 0.0)  # ignored positions count for nothing, even NaN logits
     onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), c).movedim(-1, 1).to(torch.float64)
     v = valid.unsqueeze(1).to(torch.float64)
     dims = [0] + list(range(2, logits.dim()))

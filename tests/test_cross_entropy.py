@@ -197,6 +197,58 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
                                ops.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing), **half)
 
 
+def special_logits():
+    """[2, 4, 6] logits with -inf in the first class, in the last and in all classes of a
+    position, and +inf and NaN logits; targets avoid the -inf classes where one is finite."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([[2, 3, 1, 0, 2, 2], [0, 1, 0, 2, 0, 3]])
+    inf = float("inf")
+    x[0, 0, 0] = -inf
+    x[0, :, 1] = -inf
+    x[0, 2, 2] = inf
+    x[0, 1, 3] = float("nan")
+    x[1, 3, 4] = -inf
+    x[1, :2, 5] = -inf
+    return x, y
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.2), dict(weight=torch.tensor([1.0, 2, 0.5, 3]))],
+                         ids=str)
+def test_special_logits_match_torch(kw):
+    # -inf logits leave the loss finite (with no label smoothing) and NaN/+inf give NaN, as in
+    # torch; 0 * inf in an unused smoothing term or a NaN lost in exp/log must not appear.
+    x, y = special_logits()
+    x = x.requires_grad_()
+    kw = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+    ours = P.softmax_cross_entropy(x, y, reduction="none", **kw)
+    ref = F.cross_entropy(x, y, reduction="none", **kw)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    fin = torch.isfinite(ref)
+    assert fin.sum() >= 6
+    g_ours, g_ref = (torch.autograd.grad(v[fin].sum(), [x])[0] for v in (ours, ref))
+    torch.testing.assert_close(g_ours, g_ref, equal_nan=True)
+    x4 = x.detach().reshape(2, 4, 2, 3)
+    y4 = torch.zeros(2, 4, 6, dtype=torch.long)
+    torch.testing.assert_close(
+        P.upsample_cross_entropy(x4, y4, reduction="none", **kw),
+        F.cross_entropy(F.interpolate(x4, size=(4, 6), mode="bilinear"), y4, reduction="none", **kw), equal_nan=True)
+
+
+@pytest.mark.interpreter
+def test_triton_cross_entropy_interpreter_special_logits():
+    # The one-pass log-sum-exp gives what two passes give: -inf logits (in the first class,
+    # in the last, in all), +inf and NaN logits.
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y = special_logits()
+    for a, b in zip(K.softmax_cross_entropy(x, y, None, -100, 0.0), ops.softmax_cross_entropy(x, y, None, -100, 0.0)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    finite = torch.ones(2, 6, dtype=torch.bool)
+    finite[0, 1:4] = False
+    assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0)[2][finite]).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_cross_entropy_matches_cpu(dtype):

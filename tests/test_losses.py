@@ -140,6 +140,43 @@ def seg_batch(n=2, c=5, h=13, w=17, dtype=torch.float64, ignore=None, seed=0):
     return x, y
 
 
+def special_seg_batch():
+    """seg_batch() with -inf logits (one class, all classes of an ignored position) and NaN
+    logits at an ignored position."""
+    x, y = seg_batch(c=4, h=5, w=6, ignore=255, seed=3)
+    y[0, 0, :3] = 255
+    x[0, 1, 2, 2] = float("-inf")
+    x[0, :, 0, 0] = float("-inf")
+    x[0, :, 0, 1] = float("nan")
+    x[1, 0, 3] = float("-inf")
+    return x, y
+
+
+def test_dice_special_logits():
+    # A -inf logit is probability 0; an ignored position counts for nothing, even with NaN
+    # logits; a NaN logit at a counted position makes every class NaN.
+    x, y = special_seg_batch()
+    xr = x.clone().requires_grad_()
+    loss = P.dice_loss(xr, y, ignore_index=255, reduction="none")
+    torch.testing.assert_close(loss, reference.dice_loss(x, y, ignore_index=255, reduction="none"))
+    (g,) = torch.autograd.grad(loss.sum(), [xr])
+    valid = (y != 255).unsqueeze(1).expand_as(x)
+    assert torch.isfinite(g[valid]).all() and not g[~valid].any()
+    x[1, 2, 4, 4] = float("nan")
+    y[1, 4, 4] = 1
+    assert P.dice_loss(x, y, ignore_index=255, reduction="none").isnan().all()
+
+
+@pytest.mark.interpreter
+def test_triton_dice_interpreter_special_logits():
+    from pyvision_ops.kernels import losses as K
+
+    x, y = special_seg_batch()
+    torch.testing.assert_close(K.dice_stats(x, y, 255), ops.dice_stats(x, y, 255))
+    g = torch.rand(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(K.dice_stats_backward(g, x, y, 255), ops.dice_stats_backward(g, x, y, 255))
+
+
 @pytest.mark.parametrize("ignore_index", [None, 255, -100])
 @pytest.mark.parametrize("classes", [None, [0, 3]])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

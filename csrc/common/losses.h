@@ -33,7 +33,8 @@ PVO_HD float log1p_unit(float u) {
 }
 PVO_HD double log1p_unit(double u) { return std::log1p(u); }
 
-// log(v) for v > 0: v = 2^k f with f in [1, 2), log v = k ln 2 + log1p(f - 1).
+// log(v) for normal v > 0: v = 2^k f with f in [1, 2), log v = k ln 2 + log1p(f - 1); NaN
+// gives NaN.
 PVO_HD float log_pos(float v) {
   int32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
@@ -41,7 +42,7 @@ PVO_HD float log_pos(float v) {
   const int32_t fb = (bits & 0x007fffff) | 0x3f800000;
   float f;
   std::memcpy(&f, &fb, sizeof(f));
-  return static_cast<float>(k) * 0.6931471805599453f + log1p_unit(f - 1.f);
+  return v != v ? v : static_cast<float>(k) * 0.6931471805599453f + log1p_unit(f - 1.f);
 }
 PVO_HD double log_pos(double v) { return std::log(v); }
 

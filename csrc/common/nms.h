@@ -39,12 +39,12 @@ inline T ge_threshold(double thr) {
 
 // exp for float without branches or calls, so CPU loops vectorise: 2^k * p(r),
 // |r| <= ln2 / 2, degree-6 Taylor polynomial; relative error < 3e-7 on [-87, 0].
-// Arguments below -87 give 0. Soft-NMS only takes it of values <= 0.
-PVO_HD float exp_approx(float x) {
+// Arguments below -87 give 0, NaN gives NaN. Callers take it of values <= 0.
+PVO_HD float exp_approx(float x0) {
 #ifdef __CUDA_ARCH__
-  return expf(x);
+  return expf(x0);
 #else
-  x = x < -87.f ? -87.f : x;
+  const float x = x0 < -87.f ? -87.f : (x0 == x0 ? x0 : 0.f);  // a NaN is put back at the end
   const float kf = std::floor(x * 1.4426950408889634f + 0.5f);
   const float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;  // x - k ln2, two parts
   float p = 1.f / 720.f;
@@ -57,7 +57,7 @@ PVO_HD float exp_approx(float x) {
   const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x <= -87.f ? 0.f : p * scale;
+  return x0 != x0 ? x0 : (x <= -87.f ? 0.f : p * scale);
 #endif
 }
 PVO_HD double exp_approx(double x) { return std::exp(x); }

@@ -55,6 +55,13 @@ struct Classes {
     }
     for (T v : w) wsum += v;
   }
+  // One position's loss from its lse, z_y and sum_c w_c z_c. A term whose factor is 0 is
+  // left out, not multiplied: a -inf logit makes it infinite (0 * inf = NaN), and torch
+  // gives that loss finite without label smoothing.
+  T loss(T wy, T lse, T zy, T wz) const {
+    const T hard = keep == T(0) ? T(0) : keep * wy * (lse - zy);
+    return spread == T(0) ? hard : hard + spread * (wsum * lse - wz);
+  }
 };
 
 // Class-index targets must be in [0, C) or ignore_index (checked on the host: CPU kernels).
@@ -132,7 +139,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
-    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
@@ -146,8 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
         for (int64_t j = 0; j < cnt; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : w[yy[j]];
-          const T l = keep * wy * (e[j] - zy[j]) + spread * (wsum * e[j] - wz[j]);
-          pl[n * S + j0 + j] = ign ? T(0) : l;
+          pl[n * S + j0 + j] = ign ? T(0) : cls.loss(wy, e[j], zy[j], wz[j]);
           pw[n * S + j0 + j] = wy;
         }
       }
@@ -248,7 +253,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& wc = cls.w;
-    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
@@ -265,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
         for (int64_t j = 0; j < W; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : wc[yy[j]];
-          pl[row * W + j] = ign ? T(0) : keep * wy * (e[j] - zy[j]) + spread * (wsum * e[j] - wz[j]);
+          pl[row * W + j] = ign ? T(0) : cls.loss(wy, e[j], zy[j], wz[j]);
           pw[row * W + j] = wy;
         }
       }

@@ -112,7 +112,8 @@ void check_dice(const char* op, const at::Tensor& logits, const at::Tensor& targ
 }
 
 // Softmax over the C planes (stride hw) of one block of n positions: prob[c * kPixBlock + j].
-// Positions whose target is ignore_index get probability 0 for every class.
+// Positions whose target is ignore_index get probability 0 for every class (selected, so
+// that NaN logits there stay out of the sums).
 template <typename scalar_t, typename T>
 __attribute__((target_clones("avx2", "default"))) void softmax_block(const scalar_t* __restrict__ z, int64_t C,
                                                                      int64_t hw, int64_t n,
@@ -133,7 +134,7 @@ __attribute__((target_clones("avx2", "default"))) void softmax_block(const scala
   for (int64_t j = 0; j < n; ++j) inv[j] = y[j] == ignore_index ? T(0) : T(1) / inv[j];
   for (int64_t c = 0; c < C; ++c) {
     T* pc = prob + c * kPixBlock;
-    for (int64_t j = 0; j < n; ++j) pc[j] *= inv[j];
+    for (int64_t j = 0; j < n; ++j) pc[j] = y[j] == ignore_index ? T(0) : pc[j] * inv[j];
   }
 }
 
