@@ -27,7 +27,10 @@ def _focal_terms(x, t, alpha):
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
     p = tl.where(x >= 0, inv, e * inv)
-    ce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + e)
+    # t softplus(-x) + (1 - t) softplus(x) without the weight-0 term: exact at x = +-inf
+    lg = tl.log(1.0 + e)
+    ce = tl.where(t != 0, t * (tl.maximum(-x, 0.0) + lg), 0.0) \
+        + tl.where(t != 1, (1.0 - t) * (tl.maximum(x, 0.0) + lg), 0.0)
     m = p + t - 2.0 * p * t
     at = tl.where(alpha >= 0, alpha * t + (1.0 - alpha) * (1.0 - t), 1.0)
     return p, ce, m, at
@@ -61,7 +64,8 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha, gamma,
     else:
         dmg = tl.where(gamma == 0, 0.0, gamma * _pow(m, gamma - 1.0, False))
     d_at = tl.where(alpha >= 0, 2.0 * alpha - 1.0, 0.0)
-    dx = g * at * ((p - t) * mg + ce * dmg * p * (1.0 - p) * (1.0 - 2.0 * t))
+    sat = p * (1.0 - p)  # ce p (1 - p) tends to 0 where p saturates
+    dx = g * at * ((p - t) * mg + tl.where(sat == 0, 0.0, ce * dmg * sat * (1.0 - 2.0 * t)))
     dt = g * (d_at * ce * mg + at * (-x * mg + ce * dmg * (1.0 - 2.0 * p)))
     ty = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + idx, dx.to(ty), mask=mask)

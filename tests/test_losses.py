@@ -61,6 +61,26 @@ def test_focal_edge_cases():
     torch.testing.assert_close(out[1:], tv.sigmoid_focal_loss(x[1:], t[1:]), rtol=1e-5, atol=1e-7)
 
 
+INF_X = [float("inf"), float("-inf"), float("inf"), float("-inf"), float("inf")]
+INF_T = [1.0, 1.0, 0.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.5, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_focal_infinite_logits(gamma, dtype):
+    # The limits of the loss (0 on the right side, inf on the wrong one, also for a soft
+    # target) and of its gradient (torchvision's at |x| = 1e4); torchvision gives NaN for
+    # most of these (inf - inf and 0 * inf in its formula).
+    x = torch.tensor(INF_X, dtype=dtype, requires_grad=True)
+    t = torch.tensor(INF_T, dtype=dtype)
+    loss = P.sigmoid_focal_loss(x, t, gamma=gamma)
+    torch.testing.assert_close(loss, torch.tensor([0.0, float("inf"), float("inf"), 0.0, float("inf")], dtype=dtype))
+    (dx,) = torch.autograd.grad(loss[:4].sum(), [x])
+    far = torch.tensor([1e4, -1e4, 1e4, -1e4], dtype=torch.float64, requires_grad=True)
+    (ref,) = torch.autograd.grad(tv.sigmoid_focal_loss(far, t[:4].double(), gamma=gamma).sum(), [far])
+    torch.testing.assert_close(dx[:4], ref.to(dtype))
+
+
 def test_focal_gradcheck_and_opcheck():
     x, t = logits_targets(20, dtype=torch.float64, soft=True)
     x.requires_grad_()
@@ -113,6 +133,11 @@ def test_triton_focal_interpreter(gamma, dtype):
     for a, b in zip(K.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma),
                     ops.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    xi, ti = torch.tensor(INF_X, dtype=dtype), torch.tensor(INF_T, dtype=dtype)
+    torch.testing.assert_close(K.sigmoid_focal_loss(xi, ti, 0.25, gamma), ops.sigmoid_focal_loss(xi, ti, 0.25, gamma))
+    torch.testing.assert_close(K.sigmoid_focal_loss_backward(torch.ones_like(xi), xi, ti, 0.25, gamma)[0],
+                               ops.sigmoid_focal_loss_backward(torch.ones_like(xi), xi, ti, 0.25, gamma)[0],
+                               equal_nan=True)
 
 
 @pytest.mark.gpu

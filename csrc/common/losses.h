@@ -68,7 +68,11 @@ PVO_HD Focal<T> focal_terms(T x, T t, T alpha) {
   const T inv = T(1) / (T(1) + e);
   Focal<T> f;
   f.p = x >= T(0) ? inv : e * inv;
-  f.ce = (x > T(0) ? x : T(0)) - x * t + log1p_unit(e);
+  // ce = t softplus(-x) + (1 - t) softplus(x), a term with weight 0 left out: exact at x = +-inf
+  // (max(x, 0) - x t gives inf - inf there).
+  const T l = log1p_unit(e);
+  f.ce = (t != T(0) ? t * ((x < T(0) ? -x : T(0)) + l) : T(0)) +
+         (t != T(1) ? (T(1) - t) * ((x > T(0) ? x : T(0)) + l) : T(0));
   f.m = f.p + t - T(2) * f.p * t;
   f.at = alpha >= T(0) ? alpha * t + (T(1) - alpha) * (T(1) - t) : T(1);
   return f;
@@ -88,7 +92,9 @@ PVO_HD void focal_grad(T x, T t, T alpha, T gamma, T g, T& dx, T& dt) {
   // gamma * m^(gamma - 1); torch's pow backward gives 0 for gamma = 0
   const T dmg = SQUARE ? T(2) * f.m : (gamma == T(0) ? T(0) : gamma * pow_<false>(f.m, gamma - T(1)));
   const T d_at = alpha >= T(0) ? T(2) * alpha - T(1) : T(0);
-  dx = g * f.at * ((f.p - t) * mg + f.ce * dmg * f.p * (T(1) - f.p) * (T(1) - T(2) * t));
+  // ce p (1 - p) tends to 0 where p saturates (x = +-inf: inf * 0 otherwise).
+  const T sat = f.p * (T(1) - f.p);
+  dx = g * f.at * ((f.p - t) * mg + (sat == T(0) ? T(0) : f.ce * dmg * sat * (T(1) - T(2) * t)));
   dt = g * (d_at * f.ce * mg + f.at * (-x * mg + f.ce * dmg * (T(1) - T(2) * f.p)));
 }
 
