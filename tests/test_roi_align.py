@@ -86,6 +86,38 @@ def test_empty_rois_outside_map_and_degenerate():
                                        tv.roi_align(x, rois, 5, 0.25, sr, aligned), rtol=1e-12, atol=1e-12)
 
 
+def nonfinite_features(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 16, 20, generator=g)
+    m = torch.rand(x.shape, generator=g) < 0.01
+    x[m] = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.randint(0, 3, (int(m.sum()),), generator=g)]
+    xy = torch.rand(40, 2, generator=g) * 18
+    wh = torch.rand(40, 2, generator=g) * 10
+    return x, torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("sr, aligned", [(2, False), (0, True)])
+def test_nonfinite_features_reach_only_their_bins(sr, aligned):
+    # NCHW (separable tables) and channels_last agree; wherever torchvision is not NaN the
+    # values match it, inf included. (torchvision's extra NaNs come from 0 * inf at the
+    # zero-weight corners of border samples; see the module docstring.)
+    x, rois = nonfinite_features(31)
+    ours = P.roi_align(x, rois, 3, 1.0, sr, aligned)
+    torch.testing.assert_close(ours, P.roi_align(x.contiguous(memory_format=torch.channels_last), rois, 3, 1.0, sr,
+                                                 aligned), equal_nan=True)
+    ref = tv.roi_align(x, rois, 3, 1.0, sr, aligned)
+    known = ~ref.isnan()
+    assert (~torch.isfinite(ref[known])).any()  # the input reaches some bins as +-inf
+    torch.testing.assert_close(ours[known], ref[known])
+    # A -inf on the last row, read by a bin whose samples lie below the image's last row
+    # centre: torchvision gives NaN (its corner below has weight 0), the weights give -inf.
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 3, 1] = -float("inf")
+    rois = torch.tensor([[0.0, 0.5, 3.2, 2.5, 3.9]])
+    assert tv.roi_align(x, rois, 1, 1.0, 2, False).isnan().all()
+    assert P.roi_align(x, rois, 1, 1.0, 2, False).item() == -float("inf")
+
+
 def test_nan_and_inf_boxes_give_zeros():
     x = feature()
     rois = make_rois(4, 2)

@@ -174,22 +174,34 @@ Span column_span(const Tables<T>& t, int64_t k) {
   return {lo, hi - lo + 1, hi - lo + 1 <= 2 * cells};
 }
 
-// When every bin of RoI k reads at most 4 columns: their offsets from lo and weights,
-// padded to 4 per bin with weight 0 (offset 0), in idx / w [pw * 4]; else false.
+// When every bin of RoI k reads 1 to 4 columns: their offsets from lo, padded to 4 per bin
+// with the bin's first column, in idx [pw * 4], and the counts in cnt [pw]; else false.
 template <typename T>
-bool pad_columns(const Tables<T>& t, int64_t k, int lo, std::vector<int>& idx, std::vector<T>& w) {
+bool pad_columns(const Tables<T>& t, int64_t k, int lo, std::vector<int>& idx, std::vector<T>& w,
+                 std::vector<int>& cnt) {
   for (int x = 0; x < t.pw; ++x) {
-    if (t.nx[k * t.pw + x] > 4) return false;
+    const int n = t.nx[k * t.pw + x];
+    if (n < 1 || n > 4) return false;
   }
   for (int x = 0; x < t.pw; ++x) {
     const int n = t.nx[k * t.pw + x];
     const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+    cnt[x] = n;
     for (int q = 0; q < 4; ++q) {
-      idx[4 * x + q] = q < n ? t.ix[ox + q] - lo : 0;
+      idx[4 * x + q] = t.ix[ox + (q < n ? q : 0)] - lo;
       w[4 * x + q] = q < n ? t.wx[ox + q] : T(0);
     }
   }
   return true;
+}
+
+// sum over q < n of w[q] * b[i[q]] for n in 1..4 without branches: the padded terms are
+// selected away, not multiplied by 0 (0 * inf is NaN).
+template <typename T>
+inline T dot4(const T* b, const int* i, const T* w, int n) {
+  const T t1 = n > 1 ? w[1] * b[i[1]] : T(0), t2 = n > 2 ? w[2] * b[i[2]] : T(0);
+  const T t3 = n > 3 ? w[3] * b[i[3]] : T(0);
+  return (w[0] * b[i[0]] + t1) + (t2 + t3);
 }
 
 // out[j] = sum_r w[r] * plane[iy[r], lo + j], j < n.
@@ -234,7 +246,7 @@ void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>
     for (int64_t k = 0; k < K; ++k) widest = std::max<int64_t>(widest, column_span(t, k).n);
     at::parallel_for(0, L * B * C, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> blended(std::max<int64_t>(widest, 1)), cw(4 * pw);
-      std::vector<int> cidx(4 * pw);
+      std::vector<int> cidx(4 * pw), cnt(pw);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t c = task / (L * B), lb = task % (L * B), l = lb / B, b = lb % B;
         const int64_t W = levels[l].W;
@@ -244,23 +256,18 @@ void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>
           const Span sp = column_span(t, k);
           if (sp.dense) {
             // Separable: each bin row's input rows are first blended over the RoI's columns
-            // (a contiguous, vectorised loop), then each bin reads its few columns, padded to
-            // 4 with zero weights so that the inner loop has no branches.
-            const bool four = pad_columns(t, k, sp.lo, cidx, cw);
+            // (a contiguous, vectorised loop), then each bin reads its own few columns (at
+            // most 4: branch-free; never a column it does not read, whose inf or NaN would
+            // leak in through a zero weight).
+            const bool four = pad_columns(t, k, sp.lo, cidx, cw, cnt);
             for (int y = 0; y < ph; ++y) {
               const int64_t oy = t.y_off[k] + int64_t(y) * t.span_h[k];
               const T* b = blended.data();
               blend_rows(plane, W, t.ny[k * ph + y], t.iy.data() + oy, t.wy.data() + oy, sp.lo, sp.n, blended.data());
               for (int x = 0; x < pw; ++x) {
-                T v;
-                if (four) {
-                  const int* i4 = cidx.data() + 4 * x;
-                  const T* w4 = cw.data() + 4 * x;
-                  v = (w4[0] * b[i4[0]] + w4[1] * b[i4[1]]) + (w4[2] * b[i4[2]] + w4[3] * b[i4[3]]);
-                } else {
-                  const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
-                  v = dot_row(b, t.ix.data() + ox, t.wx.data() + ox, t.nx[k * pw + x], sp.lo);
-                }
+                const int64_t ox = t.x_off[k] + int64_t(x) * t.span_w[k];
+                const T v = four ? dot4(b, cidx.data() + 4 * x, cw.data() + 4 * x, cnt[x])
+                                 : dot_row(b, t.ix.data() + ox, t.wx.data() + ox, t.nx[k * pw + x], sp.lo);
                 o[y * pw + x] = static_cast<scalar_t>(v);
               }
             }
