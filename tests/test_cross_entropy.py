@@ -247,6 +247,15 @@ def test_triton_cross_entropy_interpreter_special_logits():
     finite = torch.ones(2, 6, dtype=torch.bool)
     finite[0, 1:4] = False
     assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0)[2][finite]).all()
+    x4, y4 = x.reshape(2, 4, 2, 3), torch.randint(0, 4, (2, 4, 6), generator=torch.Generator().manual_seed(2))
+    for ls in (0.0, 0.2):
+        fwd = ops.upsample_cross_entropy(x4, y4, False, None, -100, ls)
+        for a, b in zip(K.upsample_cross_entropy(x4, y4, False, None, -100, ls), fwd):
+            torch.testing.assert_close(a, b, equal_nan=True)
+        g = torch.rand(2, 4, 6, dtype=torch.float64)
+        torch.testing.assert_close(K.upsample_cross_entropy_backward(g, x4, y4, False, None, fwd[2], -100, ls),
+                                   ops.upsample_cross_entropy_backward(g, x4, y4, False, None, fwd[2], -100, ls),
+                                   equal_nan=True)
 
 
 @pytest.mark.gpu
