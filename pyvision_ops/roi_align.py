@@ -21,9 +21,9 @@ Backends:
 
 A RoI with a NaN or infinite coordinate pools to zeros (and gets no gradient).
 An inf or NaN feature value reaches the bins whose samples give its cell a nonzero
-total weight, and no others; torchvision also multiplies the zero-weight corners of
-samples on the border row/column (0 * inf = NaN), so where it returns NaN this may
-return the inf or finite value the weights define.
+weight, and no others; torchvision also multiplies the zero-weight corners of its
+samples (on whole pixels, on the border rows and columns: 0 * inf = NaN), so where
+it returns NaN this may return the inf or finite value the weights define.
 A batch index outside ``[0, N)`` raises ``ValueError`` on the CPU; on CUDA it is
 not checked (that would need a device-to-host sync): such a RoI pools to zeros
 and gets no gradient, and nothing outside the input is ever read.

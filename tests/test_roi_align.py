@@ -116,6 +116,14 @@ def test_nonfinite_features_reach_only_their_bins(sr, aligned):
     rois = torch.tensor([[0.0, 0.5, 3.2, 2.5, 3.9]])
     assert tv.roi_align(x, rois, 1, 1.0, 2, False).isnan().all()
     assert P.roi_align(x, rois, 1, 1.0, 2, False).item() == -float("inf")
+    # Samples on whole pixels (x = 1, 3, ...) give their right neighbours weight 0: a NaN
+    # there stays out of every bin (torchvision: NaN in the first).
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 1, 2] = float("nan")
+    rois = torch.tensor([[0.0, 0, 0, 8, 8]])
+    assert tv.roi_align(x, rois, 2, 1.0, 2, False)[0, 0, 0, 0].isnan()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        assert (P.roi_align(x.contiguous(memory_format=layout), rois, 2, 1.0, 2, False) == 0).all()
 
 
 def test_nan_and_inf_boxes_give_zeros():

@@ -124,8 +124,8 @@ PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int
 }
 
 // The distinct cells the samples of bin p read along one axis, in increasing order,
-// with their summed (unnormalised) weights: the touched entries of bin_weights,
-// without a span-sized scratch. Returns their number, or -1 when more than `cap`
+// with their summed (unnormalised) weights: the entries of bin_weights with a nonzero
+// weight, without a span-sized scratch. Returns their number, or -1 when more than `cap`
 // cells would be needed. Samples are visited by increasing position (backwards for
 // a negative-size bin), so a new cell is almost always the last one stored, the one
 // before it, or a new last one; the insertion below stays correct in any order.
@@ -153,7 +153,11 @@ PVO_HD int bin_cells(T start, T bin, int p, int grid, int size, int cap, int* ce
       ++n;
     }
   }
-  return n;
+  int m = 0;  // a cell whose weights are all 0 is not read (0 * inf would be NaN)
+  for (int j = 0; j < n; ++j) {
+    if (w[j] != T(0)) cell[m] = cell[j], w[m] = w[j], ++m;
+  }
+  return m;
 }
 
 }  // namespace roi

@@ -58,7 +58,7 @@ void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, 
   }
   n = 0;
   for (int j = 0; j < m; ++j) {
-    if (!touched[j]) continue;
+    if (!touched[j] || tmp[j] == T(0)) continue;  // a cell of weight 0 is not read: 0 * inf is NaN
     idx[n] = first + j;
     w[n++] = rows ? tmp[j] * g.inv_count : tmp[j];  // fold 1 / count into the rows
   }

@@ -231,6 +231,12 @@ __device__ __forceinline__ T pool_bin(const scalar_t* base, int64_t ys, int64_t 
   return acc;
 }
 
+// w * v, or 0 for w = 0 whatever v is: the cells the tables leave out (0 * inf is NaN).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ T weighted(T w, const scalar_t* v) {
+  return w != T(0) ? w * static_cast<T>(*v) : T(0);
+}
+
 // One output sampled directly (RoIs whose tables do not fit).
 template <typename scalar_t, typename T>
 __device__ T direct_bin(const scalar_t* base, int64_t ys, int64_t xs, const roi::Geometry<T>& g, int p, int q,
@@ -246,8 +252,8 @@ __device__ T direct_bin(const scalar_t* base, int64_t ys, int64_t xs, const roi:
       int x0, x1;
       T wx0, wx1;
       if (!roi::axis_weights(roi::sample_pos(g.start_w, g.bin_w, q, j, g.grid_w), W, x0, x1, wx0, wx1)) continue;
-      acc += wy0 * (wx0 * static_cast<T>(r0[x0 * xs]) + wx1 * static_cast<T>(r0[x1 * xs])) +
-             wy1 * (wx0 * static_cast<T>(r1[x0 * xs]) + wx1 * static_cast<T>(r1[x1 * xs]));
+      acc += weighted(wy0 * wx0, r0 + x0 * xs) + weighted(wy0 * wx1, r0 + x1 * xs) +
+             weighted(wy1 * wx0, r1 + x0 * xs) + weighted(wy1 * wx1, r1 + x1 * xs);
     }
   }
   return acc * g.inv_count;
@@ -264,10 +270,10 @@ __device__ void direct_scatter(T* base, int64_t ys, int64_t xs, const roi::Geome
       int x0, x1;
       T wx0, wx1;
       if (!roi::axis_weights(roi::sample_pos(g.start_w, g.bin_w, q, j, g.grid_w), W, x0, x1, wx0, wx1)) continue;
-      atomicAdd(base + y0 * ys + x0 * xs, gv * wy0 * wx0);
-      atomicAdd(base + y0 * ys + x1 * xs, gv * wy0 * wx1);
-      atomicAdd(base + y1 * ys + x0 * xs, gv * wy1 * wx0);
-      atomicAdd(base + y1 * ys + x1 * xs, gv * wy1 * wx1);
+      if (wy0 * wx0 != T(0)) atomicAdd(base + y0 * ys + x0 * xs, gv * wy0 * wx0);
+      if (wy0 * wx1 != T(0)) atomicAdd(base + y0 * ys + x1 * xs, gv * wy0 * wx1);
+      if (wy1 * wx0 != T(0)) atomicAdd(base + y1 * ys + x0 * xs, gv * wy1 * wx0);
+      if (wy1 * wx1 != T(0)) atomicAdd(base + y1 * ys + x1 * xs, gv * wy1 * wx1);
     }
   }
 }
