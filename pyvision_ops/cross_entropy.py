@@ -10,7 +10,8 @@ loss is fp32 (fp64
 for fp64 logits), fp16/bf16 logits are read with fp32 accumulation. As torch does,
 the mean over a batch whose targets are all ``ignore_index`` is NaN (0 / 0). A
 target outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on CUDA it
-is never used as an index (it counts as a class of weight 0, with no device assert).
+is never used as an index (it counts as a class of weight 0, with no device assert:
+checking would cost a device-to-host sync).
 """
 
 import torch
@@ -21,6 +22,8 @@ from ._library import ops
 
 def _check_options(logits, target, weight, ignore_index, reduction, label_smoothing):
     c = logits.shape[1]
+    if c < 1:
+        raise ValueError(f"logits must have at least one class (dim 1), got shape {list(logits.shape)}")
     if weight is not None:
         _utils.check_tensor("weight", weight)
         if weight.shape != (c,):

@@ -54,4 +54,7 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         oh, ow = math.floor(h * sh), math.floor(w * sw)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"the output size must be positive, got {(oh, ow)}")
+    if oh >= 2**31 or ow >= 2**31:
+        raise ValueError(f"the output size must be below 2^31 per side, got {(oh, ow)} "
+                         f"(size={size!r}, scale_factor={scale_factor!r})")
     return ops.upsample_bilinear(input, oh, ow, bool(align_corners), sh, sw)

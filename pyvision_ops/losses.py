@@ -129,6 +129,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     ``"present"`` averages over classes present in the labels, ``"all"`` over all,
     or a list of class indices. ``per_image=True`` averages per-image losses.
     No valid position, or no present class: the loss is 0 with zero gradients.
+    A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
+    CUDA (no device-to-host sync) such a position is background for every class.
     The loss is fp32 (fp64 for fp64 input). One op computes every row's loss and
     its gradient: on the CPU each (group, class) row is a stable radix sort and one
     walk, rows in parallel; on CUDA one batched sort and a block scan.
@@ -140,6 +142,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
         if classes not in ("present", "all"):
             raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
     n, c = probas.shape[:2]
+    if c < 1:
+        raise ValueError(f"probas must have at least one class (dim 1), got shape {list(probas.shape)}")
     sel = None
     if not isinstance(classes, str):
         sel = torch.as_tensor(classes, dtype=torch.int64)
@@ -166,8 +170,18 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     Errors ``1 - logit * (2 label - 1)``, sorted descending (stable), dotted with the
     Lovasz gradient after a ReLU; ``per_image=True`` averages per-image losses. An
     image with no valid position contributes 0. The loss is fp32 (fp64 for fp64).
+    A label other than 0, 1 and ``ignore_index`` raises on the CPU; on CUDA (no
+    device-to-host sync) it counts as 0.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != 0) & (labels != 1)
+        if ignore_index is not None:
+            bad &= labels != ignore_index
+        if bool(bad.any()):
+            raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
     n = logits.shape[0]
     x = logits.reshape(n, -1)
     y = labels.reshape(n, -1).to(torch.int64)

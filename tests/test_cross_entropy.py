@@ -92,6 +92,8 @@ def test_gradcheck_opcheck_compile():
          ValueError, "weight"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3])), RuntimeError, "outside"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([0, -5])), RuntimeError, "outside"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 0, 3), torch.zeros(2, 3, dtype=torch.long)), ValueError,
+         "class"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg"),
          ValueError, "reduction"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.5),

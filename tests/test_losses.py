@@ -391,7 +391,7 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
         assert go.dtype == dtype
         torch.testing.assert_close(go.double(), gr, rtol=1e-3, atol=1e-3)
     opcheck(ops.lovasz_softmax_rows, (p.float().reshape(2, 5, -1).requires_grad_(), y.reshape(2, -1), 255, False))
-    opcheck(ops.lovasz_softmax_rows, (p.double().reshape(2, 5, -1), y.reshape(2, -1), None, True))
+    opcheck(ops.lovasz_softmax_rows, (p.double().reshape(2, 5, -1), (y % 5).reshape(2, -1), None, True))
     # a NaN probability makes its rows' losses NaN (it sorts first), not a crash
     bad = p.float().clone()
     bad[0, 1, 0, 0] = float("nan")
@@ -413,6 +413,13 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
          ValueError, "classes"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), TypeError,
          "logits"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.full((2, 4), 3)), RuntimeError, "labels value 3"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.full((2, 4), -1), ignore_index=255), RuntimeError,
+         "outside"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 0, 4), torch.zeros(2, 4, dtype=torch.long)), ValueError, "class"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.full((2, 4), 2)), ValueError, "labels"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index="x"), TypeError,
+         "ignore_index"),
     ],
 )
 def test_lovasz_bad_input(call, exc, words):
