@@ -40,11 +40,11 @@ inline T ge_threshold(double thr) {
 // exp for float without branches or calls, so CPU loops vectorise: 2^k * p(r),
 // |r| <= ln2 / 2, degree-6 Taylor polynomial; relative error < 3e-7 on [-87, 0].
 // Arguments below -87 give 0, NaN gives NaN. Callers take it of values <= 0.
-PVO_HD float exp_approx(float x0) {
+PVO_HD float exp_approx(float x) {
 #ifdef __CUDA_ARCH__
-  return expf(x0);
+  return expf(x);
 #else
-  const float x = x0 < -87.f ? -87.f : (x0 == x0 ? x0 : 0.f);  // a NaN is put back at the end
+  x = x < -87.f ? -87.f : x;  // NaN stays NaN
   const float kf = std::floor(x * 1.4426950408889634f + 0.5f);
   const float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;  // x - k ln2, two parts
   float p = 1.f / 720.f;
@@ -54,10 +54,15 @@ PVO_HD float exp_approx(float x0) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  // 2^k from the bits of k + 1.5 * 2^23, where the integer k sits in the low mantissa bits:
+  // no float-to-int conversion, which a NaN would make undefined (p is NaN then anyway).
+  const float shifted = kf + 12582912.f;
+  uint32_t bits;  // unsigned: wraps, never overflows
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x0 != x0 ? x0 : (x <= -87.f ? 0.f : p * scale);
+  return x <= -87.f ? 0.f : p * scale;
 #endif
 }
 PVO_HD double exp_approx(double x) { return std::exp(x); }
