@@ -102,9 +102,12 @@ def soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=1e-3, 
             if math.isnan(iou):
                 continue
             if method == "gaussian":
-                s[j] *= math.exp(-(iou * iou) / sigma)
+                f = math.exp(-(iou * iou) / sigma)
             elif iou >= iou_threshold:
-                s[j] *= (1 - iou) if method == "linear" else 0.0
+                f = (1 - iou) if method == "linear" else 0.0
+            else:
+                f = 1.0
+            s[j] = 0.0 if f == 0 else s[j] * f  # a factor of 0 gives 0, also for a +-inf score
             if s[j] < score_threshold:
                 del s[j]
     return torch.tensor(keep, dtype=torch.int64), torch.tensor(kept_scores, dtype=torch.float64)

@@ -214,6 +214,31 @@ def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
     torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
+def infinite_score_detections(seed):
+    """30 boxes with a +inf, a -inf and a NaN score, and a copy of the +inf box (IoU 1)."""
+    g = gen(seed)
+    xy = torch.rand(30, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + torch.rand(30, 2, generator=g) * 30], 1)
+    scores = torch.rand(30, generator=g)
+    scores[[3, 7, 11]] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    boxes[19] = boxes[3]
+    return boxes, scores
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+@pytest.mark.parametrize("score_threshold", [1e-3, float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_nms_infinite_scores_match_reference(method, score_threshold, dtype):
+    # A factor of 0 (hard; linear at IoU 1) takes even an inf score to 0, not NaN; with a
+    # -inf threshold a -inf score is selected too (last).
+    for seed in range(5):
+        boxes, scores = infinite_score_detections(seed)
+        keep, dec = P.soft_nms(boxes.to(dtype), scores.to(dtype), method=method, score_threshold=score_threshold)
+        rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, 0.5, score_threshold, method)
+        torch.testing.assert_close(keep, rkeep)
+        torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_batched_soft_nms_bf16_merges_by_fp32_scores():
     # Categories merge by the fp32 scores the kernels compared (as on CUDA), not by their
     # bf16 rounding: the result equals the fp32 run's order.
@@ -413,6 +438,18 @@ def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype):
             k_gpu, s_gpu = P.batched_soft_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), **kw)
             k_cpu, s_cpu = P.batched_soft_nms(boxes, scores, idxs, **kw)
         assert_soft_close(k_gpu.cpu(), s_gpu.cpu(), k_cpu, s_cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("score_threshold", [1e-3, float("-inf")])
+def test_cuda_soft_nms_infinite_scores_match_cpu(score_threshold):
+    for method in ("gaussian", "linear", "hard"):
+        for seed in range(3):
+            boxes, scores = infinite_score_detections(seed)
+            kw = dict(method=method, score_threshold=score_threshold)
+            k_gpu, s_gpu = P.soft_nms(boxes.cuda(), scores.cuda(), **kw)
+            k_cpu, s_cpu = P.soft_nms(boxes, scores, **kw)
+            assert_soft_close(k_gpu.cpu(), s_gpu.cpu(), k_cpu, s_cpu)
 
 
 @pytest.mark.gpu

@@ -90,6 +90,13 @@ PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
   return hit ? T(0) : T(1);
 }
 
+// A decayed score: score * factor, but 0 for a factor of 0 (the hard method, or the
+// linear one at IoU 1), so that a +-inf score becomes 0 there rather than NaN.
+template <typename T>
+PVO_HD T decay_score(T score, T factor) {
+  return factor == T(0) ? T(0) : score * factor;
+}
+
 // Host side of both soft_nms ops: the groups' selections (each group in selection order,
 // scores in the kernels' precision) merged by decreasing score, ties keeping group order,
 // then the scores cast to the input's dtype; so both devices order them alike.

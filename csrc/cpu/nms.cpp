@@ -182,7 +182,7 @@ __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, c
 #pragma omp simd reduction(max : bm)
     for (int64_t j = b0; j < end; ++j) {
       const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
-      const T v = s[j] * nms::decay<T>(iou, METHOD, thr, inv_sigma);
+      const T v = nms::decay_score(s[j], nms::decay<T>(iou, METHOD, thr, inv_sigma));
       const int32_t gone = drop[j] | (v < score_thr);
       s[j] = v;
       drop[j] = gone;
@@ -296,13 +296,16 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
   while (true) {
     T best = none;
     for (int64_t b = 0; b < nb; ++b) best = block_max[b] > best ? block_max[b] : best;
-    if (!(best >= score_thr) || best == none) break;  // nothing eligible is left
-    int64_t m = -1;  // the highest-ranked (lowest position) entry holding the best score
+    if (!(best >= score_thr)) break;  // nothing eligible is left
+    // The highest-ranked (lowest position) live entry holding the best score. `none` is also
+    // a live score (-inf) when score_thr is -inf: then no entry found means none is left.
+    int64_t m = -1;
     for (int64_t b = 0; b < nb; ++b) {
       if (block_max[b] != best) continue;
       for (int64_t j = b * kBlock; j < std::min(n, (b + 1) * kBlock); ++j)
         if (!drop[j] && score[j] == best && (m < 0 || s.pos[j] < s.pos[m])) m = j;
     }
+    if (m < 0) break;
     out.emplace_back(s.pos[m], score[m]);
     drop[m] = 1;
     const Box<T> a = s.box(m);

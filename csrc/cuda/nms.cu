@@ -381,7 +381,9 @@ __device__ __forceinline__ Box<T> warp_union(Box<T> b) {
 
 template <typename T, int METHOD>
 __device__ __forceinline__ T decayed(T score, const Box<T>& a, const Box<T>& b, T thr, T inv_sigma) {
-  return score * nms::decay<T>(box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0)), METHOD, thr, inv_sigma);
+  return nms::decay_score(score,
+                          nms::decay<T>(box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0)), METHOD, thr,
+                                        inv_sigma));
 }
 
 // Best live box of a thread's K register slots (`pos` strided by 32: the thread's entries).
