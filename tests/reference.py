@@ -107,7 +107,7 @@ def soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=1e-3, 
                 f = (1 - iou) if method == "linear" else 0.0
             else:
                 f = 1.0
-            s[j] = 0.0 if f == 0 else s[j] * f  # a factor of 0 gives 0, also for a +-inf score
+            s[j] = 0.0 if f == 0 and not math.isnan(s[j]) else s[j] * f  # a factor of 0 gives 0, even for +-inf
             if s[j] < score_threshold:
                 del s[j]
     return torch.tensor(keep, dtype=torch.int64), torch.tensor(kept_scores, dtype=torch.float64)

@@ -215,13 +215,15 @@ def test_soft_nms_spatial_blocks_match_reference(method, iou_threshold):
 
 
 def infinite_score_detections(seed):
-    """30 boxes with a +inf, a -inf and a NaN score, and a copy of the +inf box (IoU 1)."""
+    """30 boxes with a +inf, a -inf and two NaN scores, copies of the +inf box and of a NaN
+    one (IoU 1: NaN scores stay NaN, selected first)."""
     g = gen(seed)
     xy = torch.rand(30, 2, generator=g) * 50
     boxes = torch.cat([xy, xy + torch.rand(30, 2, generator=g) * 30], 1)
     scores = torch.rand(30, generator=g)
-    scores[[3, 7, 11]] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    scores[[3, 7, 11, 23]] = torch.tensor([float("inf"), float("-inf"), float("nan"), float("nan")])
     boxes[19] = boxes[3]
+    boxes[23] = boxes[11]
     return boxes, scores
 
 

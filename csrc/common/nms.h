@@ -91,10 +91,11 @@ PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
 }
 
 // A decayed score: score * factor, but 0 for a factor of 0 (the hard method, or the
-// linear one at IoU 1), so that a +-inf score becomes 0 there rather than NaN.
+// linear one at IoU 1), so that a +-inf score becomes 0 there rather than NaN. A NaN
+// score stays NaN (NaN scores are selected first whatever they overlap).
 template <typename T>
 PVO_HD T decay_score(T score, T factor) {
-  return factor == T(0) ? T(0) : score * factor;
+  return factor == T(0) && score == score ? T(0) : score * factor;
 }
 
 // Host side of both soft_nms ops: the groups' selections (each group in selection order,

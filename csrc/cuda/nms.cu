@@ -488,11 +488,11 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
   } else {
     int32_t* alive_g = alive_all + s;
     Key<T> lbest = dead_key<T>();
-    for (int j = tid; j < n; j += nt) {
+    for (int64_t j = tid; j < n; j += nt) {
       const T v = scores[s + j];
       alive_g[j] = !(v < score_thr);
       if (alive_g[j]) {
-        const Key<T> key = live_key(v, j);
+        const Key<T> key = live_key(v, static_cast<int>(j));
         if (key_greater(key, lbest)) lbest = key;
       }
     }
@@ -509,7 +509,7 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
       }
       ++count;
       lbest = dead_key<T>();
-      for (int j = tid; j < n; j += nt) {
+      for (int64_t j = tid; j < n; j += nt) {
         if (!alive_g[j]) continue;
         T v = scores[s + j];
         const Box<T> b = load_box(boxes, s + j);
@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
             continue;
           }
         }
-        const Key<T> key = live_key(v, j);
+        const Key<T> key = live_key(v, static_cast<int>(j));
         if (key_greater(key, lbest)) lbest = key;
       }
     }
