@@ -166,14 +166,17 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layou
     if (threadIdx.x < rows) diag[threadIdx.x] = m[(rb * kWord + threadIdx.x) * words + rb];
     __syncthreads();
     if (threadIdx.x == 0) {
-      unsigned long long rem = removed[rb], k = 0;
+      // Jump from one surviving row to the next (rows in increasing order; diag[r] only has
+      // bits above r): as many steps as kept rows, not 64.
+      const unsigned long long in_block = rows == kWord ? ~0ull : (1ull << rows) - 1;
+      unsigned long long rem = removed[rb], k = 0, cand = ~rem & in_block;
       int nk = 0;
-      for (int r = 0; r < rows; ++r) {
-        if (!((rem >> r) & 1ull)) {
-          k |= 1ull << r;
-          rem |= diag[r];
-          kept_rows[nk++] = r;
-        }
+      while (cand) {
+        const int r = __ffsll(static_cast<long long>(cand)) - 1;
+        k |= 1ull << r;
+        rem |= diag[r];
+        kept_rows[nk++] = r;
+        cand = ~rem & in_block & ~((2ull << r) - 1);  // rows above r still standing (0 after r = 63)
       }
       kept = k;
       n_kept = nk;
