@@ -2,13 +2,13 @@
 
 Same per-position formulas as csrc/cpu/cross_entropy.cpp, fp32 math (fp64 for fp64
 logits). Each program owns a block of positions of one image and walks the classes
-(coalesced loads of one class plane at a time, no padding of C, no cross-thread
-reductions) once: an online log-sum-exp (running max and rescaled sum) and the
-target/weight terms, so the forward reads the logits once. The fused upsample version computes each
-upsampled logit from its 4 low-resolution taps inside the program; its backward is
-gather-based and separable like the bilinear one (kernels/interpolate.py), so it is
-deterministic, and its only full-resolution buffer is one row-contracted block of
-classes of at most N*H*W values.
+once (coalesced loads of one class plane at a time, no padding of C, no cross-thread
+reductions): an online log-sum-exp (running max and rescaled sum) and the
+target/weight terms, so the forward reads the logits once. The fused upsample
+version computes each upsampled logit from its 4 low-resolution taps inside the
+program; its backward is gather-based and separable like the bilinear one
+(kernels/interpolate.py), so it is deterministic, and its only full-resolution
+buffer is one row-contracted block of classes of at most N*H*W values.
 """
 
 import torch
