@@ -121,7 +121,7 @@ __global__ void mask_kernel(const S* __restrict__ boxes, const int64_t* __restri
                             unsigned long long* __restrict__ mask) {
   int64_t c = 0, rb = blockIdx.y, cb = blockIdx.x;
   if (tiles) {
-    const int64_t* tile = tiles + blockIdx.x * 3;
+    const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * 3;
     c = tile[0], rb = tile[1], cb = tile[2];
   } else if (cb < rb) {
     return;
