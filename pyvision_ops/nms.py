@@ -97,7 +97,10 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     ``score_threshold`` (boxes that start below it are never selected).
     ``keep`` is in selection order, which is decreasing ``decayed_scores``;
     ``decayed_scores[i]`` is the score box ``keep[i]`` had when selected, in the
-    dtype of ``scores``. Ties go to the lower index; NaN scores are selected first.
+    dtype of ``scores``. Ties go to the lower index; NaN scores are selected first
+    (and stay NaN). A factor of 0 takes any other score to 0, also an infinite one
+    (rather than NaN); with ``score_threshold=-inf`` a -inf score is selected too.
+    A box with a NaN coordinate neither decays nor is decayed.
     """
     return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)
 
