@@ -6,9 +6,14 @@
 //   loss = a_t ce m^gamma, a_t = alpha t + (1 - alpha)(1 - t) (1 when alpha < 0).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <string>
 
 #include "common/nms.h"  // exp_approx
 
@@ -32,6 +37,16 @@ PVO_HD float log1p_unit(float u) {
   return 2.f * s * p;
 }
 PVO_HD double log1p_unit(double u) { return std::log1p(u); }
+
+// Class indices must be in [0, C) or ignore_index; checked by the CPU kernels (the CUDA
+// ones never index with them, and checking there would cost a sync). `what` names them.
+inline void check_labels(const char* what, const at::Tensor& y, int64_t C, std::optional<int64_t> ignore_index) {
+  const int64_t* py = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    TORCH_CHECK((ignore_index && py[i] == *ignore_index) || (py[i] >= 0 && py[i] < C), what, " value ",
+                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
+  }
+}
 
 // log(v) for normal v > 0: v = 2^k f with f in [1, 2), log v = k ln 2 + log1p(f - 1); NaN
 // gives NaN.

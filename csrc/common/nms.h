@@ -90,6 +90,23 @@ PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
   return hit ? T(0) : T(1);
 }
 
+// False only when no box inside `u` (a union of boxes) can meet `a` with positive area.
+// Such a box has IoU 0 or NaN with `a`, so a decay factor of exactly 1 (except the hard
+// method with a threshold <= 0, which callers exclude). NaN in `a` answers true.
+template <typename T>
+PVO_HD bool may_overlap(const box::Box<T>& a, const box::Box<T>& u) {
+  return !(a.x2 <= u.x1 || u.x2 <= a.x1 || a.y2 <= u.y1 || u.y2 <= a.y1);
+}
+
+// The 16 low bits of x on the even bits of the result (one axis of a Morton code).
+PVO_HD uint32_t spread16(uint32_t x) {
+  x &= 0xffffu;
+  x = (x | (x << 8)) & 0x00ff00ffu;
+  x = (x | (x << 4)) & 0x0f0f0f0fu;
+  x = (x | (x << 2)) & 0x33333333u;
+  return (x | (x << 1)) & 0x55555555u;
+}
+
 // A decayed score: score * factor, but 0 for a factor of 0 (the hard method, or the
 // linear one at IoU 1), so that a +-inf score becomes 0 there rather than NaN. A NaN
 // score stays NaN (NaN scores are selected first whatever they overlap).

@@ -64,15 +64,6 @@ struct Classes {
   }
 };
 
-// Class-index targets must be in [0, C) or ignore_index (checked on the host: CPU kernels).
-void check_targets(const at::Tensor& y, int64_t C, int64_t ignore_index) {
-  const int64_t* py = y.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < y.numel(); ++i) {
-    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < C), "cross_entropy: target value ",
-                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
-  }
-}
-
 // Over the C planes (stride S) of a block of n positions: lse[j], wz[j] = sum_c w_c z_c and
 // zy[j] = z_{y_j}, in two passes over the logits.
 template <typename scalar_t, typename T>
@@ -131,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
   auto loss = at::empty({N, S}, z.options().dtype(acc));
   auto wpos = at::empty({N, S}, z.options().dtype(acc));
   auto lse = at::empty({N, S}, z.options().dtype(acc));
-  check_targets(y, C, ignore_index);
+  losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
   if (N * S == 0) return {loss, wpos, lse};
   const int64_t nb = (S + kBlock - 1) / kBlock;
@@ -246,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
   auto loss = at::empty({N, H, W}, z.options().dtype(acc));
   auto wpos = at::empty({N, H, W}, z.options().dtype(acc));
   auto lse = at::empty({N, H, W}, z.options().dtype(acc));
-  check_targets(y, C, ignore_index);
+  losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
   if (y.numel() == 0) return {loss, wpos, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {

@@ -154,16 +154,6 @@ __attribute__((target_clones("avx2", "default"))) void class_sums(const T* __res
   card = b;
 }
 
-// Class indices must be in [0, C) or ignore_index; checked by the CPU kernels (the CUDA
-// ones never index with them).
-void check_labels(const char* what, const at::Tensor& y, int64_t C, std::optional<int64_t> ignore_index) {
-  const int64_t* py = y.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < y.numel(); ++i) {
-    TORCH_CHECK((ignore_index && py[i] == *ignore_index) || (py[i] >= 0 && py[i] < C), what, " value ",
-                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
-  }
-}
-
 at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
   check_dice("dice_stats", logits, target);
   const int64_t N = logits.size(0), C = logits.size(1), HW = logits.numel() / std::max<int64_t>(N * C, 1);
@@ -172,7 +162,7 @@ at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, in
   const int64_t nb = (HW + kPixBlock - 1) / kPixBlock;
   const bool f64 = z.scalar_type() == at::kDouble;
   auto partial = at::zeros({N * nb, 2, C}, z.options().dtype(f64 ? at::kDouble : at::kFloat));
-  check_labels("dice_loss: target", y, C, ignore_index);
+  losses::check_labels("dice_loss: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dice_stats_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -394,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lovasz_softmax_rows_cpu(const at:
   const auto acc_type = probas.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto p = probas.contiguous();
   auto y = labels.contiguous();
-  check_labels("lovasz_softmax: labels", y, C, ignore_index);
+  losses::check_labels("lovasz_softmax: labels", y, C, ignore_index);
   auto losses = at::zeros({G, C}, probas.options().dtype(acc_type));
   auto grad = at::empty({N, C, S}, probas.options().dtype(acc_type));  // every entry is written
   auto counts = at::zeros({G, C}, probas.options().dtype(at::kLong));

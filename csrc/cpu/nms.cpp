@@ -208,12 +208,6 @@ std::vector<uint32_t> morton_codes(const Soa<T>& s, int64_t begin, int64_t end) 
       lo_y = std::min(lo_y, cy[j - begin]), hi_y = std::max(hi_y, cy[j - begin]);
     }
   }
-  auto spread = [](uint32_t v) {  // 16 bits -> every other bit of 32
-    v = (v | (v << 8)) & 0x00FF00FFu;
-    v = (v | (v << 4)) & 0x0F0F0F0Fu;
-    v = (v | (v << 2)) & 0x33333333u;
-    return (v | (v << 1)) & 0x55555555u;
-  };
   const double sx = hi_x > lo_x ? 65535.0 / (double(hi_x) - double(lo_x)) : 0.0;
   const double sy = hi_y > lo_y ? 65535.0 / (double(hi_y) - double(lo_y)) : 0.0;
   std::vector<uint32_t> code(end - begin);
@@ -224,7 +218,7 @@ std::vector<uint32_t> morton_codes(const Soa<T>& s, int64_t begin, int64_t end) 
     }
     const auto qx = static_cast<uint32_t>((double(cx[j]) - double(lo_x)) * sx);
     const auto qy = static_cast<uint32_t>((double(cy[j]) - double(lo_y)) * sy);
-    code[j] = spread(qx) | (spread(qy) << 1);
+    code[j] = nms::spread16(qx) | (nms::spread16(qy) << 1);
   }
   return code;
 }
@@ -312,7 +306,7 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
     bool own_visited = false;
     for (int64_t b = 0; b < nb; ++b) {
       const Box<T>& u = ub[b];
-      if (!visit_all && !(a.x1 < u.x2 && u.x1 < a.x2 && a.y1 < u.y2 && u.y1 < a.y2)) continue;
+      if (!visit_all && !nms::may_overlap(a, u)) continue;
       const int64_t b0 = b * kBlock, len = std::min(n, b0 + kBlock) - b0;
       decay_pass<T, METHOD>(a, s.x1.data() + b0, s.y1.data() + b0, s.x2.data() + b0, s.y2.data() + b0,
                             score.data() + b0, drop.data() + b0, len, thr, inv_sigma, score_thr, block_max.data() + b);

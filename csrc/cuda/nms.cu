@@ -361,14 +361,6 @@ __device__ __forceinline__ Key<T> block_max(const Key<T>& warp_best, uint32_t (*
   return warp_max(k);
 }
 
-// False only when no box inside `u` (a union of boxes) can meet `a` with positive area.
-// Such a box has IoU 0 or NaN with `a`, so a decay factor of exactly 1 (except the hard
-// method with a threshold <= 0, which callers exclude). NaN in `a` answers true.
-template <typename T>
-__device__ __forceinline__ bool may_overlap(const Box<T>& a, const Box<T>& u) {
-  return !(a.x2 <= u.x1 || u.x2 <= a.x1 || a.y2 <= u.y1 || u.y2 <= a.y1);
-}
-
 // Union of the warp's boxes in every lane (fmin/fmax skip NaN coordinates: such a box
 // has a NaN IoU, which never decays it).
 template <typename T>
@@ -463,7 +455,7 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
       if (best.w[0] == 0u) break;
       const int j = static_cast<int>(~best.w[Key<T>::W - 1]);
       const Box<T> a = load_box(boxes, s + j);
-      bool touched = !skip || may_overlap(a, warp_u);
+      bool touched = !skip || nms::may_overlap(a, warp_u);
       if (key_equal(wbest, best)) {  // the selected box is this warp's
         touched = true;
         if (key_equal(lbest, best)) {
@@ -478,7 +470,7 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
       if (touched) {  // warp-uniform, as is every condition on a slot union
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          if (skip && !may_overlap(a, slot_union[warp * K + k])) continue;
+          if (skip && !nms::may_overlap(a, slot_union[warp * K + k])) continue;
           if (alive >> k & 1u) {
             sc[k] = decayed<T, METHOD>(sc[k], a, bx[k], thr, inv_sigma);
             if (sc[k] < score_thr) alive &= ~(1u << k);
@@ -516,7 +508,7 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
         if (!alive_g[j]) continue;
         T v = scores[s + j];
         const Box<T> b = load_box(boxes, s + j);
-        if (!skip || may_overlap(a, b)) {
+        if (!skip || nms::may_overlap(a, b)) {
           v = decayed<T, METHOD>(v, a, b, thr, inv_sigma);
           scores[s + j] = v;
           if (v < score_thr) {
@@ -535,15 +527,6 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
 // Per box (in group order): its group index above the Morton code of its centre, whose
 // per-axis coordinate is the top 16 bits of the float's order-preserving integer image
 // (monotone, finer near 0); NaN centres last. Sorting by it puts each group in spatial order.
-__device__ __forceinline__ uint32_t spread16(uint32_t x) {
-  x &= 0xffffu;
-  x = (x | (x << 8)) & 0x00ff00ffu;
-  x = (x | (x << 4)) & 0x0f0f0f0fu;
-  x = (x | (x << 2)) & 0x33333333u;
-  x = (x | (x << 1)) & 0x55555555u;
-  return x;
-}
-
 __device__ __forceinline__ uint32_t order16(float f) {
   const uint32_t u = __float_as_uint(f);
   return ((u >> 31) ? ~u : (u | 0x80000000u)) >> 16;
@@ -556,7 +539,8 @@ __global__ void morton_kernel(const T* __restrict__ boxes, const int64_t* __rest
   if (i >= n) return;
   const Box<T> b = load_box(boxes, i);
   const float cx = static_cast<float>(b.x1 / 2 + b.x2 / 2), cy = static_cast<float>(b.y1 / 2 + b.y2 / 2);
-  const uint32_t code = cx == cx && cy == cy ? spread16(order16(cx)) | (spread16(order16(cy)) << 1) : 0xffffffffu;
+  const uint32_t code =
+      cx == cx && cy == cy ? nms::spread16(order16(cx)) | (nms::spread16(order16(cy)) << 1) : 0xffffffffu;
   keys[i] = (seg ? seg[i] << 32 : int64_t(0)) | static_cast<int64_t>(code);
 }
 
