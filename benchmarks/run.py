@@ -46,38 +46,53 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def run(device: str, only: list[str] | None, quick: bool) -> dict:
+def run(device: str, only: list[str] | None, quick: bool, save=None) -> dict:
+    """Times every selected workload. `save(result)` is called after each row, so that a run
+    cut short (a timeout on a lent GPU) still leaves the rows measured so far. A workload that
+    raises is recorded as a failed row and the run goes on."""
     bandwidth = common.cuda_copy_bandwidth() if device == "cuda" else None
-    rows = []
-    for w in workloads(only):
-        if device not in w.devices or (quick and not w.quick):
-            continue
-        anchor_fn, ours_fn = w.make(device)
-        t_anchor, t_ours = common.time_pair(anchor_fn, ours_fn, device, quick, w.graph)
-        row = {"family": w.family, "workload": w.name, "anchor": w.anchor,
-               "anchor_ms": t_anchor * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_anchor / t_ours}
-        if device == "cuda":
-            row["anchor_peak_mb"] = common.peak_cuda_memory(anchor_fn) / 2**20
-            row["ours_peak_mb"] = common.peak_cuda_memory(ours_fn) / 2**20
-            if w.bytes_moved is not None:
-                row["ours_gbps"] = w.bytes_moved() / t_ours / 1e9
-                row["bandwidth_fraction"] = w.bytes_moved() / t_ours / bandwidth
-        rows.append(row)
-        print(_fmt_row(row), flush=True)
-        del anchor_fn, ours_fn
     info = pyvision_ops.build_info()
-    return {
+    result = {
         "device": device_name(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
         "host": {"machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
                  "torch": torch.__version__, "pyvision_ops": info["version"]},
         "copy_bandwidth_gbps": bandwidth / 1e9 if bandwidth else None,
-        "rows": rows,
+        "rows": [],
     }
+    for w in workloads(only):
+        if device not in w.devices or (quick and not w.quick):
+            continue
+        try:
+            row = _measure(w, device, quick, bandwidth)
+        except Exception as e:  # noqa: BLE001 - one broken workload must not lose the others
+            row = {"family": w.family, "workload": w.name, "anchor": w.anchor,
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+        result["rows"].append(row)
+        print(_fmt_row(row), flush=True)
+        if save:
+            save(result)
+    return result
+
+
+def _measure(w: common.Workload, device: str, quick: bool, bandwidth: float | None) -> dict:
+    anchor_fn, ours_fn = w.make(device)
+    t_anchor, t_ours = common.time_pair(anchor_fn, ours_fn, device, quick, w.graph)
+    row = {"family": w.family, "workload": w.name, "anchor": w.anchor,
+           "anchor_ms": t_anchor * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_anchor / t_ours}
+    if device == "cuda":
+        row["anchor_peak_mb"] = common.peak_cuda_memory(anchor_fn) / 2**20
+        row["ours_peak_mb"] = common.peak_cuda_memory(ours_fn) / 2**20
+        if w.bytes_moved is not None:
+            row["ours_gbps"] = w.bytes_moved() / t_ours / 1e9
+            row["bandwidth_fraction"] = w.bytes_moved() / t_ours / bandwidth
+    return row
 
 
 def _fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['workload']} | {r['anchor']} | failed: {r['error']} |"
     cells = [r["workload"], r["anchor"], f"{r['anchor_ms']:.3f}", f"{r['ours_ms']:.3f}", f"{r['speedup']:.2f}x"]
     if "anchor_peak_mb" in r:
         cells.append(f"{r['anchor_peak_mb']:.1f} / {r['ours_peak_mb']:.1f}")
@@ -106,7 +121,7 @@ def chart(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "speedup" in r]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
     ax.barh([r["workload"] for r in rows], [r["speedup"] for r in rows], color="#3a7")
     ax.axvline(1.0, color="k", lw=0.8)
@@ -132,19 +147,23 @@ def main(argv=None) -> None:
     if only and set(only) - set(families()):
         p.error(f"--only: unknown families {sorted(set(only) - set(families()))}; known: {families()}")
 
-    result = run(args.device, only, args.quick)
+    stem = os.path.join(args.out, device_name(args.device))
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, result["device"])
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(table(result) + "\n")
-    if result["rows"]:
+    result = run(args.device, only, args.quick, save=lambda r: _save(r, stem))
+    if any("speedup" in r for r in result["rows"]):
         chart(result, stem + ".png")
     print()
     print(table(result))
     print(f"\nwrote {stem}.json, .md, .png")
+    if any("error" in r for r in result["rows"]):
+        sys.exit(1)
 
+
+def _save(result: dict, stem: str) -> None:
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table(result) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -31,3 +31,30 @@ def test_missing_extension_gives_one_clear_message():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "make build" in proc.stderr and "pyvision_ops._C" in proc.stderr
+
+
+def test_bench_run_saves_each_row_and_survives_a_failing_workload(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from benchmarks import common, run
+
+    def ok(device):
+        x = torch.ones(8)
+        return (lambda: x + 1), (lambda: x * 2)
+
+    def broken(device):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    fake = [common.Workload("box_iou", "fine", "torch", ok), common.Workload("box_iou", "broken", "torch", broken),
+            common.Workload("box_iou", "fine again", "torch", ok)]
+    monkeypatch.setattr(run, "workloads", lambda only: fake)
+    saved = []
+    result = run.run("cpu", None, quick=True, save=lambda r: saved.append(json.dumps(r)))
+    assert len(saved) == 3  # one save per row: a run cut short keeps what it measured
+    rows = result["rows"]
+    assert [r["workload"] for r in rows] == ["fine", "broken", "fine again"]
+    assert rows[1]["error"] == "RuntimeError: kernel exploded" and "speedup" in rows[2]
+    assert "failed: RuntimeError: kernel exploded" in run.table(result)
+    run.chart(result, str(tmp_path / "c.png"))  # failed rows are left out of the chart

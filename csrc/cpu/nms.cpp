@@ -179,15 +179,27 @@ __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, c
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t end = std::min(n, b0 + kBlock);
     T bm = none;
-#pragma omp simd reduction(max : bm)
+    int32_t inf_times_zero = 0;
+#pragma omp simd reduction(max : bm) reduction(| : inf_times_zero)
     for (int64_t j = b0; j < end; ++j) {
       const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
-      const T v = nms::decay_score(s[j], nms::decay<T>(iou, METHOD, thr, inv_sigma));
+      // A plain product keeps this loop vectorised (a select on NaN does not); the scores
+      // here are never NaN (those are selected first), so a NaN is an infinite score times 0.
+      const T v = s[j] * nms::decay<T>(iou, METHOD, thr, inv_sigma);
       const int32_t gone = drop[j] | (v < score_thr);
       s[j] = v;
       drop[j] = gone;
-      const T cand = (gone || v != v) ? none : v;  // NaN-score entries are picked by position
+      inf_times_zero |= v != v;
+      const T cand = (gone || v != v) ? none : v;
       bm = cand > bm ? cand : bm;
+    }
+    if (inf_times_zero) {  // rare: redo those entries as nms::decay_score defines them
+      for (int64_t j = b0; j < end; ++j) {
+        if (s[j] == s[j]) continue;
+        s[j] = T(0);
+        drop[j] |= T(0) < score_thr;
+        if (!drop[j]) bm = T(0) > bm ? T(0) : bm;
+      }
     }
     block_max[b0 / kBlock] = bm;
     best = bm > best ? bm : best;
