@@ -72,22 +72,24 @@ TORCH_LIBRARY(pyvision_ops, m) {
       "upsample_bilinear_backward(Tensor grad, int in_h, int in_w, bool align_corners, float scale_h, "
       "float scale_w) -> Tensor");
 
-  // Softmax cross-entropy with class-index targets on [N, C, S] logits: per position
-  // (loss, weight of its target class, log-sum-exp); ignored positions give (0, 0, lse).
+  // Softmax cross-entropy with class-index targets on [N, C, S] logits: per position the
+  // loss and the weight of its target class (0 and 0 where ignored), and stats [2, N, S]:
+  // the largest logit m and l = log sum_c exp(z_c - m), which the backward takes.
   m.def(
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "softmax_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "softmax_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int ignore_index, float label_smoothing) -> Tensor");
   // Cross-entropy of bilinearly upsampled [N, C, h, w] logits against [N, H, W] targets, one output
-  // row at a time: the [N, C, H, W] logits never exist. Outputs as softmax_cross_entropy, [N, H, W].
+  // row at a time: the [N, C, H, W] logits never exist. Outputs as softmax_cross_entropy:
+  // loss and target weight [N, H, W], stats [2, N, H, W].
   m.def(
       "upsample_cross_entropy(Tensor logits, Tensor target, bool align_corners, Tensor? weight, int ignore_index, "
       "float label_smoothing) -> (Tensor, Tensor, Tensor)");
   m.def(
       "upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool align_corners, "
-      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing) -> Tensor");
+      "Tensor? weight, Tensor stats, int ignore_index, float label_smoothing) -> Tensor");
 }
 
 namespace {

@@ -4,7 +4,9 @@ Same per-position formulas as csrc/cpu/cross_entropy.cpp, fp32 math (fp64 for fp
 logits). Each program owns a block of positions of one image and walks the classes
 once (coalesced loads of one class plane at a time, no padding of C, no cross-thread
 reductions): an online log-sum-exp (running max and rescaled sum) and the
-target/weight terms, so the forward reads the logits once. The fused upsample
+target/weight terms, all taken from the running max, so the forward reads the logits
+once. It stores the max m and l = log(sum exp(z - m)) of each position as two planes
+of `stats`; the backward recomputes the softmax as exp((z - m) - l). The fused upsample
 version computes each upsampled logit from its 4 low-resolution taps inside the
 program; its backward is gather-based and separable like the bilinear one
 (kernels/interpolate.py), so it is deterministic, and its only full-resolution
@@ -61,25 +63,33 @@ def lse_update(mx, s, z):
 
 
 @triton.jit
-def _ce_update(z, c, y, mx, s, zy, wz, w_ptr, HAS_W: tl.constexpr):
-    """One class: the log-sum-exp state, the target's logit and the weighted sum of logits."""
-    mx, s = lse_update(mx, s, z)
-    return mx, s, zy + tl.where(y == c, z, 0.0), wz + _class_weight(w_ptr, c, HAS_W) * z
+def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr):
+    """One class: the log-sum-exp state, the target's logit, wd = sum of w_k (max - z_k) over the
+    classes so far and wseen = sum of their w_k. Differences from the max, never from a sum
+    of max and log: large logits would round the small part away."""
+    wc = _class_weight(w_ptr, c, HAS_W)
+    new_mx, s = lse_update(mx, s, z)
+    # A larger max moves every earlier term up by the shift; while the max was -inf, the
+    # earlier logits were -inf too and their terms are already infinite.
+    grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
+    term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx - z))
+    return new_mx, s, zy + tl.where(y == c, z, 0.0), wd + grow + term, wseen + wc
 
 
 @triton.jit
-def _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mask,
+def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mask,
                HAS_W: tl.constexpr):
-    """Stores the loss, target weight and log-sum-exp of the positions from the class passes."""
+    """Stores the loss and target weight of the positions, and their stats m and l (planes P apart)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    lse = tl.where(mx == float("-inf"), float("nan"), mx + tl.log(s))  # all logits -inf: NaN, as in two passes
+    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(s))  # all logits -inf: NaN, as on the CPU
     # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
-    hard = tl.where(keep != 0, keep * wy * (lse - zy), 0.0)
-    loss = tl.where(valid, tl.where(spread != 0, hard + spread * (_weight_sum(w_ptr, C, HAS_W) * lse - wz), hard),
+    hard = tl.where(keep != 0, keep * wy * ((mx - zy) + ls), 0.0)
+    loss = tl.where(valid, tl.where(spread != 0, hard + spread * (wd + _weight_sum(w_ptr, C, HAS_W) * ls), hard),
                     0.0)
     tl.store(loss_ptr + offs, loss, mask=mask)
     tl.store(wpos_ptr + offs, wy, mask=mask)
-    tl.store(lse_ptr + offs, lse, mask=mask)
+    tl.store(stats_ptr + offs, mx, mask=mask)
+    tl.store(stats_ptr + P + offs, ls, mask=mask)
 
 
 @triton.jit
@@ -95,7 +105,7 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, nb, ignore_index, keep, spread,
+def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S, P, nb, ignore_index, keep, spread,
                        HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -103,27 +113,30 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, C, S, n
     mx = tl.full((BLOCK,), float("-inf"), acc)
     s = tl.zeros((BLOCK,), acc)
     zy = tl.zeros((BLOCK,), acc)
-    wz = tl.zeros((BLOCK,), acc)
+    wd = tl.zeros((BLOCK,), acc)
+    wseen = tl.zeros((BLOCK,), acc)
     plane = base  # class planes by pointer steps: c * S could pass 2^31
     for c in range(C):
-        mx, s, zy, wz = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wz, w_ptr, HAS_W)
+        mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
+                                          w_ptr, HAS_W)
         plane += S
-    _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mj, HAS_W)
+    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mj, HAS_W)
 
 
 @triton.jit
-def _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
+def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
     """d loss / d z_c = a p_c - b [c = y] - g spread w_c, with a = g (keep w_y + spread W), b = g keep w_y."""
-    return coef_a * tl.exp(z - lse) - tl.where(y == c, coef_b, 0.0) - gs * _class_weight(w_ptr, c, HAS_W)
+    return coef_a * tl.exp((z - mx) - ls) - tl.where(y == c, coef_b, 0.0) - gs * _class_weight(w_ptr, c, HAS_W)
 
 
 @triton.jit
-def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, lse_ptr, dz_ptr, C, S, nb, ignore_index, keep, spread,
+def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index, keep, spread,
                         HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     g = tl.where(valid, tl.load(g_ptr + offs, mask=mj, other=0.0), 0.0).to(acc)
-    lse = tl.load(lse_ptr + offs, mask=mj, other=0.0).to(acc)
+    mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
+    ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
     coef_b = g * keep * wy
@@ -132,7 +145,7 @@ def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, lse_ptr, dz_ptr, C, S, nb, i
     dp = dz_ptr + base
     for c in range(C):
         z = tl.load(zp, mask=mj, other=0.0).to(acc)
-        dz = _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W)
+        dz = _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W)
         tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
         zp += S
         dp += S
@@ -150,16 +163,17 @@ def _weight(weight, logits):
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing):
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
-    loss, wpos, lse = (torch.empty((n, s), dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(3))
+    loss, wpos = (torch.empty((n, s), dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(2))
+    stats = torch.empty((2, n, s), dtype=loss.dtype, device=logits.device)
     if n * nb:
         z = logits.contiguous()
-        _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss, wpos, lse,
-                                      c, s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+        _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss, wpos, stats,
+                                      c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
                                       HAS_W=weight is not None, BLOCK=_BLOCK)
-    return loss, wpos, lse
+    return loss, wpos, stats
 
 
-def softmax_cross_entropy_backward(grad, logits, target, weight, lse, ignore_index, label_smoothing):
+def softmax_cross_entropy_backward(grad, logits, target, weight, stats, ignore_index, label_smoothing):
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
     z = logits.contiguous()
@@ -167,7 +181,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, lse, ignore_ind
     if n * nb:
         acc = acc_dtype(logits.dtype)
         _ce_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(),
-                                       _weight(weight, z), lse.to(acc).contiguous(), dz, c, s, nb,
+                                       _weight(weight, z), stats.to(acc).contiguous(), dz, c, s, n * s, nb,
                                        ignore_index, 1.0 - label_smoothing, label_smoothing / c,
                                        HAS_W=weight is not None, BLOCK=_BLOCK)
     return dz
@@ -188,8 +202,9 @@ def _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H):
 
 
 @triton.jit
-def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
-                          C, h, w, H, W, ignore_index, keep, spread, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0,
+                          xw1, C, h, w, H, W, P, ignore_index, keep, spread, HAS_W: tl.constexpr,
+                          BLOCK: tl.constexpr):
     row = tl.program_id(0)  # image * H + output row
     ox = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mo = ox < W
@@ -201,16 +216,17 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, lse_ptr, yi0,
     mx = tl.full((BLOCK,), float("-inf"), acc)
     s = tl.zeros((BLOCK,), acc)
     zy = tl.zeros((BLOCK,), acc)
-    wz = tl.zeros((BLOCK,), acc)
+    wd = tl.zeros((BLOCK,), acc)
+    wseen = tl.zeros((BLOCK,), acc)
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        mx, s, zy, wz = _ce_update(z, c, y, mx, s, zy, wz, w_ptr, HAS_W)
-    _ce_finish(mx, s, zy, wz, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, lse_ptr, offs, mo, HAS_W)
+        mx, s, zy, wd, wseen = _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W)
+    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mo, HAS_W)
 
 
 @triton.jit
-def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, lse_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
-                             xlo, xhi, C, c0, CC, h, w, H, W, ignore_index, keep, spread, BX,
+def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
+                             xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep, spread, BX,
                              HAS_W: tl.constexpr, FX: tl.constexpr, BXP: tl.constexpr):
     # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
     # summed along x into the low-resolution columns of this program's block.
@@ -221,7 +237,8 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, lse_ptr, t_ptr, yi0, yi
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
     g = tl.where(valid, tl.load(g_ptr + offs, mask=mo, other=0.0), 0.0).to(wa0.dtype)
-    lse = tl.load(lse_ptr + offs, mask=mo, other=0.0)
+    mx = tl.load(stats_ptr + offs, mask=mo, other=0.0)
+    ls = tl.load(stats_ptr + P + offs, mask=mo, other=0.0)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
     coef_b = g * keep * wy
@@ -230,7 +247,7 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, lse_ptr, t_ptr, yi0, yi
     for cc in range(CC):
         c = c0 + cc
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        du = tl.where(mo, _ce_grad(z, c, y, lse, coef_a, coef_b, gs, w_ptr, HAS_W), 0.0)
+        du = tl.where(mo, _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W), 0.0)
         tl.store(t_ptr + ((n * CC + cc) * H + oy) * w + cells, contract_x(du, wmat), mask=mc)
 
 
@@ -245,18 +262,20 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     acc = acc_dtype(logits.dtype)
-    loss, wpos, lse = (torch.empty((n, H, W), dtype=acc, device=logits.device) for _ in range(3))
+    loss, wpos = (torch.empty((n, H, W), dtype=acc, device=logits.device) for _ in range(2))
+    stats = torch.empty((2, n, H, W), dtype=acc, device=logits.device)
     if loss.numel():
         ty, tx = _up_taps(logits, target, align_corners, acc)
         lg = logits.contiguous()
         _up_ce_forward_kernel[(n * H, triton.cdiv(W, _BLOCK))](
-            lg, target.contiguous(), _weight(weight, lg), loss, wpos, lse, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1,
-            tx.w0, tx.w1, c, h, w, H, W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+            lg, target.contiguous(), _weight(weight, lg), loss, wpos, stats, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1,
+            tx.w0, tx.w1, c, h, w, H, W, n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
             HAS_W=weight is not None, BLOCK=_BLOCK)
-    return loss, wpos, lse
+    return loss, wpos, stats
 
 
-def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, lse, ignore_index, label_smoothing):
+def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, stats, ignore_index,
+                                    label_smoothing):
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     lg = logits.contiguous()
@@ -270,13 +289,13 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
-    args = (lg, target.contiguous(), _weight(weight, lg), grad.to(acc).contiguous(), lse.to(acc).contiguous())
+    args = (lg, target.contiguous(), _weight(weight, lg), grad.to(acc).contiguous(), stats.to(acc).contiguous())
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
         _up_ce_contract_x_kernel[(n * H, triton.cdiv(w, tx.bx))](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
-            ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None, FX=tx.fx,
-            BXP=tx.bxp)
+            n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None,
+            FX=tx.fx, BXP=tx.bxp)
         contract_y(tk, dl, ty, dst_first=c0)
     return dl

@@ -29,7 +29,10 @@ def _register_triton(op: str, family: str, launcher: str | None = None) -> None:
 
     def cuda_impl(*args):
         module = importlib.import_module(f"pyvision_ops.kernels.{family}")
-        return getattr(module, launcher)(*args)
+        # Triton launches on the current device and its stream, not on the tensors' device.
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device):
+            return getattr(module, launcher)(*args)
 
     torch.library.register_kernel(f"pyvision_ops::{op}", "cuda", cuda_impl)
     TRITON_KERNELS[op] = f"kernels/{family}.py:{launcher}"
@@ -223,17 +226,32 @@ def _upsample_backward(ctx, grad):
 torch.library.register_autograd("pyvision_ops::upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
 
 
+def _upsample_backward_setup(ctx, inputs, output):
+    grad, in_h, in_w, align_corners, scale_h, scale_w = inputs
+    ctx.args = (grad.shape[2], grad.shape[3], align_corners, scale_h, scale_w)
+
+
+def _upsample_double_backward(ctx, gg):
+    # The backward is linear in its incoming gradient, with the forward as its adjoint.
+    return ops.upsample_bilinear(gg, *ctx.args), None, None, None, None, None
+
+
+torch.library.register_autograd("pyvision_ops::upsample_bilinear_backward", _upsample_double_backward,
+                                setup_context=_upsample_backward_setup)
+
+
 # ------------------------------------------------------------- cross-entropy
 
 @torch.library.register_fake("pyvision_ops::softmax_cross_entropy")
 def _(logits, target, weight, ignore_index, label_smoothing):
     acc = _acc_dtype(logits.dtype)
     shape = (logits.shape[0], logits.shape[2])
-    return logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc)
+    return (logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc),
+            logits.new_empty((2, *shape), dtype=acc))
 
 
 @torch.library.register_fake("pyvision_ops::softmax_cross_entropy_backward")
-def _(grad, logits, target, weight, lse, ignore_index, label_smoothing):
+def _(grad, logits, target, weight, stats, ignore_index, label_smoothing):
     return torch.empty_like(logits)
 
 
@@ -243,12 +261,12 @@ def _ce_setup(ctx, inputs, output):
     ctx.args = (ignore_index, label_smoothing)
 
 
-def _ce_backward(ctx, grad_loss, grad_wpos, grad_lse):
-    # The target weights and the log-sum-exp are not differentiable outputs: only the loss is.
-    logits, target, weight, lse = ctx.saved_tensors
+def _ce_backward(ctx, grad_loss, grad_wpos, grad_stats):
+    # The target weights and the softmax stats are not differentiable outputs: only the loss is.
+    logits, target, weight, stats = ctx.saved_tensors
     if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, lse, *ctx.args)
+        grad_loss = torch.zeros_like(stats[0])
+    dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, *ctx.args)
     return dz, None, None, None, None
 
 
@@ -258,11 +276,12 @@ torch.library.register_autograd("pyvision_ops::softmax_cross_entropy", _ce_backw
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy")
 def _(logits, target, align_corners, weight, ignore_index, label_smoothing):
     acc = _acc_dtype(logits.dtype)
-    return tuple(target.new_empty(target.shape, dtype=acc) for _ in range(3))
+    return (target.new_empty(target.shape, dtype=acc), target.new_empty(target.shape, dtype=acc),
+            target.new_empty((2, *target.shape), dtype=acc))
 
 
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy_backward")
-def _(grad, logits, target, align_corners, weight, lse, ignore_index, label_smoothing):
+def _(grad, logits, target, align_corners, weight, stats, ignore_index, label_smoothing):
     return torch.empty_like(logits)
 
 
@@ -272,12 +291,12 @@ def _up_ce_setup(ctx, inputs, output):
     ctx.args = (align_corners, ignore_index, label_smoothing)
 
 
-def _up_ce_backward(ctx, grad_loss, grad_wpos, grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
+def _up_ce_backward(ctx, grad_loss, grad_wpos, grad_stats):
+    logits, target, weight, stats = ctx.saved_tensors
     align_corners, ignore_index, label_smoothing = ctx.args
     if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, lse, ignore_index,
+        grad_loss = torch.zeros_like(stats[0])
+    dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, stats, ignore_index,
                                              label_smoothing)
     return dz, None, None, None, None, None
 
@@ -380,3 +399,19 @@ _register_triton("softmax_cross_entropy", "cross_entropy")
 _register_triton("softmax_cross_entropy_backward", "cross_entropy")
 _register_triton("upsample_cross_entropy", "cross_entropy")
 _register_triton("upsample_cross_entropy_backward", "cross_entropy")
+
+
+# The other backward ops are not differentiable again: a second derivative through them
+# raises instead of silently giving zeros.
+def _no_double_backward(op: str) -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"pyvision_ops::{op} is not differentiable: double backward (e.g. a gradient penalty "
+                           "through this op) is not supported")
+
+    torch.library.register_autograd(f"pyvision_ops::{op}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
+for _op in ("matched_box_iou_backward", "roi_align_backward", "multi_scale_roi_align_backward",
+            "sigmoid_focal_loss_backward", "dice_stats_backward", "softmax_cross_entropy_backward",
+            "upsample_cross_entropy_backward"):
+    _no_double_backward(_op)

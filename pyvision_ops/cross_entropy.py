@@ -3,16 +3,21 @@ the same on bilinearly upsampled logits without materialising them.
 
 Same values and gradients as ``F.cross_entropy`` for ``[N, C]`` and ``[N, C, d1, ...]``
 logits with class-index targets, ``weight``, ``ignore_index``, ``reduction`` and
-``label_smoothing`` (with torch's weighted-mean normalisation). The forward keeps
-one log-sum-exp per position; the backward recomputes the softmax from it. C++ on
+``label_smoothing`` (with torch's weighted-mean normalisation). The forward keeps two
+numbers per position, the largest logit m and log(sum exp(z - m)); the backward
+recomputes the softmax from them. Every log-softmax difference is taken from m, so fp32
+keeps torch's precision at large logits (all logits near 1e8, or a loss near 0). C++ on
 the CPU (csrc/cpu/cross_entropy.cpp), Triton on CUDA (kernels/cross_entropy.py). The
-loss is fp32 (fp64
-for fp64 logits), fp16/bf16 logits are read with fp32 accumulation. As torch does,
-the mean over a batch whose targets are all ``ignore_index`` is NaN (0 / 0). A
-target outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on CUDA it
-is never used as an index (it counts as a class of weight 0, with no device assert:
-checking would cost a device-to-host sync).
+loss is fp32 (fp64 for fp64 logits), fp16/bf16 logits are read with fp32 accumulation.
+As torch does, the mean is NaN when the target weights sum to 0 (every target
+``ignore_index``, or only zero-weight classes). A target outside ``[0, C)`` that is not
+``ignore_index`` raises on the CPU; on CUDA it is never used as an index (it counts as
+a class of weight 0, with no device assert: checking would cost a device-to-host sync).
+Only the logits are differentiable (a ``weight`` that requires grad is an error, as in
+torch), and only once (double backward raises).
 """
+
+import math
 
 import torch
 
@@ -29,6 +34,8 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape [C] = [{c}], got {list(weight.shape)}")
         _utils.check_same_device(logits=logits, weight=weight)
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight must not require grad: the loss is not differentiable with respect to weight")
     _utils.check_same_device(logits=logits, target=target)
     _utils.check_reduction(reduction)
     eps = _utils.check_float("label_smoothing", label_smoothing)
@@ -44,7 +51,10 @@ def _reduce(loss, wpos, shape, reduction):
         return loss.view(shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / wpos.sum()  # torch's weighted mean; NaN when every target is ignored
+    # torch's weighted mean: NaN when the target weights sum to 0 (with label smoothing the
+    # loss sum is then > 0, which would give inf).
+    wsum = wpos.sum()
+    return torch.where(wsum == 0, float("nan"), loss.sum() / wsum)
 
 
 def _check_tensors(logits, target):
@@ -60,16 +70,20 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
                           reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``softmax(logits, dim=1)``; see the module docstring."""
     _check_tensors(logits, target)
+    out_shape = target.shape
     if logits.dim() == 1:  # unbatched: [C] and a scalar target
+        if target.dim() != 0:
+            raise ValueError(f"target must be a scalar (0-d) for unbatched logits [C]; got {list(target.shape)}")
         logits, target = logits[None], target.reshape(1)
     if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target must be [N, d1, ...] for logits [N, C, d1, ...]; got logits "
                          f"{list(logits.shape)} and target {list(target.shape)}")
     eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
-    loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, -1), target.reshape(n, -1).to(torch.int64),
+    s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
+    loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64),
                                               weight, ignore_index, eps)
-    return _reduce(loss, wpos, target.shape, reduction)
+    return _reduce(loss, wpos, out_shape, reduction)
 
 
 def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_corners: bool = False, weight=None,
@@ -80,8 +94,8 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
 
     ``logits``: ``[N, C, h, w]``; ``target``: ``[N, H, W]``. Forward and backward go
     one output row at a time; the gradient reaches the low-resolution logits
-    directly, accumulated in a fixed order (deterministic). Extra memory is three
-    ``[N, H, W]`` fp32 maps (loss, target weight, log-sum-exp); the CUDA backward
+    directly, accumulated in a fixed order (deterministic). Extra memory is four
+    ``[N, H, W]`` fp32 maps (loss, target weight, max logit, log-sum); the CUDA backward
     adds the incoming gradient as one more and a block of classes' gradient summed
     along x (``[N, c, H, w]`` with ``c * w <= max(W, w)``: at most ``N * H * max(W, w)``
     values).

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,11 +194,11 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
     for a, b in zip(K.softmax_cross_entropy(x, y, wt, -100, label_smoothing),
                     ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    lse = ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)[2]
-    g = torch.rand(2, 45, dtype=lse.dtype)
+    stats = ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)[2]
+    g = torch.rand(2, 45, dtype=stats.dtype)
     half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
-    torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing),
-                               ops.softmax_cross_entropy_backward(g, x, y, wt, lse, -100, label_smoothing), **half)
+    torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, stats, -100, label_smoothing),
+                               ops.softmax_cross_entropy_backward(g, x, y, wt, stats, -100, label_smoothing), **half)
 
 
 def special_logits():
@@ -237,6 +239,63 @@ def test_special_logits_match_torch(kw):
         F.cross_entropy(F.interpolate(x4, size=(4, 6), mode="bilinear"), y4, reduction="none", **kw), equal_nan=True)
 
 
+def shifted_logits(offset, seed=3):
+    """fp32 logits of spread ~3 around `offset`, targets in [0, 10), and the float64 truth."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(512, 10, generator=g, dtype=torch.float64) * 3 + offset).float()
+    return x, torch.randint(0, 10, (512,), generator=g)
+
+
+def _loss_and_grad(fn, x, y, **kw):
+    x = x.detach().requires_grad_()
+    loss = fn(x, y, reduction="none", **kw)
+    return loss.detach().double(), torch.autograd.grad(loss.sum(), [x])[0].double()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1, weight=torch.linspace(0.5, 2, 10))], ids=str)
+def test_fp32_precision_at_large_logits(offset, kw):
+    # Differences are taken from the max logit, not from max + log(sum): at logits ~1e4 the
+    # latter rounded log(sum) away (gradient errors of 4e-4; equal logits of 1e8 gave loss 0).
+    x, y = shifted_logits(offset)
+    ref_l, ref_g = _loss_and_grad(F.cross_entropy, x.double(), y, **{k: v.double() if torch.is_tensor(v) else v
+                                                                     for k, v in kw.items()})
+    ours_l, ours_g = _loss_and_grad(P.softmax_cross_entropy, x, y, **kw)
+    fp32_l, fp32_g = _loss_and_grad(F.cross_entropy, x, y, **kw)  # torch's own fp32 error is the bar
+    assert (ours_l - ref_l).abs().max() <= 3 * (fp32_l - ref_l).abs().max() + 1e-7
+    assert (ours_g - ref_g).abs().max() <= 3 * (fp32_g - ref_g).abs().max() + 1e-7
+    z = torch.full((1, 3, 2, 2), 1e8)
+    y3 = torch.zeros(1, 2, 2, dtype=torch.long)
+    assert abs(P.softmax_cross_entropy(z, y3).item() - math.log(3)) < 1e-6
+    assert abs(P.upsample_cross_entropy(z, y3).item() - math.log(3)) < 1e-6
+    g = torch.autograd.grad(P.softmax_cross_entropy(z.requires_grad_(), y3, reduction="sum"), [z])[0]
+    torch.testing.assert_close(g[0, :, 0, 0], torch.tensor([-2 / 3, 1 / 3, 1 / 3]))
+
+
+@pytest.mark.interpreter
+def test_triton_cross_entropy_interpreter_large_logits():
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y = shifted_logits(1e4)
+    x3, y2 = x.T[None].contiguous(), y[None]
+    w = torch.linspace(0.5, 2, 10)
+    for wt, ls in ((None, 0.0), (w, 0.1)):
+        xd = x.double().requires_grad_()
+        ref = F.cross_entropy(xd, y, weight=None if wt is None else wt.double(), label_smoothing=ls, reduction="none")
+        ref_g = torch.autograd.grad(ref.sum(), [xd])[0]
+        loss, _, stats = K.softmax_cross_entropy(x3, y2, wt, -100, ls)
+        fp32_l, fp32_g = _loss_and_grad(F.cross_entropy, x, y, weight=wt, label_smoothing=ls)
+        assert (loss[0].double() - ref).abs().max() <= 3 * (fp32_l - ref).abs().max() + 1e-7
+        g = K.softmax_cross_entropy_backward(torch.ones(1, 512), x3, y2, wt, stats, -100, ls)
+        assert (g[0].T.double() - ref_g).abs().max() <= 3 * (fp32_g - ref_g).abs().max() + 1e-7
+    z = torch.full((1, 3, 2, 2), 1e8)
+    y3 = torch.zeros(1, 2, 2, dtype=torch.long)
+    loss, _, stats = K.upsample_cross_entropy(z, y3, False, None, -100, 0.0)
+    torch.testing.assert_close(loss, torch.full((1, 2, 2), math.log(3)))
+    g = K.upsample_cross_entropy_backward(torch.ones(1, 2, 2), z, y3, False, None, stats, -100, 0.0)
+    torch.testing.assert_close(g[0, :, 0, 0], torch.tensor([-2 / 3, 1 / 3, 1 / 3]))
+
+
 @pytest.mark.interpreter
 def test_triton_cross_entropy_interpreter_special_logits():
     # The one-pass log-sum-exp gives what two passes give: -inf logits (in the first class,
@@ -248,7 +307,7 @@ def test_triton_cross_entropy_interpreter_special_logits():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
     finite = torch.ones(2, 6, dtype=torch.bool)
     finite[0, 1:4] = False
-    assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0)[2][finite]).all()
+    assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0)[2][:, finite]).all()
     x4, y4 = x.reshape(2, 4, 2, 3), torch.randint(0, 4, (2, 4, 6), generator=torch.Generator().manual_seed(2))
     for ls in (0.0, 0.2):
         fwd = ops.upsample_cross_entropy(x4, y4, False, None, -100, ls)
@@ -273,6 +332,20 @@ def test_cuda_cross_entropy_matches_cpu(dtype):
         tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
         torch.testing.assert_close(torch.autograd.grad(a, [xg])[0].cpu(), torch.autograd.grad(b, [xc])[0],
                                    rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_cuda_cross_entropy_precision_at_large_logits():
+    x, y = shifted_logits(1e4)
+    w = torch.linspace(0.5, 2, 10)
+    for kw in (dict(), dict(label_smoothing=0.1, weight=w)):
+        ref_l, ref_g = _loss_and_grad(F.cross_entropy, x.double(), y, **{k: v.double() if torch.is_tensor(v) else v
+                                                                         for k, v in kw.items()})
+        fp32_l, fp32_g = _loss_and_grad(F.cross_entropy, x, y, **kw)
+        ours_l, ours_g = _loss_and_grad(P.softmax_cross_entropy, x.cuda(), y.cuda(),
+                                        **{k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()})
+        assert (ours_l.cpu() - ref_l).abs().max() <= 3 * (fp32_l - ref_l).abs().max() + 1e-7
+        assert (ours_g.cpu() - ref_g).abs().max() <= 3 * (fp32_g - ref_g).abs().max() + 1e-7
 
 
 @pytest.mark.gpu
@@ -337,3 +410,37 @@ def test_cuda_upsample_ce_matches_cpu():
         assert torch.equal(ga, torch.autograd.grad(P.upsample_cross_entropy(
             xg, y.cuda(), ignore_index=255, **{k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}),
             [xg])[0])
+
+
+def test_empty_batch_unbatched_shapes_and_weight_rules():
+    for reduction in ("mean", "sum", "none"):
+        for shape in ((0, 3), (0, 3, 4)):
+            x = torch.randn(shape)
+            y = torch.zeros((0,) + shape[2:], dtype=torch.long)
+            torch.testing.assert_close(P.softmax_cross_entropy(x, y, reduction=reduction),
+                                       F.cross_entropy(x, y, reduction=reduction), equal_nan=True)
+    x, y = torch.randn(4, dtype=torch.float64), torch.tensor(1)
+    ours = P.softmax_cross_entropy(x, y, reduction="none")
+    assert ours.shape == () and torch.allclose(ours, F.cross_entropy(x, y, reduction="none"))
+    with pytest.raises(ValueError, match="target"):
+        P.softmax_cross_entropy(x, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="weight"):
+        P.softmax_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), weight=torch.rand(3, requires_grad=True))
+    with torch.no_grad():  # no gradient wanted: allowed
+        P.softmax_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), weight=torch.rand(3, requires_grad=True))
+    # Target weights summing to 0 under label smoothing: NaN as in torch (the smoothing sum alone is > 0)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 0, 0])
+    w = torch.tensor([0.0, 1, 1, 1], dtype=torch.float64)
+    assert torch.isnan(F.cross_entropy(x, y, weight=w, label_smoothing=0.2))
+    assert torch.isnan(P.softmax_cross_entropy(x, y, weight=w, label_smoothing=0.2))
+    x4, y4 = x.T.reshape(1, 4, 3, 1), y.reshape(1, 3, 1)
+    assert torch.isnan(P.upsample_cross_entropy(x4, y4, weight=w, label_smoothing=0.2))
+
+
+def test_double_backward_raises():
+    x, y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randint(0, 4, (3, 5))
+    for loss in (P.softmax_cross_entropy(x, y, reduction="sum"),
+                 P.upsample_cross_entropy(x.reshape(3, 4, 5, 1), y.reshape(3, 5, 1), reduction="sum")):
+        (g,) = torch.autograd.grad(loss, [x], create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(g.square().sum(), [x])

@@ -51,6 +51,9 @@ def test_backward_is_deterministic_and_gradcheck():
     xs = feature(n=1, c=2, h=3, w=4).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: P.interpolate_bilinear(t, size=(5, 7)), (xs,))
     assert torch.autograd.gradcheck(lambda t: P.interpolate_bilinear(t, scale_factor=1.7, align_corners=True), (xs,))
+    # Second derivatives: the backward is linear in the incoming gradient, with the forward as its adjoint.
+    assert torch.autograd.gradgradcheck(lambda t: P.interpolate_bilinear(t, size=(5, 7)), (xs,))
+    assert torch.autograd.gradgradcheck(lambda t: P.interpolate_bilinear(t, scale_factor=0.6), (xs,))
 
 
 def test_empty_and_nan():

@@ -58,3 +58,24 @@ def test_bench_run_saves_each_row_and_survives_a_failing_workload(tmp_path, monk
     assert rows[1]["error"] == "RuntimeError: kernel exploded" and "speedup" in rows[2]
     assert "failed: RuntimeError: kernel exploded" in run.table(result)
     run.chart(result, str(tmp_path / "c.png"))  # failed rows are left out of the chart
+
+
+def test_double_backward_raises_instead_of_giving_zeros():
+    import pytest
+    import torch
+
+    b1 = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 4]], dtype=torch.float64, requires_grad=True)
+    b2 = torch.tensor([[0.5, 0, 2, 3], [0, 1, 2, 2]], dtype=torch.float64)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 4.0, 5.0]], dtype=torch.float64)
+    for inp, loss in ((b1, P.complete_box_iou_loss(b1, b2, reduction="sum")),
+                      (b1, P.sigmoid_focal_loss(b1, torch.rand(2, 4, dtype=torch.float64), reduction="sum"))):
+        (g,) = torch.autograd.grad(loss, [inp], create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(g.square().sum(), [inp])
+    # RoI Align is linear in its input: its gradient depends on the incoming gradient only.
+    out = P.roi_align(x, rois, 2, sampling_ratio=2)
+    v = torch.ones_like(out, requires_grad=True)
+    (g,) = torch.autograd.grad(out, [x], grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), [v])

@@ -1,11 +1,13 @@
 // Softmax cross-entropy, CPU kernels. Logits are [N, C, S]; positions run in fixed
 // blocks of one image, classes in the outer loop, so every inner loop is contiguous
-// and vectorised. The forward keeps one log-sum-exp per position; the backward
-// recomputes the softmax from it.
+// and vectorised. The forward keeps two numbers per position, the largest logit m and
+// l = log sum_c exp(z_c - m); the backward recomputes the softmax from them.
 //
 // Per position with target y (not ignored), weights w (1 when absent), W = sum_c w_c:
-//   loss = (1 - eps) w_y (lse - z_y) + eps / C sum_c w_c (lse - z_c)
+//   loss = (1 - eps) w_y ((m - z_y) + l) + eps / C (sum_c w_c (m - z_c) + W l)
 //   d loss / d z_c = (1 - eps) w_y (p_c - [c = y]) + eps / C (W p_c - w_c)
+// Every difference is taken from m, never from lse = m + l: at large logits (or a loss
+// near 0) m + l would round away l, as a log-softmax computed in one number would.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -41,7 +43,7 @@ void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target
 }
 
 // Class weights (1 when absent) and the label-smoothing split of the loss:
-// loss = keep * w_y (lse - z_y) + spread * sum_c w_c (lse - z_c).
+// loss = keep * w_y ((m - z_y) + l) + spread * (sum_c w_c (m - z_c) + W l).
 template <typename T>
 struct Classes {
   std::vector<T> w;
@@ -55,27 +57,27 @@ struct Classes {
     }
     for (T v : w) wsum += v;
   }
-  // One position's loss from its lse, z_y and sum_c w_c z_c. A term whose factor is 0 is
-  // left out, not multiplied: a -inf logit makes it infinite (0 * inf = NaN), and torch
-  // gives that loss finite without label smoothing.
-  T loss(T wy, T lse, T zy, T wz) const {
-    const T hard = keep == T(0) ? T(0) : keep * wy * (lse - zy);
-    return spread == T(0) ? hard : hard + spread * (wsum * lse - wz);
+  // One position's loss from m, l, z_y and wd = sum_c w_c (m - z_c). A term whose factor is
+  // 0 is left out, not multiplied: a -inf logit makes it infinite (0 * inf = NaN), and
+  // torch gives that loss finite without label smoothing.
+  T loss(T wy, T m, T l, T zy, T wd) const {
+    const T hard = keep == T(0) ? T(0) : keep * wy * ((m - zy) + l);
+    return spread == T(0) ? hard : hard + spread * (wd + wsum * l);
   }
 };
 
-// Over the C planes (stride S) of a block of n positions: lse[j], wz[j] = sum_c w_c z_c and
-// zy[j] = z_{y_j}, in two passes over the logits.
+// Over the C planes (stride S) of a block of n positions: mx[j] = m, ls[j] = l,
+// wd[j] = sum_c w_c (m - z_c) and zy[j] = z_{y_j}, in two passes over the logits.
 template <typename scalar_t, typename T>
 __attribute__((target_clones("avx2", "default"))) void block_stats(const scalar_t* __restrict__ z, int64_t C,
                                                                    int64_t S, int64_t n,
                                                                    const int64_t* __restrict__ y,
                                                                    const T* __restrict__ w, T* __restrict__ mx,
-                                                                   T* __restrict__ sum, T* __restrict__ wz,
-                                                                   T* __restrict__ zy, T* __restrict__ lse) {
+                                                                   T* __restrict__ sum, T* __restrict__ wd,
+                                                                   T* __restrict__ zy, T* __restrict__ ls) {
   for (int64_t j = 0; j < n; ++j) {
     mx[j] = -std::numeric_limits<T>::infinity();
-    sum[j] = wz[j] = zy[j] = T(0);
+    sum[j] = wd[j] = zy[j] = T(0);
   }
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < n; ++j) mx[j] = std::max(mx[j], T(z[c * S + j]));
@@ -84,11 +86,11 @@ __attribute__((target_clones("avx2", "default"))) void block_stats(const scalar_
     for (int64_t j = 0; j < n; ++j) {
       const T v = T(z[c * S + j]);
       sum[j] += nms::exp_approx(v - mx[j]);
-      wz[j] += wc * v;
+      wd[j] += wc * (mx[j] - v);
       zy[j] += y[j] == c ? v : T(0);
     }
   }
-  for (int64_t j = 0; j < n; ++j) lse[j] = mx[j] + losses::log_pos(sum[j]);
+  for (int64_t j = 0; j < n; ++j) ls[j] = losses::log_pos(sum[j]);
 }
 
 // dz_c = a p_c - [c = y] b - g spread w_c for every class plane of a block.
@@ -98,12 +100,12 @@ __attribute__((target_clones("avx2", "default"))) void block_grad(const scalar_t
                                                                   const int64_t* __restrict__ y,
                                                                   const T* __restrict__ w, const T* __restrict__ a,
                                                                   const T* __restrict__ b, const T* __restrict__ g,
-                                                                  const T* __restrict__ lse, T spread,
-                                                                  scalar_t* __restrict__ dz) {
+                                                                  const T* __restrict__ mx, const T* __restrict__ ls,
+                                                                  T spread, scalar_t* __restrict__ dz) {
   for (int64_t c = 0; c < C; ++c) {
     const T gs = spread * w[c];
     for (int64_t j = 0; j < n; ++j) {
-      const T p = nms::exp_approx(T(z[c * S + j]) - lse[j]);
+      const T p = nms::exp_approx((T(z[c * S + j]) - mx[j]) - ls[j]);
       dz[c * S + j] = static_cast<scalar_t>(a[j] * p - (y[j] == c ? b[j] : T(0)) - g[j] * gs);
     }
   }
@@ -121,44 +123,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
   const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({N, S}, z.options().dtype(acc));
   auto wpos = at::empty({N, S}, z.options().dtype(acc));
-  auto lse = at::empty({N, S}, z.options().dtype(acc));
+  auto stats = at::empty({2, N, S}, z.options().dtype(acc));  // m and l of every position
   losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  if (N * S == 0) return {loss, wpos, lse};
+  if (N * S == 0) return {loss, wpos, stats};
   const int64_t nb = (S + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
-    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
+    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pm = stats.mutable_data_ptr<T>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> mx(kBlock), sum(kBlock), wz(kBlock), zy(kBlock);
+      std::vector<T> sum(kBlock), wd(kBlock), zy(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
         const int64_t* yy = py + n * S + j0;
-        T* e = pe + n * S + j0;
-        block_stats<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), mx.data(), sum.data(), wz.data(),
-                                 zy.data(), e);
+        T *m = pm + n * S + j0, *l = m + N * S;
+        block_stats<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), m, sum.data(), wd.data(), zy.data(),
+                                 l);
         for (int64_t j = 0; j < cnt; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : w[yy[j]];
-          pl[n * S + j0 + j] = ign ? T(0) : cls.loss(wy, e[j], zy[j], wz[j]);
+          pl[n * S + j0 + j] = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
           pw[n * S + j0 + j] = wy;
         }
       }
     });
   });
-  return {loss, wpos, lse};
+  return {loss, wpos, stats};
 }
 
 at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                              const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+                                              const at::Tensor& stats, int64_t ignore_index, double label_smoothing) {
   check_ce("softmax_cross_entropy_backward", logits, target, weight);
   const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
-  TORCH_CHECK(grad.sizes() == target.sizes() && lse.sizes() == target.sizes(),
-              "softmax_cross_entropy_backward: grad and lse must be [N, S]");
+  TORCH_CHECK(grad.sizes() == target.sizes() && stats.sizes() == at::IntArrayRef({2, N, S}),
+              "softmax_cross_entropy_backward: grad must be [N, S] and stats [2, N, S]");
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
@@ -170,10 +172,10 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     const auto& w = cls.w;
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const auto e = lse.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
-    const T *pg = g.const_data_ptr<T>(), *pe = e.const_data_ptr<T>();
+    const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> a(kBlock), b(kBlock), gm(kBlock);
@@ -190,7 +192,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
           b[j] = gm[j] * keep * wy;
         }
         block_grad<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), a.data(), b.data(), gm.data(),
-                                pe + n * S + j0, spread, pd + n * C * S + j0);
+                                pm + n * S + j0, pm + N * S + n * S + j0, spread, pd + n * C * S + j0);
       }
     });
   });
@@ -236,10 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
   const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({N, H, W}, z.options().dtype(acc));
   auto wpos = at::empty({N, H, W}, z.options().dtype(acc));
-  auto lse = at::empty({N, H, W}, z.options().dtype(acc));
+  auto stats = at::empty({2, N, H, W}, z.options().dtype(acc));  // m and l of every position
   losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  if (y.numel() == 0) return {loss, wpos, lse};
+  if (y.numel() == 0) return {loss, wpos, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
@@ -247,37 +249,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
-    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pe = lse.mutable_data_ptr<T>();
+    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pm = stats.mutable_data_ptr<T>();
+    const int64_t P = N * H * W;
     at::parallel_for(0, N * H, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> blend(w), u(C * W), mx(W), sum(W), wz(W), zy(W);
+      std::vector<T> blend(w), u(C * W), sum(W), wd(W), zy(W);
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t n = row / H, oy = row % H;
         upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, ty[oy],
                                    tx, blend.data(), u.data());
         const int64_t* yy = py + row * W;
-        T* e = pe + row * W;
-        block_stats<T, T>(u.data(), C, W, W, yy, wc.data(), mx.data(), sum.data(), wz.data(), zy.data(), e);
+        T *m = pm + row * W, *l = m + P;
+        block_stats<T, T>(u.data(), C, W, W, yy, wc.data(), m, sum.data(), wd.data(), zy.data(), l);
         for (int64_t j = 0; j < W; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : wc[yy[j]];
-          pl[row * W + j] = ign ? T(0) : cls.loss(wy, e[j], zy[j], wz[j]);
+          pl[row * W + j] = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
           pw[row * W + j] = wy;
         }
       }
     });
   });
-  return {loss, wpos, lse};
+  return {loss, wpos, stats};
 }
 
 at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                const at::Tensor& target, bool align_corners,
-                                               const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                               const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                                int64_t ignore_index, double label_smoothing) {
   check_up("upsample_cross_entropy_backward", logits, target, weight);
   const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
-  TORCH_CHECK(grad.sizes() == target.sizes() && lse.sizes() == target.sizes(),
-              "upsample_cross_entropy_backward: grad and lse must be [N, H, W]");
+  TORCH_CHECK(grad.sizes() == target.sizes() && stats.sizes() == at::IntArrayRef({2, N, H, W}),
+              "upsample_cross_entropy_backward: grad must be [N, H, W] and stats [2, N, H, W]");
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
@@ -289,10 +292,11 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    const auto e = lse.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
-    const T *pg = g.const_data_ptr<T>(), *pe = e.const_data_ptr<T>();
+    const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
+    const int64_t P = N * H * W;
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
     // One image per task, rows in order: each image's gradient is accumulated in a fixed order.
     at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
@@ -311,8 +315,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
             a[j] = gm[j] * (keep * wy + spread * wsum);
             b[j] = gm[j] * keep * wy;
           }
-          block_grad<T, T>(u.data(), C, W, W, yy, wc.data(), a.data(), b.data(), gm.data(), pe + row * W, spread,
-                           du.data());
+          block_grad<T, T>(u.data(), C, W, W, yy, wc.data(), a.data(), b.data(), gm.data(), pm + row * W,
+                           pm + P + row * W, spread, du.data());
           for (int64_t c = 0; c < C; ++c) {
             std::fill(dr.begin(), dr.end(), T(0));
             const T* duc = du.data() + c * W;
