@@ -236,10 +236,11 @@ def _load_box(ptr, idx, mask, acc):
 
 
 @triton.jit
-def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps,
+def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.float64,
                      KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      EVEN: tl.constexpr):
     acc = out_ptr.dtype.element_ty
+    eps = tl.cast(eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -271,9 +272,10 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps,
 
 
 @triton.jit
-def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps,
+def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps: tl.float64,
                     KIND: tl.constexpr, LOSS: tl.constexpr, DIV_RN: tl.constexpr, BLOCK: tl.constexpr):
     acc = out_ptr.dtype.element_ty
+    eps = tl.cast(eps, acc)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < K
     ax1, ay1, ax2, ay2 = _load_box(b1_ptr, idx, mask, acc)
@@ -289,9 +291,10 @@ def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps,
 
 
 @triton.jit
-def _matched_backward_kernel(g_ptr, b1_ptr, b2_ptr, t1_ptr, t2_ptr, g1_ptr, g2_ptr, K, eps,
+def _matched_backward_kernel(g_ptr, b1_ptr, b2_ptr, t1_ptr, t2_ptr, g1_ptr, g2_ptr, K, eps: tl.float64,
                              KIND: tl.constexpr, LOSS: tl.constexpr, DIV_RN: tl.constexpr, BLOCK: tl.constexpr):
     acc = g_ptr.dtype.element_ty
+    eps = tl.cast(eps, acc)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < K
     ax1, ay1, ax2, ay2 = _load_box(b1_ptr, idx, mask, acc)

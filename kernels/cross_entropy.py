@@ -105,10 +105,11 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S, P, nb, ignore_index, keep, spread,
-                       HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S, P, nb, ignore_index,
+                       keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)  # fp64 arguments: a plain float is fp32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
     s = tl.zeros((BLOCK,), acc)
@@ -130,10 +131,11 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index, keep, spread,
-                        HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
+                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)
     g = tl.where(valid, tl.load(g_ptr + offs, mask=mj, other=0.0), 0.0).to(acc)
     mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
@@ -203,13 +205,14 @@ def _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H):
 
 @triton.jit
 def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0,
-                          xw1, C, h, w, H, W, P, ignore_index, keep, spread, HAS_W: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          xw1, C, h, w, H, W, P, ignore_index, keep: tl.float64, spread: tl.float64,
+                          HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)  # image * H + output row
     ox = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mo = ox < W
     a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
     acc = wa0.dtype
+    keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)
     offs = row.to(tl.int64) * W + ox
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
@@ -226,13 +229,14 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi
 
 @triton.jit
 def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
-                             xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep, spread, BX,
-                             HAS_W: tl.constexpr, FX: tl.constexpr, BXP: tl.constexpr):
+                             xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep: tl.float64,
+                             spread: tl.float64, BX, HAS_W: tl.constexpr, FX: tl.constexpr, BXP: tl.constexpr):
     # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
     # summed along x into the low-resolution columns of this program's block.
     row = tl.program_id(0)  # image * H + output row
     ox, mo, cells, mc, wmat = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), w, BX, FX, BXP)
     a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
+    keep, spread = tl.cast(keep, wa0.dtype), tl.cast(spread, wa0.dtype)
     offs = row.to(tl.int64) * W + ox
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
