@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from .interpolate import axis_taps, bilinear_row, column_weights, contract_x, contract_y, row_taps
+from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
 
 @triton.jit
@@ -234,7 +234,8 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, 
     # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
     # summed along x into the low-resolution columns of this program's block.
     row = tl.program_id(0)  # image * H + output row
-    ox, mo, cells, mc, wmat = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), w, BX, FX, BXP)
+    ox, mo, cells, mc, ta, tb, wa, wb = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), w, BX, FX,
+                                                       BXP)
     a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
     keep, spread = tl.cast(keep, wa0.dtype), tl.cast(spread, wa0.dtype)
     offs = row.to(tl.int64) * W + ox
@@ -252,7 +253,7 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, 
         c = c0 + cc
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
         du = tl.where(mo, _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W), 0.0)
-        tl.store(t_ptr + ((n * CC + cc) * H + oy) * w + cells, contract_x(du, wmat), mask=mc)
+        tl.store(t_ptr + ((n * CC + cc) * H + oy) * w + cells, contract_x(du, ta, tb, wa, wb), mask=mc)
 
 
 def _up_taps(logits, target, align_corners, acc):
@@ -290,6 +291,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
         return dl.zero_()
     acc = acc_dtype(logits.dtype)
     ty, tx = _up_taps(logits, target, align_corners, acc)
+    check_footprint("upsample_cross_entropy_backward", tx)
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)

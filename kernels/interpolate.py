@@ -91,8 +91,9 @@ def bilinear_row(base, W, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mask):
 @triton.jit
 def column_weights(xi0, xi1, xw0, xw1, lo, hi, blk, in_w, BX, FX: tl.constexpr, BXP: tl.constexpr):
     """For the program's block of BX input columns: the outputs `ox` reading them (FX
-    lanes, masked by `mo`), the columns `cells` (BXP lanes) and the dense weight matrix
-    wmat[f, j] with which output ox[f] reads column cells[j]."""
+    lanes, masked by `mo`), the columns `cells` (BXP lanes), and the taps as a pair of
+    (FX, BXP) masks `ta`/`tb` (output ox[f] reads column cells[j] through its first /
+    second tap) with the tap weights `wa`/`wb` per output."""
     x0 = blk * BX
     j = tl.arange(0, BXP)
     cells = x0 + j
@@ -106,15 +107,17 @@ def column_weights(xi0, xi1, xw0, xw1, lo, hi, blk, in_w, BX, FX: tl.constexpr, 
     wa = tl.load(xw0 + ox, mask=mo, other=0.0)
     wb = tl.load(xw1 + ox, mask=mo, other=0.0)
     hit = mc[None, :] & mo[:, None]
-    wmat = tl.where(hit & (a[:, None] == cells[None, :]), wa[:, None], 0.0) \
-        + tl.where(hit & (b[:, None] == cells[None, :]), wb[:, None], 0.0)
-    return ox, mo, cells, mc, wmat
+    ta = hit & (a[:, None] == cells[None, :])
+    tb = hit & (b[:, None] == cells[None, :])
+    return ox, mo, cells, mc, ta, tb, wa, wb
 
 
 @triton.jit
-def contract_x(v, wmat):
-    """Sum of output values v[f] into the input columns: sum_f v[f] * wmat[f, j]."""
-    return tl.sum(v[:, None] * wmat, axis=0)
+def contract_x(v, ta, tb, wa, wb):
+    """Sum of output values v[f] into the input columns through their taps. Selected, not
+    multiplied by a 0 weight: an inf gradient reaches only the columns its output reads
+    (each tap's product counts, a 0-weight tap included, as on the CPU)."""
+    return tl.sum(tl.where(ta, (wa * v)[:, None], 0.0) + tl.where(tb, (wb * v)[:, None], 0.0), axis=0)
 
 
 @triton.jit
@@ -136,9 +139,10 @@ def _forward_kernel(x_ptr, out_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, H, W
 def _contract_x_kernel(g_ptr, t_ptr, xi0, xi1, xw0, xw1, xlo, xhi, W, OW, BX, FX: tl.constexpr,
                        BXP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # plane * OH + output row
-    ox, mo, cells, mc, wmat = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), W, BX, FX, BXP)
-    v = tl.load(g_ptr + row * OW + ox, mask=mo, other=0.0).to(wmat.dtype)
-    tl.store(t_ptr + row * W + cells, contract_x(v, wmat), mask=mc)
+    ox, mo, cells, mc, ta, tb, wa, wb = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), W, BX, FX,
+                                                       BXP)
+    v = tl.load(g_ptr + row * OW + ox, mask=mo, other=0.0).to(wa.dtype)
+    tl.store(t_ptr + row * W + cells, contract_x(v, ta, tb, wa, wb), mask=mc)
 
 
 @triton.jit
@@ -157,8 +161,10 @@ def _contract_y_kernel(t_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, H, W, OH, s
     src = t_ptr + (p.to(tl.int64) * OH + o0) * W + x
     for oy in range(o0, tl.load(yhi + y)):
         a0, a1, wa0, wa1 = row_taps(yi0, yi1, yw0, yw1, oy)
-        wy = tl.where(a0 == y, wa0, 0.0) + tl.where(a1 == y, wa1, 0.0)
-        acc += wy * tl.load(src, mask=m, other=0.0)
+        v = tl.load(src, mask=m, other=0.0)
+        # Only the taps of row y count (selected, not weighted by 0: an inf stays in its rows)
+        acc += tl.where(a0 == y, wa0 * v, 0.0)
+        acc += tl.where(a1 == y, wa1 * v, 0.0)
         src += W
     tl.store(gin_ptr + dst + x, acc.to(gin_ptr.dtype.element_ty), mask=m)
 
@@ -175,8 +181,22 @@ def contract_y(t, gin, ty: Taps, dst_first=0):
                                                             oh, p, gin.shape[1], dst_first, BLOCK=_BLOCK)
 
 
+def _check_sizes(op, *sizes):
+    # The C++ kernels' checks: a direct op call must not reach the kernels with empty axes.
+    if min(sizes) <= 0:
+        raise RuntimeError(f"{op}: input and output spatial sizes must be positive, got {sizes}")
+
+
+def check_footprint(op, taps: Taps):
+    # One program holds the outputs reading a column in registers (fx lanes).
+    if taps.fx > 8192:
+        raise NotImplementedError(f"{op}: an input column is read by {taps.fx} outputs; upsampling by more than "
+                                  "8192x along one axis is not supported on CUDA")
+
+
 def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
     n, c, h, w = input.shape
+    _check_sizes("upsample_bilinear", h, w, out_h, out_w)
     x = input.contiguous()
     out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -192,17 +212,19 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
 
 def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w):
     n, c, out_h, out_w = grad.shape
+    _check_sizes("upsample_bilinear_backward", in_h, in_w)
     g = grad.contiguous()
     gin = torch.empty((n, c, in_h, in_w), dtype=g.dtype, device=g.device)
     if gin.numel() == 0:
         return gin
+    if out_h * out_w == 0:
+        return gin.zero_()
     acc = acc_dtype(g.dtype)
     ty = axis_taps(in_h, out_h, align_corners, scale_h, acc, g.device)
     tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
+    check_footprint("upsample_bilinear_backward", tx)
     t = torch.empty((n, c, out_h, in_w), dtype=acc, device=g.device)
-    if out_h * out_w:
-        _contract_x_kernel[(n * c * out_h, triton.cdiv(in_w, tx.bx))](g, t, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo,
-                                                                      tx.hi, in_w, out_w, tx.bx, FX=tx.fx,
-                                                                      BXP=tx.bxp)
+    _contract_x_kernel[(n * c * out_h, triton.cdiv(in_w, tx.bx))](g, t, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi,
+                                                                  in_w, out_w, tx.bx, FX=tx.fx, BXP=tx.bxp)
     contract_y(t, gin, ty)
     return gin

@@ -115,6 +115,36 @@ def test_triton_interpreter(dtype, case):
                                **(tol if dtype == torch.float16 else dict(rtol=1e-5, atol=2e-5)))
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [(4, 8, 4, 16, False), (5, 7, 11, 13, True), (6, 9, 3, 4, False)], ids=str)
+def test_triton_interpreter_backward_keeps_inf_in_place(case):
+    # An inf/NaN incoming gradient reaches exactly the input cells the CPU kernel gives it
+    # (its taps, a 0-weight tap included), not every cell of the program's block.
+    from pyvision_ops.kernels import interpolate as K
+
+    h, w, oh, ow, ac = case
+    g = torch.randn(1, 2, oh, ow, dtype=torch.float64)
+    g[0, 0, 1, 0], g[0, 1, oh - 1, ow // 2] = float("inf"), float("nan")
+    ours, ref = K.upsample_bilinear_backward(g, h, w, ac, -1.0, -1.0), ops.upsample_bilinear_backward(
+        g, h, w, ac, -1.0, -1.0)
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref)) and torch.equal(torch.isinf(ours), torch.isinf(ref))
+    assert torch.isfinite(ref).sum() > ref.numel() // 2
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+
+
+@pytest.mark.interpreter
+def test_triton_interpreter_direct_op_edges():
+    from pyvision_ops.kernels import interpolate as K
+
+    # no output columns: zeros (as the CPU kernel), not uninitialised memory
+    assert torch.equal(K.upsample_bilinear_backward(torch.ones(1, 2, 3, 0), 4, 5, False, -1.0, -1.0),
+                       torch.zeros(1, 2, 4, 5))
+    with pytest.raises(RuntimeError, match="positive"):
+        K.upsample_bilinear(torch.ones(1, 1, 0, 3), 4, 4, False, -1.0, -1.0)
+    with pytest.raises(NotImplementedError, match="8192x"):
+        K.upsample_bilinear_backward(torch.ones(1, 1, 1, 9000), 1, 1, False, -1.0, -1.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu_and_is_deterministic(dtype):
