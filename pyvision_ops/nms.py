@@ -11,8 +11,6 @@ suppresses nor is suppressed. Boxes and scores may have different float dtypes:
 both are promoted to their common dtype.
 """
 
-import math
-
 import torch
 
 from . import _utils
@@ -81,8 +79,6 @@ def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     score_threshold = _utils.check_float("score_threshold", score_threshold)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
-    if math.isinf(sigma):
-        raise ValueError("sigma must be finite")
     return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, _METHODS[method])
 
 
@@ -95,6 +91,8 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     when ``iou >= iou_threshold`` (``"linear"``), or by 0 when ``iou >=
     iou_threshold`` (``"hard"``), and drops boxes whose score is below
     ``score_threshold`` (boxes that start below it are never selected).
+    ``sigma`` must be > 0; ``sigma=inf`` gives a gaussian factor of 1 (no decay);
+    linear and hard ignore it.
     ``keep`` is in selection order, which is decreasing ``decayed_scores``;
     ``decayed_scores[i]`` is the score box ``keep[i]`` had when selected, in the
     dtype of ``scores``. Ties go to the lower index; NaN scores are selected first

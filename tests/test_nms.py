@@ -262,6 +262,18 @@ def test_soft_nms_sigma_whose_inverse_overflows(dtype, sigma):
     torch.testing.assert_close(dec, scores[:2])
 
 
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+def test_soft_nms_infinite_sigma_matches_reference(method):
+    # gaussian: exp(-iou^2 / inf) = 1, no decay at all; linear and hard ignore sigma.
+    boxes, scores = special_detections(200, objects=10, seed=25)
+    keep, dec = P.soft_nms(boxes, scores, sigma=float("inf"), score_threshold=0.01, method=method)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, float("inf"), 0.01, method)
+    torch.testing.assert_close(keep, rkeep)
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7, equal_nan=True)
+    if method == "gaussian":
+        torch.testing.assert_close(dec, scores[keep], equal_nan=True)
+
+
 def test_soft_nms_ties_are_stable():
     boxes, _ = detections(200, seed=11)
     scores = torch.full((200,), 0.5)
@@ -325,6 +337,29 @@ def test_compile_and_export_with_0_1_many_survivors(survivors):
 
     ep = torch.export.export(M(), (boxes, scores))
     for x, y in zip(ep.module()(boxes, scores), M()(boxes, scores)):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_compile_with_dynamic_float_arguments(batched):
+    # A second call with other floats makes dynamo trace them as SymFloats; the Python
+    # front must not call math functions on them.
+    boxes, scores, idxs = detections(200, seed=26, categories=3)
+    cats = idxs if batched else None
+
+    def f(b, s, c, thr, sigma, score_thr):
+        if c is None:
+            return P.soft_nms(b, s, iou_threshold=thr, sigma=sigma, score_threshold=score_thr)
+        return P.batched_soft_nms(b, s, c, iou_threshold=thr, sigma=sigma, score_threshold=score_thr)
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True)
+    for args in [(0.3, 0.5, 0.01), (0.4, 0.6, 0.02), (0.5, float("inf"), 0.03)]:
+        for x, y in zip(g(boxes, scores, cats, *args), f(boxes, scores, cats, *args)):
+            torch.testing.assert_close(x, y)
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, dynamic=True)
+    for x, y in zip(g(boxes, scores, cats, 0.3, 0.5, 0.01), f(boxes, scores, cats, 0.3, 0.5, 0.01)):
         torch.testing.assert_close(x, y)
 
 
