@@ -43,7 +43,9 @@ def _check(boxes, scores, idxs, iou_threshold):
     _utils.check_same_device(**devices)
     threshold = _utils.check_float("iou_threshold", iou_threshold)
     dtype = torch.promote_types(boxes.dtype, scores.dtype)
-    return boxes.to(dtype), scores.to(dtype), threshold
+    # Post-processing, not differentiable: detached, the outputs never require grad
+    # (the ops have no autograd formula; autograd would only warn at backward time).
+    return boxes.detach().to(dtype), scores.detach().to(dtype), threshold
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -98,7 +100,8 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     dtype of ``scores``. Ties go to the lower index; NaN scores are selected first
     (and stay NaN). A factor of 0 takes any other score to 0, also an infinite one
     (rather than NaN); with ``score_threshold=-inf`` a -inf score is selected too.
-    A box with a NaN coordinate neither decays nor is decayed.
+    A box with a NaN coordinate neither decays nor is decayed. Not differentiable
+    (post-processing): the outputs never require grad.
     """
     return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)
 
@@ -109,7 +112,8 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
     """Soft-NMS independently per category ``idxs``, in one call.
 
     Returns ``(keep, decayed_scores)`` ordered by decreasing decayed score (ties:
-    lower category first, then selection order).
+    lower category first, then selection order). Not differentiable: the outputs
+    never require grad.
     """
     if idxs is None:
         raise TypeError("idxs must be a tensor of categories")

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import reference
 import torch
@@ -295,6 +297,22 @@ def test_batched_soft_nms_is_per_category(method):
     order = torch.sort(rs, stable=True, descending=True)[1]
     torch.testing.assert_close(keep, rk[order])
     torch.testing.assert_close(dec.double(), rs[order], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_soft_nms_is_not_differentiable(batched):
+    # The outputs never require grad, so a loss that uses them backpropagates without the
+    # "no autograd kernel" warning (and gives decayed_scores no gradient path).
+    boxes, scores, idxs = detections(50, seed=27, categories=2)
+    boxes.requires_grad_()
+    scores.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keep, dec = P.batched_soft_nms(boxes, scores, idxs) if batched else P.soft_nms(boxes, scores)
+        assert not dec.requires_grad and dec.grad_fn is None
+        (dec.sum() + scores.sum() + boxes[keep].sum()).backward()
+    torch.testing.assert_close(scores.grad, torch.ones_like(scores))
+    assert P.nms(boxes, scores, 0.5).requires_grad is False
 
 
 # ------------------------------------------------------- op-level machinery
