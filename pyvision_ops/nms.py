@@ -95,7 +95,9 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     ``score_threshold`` (boxes that start below it are never selected).
     ``sigma`` must be > 0; ``sigma=inf`` gives a gaussian factor of 1 (no decay);
     linear and hard ignore it.
-    ``keep`` is in selection order, which is decreasing ``decayed_scores``;
+    ``keep`` is in selection order: each step takes the highest remaining score, so
+    ``decayed_scores`` is decreasing when the scores are >= 0; decaying a negative
+    score raises it towards 0, so with negative scores it need not be.
     ``decayed_scores[i]`` is the score box ``keep[i]`` had when selected, in the
     dtype of ``scores``. Ties go to the lower index; NaN scores are selected first
     (and stay NaN). A factor of 0 takes any other score to 0, also an infinite one
@@ -111,8 +113,10 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
                      method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS independently per category ``idxs``, in one call.
 
-    Returns ``(keep, decayed_scores)`` ordered by decreasing decayed score (ties:
-    lower category first, then selection order). Not differentiable: the outputs
+    Returns ``(keep, decayed_scores)`` sorted by decreasing decayed score (NaN
+    first; ties: lower category first, then selection order), also with a single
+    category: with negative scores this can differ from ``soft_nms``'s selection
+    order (see there). Not differentiable: the outputs
     never require grad.
     """
     if idxs is None:

@@ -283,20 +283,43 @@ def test_soft_nms_ties_are_stable():
     torch.testing.assert_close(keep, reference.soft_nms(boxes, scores, 0.3, 0.5, 1e-3, "linear")[0])
 
 
+@pytest.mark.parametrize("categories", [1, 6])
+@pytest.mark.parametrize("negative", [False, True])
 @pytest.mark.parametrize("method", ["gaussian", "hard"])
-def test_batched_soft_nms_is_per_category(method):
-    boxes, scores, idxs = detections(400, seed=12, categories=6)
-    keep, dec = P.batched_soft_nms(boxes, scores, idxs, method=method, score_threshold=0.01)
+def test_batched_soft_nms_is_per_category(method, negative, categories):
+    # Negative scores rise when decayed, so a category's selection order is not decreasing:
+    # the result is sorted by decayed score however many categories there are.
+    boxes, scores, idxs = detections(400, seed=12, categories=categories)
+    score_thr = 0.01
+    if negative:
+        scores, score_thr = scores - 0.7, -0.6
+    keep, dec = P.batched_soft_nms(boxes, scores, idxs, method=method, score_threshold=score_thr)
     parts_k, parts_s = [], []
     for c in torch.unique(idxs):
         m = torch.where(idxs == c)[0]
-        k, s = reference.soft_nms(boxes[m], scores[m], 0.3, 0.5, 0.01, method)
+        k, s = reference.soft_nms(boxes[m], scores[m], 0.3, 0.5, score_thr, method)
         parts_k.append(m[k])
         parts_s.append(s)
     rk, rs = torch.cat(parts_k), torch.cat(parts_s)
     order = torch.sort(rs, stable=True, descending=True)[1]
     torch.testing.assert_close(keep, rk[order])
     torch.testing.assert_close(dec.double(), rs[order], rtol=1e-5, atol=1e-7)
+    assert (dec[1:] <= dec[:-1]).all()
+
+
+def test_soft_nms_negative_scores_selection_order_vs_batched_order():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 5], [100, 100, 110, 110.0]])
+    scores = torch.tensor([-0.1, -0.2, -0.15, -0.5])
+    keep, dec = P.soft_nms(boxes, scores, score_threshold=-1.0)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, 0.5, -1.0, "gaussian")
+    assert keep.tolist() == rkeep.tolist() == [0, 1, 2, 3]  # selection order, not decreasing
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7)
+    assert not (dec[1:] <= dec[:-1]).all()
+    expected = [1, 2, 0, 3]
+    for idxs in ([0, 0, 0, 0], [0, 0, 0, 1], [5, 5, 5, 5]):
+        bkeep, bdec = P.batched_soft_nms(boxes, scores, torch.tensor(idxs), score_threshold=-1.0)
+        assert bkeep.tolist() == expected, idxs
+        torch.testing.assert_close(bdec, dec[[1, 2, 0, 3]])
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -376,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
       }
     }
   });
-  return nms::merge_groups(keep, kept_scores, groups, scores.scalar_type());
+  return nms::merge_groups(keep, kept_scores, idxs.has_value(), scores.scalar_type());
 }
 
 }  // namespace

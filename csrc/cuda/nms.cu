@@ -630,7 +630,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);
   const at::Tensor pos = (out_pos.masked_fill(~filled, 0) + d_start.index_select(0, seg)).masked_select(filled);
-  return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(filled), groups,
+  return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(filled), idxs.has_value(),
                            scores.scalar_type());
 }
 
