@@ -79,6 +79,8 @@ def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
     sigma = _utils.check_float("sigma", sigma, positive=True)
     score_threshold = _utils.check_float("score_threshold", score_threshold)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, one of {tuple(_METHODS)}, got {type(method).__name__}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
     return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, _METHODS[method])

@@ -429,6 +429,8 @@ def test_compile_empty_input():
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=0.0), ValueError, "sigma"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=-1.0), ValueError, "sigma"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method="cubic"), ValueError, "method"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method=["gaussian"]), TypeError, "method"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method=0), TypeError, "method"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), score_threshold=float("nan")), ValueError,
          "score_threshold"),
     ],
@@ -436,6 +438,31 @@ def test_compile_empty_input():
 def test_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_raw_nms_op_rejects_nan_threshold(batched):
+    # The op itself checks (callers may skip the Python front): ValueError naming the argument.
+    boxes, scores = detections(3, seed=28)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        ops.nms(boxes, scores, torch.tensor([0, 1, 1]) if batched else None, NAN)
+
+
+@pytest.mark.parametrize(
+    "iou_threshold, sigma, score_threshold, words",
+    [(NAN, 0.5, 1e-3, "iou_threshold"), (0.3, 0.5, NAN, "score_threshold"), (0.3, NAN, 1e-3, "sigma"),
+     (0.3, 0.0, 1e-3, "sigma")],
+)
+@pytest.mark.parametrize("batched", [False, True])
+def test_raw_soft_nms_op_rejects_nan_arguments(iou_threshold, sigma, score_threshold, words, batched):
+    boxes, scores = detections(3, seed=28)
+    idxs = torch.tensor([0, 1, 1]) if batched else None
+    for method in range(3):
+        with pytest.raises(ValueError, match=words):
+            ops.soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method)
 
 
 # ---------------------------------------------------------------------- GPU
