@@ -8,7 +8,8 @@ Ordering: scores are sorted descending with a stable sort (equal scores: lower
 index first) and NaN ranks highest. IoU is ``inter / union`` in fp32 (fp64 for
 fp64 boxes); a box with NaN coordinates has NaN IoU with every box, so it neither
 suppresses nor is suppressed. Boxes and scores may have different float dtypes:
-both are promoted to their common dtype.
+both are promoted to their common dtype. Thresholds and ``sigma`` take any real
+number (Python or NumPy) or a 0-d real tensor, as torchvision does; NaN is rejected.
 """
 
 import torch

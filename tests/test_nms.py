@@ -1,5 +1,7 @@
+import fractions
 import warnings
 
+import numpy as np
 import pytest
 import reference
 import torch
@@ -463,6 +465,39 @@ def test_raw_soft_nms_op_rejects_nan_arguments(iou_threshold, sigma, score_thres
     for method in range(3):
         with pytest.raises(ValueError, match=words):
             ops.soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method)
+
+
+@pytest.mark.parametrize(
+    "thr, as_float",
+    [(np.float32(0.5), 0.5), (np.float64(0.01), 0.01), (np.int64(1), 1.0), (np.int8(0), 0.0),
+     (torch.tensor(0.5), 0.5), (torch.tensor(0.01, dtype=torch.float64), 0.01), (torch.tensor(1), 1.0),
+     (fractions.Fraction(1, 2), 0.5)],
+)
+def test_thresholds_accept_numpy_scalars_and_0d_tensors(thr, as_float):
+    # As torchvision does: any real number, and 0-d real tensors.
+    boxes, scores, idxs = detections(300, seed=29, categories=3)
+    torch.testing.assert_close(P.nms(boxes, scores, thr), P.nms(boxes, scores, as_float), rtol=0, atol=0)
+    torch.testing.assert_close(P.nms(boxes, scores, thr), tv.nms(boxes, scores, thr), rtol=0, atol=0)
+    torch.testing.assert_close(P.batched_nms(boxes, scores, idxs, thr), P.batched_nms(boxes, scores, idxs, as_float))
+    for x, y in zip(P.soft_nms(boxes, scores, thr, sigma=thr if as_float > 0 else 0.5, score_threshold=thr),
+                    P.soft_nms(boxes, scores, as_float, sigma=as_float if as_float > 0 else 0.5,
+                               score_threshold=as_float)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "thr, exc",
+    [("0.5", TypeError), (True, TypeError), (np.bool_(False), TypeError), (0.5 + 0j, TypeError),
+     (np.complex64(0.5), TypeError), (torch.tensor([0.5]), TypeError), (torch.tensor(True), TypeError),
+     (torch.tensor(0.5 + 0j), TypeError), (None, TypeError), (10**400, ValueError), (-(10**400), ValueError),
+     (np.float32("nan"), ValueError), (torch.tensor(float("nan")), ValueError)],
+)
+def test_thresholds_reject_non_real(thr, exc):
+    boxes, scores = detections(3, seed=30)
+    with pytest.raises(exc, match="iou_threshold"):
+        P.nms(boxes, scores, thr)
+    with pytest.raises(exc, match="score_threshold"):
+        P.soft_nms(boxes, scores, score_threshold=thr)
 
 
 # ---------------------------------------------------------------------- GPU
