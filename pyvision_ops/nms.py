@@ -20,13 +20,17 @@ from ._library import ops
 _METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
 
 
-def _check(boxes, scores, idxs, iou_threshold):
+def _check_boxes(boxes):
     _utils.check_tensor("boxes", boxes)
-    _utils.check_tensor("scores", scores)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape [N, 4], got {list(boxes.shape)}")
     if not boxes.is_floating_point():
         raise TypeError(f"boxes must be a floating point tensor, got {boxes.dtype}")
+
+
+def _check(boxes, scores, idxs, iou_threshold):
+    _check_boxes(boxes)
+    _utils.check_tensor("scores", scores)
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating point tensor, got {scores.dtype}")
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
@@ -64,13 +68,15 @@ def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torc
     """NMS independently per category ``idxs``; drop-in for ``torchvision.ops.batched_nms``.
 
     Exact for any coordinates (no coordinate offsets), one call for all
-    categories. Result in decreasing score order. With empty ``boxes``,
-    ``scores`` and ``idxs`` may be None.
+    categories. Result in decreasing score order. With empty ``boxes`` (shape
+    ``[0, 4]``), ``scores`` and ``idxs`` may each be None; the other arguments are
+    checked as usual.
     """
-    _utils.check_tensor("boxes", boxes)
-    if boxes.numel() == 0 and scores is None and idxs is None:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    if idxs is None:
+    _check_boxes(boxes)
+    if boxes.shape[0] == 0:  # stand-ins for None, so that the usual checks run
+        scores = boxes.new_empty((0,)) if scores is None else scores
+        idxs = torch.empty((0,), dtype=torch.int64, device=boxes.device) if idxs is None else idxs
+    elif idxs is None:
         raise TypeError("idxs must be a tensor of categories (it may be None only when boxes is empty)")
     boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
     return ops.nms(boxes, scores, idxs, thr)

@@ -154,6 +154,10 @@ def test_batched_nms_arbitrary_category_ids_and_none_when_empty():
     big = idxs * 1_000_003 - 7  # negative and sparse ids
     torch.testing.assert_close(P.batched_nms(boxes, scores, big, 0.5), P.batched_nms(boxes, scores, idxs, 0.5))
     assert P.batched_nms(torch.empty(0, 4), None, None, 0.5).shape == (0,)
+    for scores_, idxs_ in [(None, None), (torch.empty(0), None), (None, torch.empty(0, dtype=torch.int32)),
+                           (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long))]:
+        keep = P.batched_nms(torch.empty(0, 4), scores_, idxs_, 0.5)
+        assert keep.shape == (0,) and keep.dtype == torch.int64
     torch.testing.assert_close(P.batched_nms(boxes, scores, idxs.int(), 0.5), P.batched_nms(boxes, scores, idxs, 0.5))
 
 
@@ -428,6 +432,16 @@ def test_compile_empty_input():
         (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long), 0.5),
          ValueError, "idxs"),
         (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), None, 0.5), TypeError, "idxs"),
+        # empty boxes with scores / idxs None: the other arguments are still checked
+        (lambda: P.batched_nms(torch.empty(5, 0), None, None, 0.5), ValueError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0, 5), None, None, 0.5), ValueError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0), None, None, 0.5), ValueError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0, 4, dtype=torch.long), None, None, 0.5), TypeError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0, 4), None, None, float("nan")), ValueError, "iou_threshold"),
+        (lambda: P.batched_nms(torch.empty(0, 4), None, None, "0.5"), TypeError, "iou_threshold"),
+        (lambda: P.batched_nms(torch.empty(0, 4), torch.empty(2), None, 0.5), ValueError, "scores"),
+        (lambda: P.batched_nms(torch.empty(0, 4), None, torch.empty(0), 0.5), TypeError, "idxs"),
+        (lambda: P.batched_nms(torch.zeros(3, 4), None, torch.zeros(3, dtype=torch.long), 0.5), TypeError, "scores"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=0.0), ValueError, "sigma"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=-1.0), ValueError, "sigma"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method="cubic"), ValueError, "method"),
