@@ -59,6 +59,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     Visits boxes in decreasing score order and removes every later box whose IoU
     with a kept box is ``> iou_threshold`` (strict). Returns the int64 indices of
     the kept boxes in decreasing score order; empty input gives ``int64[0]``.
+
+    IoU is computed in fp32 for fp32/fp16/bf16 input (fp64 for fp64): a box whose
+    area overflows fp32 (sides from about 1.8e19) or underflows to 0 (sides under
+    about 1e-22) has IoU NaN or 0 with every box, so for ``iou_threshold >= 0`` it
+    behaves like a NaN box: it neither suppresses nor is suppressed, even by an
+    exact duplicate, as in torchvision. Use fp64 boxes (or rescale) for such
+    coordinates.
     """
     boxes, scores, thr = _check(boxes, scores, None, iou_threshold)
     return ops.nms(boxes, scores, None, thr)
@@ -68,7 +75,9 @@ def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torc
     """NMS independently per category ``idxs``; drop-in for ``torchvision.ops.batched_nms``.
 
     Exact for any coordinates (no coordinate offsets), one call for all
-    categories. Result in decreasing score order. With empty ``boxes`` (shape
+    categories. Result in decreasing score order. IoU precision as in ``nms``:
+    boxes whose area overflows or underflows fp32 behave like NaN boxes (fp32,
+    fp16 and bf16 input). With empty ``boxes`` (shape
     ``[0, 4]``), ``scores`` and ``idxs`` may each be None; the other arguments are
     checked as usual.
     """
@@ -111,7 +120,10 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     dtype of ``scores``. Ties go to the lower index; NaN scores are selected first
     (and stay NaN). A factor of 0 takes any other score to 0, also an infinite one
     (rather than NaN); with ``score_threshold=-inf`` a -inf score is selected too.
-    A box with a NaN coordinate neither decays nor is decayed. Not differentiable
+    A box with a NaN coordinate neither decays nor is decayed; IoU is computed in
+    fp32 for fp32/fp16/bf16 input, so a box whose area overflows or underflows fp32
+    (see ``nms``) has IoU NaN or 0 with every box and behaves the same way (except
+    that ``"hard"`` with ``iou_threshold <= 0`` drops boxes at IoU 0). Not differentiable
     (post-processing): the outputs never require grad.
     """
     return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)

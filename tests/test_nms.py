@@ -102,6 +102,25 @@ def test_nms_empty_and_single():
     assert P.nms(torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0.3]), 0.5).tolist() == [0]
 
 
+@pytest.mark.parametrize("side", [2e19, 1e-23])
+def test_areas_that_overflow_or_underflow_fp32_behave_like_nan_boxes(side):
+    # Documented, as in torchvision: the fp32 IoU of two such equal boxes is inf/inf or
+    # 0/0 = NaN, so duplicates survive; fp64 boxes give the exact answer.
+    boxes = torch.tensor([[0, 0, side, side], [0, 0, side, side], [0, 0, side, side / 2], [0, 0, 1, 1]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    idxs = torch.zeros(4, dtype=torch.long)
+    assert P.nms(boxes, scores, 0.3).tolist() == tv.nms(boxes, scores, 0.3).tolist() == [0, 1, 2, 3]
+    assert P.batched_nms(boxes, scores, idxs, 0.3).tolist() == tv.batched_nms(boxes, scores, idxs, 0.3).tolist()
+    assert P.nms(boxes.bfloat16(), scores.bfloat16(), 0.3).tolist() == [0, 1, 2, 3]
+    for method in ("gaussian", "linear", "hard"):
+        keep, dec = P.soft_nms(boxes, scores, method=method)
+        assert keep.tolist() == [0, 1, 2, 3]
+        torch.testing.assert_close(dec, scores)  # nothing decayed
+    b64, s64 = boxes.double(), scores.double()
+    assert P.nms(b64, s64, 0.3).tolist() == tv.nms(b64, s64, 0.3).tolist() == [0, 3]
+    assert P.soft_nms(boxes.double(), scores, method="hard")[0].tolist() == [0, 3]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_nms_dtypes(dtype):
     boxes, scores = detections(2000, seed=5)
