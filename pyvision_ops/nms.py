@@ -117,8 +117,10 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     ``decayed_scores`` is decreasing when the scores are >= 0; decaying a negative
     score raises it towards 0, so with negative scores it need not be.
     ``decayed_scores[i]`` is the score box ``keep[i]`` had when selected, in the
-    dtype of ``scores``. Ties go to the lower index; NaN scores are selected first
-    (and stay NaN). A factor of 0 takes any other score to 0, also an infinite one
+    common dtype of ``boxes`` and ``scores`` (``torch.promote_types``: float64
+    boxes give float64 scores). Equal current scores go to the box with the higher
+    original score, then to the lower index; NaN scores are selected first (and
+    stay NaN). A factor of 0 takes any other score to 0, also an infinite one
     (rather than NaN); with ``score_threshold=-inf`` a -inf score is selected too.
     A box with a NaN coordinate neither decays nor is decayed; IoU is computed in
     fp32 for fp32/fp16/bf16 input, so a box whose area overflows or underflows fp32
@@ -134,7 +136,8 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
                      method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS independently per category ``idxs``, in one call.
 
-    Returns ``(keep, decayed_scores)`` sorted by decreasing decayed score (NaN
+    Returns ``(keep, decayed_scores)``, scores in the common dtype of ``boxes``
+    and ``scores`` as in ``soft_nms``, sorted by decreasing decayed score (NaN
     first; ties: lower category first, then selection order), also with a single
     category: with negative scores this can differ from ``soft_nms``'s selection
     order (see there). Not differentiable: the outputs

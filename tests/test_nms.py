@@ -301,6 +301,29 @@ def test_soft_nms_infinite_sigma_matches_reference(method):
         torch.testing.assert_close(dec, scores[keep], equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_nms_equal_decayed_scores_go_to_the_higher_original_score(dtype):
+    # Box 2 (0.8, IoU 0.5 with box 0) decays linearly to 0.4, tying box 1 (0.4, no overlap):
+    # box 2 ranks higher by its original score, although its index is higher.
+    boxes = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 5.0]], dtype=dtype)
+    scores = torch.tensor([1.0, 0.4, 0.8], dtype=dtype)
+    keep, dec = P.soft_nms(boxes, scores, method="linear", iou_threshold=0.3)
+    assert dec[1] == dec[2] == scores[1]
+    assert keep.tolist() == reference.soft_nms(boxes, scores, 0.3, 0.5, 1e-3, "linear")[0].tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("boxes_dtype, scores_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                       (torch.float16, torch.float32), (torch.bfloat16, torch.float16)])
+def test_soft_nms_scores_come_back_in_the_promoted_dtype(boxes_dtype, scores_dtype):
+    boxes, scores, idxs = detections(50, seed=31, categories=2)
+    b, s = boxes.to(boxes_dtype), scores.to(scores_dtype)
+    common = torch.promote_types(boxes_dtype, scores_dtype)
+    assert P.soft_nms(b, s)[1].dtype == common
+    assert P.batched_soft_nms(b, s, idxs)[1].dtype == common
+    for x, y in zip(P.soft_nms(b, s), P.soft_nms(b.to(common), s.to(common))):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_soft_nms_ties_are_stable():
     boxes, _ = detections(200, seed=11)
     scores = torch.full((200,), 0.5)
