@@ -60,12 +60,12 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     with a kept box is ``> iou_threshold`` (strict). Returns the int64 indices of
     the kept boxes in decreasing score order; empty input gives ``int64[0]``.
 
-    IoU is computed in fp32 for fp32/fp16/bf16 input (fp64 for fp64): a box whose
-    area overflows fp32 (sides from about 1.8e19) or underflows to 0 (sides under
-    about 1e-22) has IoU NaN or 0 with every box, so for ``iou_threshold >= 0`` it
-    behaves like a NaN box: it neither suppresses nor is suppressed, even by an
-    exact duplicate, as in torchvision. Use fp64 boxes (or rescale) for such
-    coordinates.
+    IoU is computed in fp32 for fp32/fp16/bf16 input (fp64 for fp64), as in
+    torchvision, so it needs areas that fit fp32: from sides of about 1.3e19 the
+    sum of two areas overflows, below about 2.5e-23 an area underflows to 0, and
+    the IoU comes out 0 or NaN. Such a box behaves like a NaN box: for
+    ``iou_threshold >= 0`` it neither suppresses nor is suppressed, even by an
+    exact duplicate (torchvision gives the same). Use fp64 boxes, or rescale.
     """
     boxes, scores, thr = _check(boxes, scores, None, iou_threshold)
     return ops.nms(boxes, scores, None, thr)
@@ -75,11 +75,10 @@ def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torc
     """NMS independently per category ``idxs``; drop-in for ``torchvision.ops.batched_nms``.
 
     Exact for any coordinates (no coordinate offsets), one call for all
-    categories. Result in decreasing score order. IoU precision as in ``nms``:
-    boxes whose area overflows or underflows fp32 behave like NaN boxes (fp32,
-    fp16 and bf16 input). With empty ``boxes`` (shape
-    ``[0, 4]``), ``scores`` and ``idxs`` may each be None; the other arguments are
-    checked as usual.
+    categories. Result in decreasing score order. IoU is computed as in ``nms``:
+    for fp32/fp16/bf16 input, boxes whose areas overflow or underflow fp32 behave
+    like NaN boxes. With empty ``boxes`` (shape ``[0, 4]``), ``scores`` and
+    ``idxs`` may each be None; the other arguments are checked as usual.
     """
     _check_boxes(boxes)
     if boxes.shape[0] == 0:  # stand-ins for None, so that the usual checks run
@@ -122,11 +121,12 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     original score, then to the lower index; NaN scores are selected first (and
     stay NaN). A factor of 0 takes any other score to 0, also an infinite one
     (rather than NaN); with ``score_threshold=-inf`` a -inf score is selected too.
-    A box with a NaN coordinate neither decays nor is decayed; IoU is computed in
-    fp32 for fp32/fp16/bf16 input, so a box whose area overflows or underflows fp32
-    (see ``nms``) has IoU NaN or 0 with every box and behaves the same way (except
-    that ``"hard"`` with ``iou_threshold <= 0`` drops boxes at IoU 0). Not differentiable
-    (post-processing): the outputs never require grad.
+    A box with a NaN coordinate neither decays nor is decayed. IoU is computed in
+    fp32 for fp32/fp16/bf16 input: a box whose area overflows or underflows fp32
+    (see ``nms``) has IoU 0 or NaN with every box and behaves the same way, except
+    that ``"hard"`` with ``iou_threshold <= 0`` drops boxes at IoU 0.
+
+    Not differentiable (post-processing): the outputs never require grad.
     """
     return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)
 
@@ -140,8 +140,7 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
     and ``scores`` as in ``soft_nms``, sorted by decreasing decayed score (NaN
     first; ties: lower category first, then selection order), also with a single
     category: with negative scores this can differ from ``soft_nms``'s selection
-    order (see there). Not differentiable: the outputs
-    never require grad.
+    order (see there). Not differentiable: the outputs never require grad.
     """
     if idxs is None:
         raise TypeError("idxs must be a tensor of categories")
