@@ -1,5 +1,7 @@
 """Argument checks shared by the Python fronts. Errors name the argument."""
 
+import numbers
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,9 +39,19 @@ def check_reduction(reduction) -> str:
 
 
 def check_float(name: str, value, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number as a float: a Python or NumPy number, a 0-d real tensor, or a SymInt /
+    SymFloat (torch.compile traces dynamic numbers as those); not bool or complex. NaN is
+    rejected; positive=True also rejects values <= 0."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number or a 0-d real tensor, "
+                            f"got a {value.dtype} tensor of shape {list(value.shape)}")
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float") from None
     if value != value:
         raise ValueError(f"{name} must not be NaN")
     if positive and not value > 0:

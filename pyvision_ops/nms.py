@@ -8,10 +8,9 @@ Ordering: scores are sorted descending with a stable sort (equal scores: lower
 index first) and NaN ranks highest. IoU is ``inter / union`` in fp32 (fp64 for
 fp64 boxes); a box with NaN coordinates has NaN IoU with every box, so it neither
 suppresses nor is suppressed. Boxes and scores may have different float dtypes:
-both are promoted to their common dtype.
+both are promoted to their common dtype. Thresholds and ``sigma`` take any real
+number (Python or NumPy) or a 0-d real tensor, as torchvision does; NaN is rejected.
 """
-
-import math
 
 import torch
 
@@ -21,13 +20,17 @@ from ._library import ops
 _METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
 
 
-def _check(boxes, scores, idxs, iou_threshold):
+def _check_boxes(boxes):
     _utils.check_tensor("boxes", boxes)
-    _utils.check_tensor("scores", scores)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape [N, 4], got {list(boxes.shape)}")
     if not boxes.is_floating_point():
         raise TypeError(f"boxes must be a floating point tensor, got {boxes.dtype}")
+
+
+def _check(boxes, scores, idxs, iou_threshold):
+    _check_boxes(boxes)
+    _utils.check_tensor("scores", scores)
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating point tensor, got {scores.dtype}")
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
@@ -45,7 +48,9 @@ def _check(boxes, scores, idxs, iou_threshold):
     _utils.check_same_device(**devices)
     threshold = _utils.check_float("iou_threshold", iou_threshold)
     dtype = torch.promote_types(boxes.dtype, scores.dtype)
-    return boxes.to(dtype), scores.to(dtype), threshold
+    # Post-processing, not differentiable: detached, the outputs never require grad
+    # (the ops have no autograd formula; autograd would only warn at backward time).
+    return boxes.detach().to(dtype), scores.detach().to(dtype), threshold
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -54,6 +59,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     Visits boxes in decreasing score order and removes every later box whose IoU
     with a kept box is ``> iou_threshold`` (strict). Returns the int64 indices of
     the kept boxes in decreasing score order; empty input gives ``int64[0]``.
+
+    IoU is computed in fp32 for fp32/fp16/bf16 input (fp64 for fp64), as in
+    torchvision, so it needs areas that fit fp32: from sides of about 1.3e19 the
+    sum of two areas overflows, below about 2.5e-23 an area underflows to 0, and
+    the IoU comes out 0 or NaN. Such a box behaves like a NaN box: for
+    ``iou_threshold >= 0`` it neither suppresses nor is suppressed, even by an
+    exact duplicate (torchvision gives the same). Use fp64 boxes, or rescale.
     """
     boxes, scores, thr = _check(boxes, scores, None, iou_threshold)
     return ops.nms(boxes, scores, None, thr)
@@ -63,13 +75,16 @@ def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torc
     """NMS independently per category ``idxs``; drop-in for ``torchvision.ops.batched_nms``.
 
     Exact for any coordinates (no coordinate offsets), one call for all
-    categories. Result in decreasing score order. With empty ``boxes``,
-    ``scores`` and ``idxs`` may be None.
+    categories. Result in decreasing score order. IoU is computed as in ``nms``:
+    for fp32/fp16/bf16 input, boxes whose areas overflow or underflow fp32 behave
+    like NaN boxes. With empty ``boxes`` (shape ``[0, 4]``), ``scores`` and
+    ``idxs`` may each be None; the other arguments are checked as usual.
     """
-    _utils.check_tensor("boxes", boxes)
-    if boxes.numel() == 0 and scores is None and idxs is None:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    if idxs is None:
+    _check_boxes(boxes)
+    if boxes.shape[0] == 0:  # stand-ins for None, so that the usual checks run
+        scores = boxes.new_empty((0,)) if scores is None else scores
+        idxs = torch.empty((0,), dtype=torch.int64, device=boxes.device) if idxs is None else idxs
+    elif idxs is None:
         raise TypeError("idxs must be a tensor of categories (it may be None only when boxes is empty)")
     boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
     return ops.nms(boxes, scores, idxs, thr)
@@ -79,10 +94,10 @@ def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
     sigma = _utils.check_float("sigma", sigma, positive=True)
     score_threshold = _utils.check_float("score_threshold", score_threshold)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, one of {tuple(_METHODS)}, got {type(method).__name__}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
-    if math.isinf(sigma):
-        raise ValueError("sigma must be finite")
     return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, _METHODS[method])
 
 
@@ -95,12 +110,23 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     when ``iou >= iou_threshold`` (``"linear"``), or by 0 when ``iou >=
     iou_threshold`` (``"hard"``), and drops boxes whose score is below
     ``score_threshold`` (boxes that start below it are never selected).
-    ``keep`` is in selection order, which is decreasing ``decayed_scores``;
+    ``sigma`` must be > 0; ``sigma=inf`` gives a gaussian factor of 1 (no decay);
+    linear and hard ignore it.
+    ``keep`` is in selection order: each step takes the highest remaining score, so
+    ``decayed_scores`` is decreasing when the scores are >= 0; decaying a negative
+    score raises it towards 0, so with negative scores it need not be.
     ``decayed_scores[i]`` is the score box ``keep[i]`` had when selected, in the
-    dtype of ``scores``. Ties go to the lower index; NaN scores are selected first
-    (and stay NaN). A factor of 0 takes any other score to 0, also an infinite one
+    common dtype of ``boxes`` and ``scores`` (``torch.promote_types``: float64
+    boxes give float64 scores). Equal current scores go to the box with the higher
+    original score, then to the lower index; NaN scores are selected first (and
+    stay NaN). A factor of 0 takes any other score to 0, also an infinite one
     (rather than NaN); with ``score_threshold=-inf`` a -inf score is selected too.
-    A box with a NaN coordinate neither decays nor is decayed.
+    A box with a NaN coordinate neither decays nor is decayed. IoU is computed in
+    fp32 for fp32/fp16/bf16 input: a box whose area overflows or underflows fp32
+    (see ``nms``) has IoU 0 or NaN with every box and behaves the same way, except
+    that ``"hard"`` with ``iou_threshold <= 0`` drops boxes at IoU 0.
+
+    Not differentiable (post-processing): the outputs never require grad.
     """
     return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)
 
@@ -110,8 +136,11 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
                      method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS independently per category ``idxs``, in one call.
 
-    Returns ``(keep, decayed_scores)`` ordered by decreasing decayed score (ties:
-    lower category first, then selection order).
+    Returns ``(keep, decayed_scores)``, scores in the common dtype of ``boxes``
+    and ``scores`` as in ``soft_nms``, sorted by decreasing decayed score (NaN
+    first; ties: lower category first, then selection order), also with a single
+    category: with negative scores this can differ from ``soft_nms``'s selection
+    order (see there). Not differentiable: the outputs never require grad.
     """
     if idxs is None:
         raise TypeError("idxs must be a tensor of categories")

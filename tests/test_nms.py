@@ -1,3 +1,7 @@
+import fractions
+import warnings
+
+import numpy as np
 import pytest
 import reference
 import torch
@@ -98,6 +102,25 @@ def test_nms_empty_and_single():
     assert P.nms(torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0.3]), 0.5).tolist() == [0]
 
 
+@pytest.mark.parametrize("side", [2e19, 1e-23])
+def test_areas_that_overflow_or_underflow_fp32_behave_like_nan_boxes(side):
+    # Documented, as in torchvision: the fp32 IoU of two such equal boxes is inf/inf or
+    # 0/0 = NaN, so duplicates survive; fp64 boxes give the exact answer.
+    boxes = torch.tensor([[0, 0, side, side], [0, 0, side, side], [0, 0, side, side / 2], [0, 0, 1, 1]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    idxs = torch.zeros(4, dtype=torch.long)
+    assert P.nms(boxes, scores, 0.3).tolist() == tv.nms(boxes, scores, 0.3).tolist() == [0, 1, 2, 3]
+    assert P.batched_nms(boxes, scores, idxs, 0.3).tolist() == tv.batched_nms(boxes, scores, idxs, 0.3).tolist()
+    assert P.nms(boxes.bfloat16(), scores.bfloat16(), 0.3).tolist() == [0, 1, 2, 3]
+    for method in ("gaussian", "linear", "hard"):
+        keep, dec = P.soft_nms(boxes, scores, method=method)
+        assert keep.tolist() == [0, 1, 2, 3]
+        torch.testing.assert_close(dec, scores)  # nothing decayed
+    b64, s64 = boxes.double(), scores.double()
+    assert P.nms(b64, s64, 0.3).tolist() == tv.nms(b64, s64, 0.3).tolist() == [0, 3]
+    assert P.soft_nms(boxes.double(), scores, method="hard")[0].tolist() == [0, 3]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_nms_dtypes(dtype):
     boxes, scores = detections(2000, seed=5)
@@ -150,6 +173,10 @@ def test_batched_nms_arbitrary_category_ids_and_none_when_empty():
     big = idxs * 1_000_003 - 7  # negative and sparse ids
     torch.testing.assert_close(P.batched_nms(boxes, scores, big, 0.5), P.batched_nms(boxes, scores, idxs, 0.5))
     assert P.batched_nms(torch.empty(0, 4), None, None, 0.5).shape == (0,)
+    for scores_, idxs_ in [(None, None), (torch.empty(0), None), (None, torch.empty(0, dtype=torch.int32)),
+                           (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long))]:
+        keep = P.batched_nms(torch.empty(0, 4), scores_, idxs_, 0.5)
+        assert keep.shape == (0,) and keep.dtype == torch.int64
     torch.testing.assert_close(P.batched_nms(boxes, scores, idxs.int(), 0.5), P.batched_nms(boxes, scores, idxs, 0.5))
 
 
@@ -262,6 +289,41 @@ def test_soft_nms_sigma_whose_inverse_overflows(dtype, sigma):
     torch.testing.assert_close(dec, scores[:2])
 
 
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+def test_soft_nms_infinite_sigma_matches_reference(method):
+    # gaussian: exp(-iou^2 / inf) = 1, no decay at all; linear and hard ignore sigma.
+    boxes, scores = special_detections(200, objects=10, seed=25)
+    keep, dec = P.soft_nms(boxes, scores, sigma=float("inf"), score_threshold=0.01, method=method)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, float("inf"), 0.01, method)
+    torch.testing.assert_close(keep, rkeep)
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7, equal_nan=True)
+    if method == "gaussian":
+        torch.testing.assert_close(dec, scores[keep], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_nms_equal_decayed_scores_go_to_the_higher_original_score(dtype):
+    # Box 2 (0.8, IoU 0.5 with box 0) decays linearly to 0.4, tying box 1 (0.4, no overlap):
+    # box 2 ranks higher by its original score, although its index is higher.
+    boxes = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 5.0]], dtype=dtype)
+    scores = torch.tensor([1.0, 0.4, 0.8], dtype=dtype)
+    keep, dec = P.soft_nms(boxes, scores, method="linear", iou_threshold=0.3)
+    assert dec[1] == dec[2] == scores[1]
+    assert keep.tolist() == reference.soft_nms(boxes, scores, 0.3, 0.5, 1e-3, "linear")[0].tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("boxes_dtype, scores_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                       (torch.float16, torch.float32), (torch.bfloat16, torch.float16)])
+def test_soft_nms_scores_come_back_in_the_promoted_dtype(boxes_dtype, scores_dtype):
+    boxes, scores, idxs = detections(50, seed=31, categories=2)
+    b, s = boxes.to(boxes_dtype), scores.to(scores_dtype)
+    common = torch.promote_types(boxes_dtype, scores_dtype)
+    assert P.soft_nms(b, s)[1].dtype == common
+    assert P.batched_soft_nms(b, s, idxs)[1].dtype == common
+    for x, y in zip(P.soft_nms(b, s), P.soft_nms(b.to(common), s.to(common))):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_soft_nms_ties_are_stable():
     boxes, _ = detections(200, seed=11)
     scores = torch.full((200,), 0.5)
@@ -269,20 +331,59 @@ def test_soft_nms_ties_are_stable():
     torch.testing.assert_close(keep, reference.soft_nms(boxes, scores, 0.3, 0.5, 1e-3, "linear")[0])
 
 
+@pytest.mark.parametrize("categories", [1, 6])
+@pytest.mark.parametrize("negative", [False, True])
 @pytest.mark.parametrize("method", ["gaussian", "hard"])
-def test_batched_soft_nms_is_per_category(method):
-    boxes, scores, idxs = detections(400, seed=12, categories=6)
-    keep, dec = P.batched_soft_nms(boxes, scores, idxs, method=method, score_threshold=0.01)
+def test_batched_soft_nms_is_per_category(method, negative, categories):
+    # Negative scores rise when decayed, so a category's selection order is not decreasing:
+    # the result is sorted by decayed score however many categories there are.
+    boxes, scores, idxs = detections(400, seed=12, categories=categories)
+    score_thr = 0.01
+    if negative:
+        scores, score_thr = scores - 0.7, -0.6
+    keep, dec = P.batched_soft_nms(boxes, scores, idxs, method=method, score_threshold=score_thr)
     parts_k, parts_s = [], []
     for c in torch.unique(idxs):
         m = torch.where(idxs == c)[0]
-        k, s = reference.soft_nms(boxes[m], scores[m], 0.3, 0.5, 0.01, method)
+        k, s = reference.soft_nms(boxes[m], scores[m], 0.3, 0.5, score_thr, method)
         parts_k.append(m[k])
         parts_s.append(s)
     rk, rs = torch.cat(parts_k), torch.cat(parts_s)
     order = torch.sort(rs, stable=True, descending=True)[1]
     torch.testing.assert_close(keep, rk[order])
     torch.testing.assert_close(dec.double(), rs[order], rtol=1e-5, atol=1e-7)
+    assert (dec[1:] <= dec[:-1]).all()
+
+
+def test_soft_nms_negative_scores_selection_order_vs_batched_order():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 5], [100, 100, 110, 110.0]])
+    scores = torch.tensor([-0.1, -0.2, -0.15, -0.5])
+    keep, dec = P.soft_nms(boxes, scores, score_threshold=-1.0)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, 0.5, -1.0, "gaussian")
+    assert keep.tolist() == rkeep.tolist() == [0, 1, 2, 3]  # selection order, not decreasing
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=1e-7)
+    assert not (dec[1:] <= dec[:-1]).all()
+    expected = [1, 2, 0, 3]
+    for idxs in ([0, 0, 0, 0], [0, 0, 0, 1], [5, 5, 5, 5]):
+        bkeep, bdec = P.batched_soft_nms(boxes, scores, torch.tensor(idxs), score_threshold=-1.0)
+        assert bkeep.tolist() == expected, idxs
+        torch.testing.assert_close(bdec, dec[[1, 2, 0, 3]])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_soft_nms_is_not_differentiable(batched):
+    # The outputs never require grad, so a loss that uses them backpropagates without the
+    # "no autograd kernel" warning (and gives decayed_scores no gradient path).
+    boxes, scores, idxs = detections(50, seed=27, categories=2)
+    boxes.requires_grad_()
+    scores.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keep, dec = P.batched_soft_nms(boxes, scores, idxs) if batched else P.soft_nms(boxes, scores)
+        assert not dec.requires_grad and dec.grad_fn is None
+        (dec.sum() + scores.sum() + boxes[keep].sum()).backward()
+    torch.testing.assert_close(scores.grad, torch.ones_like(scores))
+    assert P.nms(boxes, scores, 0.5).requires_grad is False
 
 
 # ------------------------------------------------------- op-level machinery
@@ -328,6 +429,29 @@ def test_compile_and_export_with_0_1_many_survivors(survivors):
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_compile_with_dynamic_float_arguments(batched):
+    # A second call with other floats makes dynamo trace them as SymFloats; the Python
+    # front must not call math functions on them.
+    boxes, scores, idxs = detections(200, seed=26, categories=3)
+    cats = idxs if batched else None
+
+    def f(b, s, c, thr, sigma, score_thr):
+        if c is None:
+            return P.soft_nms(b, s, iou_threshold=thr, sigma=sigma, score_threshold=score_thr)
+        return P.batched_soft_nms(b, s, c, iou_threshold=thr, sigma=sigma, score_threshold=score_thr)
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True)
+    for args in [(0.3, 0.5, 0.01), (0.4, 0.6, 0.02), (0.5, float("inf"), 0.03)]:
+        for x, y in zip(g(boxes, scores, cats, *args), f(boxes, scores, cats, *args)):
+            torch.testing.assert_close(x, y)
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, dynamic=True)
+    for x, y in zip(g(boxes, scores, cats, 0.3, 0.5, 0.01), f(boxes, scores, cats, 0.3, 0.5, 0.01)):
+        torch.testing.assert_close(x, y)
+
+
 def test_compile_empty_input():
     f = torch.compile(lambda b, s: P.nms(b, s, 0.5), fullgraph=True)
     assert f(torch.zeros(0, 4), torch.zeros(0)).shape == (0,)
@@ -350,9 +474,21 @@ def test_compile_empty_input():
         (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long), 0.5),
          ValueError, "idxs"),
         (lambda: P.batched_nms(torch.zeros(3, 4), torch.zeros(3), None, 0.5), TypeError, "idxs"),
+        # empty boxes with scores / idxs None: the other arguments are still checked
+        (lambda: P.batched_nms(torch.empty(5, 0), None, None, 0.5), ValueError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0, 5), None, None, 0.5), ValueError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0), None, None, 0.5), ValueError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0, 4, dtype=torch.long), None, None, 0.5), TypeError, "boxes"),
+        (lambda: P.batched_nms(torch.empty(0, 4), None, None, float("nan")), ValueError, "iou_threshold"),
+        (lambda: P.batched_nms(torch.empty(0, 4), None, None, "0.5"), TypeError, "iou_threshold"),
+        (lambda: P.batched_nms(torch.empty(0, 4), torch.empty(2), None, 0.5), ValueError, "scores"),
+        (lambda: P.batched_nms(torch.empty(0, 4), None, torch.empty(0), 0.5), TypeError, "idxs"),
+        (lambda: P.batched_nms(torch.zeros(3, 4), None, torch.zeros(3, dtype=torch.long), 0.5), TypeError, "scores"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=0.0), ValueError, "sigma"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), sigma=-1.0), ValueError, "sigma"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method="cubic"), ValueError, "method"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method=["gaussian"]), TypeError, "method"),
+        (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), method=0), TypeError, "method"),
         (lambda: P.soft_nms(torch.zeros(3, 4), torch.zeros(3), score_threshold=float("nan")), ValueError,
          "score_threshold"),
     ],
@@ -360,6 +496,64 @@ def test_compile_empty_input():
 def test_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_raw_nms_op_rejects_nan_threshold(batched):
+    # The op itself checks (callers may skip the Python front): ValueError naming the argument.
+    boxes, scores = detections(3, seed=28)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        ops.nms(boxes, scores, torch.tensor([0, 1, 1]) if batched else None, NAN)
+
+
+@pytest.mark.parametrize(
+    "iou_threshold, sigma, score_threshold, words",
+    [(NAN, 0.5, 1e-3, "iou_threshold"), (0.3, 0.5, NAN, "score_threshold"), (0.3, NAN, 1e-3, "sigma"),
+     (0.3, 0.0, 1e-3, "sigma")],
+)
+@pytest.mark.parametrize("batched", [False, True])
+def test_raw_soft_nms_op_rejects_nan_arguments(iou_threshold, sigma, score_threshold, words, batched):
+    boxes, scores = detections(3, seed=28)
+    idxs = torch.tensor([0, 1, 1]) if batched else None
+    for method in range(3):
+        with pytest.raises(ValueError, match=words):
+            ops.soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method)
+
+
+@pytest.mark.parametrize(
+    "thr, as_float",
+    [(np.float32(0.5), 0.5), (np.float64(0.01), 0.01), (np.int64(1), 1.0), (np.int8(0), 0.0),
+     (torch.tensor(0.5), 0.5), (torch.tensor(0.01, dtype=torch.float64), 0.01), (torch.tensor(1), 1.0),
+     (fractions.Fraction(1, 2), 0.5)],
+)
+def test_thresholds_accept_numpy_scalars_and_0d_tensors(thr, as_float):
+    # As torchvision does: any real number, and 0-d real tensors.
+    boxes, scores, idxs = detections(300, seed=29, categories=3)
+    torch.testing.assert_close(P.nms(boxes, scores, thr), P.nms(boxes, scores, as_float), rtol=0, atol=0)
+    torch.testing.assert_close(P.nms(boxes, scores, thr), tv.nms(boxes, scores, thr), rtol=0, atol=0)
+    torch.testing.assert_close(P.batched_nms(boxes, scores, idxs, thr), P.batched_nms(boxes, scores, idxs, as_float))
+    for x, y in zip(P.soft_nms(boxes, scores, thr, sigma=thr if as_float > 0 else 0.5, score_threshold=thr),
+                    P.soft_nms(boxes, scores, as_float, sigma=as_float if as_float > 0 else 0.5,
+                               score_threshold=as_float)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "thr, exc",
+    [("0.5", TypeError), (True, TypeError), (np.bool_(False), TypeError), (0.5 + 0j, TypeError),
+     (np.complex64(0.5), TypeError), (torch.tensor([0.5]), TypeError), (torch.tensor(True), TypeError),
+     (torch.tensor(0.5 + 0j), TypeError), (None, TypeError), (10**400, ValueError), (-(10**400), ValueError),
+     (np.float32("nan"), ValueError), (torch.tensor(float("nan")), ValueError)],
+)
+def test_thresholds_reject_non_real(thr, exc):
+    boxes, scores = detections(3, seed=30)
+    with pytest.raises(exc, match="iou_threshold"):
+        P.nms(boxes, scores, thr)
+    with pytest.raises(exc, match="score_threshold"):
+        P.soft_nms(boxes, scores, score_threshold=thr)
 
 
 # ---------------------------------------------------------------------- GPU

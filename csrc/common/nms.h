@@ -116,11 +116,13 @@ PVO_HD T decay_score(T score, T factor) {
 }
 
 // Host side of both soft_nms ops: the groups' selections (each group in selection order,
-// scores in the kernels' precision) merged by decreasing score, ties keeping group order,
-// then the scores cast to the input's dtype; so both devices order them alike.
-inline std::tuple<at::Tensor, at::Tensor> merge_groups(at::Tensor keep, at::Tensor scores, int64_t groups,
+// scores in the kernels' precision), with idxs (`batched`) sorted by decreasing score, ties
+// keeping group then selection order, then the scores cast to the input's dtype; so both
+// devices order them alike. Sorted whatever the number of groups: decaying a negative
+// score raises it, so even one group's selection order need not be decreasing.
+inline std::tuple<at::Tensor, at::Tensor> merge_groups(at::Tensor keep, at::Tensor scores, bool batched,
                                                       at::ScalarType dtype) {
-  if (groups > 1) {
+  if (batched) {
     const at::Tensor perm = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
     keep = keep.index_select(0, perm);
     scores = scores.index_select(0, perm);

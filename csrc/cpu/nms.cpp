@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -141,6 +142,7 @@ void greedy_nms(Soa<T>& s, T thr, uint8_t* keep) {
 at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
                    double iou_threshold) {
   check_inputs("nms", boxes, scores, idxs);
+  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "nms: iou_threshold must not be NaN");
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   Groups g = group_by_category(scores, idxs);
@@ -333,7 +335,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
                                                 double sigma, double score_threshold, int64_t method) {
   check_inputs("soft_nms", boxes, scores, idxs);
   TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
-  TORCH_CHECK(sigma > 0, "soft_nms: sigma must be > 0");
+  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", sigma);  // NaN too
+  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "soft_nms: iou_threshold must not be NaN");
+  TORCH_CHECK_VALUE(!std::isnan(score_threshold), "soft_nms: score_threshold must not be NaN");
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   Groups g = group_by_category(scores, idxs);
@@ -376,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
       }
     }
   });
-  return nms::merge_groups(keep, kept_scores, groups, scores.scalar_type());
+  return nms::merge_groups(keep, kept_scores, idxs.has_value(), scores.scalar_type());
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -206,6 +207,7 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layou
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
                     double iou_threshold) {
   check_inputs("nms", boxes, scores, idxs);
+  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "nms: iou_threshold must not be NaN");
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
@@ -579,7 +581,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
                                                  double sigma, double score_threshold, int64_t method) {
   check_inputs("soft_nms", boxes, scores, idxs);
   TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
-  TORCH_CHECK(sigma > 0, "soft_nms: sigma must be > 0");
+  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", sigma);  // NaN too
+  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "soft_nms: iou_threshold must not be NaN");
+  TORCH_CHECK_VALUE(!std::isnan(score_threshold), "soft_nms: score_threshold must not be NaN");
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
@@ -630,7 +634,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);
   const at::Tensor pos = (out_pos.masked_fill(~filled, 0) + d_start.index_select(0, seg)).masked_select(filled);
-  return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(filled), groups,
+  return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(filled), idxs.has_value(),
                            scores.scalar_type());
 }
 
