@@ -111,6 +111,14 @@ def _(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))
 
 
+def _soft_nms_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)  # a selection: its decayed scores carry no gradient
+
+
+torch.library.register_autograd("pyvision_ops::soft_nms", lambda ctx, *grads: (None,) * 7,
+                                setup_context=_soft_nms_setup)
+
+
 # ------------------------------------------------------------------ RoI Align
 
 @torch.library.register_fake("pyvision_ops::roi_align")

@@ -384,6 +384,10 @@ def test_soft_nms_is_not_differentiable(batched):
         (dec.sum() + scores.sum() + boxes[keep].sum()).backward()
     torch.testing.assert_close(scores.grad, torch.ones_like(scores))
     assert P.nms(boxes, scores, 0.5).requires_grad is False
+    with warnings.catch_warnings():  # the op itself, called directly, says the same
+        warnings.simplefilter("error")
+        _, dec = torch.ops.pyvision_ops.soft_nms(boxes, scores, idxs if batched else None, 0.3, 0.5, 1e-3, 0)
+        assert not dec.requires_grad
 
 
 # ------------------------------------------------------- op-level machinery
