@@ -43,8 +43,8 @@ PVO_HD double log1p_unit(double u) { return std::log1p(u); }
 inline void check_labels(const char* what, const at::Tensor& y, int64_t C, std::optional<int64_t> ignore_index) {
   const int64_t* py = y.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < y.numel(); ++i) {
-    TORCH_CHECK((ignore_index && py[i] == *ignore_index) || (py[i] >= 0 && py[i] < C), what, " value ",
-                std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
+    TORCH_CHECK_VALUE((ignore_index && py[i] == *ignore_index) || (py[i] >= 0 && py[i] < C), what, " value ",
+                      std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
   }
 }
 
