@@ -4,10 +4,12 @@ Same values as ``F.interpolate(mode="bilinear")`` on 4-D input, including
 torch's source-index rules (with ``scale_factor`` given, the source index uses
 ``1 / scale_factor``, not in / out). C++ on the CPU (csrc/cpu/interpolate.cpp),
 Triton on CUDA (kernels/interpolate.py); both backwards are gather-based and
-deterministic. fp16/bf16 are computed with fp32 accumulation.
+deterministic. fp16/bf16 are computed with fp32 accumulation. A channels_last input
+gives a channels_last output, as in torch.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -22,9 +24,12 @@ def _two(value, name, kind):
         a, b = value
     else:
         a = b = value
+    # 0-d tensors as plain numbers (torch accepts them too)
+    a, b = (v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for v in (a, b))
     for v in (a, b):
         if isinstance(v, bool) or not isinstance(v, kind):
-            raise TypeError(f"{name} must be {kind.__name__ if kind is int else 'a number'} or a pair, got {value!r}")
+            what = "an int" if kind is numbers.Integral else "a number"
+            raise TypeError(f"{name} must be {what} or a pair, got {value!r}")
     return a, b
 
 
@@ -44,11 +49,15 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
     h, w = input.shape[2:]
     if h == 0 or w == 0:
         raise ValueError(f"input must have a non-empty spatial size, got {list(input.shape[2:])}")
+    if align_corners is None:  # torch's default
+        align_corners = False
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
     if size is not None:
-        oh, ow = _two(size, "size", int)
+        oh, ow = (int(v) for v in _two(size, "size", numbers.Integral))
         sh = sw = -1.0
     else:
-        sh, sw = (float(s) for s in _two(scale_factor, "scale_factor", (int, float)))
+        sh, sw = (float(s) for s in _two(scale_factor, "scale_factor", numbers.Real))
         if not (sh > 0 and sw > 0 and math.isfinite(sh) and math.isfinite(sw)):
             raise ValueError(f"scale_factor must be positive and finite, got {scale_factor!r}")
         oh, ow = math.floor(h * sh), math.floor(w * sw)
@@ -57,4 +66,7 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
     if oh >= 2**31 or ow >= 2**31:
         raise ValueError(f"the output size must be below 2^31 per side, got {(oh, ow)} "
                          f"(size={size!r}, scale_factor={scale_factor!r})")
-    return ops.upsample_bilinear(input, oh, ow, bool(align_corners), sh, sw)
+    out = ops.upsample_bilinear(input, oh, ow, align_corners, sh, sw)
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out

@@ -38,7 +38,9 @@ def test_dtypes_layouts(dtype, tol):
     assert out.dtype == dtype
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     xc = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(P.interpolate_bilinear(xc, scale_factor=3), out)
+    out_c = P.interpolate_bilinear(xc, scale_factor=3)
+    torch.testing.assert_close(out_c, out)
+    assert out_c.is_contiguous(memory_format=torch.channels_last)  # the layout torch keeps
     torch.testing.assert_close(P.interpolate_bilinear(x[:, :, ::2], size=(9, 9)),
                                F.interpolate(x[:, :, ::2].float(), size=(9, 9), mode="bilinear").to(dtype),
                                rtol=tol, atol=tol)
@@ -71,6 +73,19 @@ def test_opcheck_and_compile():
     opcheck(ops.upsample_bilinear_backward, (torch.randn(1, 2, 9, 13, dtype=torch.float64), 5, 6, False, -1.0, -1.0))
     f = torch.compile(lambda t: P.interpolate_bilinear(t, scale_factor=2).sum(), fullgraph=True)
     torch.testing.assert_close(f(x), P.interpolate_bilinear(x, scale_factor=2).sum())
+
+
+def test_size_and_flags_accept_what_torch_accepts():
+    import numpy as np
+
+    x = feature(n=1, c=2, h=5, w=6)
+    ref = F.interpolate(x, size=(7, 7), mode="bilinear")
+    for size in (np.int64(7), (np.int32(7), 7), torch.tensor(7)):
+        torch.testing.assert_close(P.interpolate_bilinear(x, size=size), ref)
+    torch.testing.assert_close(P.interpolate_bilinear(x, scale_factor=np.float32(1.5), align_corners=None),
+                               F.interpolate(x, scale_factor=1.5, mode="bilinear"))
+    with pytest.raises(TypeError, match="align_corners"):
+        P.interpolate_bilinear(x, size=7, align_corners="yes")
 
 
 @pytest.mark.parametrize(
