@@ -189,7 +189,7 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layou
     // OR the kept rows' masks into the later words; a counted loop, 4 independent loads at a
     // time, so that the loads overlap instead of waiting on each other.
     const unsigned long long* block_rows = m + rb * kWord * words;
-    for (int64_t w = rb + 1 + threadIdx.x; w < words; w += blockDim.x) {
+    for (int64_t w = rb + 1 + threadIdx.x; nk > 0 && w < words; w += blockDim.x) {  // nothing kept: nothing to OR
       const unsigned long long* col = block_rows + w;
       unsigned long long acc = removed[w];
       int i = 0;
