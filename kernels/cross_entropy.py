@@ -132,11 +132,12 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
 
 @triton.jit
 def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
-                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, G_STEP: tl.constexpr,
+                        BLOCK: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)
-    g = tl.where(valid, tl.load(g_ptr + offs, mask=mj, other=0.0), 0.0).to(acc)
+    g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mj, other=0.0), 0.0).to(acc)
     mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
@@ -155,6 +156,15 @@ def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, 
 
 _BLOCK = 512
 
+
+
+def _loss_grad(grad, acc):
+    """The incoming loss gradient and its step between positions: the mean and sum
+    reductions hand the backward an expanded scalar, read in place (step 0) instead of
+    materialised as a full map."""
+    if grad.numel() and all(st == 0 for st in grad.stride()):
+        return grad.as_strided((1,), (1,)).to(acc), 0
+    return grad.to(acc).contiguous(), 1
 
 
 def _weight(weight, logits):
@@ -182,10 +192,10 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, ignore_i
     dz = torch.empty_like(z)
     if n * nb:
         acc = acc_dtype(logits.dtype)
-        _ce_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(),
-                                       _weight(weight, z), stats.to(acc).contiguous(), dz, c, s, n * s, nb,
-                                       ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-                                       HAS_W=weight is not None, BLOCK=_BLOCK)
+        g, g_step = _loss_grad(grad, acc)
+        _ce_backward_kernel[(n * nb,)](g, z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz,
+                                       c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+                                       HAS_W=weight is not None, G_STEP=g_step, BLOCK=_BLOCK)
     return dz
 
 
@@ -230,7 +240,8 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi
 @triton.jit
 def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
                              xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep: tl.float64,
-                             spread: tl.float64, BX, HAS_W: tl.constexpr, FX: tl.constexpr, BXP: tl.constexpr):
+                             spread: tl.float64, BX, HAS_W: tl.constexpr, G_STEP: tl.constexpr, FX: tl.constexpr,
+                             BXP: tl.constexpr):
     # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
     # summed along x into the low-resolution columns of this program's block.
     row = tl.program_id(0)  # image * H + output row
@@ -241,7 +252,7 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, 
     offs = row.to(tl.int64) * W + ox
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
-    g = tl.where(valid, tl.load(g_ptr + offs, mask=mo, other=0.0), 0.0).to(wa0.dtype)
+    g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mo, other=0.0), 0.0).to(wa0.dtype)
     mx = tl.load(stats_ptr + offs, mask=mo, other=0.0)
     ls = tl.load(stats_ptr + P + offs, mask=mo, other=0.0)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
@@ -295,13 +306,14 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
-    args = (lg, target.contiguous(), _weight(weight, lg), grad.to(acc).contiguous(), stats.to(acc).contiguous())
+    g, g_step = _loss_grad(grad, acc)
+    args = (lg, target.contiguous(), _weight(weight, lg), g, stats.to(acc).contiguous())
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
         _up_ce_contract_x_kernel[(n * H, triton.cdiv(w, tx.bx))](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
             n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None,
-            FX=tx.fx, BXP=tx.bxp)
+            G_STEP=g_step, FX=tx.fx, BXP=tx.bxp)
         contract_y(tk, dl, ty, dst_first=c0)
     return dl

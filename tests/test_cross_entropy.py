@@ -273,6 +273,25 @@ def test_fp32_precision_at_large_logits(offset, kw):
 
 
 @pytest.mark.interpreter
+def test_expanded_loss_gradient_is_read_in_place():
+    # mean/sum reductions hand the backward an expanded scalar: same gradients as a full map
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch((2, 7, 5, 9), ignore=3)
+    x3, y2 = x.reshape(2, 7, 45), y.reshape(2, 45)
+    x4, y3 = x, torch.randint(0, 7, (2, 8, 11), generator=torch.Generator().manual_seed(4))
+    for impl in (ops, K):
+        stats = impl.softmax_cross_entropy(x3, y2, w, 3, 0.1)[2]
+        one, full = torch.tensor(0.7, dtype=torch.float64).expand(2, 45), torch.full((2, 45), 0.7, dtype=torch.float64)
+        torch.testing.assert_close(impl.softmax_cross_entropy_backward(one, x3, y2, w, stats, 3, 0.1),
+                                   impl.softmax_cross_entropy_backward(full, x3, y2, w, stats, 3, 0.1), rtol=0, atol=0)
+        stats = impl.upsample_cross_entropy(x4, y3, False, w, 3, 0.1)[2]
+        one, full = one.new_tensor(0.7).expand(2, 8, 11), torch.full((2, 8, 11), 0.7, dtype=torch.float64)
+        torch.testing.assert_close(impl.upsample_cross_entropy_backward(one, x4, y3, False, w, stats, 3, 0.1),
+                                   impl.upsample_cross_entropy_backward(full, x4, y3, False, w, stats, 3, 0.1))
+
+
+@pytest.mark.interpreter
 def test_triton_cross_entropy_interpreter_large_logits():
     from pyvision_ops.kernels import cross_entropy as K
 

@@ -20,6 +20,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/interpolate.h"
@@ -40,6 +41,17 @@ void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target
   if (weight) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op, ": weight must be [C]");
   }
+}
+
+// The incoming loss gradient in T, and whether it is one value for every position: the
+// mean and sum reductions hand the backward an expanded scalar, read in place instead of
+// materialised (a full map written and read again).
+template <typename T>
+std::pair<at::Tensor, bool> loss_grad(const at::Tensor& grad) {
+  const auto strides = grad.strides();
+  const bool one = grad.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; });
+  const at::Tensor g = one ? grad.as_strided({1}, {1}) : grad;
+  return {g.to(c10::CppTypeToScalarType<T>::value).contiguous(), one};
 }
 
 // Class weights (1 when absent) and the label-smoothing split of the loss:
@@ -171,23 +183,24 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
-    const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto [g, g_one] = loss_grad<T>(grad);
     const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
     const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
+    const int64_t g_step = g_one ? 0 : 1;
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> a(kBlock), b(kBlock), gm(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
         const int64_t* yy = py + n * S + j0;
-        const T* gg = pg + n * S + j0;
+        const T* gg = pg + (n * S + j0) * g_step;
         // dz_c = g (keep w_y + spread W) p_c - g (keep w_y [c = y] + spread w_c); 0 where ignored
         for (int64_t j = 0; j < cnt; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : w[yy[j]];
-          gm[j] = ign ? T(0) : gg[j];
+          gm[j] = ign ? T(0) : gg[j * g_step];
           a[j] = gm[j] * (keep * wy + spread * wsum);
           b[j] = gm[j] * keep * wy;
         }
@@ -291,12 +304,12 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
-    const auto g = grad.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto [g, g_one] = loss_grad<T>(grad);
     const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
     const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
-    const int64_t P = N * H * W;
+    const int64_t P = N * H * W, g_step = g_one ? 0 : 1;
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
     // One image per task, rows in order: each image's gradient is accumulated in a fixed order.
     at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
@@ -311,7 +324,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
           for (int64_t j = 0; j < W; ++j) {
             const bool ign = yy[j] == ignore_index;
             const T wy = ign ? T(0) : wc[yy[j]];
-            gm[j] = ign ? T(0) : pg[row * W + j];
+            gm[j] = ign ? T(0) : pg[(row * W + j) * g_step];
             a[j] = gm[j] * (keep * wy + spread * wsum);
             b[j] = gm[j] * keep * wy;
           }
