@@ -44,6 +44,16 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
 _NO_IGNORE = -(2**63)  # a target value no class can have
 
 
+def _check_classes(classes, c: int, expected: str) -> list:
+    """A non-empty list (or tuple) of int class indices in [0, c), checked in Python: no tensor
+    value decides anything, so torch.compile(fullgraph=True) traces it. A repeated index stays."""
+    if not isinstance(classes, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int) for k in classes):
+        raise TypeError(f"classes must be {expected}, got {classes!r}")
+    if len(classes) == 0 or any(not 0 <= k < c for k in classes):
+        raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {list(classes)}")
+    return list(classes)
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, ignore_index=None, classes=None,
               reduction: str = "mean") -> torch.Tensor:
     """Multiclass soft Dice loss from logits (softmax over dim 1 inside).
@@ -51,9 +61,10 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     ``logits``: ``[N, C, ...]``; ``target``: int64 ``[N, ...]`` class indices. Per
     class c, over the whole batch and every position whose target is not
     ``ignore_index``: ``I_c = sum p_c [y = c]``, ``S_c = sum p_c + sum [y = c]``,
-    ``loss_c = 1 - (2 I_c + smooth) / (S_c + smooth)``. ``classes`` (a list of class
-    indices, default all) selects the classes; ``reduction`` ``"mean"`` / ``"sum"``
-    over them, or ``"none"`` for the per-class losses. A class absent from the
+    ``loss_c = 1 - (2 I_c + smooth) / (S_c + smooth)``. ``classes`` (None for all,
+    or a list of int class indices; a repeated index counts again) selects the
+    classes; ``reduction`` ``"mean"`` / ``"sum"`` over them, or ``"none"`` for the
+    per-class losses in that order. A class absent from the
     target and never predicted has loss ``1 - smooth / (S_c + smooth)``; with every
     position ignored, every class has loss 0 (when smooth > 0). Ignored positions
     count for nothing whatever their logits (NaN too); a NaN logit at a counted
@@ -76,16 +87,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     _utils.check_same_device(logits=logits, target=target)
     smooth = _utils.check_float("smooth", smooth)
     _utils.check_reduction(reduction)
+    if classes is not None:
+        classes = _check_classes(classes, logits.shape[1], "None or a list of int class indices")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     ii = _NO_IGNORE if ignore_index is None else ignore_index
     inter, card = ops.dice_stats(logits, target.to(torch.int64), ii)
     loss = 1 - (2 * inter + smooth) / (card + smooth)
     if classes is not None:
-        idx = torch.as_tensor(classes, dtype=torch.int64)
-        if idx.dim() != 1 or idx.numel() == 0 or bool(((idx < 0) | (idx >= logits.shape[1])).any()):
-            raise ValueError(f"classes must be a non-empty list of indices in [0, {logits.shape[1]}), got {classes}")
-        loss = loss.index_select(0, idx.to(loss.device))
+        loss = loss.index_select(0, torch.tensor(classes, dtype=torch.int64, device=loss.device))
     return _utils.reduce(loss, reduction) if reduction != "mean" else loss.mean()
 
 
@@ -138,23 +148,22 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     _flatten_seg("probas", probas, labels, with_classes=True)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-    if isinstance(classes, str):
-        if classes not in ("present", "all"):
-            raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
     n, c = probas.shape[:2]
     if c < 1:
         raise ValueError(f"probas must have at least one class (dim 1), got shape {list(probas.shape)}")
     sel = None
-    if not isinstance(classes, str):
-        sel = torch.as_tensor(classes, dtype=torch.int64)
-        if sel.dim() != 1 or sel.numel() == 0 or bool(((sel < 0) | (sel >= c)).any()):
-            raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {classes}")
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
+    else:
+        sel = _check_classes(classes, c, "'present', 'all' or a list of int class indices")
     p = torch.softmax(probas, dim=1) if from_logits else probas
     losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, -1), labels.reshape(n, -1).to(torch.int64),
                                                 ignore_index, bool(per_image))
     g = losses.shape[0]
     if sel is not None:
-        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_fill_(0, sel.to(losses.device), 1)
+        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_fill_(
+            0, torch.tensor(sel, dtype=torch.int64, device=losses.device), 1)
         weight = weight.expand(g, c)
     elif classes == "present":
         weight = (counts > 0).to(losses.dtype)

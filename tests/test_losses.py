@@ -270,6 +270,14 @@ def test_dice_opcheck_gradcheck_compile():
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.full((2, 4), 3)), RuntimeError, "outside"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[5]), ValueError,
          "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[]), ValueError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[1.7]), TypeError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[True]), TypeError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes="all"), TypeError,
+         "classes"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), reduction="avg"), ValueError,
          "reduction"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2.5), TypeError,
@@ -375,6 +383,14 @@ def test_lovasz_gradient_op_exact_counts_opcheck_compile():
     torch.testing.assert_close(f(x, y), P.lovasz_softmax(x, y, from_logits=True))
 
 
+@pytest.mark.parametrize("loss", [P.dice_loss, P.lovasz_softmax])
+def test_class_list_compiles(loss):
+    # the list is checked in Python: no data-dependent branch breaks the graph
+    x, y = seg_batch(c=4, h=5, w=6, seed=10)
+    f = torch.compile(lambda a, b: loss(a, b, classes=[3, 1]) * 2, fullgraph=True)
+    torch.testing.assert_close(f(x, y), loss(x, y, classes=[3, 1]) * 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
     x, y = seg_batch(c=5, h=7, w=9, ignore=255, seed=8)
@@ -411,6 +427,12 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
          ValueError, "classes"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[3]),
          ValueError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[1.7]),
+         TypeError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[True]),
+         TypeError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=None),
+         TypeError, "classes"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), TypeError,
          "logits"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.full((2, 4), 3)), RuntimeError, "labels value 3"),
