@@ -137,7 +137,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     ``loss_c`` is their dot product with the Lovasz gradient of the sorted ground
     truth (Algorithm 1; counts are int64, exact at any size). ``classes``:
     ``"present"`` averages over classes present in the labels, ``"all"`` over all,
-    or a list of class indices. ``per_image=True`` averages per-image losses.
+    or a list of int class indices (a repeated index counts again, as in dice_loss).
+    ``per_image=True`` averages per-image losses.
     No valid position, or no present class: the loss is 0 with zero gradients.
     A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
     CUDA (no device-to-host sync) such a position is background for every class.
@@ -162,8 +163,10 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
                                                 ignore_index, bool(per_image))
     g = losses.shape[0]
     if sel is not None:
-        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_fill_(
-            0, torch.tensor(sel, dtype=torch.int64, device=losses.device), 1)
+        # a class listed k times has weight k, as in the paper's loop over the list (and dice_loss)
+        idx = torch.tensor(sel, dtype=torch.int64, device=losses.device)
+        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_add_(
+            0, idx, torch.ones(len(sel), dtype=losses.dtype, device=losses.device))
         weight = weight.expand(g, c)
     elif classes == "present":
         weight = (counts > 0).to(losses.dtype)

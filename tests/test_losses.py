@@ -352,6 +352,21 @@ def test_lovasz_softmax_probas_ties_and_edge_cases():
     assert P.lovasz_softmax(x.float(), y, from_logits=True).dtype == torch.float32
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+def test_repeated_classes_count_again(per_image):
+    # the reference loops over the list: class 2 listed twice weighs twice
+    x, y = seg_batch(c=4, seed=11)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.lovasz_softmax(x1, y, [2, 2, 1], per_image, from_logits=True)
+    ref = reference.lovasz_softmax(x2, y, [2, 2, 1], per_image, from_logits=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2]))
+    assert abs(ours.item() - P.lovasz_softmax(x, y, [2, 1], per_image, from_logits=True).item()) > 1e-6
+    # dice_loss weighs them the same way
+    d = P.dice_loss(x, y, classes=[2, 2, 1], reduction="none")
+    torch.testing.assert_close(P.dice_loss(x, y, classes=[2, 2, 1]), (2 * d[0] + d[2]) / 3)
+
+
 @pytest.mark.parametrize("per_image", [True, False])
 def test_lovasz_hinge_matches_reference(per_image):
     g = torch.Generator().manual_seed(4)
