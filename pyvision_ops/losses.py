@@ -140,6 +140,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     or a list of int class indices (a repeated index counts again, as in dice_loss).
     ``per_image=True`` averages per-image losses.
     No valid position, or no present class: the loss is 0 with zero gradients.
+    A NaN probability makes its class's loss NaN; a class left out of the average
+    (absent with ``"present"``, or not listed) never affects the result.
     A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
     CUDA (no device-to-host sync) such a position is background for every class.
     The loss is fp32 (fp64 for fp64 input). One op computes every row's loss and
@@ -172,7 +174,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
         weight = (counts > 0).to(losses.dtype)
     else:
         weight = torch.ones_like(losses)
-    per_group = (losses * weight).sum(1) / weight.sum(1).clamp(min=1)
+    # a select, not only a product: 0 * NaN would let a class left out of the average decide it
+    per_group = (torch.where(weight > 0, losses, 0.0) * weight).sum(1) / weight.sum(1).clamp(min=1)
     return per_group.mean()
 
 

@@ -367,6 +367,24 @@ def test_repeated_classes_count_again(per_image):
     torch.testing.assert_close(P.dice_loss(x, y, classes=[2, 2, 1]), (2 * d[0] + d[2]) / 3)
 
 
+@pytest.mark.parametrize("classes", ["present", [0, 3]])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lovasz_softmax_class_left_out_ignores_its_channel(classes, bad):
+    # class 2: absent from the labels and not in the list, so its channel is not averaged
+    x, y = seg_batch(c=4, seed=12)
+    y[y == 2] = 1
+    p = torch.softmax(x, 1)
+    p_bad = p.clone()
+    p_bad[0, 2, 1, 1] = bad
+    p1, p2 = p_bad.requires_grad_(), p.clone().requires_grad_()
+    ours, clean = P.lovasz_softmax(p1, y, classes), P.lovasz_softmax(p2, y, classes)
+    torch.testing.assert_close(ours, clean)
+    (g1,) = torch.autograd.grad(ours, [p1])
+    (g2,) = torch.autograd.grad(clean, [p2])
+    torch.testing.assert_close(g1, g2)
+    assert not g1[:, 2].any()
+
+
 @pytest.mark.parametrize("per_image", [True, False])
 def test_lovasz_hinge_matches_reference(per_image):
     g = torch.Generator().manual_seed(4)
