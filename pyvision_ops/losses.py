@@ -103,7 +103,10 @@ def _lovasz_rows(errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor) ->
     """Lovasz extension of each row: dot(relu(errors sorted descending), Lovasz gradient of the
     ground truth in that order). One stable sort for all rows (ties: lower position first);
     invalid entries sort last and count for nothing."""
-    e = torch.where(valid, errors, float("-inf"))
+    # Invalid entries are -inf; a valid error of -inf (an infinite logit on the right side) is
+    # raised to the lowest finite value so that it still sorts before them. Its ReLU, and so its
+    # loss and gradient, is 0 either way; NaN stays NaN.
+    e = torch.where(valid, errors.clamp(min=torch.finfo(errors.dtype).min), float("-inf"))
     e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
     acc = torch.float64 if errors.dtype == torch.float64 else torch.float32
     fg_sorted = torch.gather(fg.to(acc), 1, perm)

@@ -398,6 +398,22 @@ def test_lovasz_hinge_matches_reference(per_image):
     torch.testing.assert_close(torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lovasz_hinge_infinite_logit_next_to_ignored(dtype):
+    # error 1 - inf = -inf at a valid pixel must not trade places with the ignored pixel
+    inf = float("inf")
+    x = torch.tensor([[0.0, inf, 0.3]], dtype=dtype, requires_grad=True)
+    loss = P.lovasz_hinge(x, torch.tensor([[255, 1, 0]]), ignore_index=255)
+    (g,) = torch.autograd.grad(loss, [x])
+    xv = torch.tensor([[inf, 0.3]], dtype=torch.float64, requires_grad=True)
+    ref = reference.lovasz_hinge(xv, torch.tensor([[1, 0]]))
+    torch.testing.assert_close(loss.double(), ref)  # 0.65
+    torch.testing.assert_close(g[0, 1:].double(), torch.autograd.grad(ref, [xv])[0][0])  # [0, 0.5]
+    assert g[0, 0] == 0
+    nan_x = torch.tensor([[0.0, float("nan"), 0.3]], dtype=dtype)
+    assert P.lovasz_hinge(nan_x, torch.tensor([[255, 1, 0]]), ignore_index=255).isnan()
+
+
 def test_lovasz_gradient_op_exact_counts_opcheck_compile():
     fg = torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     lengths = torch.tensor([6, 4, 2])
