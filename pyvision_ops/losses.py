@@ -4,6 +4,8 @@ C++ on the CPU (csrc/cpu/losses.cpp), Triton on CUDA (kernels/losses.py); the
 per-element math is in csrc/common/losses.h.
 """
 
+import math
+
 import torch
 
 from . import _utils
@@ -142,7 +144,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     ``"present"`` averages over classes present in the labels, ``"all"`` over all,
     or a list of int class indices (a repeated index counts again, as in dice_loss).
     ``per_image=True`` averages per-image losses.
-    No valid position, or no present class: the loss is 0 with zero gradients.
+    No valid position (N = 0 too), or no present class: the loss is 0 with zero
+    gradients.
     A NaN probability makes its class's loss NaN; a class left out of the average
     (absent with ``"present"``, or not listed) never affects the result.
     A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
@@ -163,8 +166,9 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
             raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
     else:
         sel = _check_classes(classes, c, "'present', 'all' or a list of int class indices")
+    s = math.prod(probas.shape[2:])  # explicit: reshape(n, c, -1) fails for 0 elements
     p = torch.softmax(probas, dim=1) if from_logits else probas
-    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, -1), labels.reshape(n, -1).to(torch.int64),
+    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s).to(torch.int64),
                                                 ignore_index, bool(per_image))
     g = losses.shape[0]
     if sel is not None:
@@ -179,7 +183,7 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
         weight = torch.ones_like(losses)
     # a select, not only a product: 0 * NaN would let a class left out of the average decide it
     per_group = (torch.where(weight > 0, losses, 0.0) * weight).sum(1) / weight.sum(1).clamp(min=1)
-    return per_group.mean()
+    return _utils.reduce(per_group, "mean")  # no group (N = 0, per image): 0
 
 
 def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True, ignore_index=None):
@@ -187,7 +191,8 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
 
     Errors ``1 - logit * (2 label - 1)``, sorted descending (stable), dotted with the
     Lovasz gradient after a ReLU; ``per_image=True`` averages per-image losses. An
-    image with no valid position contributes 0. The loss is fp32 (fp64 for fp64).
+    image with no valid position contributes 0; no valid position at all (N = 0 too)
+    gives 0 with zero gradients. The loss is fp32 (fp64 for fp64).
     A label other than 0, 1 and ``ignore_index`` raises on the CPU; on CUDA (no
     device-to-host sync) it counts as 0.
     """
@@ -200,12 +205,12 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
             bad &= labels != ignore_index
         if bool(bad.any()):
             raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
-    n = logits.shape[0]
-    x = logits.reshape(n, -1)
-    y = labels.reshape(n, -1).to(torch.int64)
+    n, s = logits.shape[0], math.prod(logits.shape[1:])
+    x = logits.reshape(n, s)
+    y = labels.reshape(n, s).to(torch.int64)
     valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
     if not per_image:
         x, y, valid = x.reshape(1, -1), y.reshape(1, -1), valid.reshape(1, -1)
     fg = (y == 1) & valid
     errors = 1 - x * (2 * fg.to(x.dtype) - 1)
-    return _lovasz_rows(errors, fg, valid).mean()
+    return _utils.reduce(_lovasz_rows(errors, fg, valid), "mean")  # no image (N = 0, per image): 0

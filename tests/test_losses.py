@@ -414,6 +414,22 @@ def test_lovasz_hinge_infinite_logit_next_to_ignored(dtype):
     assert P.lovasz_hinge(nan_x, torch.tensor([[255, 1, 0]]), ignore_index=255).isnan()
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+def test_lovasz_no_position(per_image, shape):
+    # N = 0 or no spatial position: loss 0 and zero gradients, as for all positions ignored
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
+    for classes in ("present", "all", [1]):
+        loss = P.lovasz_softmax(x, y, classes, per_image, from_logits=True)
+        (g,) = torch.autograd.grad(loss, [x])
+        assert loss.item() == 0 and g.shape == x.shape and not g.any()
+    xh = x[:, 0].detach().requires_grad_()
+    loss = P.lovasz_hinge(xh, y, per_image)
+    (g,) = torch.autograd.grad(loss, [xh])
+    assert loss.item() == 0 and g.shape == xh.shape
+
+
 def test_lovasz_gradient_op_exact_counts_opcheck_compile():
     fg = torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     lengths = torch.tensor([6, 4, 2])
@@ -520,6 +536,9 @@ def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index):
     args = (torch.softmax(x, 1).float().reshape(2, 4, -1), y.reshape(2, -1), ignore_index, per_image)
     for a, b in zip(K.lovasz_softmax_rows(*args), ops.lovasz_softmax_rows(*args)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    empty = (torch.zeros(0, 4, 6), torch.zeros(0, 6, dtype=torch.long), ignore_index, per_image)
+    for a, b in zip(K.lovasz_softmax_rows(*empty), ops.lovasz_softmax_rows(*empty)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu
