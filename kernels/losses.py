@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
+from ..losses import _NO_IGNORE
 from .cross_entropy import lse_update, position_block
 
 
@@ -96,11 +97,14 @@ def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
 
 
 @triton.jit
-def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK: tl.constexpr):
+def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES: tl.constexpr, BLOCK: tl.constexpr):
     """One block of positions of one image: the class planes' base, the targets, and the
     softmax max and 1 / sum (0 on ignored and padded positions); classes are walked one
-    plane at a time."""
+    plane at a time. IGNORES is False for the "no ignore" value: no target is ignored then,
+    not even one equal to it."""
     _, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    if not IGNORES:
+        valid = mj
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
@@ -119,9 +123,10 @@ def _dice_p(plane, mj, valid, mx, inv):
 
 
 @triton.jit
-def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
+def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, IGNORES: tl.constexpr,
+                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES, BLOCK)
     out = part_ptr + pid.to(tl.int64) * 2 * C
     plane = base
     for c in range(C):
@@ -133,11 +138,12 @@ def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: t
 
 
 @triton.jit
-def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
+def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, IGNORES: tl.constexpr,
+                          BLOCK: tl.constexpr):
     # h_c = d loss / d p_c = g_card[c] + [y = c] g_inter[c] on valid positions; softmax
     # backward: dz_c = p_c (h_c - sum_k p_k h_k).
     pid = tl.program_id(0)
-    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES, BLOCK)
     dot = tl.zeros((BLOCK,), mx.dtype)
     plane = base
     for c in range(C):
@@ -166,7 +172,7 @@ def dice_stats(logits, target, ignore_index):
     part = torch.zeros((n * nb, 2, c), dtype=acc, device=logits.device)
     if n * nb:
         _dice_stats_kernel[(n * nb,)](logits.contiguous(), target.contiguous(), part, c, hw, nb, ignore_index,
-                                      BLOCK=_BLOCK)
+                                      IGNORES=ignore_index != _NO_IGNORE, BLOCK=_BLOCK)
     return part.sum(0)  # per-block partials, summed in a fixed order: deterministic
 
 
@@ -177,7 +183,7 @@ def dice_stats_backward(grad, logits, target, ignore_index):
     if n * nb:
         acc = acc_dtype(logits.dtype)
         _dice_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(), dz, c, hw, nb,
-                                         ignore_index, BLOCK=_BLOCK)
+                                         ignore_index, IGNORES=ignore_index != _NO_IGNORE, BLOCK=_BLOCK)
     return dz
 
 

@@ -46,6 +46,16 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
 _NO_IGNORE = -(2**63)  # a target value no class can have
 
 
+def _check_ignore_index(ignore_index) -> None:
+    """None or an int64 value; -2**63 is _NO_IGNORE, so it cannot be one."""
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if not _NO_IGNORE < ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1] (int64), got {ignore_index}")
+
+
 def _check_classes(classes, c: int, expected: str) -> list:
     """A non-empty list (or tuple) of int class indices in [0, c), checked in Python: no tensor
     value decides anything, so torch.compile(fullgraph=True) traces it. A repeated index stays."""
@@ -72,8 +82,10 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     count for nothing whatever their logits (NaN too); a NaN logit at a counted
     position makes every class's loss NaN. One fused pass
     computes the statistics and one computes their gradient; the loss is fp32
-    (fp64 for fp64 logits). Target values outside ``[0, C)`` that are not
-    ``ignore_index`` raise.
+    (fp64 for fp64 logits). ``ignore_index``: None or an int in ``(-2**63, 2**63)``.
+    Target values outside ``[0, C)`` that are not ``ignore_index`` raise on the
+    CPU; on CUDA (no device-to-host sync) such a position is in no class's target
+    (its probabilities still count in ``S_c``).
     """
     _utils.check_tensor("logits", logits)
     _utils.check_tensor("target", target)
@@ -91,8 +103,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     _utils.check_reduction(reduction)
     if classes is not None:
         classes = _check_classes(classes, logits.shape[1], "None or a list of int class indices")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
     ii = _NO_IGNORE if ignore_index is None else ignore_index
     inter, card = ops.dice_stats(logits, target.to(torch.int64), ii)
     loss = 1 - (2 * inter + smooth) / (card + smooth)
@@ -155,8 +166,7 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     walk, rows in parallel; on CUDA one batched sort and a block scan.
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
     n, c = probas.shape[:2]
     if c < 1:
         raise ValueError(f"probas must have at least one class (dim 1), got shape {list(probas.shape)}")
@@ -197,8 +207,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     device-to-host sync) it counts as 0.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != 0) & (labels != 1)
         if ignore_index is not None:

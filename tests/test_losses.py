@@ -193,6 +193,22 @@ def test_dice_special_logits():
 
 
 @pytest.mark.interpreter
+def test_triton_dice_interpreter_no_ignore_value_is_a_label():
+    # without ignore_index, a target equal to the internal "no ignore" value is out of range
+    # like any other (no class's target, probabilities counted), never ignored
+    from pyvision_ops.kernels import losses as K
+    from pyvision_ops.losses import _NO_IGNORE
+
+    x, y = seg_batch(c=3, h=4, w=5, seed=13)
+    y_min, y_big = y.clone(), y.clone()
+    y_min[0, 1, 2], y_big[0, 1, 2] = _NO_IGNORE, 3
+    torch.testing.assert_close(K.dice_stats(x, y_min, _NO_IGNORE), K.dice_stats(x, y_big, _NO_IGNORE))
+    g = torch.rand(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(K.dice_stats_backward(g, x, y_min, _NO_IGNORE),
+                               K.dice_stats_backward(g, x, y_big, _NO_IGNORE))
+
+
+@pytest.mark.interpreter
 def test_triton_dice_interpreter_special_logits():
     from pyvision_ops.kernels import losses as K
 
@@ -282,6 +298,13 @@ def test_dice_opcheck_gradcheck_compile():
          "reduction"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2.5), TypeError,
          "ignore_index"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2**63),
+         ValueError, "ignore_index"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=-2**63),
+         ValueError, "ignore_index"),
+        # -2**63 is the internal "no ignore" value: as a target it is out of range, not ignored
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.full((2, 4), -2**63)), (RuntimeError, ValueError),
+         "outside"),
     ],
 )
 def test_dice_bad_input(call, exc, words):
@@ -507,6 +530,10 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.full((2, 4), 2)), ValueError, "labels"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index="x"), TypeError,
          "ignore_index"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2**63),
+         ValueError, "ignore_index"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2**63),
+         ValueError, "ignore_index"),
     ],
 )
 def test_lovasz_bad_input(call, exc, words):
