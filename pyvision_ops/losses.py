@@ -56,6 +56,13 @@ def _check_ignore_index(ignore_index) -> None:
         raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1] (int64), got {ignore_index}")
 
 
+def _check_bool(name: str, value) -> bool:
+    """A real bool: a truthy string such as "no" must not pass for True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def _check_classes(classes, c: int, expected: str) -> list:
     """A non-empty list (or tuple) of int class indices in [0, c), checked in Python: no tensor
     value decides anything, so torch.compile(fullgraph=True) traces it. A repeated index stays."""
@@ -82,7 +89,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     count for nothing whatever their logits (NaN too); a NaN logit at a counted
     position makes every class's loss NaN. One fused pass
     computes the statistics and one computes their gradient; the loss is fp32
-    (fp64 for fp64 logits). ``ignore_index``: None or an int in ``(-2**63, 2**63)``.
+    (fp64 for fp64 logits). ``smooth``: finite, ``>= 0``. ``ignore_index``: None or an int in ``(-2**63, 2**63)``.
     Target values outside ``[0, C)`` that are not ``ignore_index`` raise on the
     CPU; on CUDA (no device-to-host sync) such a position is in no class's target
     (its probabilities still count in ``S_c``).
@@ -100,6 +107,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
                          f"got {list(target.shape)}")
     _utils.check_same_device(logits=logits, target=target)
     smooth = _utils.check_float("smooth", smooth)
+    if not 0 <= smooth < math.inf:
+        raise ValueError(f"smooth must be finite and >= 0, got {smooth}")
     _utils.check_reduction(reduction)
     if classes is not None:
         classes = _check_classes(classes, logits.shape[1], "None or a list of int class indices")
@@ -167,6 +176,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
     _check_ignore_index(ignore_index)
+    _check_bool("per_image", per_image)
+    _check_bool("from_logits", from_logits)
     n, c = probas.shape[:2]
     if c < 1:
         raise ValueError(f"probas must have at least one class (dim 1), got shape {list(probas.shape)}")
@@ -179,7 +190,7 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     s = math.prod(probas.shape[2:])  # explicit: reshape(n, c, -1) fails for 0 elements
     p = torch.softmax(probas, dim=1) if from_logits else probas
     losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s).to(torch.int64),
-                                                ignore_index, bool(per_image))
+                                                ignore_index, per_image)
     g = losses.shape[0]
     if sel is not None:
         # a class listed k times has weight k, as in the paper's loop over the list (and dice_loss)
@@ -208,6 +219,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
     _check_ignore_index(ignore_index)
+    _check_bool("per_image", per_image)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != 0) & (labels != 1)
         if ignore_index is not None:
