@@ -214,8 +214,9 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     Lovasz gradient after a ReLU; ``per_image=True`` averages per-image losses. An
     image with no valid position contributes 0; no valid position at all (N = 0 too)
     gives 0 with zero gradients. The loss is fp32 (fp64 for fp64).
-    A label other than 0, 1 and ``ignore_index`` raises on the CPU; on CUDA (no
-    device-to-host sync) it counts as 0.
+    A label other than 0, 1 and ``ignore_index`` raises ValueError in eager mode on
+    the CPU; under ``torch.compile`` and on CUDA it is not checked (that check would
+    be data-dependent, a graph break or a device-to-host sync) and counts as 0.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
     _check_ignore_index(ignore_index)

@@ -457,6 +457,16 @@ def test_lovasz_no_position(per_image, shape):
     assert loss.item() == 0 and g.shape == xh.shape
 
 
+def test_lovasz_hinge_compiled_bad_label_counts_as_zero():
+    # as documented: only eager mode on the CPU checks the labels
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(14))
+    y = torch.tensor([[0, 1, 2, 1, 0, 0], [1, 1, 0, 0, 1, 0]])
+    f = torch.compile(lambda a, b: P.lovasz_hinge(a, b), fullgraph=True)
+    torch.testing.assert_close(f(x, y), P.lovasz_hinge(x, torch.where(y == 2, 0, y)))
+    with pytest.raises(ValueError, match="labels"):
+        P.lovasz_hinge(x, y)
+
+
 def test_lovasz_gradient_op_exact_counts_opcheck_compile():
     fg = torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     lengths = torch.tensor([6, 4, 2])
