@@ -168,6 +168,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     gradients.
     A NaN probability makes its class's loss NaN; a class left out of the average
     (absent with ``"present"``, or not listed) never affects the result.
+    Ignored positions count for nothing whatever their values (NaN logits too, with
+    ``from_logits=True``): their gradient is 0.
     A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
     CUDA (no device-to-host sync) such a position is background for every class.
     The loss is fp32 (fp64 for fp64 input). One op computes every row's loss and
@@ -188,7 +190,11 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     else:
         sel = _check_classes(classes, c, "'present', 'all' or a list of int class indices")
     s = math.prod(probas.shape[2:])  # explicit: reshape(n, c, -1) fails for 0 elements
-    p = torch.softmax(probas, dim=1) if from_logits else probas
+    p = probas
+    if from_logits:
+        if ignore_index is not None:  # ignored logits, NaN too, must not reach the softmax backward
+            p = torch.where((labels != ignore_index).unsqueeze(1), p, 0.0)
+        p = torch.softmax(p, dim=1)
     losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s).to(torch.int64),
                                                 ignore_index, per_image)
     g = losses.shape[0]

@@ -412,6 +412,23 @@ def test_lovasz_softmax_class_left_out_ignores_its_channel(classes, bad):
     assert not g1[:, 2].any()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_lovasz_softmax_ignored_logits_count_for_nothing(bad):
+    x, y = seg_batch(c=4, ignore=255, seed=15)
+    y[0, 2, 3] = 255
+    x_bad = x.clone()
+    x_bad[0, :, 2, 3] = bad
+    x_bad[0, 1, 2, 3] = 0.5  # mixed with finite ones
+    x1, x2 = x_bad.requires_grad_(), x.clone().requires_grad_()
+    ours = P.lovasz_softmax(x1, y, ignore_index=255, from_logits=True)
+    clean = P.lovasz_softmax(x2, y, ignore_index=255, from_logits=True)
+    torch.testing.assert_close(ours, clean)
+    (g1,) = torch.autograd.grad(ours, [x1])
+    (g2,) = torch.autograd.grad(clean, [x2])
+    torch.testing.assert_close(g1, g2)
+    assert not g1[0, :, 2, 3].any()
+
+
 @pytest.mark.parametrize("per_image", [True, False])
 def test_lovasz_hinge_matches_reference(per_image):
     g = torch.Generator().manual_seed(4)
