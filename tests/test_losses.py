@@ -81,6 +81,37 @@ def test_focal_infinite_logits(gamma, dtype):
     torch.testing.assert_close(dx[:4], ref.to(dtype))
 
 
+@pytest.mark.parametrize("gamma", [0.5, 0.25, 1.5])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
+def test_focal_saturated_hard_target_gradients(gamma, dtype, tol):
+    # 1 - p_t at t = 1 and large x (t = 0 and very negative x) is tiny, not 0: with
+    # 0 < gamma < 1 its power gamma - 1 must stay finite (it was inf from x = 20 in fp32)
+    xs = [10.0, 17.0, 20.0, 30.0, 40.0, 60.0, 80.0]
+    x = torch.tensor(xs + [-v for v in xs], dtype=dtype)
+    t = torch.tensor([1.0] * len(xs) + [0.0] * len(xs), dtype=dtype)
+    x1, t1 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    x2, t2 = x.double().requires_grad_(), t.double().requires_grad_()
+    ours = P.sigmoid_focal_loss(x1, t1, gamma=gamma)
+    ref = reference.sigmoid_focal_loss(x2, t2, gamma=gamma)
+    # relative accuracy down to the underflow (exp flushes below the normal range, and the
+    # gradient scales that by |x| <= 80)
+    tiny = 1e3 * torch.finfo(dtype).tiny
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tiny)
+    dx, dt = torch.autograd.grad(ours.sum(), [x1, t1])
+    for a, b in zip((dx, dt), torch.autograd.grad(ref.sum(), [x2, t2])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tiny)
+    # and torchvision in float64 at x = 20, where its 1 - p_t is still accurate
+    xv, tv_t = torch.tensor([20.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    (dt_tv,) = torch.autograd.grad(tv.sigmoid_focal_loss(xv, tv_t, gamma=gamma).sum(), [tv_t])
+    torch.testing.assert_close(dt[2].double(), dt_tv[0], rtol=max(tol, 1e-6), atol=0)
+    # beyond the exponential's range 1 - p_t is 0: the gradient is its limit, 0, not NaN
+    far = torch.tensor([100.0, -100.0], dtype=torch.float32, requires_grad=True)
+    tf = torch.tensor([1.0, 0.0], requires_grad=True)
+    for g in torch.autograd.grad(P.sigmoid_focal_loss(far, tf, gamma=gamma).sum(), [far, tf]):
+        assert torch.isfinite(g).all() and g.abs().max() < 1e-12
+
+
 def test_focal_gradcheck_and_opcheck():
     x, t = logits_targets(20, dtype=torch.float64, soft=True)
     x.requires_grad_()
