@@ -29,7 +29,10 @@ def _focal_terms(x, t, alpha):
     inv = 1.0 / (1.0 + e)
     p = tl.where(x >= 0, inv, e * inv)
     # t softplus(-x) + (1 - t) softplus(x) without the weight-0 term: exact at x = +-inf
-    lg = tl.log(1.0 + e)
+    # log1p(e): log(1 + e) is 0 once 1 + e rounds to 1 (x < -17 in fp32, a right answer's
+    # cross-entropy); log(u) e / (u - 1) undoes the rounding of u = 1 + e. No libdevice here.
+    u = 1.0 + e
+    lg = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
     ce = tl.where(t != 0, t * (tl.maximum(-x, 0.0) + lg), 0.0) \
         + tl.where(t != 1, (1.0 - t) * (tl.maximum(x, 0.0) + lg), 0.0)
     m = p + t - 2.0 * p * t
