@@ -28,6 +28,7 @@ def _focal_terms(x, t, alpha):
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
     p = tl.where(x >= 0, inv, e * inv)
+    q = tl.where(x >= 0, e * inv, inv)  # 1 - p without cancellation
     # t softplus(-x) + (1 - t) softplus(x) without the weight-0 term: exact at x = +-inf
     # log1p(e): log(1 + e) is 0 once 1 + e rounds to 1 (x < -17 in fp32, a right answer's
     # cross-entropy); log(u) e / (u - 1) undoes the rounding of u = 1 + e. No libdevice here.
@@ -35,9 +36,9 @@ def _focal_terms(x, t, alpha):
     lg = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
     ce = tl.where(t != 0, t * (tl.maximum(-x, 0.0) + lg), 0.0) \
         + tl.where(t != 1, (1.0 - t) * (tl.maximum(x, 0.0) + lg), 0.0)
-    m = p + t - 2.0 * p * t
+    m = t * q + (1.0 - t) * p  # 1 - p_t; p + t - 2 p t cancels to 0 where p rounds to t
     at = tl.where(alpha >= 0, alpha * t + (1.0 - alpha) * (1.0 - t), 1.0)
-    return p, ce, m, at
+    return p, q, ce, m, at
 
 
 @triton.jit
@@ -47,7 +48,7 @@ def _focal_forward_kernel(x_ptr, t_ptr, out_ptr, n, alpha, gamma, SQUARE: tl.con
     acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
-    p, ce, m, at = _focal_terms(x, t, alpha)
+    p, q, ce, m, at = _focal_terms(x, t, alpha)
     loss = at * ce * _pow(m, gamma, SQUARE)
     tl.store(out_ptr + idx, loss.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -61,16 +62,18 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha, gamma,
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
-    p, ce, m, at = _focal_terms(x, t, alpha)
+    p, q, ce, m, at = _focal_terms(x, t, alpha)
     mg = _pow(m, gamma, SQUARE)
     if SQUARE:
         dmg = 2.0 * m
     else:
         dmg = tl.where(gamma == 0, 0.0, gamma * _pow(m, gamma - 1.0, False))
     d_at = tl.where(alpha >= 0, 2.0 * alpha - 1.0, 0.0)
-    sat = p * (1.0 - p)  # ce p (1 - p) tends to 0 where p saturates
-    dx = g * at * ((p - t) * mg + tl.where(sat == 0, 0.0, ce * dmg * sat * (1.0 - 2.0 * t)))
-    dt = g * (d_at * ce * mg + at * (-x * mg + ce * dmg * (1.0 - 2.0 * p)))
+    sat = p * q  # ce p (1 - p) tends to 0 where p saturates
+    # p - t = (1 - t) p - t q and 1 - 2 p = q - p without cancellation; ce m^(gamma - 1) tends
+    # to 0 where p saturates to a hard target (ce = m = 0 once exp(-|x|) underflows)
+    dx = g * at * (((1.0 - t) * p - t * q) * mg + tl.where(sat == 0, 0.0, ce * dmg * sat * (1.0 - 2.0 * t)))
+    dt = g * (d_at * ce * mg + at * (-x * mg + tl.where(ce == 0, 0.0, ce * dmg * (q - p))))
     ty = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + idx, dx.to(ty), mask=mask)
     tl.store(dt_ptr + idx, dt.to(ty), mask=mask)

@@ -175,12 +175,14 @@ def test_triton_focal_interpreter(gamma, dtype):
 @pytest.mark.parametrize("gamma", [0.5, 1.5, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_focal_interpreter_saturated(gamma, dtype):
-    # right answers with tiny losses: relative agreement with the CPU kernel (no atol to hide
-    # them; only below the normal range, times |x|: the CPU's exp flushes there, numpy's not)
+    # right answers with tiny losses (t = 1 too: tiny 1 - p_t): relative agreement with the CPU
+    # kernel (no atol to hide them; only below the normal range, times |x|: the CPU's exp
+    # flushes there, numpy's not)
     from pyvision_ops.kernels import losses as K
 
-    x = -torch.tensor([10.0, 17.0, 20.0, 30.0, 40.0, 80.0], dtype=dtype)
-    t = torch.zeros_like(x)
+    xs = [10.0, 17.0, 20.0, 30.0, 40.0, 80.0]
+    x = torch.tensor([-v for v in xs] + xs, dtype=dtype)
+    t = (x > 0).to(dtype)
     tiny = 1e3 * torch.finfo(dtype).tiny
     torch.testing.assert_close(K.sigmoid_focal_loss(x, t, 0.25, gamma), ops.sigmoid_focal_loss(x, t, 0.25, gamma),
                                rtol=1e-5, atol=tiny)
