@@ -14,13 +14,18 @@ from .cross_entropy import lse_update, position_block
 
 @triton.jit
 def _pow(m, g, SQUARE: tl.constexpr):
-    # torch.pow's values at m = 0: 0 for g > 0, 1 for g = 0, inf for g < 0; NaN for m < 0.
+    # torch.pow's values: at m = 0, 0 for g > 0, 1 for g = 0, inf for g < 0; for m < 0 (targets
+    # outside [0, 1]) |m|^g for an even integral g, -|m|^g for an odd one, NaN for a fractional one.
     if SQUARE:
         return m * m
     else:
-        r = tl.exp(g * tl.log(tl.where(m > 0, m, 1.0)))
+        a = tl.abs(m)
+        half = g * 0.5
+        neg_sign = tl.where(tl.floor(g) != g, float("nan"), tl.where(tl.floor(half) == half, 1.0, -1.0))
+        sign = tl.where(m < 0, neg_sign, tl.where(m > 0, 1.0, float("nan")))  # NaN for a NaN m
+        r = sign * tl.exp(g * tl.log(tl.where(a > 0, a, 1.0)))
         at_zero = tl.where(g > 0, 0.0, tl.where(g == 0, 1.0, float("inf")))
-        return tl.where(g == 0, 1.0, tl.where(m > 0, r, tl.where(m == 0, at_zero, float("nan"))))
+        return tl.where(g == 0, 1.0, tl.where(m == 0, at_zero, r))
 
 
 @triton.jit

@@ -22,6 +22,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     gradients reach ``inputs`` and (soft) ``targets``. The result has the dtype of
     ``inputs`` (computed in fp32, fp64 for fp64). ``reduction``: ``"none"``,
     ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN.
+    A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows
+    ``torch.pow`` (real for an integral ``gamma``, NaN for a fractional one).
     """
     _utils.check_tensor("inputs", inputs)
     _utils.check_tensor("targets", targets)

@@ -112,6 +112,29 @@ def test_focal_saturated_hard_target_gradients(gamma, dtype, tol):
         assert torch.isfinite(g).all() and g.abs().max() < 1e-12
 
 
+def focal_outside_targets(dtype=torch.float64):
+    """Targets outside [0, 1]: 1 - p_t < 0 at some entries."""
+    x = torch.tensor([2.0, -2.0, -1.0, 0.5, 3.0, 4.0], dtype=dtype)
+    t = torch.tensor([1.5, -0.5, -1.0, 2.0, 1.25, 3.0], dtype=dtype)
+    return x, t
+
+
+@pytest.mark.parametrize("gamma", [1.0, 3.0, 4.0, 5.0, 0.5, 1.5])
+@pytest.mark.parametrize("alpha", [-1, 0.25])
+def test_focal_targets_outside_unit_interval(gamma, alpha):
+    # torch.pow of a negative base is real for an integral exponent (odd: negative), NaN for a
+    # fractional one; torchvision's loss follows it (x = 2, t = 1.5, alpha = -1: 0.2284 for gamma 1)
+    x, t = focal_outside_targets()
+    x1, t1, x2, t2 = (v.clone().requires_grad_() for v in (x, t, x, t))
+    ours, theirs = P.sigmoid_focal_loss(x1, t1, alpha, gamma), tv.sigmoid_focal_loss(x2, t2, alpha, gamma)
+    assert (1 - (torch.sigmoid(x) * t + (1 - torch.sigmoid(x)) * (1 - t)) < 0).sum() >= 3
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, equal_nan=True)
+    assert ours.isnan().any() == (gamma % 1 != 0)
+    go = torch.autograd.grad(ours.sum(), [x1, t1])
+    gt = torch.autograd.grad(theirs.sum(), [x2, t2])
+    torch.testing.assert_close(go, gt, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
 def test_focal_gradcheck_and_opcheck():
     x, t = logits_targets(20, dtype=torch.float64, soft=True)
     x.requires_grad_()
@@ -191,6 +214,22 @@ def test_triton_focal_interpreter_saturated(gamma, dtype):
                     ops.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=tiny)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gamma", [1.0, 3.0, 4.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_focal_interpreter_outside_targets(gamma, dtype):
+    from pyvision_ops.kernels import losses as K
+
+    x, t = focal_outside_targets(dtype)
+    g = torch.ones_like(x)
+    torch.testing.assert_close(K.sigmoid_focal_loss(x, t, -1, gamma), ops.sigmoid_focal_loss(x, t, -1, gamma),
+                               rtol=1e-5, atol=1e-6, equal_nan=True)
+    for a, b in zip(K.sigmoid_focal_loss_backward(g, x, t, -1, gamma),
+                    ops.sigmoid_focal_loss_backward(g, x, t, -1, gamma)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert K.sigmoid_focal_loss(x, t, -1, gamma).isnan().any() == (gamma % 1 != 0)
 
 
 @pytest.mark.gpu

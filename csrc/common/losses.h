@@ -62,15 +62,21 @@ PVO_HD float log_pos(float v) {
 }
 PVO_HD double log_pos(double v) { return std::log(v); }
 
-// m^g with torch.pow's values at m = 0 (0 for g > 0, 1 for g = 0, inf for g < 0) and
-// NaN for m < 0 (the kernels use SQUARE = true for g = 2, where m^2 is exact).
+// m^g with torch.pow's values: at m = 0, 0 for g > 0, 1 for g = 0, inf for g < 0; for m < 0
+// (targets outside [0, 1]) |m|^g for an even integral g, -|m|^g for an odd one, NaN for a
+// fractional one (the kernels use SQUARE = true for g = 2, where m^2 is exact).
 // Selects only, no early returns, so the loops that call it vectorise.
 template <bool SQUARE, typename T>
 PVO_HD T pow_(T m, T g) {
   if (SQUARE) return m * m;
-  const T r = nms::exp_approx(g * log_pos(m > T(0) ? m : T(1)));
+  // (this order of statements keeps the forward loop vectorised with GCC 12)
+  const T a = m < T(0) ? -m : m;
+  const T half = g * T(0.5);
+  const T neg_sign = std::floor(g) != g ? T(NAN) : (std::floor(half) == half ? T(1) : T(-1));  // (-1)^g
+  const T sign = m < T(0) ? neg_sign : (m > T(0) ? T(1) : T(NAN));  // NaN for a NaN m
+  const T r = sign * nms::exp_approx(g * log_pos(a > T(0) ? a : T(1)));
   const T at_zero = g > T(0) ? T(0) : (g == T(0) ? T(1) : T(INFINITY));
-  return g == T(0) ? T(1) : (m > T(0) ? r : (m == T(0) ? at_zero : T(NAN)));
+  return g == T(0) ? T(1) : (m == T(0) ? at_zero : r);
 }
 
 template <typename T>
