@@ -82,19 +82,19 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     ``logits``: ``[N, C, ...]``; ``target``: int64 ``[N, ...]`` class indices. Per
     class c, over the whole batch and every position whose target is not
     ``ignore_index``: ``I_c = sum p_c [y = c]``, ``S_c = sum p_c + sum [y = c]``,
-    ``loss_c = 1 - (2 I_c + smooth) / (S_c + smooth)``. ``classes`` (None for all,
-    or a list of int class indices; a repeated index counts again) selects the
-    classes; ``reduction`` ``"mean"`` / ``"sum"`` over them, or ``"none"`` for the
-    per-class losses in that order. A class absent from the
-    target and never predicted has loss ``1 - smooth / (S_c + smooth)``; with every
-    position ignored, every class has loss 0 (when smooth > 0). Ignored positions
-    count for nothing whatever their logits (NaN too); a NaN logit at a counted
-    position makes every class's loss NaN. One fused pass
-    computes the statistics and one computes their gradient; the loss is fp32
-    (fp64 for fp64 logits). ``smooth``: finite, ``>= 0``. ``ignore_index``: None or an int in ``(-2**63, 2**63)``.
-    Target values outside ``[0, C)`` that are not ``ignore_index`` raise on the
-    CPU; on CUDA (no device-to-host sync) such a position is in no class's target
-    (its probabilities still count in ``S_c``).
+    ``loss_c = 1 - (2 I_c + smooth) / (S_c + smooth)``; ``smooth`` is finite and
+    ``>= 0``. ``classes`` (None for all, or a list of int class indices; a repeated
+    index counts again) selects the classes; ``reduction`` ``"mean"`` / ``"sum"``
+    over them, or ``"none"`` for the per-class losses in that order. A class absent
+    from the target and never predicted has loss ``1 - smooth / (S_c + smooth)``;
+    with every position ignored, every class has loss 0 (when smooth > 0). Ignored
+    positions count for nothing whatever their logits (NaN too); a NaN logit at a
+    counted position makes every class's loss NaN. One fused pass computes the
+    statistics and one computes their gradient; the loss is fp32 (fp64 for fp64
+    logits). ``ignore_index``: None or an int in ``(-2**63, 2**63)``. Target values
+    outside ``[0, C)`` that are not ``ignore_index`` raise on the CPU; on CUDA (no
+    device-to-host sync) such a position is in no class's target (its
+    probabilities still count in ``S_c``).
     """
     _utils.check_tensor("logits", logits)
     _utils.check_tensor("target", target)
