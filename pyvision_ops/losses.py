@@ -165,18 +165,16 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     truth (Algorithm 1; counts are int64, exact at any size). ``classes``:
     ``"present"`` averages over classes present in the labels, ``"all"`` over all,
     or a list of int class indices (a repeated index counts again, as in dice_loss).
-    ``per_image=True`` averages per-image losses.
-    No valid position (N = 0 too), or no present class: the loss is 0 with zero
-    gradients.
-    A NaN probability makes its class's loss NaN; a class left out of the average
-    (absent with ``"present"``, or not listed) never affects the result.
-    Ignored positions count for nothing whatever their values (NaN logits too, with
-    ``from_logits=True``): their gradient is 0.
-    A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
-    CUDA (no device-to-host sync) such a position is background for every class.
-    The loss is fp32 (fp64 for fp64 input). One op computes every row's loss and
-    its gradient: on the CPU each (group, class) row is a stable radix sort and one
-    walk, rows in parallel; on CUDA one batched sort and a block scan.
+    ``per_image=True`` averages per-image losses. No valid position (N = 0 too), or
+    no present class: the loss is 0 with zero gradients. A NaN probability makes its
+    class's loss NaN; a class left out of the average (absent with ``"present"``, or
+    not listed) never affects the result. Ignored positions count for nothing
+    whatever their values (NaN logits too, with ``from_logits=True``): their
+    gradient is 0. A label outside ``[0, C)`` that is not ``ignore_index`` raises on
+    the CPU; on CUDA (no device-to-host sync) such a position is background for
+    every class. The loss is fp32 (fp64 for fp64 input). One op computes every row's
+    loss and its gradient: on the CPU each (group, class) row is a stable radix sort
+    and one walk, rows in parallel; on CUDA one batched sort and a block scan.
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
     _check_ignore_index(ignore_index)
