@@ -8,18 +8,24 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
+from ..losses import _NO_IGNORE
 from .cross_entropy import lse_update, position_block
 
 
 @triton.jit
 def _pow(m, g, SQUARE: tl.constexpr):
-    # torch.pow's values at m = 0: 0 for g > 0, 1 for g = 0, inf for g < 0; NaN for m < 0.
+    # torch.pow's values: at m = 0, 0 for g > 0, 1 for g = 0, inf for g < 0; for m < 0 (targets
+    # outside [0, 1]) |m|^g for an even integral g, -|m|^g for an odd one, NaN for a fractional one.
     if SQUARE:
         return m * m
     else:
-        r = tl.exp(g * tl.log(tl.where(m > 0, m, 1.0)))
+        a = tl.abs(m)
+        half = g * 0.5
+        neg_sign = tl.where(tl.floor(g) != g, float("nan"), tl.where(tl.floor(half) == half, 1.0, -1.0))
+        sign = tl.where(m < 0, neg_sign, tl.where(m > 0, 1.0, float("nan")))  # NaN for a NaN m
+        r = sign * tl.exp(g * tl.log(tl.where(a > 0, a, 1.0)))
         at_zero = tl.where(g > 0, 0.0, tl.where(g == 0, 1.0, float("inf")))
-        return tl.where(g == 0, 1.0, tl.where(m > 0, r, tl.where(m == 0, at_zero, float("nan"))))
+        return tl.where(g == 0, 1.0, tl.where(m == 0, at_zero, r))
 
 
 @triton.jit
@@ -27,13 +33,17 @@ def _focal_terms(x, t, alpha):
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
     p = tl.where(x >= 0, inv, e * inv)
+    q = tl.where(x >= 0, e * inv, inv)  # 1 - p without cancellation
     # t softplus(-x) + (1 - t) softplus(x) without the weight-0 term: exact at x = +-inf
-    lg = tl.log(1.0 + e)
+    # log1p(e): log(1 + e) is 0 once 1 + e rounds to 1 (x < -17 in fp32, a right answer's
+    # cross-entropy); log(u) e / (u - 1) undoes the rounding of u = 1 + e. No libdevice here.
+    u = 1.0 + e
+    lg = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
     ce = tl.where(t != 0, t * (tl.maximum(-x, 0.0) + lg), 0.0) \
         + tl.where(t != 1, (1.0 - t) * (tl.maximum(x, 0.0) + lg), 0.0)
-    m = p + t - 2.0 * p * t
+    m = t * q + (1.0 - t) * p  # 1 - p_t; p + t - 2 p t cancels to 0 where p rounds to t
     at = tl.where(alpha >= 0, alpha * t + (1.0 - alpha) * (1.0 - t), 1.0)
-    return p, ce, m, at
+    return p, q, ce, m, at
 
 
 @triton.jit
@@ -43,7 +53,7 @@ def _focal_forward_kernel(x_ptr, t_ptr, out_ptr, n, alpha, gamma, SQUARE: tl.con
     acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
-    p, ce, m, at = _focal_terms(x, t, alpha)
+    p, q, ce, m, at = _focal_terms(x, t, alpha)
     loss = at * ce * _pow(m, gamma, SQUARE)
     tl.store(out_ptr + idx, loss.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -57,16 +67,18 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha, gamma,
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
-    p, ce, m, at = _focal_terms(x, t, alpha)
+    p, q, ce, m, at = _focal_terms(x, t, alpha)
     mg = _pow(m, gamma, SQUARE)
     if SQUARE:
         dmg = 2.0 * m
     else:
         dmg = tl.where(gamma == 0, 0.0, gamma * _pow(m, gamma - 1.0, False))
     d_at = tl.where(alpha >= 0, 2.0 * alpha - 1.0, 0.0)
-    sat = p * (1.0 - p)  # ce p (1 - p) tends to 0 where p saturates
-    dx = g * at * ((p - t) * mg + tl.where(sat == 0, 0.0, ce * dmg * sat * (1.0 - 2.0 * t)))
-    dt = g * (d_at * ce * mg + at * (-x * mg + ce * dmg * (1.0 - 2.0 * p)))
+    sat = p * q  # ce p (1 - p) tends to 0 where p saturates
+    # p - t = (1 - t) p - t q and 1 - 2 p = q - p without cancellation; ce m^(gamma - 1) tends
+    # to 0 where p saturates to a hard target (ce = m = 0 once exp(-|x|) underflows)
+    dx = g * at * (((1.0 - t) * p - t * q) * mg + tl.where(sat == 0, 0.0, ce * dmg * sat * (1.0 - 2.0 * t)))
+    dt = g * (d_at * ce * mg + at * (-x * mg + tl.where(ce == 0, 0.0, ce * dmg * (q - p))))
     ty = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + idx, dx.to(ty), mask=mask)
     tl.store(dt_ptr + idx, dt.to(ty), mask=mask)
@@ -96,11 +108,14 @@ def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
 
 
 @triton.jit
-def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK: tl.constexpr):
+def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES: tl.constexpr, BLOCK: tl.constexpr):
     """One block of positions of one image: the class planes' base, the targets, and the
     softmax max and 1 / sum (0 on ignored and padded positions); classes are walked one
-    plane at a time."""
+    plane at a time. IGNORES is False for the "no ignore" value: no target is ignored then,
+    not even one equal to it."""
     _, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    if not IGNORES:
+        valid = mj
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
@@ -119,9 +134,10 @@ def _dice_p(plane, mj, valid, mx, inv):
 
 
 @triton.jit
-def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
+def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, IGNORES: tl.constexpr,
+                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES, BLOCK)
     out = part_ptr + pid.to(tl.int64) * 2 * C
     plane = base
     for c in range(C):
@@ -133,11 +149,12 @@ def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, BLOCK: t
 
 
 @triton.jit
-def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, BLOCK: tl.constexpr):
+def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, IGNORES: tl.constexpr,
+                          BLOCK: tl.constexpr):
     # h_c = d loss / d p_c = g_card[c] + [y = c] g_inter[c] on valid positions; softmax
     # backward: dz_c = p_c (h_c - sum_k p_k h_k).
     pid = tl.program_id(0)
-    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES, BLOCK)
     dot = tl.zeros((BLOCK,), mx.dtype)
     plane = base
     for c in range(C):
@@ -166,7 +183,7 @@ def dice_stats(logits, target, ignore_index):
     part = torch.zeros((n * nb, 2, c), dtype=acc, device=logits.device)
     if n * nb:
         _dice_stats_kernel[(n * nb,)](logits.contiguous(), target.contiguous(), part, c, hw, nb, ignore_index,
-                                      BLOCK=_BLOCK)
+                                      IGNORES=ignore_index != _NO_IGNORE, BLOCK=_BLOCK)
     return part.sum(0)  # per-block partials, summed in a fixed order: deterministic
 
 
@@ -177,7 +194,7 @@ def dice_stats_backward(grad, logits, target, ignore_index):
     if n * nb:
         acc = acc_dtype(logits.dtype)
         _dice_backward_kernel[(n * nb,)](grad.to(acc).contiguous(), z, target.contiguous(), dz, c, hw, nb,
-                                         ignore_index, BLOCK=_BLOCK)
+                                         ignore_index, IGNORES=ignore_index != _NO_IGNORE, BLOCK=_BLOCK)
     return dz
 
 

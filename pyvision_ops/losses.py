@@ -4,6 +4,8 @@ C++ on the CPU (csrc/cpu/losses.cpp), Triton on CUDA (kernels/losses.py); the
 per-element math is in csrc/common/losses.h.
 """
 
+import math
+
 import torch
 
 from . import _utils
@@ -20,6 +22,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     gradients reach ``inputs`` and (soft) ``targets``. The result has the dtype of
     ``inputs`` (computed in fp32, fp64 for fp64). ``reduction``: ``"none"``,
     ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN.
+    A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows
+    ``torch.pow`` (real for an integral ``gamma``, NaN for a fractional one).
     """
     _utils.check_tensor("inputs", inputs)
     _utils.check_tensor("targets", targets)
@@ -44,6 +48,33 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
 _NO_IGNORE = -(2**63)  # a target value no class can have
 
 
+def _check_ignore_index(ignore_index) -> None:
+    """None or an int64 value; -2**63 is _NO_IGNORE, so it cannot be one."""
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if not _NO_IGNORE < ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1] (int64), got {ignore_index}")
+
+
+def _check_bool(name: str, value) -> bool:
+    """A real bool: a truthy string such as "no" must not pass for True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _check_classes(classes, c: int, expected: str) -> list:
+    """A non-empty list (or tuple) of int class indices in [0, c), checked in Python: no tensor
+    value decides anything, so torch.compile(fullgraph=True) traces it. A repeated index stays."""
+    if not isinstance(classes, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int) for k in classes):
+        raise TypeError(f"classes must be {expected}, got {classes!r}")
+    if len(classes) == 0 or any(not 0 <= k < c for k in classes):
+        raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {list(classes)}")
+    return list(classes)
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, ignore_index=None, classes=None,
               reduction: str = "mean") -> torch.Tensor:
     """Multiclass soft Dice loss from logits (softmax over dim 1 inside).
@@ -51,16 +82,19 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     ``logits``: ``[N, C, ...]``; ``target``: int64 ``[N, ...]`` class indices. Per
     class c, over the whole batch and every position whose target is not
     ``ignore_index``: ``I_c = sum p_c [y = c]``, ``S_c = sum p_c + sum [y = c]``,
-    ``loss_c = 1 - (2 I_c + smooth) / (S_c + smooth)``. ``classes`` (a list of class
-    indices, default all) selects the classes; ``reduction`` ``"mean"`` / ``"sum"``
-    over them, or ``"none"`` for the per-class losses. A class absent from the
-    target and never predicted has loss ``1 - smooth / (S_c + smooth)``; with every
-    position ignored, every class has loss 0 (when smooth > 0). Ignored positions
-    count for nothing whatever their logits (NaN too); a NaN logit at a counted
-    position makes every class's loss NaN. One fused pass
-    computes the statistics and one computes their gradient; the loss is fp32
-    (fp64 for fp64 logits). Target values outside ``[0, C)`` that are not
-    ``ignore_index`` raise.
+    ``loss_c = 1 - (2 I_c + smooth) / (S_c + smooth)``; ``smooth`` is finite and
+    ``>= 0``. ``classes`` (None for all, or a list of int class indices; a repeated
+    index counts again) selects the classes; ``reduction`` ``"mean"`` / ``"sum"``
+    over them, or ``"none"`` for the per-class losses in that order. A class absent
+    from the target and never predicted has loss ``1 - smooth / (S_c + smooth)``;
+    with every position ignored, every class has loss 0 (when smooth > 0). Ignored
+    positions count for nothing whatever their logits (NaN too); a NaN logit at a
+    counted position makes every class's loss NaN. One fused pass computes the
+    statistics and one computes their gradient; the loss is fp32 (fp64 for fp64
+    logits). ``ignore_index``: None or an int in ``(-2**63, 2**63)``. Target values
+    outside ``[0, C)`` that are not ``ignore_index`` raise on the CPU; on CUDA (no
+    device-to-host sync) such a position is in no class's target (its
+    probabilities still count in ``S_c``).
     """
     _utils.check_tensor("logits", logits)
     _utils.check_tensor("target", target)
@@ -75,17 +109,17 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
                          f"got {list(target.shape)}")
     _utils.check_same_device(logits=logits, target=target)
     smooth = _utils.check_float("smooth", smooth)
+    if not 0 <= smooth < math.inf:
+        raise ValueError(f"smooth must be finite and >= 0, got {smooth}")
     _utils.check_reduction(reduction)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if classes is not None:
+        classes = _check_classes(classes, logits.shape[1], "None or a list of int class indices")
+    _check_ignore_index(ignore_index)
     ii = _NO_IGNORE if ignore_index is None else ignore_index
     inter, card = ops.dice_stats(logits, target.to(torch.int64), ii)
     loss = 1 - (2 * inter + smooth) / (card + smooth)
     if classes is not None:
-        idx = torch.as_tensor(classes, dtype=torch.int64)
-        if idx.dim() != 1 or idx.numel() == 0 or bool(((idx < 0) | (idx >= logits.shape[1])).any()):
-            raise ValueError(f"classes must be a non-empty list of indices in [0, {logits.shape[1]}), got {classes}")
-        loss = loss.index_select(0, idx.to(loss.device))
+        loss = loss.index_select(0, torch.tensor(classes, dtype=torch.int64, device=loss.device))
     return _utils.reduce(loss, reduction) if reduction != "mean" else loss.mean()
 
 
@@ -93,7 +127,10 @@ def _lovasz_rows(errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor) ->
     """Lovasz extension of each row: dot(relu(errors sorted descending), Lovasz gradient of the
     ground truth in that order). One stable sort for all rows (ties: lower position first);
     invalid entries sort last and count for nothing."""
-    e = torch.where(valid, errors, float("-inf"))
+    # Invalid entries are -inf; a valid error of -inf (an infinite logit on the right side) is
+    # raised to the lowest finite value so that it still sorts before them. Its ReLU, and so its
+    # loss and gradient, is 0 either way; NaN stays NaN.
+    e = torch.where(valid, errors.clamp(min=torch.finfo(errors.dtype).min), float("-inf"))
     e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
     acc = torch.float64 if errors.dtype == torch.float64 else torch.float32
     fg_sorted = torch.gather(fg.to(acc), 1, perm)
@@ -127,41 +164,53 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     ``loss_c`` is their dot product with the Lovasz gradient of the sorted ground
     truth (Algorithm 1; counts are int64, exact at any size). ``classes``:
     ``"present"`` averages over classes present in the labels, ``"all"`` over all,
-    or a list of class indices. ``per_image=True`` averages per-image losses.
-    No valid position, or no present class: the loss is 0 with zero gradients.
-    A label outside ``[0, C)`` that is not ``ignore_index`` raises on the CPU; on
-    CUDA (no device-to-host sync) such a position is background for every class.
-    The loss is fp32 (fp64 for fp64 input). One op computes every row's loss and
-    its gradient: on the CPU each (group, class) row is a stable radix sort and one
-    walk, rows in parallel; on CUDA one batched sort and a block scan.
+    or a list of int class indices (a repeated index counts again, as in dice_loss).
+    ``per_image=True`` averages per-image losses. No valid position (N = 0 too), or
+    no present class: the loss is 0 with zero gradients. A NaN probability makes its
+    class's loss NaN; a class left out of the average (absent with ``"present"``, or
+    not listed) never affects the result. Ignored positions count for nothing
+    whatever their values (NaN logits too, with ``from_logits=True``): their
+    gradient is 0. A label outside ``[0, C)`` that is not ``ignore_index`` raises on
+    the CPU; on CUDA (no device-to-host sync) such a position is background for
+    every class. The loss is fp32 (fp64 for fp64 input). One op computes every row's
+    loss and its gradient: on the CPU each (group, class) row is a stable radix sort
+    and one walk, rows in parallel; on CUDA one batched sort and a block scan.
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-    if isinstance(classes, str):
-        if classes not in ("present", "all"):
-            raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
+    _check_ignore_index(ignore_index)
+    _check_bool("per_image", per_image)
+    _check_bool("from_logits", from_logits)
     n, c = probas.shape[:2]
     if c < 1:
         raise ValueError(f"probas must have at least one class (dim 1), got shape {list(probas.shape)}")
     sel = None
-    if not isinstance(classes, str):
-        sel = torch.as_tensor(classes, dtype=torch.int64)
-        if sel.dim() != 1 or sel.numel() == 0 or bool(((sel < 0) | (sel >= c)).any()):
-            raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {classes}")
-    p = torch.softmax(probas, dim=1) if from_logits else probas
-    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, -1), labels.reshape(n, -1).to(torch.int64),
-                                                ignore_index, bool(per_image))
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(f"classes must be 'present', 'all' or a list of class indices, got {classes!r}")
+    else:
+        sel = _check_classes(classes, c, "'present', 'all' or a list of int class indices")
+    s = math.prod(probas.shape[2:])  # explicit: reshape(n, c, -1) fails for 0 elements
+    p = probas
+    if from_logits:
+        if ignore_index is not None:  # ignored logits, NaN too, must not reach the softmax backward
+            p = torch.where((labels != ignore_index).unsqueeze(1), p, 0.0)
+        p = torch.softmax(p, dim=1)
+    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s).to(torch.int64),
+                                                ignore_index, per_image)
     g = losses.shape[0]
     if sel is not None:
-        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_fill_(0, sel.to(losses.device), 1)
+        # a class listed k times has weight k, as in the paper's loop over the list (and dice_loss)
+        idx = torch.tensor(sel, dtype=torch.int64, device=losses.device)
+        weight = torch.zeros(c, dtype=losses.dtype, device=losses.device).index_add_(
+            0, idx, torch.ones(len(sel), dtype=losses.dtype, device=losses.device))
         weight = weight.expand(g, c)
     elif classes == "present":
         weight = (counts > 0).to(losses.dtype)
     else:
         weight = torch.ones_like(losses)
-    per_group = (losses * weight).sum(1) / weight.sum(1).clamp(min=1)
-    return per_group.mean()
+    # a select, not only a product: 0 * NaN would let a class left out of the average decide it
+    per_group = (torch.where(weight > 0, losses, 0.0) * weight).sum(1) / weight.sum(1).clamp(min=1)
+    return _utils.reduce(per_group, "mean")  # no group (N = 0, per image): 0
 
 
 def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True, ignore_index=None):
@@ -169,25 +218,27 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
 
     Errors ``1 - logit * (2 label - 1)``, sorted descending (stable), dotted with the
     Lovasz gradient after a ReLU; ``per_image=True`` averages per-image losses. An
-    image with no valid position contributes 0. The loss is fp32 (fp64 for fp64).
-    A label other than 0, 1 and ``ignore_index`` raises on the CPU; on CUDA (no
-    device-to-host sync) it counts as 0.
+    image with no valid position contributes 0; no valid position at all (N = 0 too)
+    gives 0 with zero gradients. The loss is fp32 (fp64 for fp64).
+    A label other than 0, 1 and ``ignore_index`` raises ValueError in eager mode on
+    the CPU; under ``torch.compile`` and on CUDA it is not checked (that check would
+    be data-dependent, a graph break or a device-to-host sync) and counts as 0.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
+    _check_bool("per_image", per_image)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != 0) & (labels != 1)
         if ignore_index is not None:
             bad &= labels != ignore_index
         if bool(bad.any()):
             raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
-    n = logits.shape[0]
-    x = logits.reshape(n, -1)
-    y = labels.reshape(n, -1).to(torch.int64)
+    n, s = logits.shape[0], math.prod(logits.shape[1:])
+    x = logits.reshape(n, s)
+    y = labels.reshape(n, s).to(torch.int64)
     valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
     if not per_image:
         x, y, valid = x.reshape(1, -1), y.reshape(1, -1), valid.reshape(1, -1)
     fg = (y == 1) & valid
     errors = 1 - x * (2 * fg.to(x.dtype) - 1)
-    return _lovasz_rows(errors, fg, valid).mean()
+    return _utils.reduce(_lovasz_rows(errors, fg, valid), "mean")  # no image (N = 0, per image): 0

@@ -113,6 +113,17 @@ def soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=1e-3, 
     return torch.tensor(keep, dtype=torch.int64), torch.tensor(kept_scores, dtype=torch.float64)
 
 
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0):
+    """Elementwise sigmoid focal loss, float64, from the definition. 1 - p_t is written
+    t sigmoid(-x) + (1 - t) sigmoid(x) and the cross-entropy t softplus(-x) + (1 - t) softplus(x),
+    so that neither cancels where sigmoid(x) rounds to t (torchvision's 1 - p_t does)."""
+    x, t = inputs.to(torch.float64), targets.to(torch.float64)
+    sp = torch.nn.functional.softplus
+    ce = t * sp(-x) + (1 - t) * sp(x)
+    loss = ce * (t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)) ** gamma
+    return loss if alpha < 0 else (alpha * t + (1 - alpha) * (1 - t)) * loss
+
+
 def dice_loss(logits, target, smooth=1.0, ignore_index=None, classes=None, reduction="mean"):
     """Multiclass soft Dice from logits, float64, from the definition."""
     p = torch.softmax(logits.to(torch.float64), dim=1)

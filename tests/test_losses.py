@@ -81,6 +81,60 @@ def test_focal_infinite_logits(gamma, dtype):
     torch.testing.assert_close(dx[:4], ref.to(dtype))
 
 
+@pytest.mark.parametrize("gamma", [0.5, 0.25, 1.5])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
+def test_focal_saturated_hard_target_gradients(gamma, dtype, tol):
+    # 1 - p_t at t = 1 and large x (t = 0 and very negative x) is tiny, not 0: with
+    # 0 < gamma < 1 its power gamma - 1 must stay finite (it was inf from x = 20 in fp32)
+    xs = [10.0, 17.0, 20.0, 30.0, 40.0, 60.0, 80.0]
+    x = torch.tensor(xs + [-v for v in xs], dtype=dtype)
+    t = torch.tensor([1.0] * len(xs) + [0.0] * len(xs), dtype=dtype)
+    x1, t1 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    x2, t2 = x.double().requires_grad_(), t.double().requires_grad_()
+    ours = P.sigmoid_focal_loss(x1, t1, gamma=gamma)
+    ref = reference.sigmoid_focal_loss(x2, t2, gamma=gamma)
+    # relative accuracy down to the underflow (exp flushes below the normal range, and the
+    # gradient scales that by |x| <= 80)
+    tiny = 1e3 * torch.finfo(dtype).tiny
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tiny)
+    dx, dt = torch.autograd.grad(ours.sum(), [x1, t1])
+    for a, b in zip((dx, dt), torch.autograd.grad(ref.sum(), [x2, t2])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tiny)
+    # and torchvision in float64 at x = 20, where its 1 - p_t is still accurate
+    xv, tv_t = torch.tensor([20.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    (dt_tv,) = torch.autograd.grad(tv.sigmoid_focal_loss(xv, tv_t, gamma=gamma).sum(), [tv_t])
+    torch.testing.assert_close(dt[2].double(), dt_tv[0], rtol=max(tol, 1e-6), atol=0)
+    # beyond the exponential's range 1 - p_t is 0: the gradient is its limit, 0, not NaN
+    far = torch.tensor([100.0, -100.0], dtype=torch.float32, requires_grad=True)
+    tf = torch.tensor([1.0, 0.0], requires_grad=True)
+    for g in torch.autograd.grad(P.sigmoid_focal_loss(far, tf, gamma=gamma).sum(), [far, tf]):
+        assert torch.isfinite(g).all() and g.abs().max() < 1e-12
+
+
+def focal_outside_targets(dtype=torch.float64):
+    """Targets outside [0, 1]: 1 - p_t < 0 at some entries."""
+    x = torch.tensor([2.0, -2.0, -1.0, 0.5, 3.0, 4.0], dtype=dtype)
+    t = torch.tensor([1.5, -0.5, -1.0, 2.0, 1.25, 3.0], dtype=dtype)
+    return x, t
+
+
+@pytest.mark.parametrize("gamma", [1.0, 3.0, 4.0, 5.0, 0.5, 1.5])
+@pytest.mark.parametrize("alpha", [-1, 0.25])
+def test_focal_targets_outside_unit_interval(gamma, alpha):
+    # torch.pow of a negative base is real for an integral exponent (odd: negative), NaN for a
+    # fractional one; torchvision's loss follows it (x = 2, t = 1.5, alpha = -1: 0.2284 for gamma 1)
+    x, t = focal_outside_targets()
+    x1, t1, x2, t2 = (v.clone().requires_grad_() for v in (x, t, x, t))
+    ours, theirs = P.sigmoid_focal_loss(x1, t1, alpha, gamma), tv.sigmoid_focal_loss(x2, t2, alpha, gamma)
+    assert (1 - (torch.sigmoid(x) * t + (1 - torch.sigmoid(x)) * (1 - t)) < 0).sum() >= 3
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, equal_nan=True)
+    assert ours.isnan().any() == (gamma % 1 != 0)
+    go = torch.autograd.grad(ours.sum(), [x1, t1])
+    gt = torch.autograd.grad(theirs.sum(), [x2, t2])
+    torch.testing.assert_close(go, gt, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
 def test_focal_gradcheck_and_opcheck():
     x, t = logits_targets(20, dtype=torch.float64, soft=True)
     x.requires_grad_()
@@ -140,6 +194,44 @@ def test_triton_focal_interpreter(gamma, dtype):
                                equal_nan=True)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gamma", [0.5, 1.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_focal_interpreter_saturated(gamma, dtype):
+    # right answers with tiny losses (t = 1 too: tiny 1 - p_t): relative agreement with the CPU
+    # kernel (no atol to hide them; only below the normal range, times |x|: the CPU's exp
+    # flushes there, numpy's not)
+    from pyvision_ops.kernels import losses as K
+
+    xs = [10.0, 17.0, 20.0, 30.0, 40.0, 80.0]
+    x = torch.tensor([-v for v in xs] + xs, dtype=dtype)
+    t = (x > 0).to(dtype)
+    tiny = 1e3 * torch.finfo(dtype).tiny
+    torch.testing.assert_close(K.sigmoid_focal_loss(x, t, 0.25, gamma), ops.sigmoid_focal_loss(x, t, 0.25, gamma),
+                               rtol=1e-5, atol=tiny)
+    g = torch.ones_like(x)
+    for a, b in zip(K.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma),
+                    ops.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=tiny)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gamma", [1.0, 3.0, 4.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_focal_interpreter_outside_targets(gamma, dtype):
+    from pyvision_ops.kernels import losses as K
+
+    x, t = focal_outside_targets(dtype)
+    g = torch.ones_like(x)
+    torch.testing.assert_close(K.sigmoid_focal_loss(x, t, -1, gamma), ops.sigmoid_focal_loss(x, t, -1, gamma),
+                               rtol=1e-5, atol=1e-6, equal_nan=True)
+    for a, b in zip(K.sigmoid_focal_loss_backward(g, x, t, -1, gamma),
+                    ops.sigmoid_focal_loss_backward(g, x, t, -1, gamma)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert K.sigmoid_focal_loss(x, t, -1, gamma).isnan().any() == (gamma % 1 != 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_focal_matches_cpu(dtype):
@@ -190,6 +282,22 @@ def test_dice_special_logits():
     x[1, 2, 4, 4] = float("nan")
     y[1, 4, 4] = 1
     assert P.dice_loss(x, y, ignore_index=255, reduction="none").isnan().all()
+
+
+@pytest.mark.interpreter
+def test_triton_dice_interpreter_no_ignore_value_is_a_label():
+    # without ignore_index, a target equal to the internal "no ignore" value is out of range
+    # like any other (no class's target, probabilities counted), never ignored
+    from pyvision_ops.kernels import losses as K
+    from pyvision_ops.losses import _NO_IGNORE
+
+    x, y = seg_batch(c=3, h=4, w=5, seed=13)
+    y_min, y_big = y.clone(), y.clone()
+    y_min[0, 1, 2], y_big[0, 1, 2] = _NO_IGNORE, 3
+    torch.testing.assert_close(K.dice_stats(x, y_min, _NO_IGNORE), K.dice_stats(x, y_big, _NO_IGNORE))
+    g = torch.rand(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(K.dice_stats_backward(g, x, y_min, _NO_IGNORE),
+                               K.dice_stats_backward(g, x, y_big, _NO_IGNORE))
 
 
 @pytest.mark.interpreter
@@ -270,13 +378,33 @@ def test_dice_opcheck_gradcheck_compile():
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.full((2, 4), 3)), ValueError, "outside"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[5]), ValueError,
          "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[]), ValueError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[1.7]), TypeError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[True]), TypeError,
+         "classes"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes="all"), TypeError,
+         "classes"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), reduction="avg"), ValueError,
          "reduction"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2.5), TypeError,
          "ignore_index"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), smooth=float("inf")),
+         ValueError, "smooth"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), smooth=-1.0), ValueError,
+         "smooth"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2**63),
+         ValueError, "ignore_index"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=-2**63),
+         ValueError, "ignore_index"),
+        # -2**63 is the internal "no ignore" value: as a target it is out of range, not ignored
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.full((2, 4), -2**63)), (RuntimeError, ValueError),
+         "outside"),
     ],
 )
 def test_dice_bad_input(call, exc, words):
+    # out-of-range targets: RuntimeError from the C++ check, or ValueError once it raises that
     with pytest.raises(exc, match=words):
         call()
 
@@ -344,6 +472,56 @@ def test_lovasz_softmax_probas_ties_and_edge_cases():
     assert P.lovasz_softmax(x.float(), y, from_logits=True).dtype == torch.float32
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+def test_repeated_classes_count_again(per_image):
+    # the reference loops over the list: class 2 listed twice weighs twice
+    x, y = seg_batch(c=4, seed=11)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = P.lovasz_softmax(x1, y, [2, 2, 1], per_image, from_logits=True)
+    ref = reference.lovasz_softmax(x2, y, [2, 2, 1], per_image, from_logits=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2]))
+    assert abs(ours.item() - P.lovasz_softmax(x, y, [2, 1], per_image, from_logits=True).item()) > 1e-6
+    # dice_loss weighs them the same way
+    d = P.dice_loss(x, y, classes=[2, 2, 1], reduction="none")
+    torch.testing.assert_close(P.dice_loss(x, y, classes=[2, 2, 1]), (2 * d[0] + d[2]) / 3)
+
+
+@pytest.mark.parametrize("classes", ["present", [0, 3]])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lovasz_softmax_class_left_out_ignores_its_channel(classes, bad):
+    # class 2: absent from the labels and not in the list, so its channel is not averaged
+    x, y = seg_batch(c=4, seed=12)
+    y[y == 2] = 1
+    p = torch.softmax(x, 1)
+    p_bad = p.clone()
+    p_bad[0, 2, 1, 1] = bad
+    p1, p2 = p_bad.requires_grad_(), p.clone().requires_grad_()
+    ours, clean = P.lovasz_softmax(p1, y, classes), P.lovasz_softmax(p2, y, classes)
+    torch.testing.assert_close(ours, clean)
+    (g1,) = torch.autograd.grad(ours, [p1])
+    (g2,) = torch.autograd.grad(clean, [p2])
+    torch.testing.assert_close(g1, g2)
+    assert not g1[:, 2].any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_lovasz_softmax_ignored_logits_count_for_nothing(bad):
+    x, y = seg_batch(c=4, ignore=255, seed=15)
+    y[0, 2, 3] = 255
+    x_bad = x.clone()
+    x_bad[0, :, 2, 3] = bad
+    x_bad[0, 1, 2, 3] = 0.5  # mixed with finite ones
+    x1, x2 = x_bad.requires_grad_(), x.clone().requires_grad_()
+    ours = P.lovasz_softmax(x1, y, ignore_index=255, from_logits=True)
+    clean = P.lovasz_softmax(x2, y, ignore_index=255, from_logits=True)
+    torch.testing.assert_close(ours, clean)
+    (g1,) = torch.autograd.grad(ours, [x1])
+    (g2,) = torch.autograd.grad(clean, [x2])
+    torch.testing.assert_close(g1, g2)
+    assert not g1[0, :, 2, 3].any()
+
+
 @pytest.mark.parametrize("per_image", [True, False])
 def test_lovasz_hinge_matches_reference(per_image):
     g = torch.Generator().manual_seed(4)
@@ -355,6 +533,48 @@ def test_lovasz_hinge_matches_reference(per_image):
     ref = reference.lovasz_hinge(x2, y, per_image, 255)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lovasz_hinge_infinite_logit_next_to_ignored(dtype):
+    # error 1 - inf = -inf at a valid pixel must not trade places with the ignored pixel
+    inf = float("inf")
+    x = torch.tensor([[0.0, inf, 0.3]], dtype=dtype, requires_grad=True)
+    loss = P.lovasz_hinge(x, torch.tensor([[255, 1, 0]]), ignore_index=255)
+    (g,) = torch.autograd.grad(loss, [x])
+    xv = torch.tensor([[inf, 0.3]], dtype=torch.float64, requires_grad=True)
+    ref = reference.lovasz_hinge(xv, torch.tensor([[1, 0]]))
+    torch.testing.assert_close(loss.double(), ref)  # 0.65
+    torch.testing.assert_close(g[0, 1:].double(), torch.autograd.grad(ref, [xv])[0][0])  # [0, 0.5]
+    assert g[0, 0] == 0
+    nan_x = torch.tensor([[0.0, float("nan"), 0.3]], dtype=dtype)
+    assert P.lovasz_hinge(nan_x, torch.tensor([[255, 1, 0]]), ignore_index=255).isnan()
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+def test_lovasz_no_position(per_image, shape):
+    # N = 0 or no spatial position: loss 0 and zero gradients, as for all positions ignored
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
+    for classes in ("present", "all", [1]):
+        loss = P.lovasz_softmax(x, y, classes, per_image, from_logits=True)
+        (g,) = torch.autograd.grad(loss, [x])
+        assert loss.item() == 0 and g.shape == x.shape and not g.any()
+    xh = x[:, 0].detach().requires_grad_()
+    loss = P.lovasz_hinge(xh, y, per_image)
+    (g,) = torch.autograd.grad(loss, [xh])
+    assert loss.item() == 0 and g.shape == xh.shape
+
+
+def test_lovasz_hinge_compiled_bad_label_counts_as_zero():
+    # as documented: only eager mode on the CPU checks the labels
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(14))
+    y = torch.tensor([[0, 1, 2, 1, 0, 0], [1, 1, 0, 0, 1, 0]])
+    f = torch.compile(lambda a, b: P.lovasz_hinge(a, b), fullgraph=True)
+    torch.testing.assert_close(f(x, y), P.lovasz_hinge(x, torch.where(y == 2, 0, y)))
+    with pytest.raises(ValueError, match="labels"):
+        P.lovasz_hinge(x, y)
 
 
 def test_lovasz_gradient_op_exact_counts_opcheck_compile():
@@ -373,6 +593,14 @@ def test_lovasz_gradient_op_exact_counts_opcheck_compile():
     x, y = seg_batch(c=3, h=5, w=6, seed=5)
     f = torch.compile(lambda a, b: P.lovasz_softmax(a, b, from_logits=True), fullgraph=True)
     torch.testing.assert_close(f(x, y), P.lovasz_softmax(x, y, from_logits=True))
+
+
+@pytest.mark.parametrize("loss", [P.dice_loss, P.lovasz_softmax])
+def test_class_list_compiles(loss):
+    # the list is checked in Python: no data-dependent branch breaks the graph
+    x, y = seg_batch(c=4, h=5, w=6, seed=10)
+    f = torch.compile(lambda a, b: loss(a, b, classes=[3, 1]) * 2, fullgraph=True)
+    torch.testing.assert_close(f(x, y), loss(x, y, classes=[3, 1]) * 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -411,6 +639,12 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
          ValueError, "classes"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[3]),
          ValueError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[1.7]),
+         TypeError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[True]),
+         TypeError, "classes"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=None),
+         TypeError, "classes"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), TypeError,
          "logits"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.full((2, 4), 3)), ValueError, "labels value 3"),
@@ -420,9 +654,20 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.full((2, 4), 2)), ValueError, "labels"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index="x"), TypeError,
          "ignore_index"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), per_image="no"), TypeError,
+         "per_image"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), per_image="no"),
+         TypeError, "per_image"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), from_logits=1),
+         TypeError, "from_logits"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2**63),
+         ValueError, "ignore_index"),
+        (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index=2**63),
+         ValueError, "ignore_index"),
     ],
 )
 def test_lovasz_bad_input(call, exc, words):
+    # out-of-range labels: RuntimeError from the C++ check, or ValueError once it raises that
     with pytest.raises(exc, match=words):
         call()
 
@@ -449,6 +694,9 @@ def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index):
     args = (torch.softmax(x, 1).float().reshape(2, 4, -1), y.reshape(2, -1), ignore_index, per_image)
     for a, b in zip(K.lovasz_softmax_rows(*args), ops.lovasz_softmax_rows(*args)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    empty = (torch.zeros(0, 4, 6), torch.zeros(0, 6, dtype=torch.long), ignore_index, per_image)
+    for a, b in zip(K.lovasz_softmax_rows(*empty), ops.lovasz_softmax_rows(*empty)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu

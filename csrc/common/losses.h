@@ -2,8 +2,9 @@
 // kernels/losses.py, with the same formulas).
 //
 // Sigmoid focal loss of logit x and target t (Lin et al. 2017, torchvision's form):
-//   p = sigmoid(x), ce = max(x, 0) - x t + log1p(exp(-|x|)), m = 1 - p_t = p + t - 2 p t,
-//   loss = a_t ce m^gamma, a_t = alpha t + (1 - alpha)(1 - t) (1 when alpha < 0).
+//   p = sigmoid(x), q = 1 - p, ce = max(x, 0) - x t + log1p(exp(-|x|)),
+//   m = 1 - p_t = t q + (1 - t) p, loss = a_t ce m^gamma, a_t = alpha t + (1 - alpha)(1 - t)
+//   (1 when alpha < 0).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -61,20 +62,26 @@ PVO_HD float log_pos(float v) {
 }
 PVO_HD double log_pos(double v) { return std::log(v); }
 
-// m^g with torch.pow's values at m = 0 (0 for g > 0, 1 for g = 0, inf for g < 0) and
-// NaN for m < 0 (the kernels use SQUARE = true for g = 2, where m^2 is exact).
+// m^g with torch.pow's values: at m = 0, 0 for g > 0, 1 for g = 0, inf for g < 0; for m < 0
+// (targets outside [0, 1]) |m|^g for an even integral g, -|m|^g for an odd one, NaN for a
+// fractional one (the kernels use SQUARE = true for g = 2, where m^2 is exact).
 // Selects only, no early returns, so the loops that call it vectorise.
 template <bool SQUARE, typename T>
 PVO_HD T pow_(T m, T g) {
   if (SQUARE) return m * m;
-  const T r = nms::exp_approx(g * log_pos(m > T(0) ? m : T(1)));
+  // (this order of statements keeps the forward loop vectorised with GCC 12)
+  const T a = m < T(0) ? -m : m;
+  const T half = g * T(0.5);
+  const T neg_sign = std::floor(g) != g ? T(NAN) : (std::floor(half) == half ? T(1) : T(-1));  // (-1)^g
+  const T sign = m < T(0) ? neg_sign : (m > T(0) ? T(1) : T(NAN));  // NaN for a NaN m
+  const T r = sign * nms::exp_approx(g * log_pos(a > T(0) ? a : T(1)));
   const T at_zero = g > T(0) ? T(0) : (g == T(0) ? T(1) : T(INFINITY));
-  return g == T(0) ? T(1) : (m > T(0) ? r : (m == T(0) ? at_zero : T(NAN)));
+  return g == T(0) ? T(1) : (m == T(0) ? at_zero : r);
 }
 
 template <typename T>
 struct Focal {
-  T p, ce, m, at;
+  T p, q, ce, m, at;  // q = 1 - p
 };
 
 template <typename T>
@@ -83,12 +90,15 @@ PVO_HD Focal<T> focal_terms(T x, T t, T alpha) {
   const T inv = T(1) / (T(1) + e);
   Focal<T> f;
   f.p = x >= T(0) ? inv : e * inv;
+  f.q = x >= T(0) ? e * inv : inv;  // not 1 - p, which is 0 once p rounds to 1
   // ce = t softplus(-x) + (1 - t) softplus(x), a term with weight 0 left out: exact at x = +-inf
   // (max(x, 0) - x t gives inf - inf there).
   const T l = log1p_unit(e);
   f.ce = (t != T(0) ? t * ((x < T(0) ? -x : T(0)) + l) : T(0)) +
          (t != T(1) ? (T(1) - t) * ((x > T(0) ? x : T(0)) + l) : T(0));
-  f.m = f.p + t - T(2) * f.p * t;
+  // p + t - 2 p t would cancel to 0 where p rounds to t (t = 1, x > 17 in fp32), and
+  // m^(gamma - 1) in the gradient would be inf there.
+  f.m = t * f.q + (T(1) - t) * f.p;
   f.at = alpha >= T(0) ? alpha * t + (T(1) - alpha) * (T(1) - t) : T(1);
   return f;
 }
@@ -108,9 +118,13 @@ PVO_HD void focal_grad(T x, T t, T alpha, T gamma, T g, T& dx, T& dt) {
   const T dmg = SQUARE ? T(2) * f.m : (gamma == T(0) ? T(0) : gamma * pow_<false>(f.m, gamma - T(1)));
   const T d_at = alpha >= T(0) ? T(2) * alpha - T(1) : T(0);
   // ce p (1 - p) tends to 0 where p saturates (x = +-inf: inf * 0 otherwise).
-  const T sat = f.p * (T(1) - f.p);
-  dx = g * f.at * ((f.p - t) * mg + (sat == T(0) ? T(0) : f.ce * dmg * sat * (T(1) - T(2) * t)));
-  dt = g * (d_at * f.ce * mg + f.at * (-x * mg + f.ce * dmg * (T(1) - T(2) * f.p)));
+  const T sat = f.p * f.q;
+  // p - t = (1 - t) p - t q and 1 - 2 p = q - p, without cancellation.
+  const T p_minus_t = (T(1) - t) * f.p - t * f.q;
+  dx = g * f.at * (p_minus_t * mg + (sat == T(0) ? T(0) : f.ce * dmg * sat * (T(1) - T(2) * t)));
+  // ce m^(gamma - 1) tends to 0 where p saturates to a hard target (ce = m = 0 once exp(-|x|)
+  // underflows: 0 * inf otherwise).
+  dt = g * (d_at * f.ce * mg + f.at * (-x * mg + (f.ce == T(0) ? T(0) : f.ce * dmg * (f.q - f.p))));
 }
 
 }  // namespace losses

@@ -162,7 +162,10 @@ at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, in
   const int64_t nb = (HW + kPixBlock - 1) / kPixBlock;
   const bool f64 = z.scalar_type() == at::kDouble;
   auto partial = at::zeros({N * nb, 2, C}, z.options().dtype(f64 ? at::kDouble : at::kFloat));
-  losses::check_labels("dice_loss: target", y, C, ignore_index);
+  // INT64_MIN is pyvision_ops.losses._NO_IGNORE (no ignore_index): a target of that value is
+  // out of range like any other, never ignored.
+  const bool ignores = ignore_index != std::numeric_limits<int64_t>::min();
+  losses::check_labels("dice_loss: target", y, C, ignores ? std::optional<int64_t>(ignore_index) : std::nullopt);
   const int64_t* py = y.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dice_stats_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
