@@ -47,10 +47,12 @@ def _focal_terms(x, t, alpha):
 
 
 @triton.jit
-def _focal_forward_kernel(x_ptr, t_ptr, out_ptr, n, alpha, gamma, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+def _focal_forward_kernel(x_ptr, t_ptr, out_ptr, n, alpha: tl.float64, gamma: tl.float64, SQUARE: tl.constexpr,
+                          BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    alpha, gamma = tl.cast(alpha, acc), tl.cast(gamma, acc)  # fp64 arguments: a plain float is fp32
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
     p, q, ce, m, at = _focal_terms(x, t, alpha)
@@ -59,14 +61,15 @@ def _focal_forward_kernel(x_ptr, t_ptr, out_ptr, n, alpha, gamma, SQUARE: tl.con
 
 
 @triton.jit
-def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha, gamma, SQUARE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha: tl.float64, gamma: tl.float64,
+                           SQUARE: tl.constexpr, G_STEP: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    alpha, gamma = tl.cast(alpha, acc), tl.cast(gamma, acc)
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
-    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
+    g = tl.load(g_ptr + idx * G_STEP, mask=mask, other=0.0).to(acc)
     p, q, ce, m, at = _focal_terms(x, t, alpha)
     mg = _pow(m, gamma, SQUARE)
     if SQUARE:
@@ -98,12 +101,15 @@ def sigmoid_focal_loss(inputs, targets, alpha, gamma):
 
 
 def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
-    x, t, g = inputs.contiguous(), targets.contiguous(), grad.contiguous()
+    x, t = inputs.contiguous(), targets.contiguous()
     dx, dt = torch.empty_like(x), torch.empty_like(x)
     n = x.numel()
     if n:
+        # An expanded scalar gradient (mean/sum reductions) is read in place, not materialised.
+        one = all(st == 0 for st in grad.stride())
+        g = grad.as_strided((1,), (1,)) if one else grad.contiguous()
         _focal_backward_kernel[(triton.cdiv(n, _BLOCK),)](g, x, t, dx, dt, n, alpha, gamma, SQUARE=gamma == 2.0,
-                                                          BLOCK=_BLOCK)
+                                                          G_STEP=0 if one else 1, BLOCK=_BLOCK)
     return dx, dt
 
 

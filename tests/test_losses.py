@@ -187,6 +187,10 @@ def test_triton_focal_interpreter(gamma, dtype):
     for a, b in zip(K.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma),
                     ops.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    one = torch.tensor(0.3, dtype=dtype).expand(1500)  # an expanded scalar gradient is read in place
+    for a, b in zip(K.sigmoid_focal_loss_backward(one, x, t, 0.25, gamma),
+                    K.sigmoid_focal_loss_backward(one.contiguous(), x, t, 0.25, gamma)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     xi, ti = torch.tensor(INF_X, dtype=dtype), torch.tensor(INF_T, dtype=dtype)
     torch.testing.assert_close(K.sigmoid_focal_loss(xi, ti, 0.25, gamma), ops.sigmoid_focal_loss(xi, ti, 0.25, gamma))
     torch.testing.assert_close(K.sigmoid_focal_loss_backward(torch.ones_like(xi), xi, ti, 0.25, gamma)[0],
