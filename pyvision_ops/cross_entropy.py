@@ -43,6 +43,8 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit int64, got {ignore_index}")
     return eps
 
 

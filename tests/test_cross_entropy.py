@@ -443,6 +443,8 @@ def test_empty_batch_unbatched_shapes_and_weight_rules():
     assert ours.shape == () and torch.allclose(ours, F.cross_entropy(x, y, reduction="none"))
     with pytest.raises(ValueError, match="target"):
         P.softmax_cross_entropy(x, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="ignore_index"):
+        P.softmax_cross_entropy(x, torch.tensor(1), ignore_index=2**70)
     with pytest.raises(ValueError, match="weight"):
         P.softmax_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), weight=torch.rand(3, requires_grad=True))
     with torch.no_grad():  # no gradient wanted: allowed
