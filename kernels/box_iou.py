@@ -187,16 +187,16 @@ def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g,
         d_iw = tl.where(overlap, d_inter * ihc, 0.0)
         d_ih = tl.where(overlap, d_inter * iwc, 0.0)
     else:
-        d_iw = tl.where(iw >= 0, d_inter * ihc, 0.0)
-        d_ih = tl.where(ih >= 0, d_inter * iwc, 0.0)
+        d_iw = tl.where(iw > 0, d_inter * ihc, 0.0)  # torch's clamp(min=0): no gradient at 0
+        d_ih = tl.where(ih > 0, d_inter * iwc, 0.0)
     gax2, gbx2 = _min_grad(ax2, bx2, d_iw)
     gax1, gbx1 = _max_grad(ax1, bx1, -d_iw)
     gay2, gby2 = _min_grad(ay2, by2, d_ih)
     gay1, gby1 = _max_grad(ay1, by1, -d_ih)
     if KIND != 0:
         if not LOSS:
-            d_ew = tl.where(ew_raw < 0, 0.0, d_ew)
-            d_eh = tl.where(eh_raw < 0, 0.0, d_eh)
+            d_ew = tl.where(ew_raw > 0, d_ew, 0.0)
+            d_eh = tl.where(eh_raw > 0, d_eh, 0.0)
         p, q = _max_grad(ax2, bx2, d_ew)
         gax2 += p
         gbx2 += q
@@ -240,7 +240,7 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
                      KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      EVEN: tl.constexpr):
     acc = out_ptr.dtype.element_ty
-    eps = tl.cast(eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
+    eps = tl.full((), eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -275,7 +275,7 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
 def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps: tl.float64,
                     KIND: tl.constexpr, LOSS: tl.constexpr, DIV_RN: tl.constexpr, BLOCK: tl.constexpr):
     acc = out_ptr.dtype.element_ty
-    eps = tl.cast(eps, acc)
+    eps = tl.full((), eps, acc)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < K
     ax1, ay1, ax2, ay2 = _load_box(b1_ptr, idx, mask, acc)
@@ -294,7 +294,7 @@ def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps: tl.float64,
 def _matched_backward_kernel(g_ptr, b1_ptr, b2_ptr, t1_ptr, t2_ptr, g1_ptr, g2_ptr, K, eps: tl.float64,
                              KIND: tl.constexpr, LOSS: tl.constexpr, DIV_RN: tl.constexpr, BLOCK: tl.constexpr):
     acc = g_ptr.dtype.element_ty
-    eps = tl.cast(eps, acc)
+    eps = tl.full((), eps, acc)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < K
     ax1, ay1, ax2, ay2 = _load_box(b1_ptr, idx, mask, acc)

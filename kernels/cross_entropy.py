@@ -109,7 +109,7 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S,
                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)  # fp64 arguments: a plain float is fp32
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
     base = z_ptr + zoffs
     mx = tl.full((BLOCK,), float("-inf"), acc)
     s = tl.zeros((BLOCK,), acc)
@@ -136,7 +136,7 @@ def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, 
                         BLOCK: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mj, other=0.0), 0.0).to(acc)
     mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
@@ -222,7 +222,7 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi
     mo = ox < W
     a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
     acc = wa0.dtype
-    keep, spread = tl.cast(keep, acc), tl.cast(spread, acc)
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     offs = row.to(tl.int64) * W + ox
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
@@ -248,7 +248,7 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, 
     ox, mo, cells, mc, ta, tb, wa, wb = column_weights(xi0, xi1, xw0, xw1, xlo, xhi, tl.program_id(1), w, BX, FX,
                                                        BXP)
     a0, a1, wa0, wa1, b0, b1, wb0, wb1, n = _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H)
-    keep, spread = tl.cast(keep, wa0.dtype), tl.cast(spread, wa0.dtype)
+    keep, spread = tl.full((), keep, wa0.dtype), tl.full((), spread, wa0.dtype)
     offs = row.to(tl.int64) * W + ox
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo

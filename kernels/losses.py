@@ -52,7 +52,7 @@ def _focal_forward_kernel(x_ptr, t_ptr, out_ptr, n, alpha: tl.float64, gamma: tl
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    alpha, gamma = tl.cast(alpha, acc), tl.cast(gamma, acc)  # fp64 arguments: a plain float is fp32
+    alpha, gamma = tl.full((), alpha, acc), tl.full((), gamma, acc)  # fp64 arguments: a plain float is fp32
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
     p, q, ce, m, at = _focal_terms(x, t, alpha)
@@ -66,7 +66,7 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha: tl.flo
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    alpha, gamma = tl.cast(alpha, acc), tl.cast(gamma, acc)
+    alpha, gamma = tl.full((), alpha, acc), tl.full((), gamma, acc)
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(acc)
     t = tl.load(t_ptr + idx, mask=mask, other=0.0).to(acc)
     g = tl.load(g_ptr + idx * G_STEP, mask=mask, other=0.0).to(acc)

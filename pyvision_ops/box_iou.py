@@ -3,10 +3,11 @@
 Boxes are ``(x1, y1, x2, y2)``. Every function is one fused kernel: C++ on the
 CPU, Triton on CUDA (kernels/box_iou.py), with the same math (csrc/common/box_iou.h).
 
-Dtypes: float32 and float64 stay as they are; float16, bfloat16 and integer
-boxes give float32 results (computed in float32; integers in float64, so
-integer areas are exact), as torchvision does. Gradients come back in the
-dtype of the boxes.
+Dtypes, as torchvision: float32 and float64 stay as they are; float16, bfloat16
+and integer boxes give float32 results (computed in float32; integers in
+float64, so integer areas are exact); mixed inputs promote (an integer box
+against a float64 one gives float64). The losses compute integer and half boxes
+in float32, as torchvision's do. Gradients come back in the dtype of the boxes.
 
 Degenerate boxes follow torchvision's formulas exactly, with no hidden epsilon:
 the pairwise IoU of two boxes whose union is 0 (two zero-area boxes) is
@@ -34,10 +35,15 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float64
 
 
-def _out_dtype(compute_dtype: torch.dtype, *tensors: torch.Tensor) -> torch.dtype:
-    if compute_dtype == torch.float64 and all(t.is_floating_point() for t in tensors):
-        return torch.float64
-    return torch.float32
+def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # torchvision: fp16/bf16 boxes are upcast to fp32, integer ones stay integer, and the
+    # result is their promotion (an int box against an fp64 one gives fp64), or fp32
+    # when both are integer (true division).
+    dtype = None
+    for t in tensors:
+        d = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def _to_xyxy(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -66,7 +72,7 @@ def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -
         ) from None
     n, m = boxes1.shape[-2], boxes2.shape[-2]
     dtype = _compute_dtype(boxes1, boxes2)
-    out_dtype = _out_dtype(dtype, boxes1, boxes2)
+    out_dtype = _out_dtype(boxes1, boxes2)
     nb = math.prod(batch)
     b1 = _to_xyxy(boxes1.to(dtype), fmt).expand(*batch, n, 4).reshape(nb, n, 4)
     b2 = _to_xyxy(boxes2.to(dtype), fmt).expand(*batch, m, 4).reshape(nb, m, 4)
@@ -123,9 +129,10 @@ def _matched(boxes1, boxes2, kind: str, loss: bool, eps: float) -> torch.Tensor:
             f"boxes1 {list(boxes1.shape)} and boxes2 {list(boxes2.shape)} do not broadcast"
         ) from None
     dtype = _compute_dtype(boxes1, boxes2)
-    out_dtype = _out_dtype(dtype, boxes1, boxes2)
-    if loss and not (boxes1.is_floating_point() and boxes2.is_floating_point()):
-        dtype = out_dtype = torch.float32  # torchvision's losses cast integer boxes to float32
+    out_dtype = _out_dtype(boxes1, boxes2)
+    if loss:  # torchvision's losses cast every box that is not fp32/fp64 to fp32 first
+        dtype = out_dtype = torch.promote_types(*(t.dtype if t.dtype in (torch.float32, torch.float64)
+                                                  else torch.float32 for t in (boxes1, boxes2)))
     b1 = boxes1.to(dtype).expand(shape).reshape(-1, 4)
     b2 = boxes2.to(dtype).expand(shape).reshape(-1, 4)
     out = ops.matched_box_iou(b1, b2, _KINDS[kind], loss, eps)

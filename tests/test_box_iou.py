@@ -277,6 +277,51 @@ def test_pairwise_backward_matches_torchvision():
         torch.testing.assert_close(go, gt, rtol=1e-9, atol=1e-12)
 
 
+def grid_boxes(n, generator):
+    """Boxes on an integer grid: touching sides, zero-width and zero-height boxes, shared edges."""
+    xy = torch.randint(0, 6, (n, 2), generator=generator)
+    wh = torch.randint(0, 4, (n, 2), generator=generator)
+    return torch.cat([xy, xy + wh], 1).double()
+
+
+def test_pairwise_backward_matches_torchvision_at_touching_and_flat_boxes():
+    # torch's clamp(min=0) passes no gradient at exactly 0: an overlap side (or an enclosing
+    # side) of exactly 0 gets none here either.
+    g = gen(21)
+    a, b = grid_boxes(40, g), grid_boxes(40, g)
+    for kind in KINDS:
+        w = torch.rand(40, 40, dtype=torch.float64, generator=g)
+        x1, y1, x2, y2 = (t.clone().requires_grad_() for t in (a, b, a, b))
+        ours, ref = PAIRWISE[kind][0](x1, y1), PAIRWISE[kind][1](x2, y2)
+        fin = torch.isfinite(ref)
+        go = torch.autograd.grad((torch.where(fin, ours, 0) * w).sum(), [x1, y1])
+        gt = torch.autograd.grad((torch.where(fin, ref, 0) * w).sum(), [x2, y2])
+        # NaN where both give NaN (a 0/0 union reaches the gradient even when masked out)
+        torch.testing.assert_close(go, gt, rtol=1e-9, atol=1e-12, equal_nan=True)
+    t1 = torch.tensor([[0.0, 0, 1, 1]], dtype=torch.float64, requires_grad=True)
+    t2 = torch.tensor([[1.0, 0, 2, 1]], dtype=torch.float64)  # touching at x = 1
+    assert not torch.autograd.grad(P.box_iou(t1, t2).sum(), [t1])[0].any()
+
+
+def test_mixed_integer_and_float64_boxes_promote_like_torchvision():
+    a = torch.tensor([[0, 0, 3, 3], [1, 0, 2, 5]])
+    b = torch.tensor([[1.0, 1.0, 4.0, 5.0 + 1e-9]], dtype=torch.float64)
+    for kind in KINDS:
+        for x, y in ((a, b), (b, a), (a, a), (a, b.float()), (b.half(), b)):
+            ours, ref = PAIRWISE[kind][0](x, y), PAIRWISE[kind][1](x, y)
+            assert ours.dtype == ref.dtype, (kind, x.dtype, y.dtype)
+            torch.testing.assert_close(ours, ref, equal_nan=True, **({} if ours.dtype == torch.float64 else
+                                                                      dict(rtol=2e-3, atol=2e-3)))
+    # torchvision's losses take integer boxes as fp32, but some fail on mixed dtypes: compare
+    # with them on inputs already promoted
+    bb = b.expand(2, 4)
+    for name, (ours_fn, ref_fn) in LOSSES.items():
+        for x, y, d in ((bb, a, torch.float64), (a, bb, torch.float64), (a, a.float(), torch.float32)):
+            ours, ref = ours_fn(x, y), ref_fn(x.to(d), y.to(d))
+            assert ours.dtype == d, (name, x.dtype, y.dtype)
+            torch.testing.assert_close(ours, ref)
+
+
 # ------------------------------------------------------- op-level machinery
 
 def _op_inputs(requires_grad):
@@ -406,6 +451,17 @@ def test_triton_matched_interpreter(kind, loss, dtype):
     for x, y in zip(K.matched_box_iou_backward(grad, a, b, kind, loss, 1e-7),
                     ops.matched_box_iou_backward(grad, a, b, kind, loss, 1e-7)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.interpreter
+def test_triton_eps_is_fp64_for_fp64_boxes():
+    # d^2 / (c^2 + eps) with c = 0: the value is -d^2 / eps, exact only with a fp64 eps
+    from pyvision_ops.kernels import box_iou as K
+
+    a = torch.tensor([[[0.0, 0, 0, 0]]], dtype=torch.float64)
+    b = torch.tensor([[[10.0, 10, 0, 0]]], dtype=torch.float64)
+    assert K.pairwise_box_iou(a, b, 2, 1e-7).item() == ops.pairwise_box_iou(a, b, 2, 1e-7).item() == -5e8
+    assert K.matched_box_iou(a[0], b[0], 2, False, 1e-7).item() == -5e8
 
 
 # ---------------------------------------------------------------- GPU

@@ -195,18 +195,19 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
   d_hb += d_uni * wb;
   d_inter -= d_uni;
 
-  // inter = clamp(iw) * clamp(ih); torch's clamp passes the gradient at the bound.
+  // inter = clamp(iw) * clamp(ih); torch's clamp(min=0) passes no gradient at 0 (touching
+  // boxes, zero-width boxes).
   T d_iw = 0, d_ih = 0;
-  if (LOSS ? overlap : iw >= T(0)) d_iw = d_inter * ihc;
-  if (LOSS ? overlap : ih >= T(0)) d_ih = d_inter * iwc;
+  if (LOSS ? overlap : iw > T(0)) d_iw = d_inter * ihc;
+  if (LOSS ? overlap : ih > T(0)) d_ih = d_inter * iwc;
   min_grad(a.x2, b.x2, d_iw, ga[2], gb[2]);
   max_grad(a.x1, b.x1, -d_iw, ga[0], gb[0]);
   min_grad(a.y2, b.y2, d_ih, ga[3], gb[3]);
   max_grad(a.y1, b.y1, -d_ih, ga[1], gb[1]);
 
   if (KIND != kIoU) {
-    if (!LOSS && ew_raw < T(0)) d_ew = 0;
-    if (!LOSS && eh_raw < T(0)) d_eh = 0;
+    if (!LOSS && !(ew_raw > T(0))) d_ew = 0;
+    if (!LOSS && !(eh_raw > T(0))) d_eh = 0;
     max_grad(a.x2, b.x2, d_ew, ga[2], gb[2]);
     min_grad(a.x1, b.x1, -d_ew, ga[0], gb[0]);
     max_grad(a.y2, b.y2, d_eh, ga[3], gb[3]);
