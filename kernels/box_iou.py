@@ -340,8 +340,25 @@ def _aspect_atan(boxes, acc):
 PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "num_warps": 4}
 
 
+def _check(op, boxes1, boxes2, kind, pairwise):
+    # The C++ kernels' checks: a direct op call must not send mismatched shapes to a kernel
+    # (it would read past the end of a tensor).
+    if not 0 <= kind <= 3:
+        raise RuntimeError(f"pyvision_ops: box kind must be 0..3 (iou, giou, diou, ciou), got {kind}")
+    if boxes1.dtype != boxes2.dtype:
+        raise RuntimeError(f"{op}: boxes1 and boxes2 dtypes differ")
+    if pairwise:
+        if boxes1.dim() != 3 or boxes1.shape[2] != 4 or boxes2.dim() != 3 or boxes2.shape[2] != 4:
+            raise RuntimeError(f"{op}: boxes1 and boxes2 must be [B, N, 4] and [B, M, 4]")
+        if boxes1.shape[0] != boxes2.shape[0]:
+            raise RuntimeError(f"{op}: batch sizes differ")
+    elif boxes1.dim() != 2 or boxes1.shape[1] != 4 or boxes2.shape != boxes1.shape:
+        raise RuntimeError(f"{op}: boxes1 must be [K, 4] and boxes2 the same shape")
+
+
 def pairwise_box_iou(boxes1, boxes2, kind, eps):
     """[B, N, 4] x [B, M, 4] -> [B, N, M] (fp64 for fp64 input, else fp32)."""
+    _check("pairwise_box_iou", boxes1, boxes2, kind, pairwise=True)
     B, N, _ = boxes1.shape
     M = boxes2.shape[1]
     acc = acc_dtype(boxes1.dtype)
@@ -363,6 +380,7 @@ _BLOCK = 1024
 
 def matched_box_iou(boxes1, boxes2, kind, loss, eps):
     """[K, 4] x [K, 4] -> [K]."""
+    _check("matched_box_iou", boxes1, boxes2, kind, pairwise=False)
     K = boxes1.shape[0]
     acc = acc_dtype(boxes1.dtype)
     out = torch.empty((K,), dtype=acc, device=boxes1.device)
@@ -379,7 +397,10 @@ def matched_box_iou(boxes1, boxes2, kind, loss, eps):
 
 def matched_box_iou_backward(grad, boxes1, boxes2, kind, loss, eps):
     """Gradients of matched_box_iou w.r.t. boxes1 and boxes2, in the boxes' dtype."""
+    _check("matched_box_iou_backward", boxes1, boxes2, kind, pairwise=False)
     K = boxes1.shape[0]
+    if grad.shape != (K,) or grad.dtype != acc_dtype(boxes1.dtype):
+        raise RuntimeError("matched_box_iou_backward: grad must be [K] in the output dtype")
     g1 = torch.empty((K, 4), dtype=boxes1.dtype, device=boxes1.device)
     g2 = torch.empty_like(g1)
     if K == 0:

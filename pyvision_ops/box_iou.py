@@ -13,7 +13,15 @@ Degenerate boxes follow torchvision's formulas exactly, with no hidden epsilon:
 the pairwise IoU of two boxes whose union is 0 (two zero-area boxes) is
 ``0 / 0 = NaN``; a zero-area box against a box of positive area has IoU 0;
 GIoU is NaN when the enclosing box has zero area. The losses add ``eps`` to
-their denominators, as torchvision's do. NaN coordinates give NaN.
+their denominators, as torchvision's do. NaN coordinates give NaN. Inverted
+boxes (x2 < x1), infinite and huge coordinates go through the same formulas as
+torchvision's and give the same results (the tests compare them): an inverted
+box has a negative area, an infinite side gives IoU 0 or NaN, and fp32 areas
+overflow from sides of about 1.8e19. Gradients match torchvision's autograd,
+including no gradient through an overlap of exactly 0 (touching boxes); the ops
+are differentiable once (double backward raises). Pairwise functions broadcast
+their leading dims; a 0-d tensor ``eps`` works in eager mode, but under
+``torch.compile(fullgraph=True)`` pass a Python float.
 """
 
 import math

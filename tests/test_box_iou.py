@@ -454,6 +454,23 @@ def test_triton_matched_interpreter(kind, loss, dtype):
 
 
 @pytest.mark.interpreter
+def test_triton_launchers_check_shapes_like_the_cpu_ops():
+    # a direct op call with mismatched shapes must raise, not read past a tensor's end
+    from pyvision_ops.kernels import box_iou as K
+
+    a, b = torch.rand(4, 3, 4), torch.rand(1, 2, 4)
+    for impl in (ops, K):
+        with pytest.raises(RuntimeError, match="batch sizes differ"):
+            impl.pairwise_box_iou(a, b, 0, 1e-7)
+        with pytest.raises(RuntimeError, match="kind"):
+            impl.pairwise_box_iou(a, a, 9, 1e-7)
+        with pytest.raises(RuntimeError, match="boxes2"):
+            impl.matched_box_iou(torch.rand(5, 4), torch.rand(2, 4), 0, False, 1e-7)
+        with pytest.raises(RuntimeError, match="grad"):
+            impl.matched_box_iou_backward(torch.ones(3), torch.rand(5, 4), torch.rand(5, 4), 0, False, 1e-7)
+
+
+@pytest.mark.interpreter
 def test_triton_eps_is_fp64_for_fp64_boxes():
     # d^2 / (c^2 + eps) with c = 0: the value is -d^2 / eps, exact only with a fp64 eps
     from pyvision_ops.kernels import box_iou as K
