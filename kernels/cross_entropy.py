@@ -158,6 +158,21 @@ _BLOCK = 512
 
 
 
+def _check(op, logits, target, weight, spatial, grad=None, stats=None):
+    # The C++ kernels' checks: a direct op call must not send mismatched shapes to a kernel.
+    n, c = logits.shape[:2] if logits.dim() >= 2 else (0, 0)
+    ok = (logits.dim() == 2 + spatial and logits.is_floating_point() and target.dtype == torch.int64
+          and target.dim() == 1 + (1 if spatial == 1 else 2) and target.shape[0] == n
+          and (spatial == 2 or target.shape[1:] == logits.shape[2:])
+          and (weight is None or weight.shape == (c,)))
+    if ok and spatial == 2:
+        ok = logits.shape[2] > 0 and logits.shape[3] > 0
+    if ok and grad is not None:
+        ok = grad.shape == target.shape and stats.shape == (2, *target.shape)
+    if not ok:
+        raise RuntimeError(f"{op}: logits, target, weight, grad or stats have inconsistent shapes or dtypes")
+
+
 def _loss_grad(grad, acc):
     """The incoming loss gradient and its step between positions: the mean and sum
     reductions hand the backward an expanded scalar, read in place (step 0) instead of
@@ -173,6 +188,7 @@ def _weight(weight, logits):
 
 
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing):
+    _check("softmax_cross_entropy", logits, target, weight, 1)
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
     loss, wpos = (torch.empty((n, s), dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(2))
@@ -186,6 +202,7 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing)
 
 
 def softmax_cross_entropy_backward(grad, logits, target, weight, stats, ignore_index, label_smoothing):
+    _check("softmax_cross_entropy_backward", logits, target, weight, 1, grad, stats)
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
     z = logits.contiguous()
@@ -275,6 +292,7 @@ def _up_taps(logits, target, align_corners, acc):
 
 
 def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing):
+    _check("upsample_cross_entropy", logits, target, weight, 2)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     acc = acc_dtype(logits.dtype)
@@ -292,6 +310,7 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
 
 def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, stats, ignore_index,
                                     label_smoothing):
+    _check("upsample_cross_entropy_backward", logits, target, weight, 2, grad, stats)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     lg = logits.contiguous()

@@ -714,3 +714,26 @@ def test_cuda_lovasz_matches_cpu():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(a, [xg])[0].cpu(), torch.autograd.grad(b, [xc])[0],
                                    rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.interpreter
+def test_triton_launchers_check_shapes_like_the_cpu_ops():
+    # direct op calls with mismatched shapes raise instead of reading past a tensor's end
+    from pyvision_ops.kernels import cross_entropy as KC
+    from pyvision_ops.kernels import losses as KL
+
+    x, y = torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long)
+    calls = [
+        lambda: KL.sigmoid_focal_loss(torch.rand(5), torch.rand(4), 0.25, 2.0),
+        lambda: KL.sigmoid_focal_loss_backward(torch.rand(4), torch.rand(5), torch.rand(5), 0.25, 2.0),
+        lambda: KL.dice_stats(x, y, -100),
+        lambda: KL.dice_stats_backward(torch.ones(2, 4), x, torch.zeros(2, 5, dtype=torch.long), -100),
+        lambda: KL.lovasz_gradient(torch.rand(3, 7), torch.tensor([7, 7])),
+        lambda: KL.lovasz_softmax_rows(x, y, -100, False),
+        lambda: KC.softmax_cross_entropy(x, y, None, -100, 0.0),
+        lambda: KC.softmax_cross_entropy(x, torch.zeros(2, 5, dtype=torch.long), torch.ones(4), -100, 0.0),
+        lambda: KC.upsample_cross_entropy(x[..., None], torch.zeros(1, 4, 4, dtype=torch.long), False, None, -100, 0.0),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError):
+            call()
