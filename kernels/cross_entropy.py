@@ -63,17 +63,20 @@ def lse_update(mx, s, z):
 
 
 @triton.jit
-def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr):
-    """One class: the log-sum-exp state, the target's logit, wd = sum of w_k (max - z_k) over the
-    classes so far and wseen = sum of their w_k. Differences from the max, never from a sum
-    of max and log: large logits would round the small part away."""
-    wc = _class_weight(w_ptr, c, HAS_W)
+def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """One class: the log-sum-exp state, the target's logit and, for label smoothing only,
+    wd = sum of w_k (max - z_k) over the classes so far and wseen = sum of their w_k.
+    Differences from the max, never from a sum of max and log: large logits would round
+    the small part away."""
     new_mx, s = lse_update(mx, s, z)
-    # A larger max moves every earlier term up by the shift; while the max was -inf, the
-    # earlier logits were -inf too and their terms are already infinite.
-    grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
-    term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx - z))
-    return new_mx, s, zy + tl.where(y == c, z, 0.0), wd + grow + term, wseen + wc
+    if SMOOTH:
+        wc = _class_weight(w_ptr, c, HAS_W)
+        # A larger max moves every earlier term up by the shift; while the max was -inf, the
+        # earlier logits were -inf too and their terms are already infinite.
+        grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
+        term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx - z))
+        wd, wseen = wd + grow + term, wseen + wc
+    return new_mx, s, zy + tl.where(y == c, z, 0.0), wd, wseen
 
 
 @triton.jit
@@ -106,7 +109,8 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
 
 @triton.jit
 def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S, P, nb, ignore_index,
-                       keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                       keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                       BLOCK: tl.constexpr):
     offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
@@ -119,7 +123,7 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S,
     plane = base  # class planes by pointer steps: c * S could pass 2^31
     for c in range(C):
         mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
-                                          w_ptr, HAS_W)
+                                          w_ptr, HAS_W, SMOOTH)
         plane += S
     _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mj, HAS_W)
 
@@ -197,7 +201,7 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing)
         z = logits.contiguous()
         _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss, wpos, stats,
                                       c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-                                      HAS_W=weight is not None, BLOCK=_BLOCK)
+                                      HAS_W=weight is not None, SMOOTH=label_smoothing != 0, BLOCK=_BLOCK)
     return loss, wpos, stats
 
 
@@ -233,7 +237,7 @@ def _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H):
 @triton.jit
 def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0,
                           xw1, C, h, w, H, W, P, ignore_index, keep: tl.float64, spread: tl.float64,
-                          HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_W: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)  # image * H + output row
     ox = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mo = ox < W
@@ -250,7 +254,7 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi
     wseen = tl.zeros((BLOCK,), acc)
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        mx, s, zy, wd, wseen = _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W)
+        mx, s, zy, wd, wseen = _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
     _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mo, HAS_W)
 
 
@@ -304,7 +308,7 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
         _up_ce_forward_kernel[(n * H, triton.cdiv(W, _BLOCK))](
             lg, target.contiguous(), _weight(weight, lg), loss, wpos, stats, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1,
             tx.w0, tx.w1, c, h, w, H, W, n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-            HAS_W=weight is not None, BLOCK=_BLOCK)
+            HAS_W=weight is not None, SMOOTH=label_smoothing != 0, BLOCK=_BLOCK)
     return loss, wpos, stats
 
 
