@@ -188,6 +188,39 @@ def test_opcheck():
                                      2, True))
 
 
+def test_opcheck_channels_last():
+    # The fake kernels must give the layout of the real ones: channels_last for channels_last
+    # input (or grad), NCHW for a tensor that is both (C == 1).
+    cl = torch.channels_last
+    x = feature(b=2, c=3, h=10, w=12).contiguous(memory_format=cl).requires_grad_()
+    rois = make_rois(6, 2, size=40.0)
+    opcheck(ops.roi_align, (x, rois, 0.25, 3, 2, 2, True))
+    opcheck(ops.roi_align, (feature(b=2, c=1, h=10, w=12).contiguous(memory_format=cl), rois, 0.25, 3, 2, 2, True))
+    grad = torch.randn(6, 3, 3, 2, dtype=torch.float64).contiguous(memory_format=cl)
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, 3, 10, 12, 2, True))
+    feats = [feature(b=2, c=3, h=s, w=s, seed=s).contiguous(memory_format=cl).requires_grad_() for s in (16, 8)]
+    levels = torch.tensor([0, 1, 1, 0, 1, 0])
+    opcheck(ops.multi_scale_roi_align, (feats, rois, levels, [0.25, 0.125], 3, 3, 2, False))
+    opcheck(ops.multi_scale_roi_align_backward, (torch.randn(6, 3, 3, 3, dtype=torch.float64).contiguous(
+        memory_format=cl), rois, levels, [0.25, 0.125], [16, 8], [16, 8], 2, 3, 3, 3, 2, False))
+
+
+def test_compile_fullgraph_channels_last():
+    x = feature(b=2, c=8, h=17, w=19, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    rois = make_rois(10, 2, size=70.0, dtype=torch.float32)
+    f = torch.compile(lambda t, r: P.roi_align(t, r, (3, 4), 0.25, 2, True) * 2 + 1, fullgraph=True)
+    torch.testing.assert_close(f(x, rois), P.roi_align(x, rois, (3, 4), 0.25, 2, True) * 2 + 1)  # inference graph
+    xr, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = f(xr, rois)
+    ref = P.roi_align(x2, rois, (3, 4), 0.25, 2, True) * 2 + 1
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out.shape, generator=gen(4)).contiguous(memory_format=torch.channels_last)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(xr.grad, x2.grad)
+
+
 def test_compile_fullgraph():
     x = feature(b=2, c=4, h=20, w=20, dtype=torch.float32)
     rois = make_rois(10, 2, size=80.0, dtype=torch.float32)
