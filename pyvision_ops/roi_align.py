@@ -27,8 +27,10 @@ it returns NaN this may return the inf or finite value the weights define.
 A batch index outside ``[0, N)`` raises ``ValueError`` on the CPU; on CUDA it is
 not checked (that would need a device-to-host sync): such a RoI pools to zeros
 and gets no gradient, and nothing outside the input is ever read.
-RoIs may have any float dtype; they are used in fp32 (fp64 for fp64 input),
-including for fp16/bf16 inputs, which are pooled with fp32 accumulation. Under
+RoIs may have any float or integer dtype; they are used in fp32 (fp64 for fp64
+input), including for fp16/bf16 inputs, which are pooled with fp32 accumulation
+(integer and fp16/bf16 boxes are converted to fp32 directly, never rounded to the
+input's dtype, and so is the batch-index column built for a list of boxes). Under
 ``torch.autocast`` (CUDA or CPU) fp16/bf16 inputs are pooled in fp32 and the
 result is returned in the input's dtype, as torchvision does.
 """
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from . import _utils
-from ._library import ops
+from ._library import _acc_dtype, ops
 
 
 def _pair(size, name="output_size"):
@@ -59,25 +61,30 @@ def _to_rois(boxes, input):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(f"boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4], got a tensor of shape {list(boxes.shape)}")
-        rois = boxes
-    elif isinstance(boxes, (list, tuple)):
-        for i, b in enumerate(boxes):
-            _utils.check_tensor(f"boxes[{i}]", b)
-            if b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {list(b.shape)}")
-        if len(boxes) > input.shape[0]:
-            raise ValueError(f"boxes has {len(boxes)} entries but input has batch size {input.shape[0]}")
-        if len(boxes) == 0:
-            rois = input.new_zeros((0, 5))
-        else:
-            dtype = boxes[0].dtype if boxes[0].is_floating_point() else input.dtype
-            ids = torch.cat([torch.full_like(b[:, :1], i, dtype=dtype) for i, b in enumerate(boxes)])
-            rois = torch.cat([ids, torch.cat([b.to(dtype) for b in boxes])], dim=1)
-    else:
+        return boxes.to(_roi_dtype(boxes.dtype, input))
+    if not isinstance(boxes, (list, tuple)):
         raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
-    if not rois.is_floating_point():
-        rois = rois.to(input.dtype if input.is_floating_point() else torch.float32)
-    return rois
+    for i, b in enumerate(boxes):
+        _utils.check_tensor(f"boxes[{i}]", b)
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {list(b.shape)}")
+    if len(boxes) > input.shape[0]:
+        raise ValueError(f"boxes has {len(boxes)} entries but input has batch size {input.shape[0]}")
+    if len(boxes) == 0:
+        return input.new_zeros((0, 5), dtype=_roi_dtype(input.dtype, input))
+    dtype = boxes[0].dtype
+    for b in boxes[1:]:
+        dtype = torch.promote_types(dtype, b.dtype)
+    dtype = _roi_dtype(dtype, input)
+    ids = torch.cat([torch.full_like(b[:, :1], i, dtype=dtype) for i, b in enumerate(boxes)])
+    return torch.cat([ids, torch.cat([b.to(dtype) for b in boxes])], dim=1)
+
+
+def _roi_dtype(dtype, input):
+    # The kernels use RoIs in fp32 (fp64 for fp64 input). fp16/bf16 hold integers exactly only
+    # up to 2048/256 (coordinates, and the batch index of a list of boxes), so integer and
+    # half-precision boxes go straight to fp32 (fp64 for fp64 input).
+    return dtype if dtype in (torch.float32, torch.float64) else _acc_dtype(input.dtype)
 
 
 def _check_batch_index(rois, batch_size):
@@ -139,7 +146,12 @@ class RoIAlign(nn.Module):
 
 def fpn_levels(boxes: torch.Tensor, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
                eps: float = 1e-6) -> torch.Tensor:
-    """FPN eq. 1: the level (0-based from k_min) of each box, as torchvision's LevelMapper."""
+    """FPN eq. 1: the level (0-based from k_min) of each box, as torchvision's LevelMapper.
+
+    The area is computed in fp32 (fp64 for fp64 boxes), as torchvision's ``box_area``
+    does: in fp16 it would overflow above 65504.
+    """
+    boxes = boxes if boxes.dtype == torch.float64 else boxes.float()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     s = torch.sqrt(area)
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))

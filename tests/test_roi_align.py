@@ -5,8 +5,10 @@ import pytest
 import torch
 import torchvision.ops as tv
 from conftest import opcheck
+from torchvision.ops.poolers import LevelMapper
 
 import pyvision_ops as P
+from pyvision_ops.roi_align import fpn_levels
 
 ops = torch.ops.pyvision_ops
 
@@ -66,6 +68,38 @@ def test_list_boxes_and_module():
     m = P.RoIAlign((7, 7), 0.25, 2, aligned=True)
     torch.testing.assert_close(m(x, boxes), tv.RoIAlign((7, 7), 0.25, 2, aligned=True)(x, boxes))
     assert "RoIAlign" in repr(m)
+
+
+def test_integer_boxes_are_not_rounded_to_a_half_input_dtype():
+    # Column 257 holds 1; in bf16 the box's x (257) would round to 256, which holds 0.
+    x = (torch.arange(600.0) % 4).repeat(1, 1, 8, 1)
+    rois = torch.tensor([[0, 257, 2, 257, 4]])
+    for dtype in (torch.bfloat16, torch.float16):
+        out = P.roi_align(x.to(dtype), rois, 1, 1.0, 1, False)
+        assert out.dtype == dtype and out.item() == 1.5
+    assert P.roi_align(x, rois, 1, 1.0, 1, False).item() == 1.5
+    assert P.roi_align(x.bfloat16(), [rois[:, 1:]], 1, 1.0, 1, False).item() == 1.5
+
+
+def test_list_boxes_batch_index_exact_for_half_boxes():
+    # Image i holds the value i; bf16 holds integers exactly only up to 256.
+    xs = torch.arange(290.0).reshape(290, 1, 1, 1).expand(290, 1, 2, 2).contiguous()
+    for dtype in (torch.bfloat16, torch.float16):
+        out = P.roi_align(xs, [torch.tensor([[0.0, 0, 1, 1]], dtype=dtype)] * 290, 1, 1.0, 1, True)
+        torch.testing.assert_close(out.flatten(), torch.arange(290.0), rtol=0, atol=0)
+    # Mixed box dtypes are promoted together, not rounded to the first one's dtype.
+    boxes = [torch.tensor([[0.0, 0, 1, 1]], dtype=torch.bfloat16), torch.tensor([[0.0, 0, 1.0039, 1]],
+                                                                                dtype=torch.float64)]
+    x = torch.randn(2, 3, 4, 4, generator=gen(9), dtype=torch.float64)
+    torch.testing.assert_close(P.roi_align(x, boxes, 2, 1.0, 2, True), tv.roi_align(x, boxes, 2, 1.0, 2, True))
+
+
+def test_fpn_levels_fp16_area_does_not_overflow():
+    boxes = torch.tensor([[0.0, 0, 300, 300], [0, 0, 20, 30], [10, 10, 900, 700]])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        b = boxes.to(dtype)
+        torch.testing.assert_close(fpn_levels(b, 2, 5), LevelMapper(2, 5)([b]), rtol=0, atol=0)
+    assert fpn_levels(boxes[:1].half(), 2, 5).item() == 2
 
 
 def test_empty_rois_outside_map_and_degenerate():
