@@ -149,78 +149,184 @@ def fpn_levels(boxes: torch.Tensor, k_min: int, k_max: int, canonical_scale: int
     """FPN eq. 1: the level (0-based from k_min) of each box, as torchvision's LevelMapper.
 
     The area is computed in fp32 (fp64 for fp64 boxes), as torchvision's ``box_area``
-    does: in fp16 it would overflow above 65504.
+    does: in fp16 it would overflow above 65504. A box whose area is NaN or negative
+    (a NaN coordinate, or inverted on one axis) has no level: -1. (torchvision casts
+    its NaN level to int64, an arbitrary value outside the levels, and so pools such a
+    box to zeros, as :func:`multi_scale_roi_align` does with -1.)
     """
+    if k_min > k_max:
+        raise ValueError(f"fpn_levels: k_min ({k_min}) must be <= k_max ({k_max})")
     boxes = boxes if boxes.dtype == torch.float64 else boxes.float()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     s = torch.sqrt(area)
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
-    return (torch.clamp(lvl, min=k_min, max=k_max) - k_min).to(torch.int64)
+    lvl = torch.clamp(lvl, min=k_min, max=k_max) - k_min
+    return torch.where(torch.isnan(lvl), -1.0, lvl).to(torch.int64)
+
+
+class LevelMapper:
+    """:func:`fpn_levels` behind torchvision's ``LevelMapper`` interface: called with a
+    list of ``Tensor[L, 4]``, returns the level of each box (``MultiScaleRoIAlign.map_levels``)."""
+
+    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+                 eps: float = 1e-6):
+        self.k_min = k_min
+        self.k_max = k_max
+        self.s0 = canonical_scale
+        self.lvl0 = canonical_level
+        self.eps = eps
+
+    def __call__(self, boxlists) -> torch.Tensor:
+        return fpn_levels(torch.cat(list(boxlists)), self.k_min, self.k_max, self.s0, self.lvl0, self.eps)
+
+
+def _check_features(features, names):
+    """Feature maps [N, C, H_l, W_l] with one N, C and device; one dtype, except under autocast."""
+    if not isinstance(features, (list, tuple)) or not features:
+        raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
+    f0, n0 = features[0], names[0]
+    autocast = f0.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(f0.device.type)
+    for name, f in zip(names, features):
+        _utils.check_tensor(name, f)
+        if f.dim() != 4 or f.shape[:2] != f0.shape[:2]:
+            raise ValueError(f"{name} must be [N, C, H, W] with the N and C of {n0}, got {list(f.shape)}")
+        if not f.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {f.dtype}")
+        if f.device != f0.device:
+            raise ValueError(f"{name} is on {f.device} but {n0} is on {f0.device}; they must be on one device")
+        # torchvision fails on mixed dtypes outside autocast (its RoIs have one dtype) and
+        # under autocast pools them all in fp32 and returns the first map's dtype.
+        if f.dtype != f0.dtype and not autocast:
+            raise ValueError(f"{name} is {f.dtype} but {n0} is {f0.dtype}; feature maps must share one dtype "
+                             f"(outside autocast)")
+    if f0.device.type == "cuda" and len(features) > 8:
+        raise ValueError(f"multi-scale RoI Align takes at most 8 feature maps on CUDA, got {len(features)}")
+    return list(features)
+
+
+def _level_range(scales, what="spatial_scales"):
+    """(k_min, k_max) from the finest and coarsest scale, as torchvision's _setup_scales."""
+    ks = [-math.log2(s) for s in (scales[0], scales[-1])]
+    if not all(k.is_integer() for k in ks):
+        raise ValueError(f"{what}: the first and last scales must be powers of 2, got {scales}")
+    if ks[0] > ks[1]:
+        # torchvision's LevelMapper clamps every level out of range then: all zeros.
+        raise ValueError(f"{what} must go from the finest feature map to the coarsest (the first scale the "
+                         f"largest), got {scales}")
+    return int(ks[0]), int(ks[1])
+
+
+def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, mapper):
+    """Pools RoI k from features[mapper(boxes)[k]]; checked features and scales."""
+    f0 = features[0]
+    rois = _to_rois(boxes, f0)
+    _utils.check_same_device(features=f0, boxes=rois)
+    ph, pw = _pair(output_size)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    _check_batch_index(rois, f0.shape[0])
+    if len(features) == 1:  # torchvision pools from the one map whatever the box
+        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    else:
+        levels = mapper([rois[:, 1:]])
+        # No level (-1: NaN or negative area), or a level past the last map (a gap in the
+        # pyramid, or more levels than maps): zeros, as in torchvision. The kernels pool a
+        # RoI with a NaN batch index to zeros.
+        ok = (levels >= 0) & (levels < len(features))
+        rois = torch.cat([torch.where(ok, rois[:, 0], float("nan"))[:, None], rois[:, 1:]], dim=1)
+        levels = torch.where(ok, levels, 0)
+    dtype = f0.dtype
+    if any(f.dtype != dtype for f in features):  # autocast only (_check_features)
+        common = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
+        features = [f.to(common) for f in features]
+    out = ops.multi_scale_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, bool(aligned))
+    return out.to(dtype)
 
 
 def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: list, sampling_ratio: int = 2,
                           canonical_scale: int = 224, canonical_level: int = 4, aligned: bool = False) -> torch.Tensor:
     """Pools each RoI from its FPN level (``fpn_levels``) of ``features`` (finest first).
 
-    ``spatial_scales[i]`` is the scale of ``features[i]`` (powers of 2). Returns
-    ``[K, C, PH, PW]`` in the order of the RoIs. One op call (one kernel launch on
-    CUDA) pools every level, forward and backward; the backward is deterministic
-    under the same rules as :func:`roi_align`. On CUDA at most 8 levels.
+    ``spatial_scales[i]`` (> 0) is the scale of ``features[i]``; the first and last must
+    be powers of 2, the first the largest: they give the levels k_min and k_max, and a
+    RoI of level k pools from ``features[k - k_min]``, as in torchvision. A RoI whose
+    level has no feature map (a gap in the pyramid, e.g. maps at 1/4 and 1/16 only), or
+    that has no level (NaN or negative area, see ``fpn_levels``), pools to zeros, as in
+    torchvision; with a single feature map every RoI pools from it, as in
+    :func:`roi_align`. Returns ``[K, C, PH, PW]`` in the order of the RoIs, in the
+    dtype of ``features[0]`` (the maps' dtypes may differ only under autocast, as in
+    torchvision). One op call (one kernel launch on CUDA) pools every level, forward
+    and backward; the backward is deterministic under the same rules as
+    :func:`roi_align`. On CUDA at most 8 levels.
     """
-    if not isinstance(features, (list, tuple)) or not features:
-        raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
-    for i, f in enumerate(features):
-        _utils.check_tensor(f"features[{i}]", f)
-        if f.dim() != 4 or f.shape[:2] != features[0].shape[:2]:
-            raise ValueError(f"features[{i}] must be [N, C, H, W] with the N and C of features[0], "
-                             f"got {list(f.shape)}")
-        if f.dtype != features[0].dtype or f.device != features[0].device:
-            raise ValueError(f"features[{i}] must have the dtype and device of features[0]")
+    features = _check_features(features, [f"features[{i}]" for i in range(len(features))]
+                               if isinstance(features, (list, tuple)) else [])
+    if not isinstance(spatial_scales, (list, tuple)):
+        raise TypeError(f"spatial_scales must be a list of numbers, got {type(spatial_scales).__name__}")
     if len(spatial_scales) != len(features):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature maps")
-    if features[0].device.type == "cuda" and len(features) > 8:
-        raise ValueError(f"multi_scale_roi_align takes at most 8 feature maps on CUDA, got {len(features)}")
-    rois = _to_rois(boxes, features[0])
-    _utils.check_same_device(features=features[0], boxes=rois)
-    ph, pw = _pair(output_size)
-    k_min = -math.log2(spatial_scales[0])
-    k_max = -math.log2(spatial_scales[-1])
-    if not (float(k_min).is_integer() and float(k_max).is_integer()):
-        raise ValueError(f"spatial_scales must be powers of 2, got {spatial_scales}")
-    _check_batch_index(rois, features[0].shape[0])
-    if len(features) == 1:
-        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    else:
-        levels = fpn_levels(rois[:, 1:], int(k_min), int(k_max), canonical_scale, canonical_level)
-    return ops.multi_scale_roi_align(list(features), rois, levels, [float(s) for s in spatial_scales], ph, pw,
-                                     sampling_ratio, bool(aligned))
+    scales = [_utils.check_float(f"spatial_scales[{i}]", s, positive=True) for i, s in enumerate(spatial_scales)]
+    if not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"spatial_scales must be finite, got {scales}")
+    mapper = None
+    if len(scales) > 1:
+        mapper = LevelMapper(*_level_range(scales), canonical_scale, canonical_level)
+    return _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, mapper)
 
 
-def _infer_scale(feature: torch.Tensor, original_size) -> float:
-    # Same rule as torchvision: the power of 2 nearest to feature size / image size.
-    approx = [float(s1) / float(s2) for s1, s2 in zip(feature.shape[-2:], original_size)]
-    scales = [2 ** float(torch.tensor(a).log2().round()) for a in approx]
-    if scales[0] != scales[1]:
-        raise ValueError(f"feature map {list(feature.shape[-2:])} has different scales in height and width")
-    return scales[0]
+def _setup_scales(features, names, image_shapes, canonical_scale, canonical_level):
+    """torchvision's rule: each map's scale is the power of 2 nearest (log2 rounded in
+    fp32) to its height over the largest image height; the width is not used."""
+    if not isinstance(image_shapes, (list, tuple)) or len(image_shapes) == 0:
+        raise ValueError("image_shapes must be a non-empty list of (height, width), one per image")
+    max_h = max(int(s[0]) for s in image_shapes)
+    max_w = max(int(s[1]) for s in image_shapes)
+    if max_h <= 0 or max_w <= 0:
+        raise ValueError(f"image_shapes must hold positive sizes, got {list(image_shapes)}")
+    scales = []
+    for name, f in zip(names, features):
+        if f.shape[-2] == 0:
+            raise ValueError(f"{name} has height 0: its scale cannot be inferred")
+        scales.append(2 ** float(torch.tensor(f.shape[-2] / max_h).log2().round()))
+    k_min, k_max = _level_range(scales, f"the feature maps {names} (in the order of x)")
+    return scales, LevelMapper(k_min, k_max, canonical_scale, canonical_level)
 
 
 class MultiScaleRoIAlign(nn.Module):
-    """Drop-in for ``torchvision.ops.MultiScaleRoIAlign``: ``forward(x: dict, boxes: list, image_shapes: list)``."""
+    """Drop-in for ``torchvision.ops.MultiScaleRoIAlign``: ``forward(x: dict, boxes: list, image_shapes: list)``.
+
+    As torchvision: the maps used are the entries of ``x`` whose names are in
+    ``featmap_names``, in the order of ``x`` (names missing from ``x`` are skipped);
+    ``scales`` and ``map_levels`` are inferred from the first call's maps and
+    ``image_shapes`` and then kept (set both to ``None`` to infer them again).
+    """
 
     def __init__(self, featmap_names: list, output_size, sampling_ratio: int, *, canonical_scale: int = 224,
                  canonical_level: int = 4):
         super().__init__()
-        self.featmap_names = list(featmap_names)
+        self.featmap_names = featmap_names
         self.output_size = _pair(output_size)
         self.sampling_ratio = sampling_ratio
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
+        self.scales = None
+        self.map_levels = None
 
     def forward(self, x: dict, boxes: list, image_shapes: list) -> torch.Tensor:
-        features = [x[name] for name in self.featmap_names]
-        max_h = max(s[0] for s in image_shapes)
-        max_w = max(s[1] for s in image_shapes)
-        scales = [_infer_scale(f, (max_h, max_w)) for f in features]
-        return multi_scale_roi_align(features, boxes, self.output_size, scales, self.sampling_ratio,
-                                     self.canonical_scale, self.canonical_level)
+        names = [k for k in x if k in self.featmap_names]
+        if not names:
+            raise ValueError(f"x has none of the feature maps in featmap_names {self.featmap_names} "
+                             f"(its keys: {list(x)})")
+        features = _check_features([x[k] for k in names], [f"x[{k!r}]" for k in names])
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, names, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        if len(self.scales) != len(features):
+            raise ValueError(f"scales has {len(self.scales)} entries (inferred on the first call) for "
+                             f"{len(features)} feature maps")
+        return _multi_scale(features, boxes, self.output_size, self.scales, self.sampling_ratio, False,
+                            self.map_levels)
+
+    def __repr__(self):
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio})")

@@ -282,6 +282,163 @@ def test_multi_scale_matches_torchvision():
     torch.testing.assert_close(single, tv.MultiScaleRoIAlign(["p3"], (5, 5), 2)(feats, boxes, image_shapes))
 
 
+def pyramid(sizes, b=1, c=3, seed=11, dtype=torch.float32):
+    g = gen(seed)
+    return OrderedDict((n, torch.randn(b, c, h, w, generator=g, dtype=torch.float64).to(dtype))
+                       for n, (h, w) in sizes.items())
+
+
+def test_multi_scale_nan_and_inverted_boxes_match_torchvision():
+    feats = pyramid({"p2": (64, 64), "p3": (32, 32), "p4": (16, 16)})
+    boxes = torch.tensor([
+        [100.0, 10, 60, 60],  # inverted in x: negative area, no level -> zeros (torchvision too)
+        [10, 100, 60, 60],  # inverted in y
+        [float("nan"), 10, 60, 60],
+        [60, 60, 10, 10],  # inverted on both axes: positive area, pooled
+        [0, 0, 0, 50],  # zero area: the lowest level
+        [5, 8, 120, 90], [30, 40, 250, 200], [1, 2, 9, 7],
+    ])
+    names = list(feats)
+    ours = P.MultiScaleRoIAlign(names, 3, 2)(feats, [boxes], [(256, 256)])
+    theirs = tv.MultiScaleRoIAlign(names, 3, 2)(feats, [boxes], [(256, 256)])
+    torch.testing.assert_close(ours, theirs)
+    assert (ours[:3] == 0).all() and (ours[3:].abs().sum((1, 2, 3)) > 0).all()
+    fs = [f.clone().requires_grad_() for f in feats.values()]
+    out = P.multi_scale_roi_align(fs, [boxes], 3, [0.25, 0.125, 0.0625])
+    torch.testing.assert_close(out, theirs)
+    # The zeroed RoIs get no gradient: only the others' reaches the maps.
+    w = torch.randn(out.shape, generator=gen(12))
+    grads = torch.autograd.grad((out * w).sum(), fs)
+    ref = torch.autograd.grad((P.multi_scale_roi_align(fs, [boxes[3:]], 3, [0.25, 0.125, 0.0625]) * w[3:]).sum(), fs)
+    torch.testing.assert_close(grads, ref)
+
+
+def test_fpn_levels_nan_and_negative_area_have_no_level():
+    boxes = torch.tensor([[100.0, 10, 60, 60], [float("nan"), 0, 1, 1], [0, 0, 300, 300], [60, 60, 10, 10]])
+    assert fpn_levels(boxes, 2, 5).tolist() == [-1, -1, 2, 0]
+    with pytest.raises(ValueError, match="k_min"):
+        fpn_levels(boxes, 5, 2)
+
+
+def test_multi_scale_takes_maps_in_dict_order():
+    feats = pyramid({"p2": (32, 32), "p3": (16, 16), "pool": (8, 8)})
+    boxes = [torch.tensor([[0.0, 0, 50, 50], [3, 4, 120, 100], [10, 10, 20, 30]])]
+    for names in (["p3", "p2"], ["p2", "p3", "p9"], ["pool", "p2"]):
+        ours = P.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(128, 128)])
+        theirs = tv.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(128, 128)])
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="featmap_names"):
+        P.MultiScaleRoIAlign(["p9"], 3, 2)(feats, boxes, [(128, 128)])
+
+
+def test_multi_scale_pyramid_with_a_gap_matches_torchvision():
+    # torchvision's docstring example: maps 1/8 and 1/32 of a 512 image (feat2 unused); and
+    # 1/4, 1/16 of a 256 image. A RoI whose level has no map pools to zeros.
+    g = gen(13)
+    cases = [(["feat1", "feat3"], {"feat1": (64, 64), "feat2": (32, 32), "feat3": (16, 16)}, (512, 512)),
+             (["p2", "p4"], {"p2": (64, 64), "p3": (32, 32), "p4": (16, 16)}, (256, 256))]
+    for names, sizes, image in cases:
+        boxes = torch.rand(40, 4, generator=g, dtype=torch.float64) * image[0] / 2
+        boxes[:, 2:] += boxes[:, :2]
+        boxes = torch.cat([boxes, torch.tensor([[0.0, 0, 250, 250], [0, 0, 500, 500], [2, 2, 6, 6]],
+                                               dtype=torch.float64)])
+        feats = pyramid(sizes, dtype=torch.float64)
+        ours_in = OrderedDict((n, f.clone().requires_grad_()) for n, f in feats.items())
+        tv_in = OrderedDict((n, f.clone().requires_grad_()) for n, f in feats.items())
+        ours = P.MultiScaleRoIAlign(names, 3, 2)(ours_in, [boxes], [image])
+        theirs = tv.MultiScaleRoIAlign(names, 3, 2)(tv_in, [boxes], [image])
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        zero = (theirs == 0).flatten(1).all(1)
+        assert zero.any() and not zero.all()
+        w = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+        used = [n for n in feats if n in names]
+        go = torch.autograd.grad((ours * w).sum(), [ours_in[n] for n in used])
+        gt = torch.autograd.grad((theirs * w).sum(), [tv_in[n] for n in used])
+        torch.testing.assert_close(go, gt, rtol=1e-12, atol=1e-12)
+    fs = list(pyramid({"p2": (64, 64), "p4": (16, 16)}).values())
+    out = P.multi_scale_roi_align(fs, [torch.tensor([[0.0, 0, 250, 250], [0, 0, 120, 120]])], 3, [0.25, 0.0625])
+    assert (out[0] == 0).all() and (out[1] != 0).any()
+
+
+def test_multi_scale_coarse_first_is_a_value_error():
+    # torchvision silently pools every RoI to zeros then (its level clamp has min > max).
+    feats = pyramid({"p4": (16, 16), "p2": (64, 64)})
+    boxes = [torch.tensor([[0.0, 0, 50, 50]])]
+    assert (tv.MultiScaleRoIAlign(["p2", "p4"], 3, 2)(feats, boxes, [(256, 256)]) == 0).all()
+    with pytest.raises(ValueError, match="finest"):
+        P.MultiScaleRoIAlign(["p2", "p4"], 3, 2)(feats, boxes, [(256, 256)])
+    with pytest.raises(ValueError, match="spatial_scales"):
+        P.multi_scale_roi_align(list(feats.values()), boxes, 3, [0.0625, 0.25])
+
+
+def test_multi_scale_scale_from_the_height_as_torchvision():
+    # (32, 8) on a 128 x 30 image: height 1/4, width ~1/4; (2, 1): height 1/64, width 1/32.
+    feats = pyramid({"a": (32, 8), "b": (2, 1)})
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [1, 2, 28, 120], [0, 0, 30, 128]])]
+    m = P.MultiScaleRoIAlign(["a", "b"], 3, 2)
+    t = tv.MultiScaleRoIAlign(["a", "b"], 3, 2)
+    torch.testing.assert_close(m(feats, boxes, [(128, 30)]), t(feats, boxes, [(128, 30)]))
+    assert m.scales == t.scales == [0.25, 2.0 ** -6]
+
+
+def test_multi_scale_module_drop_in_details():
+    feats = pyramid({"p2": (32, 32), "p3": (16, 16), "p4": (8, 8)})
+    boxes = [torch.tensor([[0.0, 0, 50, 50], [3, 4, 120, 100], [10, 10, 20, 30]])]
+    m = P.MultiScaleRoIAlign(["p2", "p3", "p4"], 7, 2)
+    t = tv.MultiScaleRoIAlign(["p2", "p3", "p4"], 7, 2)
+    assert repr(m) == repr(t) == "MultiScaleRoIAlign(featmap_names=['p2', 'p3', 'p4'], output_size=(7, 7), " \
+                                 "sampling_ratio=2)"
+    assert m.scales is None and m.map_levels is None
+    torch.testing.assert_close(m(feats, boxes, [(128, 128)]), t(feats, boxes, [(128, 128)]))
+    assert m.scales == t.scales
+    assert (m.map_levels.k_min, m.map_levels.k_max) == (t.map_levels.k_min, t.map_levels.k_max) == (2, 4)
+    torch.testing.assert_close(m.map_levels(boxes), t.map_levels(boxes), rtol=0, atol=0)
+    # Scales are kept from the first call, as in torchvision (here the image is twice as big).
+    torch.testing.assert_close(m(feats, boxes, [(256, 256)]), t(feats, boxes, [(256, 256)]))
+    assert m.scales == [0.25, 0.125, 0.0625]
+    m.scales = m.map_levels = None
+    torch.testing.assert_close(m(feats, boxes, [(256, 256)]), P.MultiScaleRoIAlign(["p2", "p3", "p4"], 7, 2)(
+        feats, boxes, [(256, 256)]))
+    assert m.scales == [0.125, 0.0625, 0.03125]
+    with pytest.raises(ValueError, match="image_shapes"):
+        P.MultiScaleRoIAlign(["p2"], 7, 2)(feats, boxes, [])
+
+
+@pytest.mark.parametrize("first", [torch.bfloat16, torch.float32])
+def test_multi_scale_mixed_dtypes_under_autocast_as_torchvision(first):
+    other = torch.float32 if first == torch.bfloat16 else torch.bfloat16
+    feats = pyramid({"a": (32, 32), "b": (16, 16)})
+    feats = OrderedDict(a=feats["a"].to(first), b=feats["b"].to(other))
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 100, 100], [5, 6, 70, 40]])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = P.MultiScaleRoIAlign(["a", "b"], 3, 2)(feats, boxes, [(128, 128)])
+        theirs = tv.MultiScaleRoIAlign(["a", "b"], 3, 2)(feats, boxes, [(128, 128)])
+    assert ours.dtype == theirs.dtype == first
+    # torchvision rounds the bf16 level's results to bf16 before the cast; we do not.
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match=r"x\['b'\]"):
+        P.MultiScaleRoIAlign(["a", "b"], 3, 2)(feats, boxes, [(128, 128)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(sampling_ratio=True), TypeError, "sampling_ratio"),
+        (dict(sampling_ratio=2.0), TypeError, "sampling_ratio"),
+        (dict(spatial_scales=[0.0, 0.125]), ValueError, "spatial_scales"),
+        (dict(spatial_scales=[0.25, -0.125]), ValueError, "spatial_scales"),
+        (dict(spatial_scales=[0.25, float("inf")]), ValueError, "spatial_scales"),
+        (dict(spatial_scales=[0.3, 0.125]), ValueError, "powers of 2"),
+        (dict(spatial_scales=[0.25]), ValueError, "spatial_scales"),
+    ],
+)
+def test_multi_scale_bad_arguments(kwargs, exc, words):
+    args = dict(features=[torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 4, 4)], boxes=torch.zeros(1, 5),
+                output_size=2, spatial_scales=[0.25, 0.125]) | kwargs
+    with pytest.raises(exc, match=words):
+        P.multi_scale_roi_align(**args)
+
+
 @pytest.mark.parametrize(
     "call, exc, words",
     [
