@@ -2,10 +2,11 @@
 
 Same sampling rule and results as ``torchvision.ops.roi_align`` (bilinear samples,
 ``aligned`` half-pixel shift, adaptive ``ceil(roi / bin)`` sampling when
-``sampling_ratio <= 0``, the legacy size clamp when ``aligned=False``). Sampling
-weights are computed once per RoI (separable row and column tables) and shared by
-all channels. NCHW and channels_last inputs (channels_last output for
-channels_last input).
+``sampling_ratio <= 0``, the legacy size clamp when ``aligned=False``), up to the
+cap on the adaptive grid described below. Sampling weights are computed once per
+RoI (separable row and column tables) and shared by all channels. NCHW and
+channels_last inputs (channels_last output for channels_last input, unless it is
+also NCHW-contiguous, e.g. one channel; the same for gradients).
 
 Backends:
 
@@ -24,9 +25,18 @@ An inf or NaN feature value reaches the bins whose samples give its cell a nonze
 weight, and no others; torchvision also multiplies the zero-weight corners of its
 samples (on whole pixels, on the border rows and columns: 0 * inf = NaN), so where
 it returns NaN this may return the inf or finite value the weights define.
-A batch index outside ``[0, N)`` raises ``ValueError`` on the CPU; on CUDA it is
-not checked (that would need a device-to-host sync): such a RoI pools to zeros
-and gets no gradient, and nothing outside the input is ever read.
+A batch index is truncated toward zero, as in torchvision (-0.5 is image 0). One
+outside ``(-1, N)`` raises ``ValueError`` on the CPU (``RuntimeError``, from the
+kernel, under ``torch.compile``); on CUDA it is not checked (that would need a
+device-to-host sync): such a RoI pools to zeros and gets no gradient, and nothing
+outside the input is ever read.
+
+The adaptive grid (``sampling_ratio <= 0``) is capped at 65536 samples per bin axis,
+and an explicit ``sampling_ratio`` above 65536 is a ``ValueError`` (torchvision would
+take over 2^32 samples per bin). So a RoI whose bins span more than 65536 cells of
+the feature map (only absurdly large boxes) is sampled differently from torchvision,
+and its values differ; every other RoI gets torchvision's values.
+
 RoIs may have any float or integer dtype; they are used in fp32 (fp64 for fp64
 input), including for fp16/bf16 inputs, which are pooled with fp32 accumulation
 (integer and fp16/bf16 boxes are converted to fp32 directly, never rounded to the
@@ -36,6 +46,7 @@ result is returned in the input's dtype, as torchvision does.
 """
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -89,14 +100,38 @@ def _roi_dtype(dtype, input):
 
 def _check_batch_index(rois, batch_size):
     # Reading the indices would sync a GPU (on CUDA an out-of-range RoI pools to zeros), and
-    # is data-dependent under torch.compile; there the CPU kernel raises on its own.
+    # is data-dependent under torch.compile; there the CPU kernel raises (RuntimeError).
+    # The index is truncated toward zero, as in torchvision: -0.5 is image 0.
     if rois.device.type == "cpu" and rois.numel() > 0 and not torch.compiler.is_compiling():
         idx = rois[:, 0]
-        finite = torch.isfinite(idx)
-        bad = finite & ((idx < 0) | (idx >= batch_size))
+        bad = torch.isfinite(idx) & ((idx <= -1) | (idx >= batch_size))
         if bool(bad.any()):
             k = int(torch.nonzero(bad)[0])
-            raise ValueError(f"boxes: RoI {k} has batch index {idx[k].item()} outside [0, {batch_size})")
+            raise ValueError(f"boxes: RoI {k} has batch index {idx[k].item()} outside (-1, {batch_size}) "
+                             f"(truncated toward zero, it must name one of the {batch_size} images)")
+
+
+# The adaptive sampling grid's cap per bin axis (roi::kMaxGrid in csrc/common/roi_align.h).
+_MAX_SAMPLING_RATIO = 1 << 16
+
+
+def _check_sampling_ratio(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"sampling_ratio must be an int, got {type(value).__name__}")
+    value = int(value)
+    # Above the cap a bin takes more than 2^32 samples (torchvision runs for hours); below
+    # int32 the kernels' int would wrap (torchvision reads -2**32 + 2 as 2).
+    if not -(2**31) <= value <= _MAX_SAMPLING_RATIO:
+        raise ValueError(f"sampling_ratio must be in [-2**31, {_MAX_SAMPLING_RATIO}] (<= 0: adaptive), got {value}")
+    return value
+
+
+def _check_aligned(value) -> bool:
+    # What torchvision's op accepts: a bool, None (False), a number or a 0-d tensor / NumPy
+    # scalar; anything else (a string: 'False' is truthy) is a TypeError.
+    if value is None or isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0:
+        return bool(value)
+    raise TypeError(f"aligned must be a bool, got {type(value).__name__}")
 
 
 def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -107,9 +142,13 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     x2, y2) or a list of ``Tensor[L, 4]``, one per image; returns ``[K, C, PH, PW]``
     in the input's dtype (channels_last for a channels_last input).
 
+    ``sampling_ratio``: an int in ``[-2**31, 65536]`` (``<= 0``: adaptive, capped at
+    65536 samples per bin axis). ``aligned``: a bool (``None``, numbers and 0-d
+    tensors are read as torchvision's op reads them; a string is a ``TypeError``).
+
     On CUDA the backward uses atomics unless deterministic algorithms are enabled
     (``torch.use_deterministic_algorithms(True)``), and a batch index outside
-    ``[0, N)`` pools to zeros instead of raising (see the module docstring).
+    ``(-1, N)`` pools to zeros instead of raising (see the module docstring).
     """
     _utils.check_tensor("input", input)
     if input.dim() != 4:
@@ -120,10 +159,10 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     _utils.check_same_device(input=input, boxes=rois)
     ph, pw = _pair(output_size)
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
-        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    aligned = _check_aligned(aligned)
     _check_batch_index(rois, input.shape[0])
-    return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, bool(aligned))
+    return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
 class RoIAlign(nn.Module):
@@ -222,8 +261,8 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     rois = _to_rois(boxes, f0)
     _utils.check_same_device(features=f0, boxes=rois)
     ph, pw = _pair(output_size)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
-        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    aligned = _check_aligned(aligned)
     _check_batch_index(rois, f0.shape[0])
     if len(features) == 1:  # torchvision pools from the one map whatever the box
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
@@ -239,7 +278,7 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     if any(f.dtype != dtype for f in features):  # autocast only (_check_features)
         common = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
         features = [f.to(common) for f in features]
-    out = ops.multi_scale_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, bool(aligned))
+    out = ops.multi_scale_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     return out.to(dtype)
 
 

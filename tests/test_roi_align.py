@@ -455,6 +455,22 @@ def test_multi_scale_bad_arguments(kwargs, exc, words):
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=1.5), TypeError,
          "sampling_ratio"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), "boxes", 2), TypeError, "boxes"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, aligned="False"), TypeError, "aligned"),
+        (lambda: P.RoIAlign(2, 1.0, 2, aligned="True")(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5)), TypeError,
+         "aligned"),
+        (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.zeros(1, 5), 2, [1.0], aligned=[True]),
+         TypeError, "aligned"),
+        # 2**31 - 1 samples per bin axis would run for hours; 2**32 + 2 would wrap to 2 in C++.
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=2**31 - 1), ValueError,
+         "sampling_ratio"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=2**32 + 2), ValueError,
+         "sampling_ratio"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=-(2**32) + 2), ValueError,
+         "sampling_ratio"),
+        (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.zeros(1, 5), 2, [1.0], 2**31 - 1),
+         ValueError, "sampling_ratio"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[-1.0, 0, 0, 1, 1]]), 2), ValueError,
+         "batch index"),
     ],
 )
 def test_bad_input(call, exc, words):
@@ -463,8 +479,31 @@ def test_bad_input(call, exc, words):
 
 
 def test_op_level_batch_index_check():
-    with pytest.raises(RuntimeError, match="batch index"):
-        ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[5.0, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
+    for b in (5.0, 1e30, -1.0, -1e30):  # 1e30 would overflow an int64 cast
+        with pytest.raises(RuntimeError, match="batch index"):
+            ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
+
+
+def test_fractional_batch_index_truncates_as_torchvision():
+    x = feature(b=3, c=2, h=8, w=8)
+    rois = torch.tensor([[-0.5, 0, 0, 5, 5], [0.9, 1, 1, 6, 6], [2.7, 0, 0, 7, 4]], dtype=torch.float64)
+    ours = P.roi_align(x, rois, 2, 1.0, 2, False)
+    torch.testing.assert_close(ours, tv.roi_align(x, rois, 2, 1.0, 2, False))
+    torch.testing.assert_close(ours, P.roi_align(x, rois.trunc(), 2, 1.0, 2, False))
+    torch.testing.assert_close(P.multi_scale_roi_align([x], rois, 2, [1.0]), ours)
+
+
+def test_aligned_and_sampling_ratio_accept_what_torchvision_accepts():
+    import numpy as np
+
+    x = feature(b=1, c=2, h=8, w=8)
+    rois = torch.tensor([[0, 0.5, 1, 6, 5]], dtype=torch.float64)
+    for aligned, ref in [(None, False), (0, False), (1, True), (torch.tensor(True), True), (np.bool_(True), True)]:
+        torch.testing.assert_close(P.roi_align(x, rois, 2, 1.0, 2, aligned), tv.roi_align(x, rois, 2, 1.0, 2, ref))
+    torch.testing.assert_close(P.roi_align(x, rois, 2, 1.0, np.int64(3)), tv.roi_align(x, rois, 2, 1.0, 3))
+    # The largest sampling_ratio accepted runs at once (the tables are separable).
+    torch.testing.assert_close(P.roi_align(x, rois, 1, 1.0, 65536, True), tv.roi_align(x, rois, 1, 1.0, 4096, True),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_multi_scale_backward_matches_torchvision_and_opcheck():
