@@ -773,15 +773,37 @@ def test_cuda_autocast():
 
 
 @pytest.mark.gpu
-def test_cuda_opcheck():
-    x = feature(b=2, c=3, h=10, w=12).cuda().requires_grad_()
+@pytest.mark.parametrize("c", [3, 32])  # 32 channels: the NCHW backward works channels_last inside
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_opcheck(channels_last, c):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = feature(b=2, c=c, h=10, w=12).contiguous(memory_format=fmt).cuda().requires_grad_()
     rois = make_rois(6, 2, size=40.0).cuda()
     opcheck(ops.roi_align, (x, rois, 0.25, 3, 2, 2, True))
     opcheck(ops.roi_align, (x, rois[:0], 0.25, 3, 2, -1, False))
-    grad = torch.randn(6, 3, 3, 2, dtype=torch.float64, device="cuda")
-    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, 3, 10, 12, 2, True))
-    feats = [feature(b=2, c=3, h=s, w=s, seed=s).cuda().requires_grad_() for s in (16, 8)]
+    grad = torch.randn(6, c, 3, 2, dtype=torch.float64, device="cuda").contiguous(memory_format=fmt)
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, c, 10, 12, 2, True))
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 0, c, 10, 12, 2, True))  # no image: zeros
+    feats = [feature(b=2, c=c, h=s, w=s, seed=s).contiguous(memory_format=fmt).cuda().requires_grad_()
+             for s in (16, 8)]
     levels = torch.tensor([0, 1, 1, 0, 1, 0], device="cuda")
     opcheck(ops.multi_scale_roi_align, (feats, rois, levels, [0.25, 0.125], 3, 3, 2, False))
-    opcheck(ops.multi_scale_roi_align_backward, (torch.randn(6, 3, 3, 3, dtype=torch.float64, device="cuda"), rois,
-                                                 levels, [0.25, 0.125], [16, 8], [16, 8], 2, 3, 3, 3, 2, False))
+    grad = torch.randn(6, c, 3, 3, dtype=torch.float64, device="cuda").contiguous(memory_format=fmt)
+    opcheck(ops.multi_scale_roi_align_backward, (grad, rois, levels, [0.25, 0.125], [16, 8], [16, 8], 2, c, 3, 3, 2,
+                                                 False))
+
+
+@pytest.mark.gpu
+def test_cuda_multi_scale_gap_and_nan_boxes_match_torchvision():
+    feats = pyramid({"p2": (64, 64), "p3": (32, 32), "p4": (16, 16)}, b=1, c=4)
+    feats = OrderedDict((n, f.cuda()) for n, f in feats.items())
+    boxes = [torch.tensor([[100.0, 10, 60, 60], [float("nan"), 10, 60, 60], [60, 60, 10, 10], [0, 0, 250, 250],
+                           [0, 0, 120, 120], [3, 4, 20, 30]]).cuda()]
+    for names in (["p2", "p4"], ["p2", "p3", "p4"]):
+        ours = P.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(256, 256)])
+        theirs = tv.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(256, 256)])
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert (ours[:2] == 0).all()
+        cpu = P.MultiScaleRoIAlign(names, 3, 2)(OrderedDict((n, f.cpu()) for n, f in feats.items()),
+                                                [boxes[0].cpu()], [(256, 256)])
+        torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-5, atol=1e-5)
