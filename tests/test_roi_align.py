@@ -379,6 +379,14 @@ def test_multi_scale_scale_from_the_height_as_torchvision():
     t = tv.MultiScaleRoIAlign(["a", "b"], 3, 2)
     torch.testing.assert_close(m(feats, boxes, [(128, 30)]), t(feats, boxes, [(128, 30)]))
     assert m.scales == t.scales == [0.25, 2.0 ** -6]
+    # Sizes that are not a power of 2 of the image: the nearest power of 2 in log2
+    # (50 / 200 -> 1/4, 13 / 200 -> 1/16, 30 / 200 -> 1/8).
+    feats = pyramid({"a": (50, 50), "b": (30, 30), "c": (13, 13)})
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [1, 2, 28, 120], [0, 0, 190, 180], [5, 5, 90, 60]])]
+    for names in (["a", "b", "c"], ["a", "c"]):
+        m, t = P.MultiScaleRoIAlign(names, 3, 2), tv.MultiScaleRoIAlign(names, 3, 2)
+        torch.testing.assert_close(m(feats, boxes, [(200, 190)]), t(feats, boxes, [(200, 190)]))
+        assert m.scales == t.scales
 
 
 def test_multi_scale_module_drop_in_details():
