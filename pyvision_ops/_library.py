@@ -121,16 +121,24 @@ torch.library.register_autograd("pyvision_ops::soft_nms", lambda ctx, *grads: (N
 
 # ------------------------------------------------------------------ RoI Align
 
+def _roi_empty(size, like):
+    """An empty tensor in the layout the RoI Align kernels (CPU and CUDA) give for input `like`:
+    channels_last only when `like` is channels_last and not also NCHW-contiguous."""
+    cl = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return torch.empty(size, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 @torch.library.register_fake("pyvision_ops::roi_align")
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     torch._check(rois.dim() == 2 and rois.shape[1] == 5)
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+    return _roi_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width), input)
 
 
 @torch.library.register_fake("pyvision_ops::roi_align_backward")
 def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
       aligned):
-    return grad.new_empty((batch_size, channels, height, width))
+    return _roi_empty((batch_size, channels, height, width), grad)
 
 
 def _roi_align_setup(ctx, inputs, output):
@@ -154,13 +162,13 @@ torch.library.register_autograd("pyvision_ops::roi_align", _roi_align_backward, 
 @torch.library.register_fake("pyvision_ops::multi_scale_roi_align")
 def _(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned):
     x = features[0]
-    return x.new_empty((rois.shape[0], x.shape[1], pooled_height, pooled_width))
+    return _roi_empty((rois.shape[0], x.shape[1], pooled_height, pooled_width), x)
 
 
 @torch.library.register_fake("pyvision_ops::multi_scale_roi_align_backward")
 def _(grad, rois, levels, spatial_scales, heights, widths, batch_size, channels, pooled_height, pooled_width,
       sampling_ratio, aligned):
-    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+    return [_roi_empty((batch_size, channels, h, w), grad) for h, w in zip(heights, widths)]
 
 
 def _ms_setup(ctx, inputs, output):

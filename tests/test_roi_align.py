@@ -5,8 +5,10 @@ import pytest
 import torch
 import torchvision.ops as tv
 from conftest import opcheck
+from torchvision.ops.poolers import LevelMapper
 
 import pyvision_ops as P
+from pyvision_ops.roi_align import fpn_levels
 
 ops = torch.ops.pyvision_ops
 
@@ -66,6 +68,38 @@ def test_list_boxes_and_module():
     m = P.RoIAlign((7, 7), 0.25, 2, aligned=True)
     torch.testing.assert_close(m(x, boxes), tv.RoIAlign((7, 7), 0.25, 2, aligned=True)(x, boxes))
     assert "RoIAlign" in repr(m)
+
+
+def test_integer_boxes_are_not_rounded_to_a_half_input_dtype():
+    # Column 257 holds 1; in bf16 the box's x (257) would round to 256, which holds 0.
+    x = (torch.arange(600.0) % 4).repeat(1, 1, 8, 1)
+    rois = torch.tensor([[0, 257, 2, 257, 4]])
+    for dtype in (torch.bfloat16, torch.float16):
+        out = P.roi_align(x.to(dtype), rois, 1, 1.0, 1, False)
+        assert out.dtype == dtype and out.item() == 1.5
+    assert P.roi_align(x, rois, 1, 1.0, 1, False).item() == 1.5
+    assert P.roi_align(x.bfloat16(), [rois[:, 1:]], 1, 1.0, 1, False).item() == 1.5
+
+
+def test_list_boxes_batch_index_exact_for_half_boxes():
+    # Image i holds the value i; bf16 holds integers exactly only up to 256.
+    xs = torch.arange(290.0).reshape(290, 1, 1, 1).expand(290, 1, 2, 2).contiguous()
+    for dtype in (torch.bfloat16, torch.float16):
+        out = P.roi_align(xs, [torch.tensor([[0.0, 0, 1, 1]], dtype=dtype)] * 290, 1, 1.0, 1, True)
+        torch.testing.assert_close(out.flatten(), torch.arange(290.0), rtol=0, atol=0)
+    # Mixed box dtypes are promoted together, not rounded to the first one's dtype.
+    boxes = [torch.tensor([[0.0, 0, 1, 1]], dtype=torch.bfloat16), torch.tensor([[0.0, 0, 1.0039, 1]],
+                                                                                dtype=torch.float64)]
+    x = torch.randn(2, 3, 4, 4, generator=gen(9), dtype=torch.float64)
+    torch.testing.assert_close(P.roi_align(x, boxes, 2, 1.0, 2, True), tv.roi_align(x, boxes, 2, 1.0, 2, True))
+
+
+def test_fpn_levels_fp16_area_does_not_overflow():
+    boxes = torch.tensor([[0.0, 0, 300, 300], [0, 0, 20, 30], [10, 10, 900, 700]])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        b = boxes.to(dtype)
+        torch.testing.assert_close(fpn_levels(b, 2, 5), LevelMapper(2, 5)([b]), rtol=0, atol=0)
+    assert fpn_levels(boxes[:1].half(), 2, 5).item() == 2
 
 
 def test_empty_rois_outside_map_and_degenerate():
@@ -188,6 +222,39 @@ def test_opcheck():
                                      2, True))
 
 
+def test_opcheck_channels_last():
+    # The fake kernels must give the layout of the real ones: channels_last for channels_last
+    # input (or grad), NCHW for a tensor that is both (C == 1).
+    cl = torch.channels_last
+    x = feature(b=2, c=3, h=10, w=12).contiguous(memory_format=cl).requires_grad_()
+    rois = make_rois(6, 2, size=40.0)
+    opcheck(ops.roi_align, (x, rois, 0.25, 3, 2, 2, True))
+    opcheck(ops.roi_align, (feature(b=2, c=1, h=10, w=12).contiguous(memory_format=cl), rois, 0.25, 3, 2, 2, True))
+    grad = torch.randn(6, 3, 3, 2, dtype=torch.float64).contiguous(memory_format=cl)
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, 3, 10, 12, 2, True))
+    feats = [feature(b=2, c=3, h=s, w=s, seed=s).contiguous(memory_format=cl).requires_grad_() for s in (16, 8)]
+    levels = torch.tensor([0, 1, 1, 0, 1, 0])
+    opcheck(ops.multi_scale_roi_align, (feats, rois, levels, [0.25, 0.125], 3, 3, 2, False))
+    opcheck(ops.multi_scale_roi_align_backward, (torch.randn(6, 3, 3, 3, dtype=torch.float64).contiguous(
+        memory_format=cl), rois, levels, [0.25, 0.125], [16, 8], [16, 8], 2, 3, 3, 3, 2, False))
+
+
+def test_compile_fullgraph_channels_last():
+    x = feature(b=2, c=8, h=17, w=19, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    rois = make_rois(10, 2, size=70.0, dtype=torch.float32)
+    f = torch.compile(lambda t, r: P.roi_align(t, r, (3, 4), 0.25, 2, True) * 2 + 1, fullgraph=True)
+    torch.testing.assert_close(f(x, rois), P.roi_align(x, rois, (3, 4), 0.25, 2, True) * 2 + 1)  # inference graph
+    xr, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = f(xr, rois)
+    ref = P.roi_align(x2, rois, (3, 4), 0.25, 2, True) * 2 + 1
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out.shape, generator=gen(4)).contiguous(memory_format=torch.channels_last)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(xr.grad, x2.grad)
+
+
 def test_compile_fullgraph():
     x = feature(b=2, c=4, h=20, w=20, dtype=torch.float32)
     rois = make_rois(10, 2, size=80.0, dtype=torch.float32)
@@ -215,6 +282,171 @@ def test_multi_scale_matches_torchvision():
     torch.testing.assert_close(single, tv.MultiScaleRoIAlign(["p3"], (5, 5), 2)(feats, boxes, image_shapes))
 
 
+def pyramid(sizes, b=1, c=3, seed=11, dtype=torch.float32):
+    g = gen(seed)
+    return OrderedDict((n, torch.randn(b, c, h, w, generator=g, dtype=torch.float64).to(dtype))
+                       for n, (h, w) in sizes.items())
+
+
+def test_multi_scale_nan_and_inverted_boxes_match_torchvision():
+    feats = pyramid({"p2": (64, 64), "p3": (32, 32), "p4": (16, 16)})
+    boxes = torch.tensor([
+        [100.0, 10, 60, 60],  # inverted in x: negative area, no level -> zeros (torchvision too)
+        [10, 100, 60, 60],  # inverted in y
+        [float("nan"), 10, 60, 60],
+        [60, 60, 10, 10],  # inverted on both axes: positive area, pooled
+        [0, 0, 0, 50],  # zero area: the lowest level
+        [5, 8, 120, 90], [30, 40, 250, 200], [1, 2, 9, 7],
+    ])
+    names = list(feats)
+    ours = P.MultiScaleRoIAlign(names, 3, 2)(feats, [boxes], [(256, 256)])
+    theirs = tv.MultiScaleRoIAlign(names, 3, 2)(feats, [boxes], [(256, 256)])
+    torch.testing.assert_close(ours, theirs)
+    assert (ours[:3] == 0).all() and (ours[3:].abs().sum((1, 2, 3)) > 0).all()
+    fs = [f.clone().requires_grad_() for f in feats.values()]
+    out = P.multi_scale_roi_align(fs, [boxes], 3, [0.25, 0.125, 0.0625])
+    torch.testing.assert_close(out, theirs)
+    # The zeroed RoIs get no gradient: only the others' reaches the maps.
+    w = torch.randn(out.shape, generator=gen(12))
+    grads = torch.autograd.grad((out * w).sum(), fs)
+    ref = torch.autograd.grad((P.multi_scale_roi_align(fs, [boxes[3:]], 3, [0.25, 0.125, 0.0625]) * w[3:]).sum(), fs)
+    torch.testing.assert_close(grads, ref)
+
+
+def test_fpn_levels_nan_and_negative_area_have_no_level():
+    boxes = torch.tensor([[100.0, 10, 60, 60], [float("nan"), 0, 1, 1], [0, 0, 300, 300], [60, 60, 10, 10]])
+    assert fpn_levels(boxes, 2, 5).tolist() == [-1, -1, 2, 0]
+    with pytest.raises(ValueError, match="k_min"):
+        fpn_levels(boxes, 5, 2)
+
+
+def test_multi_scale_takes_maps_in_dict_order():
+    feats = pyramid({"p2": (32, 32), "p3": (16, 16), "pool": (8, 8)})
+    boxes = [torch.tensor([[0.0, 0, 50, 50], [3, 4, 120, 100], [10, 10, 20, 30]])]
+    for names in (["p3", "p2"], ["p2", "p3", "p9"], ["pool", "p2"]):
+        ours = P.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(128, 128)])
+        theirs = tv.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(128, 128)])
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="featmap_names"):
+        P.MultiScaleRoIAlign(["p9"], 3, 2)(feats, boxes, [(128, 128)])
+
+
+def test_multi_scale_pyramid_with_a_gap_matches_torchvision():
+    # torchvision's docstring example: maps 1/8 and 1/32 of a 512 image (feat2 unused); and
+    # 1/4, 1/16 of a 256 image. A RoI whose level has no map pools to zeros.
+    g = gen(13)
+    cases = [(["feat1", "feat3"], {"feat1": (64, 64), "feat2": (32, 32), "feat3": (16, 16)}, (512, 512)),
+             (["p2", "p4"], {"p2": (64, 64), "p3": (32, 32), "p4": (16, 16)}, (256, 256))]
+    for names, sizes, image in cases:
+        boxes = torch.rand(40, 4, generator=g, dtype=torch.float64) * image[0] / 2
+        boxes[:, 2:] += boxes[:, :2]
+        boxes = torch.cat([boxes, torch.tensor([[0.0, 0, 250, 250], [0, 0, 500, 500], [2, 2, 6, 6]],
+                                               dtype=torch.float64)])
+        feats = pyramid(sizes, dtype=torch.float64)
+        ours_in = OrderedDict((n, f.clone().requires_grad_()) for n, f in feats.items())
+        tv_in = OrderedDict((n, f.clone().requires_grad_()) for n, f in feats.items())
+        ours = P.MultiScaleRoIAlign(names, 3, 2)(ours_in, [boxes], [image])
+        theirs = tv.MultiScaleRoIAlign(names, 3, 2)(tv_in, [boxes], [image])
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        zero = (theirs == 0).flatten(1).all(1)
+        assert zero.any() and not zero.all()
+        w = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+        used = [n for n in feats if n in names]
+        go = torch.autograd.grad((ours * w).sum(), [ours_in[n] for n in used])
+        gt = torch.autograd.grad((theirs * w).sum(), [tv_in[n] for n in used])
+        torch.testing.assert_close(go, gt, rtol=1e-12, atol=1e-12)
+    fs = list(pyramid({"p2": (64, 64), "p4": (16, 16)}).values())
+    out = P.multi_scale_roi_align(fs, [torch.tensor([[0.0, 0, 250, 250], [0, 0, 120, 120]])], 3, [0.25, 0.0625])
+    assert (out[0] == 0).all() and (out[1] != 0).any()
+
+
+def test_multi_scale_coarse_first_is_a_value_error():
+    # torchvision silently pools every RoI to zeros then (its level clamp has min > max).
+    feats = pyramid({"p4": (16, 16), "p2": (64, 64)})
+    boxes = [torch.tensor([[0.0, 0, 50, 50]])]
+    assert (tv.MultiScaleRoIAlign(["p2", "p4"], 3, 2)(feats, boxes, [(256, 256)]) == 0).all()
+    with pytest.raises(ValueError, match="finest"):
+        P.MultiScaleRoIAlign(["p2", "p4"], 3, 2)(feats, boxes, [(256, 256)])
+    with pytest.raises(ValueError, match="spatial_scales"):
+        P.multi_scale_roi_align(list(feats.values()), boxes, 3, [0.0625, 0.25])
+
+
+def test_multi_scale_scale_from_the_height_as_torchvision():
+    # (32, 8) on a 128 x 30 image: height 1/4, width ~1/4; (2, 1): height 1/64, width 1/32.
+    feats = pyramid({"a": (32, 8), "b": (2, 1)})
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [1, 2, 28, 120], [0, 0, 30, 128]])]
+    m = P.MultiScaleRoIAlign(["a", "b"], 3, 2)
+    t = tv.MultiScaleRoIAlign(["a", "b"], 3, 2)
+    torch.testing.assert_close(m(feats, boxes, [(128, 30)]), t(feats, boxes, [(128, 30)]))
+    assert m.scales == t.scales == [0.25, 2.0 ** -6]
+    # Sizes that are not a power of 2 of the image: the nearest power of 2 in log2
+    # (50 / 200 -> 1/4, 13 / 200 -> 1/16, 30 / 200 -> 1/8).
+    feats = pyramid({"a": (50, 50), "b": (30, 30), "c": (13, 13)})
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [1, 2, 28, 120], [0, 0, 190, 180], [5, 5, 90, 60]])]
+    for names in (["a", "b", "c"], ["a", "c"]):
+        m, t = P.MultiScaleRoIAlign(names, 3, 2), tv.MultiScaleRoIAlign(names, 3, 2)
+        torch.testing.assert_close(m(feats, boxes, [(200, 190)]), t(feats, boxes, [(200, 190)]))
+        assert m.scales == t.scales
+
+
+def test_multi_scale_module_drop_in_details():
+    feats = pyramid({"p2": (32, 32), "p3": (16, 16), "p4": (8, 8)})
+    boxes = [torch.tensor([[0.0, 0, 50, 50], [3, 4, 120, 100], [10, 10, 20, 30]])]
+    m = P.MultiScaleRoIAlign(["p2", "p3", "p4"], 7, 2)
+    t = tv.MultiScaleRoIAlign(["p2", "p3", "p4"], 7, 2)
+    assert repr(m) == repr(t) == "MultiScaleRoIAlign(featmap_names=['p2', 'p3', 'p4'], output_size=(7, 7), " \
+                                 "sampling_ratio=2)"
+    assert m.scales is None and m.map_levels is None
+    torch.testing.assert_close(m(feats, boxes, [(128, 128)]), t(feats, boxes, [(128, 128)]))
+    assert m.scales == t.scales
+    assert (m.map_levels.k_min, m.map_levels.k_max) == (t.map_levels.k_min, t.map_levels.k_max) == (2, 4)
+    torch.testing.assert_close(m.map_levels(boxes), t.map_levels(boxes), rtol=0, atol=0)
+    # Scales are kept from the first call, as in torchvision (here the image is twice as big).
+    torch.testing.assert_close(m(feats, boxes, [(256, 256)]), t(feats, boxes, [(256, 256)]))
+    assert m.scales == [0.25, 0.125, 0.0625]
+    m.scales = m.map_levels = None
+    torch.testing.assert_close(m(feats, boxes, [(256, 256)]), P.MultiScaleRoIAlign(["p2", "p3", "p4"], 7, 2)(
+        feats, boxes, [(256, 256)]))
+    assert m.scales == [0.125, 0.0625, 0.03125]
+    with pytest.raises(ValueError, match="image_shapes"):
+        P.MultiScaleRoIAlign(["p2"], 7, 2)(feats, boxes, [])
+
+
+@pytest.mark.parametrize("first", [torch.bfloat16, torch.float32])
+def test_multi_scale_mixed_dtypes_under_autocast_as_torchvision(first):
+    other = torch.float32 if first == torch.bfloat16 else torch.bfloat16
+    feats = pyramid({"a": (32, 32), "b": (16, 16)})
+    feats = OrderedDict(a=feats["a"].to(first), b=feats["b"].to(other))
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 100, 100], [5, 6, 70, 40]])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = P.MultiScaleRoIAlign(["a", "b"], 3, 2)(feats, boxes, [(128, 128)])
+        theirs = tv.MultiScaleRoIAlign(["a", "b"], 3, 2)(feats, boxes, [(128, 128)])
+    assert ours.dtype == theirs.dtype == first
+    # torchvision rounds the bf16 level's results to bf16 before the cast; we do not.
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match=r"x\['b'\]"):
+        P.MultiScaleRoIAlign(["a", "b"], 3, 2)(feats, boxes, [(128, 128)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(sampling_ratio=True), TypeError, "sampling_ratio"),
+        (dict(sampling_ratio=2.0), TypeError, "sampling_ratio"),
+        (dict(spatial_scales=[0.0, 0.125]), ValueError, "spatial_scales"),
+        (dict(spatial_scales=[0.25, -0.125]), ValueError, "spatial_scales"),
+        (dict(spatial_scales=[0.25, float("inf")]), ValueError, "spatial_scales"),
+        (dict(spatial_scales=[0.3, 0.125]), ValueError, "powers of 2"),
+        (dict(spatial_scales=[0.25]), ValueError, "spatial_scales"),
+    ],
+)
+def test_multi_scale_bad_arguments(kwargs, exc, words):
+    args = dict(features=[torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 4, 4)], boxes=torch.zeros(1, 5),
+                output_size=2, spatial_scales=[0.25, 0.125]) | kwargs
+    with pytest.raises(exc, match=words):
+        P.multi_scale_roi_align(**args)
+
+
 @pytest.mark.parametrize(
     "call, exc, words",
     [
@@ -231,6 +463,22 @@ def test_multi_scale_matches_torchvision():
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=1.5), TypeError,
          "sampling_ratio"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), "boxes", 2), TypeError, "boxes"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, aligned="False"), TypeError, "aligned"),
+        (lambda: P.RoIAlign(2, 1.0, 2, aligned="True")(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5)), TypeError,
+         "aligned"),
+        (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.zeros(1, 5), 2, [1.0], aligned=[True]),
+         TypeError, "aligned"),
+        # 2**31 - 1 samples per bin axis would run for hours; 2**32 + 2 would wrap to 2 in C++.
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=2**31 - 1), ValueError,
+         "sampling_ratio"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=2**32 + 2), ValueError,
+         "sampling_ratio"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=-(2**32) + 2), ValueError,
+         "sampling_ratio"),
+        (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.zeros(1, 5), 2, [1.0], 2**31 - 1),
+         ValueError, "sampling_ratio"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[-1.0, 0, 0, 1, 1]]), 2), ValueError,
+         "batch index"),
     ],
 )
 def test_bad_input(call, exc, words):
@@ -239,8 +487,31 @@ def test_bad_input(call, exc, words):
 
 
 def test_op_level_batch_index_check():
-    with pytest.raises(RuntimeError, match="batch index"):
-        ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[5.0, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
+    for b in (5.0, 1e30, -1.0, -1e30):  # 1e30 would overflow an int64 cast
+        with pytest.raises(RuntimeError, match="batch index"):
+            ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
+
+
+def test_fractional_batch_index_truncates_as_torchvision():
+    x = feature(b=3, c=2, h=8, w=8)
+    rois = torch.tensor([[-0.5, 0, 0, 5, 5], [0.9, 1, 1, 6, 6], [2.7, 0, 0, 7, 4]], dtype=torch.float64)
+    ours = P.roi_align(x, rois, 2, 1.0, 2, False)
+    torch.testing.assert_close(ours, tv.roi_align(x, rois, 2, 1.0, 2, False))
+    torch.testing.assert_close(ours, P.roi_align(x, rois.trunc(), 2, 1.0, 2, False))
+    torch.testing.assert_close(P.multi_scale_roi_align([x], rois, 2, [1.0]), ours)
+
+
+def test_aligned_and_sampling_ratio_accept_what_torchvision_accepts():
+    import numpy as np
+
+    x = feature(b=1, c=2, h=8, w=8)
+    rois = torch.tensor([[0, 0.5, 1, 6, 5]], dtype=torch.float64)
+    for aligned, ref in [(None, False), (0, False), (1, True), (torch.tensor(True), True), (np.bool_(True), True)]:
+        torch.testing.assert_close(P.roi_align(x, rois, 2, 1.0, 2, aligned), tv.roi_align(x, rois, 2, 1.0, 2, ref))
+    torch.testing.assert_close(P.roi_align(x, rois, 2, 1.0, np.int64(3)), tv.roi_align(x, rois, 2, 1.0, 3))
+    # The largest sampling_ratio accepted runs at once (the tables are separable).
+    torch.testing.assert_close(P.roi_align(x, rois, 1, 1.0, 65536, True), tv.roi_align(x, rois, 1, 1.0, 4096, True),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_multi_scale_backward_matches_torchvision_and_opcheck():
@@ -510,15 +781,37 @@ def test_cuda_autocast():
 
 
 @pytest.mark.gpu
-def test_cuda_opcheck():
-    x = feature(b=2, c=3, h=10, w=12).cuda().requires_grad_()
+@pytest.mark.parametrize("c", [3, 32])  # 32 channels: the NCHW backward works channels_last inside
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_opcheck(channels_last, c):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = feature(b=2, c=c, h=10, w=12).contiguous(memory_format=fmt).cuda().requires_grad_()
     rois = make_rois(6, 2, size=40.0).cuda()
     opcheck(ops.roi_align, (x, rois, 0.25, 3, 2, 2, True))
     opcheck(ops.roi_align, (x, rois[:0], 0.25, 3, 2, -1, False))
-    grad = torch.randn(6, 3, 3, 2, dtype=torch.float64, device="cuda")
-    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, 3, 10, 12, 2, True))
-    feats = [feature(b=2, c=3, h=s, w=s, seed=s).cuda().requires_grad_() for s in (16, 8)]
+    grad = torch.randn(6, c, 3, 2, dtype=torch.float64, device="cuda").contiguous(memory_format=fmt)
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 2, c, 10, 12, 2, True))
+    opcheck(ops.roi_align_backward, (grad, rois, 0.25, 3, 2, 0, c, 10, 12, 2, True))  # no image: zeros
+    feats = [feature(b=2, c=c, h=s, w=s, seed=s).contiguous(memory_format=fmt).cuda().requires_grad_()
+             for s in (16, 8)]
     levels = torch.tensor([0, 1, 1, 0, 1, 0], device="cuda")
     opcheck(ops.multi_scale_roi_align, (feats, rois, levels, [0.25, 0.125], 3, 3, 2, False))
-    opcheck(ops.multi_scale_roi_align_backward, (torch.randn(6, 3, 3, 3, dtype=torch.float64, device="cuda"), rois,
-                                                 levels, [0.25, 0.125], [16, 8], [16, 8], 2, 3, 3, 3, 2, False))
+    grad = torch.randn(6, c, 3, 3, dtype=torch.float64, device="cuda").contiguous(memory_format=fmt)
+    opcheck(ops.multi_scale_roi_align_backward, (grad, rois, levels, [0.25, 0.125], [16, 8], [16, 8], 2, c, 3, 3, 2,
+                                                 False))
+
+
+@pytest.mark.gpu
+def test_cuda_multi_scale_gap_and_nan_boxes_match_torchvision():
+    feats = pyramid({"p2": (64, 64), "p3": (32, 32), "p4": (16, 16)}, b=1, c=4)
+    feats = OrderedDict((n, f.cuda()) for n, f in feats.items())
+    boxes = [torch.tensor([[100.0, 10, 60, 60], [float("nan"), 10, 60, 60], [60, 60, 10, 10], [0, 0, 250, 250],
+                           [0, 0, 120, 120], [3, 4, 20, 30]]).cuda()]
+    for names in (["p2", "p4"], ["p2", "p3", "p4"]):
+        ours = P.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(256, 256)])
+        theirs = tv.MultiScaleRoIAlign(names, 3, 2)(feats, boxes, [(256, 256)])
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert (ours[:2] == 0).all()
+        cpu = P.MultiScaleRoIAlign(names, 3, 2)(OrderedDict((n, f.cpu()) for n, f in feats.items()),
+                                                [boxes[0].cpu()], [(256, 256)])
+        torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-5, atol=1e-5)

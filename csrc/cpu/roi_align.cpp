@@ -92,9 +92,11 @@ Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const st
     geo[k] = roi::geometry<T>(pr + k * 5, static_cast<T>(lv.scale), ph, pw, sampling_ratio, aligned);
     const T b = pr[k * 5];
     if (geo[k].valid && geo[k].inv_count > T(0) && std::isfinite(b) && lv.H > 0 && lv.W > 0) {
+      // Checked before the cast (a huge index would overflow it); truncated toward zero as in
+      // torchvision, so (-1, batch_size) is valid.
+      TORCH_CHECK(b > T(-1) && b < static_cast<T>(batch_size), "roi_align: RoI ", std::to_string(k),
+                  " has batch index ", std::to_string(b), " outside (-1, ", std::to_string(batch_size), ")");
       const int64_t bi = static_cast<int64_t>(b);
-      TORCH_CHECK(bi >= 0 && bi < batch_size, "roi_align: RoI ", std::to_string(k), " has batch index ",
-                  std::to_string(bi), " outside [0, ", std::to_string(batch_size), ")");
       t.batch[k] = bi;
       t.span_h[k] = roi::axis_span(geo[k].bin_h, static_cast<int>(lv.H));
       t.span_w[k] = roi::axis_span(geo[k].bin_w, static_cast<int>(lv.W));

@@ -913,10 +913,12 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
     check_size("roi_align_backward", s[0], s[1]);
     any_cells = any_cells || (s[0] > 0 && s[1] > 0);
   }
+  // Nothing to scatter: zeros in the result's layout (the fake kernel's), not the working one.
+  const bool nothing = K == 0 || C == 0 || B == 0 || !any_cells;
   for (const auto& s : hw) {
-    grads.push_back(empty_format({B, C, s[0], s[1]}, grad.options(), K == 0 || !any_cells ? cl : work_cl));
+    grads.push_back(empty_format({B, C, s[0], s[1]}, grad.options(), nothing ? cl : work_cl));
   }
-  if (K == 0 || C == 0 || B == 0 || !any_cells) {
+  if (nothing) {
     for (auto& t : grads) t.zero_();
     return grads;
   }
