@@ -39,7 +39,7 @@ def _max(a, b):
 
 
 @triton.jit
-def _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps,
+def _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a,
                 KIND: tl.constexpr, LOSS: tl.constexpr, DIV_RN: tl.constexpr):
     iw = _min(ax2, bx2) - _max(ax1, bx1)
     ih = _min(ay2, by2) - _max(ay1, by1)
@@ -73,7 +73,7 @@ def _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps,
             if KIND == 3:
                 t = ta - tb
                 v = _FOUR_OVER_PI2 * (t * t)
-                alpha = _div(v, 1.0 - iou + v + eps, DIV_RN)
+                alpha = _div(v, 1.0 - iou + v + eps_a, DIV_RN)
                 val = val - alpha * v
     if LOSS:
         val = 1.0 - val
@@ -97,7 +97,7 @@ def _max_grad(a, b, g):
 
 
 @triton.jit
-def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g,
+def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a, g,
                KIND: tl.constexpr, LOSS: tl.constexpr, DIV_RN: tl.constexpr):
     if LOSS:
         dval = -g
@@ -167,7 +167,7 @@ def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g,
             if KIND == 3:
                 t = ta - tb
                 v = _FOUR_OVER_PI2 * (t * t)
-                alpha = _div(v, 1.0 - iou + v + eps, DIV_RN)
+                alpha = _div(v, 1.0 - iou + v + eps_a, DIV_RN)
                 d_t = -dval * alpha * _FOUR_OVER_PI2 * 2.0 * t
                 na = wa * wa + ha * ha
                 nb = wb * wb + hb * hb
@@ -263,12 +263,22 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
         tb = tl.zeros_like(bx1)
     val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
                       bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                      ta[:, None], tb[None, :], eps, KIND, False, DIV_RN)
+                      ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
     offs = b * N * M + rn[:, None].to(tl.int64) * M + rm[None, :]
     if EVEN:
         tl.store(out_ptr + offs, val)
     else:
         tl.store(out_ptr + offs, val, mask=(rn < N)[:, None] & (rm < M)[None, :])
+
+
+@triton.jit
+def _loss_eps(eps, acc, KIND: tl.constexpr, LOSS: tl.constexpr):
+    """The eps of the IoU and distance terms, and alpha's: torchvision's CIoU loss passes its
+    eps only to alpha and keeps 1e-7 elsewhere (term_eps in csrc/common/box_iou.h)."""
+    if LOSS and KIND == 3:
+        return tl.full((), 1e-7, acc), eps
+    else:
+        return eps, eps
 
 
 @triton.jit
@@ -286,7 +296,8 @@ def _matched_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, K, eps: tl.float64,
     else:
         ta = tl.zeros_like(ax1)
         tb = ta
-    val = _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, KIND, LOSS, DIV_RN)
+    eps, eps_a = _loss_eps(eps, acc, KIND, LOSS)
+    val = _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a, KIND, LOSS, DIV_RN)
     tl.store(out_ptr + idx, val, mask=mask)
 
 
@@ -306,8 +317,9 @@ def _matched_backward_kernel(g_ptr, b1_ptr, b2_ptr, t1_ptr, t2_ptr, g1_ptr, g2_p
     else:
         ta = tl.zeros_like(g)
         tb = ta
+    eps, eps_a = _loss_eps(eps, acc, KIND, LOSS)
     gax1, gay1, gax2, gay2, gbx1, gby1, gbx2, gby2 = _pair_grad(
-        ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, g, KIND, LOSS, DIV_RN)
+        ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a, g, KIND, LOSS, DIV_RN)
     ty = g1_ptr.dtype.element_ty
     tl.store(g1_ptr + idx * 4, gax1.to(ty), mask=mask)
     tl.store(g1_ptr + idx * 4 + 1, gay1.to(ty), mask=mask)

@@ -185,10 +185,10 @@ def distance_box_iou_loss(
 def complete_box_iou_loss(
     boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
 ) -> torch.Tensor:
-    """CIoU loss ``1 - IoU + d^2 / (c^2 + eps) + alpha * v`` of matched boxes; drop-in for torchvision's.
+    """CIoU loss ``1 - IoU + d^2 / (c^2 + 1e-7) + alpha * v`` of matched boxes; drop-in for torchvision's.
 
     ``alpha`` is a constant of the gradient (as torchvision computes it under
-    ``no_grad``). ``eps`` is used in every term; torchvision passes it only to
-    ``alpha`` and uses 1e-7 elsewhere, so the two agree at the default ``eps``.
+    ``no_grad``). As in torchvision, ``eps`` enters only ``alpha``; the IoU and
+    distance terms use 1e-7 whatever ``eps`` is.
     """
     return _loss(boxes1, boxes2, "ciou", reduction, eps)

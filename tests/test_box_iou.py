@@ -212,6 +212,34 @@ def test_loss_matches_torchvision(kind, reduction, source):
 
 
 @pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("eps", [0.0, 0.5, 3.0])
+def test_loss_non_default_eps_matches_torchvision(kind, eps):
+    # torchvision's CIoU loss passes eps only to alpha (its IoU and distance terms keep
+    # 1e-7); GIoU and DIoU pass it everywhere. Values and gradients follow each.
+    g = gen(22)
+    a, b = random_boxes(64, dtype=torch.float64, generator=g), random_boxes(64, dtype=torch.float64, generator=g)
+    x1, y1, x2, y2 = (t.clone().requires_grad_() for t in (a, b, a, b))
+    ours, theirs = LOSSES[kind][0](x1, y1, eps=eps), LOSSES[kind][1](x2, y2, eps=eps)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), [x1, y1]), torch.autograd.grad(theirs.sum(), [x2, y2]),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("eps", [1e-7, 0.5])
+def test_triton_ciou_loss_eps_like_torchvision(eps):
+    from pyvision_ops.kernels import box_iou as K
+
+    g = gen(23)
+    a, b = random_boxes(40, dtype=torch.float64, generator=g), random_boxes(40, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(K.matched_box_iou(a, b, 3, True, eps), ops.matched_box_iou(a, b, 3, True, eps))
+    grad = torch.rand(40, dtype=torch.float64, generator=g)
+    for x, y in zip(K.matched_box_iou_backward(grad, a, b, 3, True, eps),
+                    ops.matched_box_iou_backward(grad, a, b, 3, True, eps)):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
 def test_loss_ties_split_gradient_like_torch(kind):
     # A perfect prediction: every min/max ties, torch splits those gradients evenly.
     a = torch.tensor([[1.0, 2.0, 5.0, 9.0], [0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)

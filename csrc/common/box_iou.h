@@ -9,7 +9,8 @@
 //     clamped; GIoU = IoU - (C - union) / (C + eps); the value is 1 - metric.
 // DIoU subtracts centre_dist^2 / (diag^2 + eps); CIoU also subtracts alpha * v
 // with v = 4 / pi^2 * (atan(w1 / h1) - atan(w2 / h2))^2 and
-// alpha = v / (1 - IoU + v + eps), alpha being a constant for the gradient.
+// alpha = v / (1 - IoU + v + eps), alpha being a constant for the gradient. The CIoU loss
+// uses 1e-7 instead of eps in the IoU and distance terms, as torchvision's (term_eps).
 #pragma once
 
 #include <cmath>
@@ -62,9 +63,17 @@ PVO_HD T aspect_atan(const Box<T>& b) {
   return atan_approx((b.x2 - b.x1) / (b.y2 - b.y1));
 }
 
+// The eps of the IoU and distance terms: torchvision's CIoU loss passes its eps only to
+// alpha and keeps the default 1e-7 there; every other function uses eps throughout.
+template <typename T, int KIND, bool LOSS>
+PVO_HD T term_eps(T eps) {
+  return LOSS && KIND == kCIoU ? T(1e-7) : eps;
+}
+
 // Value of one pair. `atan_a`/`atan_b` are aspect_atan of each box (read only for CIoU).
 template <typename T, int KIND, bool LOSS>
 PVO_HD T pair_value(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T eps) {
+  const T eps_d = term_eps<T, KIND, LOSS>(eps);
   const T iw = min_(a.x2, b.x2) - max_(a.x1, b.x1);
   const T ih = min_(a.y2, b.y2) - max_(a.y1, b.y1);
   T inter;
@@ -76,7 +85,7 @@ PVO_HD T pair_value(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T eps)
   const T area_a = (a.x2 - a.x1) * (a.y2 - a.y1);
   const T area_b = (b.x2 - b.x1) * (b.y2 - b.y1);
   const T uni = area_a + area_b - inter;
-  const T iou = LOSS ? inter / (uni + eps) : inter / uni;
+  const T iou = LOSS ? inter / (uni + eps_d) : inter / uni;
   T val = iou;
   if (KIND != kIoU) {
     T ew = max_(a.x2, b.x2) - min_(a.x1, b.x1);
@@ -91,7 +100,7 @@ PVO_HD T pair_value(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T eps)
     } else {
       const T dx = (a.x1 + a.x2) / T(2) - (b.x1 + b.x2) / T(2);
       const T dy = (a.y1 + a.y2) / T(2) - (b.y1 + b.y2) / T(2);
-      const T diag = ew * ew + eh * eh + eps;
+      const T diag = ew * ew + eh * eh + eps_d;
       val = iou - (dx * dx + dy * dy) / diag;
       if (KIND == kCIoU) {
         const T t = atan_a - atan_b;
@@ -141,7 +150,8 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
   const T inter = overlap ? iwc * ihc : T(0);
   const T wa = a.x2 - a.x1, ha = a.y2 - a.y1, wb = b.x2 - b.x1, hb = b.y2 - b.y1;
   const T uni = wa * ha + wb * hb - inter;
-  const T uden = LOSS ? uni + eps : uni;
+  const T eps_d = term_eps<T, KIND, LOSS>(eps);
+  const T uden = LOSS ? uni + eps_d : uni;
   const T iou = inter / uden;
 
   T d_uni = 0, d_inter = 0, d_ew = 0, d_eh = 0, d_dx = 0, d_dy = 0;
@@ -164,7 +174,7 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
   } else if (KIND == kDIoU || KIND == kCIoU) {
     const T dx = (a.x1 + a.x2) / T(2) - (b.x1 + b.x2) / T(2);
     const T dy = (a.y1 + a.y2) / T(2) - (b.y1 + b.y2) / T(2);
-    const T diag = ew * ew + eh * eh + eps;
+    const T diag = ew * ew + eh * eh + eps_d;
     const T cent = dx * dx + dy * dy;
     const T d_cent = -dval / diag;
     const T d_diag = dval * cent / (diag * diag);
