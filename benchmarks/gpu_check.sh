@@ -28,7 +28,8 @@ $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/bu
 $PY -m pyvision_ops | tee -a "$OUT/env.txt"
 
 step "gpu tests"
-timeout 200 $PY -m pytest tests -m gpu -q -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
+# -v: one line per test as it ends, so a run cut by the timeout still says how far it got
+timeout 200 $PY -m pytest tests -m gpu -v -rfE --durations=15 -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
 tail -15 "$OUT/tests.log"
 step "other tests"
 [ -n "${GPU_CHECK_QUICK:-}" ] && echo "skipped (GPU_CHECK_QUICK)" || timeout 200 $PY -m pytest tests -m "not gpu" -q -rfE -p no:cacheprovider >> "$OUT/tests.log" 2>&1 || rc=1
