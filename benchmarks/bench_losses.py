@@ -10,13 +10,13 @@ import pyvision_ops as P
 from .common import Workload, fwd_bwd
 
 
-def _focal(n):
+def _focal(n, gamma=2.0):
     def make(device):
         g = torch.Generator().manual_seed(0)
         x = (torch.randn(n, generator=g) * 3).to(device)
         t = (torch.rand(n, generator=g) > 0.9).float().to(device)
-        return (fwd_bwd(x, lambda a: tv.sigmoid_focal_loss(a, t, 0.25, 2.0, "mean")),
-                fwd_bwd(x, lambda a: P.sigmoid_focal_loss(a, t, 0.25, 2.0, "mean")))
+        return (fwd_bwd(x, lambda a: tv.sigmoid_focal_loss(a, t, 0.25, gamma, "mean")),
+                fwd_bwd(x, lambda a: P.sigmoid_focal_loss(a, t, 0.25, gamma, "mean")))
 
     return make
 
@@ -77,6 +77,8 @@ def _lovasz(n, h, w):
 
 WORKLOADS = [
     Workload("losses", "sigmoid_focal_loss fwd+bwd 1M", "torchvision", _focal(1_000_000)),
+    Workload("losses", "sigmoid_focal_loss fwd+bwd 1M, gamma 1.5", "torchvision", _focal(1_000_000, 1.5),
+             quick=False),
     Workload("losses", "dice_loss fwd+bwd (2, 19, 128, 256)", "torch composition", _dice),
     Workload("losses", "lovasz_softmax fwd+bwd (2, 19, 128, 256)", "per-class loop", _lovasz(2, 128, 256)),
     Workload("losses", "lovasz_softmax fwd+bwd (8, 19, 512, 1024)", "per-class loop", _lovasz(8, 512, 1024),

@@ -62,21 +62,30 @@ PVO_HD float log_pos(float v) {
 }
 PVO_HD double log_pos(double v) { return std::log(v); }
 
-// m^g with torch.pow's values: at m = 0, 0 for g > 0, 1 for g = 0, inf for g < 0; for m < 0
-// (targets outside [0, 1]) |m|^g for an even integral g, -|m|^g for an odd one, NaN for a
-// fractional one (the kernels use SQUARE = true for g = 2, where m^2 is exact).
-// Selects only, no early returns, so the loops that call it vectorise.
+// scale * m^g for a fixed g, with torch.pow's values of m^g: at m = 0, 0 for g > 0, 1 for
+// g = 0, inf for g < 0; for m < 0 (targets outside [0, 1]) |m|^g for an even integral g,
+// -|m|^g for an odd one, NaN for a fractional one; and 0 whatever m^g when scale = 0 (the
+// gradient gamma m^(gamma - 1) at gamma = 0). What depends on g alone is worked out once,
+// before the loop: a select whose condition does not vary in the loop keeps GCC from
+// vectorising it, so per element only selects on m remain.
+template <typename T>
+struct Pow {
+  T g, pos, neg, at_zero;  // the factors for m > 0 and m < 0, and the value at m = 0
+  PVO_HD explicit Pow(T g_, T scale = T(1)) : g(g_), pos(scale) {
+    const T half = g * T(0.5);
+    neg = scale * (std::floor(g) != g ? T(NAN) : (std::floor(half) == half ? T(1) : T(-1)));  // (-1)^g
+    at_zero = scale == T(0) ? T(0) : scale * (g > T(0) ? T(0) : (g == T(0) ? T(1) : T(INFINITY)));
+  }
+};
+
+// SQUARE: g = 2 and scale = 1, where m^2 is exact.
 template <bool SQUARE, typename T>
-PVO_HD T pow_(T m, T g) {
+PVO_HD T pow_(T m, Pow<T> p) {
   if (SQUARE) return m * m;
-  // (this order of statements keeps the forward loop vectorised with GCC 12)
   const T a = m < T(0) ? -m : m;
-  const T half = g * T(0.5);
-  const T neg_sign = std::floor(g) != g ? T(NAN) : (std::floor(half) == half ? T(1) : T(-1));  // (-1)^g
-  const T sign = m < T(0) ? neg_sign : (m > T(0) ? T(1) : T(NAN));  // NaN for a NaN m
-  const T r = sign * nms::exp_approx(g * log_pos(a > T(0) ? a : T(1)));
-  const T at_zero = g > T(0) ? T(0) : (g == T(0) ? T(1) : T(INFINITY));
-  return g == T(0) ? T(1) : (m == T(0) ? at_zero : r);
+  const T factor = m < T(0) ? p.neg : (m > T(0) ? p.pos : T(NAN));  // NaN for a NaN m
+  const T r = factor * nms::exp_approx(p.g * log_pos(a > T(0) ? a : T(1)));
+  return m == T(0) ? p.at_zero : r;
 }
 
 template <typename T>
@@ -104,18 +113,18 @@ PVO_HD Focal<T> focal_terms(T x, T t, T alpha) {
 }
 
 template <bool SQUARE, typename T>
-PVO_HD T focal_loss(T x, T t, T alpha, T gamma) {
+PVO_HD T focal_loss(T x, T t, T alpha, Pow<T> pg) {
   const Focal<T> f = focal_terms(x, t, alpha);
-  return f.at * f.ce * pow_<SQUARE>(f.m, gamma);
+  return f.at * f.ce * pow_<SQUARE>(f.m, pg);
 }
 
-// d loss / d x and d loss / d t, times g.
+// d loss / d x and d loss / d t, times g; pg = Pow(gamma), dpg = Pow(gamma - 1, gamma).
 template <bool SQUARE, typename T>
-PVO_HD void focal_grad(T x, T t, T alpha, T gamma, T g, T& dx, T& dt) {
+PVO_HD void focal_grad(T x, T t, T alpha, Pow<T> pg, Pow<T> dpg, T g, T& dx, T& dt) {
   const Focal<T> f = focal_terms(x, t, alpha);
-  const T mg = pow_<SQUARE>(f.m, gamma);
-  // gamma * m^(gamma - 1); torch's pow backward gives 0 for gamma = 0
-  const T dmg = SQUARE ? T(2) * f.m : (gamma == T(0) ? T(0) : gamma * pow_<false>(f.m, gamma - T(1)));
+  const T mg = pow_<SQUARE>(f.m, pg);
+  // gamma * m^(gamma - 1); torch's pow backward gives 0 for gamma = 0 (dpg's scale)
+  const T dmg = SQUARE ? T(2) * f.m : pow_<false>(f.m, dpg);
   const T d_at = alpha >= T(0) ? T(2) * alpha - T(1) : T(0);
   // ce p (1 - p) tends to 0 where p saturates (x = +-inf: inf * 0 otherwise).
   const T sat = f.p * f.q;

@@ -29,16 +29,18 @@ template <typename scalar_t, typename T, bool SQUARE>
 __attribute__((target_clones("avx2", "default"))) void focal_forward(const scalar_t* __restrict__ x,
                                                                      const scalar_t* __restrict__ t, int64_t n,
                                                                      T alpha, T gamma, scalar_t* __restrict__ out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(losses::focal_loss<SQUARE, T>(T(x[i]), T(t[i]), alpha, gamma));
+  const losses::Pow<T> pg(gamma);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(losses::focal_loss<SQUARE, T>(T(x[i]), T(t[i]), alpha, pg));
 }
 
 template <typename scalar_t, typename T, bool SQUARE>
 __attribute__((target_clones("avx2", "default"))) void focal_backward(
     const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ t, int64_t n, T alpha,
     T gamma, scalar_t* __restrict__ dx, scalar_t* __restrict__ dt) {
+  const losses::Pow<T> pg(gamma), dpg(gamma - T(1), gamma);
   for (int64_t i = 0; i < n; ++i) {
     T a, b;
-    losses::focal_grad<SQUARE, T>(T(x[i]), T(t[i]), alpha, gamma, T(g[i]), a, b);
+    losses::focal_grad<SQUARE, T>(T(x[i]), T(t[i]), alpha, pg, dpg, T(g[i]), a, b);
     dx[i] = static_cast<scalar_t>(a);
     dt[i] = static_cast<scalar_t>(b);
   }
