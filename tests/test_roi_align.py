@@ -492,6 +492,17 @@ def test_op_level_batch_index_check():
             ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
 
 
+def test_op_level_sampling_ratio_check():
+    # the ops take it as an int: outside [-2^31, 65536] it would wrap or run for hours
+    x, r = torch.zeros(1, 3, 4, 4), torch.tensor([[0.0, 0, 0, 1, 1]])
+    for sr in (2**32 + 2, 2**31, 65537, -(2**31) - 1):
+        with pytest.raises(ValueError, match="sampling_ratio"):
+            ops.roi_align(x, r, 1.0, 2, 2, sr, False)
+        with pytest.raises(ValueError, match="sampling_ratio"):
+            ops.roi_align_backward(torch.zeros(1, 3, 2, 2), r, 1.0, 2, 2, 1, 3, 4, 4, sr, False)
+    ops.roi_align(x, r, 1.0, 2, 2, 65536, False)
+
+
 def test_fractional_batch_index_truncates_as_torchvision():
     x = feature(b=3, c=2, h=8, w=8)
     rois = torch.tensor([[-0.5, 0, 0, 5, 5], [0.9, 1, 1, 6, 6], [2.7, 0, 0, 7, 4]], dtype=torch.float64)

@@ -677,7 +677,11 @@ at::Tensor empty_format(at::IntArrayRef size, const at::TensorOptions& opts, boo
                                                           : at::MemoryFormat::Contiguous));
 }
 
-void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, const at::Tensor& like) {
+void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio, const at::Tensor& like) {
+  // The kernels take it as an int: outside int32 it would wrap (2^32 + 2 read as 2).
+  TORCH_CHECK_VALUE(sampling_ratio >= INT_MIN && sampling_ratio <= roi::kMaxGrid, op,
+                    ": sampling_ratio must be in [-2^31, ", std::to_string(roi::kMaxGrid), "], got ",
+                    std::to_string(sampling_ratio));
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
   TORCH_CHECK(rois.device() == like.device(), op, ": rois must be on the device of the features");
@@ -942,14 +946,14 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
 at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_height,
                           int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
   TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W]");
-  check_rois("roi_align", rois, pooled_height, pooled_width, input);
+  check_rois("roi_align", rois, pooled_height, pooled_width, sampling_ratio, input);
   return pool({input}, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned);
 }
 
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
                                    int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_rois("roi_align_backward", rois, pooled_height, pooled_width, grad);
+  check_rois("roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio, grad);
   return unpool(grad, rois, nullptr, {spatial_scale}, {{height, width}}, batch_size, channels, pooled_height,
                 pooled_width, sampling_ratio, aligned)[0];
 }
@@ -958,7 +962,7 @@ at::Tensor multi_scale_roi_align_cuda(at::TensorList features, const at::Tensor&
                                       at::ArrayRef<double> spatial_scales, int64_t pooled_height,
                                       int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
   check_levels("multi_scale_roi_align", rois, levels, features.size(), spatial_scales.size());
-  check_rois("multi_scale_roi_align", rois, pooled_height, pooled_width, features[0]);
+  check_rois("multi_scale_roi_align", rois, pooled_height, pooled_width, sampling_ratio, features[0]);
   return pool(features.vec(), rois, &levels, spatial_scales.vec(), pooled_height, pooled_width, sampling_ratio,
               aligned);
 }
@@ -971,7 +975,7 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& gr
                                                             int64_t pooled_height, int64_t pooled_width,
                                                             int64_t sampling_ratio, bool aligned) {
   check_levels("multi_scale_roi_align_backward", rois, levels, heights.size(), spatial_scales.size());
-  check_rois("multi_scale_roi_align_backward", rois, pooled_height, pooled_width, grad);
+  check_rois("multi_scale_roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio, grad);
   TORCH_CHECK(widths.size() == heights.size(), "multi_scale_roi_align_backward: heights and widths differ in length");
   std::vector<std::array<int64_t, 2>> hw;
   for (size_t l = 0; l < heights.size(); ++l) hw.push_back({heights[l], widths[l]});
