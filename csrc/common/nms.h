@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "common/box_iou.h"
@@ -113,6 +114,28 @@ PVO_HD uint32_t spread16(uint32_t x) {
 template <typename T>
 PVO_HD T decay_score(T score, T factor) {
   return factor == T(0) && score == score ? T(0) : score * factor;
+}
+
+// Argument checks of the nms and soft_nms ops, shared by the CPU and CUDA kernels.
+inline void check_inputs(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
+                         const std::optional<at::Tensor>& idxs, double iou_threshold) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must be [N, 4]");
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op, ": scores must be [N]");
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be floating point");
+  TORCH_CHECK(scores.scalar_type() == boxes.scalar_type(), op, ": scores must have the dtype of boxes");
+  TORCH_CHECK(scores.device() == boxes.device(), op, ": scores must be on the device of boxes");
+  if (idxs) {
+    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == boxes.size(0), op, ": idxs must be [N]");
+    TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false), op, ": idxs must be integer");
+    TORCH_CHECK(idxs->device() == boxes.device(), op, ": idxs must be on the device of boxes");
+  }
+  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), op, ": iou_threshold must not be NaN");
+}
+
+inline void check_soft_args(double sigma, double score_threshold, int64_t method) {
+  TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
+  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", sigma);  // NaN too
+  TORCH_CHECK_VALUE(!std::isnan(score_threshold), "soft_nms: score_threshold must not be NaN");
 }
 
 // Host side of both soft_nms ops: the groups' selections (each group in selection order,

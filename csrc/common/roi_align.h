@@ -13,7 +13,12 @@
 // by every channel, instead of four weights per sample.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <climits>
 #include <cmath>
+#include <string>
 
 #include "common/box_iou.h"  // PVO_HD
 
@@ -24,6 +29,17 @@ namespace roi {
 // large RoI cannot overflow the count or stall the kernel (such a bin samples
 // almost only outside the map, where samples weigh 0).
 constexpr int kMaxGrid = 1 << 16;
+
+// Argument checks shared by the CPU and CUDA ops. sampling_ratio: the kernels take it as
+// an int (outside int32 it would wrap: 2^32 + 2 read as 2), and above kMaxGrid a bin
+// would take over 2^32 samples.
+inline void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
+  TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
+  TORCH_CHECK_VALUE(sampling_ratio >= INT_MIN && sampling_ratio <= kMaxGrid, op, ": sampling_ratio must be in [-2^31, ",
+                    std::to_string(kMaxGrid), "], got ", std::to_string(sampling_ratio));
+}
 
 template <typename T>
 PVO_HD int adaptive_grid(T bin) {
@@ -98,34 +114,9 @@ PVO_HD int axis_span(T bin, int size) {
   return (b < static_cast<T>(size) ? static_cast<int>(std::ceil(b)) : size) + 2;
 }
 
-// Row (or column) weights of bin p: w[k] is the weight of cell first + k, k < n, and
-// touched[k] says whether a sample reads that cell (a cell between two samples may
-// not be read); both have room for `span` = axis_span(bin, size) entries. Two passes,
-// because a negative-size (aligned) RoI visits its samples in decreasing order.
-template <typename T>
-PVO_HD void bin_weights(T start, T bin, int p, int grid, int size, int span, int& first, int& n, T* w,
-                        unsigned char* touched) {
-  int lo, hi;
-  T wl, wh;
-  first = size;
-  n = 0;
-  for (int i = 0; i < grid; ++i) {
-    if (axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) first = lo < first ? lo : first;
-  }
-  if (first == size) return;  // no sample inside [-1, size]
-  for (int k = 0; k < span; ++k) w[k] = T(0), touched[k] = 0;
-  for (int i = 0; i < grid; ++i) {
-    if (!axis_weights(sample_pos(start, bin, p, i, grid), size, lo, hi, wl, wh)) continue;
-    w[lo - first] += wl;
-    w[hi - first] += wh;
-    touched[lo - first] = touched[hi - first] = 1;
-    n = hi - first + 1 > n ? hi - first + 1 : n;
-  }
-}
-
 // The distinct cells the samples of bin p read along one axis, in increasing order,
-// with their summed (unnormalised) weights: the entries of bin_weights with a nonzero
-// weight, without a span-sized scratch. Returns their number, or -1 when more than `cap`
+// with their summed (unnormalised) weights, those that are nonzero, without a
+// span-sized scratch. Returns their number, or -1 when more than `cap`
 // cells would be needed. Samples are visited by increasing position (backwards for
 // a negative-size bin), so a new cell is almost always the last one stored, the one
 // before it, or a new last one; the insertion below stays correct in any order.

@@ -133,7 +133,7 @@ __attribute__((target_clones("avx2", "default"))) void softmax_block(const scala
       inv[j] += pc[j];
     }
   }
-  for (int64_t j = 0; j < n; ++j) inv[j] = y[j] == ignore_index ? T(0) : T(1) / inv[j];
+  for (int64_t j = 0; j < n; ++j) inv[j] = T(1) / inv[j];
   for (int64_t c = 0; c < C; ++c) {
     T* pc = prob + c * kPixBlock;
     for (int64_t j = 0; j < n; ++j) pc[j] = y[j] == ignore_index ? T(0) : pc[j] * inv[j];

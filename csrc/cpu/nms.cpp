@@ -27,18 +27,6 @@ namespace {
 
 using box::Box;
 
-void check_inputs(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
-                  const std::optional<at::Tensor>& idxs) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must be [N, 4]");
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op, ": scores must be [N]");
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be floating point");
-  TORCH_CHECK(scores.scalar_type() == boxes.scalar_type(), op, ": scores must have the dtype of boxes");
-  if (idxs) {
-    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == boxes.size(0), op, ": idxs must be [N]");
-    TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false), op, ": idxs must be integer");
-  }
-}
-
 // Positions into `order` (the score-sorted permutation), grouped by category with
 // score order kept inside each group; `starts` has one entry per group plus the end.
 struct Groups {
@@ -141,8 +129,7 @@ void greedy_nms(Soa<T>& s, T thr, uint8_t* keep) {
 
 at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
                    double iou_threshold) {
-  check_inputs("nms", boxes, scores, idxs);
-  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "nms: iou_threshold must not be NaN");
+  nms::check_inputs("nms", boxes, scores, idxs, iou_threshold);
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   Groups g = group_by_category(scores, idxs);
@@ -333,11 +320,8 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
 std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                                                 const std::optional<at::Tensor>& idxs, double iou_threshold,
                                                 double sigma, double score_threshold, int64_t method) {
-  check_inputs("soft_nms", boxes, scores, idxs);
-  TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
-  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", sigma);  // NaN too
-  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "soft_nms: iou_threshold must not be NaN");
-  TORCH_CHECK_VALUE(!std::isnan(score_threshold), "soft_nms: score_threshold must not be NaN");
+  nms::check_inputs("soft_nms", boxes, scores, idxs, iou_threshold);
+  nms::check_soft_args(sigma, score_threshold, method);
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   Groups g = group_by_category(scores, idxs);

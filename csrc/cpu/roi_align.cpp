@@ -45,22 +45,15 @@ struct Tables {
   std::vector<std::vector<int64_t>> groups;  // [levels * batch]
 };
 
-// bin_weights, then keep only the cells a sample reads.
+// The cells bin p reads along one axis and their weights (roi::bin_cells, as on CUDA): at
+// most `span` of them, the room the tables give each bin.
 template <typename T>
 void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, int& n, int* idx, T* w) {
-  int first = 0, m = 0;
-  std::vector<T> tmp(span);
-  std::vector<unsigned char> touched(span);
+  n = rows ? roi::bin_cells(g.start_h, g.bin_h, p, g.grid_h, size, span, idx, w)
+           : roi::bin_cells(g.start_w, g.bin_w, p, g.grid_w, size, span, idx, w);
+  TORCH_INTERNAL_ASSERT(n >= 0, "roi_align: a bin reads more cells than its span");
   if (rows) {
-    roi::bin_weights(g.start_h, g.bin_h, p, g.grid_h, size, span, first, m, tmp.data(), touched.data());
-  } else {
-    roi::bin_weights(g.start_w, g.bin_w, p, g.grid_w, size, span, first, m, tmp.data(), touched.data());
-  }
-  n = 0;
-  for (int j = 0; j < m; ++j) {
-    if (!touched[j] || tmp[j] == T(0)) continue;  // a cell of weight 0 is not read: 0 * inf is NaN
-    idx[n] = first + j;
-    w[n++] = rows ? tmp[j] * g.inv_count : tmp[j];  // fold 1 / count into the rows
+    for (int j = 0; j < n; ++j) w[j] *= g.inv_count;  // fold 1 / count into the rows
   }
 }
 
@@ -385,16 +378,6 @@ void backward_impl(const at::Tensor& grad, const std::vector<Level>& levels, con
   });
 }
 
-void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio) {
-  // The kernels take it as an int: outside int32 it would wrap (2^32 + 2 read as 2).
-  TORCH_CHECK_VALUE(sampling_ratio >= INT_MIN && sampling_ratio <= roi::kMaxGrid, op,
-                    ": sampling_ratio must be in [-2^31, ", std::to_string(roi::kMaxGrid), "], got ",
-                    std::to_string(sampling_ratio));
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
-  TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
-}
-
 // Shared by both forward ops: features[l] is [N, C, H_l, W_l].
 at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois, const at::Tensor* roi_levels,
                 const std::vector<double>& scales, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
@@ -453,14 +436,14 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_height,
                          int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
   TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W]");
-  check_rois("roi_align", rois, pooled_height, pooled_width, sampling_ratio);
+  roi::check_rois("roi_align", rois, pooled_height, pooled_width, sampling_ratio);
   return pool({input}, rois, nullptr, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned);
 }
 
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                   int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_rois("roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio);
+  roi::check_rois("roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio);
   return unpool(grad, rois, nullptr, {spatial_scale}, {{height, width}}, batch_size, channels, pooled_height,
                 pooled_width, sampling_ratio, aligned)[0];
 }
@@ -475,7 +458,7 @@ void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& leve
 at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
                                      at::ArrayRef<double> spatial_scales, int64_t pooled_height, int64_t pooled_width,
                                      int64_t sampling_ratio, bool aligned) {
-  check_rois("multi_scale_roi_align", rois, pooled_height, pooled_width, sampling_ratio);
+  roi::check_rois("multi_scale_roi_align", rois, pooled_height, pooled_width, sampling_ratio);
   check_levels("multi_scale_roi_align", rois, levels, features.size(), spatial_scales.size());
   return pool(features.vec(), rois, &levels, spatial_scales.vec(), pooled_height, pooled_width, sampling_ratio,
               aligned);
@@ -487,7 +470,7 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& gra
                                                            at::IntArrayRef heights, at::IntArrayRef widths,
                                                            int64_t batch_size, int64_t channels, int64_t pooled_height,
                                                            int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
-  check_rois("multi_scale_roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio);
+  roi::check_rois("multi_scale_roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio);
   check_levels("multi_scale_roi_align_backward", rois, levels, heights.size(), spatial_scales.size());
   TORCH_CHECK(widths.size() == heights.size(), "multi_scale_roi_align_backward: heights and widths differ in length");
   std::vector<std::array<int64_t, 2>> hw;

@@ -37,20 +37,6 @@ namespace {
 using box::Box;
 constexpr int kWord = 64;  // boxes per mask word
 
-void check_inputs(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
-                  const std::optional<at::Tensor>& idxs) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must be [N, 4]");
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op, ": scores must be [N]");
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be floating point");
-  TORCH_CHECK(scores.scalar_type() == boxes.scalar_type(), op, ": scores must have the dtype of boxes");
-  TORCH_CHECK(scores.device() == boxes.device(), op, ": scores must be on the device of boxes");
-  if (idxs) {
-    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == boxes.size(0), op, ": idxs must be [N]");
-    TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false), op, ": idxs must be integer");
-    TORCH_CHECK(idxs->device() == boxes.device(), op, ": idxs must be on the device of boxes");
-  }
-}
-
 // Score order and category groups (see csrc/cpu/nms.cpp); `grouped[k]` is a position
 // into `order`; group c is grouped[start[c] : start[c] + len[c]]. Lengths live on the host.
 // Without idxs there is one group and `grouped` is left undefined (the identity).
@@ -206,8 +192,7 @@ __global__ void greedy_kernel(const unsigned long long* __restrict__ mask, Layou
 
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
                     double iou_threshold) {
-  check_inputs("nms", boxes, scores, idxs);
-  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "nms: iou_threshold must not be NaN");
+  nms::check_inputs("nms", boxes, scores, idxs, iou_threshold);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
@@ -579,11 +564,8 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
 std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
                                                  const std::optional<at::Tensor>& idxs, double iou_threshold,
                                                  double sigma, double score_threshold, int64_t method) {
-  check_inputs("soft_nms", boxes, scores, idxs);
-  TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
-  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", sigma);  // NaN too
-  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "soft_nms: iou_threshold must not be NaN");
-  TORCH_CHECK_VALUE(!std::isnan(score_threshold), "soft_nms: score_threshold must not be NaN");
+  nms::check_inputs("soft_nms", boxes, scores, idxs, iou_threshold);
+  nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};

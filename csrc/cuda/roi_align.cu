@@ -677,15 +677,10 @@ at::Tensor empty_format(at::IntArrayRef size, const at::TensorOptions& opts, boo
                                                           : at::MemoryFormat::Contiguous));
 }
 
-void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio, const at::Tensor& like) {
-  // The kernels take it as an int: outside int32 it would wrap (2^32 + 2 read as 2).
-  TORCH_CHECK_VALUE(sampling_ratio >= INT_MIN && sampling_ratio <= roi::kMaxGrid, op,
-                    ": sampling_ratio must be in [-2^31, ", std::to_string(roi::kMaxGrid), "], got ",
-                    std::to_string(sampling_ratio));
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
+void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio,
+                const at::Tensor& like) {
+  roi::check_rois(op, rois, ph, pw, sampling_ratio);
   TORCH_CHECK(rois.device() == like.device(), op, ": rois must be on the device of the features");
-  TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
   TORCH_CHECK(ph < INT_MAX && pw < INT_MAX && ph * pw < INT_MAX, op,
               ": pooled_height * pooled_width must be below 2^31 on CUDA, got ", std::to_string(ph), " x ",
               std::to_string(pw));
