@@ -1,1 +1,21 @@
-"""Triton kernels and their launchers, one module per op family (imported as pyvision_ops.kernels)."""
+"""Triton kernels and their launchers, one module per op family (imported as pyvision_ops.kernels).
+
+Helpers shared by the launchers live here."""
+
+import torch
+
+
+def require(ok: bool, op: str, what: str) -> None:
+    """The C++ kernels' argument checks, in a launcher: a direct op call must not send
+    mismatched shapes to a kernel (it would read past the end of a tensor)."""
+    if not ok:
+        raise RuntimeError(f"{op}: {what}")
+
+
+def loss_grad(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """An incoming loss gradient in `dtype`, and its step between elements: the mean and sum
+    reductions hand a backward an expanded scalar, read in place (step 0) instead of
+    materialised as a full map."""
+    if grad.numel() and all(st == 0 for st in grad.stride()):
+        return grad.as_strided((1,), (1,)).to(dtype), 0
+    return grad.to(dtype).contiguous(), 1

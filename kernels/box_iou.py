@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
+from . import require
 
 _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
@@ -353,19 +354,15 @@ PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "num_warps": 4}
 
 
 def _check(op, boxes1, boxes2, kind, pairwise):
-    # The C++ kernels' checks: a direct op call must not send mismatched shapes to a kernel
-    # (it would read past the end of a tensor).
-    if not 0 <= kind <= 3:
-        raise RuntimeError(f"pyvision_ops: box kind must be 0..3 (iou, giou, diou, ciou), got {kind}")
-    if boxes1.dtype != boxes2.dtype:
-        raise RuntimeError(f"{op}: boxes1 and boxes2 dtypes differ")
+    require(0 <= kind <= 3, op, f"box kind must be 0..3 (iou, giou, diou, ciou), got {kind}")
+    require(boxes1.dtype == boxes2.dtype, op, "boxes1 and boxes2 dtypes differ")
     if pairwise:
-        if boxes1.dim() != 3 or boxes1.shape[2] != 4 or boxes2.dim() != 3 or boxes2.shape[2] != 4:
-            raise RuntimeError(f"{op}: boxes1 and boxes2 must be [B, N, 4] and [B, M, 4]")
-        if boxes1.shape[0] != boxes2.shape[0]:
-            raise RuntimeError(f"{op}: batch sizes differ")
-    elif boxes1.dim() != 2 or boxes1.shape[1] != 4 or boxes2.shape != boxes1.shape:
-        raise RuntimeError(f"{op}: boxes1 must be [K, 4] and boxes2 the same shape")
+        require(boxes1.dim() == 3 and boxes1.shape[2] == 4 and boxes2.dim() == 3 and boxes2.shape[2] == 4, op,
+                "boxes1 and boxes2 must be [B, N, 4] and [B, M, 4]")
+        require(boxes1.shape[0] == boxes2.shape[0], op, "batch sizes differ")
+    else:
+        require(boxes1.dim() == 2 and boxes1.shape[1] == 4 and boxes2.shape == boxes1.shape, op,
+                "boxes1 must be [K, 4] and boxes2 the same shape")
 
 
 def pairwise_box_iou(boxes1, boxes2, kind, eps):
@@ -411,8 +408,8 @@ def matched_box_iou_backward(grad, boxes1, boxes2, kind, loss, eps):
     """Gradients of matched_box_iou w.r.t. boxes1 and boxes2, in the boxes' dtype."""
     _check("matched_box_iou_backward", boxes1, boxes2, kind, pairwise=False)
     K = boxes1.shape[0]
-    if grad.shape != (K,) or grad.dtype != acc_dtype(boxes1.dtype):
-        raise RuntimeError("matched_box_iou_backward: grad must be [K] in the output dtype")
+    require(grad.shape == (K,) and grad.dtype == acc_dtype(boxes1.dtype), "matched_box_iou_backward",
+            "grad must be [K] in the output dtype")
     g1 = torch.empty((K, 4), dtype=boxes1.dtype, device=boxes1.device)
     g2 = torch.empty_like(g1)
     if K == 0:

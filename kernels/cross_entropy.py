@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
+from . import loss_grad, require
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
 
@@ -163,7 +164,6 @@ _BLOCK = 512
 
 
 def _check(op, logits, target, weight, spatial, grad=None, stats=None):
-    # The C++ kernels' checks: a direct op call must not send mismatched shapes to a kernel.
     n, c = logits.shape[:2] if logits.dim() >= 2 else (0, 0)
     ok = (logits.dim() == 2 + spatial and logits.is_floating_point() and target.dtype == torch.int64
           and target.dim() == 1 + (1 if spatial == 1 else 2) and target.shape[0] == n
@@ -173,17 +173,7 @@ def _check(op, logits, target, weight, spatial, grad=None, stats=None):
         ok = logits.shape[2] > 0 and logits.shape[3] > 0
     if ok and grad is not None:
         ok = grad.shape == target.shape and stats.shape == (2, *target.shape)
-    if not ok:
-        raise RuntimeError(f"{op}: logits, target, weight, grad or stats have inconsistent shapes or dtypes")
-
-
-def _loss_grad(grad, acc):
-    """The incoming loss gradient and its step between positions: the mean and sum
-    reductions hand the backward an expanded scalar, read in place (step 0) instead of
-    materialised as a full map."""
-    if grad.numel() and all(st == 0 for st in grad.stride()):
-        return grad.as_strided((1,), (1,)).to(acc), 0
-    return grad.to(acc).contiguous(), 1
+    require(ok, op, "logits, target, weight, grad or stats have inconsistent shapes or dtypes")
 
 
 def _weight(weight, logits):
@@ -213,7 +203,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, ignore_i
     dz = torch.empty_like(z)
     if n * nb:
         acc = acc_dtype(logits.dtype)
-        g, g_step = _loss_grad(grad, acc)
+        g, g_step = loss_grad(grad, acc)
         _ce_backward_kernel[(n * nb,)](g, z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz,
                                        c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
                                        HAS_W=weight is not None, G_STEP=g_step, BLOCK=_BLOCK)
@@ -329,7 +319,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
-    g, g_step = _loss_grad(grad, acc)
+    g, g_step = loss_grad(grad, acc)
     args = (lg, target.contiguous(), _weight(weight, lg), g, stats.to(acc).contiguous())
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)

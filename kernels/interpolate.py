@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
+from . import require
 
 
 class Taps:
@@ -182,9 +183,7 @@ def contract_y(t, gin, ty: Taps, dst_first=0):
 
 
 def _check_sizes(op, *sizes):
-    # The C++ kernels' checks: a direct op call must not reach the kernels with empty axes.
-    if min(sizes) <= 0:
-        raise RuntimeError(f"{op}: input and output spatial sizes must be positive, got {sizes}")
+    require(min(sizes) > 0, op, f"input and output spatial sizes must be positive, got {sizes}")
 
 
 def check_footprint(op, taps: Taps):

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
 from ..losses import _NO_IGNORE
+from . import loss_grad, require
 from .cross_entropy import lse_update, position_block
 
 
@@ -90,14 +91,8 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha: tl.flo
 _BLOCK = 1024
 
 
-def _require(ok, op, what):
-    # The C++ kernels' checks: a direct op call must not send mismatched shapes to a kernel.
-    if not ok:
-        raise RuntimeError(f"{op}: {what}")
-
-
 def sigmoid_focal_loss(inputs, targets, alpha, gamma):
-    _require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and inputs.is_floating_point(),
+    require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and inputs.is_floating_point(),
              "sigmoid_focal_loss", "targets must have the shape and dtype of inputs")
     x, t = inputs.contiguous(), targets.contiguous()
     out = torch.empty_like(x)
@@ -109,17 +104,15 @@ def sigmoid_focal_loss(inputs, targets, alpha, gamma):
 
 
 def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
-    _require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and grad.shape == inputs.shape,
+    require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and grad.shape == inputs.shape,
              "sigmoid_focal_loss_backward", "grad and targets must have the shape of inputs")
     x, t = inputs.contiguous(), targets.contiguous()
     dx, dt = torch.empty_like(x), torch.empty_like(x)
     n = x.numel()
     if n:
-        # An expanded scalar gradient (mean/sum reductions) is read in place, not materialised.
-        one = all(st == 0 for st in grad.stride())
-        g = grad.as_strided((1,), (1,)) if one else grad.contiguous()
+        g, g_step = loss_grad(grad, grad.dtype)
         _focal_backward_kernel[(triton.cdiv(n, _BLOCK),)](g, x, t, dx, dt, n, alpha, gamma, SQUARE=gamma == 2.0,
-                                                          G_STEP=0 if one else 1, BLOCK=_BLOCK)
+                                                          G_STEP=g_step, BLOCK=_BLOCK)
     return dx, dt
 
 
@@ -194,7 +187,7 @@ def _dice_blocks(logits):
 
 
 def _check_dice(op, logits, target):
-    _require(logits.dim() >= 2 and logits.is_floating_point() and target.dtype == torch.int64
+    require(logits.dim() >= 2 and logits.is_floating_point() and target.dtype == torch.int64
              and target.shape == logits.shape[:1] + logits.shape[2:], op, "logits must be [N, C, ...], target [N, ...]")
 
 
@@ -211,7 +204,7 @@ def dice_stats(logits, target, ignore_index):
 
 def dice_stats_backward(grad, logits, target, ignore_index):
     _check_dice("dice_stats_backward", logits, target)
-    _require(grad.shape == (2, logits.shape[1]), "dice_stats_backward", "grad must be [2, C]")
+    require(grad.shape == (2, logits.shape[1]), "dice_stats_backward", "grad must be [2, C]")
     n, c, hw, nb = _dice_blocks(logits)
     z = logits.contiguous()
     dz = torch.empty_like(z)
@@ -259,7 +252,7 @@ _SCAN_BLOCK = 1024
 def lovasz_gradient(fg_sorted, lengths):
     """Two passes over blocks of every row (the rows' blocks run in parallel): foreground
     counts per block, then each block's cumulative counts from the exclusive scan of those."""
-    _require(fg_sorted.dim() == 2 and lengths.shape == fg_sorted.shape[:1] and lengths.dtype == torch.int64,
+    require(fg_sorted.dim() == 2 and lengths.shape == fg_sorted.shape[:1] and lengths.dtype == torch.int64,
              "lovasz_gradient", "fg_sorted must be [R, M] and lengths [R] int64")
     fg = fg_sorted.contiguous()
     out = torch.empty_like(fg)
@@ -280,7 +273,7 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
     """The op on CUDA: every (group, class) row's errors in one batched stable sort (torch),
     the Lovasz gradient of each sorted row (the block scan above), and its scatter back to
     the positions; same results as the CPU kernel."""
-    _require(probas.dim() == 3 and probas.is_floating_point() and labels.dtype == torch.int64
+    require(probas.dim() == 3 and probas.is_floating_point() and labels.dtype == torch.int64
              and labels.shape == (probas.shape[0], probas.shape[2]), "lovasz_softmax_rows",
              "probas must be [N, C, S] and labels [N, S] int64")
     n, c, s = probas.shape
