@@ -59,6 +59,22 @@ def check_float(name: str, value, positive: bool = False) -> float:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """A real bool: a truthy string such as "no" must not pass for True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_int64(name: str, value) -> int:
+    """A Python int (not a bool) that fits int64, as the ops' `int` arguments take it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit int64, got {value}")
+    return value
+
+
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     """torchvision's loss reduction: the mean of an empty loss is 0, not NaN."""
     if reduction == "mean":

@@ -41,10 +41,7 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
     eps = _utils.check_float("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit int64, got {ignore_index}")
+    _utils.check_int64("ignore_index", ignore_index)
     return eps
 
 
@@ -109,6 +106,7 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
     if logits.shape[2] == 0 or logits.shape[3] == 0:
         raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
     eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
-    loss, wpos, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), bool(align_corners), weight,
+    align_corners = _utils.check_bool("align_corners", align_corners)
+    loss, wpos, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), align_corners, weight,
                                                ignore_index, eps)
     return _reduce(loss, wpos, target.shape, reduction)

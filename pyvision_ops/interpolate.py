@@ -49,10 +49,8 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
     h, w = input.shape[2:]
     if h == 0 or w == 0:
         raise ValueError(f"input must have a non-empty spatial size, got {list(input.shape[2:])}")
-    if align_corners is None:  # torch's default
-        align_corners = False
-    if not isinstance(align_corners, bool):
-        raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
+    # None is torch's default, False
+    align_corners = _utils.check_bool("align_corners", False if align_corners is None else align_corners)
     if size is not None:
         oh, ow = (int(v) for v in _two(size, "size", numbers.Integral))
         sh = sw = -1.0

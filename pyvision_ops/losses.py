@@ -50,19 +50,8 @@ _NO_IGNORE = -(2**63)  # a target value no class can have
 
 def _check_ignore_index(ignore_index) -> None:
     """None or an int64 value; -2**63 is _NO_IGNORE, so it cannot be one."""
-    if ignore_index is None:
-        return
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-    if not _NO_IGNORE < ignore_index < 2**63:
-        raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1] (int64), got {ignore_index}")
-
-
-def _check_bool(name: str, value) -> bool:
-    """A real bool: a truthy string such as "no" must not pass for True."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+    if ignore_index is not None and _utils.check_int64("ignore_index", ignore_index) == _NO_IGNORE:
+        raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1], got {ignore_index}")
 
 
 def _check_classes(classes, c: int, expected: str) -> list:
@@ -178,8 +167,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
     _check_ignore_index(ignore_index)
-    _check_bool("per_image", per_image)
-    _check_bool("from_logits", from_logits)
+    _utils.check_bool("per_image", per_image)
+    _utils.check_bool("from_logits", from_logits)
     n, c = probas.shape[:2]
     if c < 1:
         raise ValueError(f"probas must have at least one class (dim 1), got shape {list(probas.shape)}")
@@ -226,7 +215,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
     _check_ignore_index(ignore_index)
-    _check_bool("per_image", per_image)
+    _utils.check_bool("per_image", per_image)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != 0) & (labels != 1)
         if ignore_index is not None:

@@ -445,6 +445,8 @@ def test_empty_batch_unbatched_shapes_and_weight_rules():
         P.softmax_cross_entropy(x, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="ignore_index"):
         P.softmax_cross_entropy(x, torch.tensor(1), ignore_index=2**70)
+    with pytest.raises(TypeError, match="align_corners"):  # a string is not taken for True
+        P.upsample_cross_entropy(torch.zeros(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.long), align_corners="no")
     with pytest.raises(ValueError, match="weight"):
         P.softmax_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), weight=torch.rand(3, requires_grad=True))
     with torch.no_grad():  # no gradient wanted: allowed
