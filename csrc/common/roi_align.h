@@ -41,6 +41,15 @@ inline void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64
                     std::to_string(kMaxGrid), "], got ", std::to_string(sampling_ratio));
 }
 
+inline void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& levels, size_t n_levels,
+                         size_t n_scales) {
+  TORCH_CHECK(n_levels > 0, op, ": at least one feature map is needed");
+  TORCH_CHECK(n_scales == n_levels, op, ": one spatial scale per feature map is needed");
+  TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0), op, ": levels must be [K]");
+  TORCH_CHECK(at::isIntegralType(levels.scalar_type(), false), op, ": levels must be integer");
+  TORCH_CHECK(levels.device() == rois.device(), op, ": levels must be on the device of rois");
+}
+
 template <typename T>
 PVO_HD int adaptive_grid(T bin) {
   const T g = std::ceil(bin);

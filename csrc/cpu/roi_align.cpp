@@ -448,18 +448,11 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                 pooled_width, sampling_ratio, aligned)[0];
 }
 
-void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& levels, size_t n_levels, size_t n_scales) {
-  TORCH_CHECK(n_levels > 0, op, ": at least one feature map is needed");
-  TORCH_CHECK(n_scales == n_levels, op, ": one spatial scale per feature map is needed");
-  TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0), op, ": levels must be [K]");
-  TORCH_CHECK(at::isIntegralType(levels.scalar_type(), false), op, ": levels must be integer");
-}
-
 at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
                                      at::ArrayRef<double> spatial_scales, int64_t pooled_height, int64_t pooled_width,
                                      int64_t sampling_ratio, bool aligned) {
   roi::check_rois("multi_scale_roi_align", rois, pooled_height, pooled_width, sampling_ratio);
-  check_levels("multi_scale_roi_align", rois, levels, features.size(), spatial_scales.size());
+  roi::check_levels("multi_scale_roi_align", rois, levels, features.size(), spatial_scales.size());
   return pool(features.vec(), rois, &levels, spatial_scales.vec(), pooled_height, pooled_width, sampling_ratio,
               aligned);
 }
@@ -471,7 +464,7 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& gra
                                                            int64_t batch_size, int64_t channels, int64_t pooled_height,
                                                            int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
   roi::check_rois("multi_scale_roi_align_backward", rois, pooled_height, pooled_width, sampling_ratio);
-  check_levels("multi_scale_roi_align_backward", rois, levels, heights.size(), spatial_scales.size());
+  roi::check_levels("multi_scale_roi_align_backward", rois, levels, heights.size(), spatial_scales.size());
   TORCH_CHECK(widths.size() == heights.size(), "multi_scale_roi_align_backward: heights and widths differ in length");
   std::vector<std::array<int64_t, 2>> hw;
   for (size_t l = 0; l < heights.size(); ++l) hw.push_back({heights[l], widths[l]});

@@ -688,13 +688,9 @@ void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, 
 }
 
 void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& levels, size_t n_levels, size_t n_scales) {
-  TORCH_CHECK(n_levels > 0, op, ": at least one feature map is needed");
+  roi::check_levels(op, rois, levels, n_levels, n_scales);
   TORCH_CHECK(n_levels <= static_cast<size_t>(kMaxLevels), op, ": at most ", std::to_string(kMaxLevels),
               " feature maps on CUDA, got ", std::to_string(n_levels));
-  TORCH_CHECK(n_scales == n_levels, op, ": one spatial scale per feature map is needed");
-  TORCH_CHECK(levels.dim() == 1 && levels.size(0) == rois.size(0), op, ": levels must be [K]");
-  TORCH_CHECK(at::isIntegralType(levels.scalar_type(), false), op, ": levels must be integer");
-  TORCH_CHECK(levels.device() == rois.device(), op, ": levels must be on the device of rois");
 }
 
 void check_size(const char* op, int64_t H, int64_t W) {
