@@ -42,6 +42,9 @@ WORKLOADS = [
     # bytes: the logits read twice (forward, backward) and their gradient written once
     Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024)", "F.cross_entropy", _ce,
              bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
+    # The same step replayed from a CUDA graph: kernel time without Python launch overhead.
+    Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024) (graph)", "F.cross_entropy", _ce,
+             devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
     Workload("cross_entropy", "upsample+CE fwd+bwd (2,19,64,128)->(512,1024)", "interpolate + cross_entropy",
              _upsample_ce(2, 64, 128)),
     Workload("cross_entropy", "upsample+CE fwd+bwd (8,19,128,256)->(1024,2048)", "interpolate + cross_entropy",

@@ -72,24 +72,27 @@ TORCH_LIBRARY(pyvision_ops, m) {
       "upsample_bilinear_backward(Tensor grad, int in_h, int in_w, bool align_corners, float scale_h, "
       "float scale_w) -> Tensor");
 
-  // Softmax cross-entropy with class-index targets on [N, C, S] logits: per position the
-  // loss and the weight of its target class (0 and 0 where ignored), and stats [2, N, S]:
-  // the largest logit m and l = log sum_c exp(z_c - m), which the backward takes.
+  // Softmax cross-entropy with class-index targets on [N, C, S] logits, reduced by the kernel
+  // (`reduction` as torch numbers it: 0 none, 1 mean, 2 sum). Outputs: the loss ([N, S] for
+  // none, else 0-d; the mean is NaN when the target weights sum to 0), wsum (0-d: the sum of
+  // the target weights, 0 at ignored positions) and stats [2, N, S]: the largest logit m and
+  // l = log sum_c exp(z_c - m), which the backward takes. The backward's grad has the loss's
+  // shape; under the mean it is divided by wsum (0 when wsum is 0).
   m.def(
-      "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing) "
-      "-> (Tensor, Tensor, Tensor)");
+      "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+      "int reduction) -> (Tensor, Tensor, Tensor)");
   m.def(
       "softmax_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
-      "int ignore_index, float label_smoothing) -> Tensor");
+      "Tensor wsum, int ignore_index, float label_smoothing, int reduction) -> Tensor");
   // Cross-entropy of bilinearly upsampled [N, C, h, w] logits against [N, H, W] targets, one output
-  // row at a time: the [N, C, H, W] logits never exist. Outputs as softmax_cross_entropy:
-  // loss and target weight [N, H, W], stats [2, N, H, W].
+  // row at a time: the [N, C, H, W] logits never exist. Outputs as softmax_cross_entropy, with
+  // [N, H, W] for [N, S].
   m.def(
       "upsample_cross_entropy(Tensor logits, Tensor target, bool align_corners, Tensor? weight, int ignore_index, "
-      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor)");
   m.def(
       "upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool align_corners, "
-      "Tensor? weight, Tensor stats, int ignore_index, float label_smoothing) -> Tensor");
+      "Tensor? weight, Tensor stats, Tensor wsum, int ignore_index, float label_smoothing, int reduction) -> Tensor");
 }
 
 namespace {

@@ -13,9 +13,9 @@ def require(ok: bool, op: str, what: str) -> None:
 
 
 def loss_grad(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """An incoming loss gradient in `dtype`, and its step between elements: the mean and sum
-    reductions hand a backward an expanded scalar, read in place (step 0) instead of
-    materialised as a full map."""
+    """An incoming loss gradient in `dtype`, and its step between elements: a 0-d gradient (a
+    reduced loss) or the expanded scalar of a summed or averaged loss map is read in place
+    (step 0) instead of materialised as a full map."""
     if grad.numel() and all(st == 0 for st in grad.stride()):
         return grad.as_strided((1,), (1,)).to(dtype), 0
     return grad.to(dtype).contiguous(), 1

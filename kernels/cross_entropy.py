@@ -6,7 +6,9 @@ once (coalesced loads of one class plane at a time, no padding of C, no cross-th
 reductions): an online log-sum-exp (running max and rescaled sum) and the
 target/weight terms, all taken from the running max, so the forward reads the logits
 once. It stores the max m and l = log(sum exp(z - m)) of each position as two planes
-of `stats`; the backward recomputes the softmax as exp((z - m) - l). The fused upsample
+of `stats`; the backward recomputes the softmax as exp((z - m) - l). Under the mean and
+sum each program stores only its sums of loss and target weight, which one more
+program adds in a fixed order (no per-position loss map, no atomics). The fused upsample
 version computes each upsampled logit from its 4 low-resolution taps inside the
 program; its backward is gather-based and separable like the bilinear one
 (kernels/interpolate.py), so it is deterministic, and its only full-resolution
@@ -81,19 +83,52 @@ def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH
 
 
 @triton.jit
-def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mask,
-               HAS_W: tl.constexpr):
-    """Stores the loss and target weight of the positions, and their stats m and l (planes P apart)."""
+def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, part, nparts, stats_ptr, P,
+               offs, mask, HAS_W: tl.constexpr, STORE_LOSS: tl.constexpr):
+    """Stores the positions' stats m and l (planes P apart), their loss when STORE_LOSS, and the
+    program's sums of loss and target weight (partial sums `part` of two rows of nparts)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     ls = tl.where(mx == float("-inf"), float("nan"), tl.log(s))  # all logits -inf: NaN, as on the CPU
     # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
     hard = tl.where(keep != 0, keep * wy * ((mx - zy) + ls), 0.0)
     loss = tl.where(valid, tl.where(spread != 0, hard + spread * (wd + _weight_sum(w_ptr, C, HAS_W) * ls), hard),
                     0.0)
-    tl.store(loss_ptr + offs, loss, mask=mask)
-    tl.store(wpos_ptr + offs, wy, mask=mask)
+    if STORE_LOSS:
+        tl.store(loss_ptr + offs, loss, mask=mask)
+    tl.store(part_ptr + part, tl.sum(loss, 0))
+    tl.store(part_ptr + nparts + part, tl.sum(wy, 0))
     tl.store(stats_ptr + offs, mx, mask=mask)
     tl.store(stats_ptr + P + offs, ls, mask=mask)
+
+
+@triton.jit
+def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
+    """wsum and the loss (REDUCTION 1: mean, NaN when wsum is 0; 2: sum) from the forward
+    programs' partial sums, added in fp64 in a fixed order."""
+    ls = tl.zeros((BLOCK,), tl.float64)
+    ws = tl.zeros((BLOCK,), tl.float64)
+    for i in range(0, nparts, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        ls += tl.load(part_ptr + o, mask=o < nparts, other=0.0).to(tl.float64)
+        ws += tl.load(part_ptr + nparts + o, mask=o < nparts, other=0.0).to(tl.float64)
+    lsum = tl.sum(ls, 0)
+    wsum = tl.sum(ws, 0)
+    tl.store(wsum_ptr, wsum.to(wsum_ptr.dtype.element_ty))
+    if REDUCTION == 1:
+        tl.store(loss_ptr, tl.where(wsum == 0, float("nan"), lsum / wsum).to(loss_ptr.dtype.element_ty))
+    elif REDUCTION == 2:
+        tl.store(loss_ptr, lsum.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _position_grad(g_ptr, wsum_ptr, offs, mask, valid, G_STEP: tl.constexpr, MEAN: tl.constexpr):
+    """The loss gradient of each position (G_STEP 0: one value for all); the mean's is divided
+    by wsum, 0 when wsum is 0. Both are in the accumulation dtype."""
+    g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mask, other=0.0), 0.0)
+    if MEAN:
+        den = tl.load(wsum_ptr)
+        g = tl.where(den == 0, 0.0, g / den)
+    return g
 
 
 @triton.jit
@@ -109,10 +144,11 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S, P, nb, ignore_index,
+def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
+                       STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
     base = z_ptr + zoffs
@@ -126,7 +162,8 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, C, S,
         mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
                                           w_ptr, HAS_W, SMOOTH)
         plane += S
-    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mj, HAS_W)
+    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, tl.num_programs(0),
+               stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 
 
 @triton.jit
@@ -136,13 +173,13 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _ce_backward_kernel(g_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
+def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                         keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, G_STEP: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        MEAN: tl.constexpr, BLOCK: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
-    g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mj, other=0.0), 0.0).to(acc)
+    g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
@@ -163,7 +200,7 @@ _BLOCK = 512
 
 
 
-def _check(op, logits, target, weight, spatial, grad=None, stats=None):
+def _check(op, logits, target, weight, spatial, reduction, grad=None, stats=None, wsum=None):
     n, c = logits.shape[:2] if logits.dim() >= 2 else (0, 0)
     ok = (logits.dim() == 2 + spatial and logits.is_floating_point() and target.dtype == torch.int64
           and target.dim() == 1 + (1 if spatial == 1 else 2) and target.shape[0] == n
@@ -172,8 +209,10 @@ def _check(op, logits, target, weight, spatial, grad=None, stats=None):
     if ok and spatial == 2:
         ok = logits.shape[2] > 0 and logits.shape[3] > 0
     if ok and grad is not None:
-        ok = grad.shape == target.shape and stats.shape == (2, *target.shape)
-    require(ok, op, "logits, target, weight, grad or stats have inconsistent shapes or dtypes")
+        ok = (grad.shape == (target.shape if reduction == 0 else ()) and stats.shape == (2, *target.shape)
+              and wsum.shape == ())
+    require(reduction in (0, 1, 2), op, f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    require(ok, op, "logits, target, weight, grad, stats or wsum have inconsistent shapes or dtypes")
 
 
 def _weight(weight, logits):
@@ -181,22 +220,38 @@ def _weight(weight, logits):
     return weight.to(acc_dtype(logits.dtype)).contiguous() if weight is not None else logits
 
 
-def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing):
-    _check("softmax_cross_entropy", logits, target, weight, 1)
+def _outputs(logits, shape, reduction, nparts):
+    """The forward's loss map (empty unless reduction is none), stats and partial sums."""
+    acc, dev = acc_dtype(logits.dtype), logits.device
+    loss_map = torch.empty((shape[0] if reduction == 0 else 0, *shape[1:]), dtype=acc, device=dev)
+    return loss_map, torch.empty((2, *shape), dtype=acc, device=dev), torch.empty((2, nparts), dtype=acc, device=dev)
+
+
+def _reduce(loss_map, parts, reduction):
+    """(loss, wsum): the map itself for reduction none, else the 0-d mean or sum."""
+    loss = loss_map if reduction == 0 else loss_map.new_empty(())
+    wsum = loss_map.new_empty(())
+    _ce_reduce_kernel[(1,)](parts, parts.shape[1], loss, wsum, REDUCTION=reduction, BLOCK=1024)
+    return loss, wsum
+
+
+def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
+    _check("softmax_cross_entropy", logits, target, weight, 1, reduction)
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
-    loss, wpos = (torch.empty((n, s), dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(2))
-    stats = torch.empty((2, n, s), dtype=loss.dtype, device=logits.device)
+    loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
-        _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss, wpos, stats,
+        _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats,
                                       c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-                                      HAS_W=weight is not None, SMOOTH=label_smoothing != 0, BLOCK=_BLOCK)
-    return loss, wpos, stats
+                                      HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
+                                      STORE_LOSS=reduction == 0, BLOCK=_BLOCK)
+    return (*_reduce(loss_map, parts, reduction), stats)
 
 
-def softmax_cross_entropy_backward(grad, logits, target, weight, stats, ignore_index, label_smoothing):
-    _check("softmax_cross_entropy_backward", logits, target, weight, 1, grad, stats)
+def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing,
+                                   reduction):
+    _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
     n, c, s = logits.shape
     nb = triton.cdiv(s, _BLOCK)
     z = logits.contiguous()
@@ -204,9 +259,10 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, ignore_i
     if n * nb:
         acc = acc_dtype(logits.dtype)
         g, g_step = loss_grad(grad, acc)
-        _ce_backward_kernel[(n * nb,)](g, z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz,
-                                       c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-                                       HAS_W=weight is not None, G_STEP=g_step, BLOCK=_BLOCK)
+        _ce_backward_kernel[(n * nb,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
+                                       stats.to(acc).contiguous(), dz, c, s, n * s, nb, ignore_index,
+                                       1.0 - label_smoothing, label_smoothing / c, HAS_W=weight is not None,
+                                       G_STEP=g_step, MEAN=reduction == 1, BLOCK=_BLOCK)
     return dz
 
 
@@ -225,9 +281,9 @@ def _up_row(yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1, row, ox, mo, H):
 
 
 @triton.jit
-def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0,
+def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0,
                           xw1, C, h, w, H, W, P, ignore_index, keep: tl.float64, spread: tl.float64,
-                          HAS_W: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_W: tl.constexpr, SMOOTH: tl.constexpr, STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)  # image * H + output row
     ox = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mo = ox < W
@@ -245,14 +301,16 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, wpos_ptr, stats_ptr, yi
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
         mx, s, zy, wd, wseen = _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
-    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, wpos_ptr, stats_ptr, P, offs, mo, HAS_W)
+    nx = tl.num_programs(1)
+    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, row * nx + tl.program_id(1),
+               tl.num_programs(0) * nx, stats_ptr, P, offs, mo, HAS_W, STORE_LOSS)
 
 
 @triton.jit
-def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1,
-                             xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep: tl.float64,
-                             spread: tl.float64, BX, HAS_W: tl.constexpr, G_STEP: tl.constexpr, FX: tl.constexpr,
-                             BXP: tl.constexpr):
+def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, wsum_ptr, stats_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1,
+                             xw0, xw1, xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep: tl.float64,
+                             spread: tl.float64, BX, HAS_W: tl.constexpr, G_STEP: tl.constexpr, MEAN: tl.constexpr,
+                             FX: tl.constexpr, BXP: tl.constexpr):
     # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
     # summed along x into the low-resolution columns of this program's block.
     row = tl.program_id(0)  # image * H + output row
@@ -263,7 +321,7 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, t_ptr, yi0, 
     offs = row.to(tl.int64) * W + ox
     y = tl.load(y_ptr + offs, mask=mo, other=ignore_index)
     valid = (y != ignore_index) & mo
-    g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mo, other=0.0), 0.0).to(wa0.dtype)
+    g = _position_grad(g_ptr, wsum_ptr, offs, mo, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + offs, mask=mo, other=0.0)
     ls = tl.load(stats_ptr + P + offs, mask=mo, other=0.0)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
@@ -285,26 +343,25 @@ def _up_taps(logits, target, align_corners, acc):
             axis_taps(w, W, align_corners, -1.0, acc, logits.device))
 
 
-def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing):
-    _check("upsample_cross_entropy", logits, target, weight, 2)
+def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing, reduction):
+    _check("upsample_cross_entropy", logits, target, weight, 2, reduction)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
-    acc = acc_dtype(logits.dtype)
-    loss, wpos = (torch.empty((n, H, W), dtype=acc, device=logits.device) for _ in range(2))
-    stats = torch.empty((2, n, H, W), dtype=acc, device=logits.device)
-    if loss.numel():
-        ty, tx = _up_taps(logits, target, align_corners, acc)
+    grid = (n * H, triton.cdiv(W, _BLOCK))
+    loss_map, stats, parts = _outputs(logits, (n, H, W), reduction, grid[0] * grid[1])
+    if parts.numel():
+        ty, tx = _up_taps(logits, target, align_corners, stats.dtype)
         lg = logits.contiguous()
-        _up_ce_forward_kernel[(n * H, triton.cdiv(W, _BLOCK))](
-            lg, target.contiguous(), _weight(weight, lg), loss, wpos, stats, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1,
-            tx.w0, tx.w1, c, h, w, H, W, n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
-            HAS_W=weight is not None, SMOOTH=label_smoothing != 0, BLOCK=_BLOCK)
-    return loss, wpos, stats
+        _up_ce_forward_kernel[grid](
+            lg, target.contiguous(), _weight(weight, lg), loss_map, parts, stats, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0,
+            tx.i1, tx.w0, tx.w1, c, h, w, H, W, n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+            HAS_W=weight is not None, SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, BLOCK=_BLOCK)
+    return (*_reduce(loss_map, parts, reduction), stats)
 
 
-def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, stats, ignore_index,
-                                    label_smoothing):
-    _check("upsample_cross_entropy_backward", logits, target, weight, 2, grad, stats)
+def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, stats, wsum, ignore_index,
+                                    label_smoothing, reduction):
+    _check("upsample_cross_entropy_backward", logits, target, weight, 2, reduction, grad, stats, wsum)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     lg = logits.contiguous()
@@ -320,13 +377,13 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     cc = max(1, min(c, W // w))
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
     g, g_step = loss_grad(grad, acc)
-    args = (lg, target.contiguous(), _weight(weight, lg), g, stats.to(acc).contiguous())
+    args = (lg, target.contiguous(), _weight(weight, lg), g, wsum.to(acc), stats.to(acc).contiguous())
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
         _up_ce_contract_x_kernel[(n * H, triton.cdiv(w, tx.bx))](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
             n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None,
-            G_STEP=g_step, FX=tx.fx, BXP=tx.bxp)
+            G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)
         contract_y(tk, dl, ty, dst_first=c0)
     return dl

@@ -258,63 +258,67 @@ torch.library.register_autograd("pyvision_ops::upsample_bilinear_backward", _ups
 
 # ------------------------------------------------------------- cross-entropy
 
+def _ce_outputs(like, shape, reduction):
+    """Fake outputs of the cross-entropy ops: the loss (`shape` for none, else 0-d), wsum, stats."""
+    acc = _acc_dtype(like.dtype)
+    return (like.new_empty(shape if reduction == 0 else (), dtype=acc), like.new_empty((), dtype=acc),
+            like.new_empty((2, *shape), dtype=acc))
+
+
 @torch.library.register_fake("pyvision_ops::softmax_cross_entropy")
-def _(logits, target, weight, ignore_index, label_smoothing):
-    acc = _acc_dtype(logits.dtype)
-    shape = (logits.shape[0], logits.shape[2])
-    return (logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc),
-            logits.new_empty((2, *shape), dtype=acc))
+def _(logits, target, weight, ignore_index, label_smoothing, reduction):
+    return _ce_outputs(logits, (logits.shape[0], logits.shape[2]), reduction)
 
 
 @torch.library.register_fake("pyvision_ops::softmax_cross_entropy_backward")
-def _(grad, logits, target, weight, stats, ignore_index, label_smoothing):
+def _(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing, reduction):
     return torch.empty_like(logits)
 
 
 def _ce_setup(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing = inputs
-    ctx.save_for_backward(logits, target, weight, output[2])
-    ctx.args = (ignore_index, label_smoothing)
+    logits, target, weight, ignore_index, label_smoothing, reduction = inputs
+    ctx.save_for_backward(logits, target, weight, output[2], output[1])
+    ctx.args = (ignore_index, label_smoothing, reduction)
+    ctx.set_materialize_grads(False)  # no zero gradients for wsum and stats (a full map) each step
 
 
-def _ce_backward(ctx, grad_loss, grad_wpos, grad_stats):
-    # The target weights and the softmax stats are not differentiable outputs: only the loss is.
-    logits, target, weight, stats = ctx.saved_tensors
+def _ce_backward(ctx, grad_loss, grad_wsum, grad_stats):
+    # wsum and the softmax stats are not differentiable outputs: only the loss is.
+    logits, target, weight, stats, wsum = ctx.saved_tensors
     if grad_loss is None:
-        grad_loss = torch.zeros_like(stats[0])
-    dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, *ctx.args)
-    return dz, None, None, None, None
+        grad_loss = torch.zeros_like(stats[0] if ctx.args[-1] == 0 else wsum)
+    dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, wsum, *ctx.args)
+    return dz, None, None, None, None, None
 
 
 torch.library.register_autograd("pyvision_ops::softmax_cross_entropy", _ce_backward, setup_context=_ce_setup)
 
 
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy")
-def _(logits, target, align_corners, weight, ignore_index, label_smoothing):
-    acc = _acc_dtype(logits.dtype)
-    return (target.new_empty(target.shape, dtype=acc), target.new_empty(target.shape, dtype=acc),
-            target.new_empty((2, *target.shape), dtype=acc))
+def _(logits, target, align_corners, weight, ignore_index, label_smoothing, reduction):
+    return _ce_outputs(logits, target.shape, reduction)
 
 
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy_backward")
-def _(grad, logits, target, align_corners, weight, stats, ignore_index, label_smoothing):
+def _(grad, logits, target, align_corners, weight, stats, wsum, ignore_index, label_smoothing, reduction):
     return torch.empty_like(logits)
 
 
 def _up_ce_setup(ctx, inputs, output):
-    logits, target, align_corners, weight, ignore_index, label_smoothing = inputs
-    ctx.save_for_backward(logits, target, weight, output[2])
-    ctx.args = (align_corners, ignore_index, label_smoothing)
+    logits, target, align_corners, weight, ignore_index, label_smoothing, reduction = inputs
+    ctx.save_for_backward(logits, target, weight, output[2], output[1])
+    ctx.args = (align_corners, ignore_index, label_smoothing, reduction)
+    ctx.set_materialize_grads(False)
 
 
-def _up_ce_backward(ctx, grad_loss, grad_wpos, grad_stats):
-    logits, target, weight, stats = ctx.saved_tensors
-    align_corners, ignore_index, label_smoothing = ctx.args
+def _up_ce_backward(ctx, grad_loss, grad_wsum, grad_stats):
+    logits, target, weight, stats, wsum = ctx.saved_tensors
+    align_corners, ignore_index, label_smoothing, reduction = ctx.args
     if grad_loss is None:
-        grad_loss = torch.zeros_like(stats[0])
-    dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, stats, ignore_index,
-                                             label_smoothing)
-    return dz, None, None, None, None, None
+        grad_loss = torch.zeros_like(stats[0] if reduction == 0 else wsum)
+    dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, stats, wsum,
+                                             ignore_index, label_smoothing, reduction)
+    return dz, None, None, None, None, None, None
 
 
 torch.library.register_autograd("pyvision_ops::upsample_cross_entropy", _up_ce_backward, setup_context=_up_ce_setup)

@@ -45,15 +45,8 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
     return eps
 
 
-def _reduce(loss, wpos, shape, reduction):
-    if reduction == "none":
-        return loss.view(shape)
-    if reduction == "sum":
-        return loss.sum()
-    # torch's weighted mean: NaN when the target weights sum to 0 (with label smoothing the
-    # loss sum is then > 0, which would give inf).
-    wsum = wpos.sum()
-    return torch.where(wsum == 0, float("nan"), loss.sum() / wsum)
+# The ops take the reduction as torch numbers it; the kernels reduce (no separate sum kernels).
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
 def _check_tensors(logits, target):
@@ -80,9 +73,9 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
     s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
-    loss, wpos, _ = ops.softmax_cross_entropy(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64),
-                                              weight, ignore_index, eps)
-    return _reduce(loss, wpos, out_shape, reduction)
+    loss, _, _ = ops.softmax_cross_entropy(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight,
+                                           ignore_index, eps, _REDUCTION[reduction])
+    return loss.view(out_shape) if reduction == "none" else loss
 
 
 def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_corners: bool = False, weight=None,
@@ -93,9 +86,9 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
 
     ``logits``: ``[N, C, h, w]``; ``target``: ``[N, H, W]``. Forward and backward go
     one output row at a time; the gradient reaches the low-resolution logits
-    directly, accumulated in a fixed order (deterministic). Extra memory is four
-    ``[N, H, W]`` fp32 maps (loss, target weight, max logit, log-sum); the CUDA backward
-    adds the incoming gradient as one more and a block of classes' gradient summed
+    directly, accumulated in a fixed order (deterministic). Extra memory is two
+    ``[N, H, W]`` fp32 maps (max logit, log-sum; and the loss itself for
+    ``reduction="none"``); the CUDA backward adds a block of classes' gradient summed
     along x (``[N, c, H, w]`` with ``c * w <= max(W, w)``: at most ``N * H * max(W, w)``
     values).
     """
@@ -107,6 +100,6 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
         raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
     eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     align_corners = _utils.check_bool("align_corners", align_corners)
-    loss, wpos, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), align_corners, weight,
-                                               ignore_index, eps)
-    return _reduce(loss, wpos, target.shape, reduction)
+    loss, _, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), align_corners, weight, ignore_index,
+                                            eps, _REDUCTION[reduction])
+    return loss

@@ -77,8 +77,9 @@ def test_gradcheck_opcheck_compile():
     xr = x.clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda t: P.softmax_cross_entropy(t, y, weight=w, label_smoothing=0.2, reduction="none"), (xr,))
-    opcheck(ops.softmax_cross_entropy, (xr, y.clamp(min=0), w, -100, 0.1))
-    opcheck(ops.softmax_cross_entropy, (xr, y, None, -100, 0.0))
+    for reduction in (0, 1, 2):  # none, mean, sum
+        opcheck(ops.softmax_cross_entropy, (xr, y.clamp(min=0), w, -100, 0.1, reduction))
+    opcheck(ops.softmax_cross_entropy, (xr, y, None, -100, 0.0, 1))
     f = torch.compile(lambda t: P.softmax_cross_entropy(t, y) * 2, fullgraph=True)
     torch.testing.assert_close(f(x), P.softmax_cross_entropy(x, y) * 2)
 
@@ -157,7 +158,8 @@ def test_upsample_ce_opcheck_compile_gradcheck():
     x, _, w = batch((1, 3, 3, 4))
     y = torch.randint(0, 3, (1, 7, 9))
     xr = x.clone().requires_grad_()
-    opcheck(ops.upsample_cross_entropy, (xr, y, False, w, -100, 0.1))
+    for reduction in (0, 1, 2):
+        opcheck(ops.upsample_cross_entropy, (xr, y, False, w, -100, 0.1, reduction))
     assert torch.autograd.gradcheck(lambda t: P.upsample_cross_entropy(t, y, True, weight=w, reduction="none"), (xr,))
     f = torch.compile(lambda t: P.upsample_cross_entropy(t, y) * 2, fullgraph=True)
     torch.testing.assert_close(f(x), P.upsample_cross_entropy(x, y) * 2)
@@ -191,14 +193,15 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
     x, y, w = batch((2, 7, 5, 9), dtype=dtype)
     x, y = x.reshape(2, 7, 45), y.reshape(2, 45)
     wt = w.to(dtype) if weighted else None
-    for a, b in zip(K.softmax_cross_entropy(x, y, wt, -100, label_smoothing),
-                    ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    stats = ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing)[2]
-    g = torch.rand(2, 45, dtype=stats.dtype)
     half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
-    torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, stats, -100, label_smoothing),
-                               ops.softmax_cross_entropy_backward(g, x, y, wt, stats, -100, label_smoothing), **half)
+    for reduction in (0, 1, 2):  # none, mean, sum
+        fwd = ops.softmax_cross_entropy(x, y, wt, -100, label_smoothing, reduction)
+        for a, b in zip(K.softmax_cross_entropy(x, y, wt, -100, label_smoothing, reduction), fwd):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        g = torch.rand(fwd[0].shape, dtype=fwd[2].dtype) + 0.5
+        torch.testing.assert_close(
+            K.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, label_smoothing, reduction),
+            ops.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, label_smoothing, reduction), **half)
 
 
 def special_logits():
@@ -273,22 +276,26 @@ def test_fp32_precision_at_large_logits(offset, kw):
 
 
 @pytest.mark.interpreter
-def test_expanded_loss_gradient_is_read_in_place():
-    # mean/sum reductions hand the backward an expanded scalar: same gradients as a full map
+def test_expanded_and_reduced_loss_gradients():
+    # A summed "none" loss hands the backward an expanded scalar, read in place; the sum's 0-d
+    # gradient g and the mean's g (divided by wsum) give what a full map of g (of g / wsum) gives.
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y, w = batch((2, 7, 5, 9), ignore=3)
     x3, y2 = x.reshape(2, 7, 45), y.reshape(2, 45)
     x4, y3 = x, torch.randint(0, 7, (2, 8, 11), generator=torch.Generator().manual_seed(4))
+    g = torch.tensor(0.7, dtype=torch.float64)
     for impl in (ops, K):
-        stats = impl.softmax_cross_entropy(x3, y2, w, 3, 0.1)[2]
-        one, full = torch.tensor(0.7, dtype=torch.float64).expand(2, 45), torch.full((2, 45), 0.7, dtype=torch.float64)
-        torch.testing.assert_close(impl.softmax_cross_entropy_backward(one, x3, y2, w, stats, 3, 0.1),
-                                   impl.softmax_cross_entropy_backward(full, x3, y2, w, stats, 3, 0.1), rtol=0, atol=0)
-        stats = impl.upsample_cross_entropy(x4, y3, False, w, 3, 0.1)[2]
-        one, full = one.new_tensor(0.7).expand(2, 8, 11), torch.full((2, 8, 11), 0.7, dtype=torch.float64)
-        torch.testing.assert_close(impl.upsample_cross_entropy_backward(one, x4, y3, False, w, stats, 3, 0.1),
-                                   impl.upsample_cross_entropy_backward(full, x4, y3, False, w, stats, 3, 0.1))
+        for fwd, bwd, args in ((impl.softmax_cross_entropy, impl.softmax_cross_entropy_backward, (x3, y2)),
+                               (impl.upsample_cross_entropy, impl.upsample_cross_entropy_backward, (x4, y3, False))):
+            _, wsum, stats = fwd(*args, w, 3, 0.1, 0)
+            full = torch.full(stats.shape[1:], 0.7, dtype=torch.float64)
+            want = bwd(full, *args, w, stats, wsum, 3, 0.1, 0)
+            torch.testing.assert_close(bwd(g.expand(full.shape), *args, w, stats, wsum, 3, 0.1, 0), want, rtol=0, atol=0)
+            torch.testing.assert_close(bwd(g, *args, w, stats, wsum, 3, 0.1, 2), want)
+            torch.testing.assert_close(bwd(g, *args, w, stats, wsum, 3, 0.1, 1), bwd(full / wsum, *args, w, stats, wsum,
+                                                                                     3, 0.1, 0))
+            assert bwd(g, *args, w, stats, torch.zeros_like(wsum), 3, 0.1, 1).abs().max() == 0  # mean of nothing
 
 
 @pytest.mark.interpreter
@@ -302,16 +309,16 @@ def test_triton_cross_entropy_interpreter_large_logits():
         xd = x.double().requires_grad_()
         ref = F.cross_entropy(xd, y, weight=None if wt is None else wt.double(), label_smoothing=ls, reduction="none")
         ref_g = torch.autograd.grad(ref.sum(), [xd])[0]
-        loss, _, stats = K.softmax_cross_entropy(x3, y2, wt, -100, ls)
+        loss, wsum, stats = K.softmax_cross_entropy(x3, y2, wt, -100, ls, 0)
         fp32_l, fp32_g = _loss_and_grad(F.cross_entropy, x, y, weight=wt, label_smoothing=ls)
         assert (loss[0].double() - ref).abs().max() <= 3 * (fp32_l - ref).abs().max() + 1e-7
-        g = K.softmax_cross_entropy_backward(torch.ones(1, 512), x3, y2, wt, stats, -100, ls)
+        g = K.softmax_cross_entropy_backward(torch.ones(1, 512), x3, y2, wt, stats, wsum, -100, ls, 0)
         assert (g[0].T.double() - ref_g).abs().max() <= 3 * (fp32_g - ref_g).abs().max() + 1e-7
     z = torch.full((1, 3, 2, 2), 1e8)
     y3 = torch.zeros(1, 2, 2, dtype=torch.long)
-    loss, _, stats = K.upsample_cross_entropy(z, y3, False, None, -100, 0.0)
+    loss, wsum, stats = K.upsample_cross_entropy(z, y3, False, None, -100, 0.0, 0)
     torch.testing.assert_close(loss, torch.full((1, 2, 2), math.log(3)))
-    g = K.upsample_cross_entropy_backward(torch.ones(1, 2, 2), z, y3, False, None, stats, -100, 0.0)
+    g = K.upsample_cross_entropy_backward(torch.ones(1, 2, 2), z, y3, False, None, stats, wsum, -100, 0.0, 0)
     torch.testing.assert_close(g[0, :, 0, 0], torch.tensor([-2 / 3, 1 / 3, 1 / 3]))
 
 
@@ -322,20 +329,22 @@ def test_triton_cross_entropy_interpreter_special_logits():
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y = special_logits()
-    for a, b in zip(K.softmax_cross_entropy(x, y, None, -100, 0.0), ops.softmax_cross_entropy(x, y, None, -100, 0.0)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    for reduction in (0, 1):
+        for a, b in zip(K.softmax_cross_entropy(x, y, None, -100, 0.0, reduction),
+                        ops.softmax_cross_entropy(x, y, None, -100, 0.0, reduction)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
     finite = torch.ones(2, 6, dtype=torch.bool)
     finite[0, 1:4] = False
-    assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0)[2][:, finite]).all()
+    assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0, 0)[2][:, finite]).all()
     x4, y4 = x.reshape(2, 4, 2, 3), torch.randint(0, 4, (2, 4, 6), generator=torch.Generator().manual_seed(2))
     for ls in (0.0, 0.2):
-        fwd = ops.upsample_cross_entropy(x4, y4, False, None, -100, ls)
-        for a, b in zip(K.upsample_cross_entropy(x4, y4, False, None, -100, ls), fwd):
+        fwd = ops.upsample_cross_entropy(x4, y4, False, None, -100, ls, 0)
+        for a, b in zip(K.upsample_cross_entropy(x4, y4, False, None, -100, ls, 0), fwd):
             torch.testing.assert_close(a, b, equal_nan=True)
         g = torch.rand(2, 4, 6, dtype=torch.float64)
-        torch.testing.assert_close(K.upsample_cross_entropy_backward(g, x4, y4, False, None, fwd[2], -100, ls),
-                                   ops.upsample_cross_entropy_backward(g, x4, y4, False, None, fwd[2], -100, ls),
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            K.upsample_cross_entropy_backward(g, x4, y4, False, None, fwd[2], fwd[1], -100, ls, 0),
+            ops.upsample_cross_entropy_backward(g, x4, y4, False, None, fwd[2], fwd[1], -100, ls, 0), equal_nan=True)
 
 
 @pytest.mark.gpu
@@ -401,15 +410,18 @@ def test_triton_upsample_ce_interpreter(dtype, align_corners, weighted_smoothing
     y = torch.randint(0, 3, (2, H, W), generator=torch.Generator().manual_seed(5))
     y[0, :2] = -100
     wt, ls = (w.to(dtype), 0.2) if weighted_smoothing else (None, 0.0)
-    fwd_k = K.upsample_cross_entropy(x, y, align_corners, wt, -100, ls)
-    fwd_c = ops.upsample_cross_entropy(x, y, align_corners, wt, -100, ls)
+    half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
+    # The mean for weighted smoothing, none otherwise.
+    reduction = 1 if weighted_smoothing else 0
+    fwd_k = K.upsample_cross_entropy(x, y, align_corners, wt, -100, ls, reduction)
+    fwd_c = ops.upsample_cross_entropy(x, y, align_corners, wt, -100, ls, reduction)
     for a, b in zip(fwd_k, fwd_c):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    g = torch.rand(2, H, W, dtype=fwd_c[2].dtype)
-    half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
-    torch.testing.assert_close(K.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
-                               ops.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], -100, ls),
-                               **half)
+    g = torch.rand(fwd_c[0].shape, dtype=fwd_c[2].dtype) + 0.5
+    torch.testing.assert_close(
+        K.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], fwd_c[1], -100, ls, reduction),
+        ops.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], fwd_c[1], -100, ls, reduction),
+        **half)
 
 
 @pytest.mark.gpu

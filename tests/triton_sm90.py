@@ -65,12 +65,15 @@ def _launchers():
         interpolate.upsample_bilinear_backward(torch.ones(2, 5, 13, 20, dtype=dtype), 6, 7, False, -1.0, -1.0)
         for weight in (None, w):
             z, t = x.reshape(2, 5, -1), y.reshape(2, -1)
-            _, _, stats = cross_entropy.softmax_cross_entropy(z, t, weight, 255, 0.1)
-            cross_entropy.softmax_cross_entropy_backward(torch.ones(2, 42, dtype=acc), z, t, weight, stats, 255, 0.1)
             big = torch.randint(0, 5, (2, 13, 20), generator=g)
-            _, _, stats = cross_entropy.upsample_cross_entropy(x, big, False, weight, 255, 0.1)
-            cross_entropy.upsample_cross_entropy_backward(torch.ones(2, 13, 20, dtype=acc), x, big, False, weight,
-                                                          stats, 255, 0.1)
+            for reduction, shape in ((0, (2, 42)), (1, ()), (2, ())):
+                _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, weight, 255, 0.1, reduction)
+                cross_entropy.softmax_cross_entropy_backward(torch.ones(shape, dtype=acc), z, t, weight, stats, wsum,
+                                                             255, 0.1, reduction)
+                _, wsum, stats = cross_entropy.upsample_cross_entropy(x, big, False, weight, 255, 0.1, reduction)
+                cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
+                                                                         dtype=acc), x, big, False, weight, stats,
+                                                              wsum, 255, 0.1, reduction)
     for dtype in (torch.float32, torch.float64):
         losses.lovasz_gradient((torch.rand(3, 2000, generator=g) > 0.5).to(dtype), torch.tensor([2000, 5, 0]))
     return (box_iou, cross_entropy, interpolate, losses)

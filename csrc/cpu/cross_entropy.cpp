@@ -1,7 +1,9 @@
 // Softmax cross-entropy, CPU kernels. Logits are [N, C, S]; positions run in fixed
 // blocks of one image, classes in the outer loop, so every inner loop is contiguous
 // and vectorised. The forward keeps two numbers per position, the largest logit m and
-// l = log sum_c exp(z_c - m); the backward recomputes the softmax from them.
+// l = log sum_c exp(z_c - m); the backward recomputes the softmax from them. The mean
+// and sum are taken here: each block's loss and target weights summed in double, the
+// blocks' sums added in block order (the same result for any number of threads).
 //
 // Per position with target y (not ignored), weights w (1 when absent), W = sum_c w_c:
 //   loss = (1 - eps) w_y ((m - z_y) + l) + eps / C (sum_c w_c (m - z_c) + W l)
@@ -14,9 +16,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -31,6 +36,36 @@ namespace {
 
 constexpr int64_t kBlock = 1024;
 
+// `reduction` as torch numbers it.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// A backward's grad (the loss's shape: `target`'s for none, else 0-d) and wsum (0-d).
+void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& wsum, const at::Tensor& target,
+                int64_t reduction) {
+  check_reduction(op, reduction);
+  TORCH_CHECK(reduction == kNone ? grad.sizes() == target.sizes() : grad.dim() == 0, op,
+              ": grad must have the loss's shape (target's for reduction none, else 0-d)");
+  TORCH_CHECK(wsum.dim() == 0, op, ": wsum must be 0-d");
+}
+
+// The loss and wsum outputs from the per-block sums of the loss and the target weights.
+// `map` is the per-position loss (reduction none).
+at::Tensor reduced(const std::vector<double>& loss_sums, const std::vector<double>& weight_sums, int64_t reduction,
+                   const at::Tensor& map, const at::TensorOptions& opt, at::Tensor& wsum) {
+  double ls = 0, ws = 0;
+  for (size_t i = 0; i < loss_sums.size(); ++i) ls += loss_sums[i], ws += weight_sums[i];
+  wsum = at::scalar_tensor(ws, opt);
+  if (reduction == kNone) return map;
+  // torch's weighted mean: NaN when the target weights sum to 0 (with label smoothing the
+  // loss sum is then > 0, which would give inf).
+  return at::scalar_tensor(reduction == kSum ? ls : ws == 0 ? std::nan("") : ls / ws, opt);
+}
+
 void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target,
               const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be [N, C, S]");
@@ -43,15 +78,19 @@ void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target
   }
 }
 
-// The incoming loss gradient in T, and whether it is one value for every position: the
-// mean and sum reductions hand the backward an expanded scalar, read in place instead of
-// materialised (a full map written and read again).
+// The loss gradient of each position in T (divided by wsum under the mean, 0 when wsum is
+// 0), and whether it is one value for every position: a 0-d grad (mean, sum), or a
+// summed "none" loss's expanded scalar, read in place instead of materialised.
 template <typename T>
-std::pair<at::Tensor, bool> loss_grad(const at::Tensor& grad) {
+std::pair<at::Tensor, bool> loss_grad(const at::Tensor& grad, const at::Tensor& wsum, int64_t reduction) {
   const auto strides = grad.strides();
   const bool one = grad.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; });
-  const at::Tensor g = one ? grad.as_strided({1}, {1}) : grad;
-  return {g.to(c10::CppTypeToScalarType<T>::value).contiguous(), one};
+  at::Tensor g = (one ? grad.as_strided({1}, {1}) : grad).to(c10::CppTypeToScalarType<T>::value).contiguous();
+  if (reduction == kMean) {
+    const double d = wsum.item<double>();
+    g = d == 0 ? at::zeros_like(g) : g.div(d);
+  }
+  return {g, one};
 }
 
 // Class weights (1 when absent) and the label-smoothing split of the loss:
@@ -127,25 +166,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
                                                                          const at::Tensor& target,
                                                                          const std::optional<at::Tensor>& weight,
                                                                          int64_t ignore_index,
-                                                                         double label_smoothing) {
+                                                                         double label_smoothing,
+                                                                         int64_t reduction) {
   check_ce("softmax_cross_entropy", logits, target, weight);
+  check_reduction("softmax_cross_entropy", reduction);
   const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({N, S}, z.options().dtype(acc));
-  auto wpos = at::empty({N, S}, z.options().dtype(acc));
-  auto stats = at::empty({2, N, S}, z.options().dtype(acc));  // m and l of every position
+  const auto opt = z.options().dtype(z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto map = at::empty({reduction == kNone ? N : 0, S}, opt);
+  auto stats = at::empty({2, N, S}, opt);  // m and l of every position
   losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  if (N * S == 0) return {loss, wpos, stats};
   const int64_t nb = (S + kBlock - 1) / kBlock;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
+  std::vector<double> loss_sums(N * nb), weight_sums(N * nb);
+  if (N * S > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
-    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pm = stats.mutable_data_ptr<T>();
+    T *pl = reduction == kNone ? map.mutable_data_ptr<T>() : nullptr, *pm = stats.mutable_data_ptr<T>();
     at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> sum(kBlock), wd(kBlock), zy(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
@@ -154,25 +194,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
         T *m = pm + n * S + j0, *l = m + N * S;
         block_stats<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), m, sum.data(), wd.data(), zy.data(),
                                  l);
+        double ls = 0, ws = 0;
         for (int64_t j = 0; j < cnt; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : w[yy[j]];
-          pl[n * S + j0 + j] = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
-          pw[n * S + j0 + j] = wy;
+          const T lj = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
+          if (pl) pl[n * S + j0 + j] = lj;
+          ls += lj, ws += wy;
         }
+        loss_sums[task] = ls, weight_sums[task] = ws;
       }
     });
   });
-  return {loss, wpos, stats};
+  at::Tensor wsum;
+  at::Tensor loss = reduced(loss_sums, weight_sums, reduction, map, opt, wsum);
+  return {loss, wsum, stats};
 }
 
 at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                              const at::Tensor& stats, int64_t ignore_index, double label_smoothing) {
+                                              const at::Tensor& stats, const at::Tensor& target_wsum, int64_t ignore_index,
+                                              double label_smoothing, int64_t reduction) {
   check_ce("softmax_cross_entropy_backward", logits, target, weight);
+  check_grad("softmax_cross_entropy_backward", grad, target_wsum, target, reduction);
   const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
-  TORCH_CHECK(grad.sizes() == target.sizes() && stats.sizes() == at::IntArrayRef({2, N, S}),
-              "softmax_cross_entropy_backward: grad must be [N, S] and stats [2, N, S]");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({2, N, S}), "softmax_cross_entropy_backward: stats must be [2, N, S]");
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
@@ -183,7 +229,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
-    const auto [g, g_one] = loss_grad<T>(grad);
+    const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
     const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
@@ -242,27 +288,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
                                                                           bool align_corners,
                                                                           const std::optional<at::Tensor>& weight,
                                                                           int64_t ignore_index,
-                                                                          double label_smoothing) {
+                                                                          double label_smoothing,
+                                                                          int64_t reduction) {
   check_up("upsample_cross_entropy", logits, target, weight);
+  check_reduction("upsample_cross_entropy", reduction);
   const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({N, H, W}, z.options().dtype(acc));
-  auto wpos = at::empty({N, H, W}, z.options().dtype(acc));
-  auto stats = at::empty({2, N, H, W}, z.options().dtype(acc));  // m and l of every position
+  const auto opt = z.options().dtype(z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto map = at::empty({reduction == kNone ? N : 0, H, W}, opt);
+  auto stats = at::empty({2, N, H, W}, opt);  // m and l of every position
   losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  if (y.numel() == 0) return {loss, wpos, stats};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
+  std::vector<double> loss_sums(N * H), weight_sums(N * H);
+  if (y.numel() > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& wc = cls.w;
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
-    T *pl = loss.mutable_data_ptr<T>(), *pw = wpos.mutable_data_ptr<T>(), *pm = stats.mutable_data_ptr<T>();
+    T *pl = reduction == kNone ? map.mutable_data_ptr<T>() : nullptr, *pm = stats.mutable_data_ptr<T>();
     const int64_t P = N * H * W;
     at::parallel_for(0, N * H, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> blend(w), u(C * W), sum(W), wd(W), zy(W);
@@ -273,27 +320,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
         const int64_t* yy = py + row * W;
         T *m = pm + row * W, *l = m + P;
         block_stats<T, T>(u.data(), C, W, W, yy, wc.data(), m, sum.data(), wd.data(), zy.data(), l);
+        double ls = 0, ws = 0;
         for (int64_t j = 0; j < W; ++j) {
           const bool ign = yy[j] == ignore_index;
           const T wy = ign ? T(0) : wc[yy[j]];
-          pl[row * W + j] = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
-          pw[row * W + j] = wy;
+          const T lj = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
+          if (pl) pl[row * W + j] = lj;
+          ls += lj, ws += wy;
         }
+        loss_sums[row] = ls, weight_sums[row] = ws;
       }
     });
   });
-  return {loss, wpos, stats};
+  at::Tensor wsum;
+  at::Tensor loss = reduced(loss_sums, weight_sums, reduction, map, opt, wsum);
+  return {loss, wsum, stats};
 }
 
 at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                const at::Tensor& target, bool align_corners,
                                                const std::optional<at::Tensor>& weight, const at::Tensor& stats,
-                                               int64_t ignore_index, double label_smoothing) {
+                                               const at::Tensor& target_wsum, int64_t ignore_index, double label_smoothing,
+                                               int64_t reduction) {
   check_up("upsample_cross_entropy_backward", logits, target, weight);
+  check_grad("upsample_cross_entropy_backward", grad, target_wsum, target, reduction);
   const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
-  TORCH_CHECK(grad.sizes() == target.sizes() && stats.sizes() == at::IntArrayRef({2, N, H, W}),
-              "upsample_cross_entropy_backward: grad must be [N, H, W] and stats [2, N, H, W]");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({2, N, H, W}),
+              "upsample_cross_entropy_backward: stats must be [2, N, H, W]");
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
@@ -304,7 +358,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
-    const auto [g, g_one] = loss_grad<T>(grad);
+    const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
     const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
