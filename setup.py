@@ -43,7 +43,10 @@ def _extension():
 
     # -fno-trapping-math lets GCC if-convert and vectorise the branchy box math;
     # results stay IEEE (no fast-math), only FP exception flags are not honoured.
-    cxx = ["-O3", "-fno-trapping-math", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # No fused multiply-add contraction on either device: a product rounded before the sum, as
+    # in torch's CPU ops, so an IoU or a sample position near a threshold decides the same way
+    # on the CPU and on the GPU (nvcc contracts by default and moved IoUs by an ulp).
+    cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     define_macros = [("PYVISION_OPS_VERSION", f'"{VERSION}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -57,7 +60,7 @@ def _extension():
             cpp_sources + cu_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     else:

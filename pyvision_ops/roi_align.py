@@ -104,7 +104,7 @@ def _check_batch_index(rois, batch_size):
     # The index is truncated toward zero, as in torchvision: -0.5 is image 0.
     if rois.device.type == "cpu" and rois.numel() > 0 and not torch.compiler.is_compiling():
         idx = rois[:, 0]
-        bad = torch.isfinite(idx) & ((idx <= -1) | (idx >= batch_size))
+        bad = torch.isfinite(idx) & ((idx <= -1) | (idx.trunc() >= batch_size))
         if bool(bad.any()):
             k = int(torch.nonzero(bad)[0])
             raise ValueError(f"boxes: RoI {k} has batch index {idx[k].item()} outside (-1, {batch_size}) "

@@ -653,6 +653,25 @@ def test_cuda_soft_nms_infinite_scores_match_cpu(score_threshold):
 
 
 @pytest.mark.gpu
+def test_cuda_decisions_at_an_ulp_match_cpu():
+    # An IoU of 0.425731421 (fp32), an ulp above the thresholds: the CUDA build contracts no
+    # multiply-add, so it rounds the IoU as the CPU does (with an fma: 0.425731361, kept).
+    boxes = torch.tensor([[95.7889557, 41.1787872, 149.105484, 60.933876],
+                          [102.707726, 44.0750847, 134.259293, 58.2870979]])
+    scores = torch.tensor([0.9, 0.8])
+    for thr in (0.4257314, 0.42573139):
+        assert P.nms(boxes.cuda(), scores.cuda(), thr).tolist() == P.nms(boxes, scores, thr).tolist() == [0]
+        k_gpu, _ = P.soft_nms(boxes.cuda(), scores.cuda(), thr, method="hard")
+        assert k_gpu.tolist() == P.soft_nms(boxes, scores, thr, method="hard")[0].tolist() == [0]
+    # exp of < -87 is 0 on both devices, so an infinite score decays to 0 and is dropped (an
+    # fp32 expf denormal would have kept it at inf * 1e-42 = inf)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.2]])
+    scores = torch.tensor([float("inf"), float("inf")])
+    keep, _ = P.soft_nms(boxes.cuda(), scores.cuda(), sigma=0.01)
+    assert keep.tolist() == P.soft_nms(boxes, scores, sigma=0.01)[0].tolist() == [0]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype, sigma", [(torch.float32, 1e-39), (torch.float64, 5e-324)])
 def test_cuda_soft_nms_sigma_whose_inverse_overflows(dtype, sigma):
     boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [1, 1, 11, 11]], dtype=dtype, device="cuda")

@@ -492,6 +492,18 @@ def test_op_level_batch_index_check():
             ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
 
 
+def test_fractional_batch_index_of_an_empty_batch_raises():
+    # -0.5 truncates to image 0, which a batch of 0 images lacks (the CPU kernel read past
+    # its per-image table)
+    x, r = torch.zeros(0, 3, 4, 4), torch.tensor([[-0.5, 0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="batch index"):
+        P.roi_align(x, r, 2)
+    with pytest.raises(RuntimeError, match="batch index"):
+        ops.roi_align(x, r, 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match="batch index"):
+        ops.multi_scale_roi_align([x], r, torch.zeros(1, dtype=torch.long), [1.0], 2, 2, 2, False)
+
+
 def test_op_level_sampling_ratio_check():
     # the ops take it as an int: outside [-2^31, 65536] it would wrap or run for hours
     x, r = torch.zeros(1, 3, 4, 4), torch.tensor([[0.0, 0, 0, 1, 1]])

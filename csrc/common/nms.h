@@ -43,7 +43,7 @@ inline T ge_threshold(double thr) {
 // Arguments below -87 give 0, NaN gives NaN. Callers take it of values <= 0.
 PVO_HD float exp_approx(float x) {
 #ifdef __CUDA_ARCH__
-  return expf(x);
+  return x <= -87.f ? 0.f : expf(x);  // as below: expf would give denormals, and inf * denormal = inf
 #else
   x = x < -87.f ? -87.f : x;  // NaN stays NaN
   const float kf = std::floor(x * 1.4426950408889634f + 0.5f);

@@ -86,8 +86,8 @@ Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const st
     const T b = pr[k * 5];
     if (geo[k].valid && geo[k].inv_count > T(0) && std::isfinite(b) && lv.H > 0 && lv.W > 0) {
       // Checked before the cast (a huge index would overflow it); truncated toward zero as in
-      // torchvision, so (-1, batch_size) is valid.
-      TORCH_CHECK(b > T(-1) && b < static_cast<T>(batch_size), "roi_align: RoI ", std::to_string(k),
+      // torchvision, so (-1, batch_size) is valid when there is an image (-0.5 is image 0).
+      TORCH_CHECK(b > T(-1) && std::trunc(b) < static_cast<T>(batch_size), "roi_align: RoI ", std::to_string(k),
                   " has batch index ", std::to_string(b), " outside (-1, ", std::to_string(batch_size), ")");
       const int64_t bi = static_cast<int64_t>(b);
       t.batch[k] = bi;

@@ -63,7 +63,7 @@ constexpr int kMaxLevels = 8;
 constexpr int kThreads = 256;          // block size of every kernel here
 constexpr int kChunk = 64;             // channels per block: forward and atomic backward
 constexpr int kAxisBytes = 16 * 1024;  // shared-memory budget of one axis of the tables
-constexpr int kMaxShared = 48 * 1024;  // dynamic shared memory without an opt-in
+constexpr int kMaxShared = 47 * 1024;  // dynamic shared memory: 48 KB without an opt-in, less the static
 constexpr int kTile = 16;              // deterministic backward: kTile x kTile cells ...
 constexpr int kAcc = 32;               // ... and kAcc channels per block, one accumulator each
 constexpr int kHits = 16;              // ... and up to kHits RoIs per round
@@ -681,8 +681,9 @@ void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, 
                 const at::Tensor& like) {
   roi::check_rois(op, rois, ph, pw, sampling_ratio);
   TORCH_CHECK(rois.device() == like.device(), op, ": rois must be on the device of the features");
-  TORCH_CHECK(ph < INT_MAX && pw < INT_MAX && ph * pw < INT_MAX, op,
-              ": pooled_height * pooled_width must be below 2^31 on CUDA, got ", std::to_string(ph), " x ",
+  // Kernels step an int item index by the block size up to chunk * ph * pw (channel_chunk).
+  TORCH_CHECK(ph < INT_MAX && pw < INT_MAX && ph * pw <= INT_MAX - kThreads, op,
+              ": pooled_height * pooled_width must be below 2^31 - 256 on CUDA, got ", std::to_string(ph), " x ",
               std::to_string(pw));
   TORCH_CHECK(rois.size(0) < INT_MAX, op, ": at most 2^31 - 1 RoIs on CUDA, got ", std::to_string(rois.size(0)));
 }
@@ -698,9 +699,9 @@ void check_size(const char* op, int64_t H, int64_t W) {
               std::to_string(H), " x ", std::to_string(W));
 }
 
-// Channels per block such that chunk * ph * pw stays an int.
+// Channels per block such that chunk * ph * pw plus a block's step stays an int.
 int channel_chunk(int64_t ph, int64_t pw) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kChunk, INT_MAX / (ph * pw))));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kChunk, (INT_MAX - kThreads) / (ph * pw))));
 }
 
 at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois, const at::Tensor* roi_levels,
