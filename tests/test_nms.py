@@ -622,11 +622,12 @@ def test_cuda_soft_nms_matches_cpu(method, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [420, 3000, 6000])
+@pytest.mark.parametrize("n", [420, 3000, 6000, 7500])
 @pytest.mark.parametrize("method, iou_threshold", SOFT_CASES)
 def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype):
-    # Every kernel layout (1, 4, 8 register slots per thread, global memory for fp64 at
-    # 6000), with and without the spatial skipping (hard at threshold 0 visits every box).
+    # Every kernel layout (fp32: 1, 4, 8, 16 register slots per thread; fp64: 1, 4, 8 and
+    # global memory from 4097 boxes), with and without the spatial skipping (hard at
+    # threshold 0 visits every box).
     boxes, scores = special_detections(n, objects=n // 16, seed=n)
     boxes, scores = boxes.to(dtype), scores.to(dtype)
     kw = dict(iou_threshold=iou_threshold, sigma=0.5, score_threshold=0.01, method=method)

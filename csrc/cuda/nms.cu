@@ -383,6 +383,16 @@ __device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, co
   return best;
 }
 
+// Most threads of a soft_nms_kernel block with K register slots (a box and a score each) per
+// thread: more would make ptxas spill them for sm_90 (-Xptxas -v; fp64 with 8 slots spills
+// 40-72 bytes even at 512).
+template <typename T, int K>
+constexpr int soft_threads() {
+  if (K <= 1) return 1024;
+  if (sizeof(T) == 4) return K <= 4 ? 1024 : K <= 8 ? 768 : 512;
+  return 512;
+}
+
 // One block per group; each step one block-wide max of the keys (one barrier), then the
 // decay. K > 0: the group's boxes sit in registers, K per thread, in the spatial order
 // `place` gives (warp w, slot k holds placements [(wK + k) 32, (wK + k + 1) 32)); a
@@ -390,7 +400,7 @@ __device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, co
 // overlap: the other boxes keep their scores bit for bit. K == 0: boxes and scores stay
 // in global memory (any length), thread t owns positions t, t + nt, ...
 template <typename T, int METHOD, int K>
-__global__ void __launch_bounds__(1024) soft_nms_kernel(
+__global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
     const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T inv_sigma, T score_thr,
     int32_t* __restrict__ alive_all, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
@@ -403,7 +413,7 @@ __global__ void __launch_bounds__(1024) soft_nms_kernel(
   int par = 0;
   int64_t count = 0;
   if constexpr (K > 0) {
-    __shared__ int32_t pos_of[K * 1024];  // placement -> position; each thread reads its own
+    __shared__ int32_t pos_of[K * soft_threads<T, K>()];  // placement -> position; each thread reads its own
     __shared__ Box<T> slot_union[32 * K];
     const T inf = T(INFINITY);
     Box<T> bx[K];
@@ -534,9 +544,10 @@ __global__ void morton_kernel(const T* __restrict__ boxes, const int64_t* __rest
 // Register slots per thread for groups of up to `max_len` boxes (0: global memory).
 template <typename T>
 int soft_slots(int64_t max_len) {
-  if (max_len <= 1024) return 1;
-  if (max_len <= 4 * 1024) return 4;
-  if (sizeof(T) == 4 && max_len <= 8 * 1024) return 8;  // 8 fp64 boxes per thread spill registers
+  if (max_len <= soft_threads<T, 1>()) return 1;
+  if (max_len <= 4 * soft_threads<T, 4>()) return 4;
+  if (max_len <= 8 * soft_threads<T, 8>()) return 8;
+  if (sizeof(T) == 4 && max_len <= 16 * soft_threads<T, 16>()) return 16;
   return 0;
 }
 
@@ -552,8 +563,9 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
   switch (slots) {
     case 1: PVO_SOFT(1); break;
     case 4: PVO_SOFT(4); break;
-    case 8:
-      if constexpr (sizeof(T) == 4) PVO_SOFT(8);
+    case 8: PVO_SOFT(8); break;
+    case 16:
+      if constexpr (sizeof(T) == 4) PVO_SOFT(16);
       break;
     default: PVO_SOFT(0); break;
   }
