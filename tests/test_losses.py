@@ -730,9 +730,13 @@ def test_triton_launchers_check_shapes_like_the_cpu_ops():
         lambda: KL.dice_stats_backward(torch.ones(2, 4), x, torch.zeros(2, 5, dtype=torch.long), -100),
         lambda: KL.lovasz_gradient(torch.rand(3, 7), torch.tensor([7, 7])),
         lambda: KL.lovasz_softmax_rows(x, y, -100, False),
-        lambda: KC.softmax_cross_entropy(x, y, None, -100, 0.0),
-        lambda: KC.softmax_cross_entropy(x, torch.zeros(2, 5, dtype=torch.long), torch.ones(4), -100, 0.0),
-        lambda: KC.upsample_cross_entropy(x[..., None], torch.zeros(1, 4, 4, dtype=torch.long), False, None, -100, 0.0),
+        lambda: KC.softmax_cross_entropy(x, y, None, -100, 0.0, 1),
+        lambda: KC.softmax_cross_entropy(x, torch.zeros(2, 5, dtype=torch.long), torch.ones(4), -100, 0.0, 1),
+        lambda: KC.softmax_cross_entropy(x, torch.zeros(2, 5, dtype=torch.long), None, -100, 0.0, 3),
+        lambda: KC.softmax_cross_entropy_backward(torch.ones(2, 5), x, torch.zeros(2, 5, dtype=torch.long), None,
+                                                  torch.zeros(2, 2, 5), torch.ones(()), -100, 0.0, 1),
+        lambda: KC.upsample_cross_entropy(x[..., None], torch.zeros(1, 4, 4, dtype=torch.long), False, None, -100, 0.0,
+                                          0),
     ]
     for call in calls:
         with pytest.raises(RuntimeError):
