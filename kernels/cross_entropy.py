@@ -86,7 +86,7 @@ def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH
 def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, part, nparts, stats_ptr, P,
                offs, mask, HAS_W: tl.constexpr, STORE_LOSS: tl.constexpr):
     """Stores the positions' stats m and l (planes P apart), their loss when STORE_LOSS, and the
-    program's sums of loss and target weight (partial sums `part` of two rows of nparts)."""
+    program's fp64 sums of loss and target weight (partial sums `part` of two rows of nparts)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     ls = tl.where(mx == float("-inf"), float("nan"), tl.log(s))  # all logits -inf: NaN, as on the CPU
     # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
@@ -95,8 +95,8 @@ def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_p
                     0.0)
     if STORE_LOSS:
         tl.store(loss_ptr + offs, loss, mask=mask)
-    tl.store(part_ptr + part, tl.sum(loss, 0))
-    tl.store(part_ptr + nparts + part, tl.sum(wy, 0))
+    tl.store(part_ptr + part, tl.sum(loss.to(tl.float64), 0))
+    tl.store(part_ptr + nparts + part, tl.sum(wy.to(tl.float64), 0))
     tl.store(stats_ptr + offs, mx, mask=mask)
     tl.store(stats_ptr + P + offs, ls, mask=mask)
 
@@ -109,8 +109,8 @@ def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.conste
     ws = tl.zeros((BLOCK,), tl.float64)
     for i in range(0, nparts, BLOCK):
         o = i + tl.arange(0, BLOCK)
-        ls += tl.load(part_ptr + o, mask=o < nparts, other=0.0).to(tl.float64)
-        ws += tl.load(part_ptr + nparts + o, mask=o < nparts, other=0.0).to(tl.float64)
+        ls += tl.load(part_ptr + o, mask=o < nparts, other=0.0)
+        ws += tl.load(part_ptr + nparts + o, mask=o < nparts, other=0.0)
     lsum = tl.sum(ls, 0)
     wsum = tl.sum(ws, 0)
     tl.store(wsum_ptr, wsum.to(wsum_ptr.dtype.element_ty))
@@ -122,13 +122,13 @@ def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.conste
 
 @triton.jit
 def _position_grad(g_ptr, wsum_ptr, offs, mask, valid, G_STEP: tl.constexpr, MEAN: tl.constexpr):
-    """The loss gradient of each position (G_STEP 0: one value for all); the mean's is divided
-    by wsum, 0 when wsum is 0. Both are in the accumulation dtype."""
-    g = tl.where(valid, tl.load(g_ptr + offs * G_STEP, mask=mask, other=0.0), 0.0)
+    """The loss gradient of each position (G_STEP 0: one value for all), 0 where ignored; the
+    mean's is divided by wsum (inf or NaN when wsum is 0, as torch's). Both are in the
+    accumulation dtype."""
+    g = tl.load(g_ptr + offs * G_STEP, mask=mask, other=0.0)
     if MEAN:
-        den = tl.load(wsum_ptr)
-        g = tl.where(den == 0, 0.0, g / den)
-    return g
+        g = g / tl.load(wsum_ptr)
+    return tl.where(valid, g, 0.0)
 
 
 @triton.jit
@@ -221,10 +221,11 @@ def _weight(weight, logits):
 
 
 def _outputs(logits, shape, reduction, nparts):
-    """The forward's loss map (empty unless reduction is none), stats and partial sums."""
+    """The forward's loss map (empty unless reduction is none), stats and fp64 partial sums."""
     acc, dev = acc_dtype(logits.dtype), logits.device
     loss_map = torch.empty((shape[0] if reduction == 0 else 0, *shape[1:]), dtype=acc, device=dev)
-    return loss_map, torch.empty((2, *shape), dtype=acc, device=dev), torch.empty((2, nparts), dtype=acc, device=dev)
+    return (loss_map, torch.empty((2, *shape), dtype=acc, device=dev),
+            torch.empty((2, nparts), dtype=torch.float64, device=dev))
 
 
 def _reduce(loss_map, parts, reduction):

@@ -284,9 +284,9 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, grad_wsum, grad_stats):
     # wsum and the softmax stats are not differentiable outputs: only the loss is.
+    if grad_loss is None:  # only wsum or stats were used
+        return None, None, None, None, None, None
     logits, target, weight, stats, wsum = ctx.saved_tensors
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(stats[0] if ctx.args[-1] == 0 else wsum)
     dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, wsum, *ctx.args)
     return dz, None, None, None, None, None
 
@@ -312,10 +312,10 @@ def _up_ce_setup(ctx, inputs, output):
 
 
 def _up_ce_backward(ctx, grad_loss, grad_wsum, grad_stats):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
     logits, target, weight, stats, wsum = ctx.saved_tensors
     align_corners, ignore_index, label_smoothing, reduction = ctx.args
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(stats[0] if reduction == 0 else wsum)
     dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, stats, wsum,
                                              ignore_index, label_smoothing, reduction)
     return dz, None, None, None, None, None, None

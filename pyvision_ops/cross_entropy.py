@@ -10,7 +10,8 @@ keeps torch's precision at large logits (all logits near 1e8, or a loss near 0).
 the CPU (csrc/cpu/cross_entropy.cpp), Triton on CUDA (kernels/cross_entropy.py). The
 loss is fp32 (fp64 for fp64 logits), fp16/bf16 logits are read with fp32 accumulation.
 As torch does, the mean is NaN when the target weights sum to 0 (every target
-``ignore_index``, or only zero-weight classes). A target outside ``[0, C)`` that is not
+``ignore_index``, or only zero-weight classes), and so is its gradient at the positions
+that are not ignored. A target outside ``[0, C)`` that is not
 ``ignore_index`` raises on the CPU; on CUDA it is never used as an index (it counts as
 a class of weight 0, with no device assert: checking would cost a device-to-host sync).
 Only the logits are differentiable (a ``weight`` that requires grad is an error, as in

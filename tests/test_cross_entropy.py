@@ -49,6 +49,30 @@ def test_ignore_index_values_and_all_ignored():
     assert (g == 0).all()
 
 
+def test_mean_gradient_when_the_target_weights_sum_to_zero():
+    # all ignored, or only zero-weight classes: torch's mean gradient (0 at ignored
+    # positions, inf/NaN at the others), for both ops
+    x, y, w = batch(ignore=255)
+    w0 = w.clone()
+    w0[y[y != 255].unique()] = 0
+    z = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    yz = torch.randint(0, 5, (2, 7, 6))
+    wz = torch.ones(5, dtype=torch.float64)
+    wz[yz.unique()] = 0
+    cases = [(P.softmax_cross_entropy, F.cross_entropy, x, t, kw)
+             for t, kw in ((torch.full_like(y, 255), {}), (y, dict(weight=w0)),
+                           (y, dict(weight=w0, label_smoothing=0.1)))]
+    up = lambda t, yy, **k: F.cross_entropy(F.interpolate(t, size=yy.shape[-2:], mode="bilinear"), yy, **k)  # noqa: E731
+    cases.append((P.upsample_cross_entropy, up, z, yz, dict(weight=wz)))
+    for ours, ref, inp, target, kw in cases:
+        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        la, lb = ours(a, target, ignore_index=255, **kw), ref(b, target, ignore_index=255, **kw)
+        assert torch.isnan(la) and torch.isnan(lb)
+        ga, gb = torch.autograd.grad(la, [a])[0], torch.autograd.grad(lb, [b])[0]
+        torch.testing.assert_close(ga.isfinite(), gb.isfinite())
+        torch.testing.assert_close(ga.nan_to_num(posinf=1, neginf=-1), gb.nan_to_num(posinf=1, neginf=-1))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_low_precision_gives_fp32(dtype, tol):
     x, y, w = batch((2, 19, 16, 24), dtype=dtype, ignore=255)
@@ -291,11 +315,19 @@ def test_expanded_and_reduced_loss_gradients():
             _, wsum, stats = fwd(*args, w, 3, 0.1, 0)
             full = torch.full(stats.shape[1:], 0.7, dtype=torch.float64)
             want = bwd(full, *args, w, stats, wsum, 3, 0.1, 0)
-            torch.testing.assert_close(bwd(g.expand(full.shape), *args, w, stats, wsum, 3, 0.1, 0), want, rtol=0, atol=0)
+            one = g.expand(full.shape)
+            torch.testing.assert_close(bwd(one, *args, w, stats, wsum, 3, 0.1, 0), want, rtol=0, atol=0)
             torch.testing.assert_close(bwd(g, *args, w, stats, wsum, 3, 0.1, 2), want)
-            torch.testing.assert_close(bwd(g, *args, w, stats, wsum, 3, 0.1, 1), bwd(full / wsum, *args, w, stats, wsum,
-                                                                                     3, 0.1, 0))
-            assert bwd(g, *args, w, stats, torch.zeros_like(wsum), 3, 0.1, 1).abs().max() == 0  # mean of nothing
+            torch.testing.assert_close(bwd(g, *args, w, stats, wsum, 3, 0.1, 1),
+                                       bwd(full / wsum, *args, w, stats, wsum, 3, 0.1, 0))
+            # wsum 0 with targets that are not ignored (zero-weight classes): not finite, as torch's;
+            # ignored positions 0
+            d = bwd(g, *args, w, stats, torch.zeros_like(wsum), 3, 0.1, 1)
+            valid = (args[1] != 3).unsqueeze(1).expand_as(d) if fwd is impl.softmax_cross_entropy else None
+            if valid is not None:
+                assert not torch.isfinite(d[valid]).any() and (d[~valid] == 0).all()
+            else:
+                assert not torch.isfinite(d).all()
 
 
 @pytest.mark.interpreter

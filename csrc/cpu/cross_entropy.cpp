@@ -17,7 +17,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -78,18 +77,16 @@ void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target
   }
 }
 
-// The loss gradient of each position in T (divided by wsum under the mean, 0 when wsum is
-// 0), and whether it is one value for every position: a 0-d grad (mean, sum), or a
-// summed "none" loss's expanded scalar, read in place instead of materialised.
+// The loss gradient of each position in T (divided by wsum under the mean: inf or NaN when
+// wsum is 0, as torch's; ignored positions get 0 anyway), and whether it is one value for
+// every position: a 0-d grad (mean, sum), or a summed "none" loss's expanded scalar, read
+// in place instead of materialised.
 template <typename T>
 std::pair<at::Tensor, bool> loss_grad(const at::Tensor& grad, const at::Tensor& wsum, int64_t reduction) {
   const auto strides = grad.strides();
   const bool one = grad.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; });
   at::Tensor g = (one ? grad.as_strided({1}, {1}) : grad).to(c10::CppTypeToScalarType<T>::value).contiguous();
-  if (reduction == kMean) {
-    const double d = wsum.item<double>();
-    g = d == 0 ? at::zeros_like(g) : g.div(d);
-  }
+  if (reduction == kMean) g = g.div(wsum.item<double>());
   return {g, one};
 }
 
