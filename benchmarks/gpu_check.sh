@@ -4,7 +4,8 @@
 # run there), then the CUDA benchmarks. Logs and results go to $OUT (or
 # benchmarks/results). Budget: under 8 minutes. GPU_CHECK_QUICK=1 skips the CPU-only tests,
 # GPU_CHECK_ONLY=fam1,fam2 limits the benchmarks to those families, GPU_CHECK_TUNE=1 also
-# times the box IoU tile configs (benchmarks/tune_box_iou.py, ~1 minute).
+# times the box IoU tile configs and the cross-entropy block sizes (benchmarks/tune_*.py,
+# ~1.5 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -42,6 +43,9 @@ if [ -n "${GPU_CHECK_TUNE:-}" ]; then
   step "tune box_iou"
   timeout 120 $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1
   cat "$OUT/tune_box_iou.log"
+  step "tune cross_entropy"
+  timeout 60 $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
+  cat "$OUT/tune_cross_entropy.log"
 fi
 step done
 exit $rc

@@ -196,7 +196,9 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
         dp += S
 
 
-_BLOCK = 512
+_BLOCK = 512  # positions per program of the fused upsample kernels
+# Positions per program and warps of the plain kernels (benchmarks/tune_cross_entropy.py).
+CE_CONFIG = {"BLOCK": 512, "num_warps": 4}
 
 
 
@@ -239,14 +241,14 @@ def _reduce(loss_map, parts, reduction):
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
     _check("softmax_cross_entropy", logits, target, weight, 1, reduction)
     n, c, s = logits.shape
-    nb = triton.cdiv(s, _BLOCK)
+    nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
         _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats,
                                       c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
                                       HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
-                                      STORE_LOSS=reduction == 0, BLOCK=_BLOCK)
+                                      STORE_LOSS=reduction == 0, **CE_CONFIG)
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
@@ -254,7 +256,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
                                    reduction):
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
     n, c, s = logits.shape
-    nb = triton.cdiv(s, _BLOCK)
+    nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb:
@@ -263,7 +265,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
         _ce_backward_kernel[(n * nb,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
                                        stats.to(acc).contiguous(), dz, c, s, n * s, nb, ignore_index,
                                        1.0 - label_smoothing, label_smoothing / c, HAS_W=weight is not None,
-                                       G_STEP=g_step, MEAN=reduction == 1, BLOCK=_BLOCK)
+                                       G_STEP=g_step, MEAN=reduction == 1, **CE_CONFIG)
     return dz
 
 
