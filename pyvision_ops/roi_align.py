@@ -161,7 +161,8 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
     sampling_ratio = _check_sampling_ratio(sampling_ratio)
     aligned = _check_aligned(aligned)
-    _check_batch_index(rois, input.shape[0])
+    if isinstance(boxes, torch.Tensor):  # a list's indices are its positions, checked by _to_rois
+        _check_batch_index(rois, input.shape[0])
     return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -263,7 +264,8 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     ph, pw = _pair(output_size)
     sampling_ratio = _check_sampling_ratio(sampling_ratio)
     aligned = _check_aligned(aligned)
-    _check_batch_index(rois, f0.shape[0])
+    if isinstance(boxes, torch.Tensor):
+        _check_batch_index(rois, f0.shape[0])
     if len(features) == 1:  # torchvision pools from the one map whatever the box
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     else:
