@@ -24,6 +24,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -112,6 +113,32 @@ struct Classes {
     const T hard = keep == T(0) ? T(0) : keep * wy * ((m - zy) + l);
     return spread == T(0) ? hard : hard + spread * (wd + wsum * l);
   }
+  // The losses of n positions with targets y (0 where ignored) into `out` when given; returns
+  // their sum and the sum of their target weights, in double.
+  std::pair<double, double> losses(const int64_t* y, int64_t n, int64_t ignore_index, const T* m, const T* l,
+                                   const T* zy, const T* wd, T* out) const {
+    double ls = 0, ws = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const bool ign = y[j] == ignore_index;
+      const T wy = ign ? T(0) : w[y[j]];
+      const T lj = ign ? T(0) : loss(wy, m[j], l[j], zy[j], wd[j]);
+      if (out) out[j] = lj;
+      ls += lj, ws += wy;
+    }
+    return {ls, ws};
+  }
+  // The backward's per-position factors, dz_c = a p_c - b [c = y] - gm spread w_c (see the
+  // top): gm = g (0 where ignored), a = gm (keep w_y + spread W), b = gm keep w_y.
+  void grad_factors(const int64_t* y, int64_t n, int64_t ignore_index, const T* g, int64_t g_step, T* gm, T* a,
+                    T* b) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const bool ign = y[j] == ignore_index;
+      const T wy = ign ? T(0) : w[y[j]];
+      gm[j] = ign ? T(0) : g[j * g_step];
+      a[j] = gm[j] * (keep * wy + spread * wsum);
+      b[j] = gm[j] * keep * wy;
+    }
+  }
 };
 
 // Over the C planes (stride S) of a block of n positions: mx[j] = m, ls[j] = l,
@@ -177,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
   const int64_t* py = y.const_data_ptr<int64_t>();
   const int64_t nb = (S + kBlock - 1) / kBlock;
   std::vector<double> loss_sums(N * nb), weight_sums(N * nb);
-  if (N * S > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
+  if (N * S > 0)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
@@ -191,15 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
         T *m = pm + n * S + j0, *l = m + N * S;
         block_stats<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), m, sum.data(), wd.data(), zy.data(),
                                  l);
-        double ls = 0, ws = 0;
-        for (int64_t j = 0; j < cnt; ++j) {
-          const bool ign = yy[j] == ignore_index;
-          const T wy = ign ? T(0) : w[yy[j]];
-          const T lj = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
-          if (pl) pl[n * S + j0 + j] = lj;
-          ls += lj, ws += wy;
-        }
-        loss_sums[task] = ls, weight_sums[task] = ws;
+        std::tie(loss_sums[task], weight_sums[task]) =
+            cls.losses(yy, cnt, ignore_index, m, l, zy.data(), wd.data(), pl ? pl + n * S + j0 : nullptr);
       }
     });
   });
@@ -210,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
 
 at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                              const at::Tensor& stats, const at::Tensor& target_wsum, int64_t ignore_index,
-                                              double label_smoothing, int64_t reduction) {
+                                              const at::Tensor& stats, const at::Tensor& target_wsum,
+                                              int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_ce("softmax_cross_entropy_backward", logits, target, weight);
   check_grad("softmax_cross_entropy_backward", grad, target_wsum, target, reduction);
   const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
@@ -225,7 +246,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& w = cls.w;
-    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
+    const T spread = cls.spread;
     const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
     const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
@@ -239,14 +260,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
         const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
         const int64_t* yy = py + n * S + j0;
         const T* gg = pg + (n * S + j0) * g_step;
-        // dz_c = g (keep w_y + spread W) p_c - g (keep w_y [c = y] + spread w_c); 0 where ignored
-        for (int64_t j = 0; j < cnt; ++j) {
-          const bool ign = yy[j] == ignore_index;
-          const T wy = ign ? T(0) : w[yy[j]];
-          gm[j] = ign ? T(0) : gg[j * g_step];
-          a[j] = gm[j] * (keep * wy + spread * wsum);
-          b[j] = gm[j] * keep * wy;
-        }
+        cls.grad_factors(yy, cnt, ignore_index, gg, g_step, gm.data(), a.data(), b.data());
         block_grad<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), a.data(), b.data(), gm.data(),
                                 pm + n * S + j0, pm + N * S + n * S + j0, spread, pd + n * C * S + j0);
       }
@@ -299,7 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
   losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
   std::vector<double> loss_sums(N * H), weight_sums(N * H);
-  if (y.numel() > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
+  if (y.numel() > 0)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& wc = cls.w;
@@ -317,15 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
         const int64_t* yy = py + row * W;
         T *m = pm + row * W, *l = m + P;
         block_stats<T, T>(u.data(), C, W, W, yy, wc.data(), m, sum.data(), wd.data(), zy.data(), l);
-        double ls = 0, ws = 0;
-        for (int64_t j = 0; j < W; ++j) {
-          const bool ign = yy[j] == ignore_index;
-          const T wy = ign ? T(0) : wc[yy[j]];
-          const T lj = ign ? T(0) : cls.loss(wy, m[j], l[j], zy[j], wd[j]);
-          if (pl) pl[row * W + j] = lj;
-          ls += lj, ws += wy;
-        }
-        loss_sums[row] = ls, weight_sums[row] = ws;
+        std::tie(loss_sums[row], weight_sums[row]) =
+            cls.losses(yy, W, ignore_index, m, l, zy.data(), wd.data(), pl ? pl + row * W : nullptr);
       }
     });
   });
@@ -337,8 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
 at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                const at::Tensor& target, bool align_corners,
                                                const std::optional<at::Tensor>& weight, const at::Tensor& stats,
-                                               const at::Tensor& target_wsum, int64_t ignore_index, double label_smoothing,
-                                               int64_t reduction) {
+                                               const at::Tensor& target_wsum, int64_t ignore_index,
+                                               double label_smoothing, int64_t reduction) {
   check_up("upsample_cross_entropy_backward", logits, target, weight);
   check_grad("upsample_cross_entropy_backward", grad, target_wsum, target, reduction);
   const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
@@ -352,7 +360,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& wc = cls.w;
-    const T wsum = cls.wsum, keep = cls.keep, spread = cls.spread;
+    const T spread = cls.spread;
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
@@ -372,13 +380,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
           const interp::Tap<T>& tyo = ty[oy];
           upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, tyo, tx, blend.data(), u.data());
           const int64_t* yy = py + row * W;
-          for (int64_t j = 0; j < W; ++j) {
-            const bool ign = yy[j] == ignore_index;
-            const T wy = ign ? T(0) : wc[yy[j]];
-            gm[j] = ign ? T(0) : pg[(row * W + j) * g_step];
-            a[j] = gm[j] * (keep * wy + spread * wsum);
-            b[j] = gm[j] * keep * wy;
-          }
+          cls.grad_factors(yy, W, ignore_index, pg + row * W * g_step, g_step, gm.data(), a.data(), b.data());
           block_grad<T, T>(u.data(), C, W, W, yy, wc.data(), a.data(), b.data(), gm.data(), pm + row * W,
                            pm + P + row * W, spread, du.data());
           for (int64_t c = 0; c < C; ++c) {
