@@ -55,15 +55,15 @@ void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& wsum, 
 
 // The loss and wsum outputs from the per-block sums of the loss and the target weights.
 // `map` is the per-position loss (reduction none).
-at::Tensor reduced(const std::vector<double>& loss_sums, const std::vector<double>& weight_sums, int64_t reduction,
-                   const at::Tensor& map, const at::TensorOptions& opt, at::Tensor& wsum) {
+std::pair<at::Tensor, at::Tensor> reduced(const std::vector<double>& loss_sums,
+                                          const std::vector<double>& weight_sums, int64_t reduction,
+                                          const at::Tensor& map, const at::TensorOptions& opt) {
   double ls = 0, ws = 0;
   for (size_t i = 0; i < loss_sums.size(); ++i) ls += loss_sums[i], ws += weight_sums[i];
-  wsum = at::scalar_tensor(ws, opt);
-  if (reduction == kNone) return map;
   // torch's weighted mean: NaN when the target weights sum to 0 (with label smoothing the
   // loss sum is then > 0, which would give inf).
-  return at::scalar_tensor(reduction == kSum ? ls : ws == 0 ? std::nan("") : ls / ws, opt);
+  const double value = reduction == kSum ? ls : ws == 0 ? std::nan("") : ls / ws;
+  return {reduction == kNone ? map : at::scalar_tensor(value, opt), at::scalar_tensor(ws, opt)};
 }
 
 void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target,
@@ -224,8 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
       }
     });
   });
-  at::Tensor wsum;
-  at::Tensor loss = reduced(loss_sums, weight_sums, reduction, map, opt, wsum);
+  auto [loss, wsum] = reduced(loss_sums, weight_sums, reduction, map, opt);
   return {loss, wsum, stats};
 }
 
@@ -337,8 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
       }
     });
   });
-  at::Tensor wsum;
-  at::Tensor loss = reduced(loss_sums, weight_sums, reduction, map, opt, wsum);
+  auto [loss, wsum] = reduced(loss_sums, weight_sums, reduction, map, opt);
   return {loss, wsum, stats};
 }
 
