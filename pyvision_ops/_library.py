@@ -275,23 +275,29 @@ def _(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing, 
     return torch.empty_like(logits)
 
 
-def _ce_setup(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, reduction = inputs
-    ctx.save_for_backward(logits, target, weight, output[2], output[1])
-    ctx.args = (ignore_index, label_smoothing, reduction)
-    ctx.set_materialize_grads(False)  # no zero gradients for wsum and stats (a full map) each step
+def _register_ce_autograd(op: str) -> None:
+    """Autograd of a cross-entropy op, whose inputs are (logits, target, *options, weight,
+    ignore_index, label_smoothing, reduction) and outputs (loss, wsum, stats); its backward op
+    takes (grad, logits, target, *options, weight, stats, wsum, ignore_index, label_smoothing,
+    reduction). wsum and stats are not differentiable: only the loss is."""
+    backward_op = getattr(ops, f"{op}_backward")
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[-4], output[2], output[1])
+        ctx.options, ctx.args, ctx.n_inputs = inputs[2:-4], inputs[-3:], len(inputs)
+        ctx.set_materialize_grads(False)  # no zero gradients for wsum and stats (a full map) each step
+
+    def backward(ctx, grad_loss, grad_wsum, grad_stats):
+        if grad_loss is None:  # only wsum or stats were used
+            return (None,) * ctx.n_inputs
+        logits, target, weight, stats, wsum = ctx.saved_tensors
+        dz = backward_op(grad_loss, logits, target, *ctx.options, weight, stats, wsum, *ctx.args)
+        return (dz,) + (None,) * (ctx.n_inputs - 1)
+
+    torch.library.register_autograd(f"pyvision_ops::{op}", backward, setup_context=setup)
 
 
-def _ce_backward(ctx, grad_loss, grad_wsum, grad_stats):
-    # wsum and the softmax stats are not differentiable outputs: only the loss is.
-    if grad_loss is None:  # only wsum or stats were used
-        return None, None, None, None, None, None
-    logits, target, weight, stats, wsum = ctx.saved_tensors
-    dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, wsum, *ctx.args)
-    return dz, None, None, None, None, None
-
-
-torch.library.register_autograd("pyvision_ops::softmax_cross_entropy", _ce_backward, setup_context=_ce_setup)
+_register_ce_autograd("softmax_cross_entropy")
 
 
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy")
@@ -304,24 +310,7 @@ def _(grad, logits, target, align_corners, weight, stats, wsum, ignore_index, la
     return torch.empty_like(logits)
 
 
-def _up_ce_setup(ctx, inputs, output):
-    logits, target, align_corners, weight, ignore_index, label_smoothing, reduction = inputs
-    ctx.save_for_backward(logits, target, weight, output[2], output[1])
-    ctx.args = (align_corners, ignore_index, label_smoothing, reduction)
-    ctx.set_materialize_grads(False)
-
-
-def _up_ce_backward(ctx, grad_loss, grad_wsum, grad_stats):
-    if grad_loss is None:
-        return None, None, None, None, None, None, None
-    logits, target, weight, stats, wsum = ctx.saved_tensors
-    align_corners, ignore_index, label_smoothing, reduction = ctx.args
-    dz = ops.upsample_cross_entropy_backward(grad_loss, logits, target, align_corners, weight, stats, wsum,
-                                             ignore_index, label_smoothing, reduction)
-    return dz, None, None, None, None, None, None
-
-
-torch.library.register_autograd("pyvision_ops::upsample_cross_entropy", _up_ce_backward, setup_context=_up_ce_setup)
+_register_ce_autograd("upsample_cross_entropy")
 
 
 # --------------------------------------------------------------------- losses

@@ -111,19 +111,11 @@ def _check_batch_index(rois, batch_size):
                              f"(truncated toward zero, it must name one of the {batch_size} images)")
 
 
-# The adaptive sampling grid's cap per bin axis (roi::kMaxGrid in csrc/common/roi_align.h).
-_MAX_SAMPLING_RATIO = 1 << 16
-
-
 def _check_sampling_ratio(value) -> int:
+    # The range, [-2**31, 65536], is the ops' own check (roi::check_rois, a ValueError).
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"sampling_ratio must be an int, got {type(value).__name__}")
-    value = int(value)
-    # Above the cap a bin takes more than 2^32 samples (torchvision runs for hours); below
-    # int32 the kernels' int would wrap (torchvision reads -2**32 + 2 as 2).
-    if not -(2**31) <= value <= _MAX_SAMPLING_RATIO:
-        raise ValueError(f"sampling_ratio must be in [-2**31, {_MAX_SAMPLING_RATIO}] (<= 0: adaptive), got {value}")
-    return value
+    return _utils.check_int64("sampling_ratio", int(value))
 
 
 def _check_aligned(value) -> bool:

@@ -536,8 +536,9 @@ def test_raw_soft_nms_op_rejects_nan_arguments(iou_threshold, sigma, score_thres
 def test_thresholds_accept_numpy_scalars_and_0d_tensors(thr, as_float):
     # As torchvision does: any real number, and 0-d real tensors.
     boxes, scores, idxs = detections(300, seed=29, categories=3)
-    torch.testing.assert_close(P.nms(boxes, scores, thr), P.nms(boxes, scores, as_float), rtol=0, atol=0)
-    torch.testing.assert_close(P.nms(boxes, scores, thr), tv.nms(boxes, scores, thr), rtol=0, atol=0)
+    keep = P.nms(boxes, scores, thr)
+    torch.testing.assert_close(keep, P.nms(boxes, scores, as_float), rtol=0, atol=0)
+    torch.testing.assert_close(keep, tv.nms(boxes, scores, thr), rtol=0, atol=0)
     torch.testing.assert_close(P.batched_nms(boxes, scores, idxs, thr), P.batched_nms(boxes, scores, idxs, as_float))
     for x, y in zip(P.soft_nms(boxes, scores, thr, sigma=thr if as_float > 0 else 0.5, score_threshold=thr),
                     P.soft_nms(boxes, scores, as_float, sigma=as_float if as_float > 0 else 0.5,

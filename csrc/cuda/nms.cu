@@ -25,7 +25,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -556,10 +555,12 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
                  const int64_t* start, const int64_t* len, const int32_t* place, T thr, T inv_sigma, T score_thr,
                  int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
   const int64_t per_thread = slots > 0 ? (max_len + slots - 1) / slots : max_len;
-  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (per_thread + 31) / 32 * 32)));
-#define PVO_SOFT(KK)                                                                                              \
-  soft_nms_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(boxes, scores, start, len, place, thr, inv_sigma, \
-                                                                 score_thr, alive, out_pos, out_score, out_count)
+  const int64_t threads_needed = std::max<int64_t>(32, (per_thread + 31) / 32 * 32);
+  // soft_slots keeps a register layout's threads within its bound; the global one takes them all.
+#define PVO_SOFT(KK)                                                                                      \
+  soft_nms_kernel<T, METHOD, KK>                                                                          \
+      <<<groups, static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed)), 0, stream>>>( \
+          boxes, scores, start, len, place, thr, inv_sigma, score_thr, alive, out_pos, out_score, out_count)
   switch (slots) {
     case 1: PVO_SOFT(1); break;
     case 4: PVO_SOFT(4); break;
