@@ -1,5 +1,6 @@
 // Every op schema of pyvision_ops, and the _C Python module.
 // Kernels live in csrc/cpu, csrc/cuda (CUDA C++) and kernels/ (Triton, registered from Python).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -93,6 +94,18 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "upsample_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool align_corners, "
       "Tensor? weight, Tensor stats, Tensor wsum, int ignore_index, float label_smoothing, int reduction) -> Tensor");
+}
+
+// The backward ops are not differentiable again: a second derivative through one raises
+// ("derivative for pyvision_ops::... is not implemented") instead of silently giving zeros.
+// Registered here rather than from Python, where the autograd wrapper cost about 20 us per
+// backward call (upsample_bilinear_backward is differentiable: _library.py registers that).
+TORCH_LIBRARY_IMPL(pyvision_ops, Autograd, m) {
+  for (const char* op : {"matched_box_iou_backward", "roi_align_backward", "multi_scale_roi_align_backward",
+                         "sigmoid_focal_loss_backward", "dice_stats_backward", "softmax_cross_entropy_backward",
+                         "upsample_cross_entropy_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 namespace {

@@ -408,19 +408,3 @@ _register_triton("softmax_cross_entropy", "cross_entropy")
 _register_triton("softmax_cross_entropy_backward", "cross_entropy")
 _register_triton("upsample_cross_entropy", "cross_entropy")
 _register_triton("upsample_cross_entropy_backward", "cross_entropy")
-
-
-# The other backward ops are not differentiable again: a second derivative through them
-# raises instead of silently giving zeros.
-def _no_double_backward(op: str) -> None:
-    def backward(ctx, *grads):
-        raise RuntimeError(f"pyvision_ops::{op} is not differentiable: double backward (e.g. a gradient penalty "
-                           "through this op) is not supported")
-
-    torch.library.register_autograd(f"pyvision_ops::{op}", backward, setup_context=lambda ctx, inputs, output: None)
-
-
-for _op in ("matched_box_iou_backward", "roi_align_backward", "multi_scale_roi_align_backward",
-            "sigmoid_focal_loss_backward", "dice_stats_backward", "softmax_cross_entropy_backward",
-            "upsample_cross_entropy_backward"):
-    _no_double_backward(_op)

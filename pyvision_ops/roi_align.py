@@ -26,8 +26,8 @@ weight, and no others; torchvision also multiplies the zero-weight corners of it
 samples (on whole pixels, on the border rows and columns: 0 * inf = NaN), so where
 it returns NaN this may return the inf or finite value the weights define.
 A batch index is truncated toward zero, as in torchvision (-0.5 is image 0). One
-outside ``(-1, N)`` raises ``ValueError`` on the CPU (``RuntimeError``, from the
-kernel, under ``torch.compile``); on CUDA it is not checked (that would need a
+outside ``(-1, N)`` raises ``ValueError`` on the CPU (from the kernel, so under
+``torch.compile`` too); on CUDA it is not checked (that would need a
 device-to-host sync): such a RoI pools to zeros and gets no gradient, and nothing
 outside the input is ever read.
 
@@ -98,19 +98,6 @@ def _roi_dtype(dtype, input):
     return dtype if dtype in (torch.float32, torch.float64) else _acc_dtype(input.dtype)
 
 
-def _check_batch_index(rois, batch_size):
-    # Reading the indices would sync a GPU (on CUDA an out-of-range RoI pools to zeros), and
-    # is data-dependent under torch.compile; there the CPU kernel raises (RuntimeError).
-    # The index is truncated toward zero, as in torchvision: -0.5 is image 0.
-    if rois.device.type == "cpu" and rois.numel() > 0 and not torch.compiler.is_compiling():
-        idx = rois[:, 0]
-        bad = torch.isfinite(idx) & ((idx <= -1) | (idx.trunc() >= batch_size))
-        if bool(bad.any()):
-            k = int(torch.nonzero(bad)[0])
-            raise ValueError(f"boxes: RoI {k} has batch index {idx[k].item()} outside (-1, {batch_size}) "
-                             f"(truncated toward zero, it must name one of the {batch_size} images)")
-
-
 def _check_sampling_ratio(value) -> int:
     # The range, [-2**31, 65536], is the ops' own check (roi::check_rois, a ValueError).
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -153,8 +140,6 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
     sampling_ratio = _check_sampling_ratio(sampling_ratio)
     aligned = _check_aligned(aligned)
-    if isinstance(boxes, torch.Tensor):  # a list's indices are its positions, checked by _to_rois
-        _check_batch_index(rois, input.shape[0])
     return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -256,8 +241,6 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     ph, pw = _pair(output_size)
     sampling_ratio = _check_sampling_ratio(sampling_ratio)
     aligned = _check_aligned(aligned)
-    if isinstance(boxes, torch.Tensor):
-        _check_batch_index(rois, f0.shape[0])
     if len(features) == 1:  # torchvision pools from the one map whatever the box
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     else:

@@ -511,5 +511,5 @@ def test_double_backward_raises():
     for loss in (P.softmax_cross_entropy(x, y, reduction="sum"),
                  P.upsample_cross_entropy(x.reshape(3, 4, 5, 1), y.reshape(3, 5, 1), reduction="sum")):
         (g,) = torch.autograd.grad(loss, [x], create_graph=True)
-        with pytest.raises(RuntimeError, match="double backward"):
+        with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
             torch.autograd.grad(g.square().sum(), [x])

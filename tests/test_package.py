@@ -71,11 +71,11 @@ def test_double_backward_raises_instead_of_giving_zeros():
     for inp, loss in ((b1, P.complete_box_iou_loss(b1, b2, reduction="sum")),
                       (b1, P.sigmoid_focal_loss(b1, torch.rand(2, 4, dtype=torch.float64), reduction="sum"))):
         (g,) = torch.autograd.grad(loss, [inp], create_graph=True)
-        with pytest.raises(RuntimeError, match="double backward"):
+        with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
             torch.autograd.grad(g.square().sum(), [inp])
     # RoI Align is linear in its input: its gradient depends on the incoming gradient only.
     out = P.roi_align(x, rois, 2, sampling_ratio=2)
     v = torch.ones_like(out, requires_grad=True)
     (g,) = torch.autograd.grad(out, [x], grad_outputs=v, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
         torch.autograd.grad(g.sum(), [v])

@@ -1,4 +1,5 @@
 import contextlib
+import math
 from collections import OrderedDict
 
 import pytest
@@ -479,6 +480,13 @@ def test_multi_scale_bad_arguments(kwargs, exc, words):
          ValueError, "sampling_ratio"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[-1.0, 0, 0, 1, 1]]), 2), ValueError,
          "batch index"),
+        # checked whatever else the RoI or input is: no channels, a NaN coordinate
+        (lambda: P.roi_align(torch.zeros(1, 0, 4, 4), torch.tensor([[2.0, 0, 0, 1, 1]]), 2), ValueError,
+         "batch index"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[2.0, math.nan, 0, 1, 1]]), 2), ValueError,
+         "batch index"),
+        (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.tensor([[1.0, 0, 0, 1, 1]]), 2, [1.0]),
+         ValueError, "batch index"),
     ],
 )
 def test_bad_input(call, exc, words):
@@ -488,8 +496,11 @@ def test_bad_input(call, exc, words):
 
 def test_op_level_batch_index_check():
     for b in (5.0, 1e30, -1.0, -1e30):  # 1e30 would overflow an int64 cast
-        with pytest.raises(RuntimeError, match="batch index"):
+        with pytest.raises(ValueError, match="boxes: RoI 0 has batch index"):
             ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
+        with pytest.raises(ValueError, match="boxes: RoI 0 has batch index"):
+            ops.roi_align_backward(torch.zeros(1, 3, 2, 2), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, 1, 3, 4, 4,
+                                   -1, False)
 
 
 def test_fractional_batch_index_of_an_empty_batch_raises():
@@ -498,9 +509,9 @@ def test_fractional_batch_index_of_an_empty_batch_raises():
     x, r = torch.zeros(0, 3, 4, 4), torch.tensor([[-0.5, 0, 0, 1, 1]])
     with pytest.raises(ValueError, match="batch index"):
         P.roi_align(x, r, 2)
-    with pytest.raises(RuntimeError, match="batch index"):
+    with pytest.raises(ValueError, match="batch index"):
         ops.roi_align(x, r, 1.0, 2, 2, -1, False)
-    with pytest.raises(RuntimeError, match="batch index"):
+    with pytest.raises(ValueError, match="batch index"):
         ops.multi_scale_roi_align([x], r, torch.zeros(1, dtype=torch.long), [1.0], 2, 2, 2, False)
 
 

@@ -57,6 +57,20 @@ void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, 
   }
 }
 
+// Every finite batch index must name an image once truncated toward zero, as in torchvision:
+// (-1, batch_size), so -0.5 is image 0 when there is one. Checked in T, the type the tables
+// cast from (a huge index would overflow the cast). Non-finite: the RoI pools to zeros.
+template <typename T>
+void check_batch_index(const char* op, const at::Tensor& rois, int64_t batch_size) {
+  const T* pr = rois.const_data_ptr<T>();
+  for (int64_t k = 0; k < rois.size(0); ++k) {
+    const T b = pr[k * 5];
+    TORCH_CHECK_VALUE(!std::isfinite(b) || (b > T(-1) && std::trunc(b) < static_cast<T>(batch_size)), op,
+                      ": boxes: RoI ", k, " has batch index ", b, " outside (-1, ", batch_size,
+                      ") (truncated toward zero, it must name one of the ", batch_size, " images)");
+  }
+}
+
 template <typename T>
 Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const std::vector<Level>& levels,
                       int64_t batch_size, int ph, int pw, int sampling_ratio, bool aligned) {
@@ -73,8 +87,7 @@ Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const st
   t.ny.assign(K * ph, 0);
   t.nx.assign(K * pw, 0);
   t.groups.assign(L * batch_size, {});
-  const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const T* pr = r.const_data_ptr<T>();
+  const T* pr = rois.const_data_ptr<T>();  // contiguous, in T (pool, unpool)
   std::vector<roi::Geometry<T>> geo(K);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t l = roi_level ? roi_level[k] : 0;
@@ -85,11 +98,7 @@ Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const st
     geo[k] = roi::geometry<T>(pr + k * 5, static_cast<T>(lv.scale), ph, pw, sampling_ratio, aligned);
     const T b = pr[k * 5];
     if (geo[k].valid && geo[k].inv_count > T(0) && std::isfinite(b) && lv.H > 0 && lv.W > 0) {
-      // Checked before the cast (a huge index would overflow it); truncated toward zero as in
-      // torchvision, so (-1, batch_size) is valid when there is an image (-0.5 is image 0).
-      TORCH_CHECK(b > T(-1) && std::trunc(b) < static_cast<T>(batch_size), "roi_align: RoI ", std::to_string(k),
-                  " has batch index ", std::to_string(b), " outside (-1, ", std::to_string(batch_size), ")");
-      const int64_t bi = static_cast<int64_t>(b);
+      const int64_t bi = static_cast<int64_t>(b);  // in range: check_batch_index
       t.batch[k] = bi;
       t.span_h[k] = roi::axis_span(geo[k].bin_h, static_cast<int>(lv.H));
       t.span_w[k] = roi::axis_span(geo[k].bin_w, static_cast<int>(lv.W));
@@ -395,11 +404,14 @@ at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois,
     levels.push_back({f.size(2), f.size(3), scales[l]});
   }
   auto out = zeros_like_format({K, C, ph, pw}, x0.options(), cl);
-  if (K == 0 || C == 0) return out;
+  if (K == 0) return out;
   at::Tensor lv = roi_levels ? roi_levels->to(at::kLong).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "roi_align_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto t = make_tables<T>(rois, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
+    const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    check_batch_index<T>(roi_levels ? "multi_scale_roi_align" : "roi_align", r, B);
+    if (C == 0) return;
+    const auto t = make_tables<T>(r, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
                                   static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(sampling_ratio),
                                   aligned);
     forward_impl<scalar_t>(feats, levels, t, B, C, cl, out);
@@ -421,11 +433,14 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
     grads.push_back(zeros_like_format({B, C, hw[l][0], hw[l][1]}, grad.options(), cl));
     levels.push_back({hw[l][0], hw[l][1], scales[l]});
   }
-  if (K == 0 || C == 0 || B == 0) return grads;
+  if (K == 0) return grads;
   at::Tensor lv = roi_levels ? roi_levels->to(at::kLong).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto t = make_tables<T>(rois, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
+    const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    check_batch_index<T>(roi_levels ? "multi_scale_roi_align_backward" : "roi_align_backward", r, B);
+    if (C == 0 || B == 0) return;
+    const auto t = make_tables<T>(r, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
                                   static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(sampling_ratio),
                                   aligned);
     backward_impl<scalar_t>(g, levels, t, B, C, cl, grads);
