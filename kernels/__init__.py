@@ -19,3 +19,12 @@ def loss_grad(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int
     if grad.numel() and all(st == 0 for st in grad.stride()):
         return grad.as_strided((1,), (1,)).to(dtype), 0
     return grad.to(dtype).contiguous(), 1
+
+
+def column_blocks(op: str, width: int, block: int) -> int:
+    """Blocks of `block` columns along grid dimension y, which CUDA caps at 65535."""
+    blocks = -(-width // block)
+    if blocks > 65535:
+        raise NotImplementedError(f"{op}: a width of {width} needs {blocks} blocks of {block} columns, more than "
+                                  "CUDA's 65535 along a grid dimension")
+    return blocks

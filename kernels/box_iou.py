@@ -249,8 +249,9 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     rest = pid // num_m
     pid_n = rest % num_n
     b = (rest // num_n).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64: the box offsets idx * 4 pass 2^31 from N or M = 2^29
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Loads clamp instead of masking (N, M >= 1); only the store of a partial tile is masked.
     ln = tl.minimum(rn, N - 1)
     lm = tl.minimum(rm, M - 1)
@@ -265,7 +266,7 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
                       bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
                       ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
-    offs = b * N * M + rn[:, None].to(tl.int64) * M + rm[None, :]
+    offs = b * N * M + rn[:, None] * M + rm[None, :]
     if EVEN:
         tl.store(out_ptr + offs, val)
     else:

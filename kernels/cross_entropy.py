@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import loss_grad, require
+from . import column_blocks, loss_grad, require
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
 
@@ -137,7 +137,7 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
     positions' offsets in [N, S] and in class plane 0 of the logits, their mask, targets and
     validity."""
     n = (pid // nb).to(tl.int64)
-    j = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
+    j = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # S may pass 2^31
     mj = j < S
     y = tl.load(y_ptr + n * S + j, mask=mj, other=ignore_index)
     return n * S + j, n * C * S + j, mj, y, (y != ignore_index) & mj
@@ -350,7 +350,7 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
     _check("upsample_cross_entropy", logits, target, weight, 2, reduction)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
-    grid = (n * H, triton.cdiv(W, _BLOCK))
+    grid = (n * H, column_blocks("upsample_cross_entropy", W, _BLOCK))
     loss_map, stats, parts = _outputs(logits, (n, H, W), reduction, grid[0] * grid[1])
     if parts.numel():
         ty, tx = _up_taps(logits, target, align_corners, stats.dtype)
@@ -384,7 +384,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
-        _up_ce_contract_x_kernel[(n * H, triton.cdiv(w, tx.bx))](
+        _up_ce_contract_x_kernel[(n * H, column_blocks("upsample_cross_entropy_backward", w, tx.bx))](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
             n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None,
             G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)

@@ -220,7 +220,7 @@ def _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK: tl.constexpr):
     """Row r and positions i of block pid; hit = 1 where entry i is a valid foreground entry."""
     r = (pid // nb).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), M)
-    i = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
+    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # M may pass 2^31
     m = i < n
     hit = ((tl.load(fg_ptr + r * M + i, mask=m, other=0.0) != 0) & m).to(tl.int64)
     return r, i, m, hit

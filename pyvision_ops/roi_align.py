@@ -20,7 +20,8 @@ Backends:
   both work channels_last: an NCHW gradient is transposed there and back, which
   costs O(input) extra memory and is much faster than NCHW atomics.
 
-A RoI with a NaN or infinite coordinate pools to zeros (and gets no gradient).
+A RoI with a NaN or infinite coordinate, or whose width or height overflows its dtype
+(finite corners about 3e38 apart in fp32), pools to zeros (and gets no gradient).
 An inf or NaN feature value reaches the bins whose samples give its cell a nonzero
 weight, and no others; torchvision also multiplies the zero-weight corners of its
 samples (on whole pixels, on the border rows and columns: 0 * inf = NaN), so where

@@ -158,6 +158,12 @@ def test_triton_interpreter_direct_op_edges():
         K.upsample_bilinear(torch.ones(1, 1, 0, 3), 4, 4, False, -1.0, -1.0)
     with pytest.raises(NotImplementedError, match="8192x"):
         K.upsample_bilinear_backward(torch.ones(1, 1, 1, 9000), 1, 1, False, -1.0, -1.0)
+    # column blocks go along grid dimension y, at most 65535 of them
+    from pyvision_ops.kernels import column_blocks
+
+    assert column_blocks("op", 256 * 65535, 256) == 65535
+    with pytest.raises(NotImplementedError, match="op: a width of 16776961 needs 65536 blocks"):
+        column_blocks("op", 256 * 65535 + 1, 256)
 
 
 @pytest.mark.gpu

@@ -119,6 +119,20 @@ def focal_outside_targets(dtype=torch.float64):
     return x, t
 
 
+def test_focal_negative_gamma_near_float_overflow():
+    # gamma < 0: m^gamma = exp(gamma log m) reaches expf's overflow threshold. The fp32 CPU
+    # exp gave inf just below it and wrapped to tiny negative values above it.
+    x = torch.cat([torch.linspace(43.0, 44.35, 64), torch.linspace(44.4, 60.0, 16)]).double()
+    t = torch.ones_like(x)
+    ours = P.sigmoid_focal_loss(x.float(), t.float(), gamma=-2.0)
+    exact = P.sigmoid_focal_loss(x, t, gamma=-2.0)  # fp64: std::exp
+    m_pow = (-x).exp() ** -2.0  # m = 1 - p = exp(-x) (to fp32 rounding) at t = 1
+    finite = m_pow < torch.finfo(torch.float32).max * 0.999
+    assert finite[:64].all() and not finite[64:].any()
+    torch.testing.assert_close(ours[finite].double(), exact[finite], rtol=2e-5, atol=0)
+    assert torch.isposinf(ours[~finite]).all()
+
+
 @pytest.mark.parametrize("gamma", [1.0, 3.0, 4.0, 5.0, 0.5, 1.5])
 @pytest.mark.parametrize("alpha", [-1, 0.25])
 def test_focal_targets_outside_unit_interval(gamma, alpha):

@@ -174,6 +174,22 @@ def test_nan_and_inf_boxes_give_zeros():
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_corners_whose_size_overflows_give_zeros(dtype):
+    # each corner finite, the width not (inf): bin 0's first sample would sit at 0 * inf = NaN,
+    # which the CPU kernel cast to an int cell far outside the map
+    big = torch.finfo(dtype).max / 2
+    x = feature(b=1, c=2, h=8, w=8).to(dtype).requires_grad_()
+    rois = torch.tensor([[0, -1.5 * big, 0, 1.5 * big, 10], [0, 1, 1, 5, 5]], dtype=dtype)
+    for aligned in (False, True):
+        out = P.roi_align(x, rois, 7, 1.0, -1, aligned)
+        assert (out[0] == 0).all()
+        torch.testing.assert_close(out[1:], P.roi_align(x, rois[1:], 7, 1.0, -1, aligned))
+        (g,) = torch.autograd.grad(out.sum(), [x])
+        (g1,) = torch.autograd.grad(P.roi_align(x, rois[1:], 7, 1.0, -1, aligned).sum(), [x])
+        torch.testing.assert_close(g, g1)
+
+
 def test_huge_roi_does_not_hang():
     x = feature(b=1, c=2, h=8, w=8)
     rois = torch.tensor([[0, 0, 0, 1e30, 1e30]], dtype=torch.float64)
@@ -513,6 +529,20 @@ def test_fractional_batch_index_of_an_empty_batch_raises():
         ops.roi_align(x, r, 1.0, 2, 2, -1, False)
     with pytest.raises(ValueError, match="batch index"):
         ops.multi_scale_roi_align([x], r, torch.zeros(1, dtype=torch.long), [1.0], 2, 2, 2, False)
+
+
+def test_op_level_size_checks():
+    # the kernels index bins and feature-map cells with an int
+    x, r = torch.zeros(1, 1, 4, 4, dtype=torch.float16), torch.tensor([[0.0, 0, 0, 1, 1]])
+    for ph, pw in ((46341, 46341), (2**31, 1), (1, 2**40)):
+        with pytest.raises(ValueError, match="output_size"):
+            ops.roi_align(x, r, 1.0, ph, pw, 1, False)
+        with pytest.raises(ValueError, match="output_size"):
+            P.roi_align(x, r, (ph, pw))
+    with pytest.raises(ValueError, match="feature map sizes"):
+        ops.roi_align_backward(torch.zeros(1, 1, 2, 2), r, 1.0, 2, 2, 1, 1, 2**31, 4, 1, False)
+    with pytest.raises(ValueError, match="feature map sizes"):
+        ops.roi_align_backward(torch.zeros(1, 1, 2, 2), r, 1.0, 2, 2, 1, 1, 4, -1, 1, False)
 
 
 def test_op_level_sampling_ratio_check():

@@ -32,13 +32,22 @@ constexpr int kMaxGrid = 1 << 16;
 
 // Argument checks shared by the CPU and CUDA ops. sampling_ratio: the kernels take it as
 // an int (outside int32 it would wrap: 2^32 + 2 read as 2), and above kMaxGrid a bin
-// would take over 2^32 samples.
+// would take over 2^32 samples. The kernels index a RoI's bins (and cells of a feature
+// map along one axis) with an int; the CUDA ones step a bin index by a block of up to 256.
 inline void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
   TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
+  TORCH_CHECK_VALUE(ph < INT_MAX && pw < INT_MAX && ph * pw <= INT_MAX - 256, op,
+                    ": output_size must have at most 2^31 - 257 bins, got ", std::to_string(ph), " x ",
+                    std::to_string(pw));
   TORCH_CHECK_VALUE(sampling_ratio >= INT_MIN && sampling_ratio <= kMaxGrid, op, ": sampling_ratio must be in [-2^31, ",
                     std::to_string(kMaxGrid), "], got ", std::to_string(sampling_ratio));
+}
+
+inline void check_size(const char* op, int64_t H, int64_t W) {
+  TORCH_CHECK_VALUE(H >= 0 && W >= 0 && H < INT_MAX && W < INT_MAX, op,
+                    ": feature map sizes must be in [0, 2^31 - 1), got ", std::to_string(H), " x ", std::to_string(W));
 }
 
 inline void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& levels, size_t n_levels,
@@ -72,7 +81,9 @@ PVO_HD Geometry<T> geometry(const T* roi, T spatial_scale, int pooled_h, int poo
   const T sw = roi[1] * spatial_scale - offset, sh = roi[2] * spatial_scale - offset;
   const T ew = roi[3] * spatial_scale - offset, eh = roi[4] * spatial_scale - offset;
   T rw = ew - sw, rh = eh - sh;
-  g.valid = std::isfinite(sw) && std::isfinite(sh) && std::isfinite(ew) && std::isfinite(eh);
+  // Finite corners can still be too far apart for T (rw = inf): 0 * inf would then be a NaN
+  // sample position, cast to an int cell.
+  g.valid = std::isfinite(rw) && std::isfinite(rh);  // false for a non-finite corner too
   if (!g.valid) return g;
   if (!aligned) {
     rw = rw > T(1) ? rw : T(1);
@@ -97,10 +108,10 @@ PVO_HD T sample_pos(T start, T bin, int p, int i, int grid) {
 }
 
 // The two cells a sample at `v` reads along an axis of `size` cells and their weights.
-// Returns false (weight 0) when the sample lies outside [-1, size].
+// Returns false (weight 0) when the sample lies outside [-1, size] or is NaN.
 template <typename T>
 PVO_HD bool axis_weights(T v, int size, int& lo, int& hi, T& w_lo, T& w_hi) {
-  if (v < T(-1) || v > static_cast<T>(size)) return false;
+  if (!(v >= T(-1) && v <= static_cast<T>(size))) return false;
   if (v <= T(0)) v = T(0);
   lo = static_cast<int>(v);
   if (lo >= size - 1) {

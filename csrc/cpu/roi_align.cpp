@@ -400,6 +400,7 @@ at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois,
     TORCH_CHECK(f.dim() == 4 && f.size(0) == B && f.size(1) == C, "roi_align: every feature map must be [N, C, H, W]"
                 " with the N and C of the first");
     TORCH_CHECK(f.scalar_type() == x0.scalar_type(), "roi_align: feature maps must share one dtype");
+    roi::check_size("roi_align", f.size(2), f.size(3));
     feats.push_back(cl ? f.contiguous(at::MemoryFormat::ChannelsLast) : f.contiguous());
     levels.push_back({f.size(2), f.size(3), scales[l]});
   }
@@ -430,6 +431,7 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
   std::vector<at::Tensor> grads;
   std::vector<Level> levels;
   for (size_t l = 0; l < hw.size(); ++l) {
+    roi::check_size("roi_align_backward", hw[l][0], hw[l][1]);
     grads.push_back(zeros_like_format({B, C, hw[l][0], hw[l][1]}, grad.options(), cl));
     levels.push_back({hw[l][0], hw[l][1], scales[l]});
   }

@@ -209,14 +209,16 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std
     removed_off[c] = removed_words;
     mask_words += g.len[c] * words;
     removed_words += words;
-    if (single) continue;
-    for (int64_t rb = 0; rb < words; ++rb)
-      for (int64_t cb = rb; cb < words; ++cb) tiles.insert(tiles.end(), {c, rb, cb});
   }
   TORCH_CHECK(mask_words <= (int64_t(1) << 31),
               "nms: a category with ", std::to_string(*std::max_element(g.len.begin(), g.len.end())),
               " boxes needs a ", std::to_string(mask_words * 8 >> 20),
               " MiB suppression mask on the GPU; run this input on the CPU");
+  for (int64_t c = 0; c < groups && !single; ++c) {  // after the check: the list grows as the mask
+    const int64_t words = (g.len[c] + kWord - 1) / kWord;
+    for (int64_t rb = 0; rb < words; ++rb)
+      for (int64_t cb = rb; cb < words; ++cb) tiles.insert(tiles.end(), {c, rb, cb});
+  }
   at::Tensor tables;  // start, len, mask_off, removed_off, tiles: one copy to the device
   Layout L{nullptr, nullptr, nullptr, nullptr, nullptr, n};
   if (!single) {

@@ -32,7 +32,7 @@
 // sampling, bins wider than 100 to 300 cells, depending on dtype and pooled size;
 // every RoI when the pooled size is huge) is sampled directly, sample by sample.
 //
-// RoIs with a non-finite coordinate or batch index, an empty sampling grid, a batch
+// RoIs with a non-finite coordinate, size or batch index, an empty sampling grid, a batch
 // index outside [0, N) or a level outside the feature list pool to zeros and get no
 // gradient. The CPU kernel raises on the last two; here that would need a host sync.
 #include <ATen/Context.h>
@@ -681,10 +681,9 @@ void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, 
                 const at::Tensor& like) {
   roi::check_rois(op, rois, ph, pw, sampling_ratio);
   TORCH_CHECK(rois.device() == like.device(), op, ": rois must be on the device of the features");
-  // Kernels step an int item index by the block size up to chunk * ph * pw (channel_chunk).
-  TORCH_CHECK(ph < INT_MAX && pw < INT_MAX && ph * pw <= INT_MAX - kThreads, op,
-              ": pooled_height * pooled_width must be below 2^31 - 256 on CUDA, got ", std::to_string(ph), " x ",
-              std::to_string(pw));
+  // Kernels step an int item index by the block size up to chunk * ph * pw (channel_chunk);
+  // roi::check_rois bounds ph * pw for that.
+  static_assert(kThreads <= 256, "roi::check_rois bounds ph * pw by INT_MAX - 256");
   TORCH_CHECK(rois.size(0) < INT_MAX, op, ": at most 2^31 - 1 RoIs on CUDA, got ", std::to_string(rois.size(0)));
 }
 
@@ -692,11 +691,6 @@ void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& leve
   roi::check_levels(op, rois, levels, n_levels, n_scales);
   TORCH_CHECK(n_levels <= static_cast<size_t>(kMaxLevels), op, ": at most ", std::to_string(kMaxLevels),
               " feature maps on CUDA, got ", std::to_string(n_levels));
-}
-
-void check_size(const char* op, int64_t H, int64_t W) {
-  TORCH_CHECK(H >= 0 && W >= 0 && H < INT_MAX && W < INT_MAX, op, ": feature map sizes must be in [0, 2^31), got ",
-              std::to_string(H), " x ", std::to_string(W));
 }
 
 // Channels per block such that chunk * ph * pw plus a block's step stays an int.
@@ -717,7 +711,7 @@ at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois,
                 "roi_align: every feature map must be [N, C, H, W] with the N and C of the first");
     TORCH_CHECK(f.scalar_type() == x0.scalar_type(), "roi_align: feature maps must share one dtype");
     TORCH_CHECK(f.device() == x0.device(), "roi_align: feature maps must share one device");
-    check_size("roi_align", f.size(2), f.size(3));
+    roi::check_size("roi_align", f.size(2), f.size(3));
     feats.push_back(cl ? f.contiguous(at::MemoryFormat::ChannelsLast) : f.contiguous());
     if (f.size(2) > 0 && f.size(3) > 0) max_h = std::max(max_h, f.size(2)), max_w = std::max(max_w, f.size(3));
   }
@@ -906,7 +900,7 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
   std::vector<at::Tensor> grads;
   bool any_cells = false;
   for (const auto& s : hw) {
-    check_size("roi_align_backward", s[0], s[1]);
+    roi::check_size("roi_align_backward", s[0], s[1]);
     any_cells = any_cells || (s[0] > 0 && s[1] > 0);
   }
   // Nothing to scatter: zeros in the result's layout (the fake kernel's), not the working one.
