@@ -1,6 +1,7 @@
-"""Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits, and upsample + cross-entropy from
-(2, 19, 64, 128) logits to (512, 1024) labels (on CUDA also Cityscapes size, (8, 19, 128, 256) to
-(1024, 2048)) vs interpolate then cross_entropy; ignore_index 255,
+"""Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits and on [4096, 1000]
+(classification, label smoothing 0.1), and upsample + cross-entropy from (2, 19, 64, 128)
+logits to (512, 1024) labels (on CUDA also Cityscapes size, (8, 19, 128, 256) to
+(1024, 2048)) vs interpolate then cross_entropy; ignore_index 255 for the dense ones,
 forward+backward."""
 
 import torch
@@ -19,6 +20,15 @@ def _ce(device):
     y = y.to(device)
     return (fwd_bwd(x, lambda t: F.cross_entropy(t, y, ignore_index=255)),
             fwd_bwd(x, lambda t: P.softmax_cross_entropy(t, y, ignore_index=255)))
+
+
+def _ce_rows(device):
+    # classification: [N, C] logits, one row of classes per sample
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4096, 1000, generator=g).to(device)
+    y = torch.randint(0, 1000, (4096,), generator=g).to(device)
+    return (fwd_bwd(x, lambda t: F.cross_entropy(t, y, label_smoothing=0.1)),
+            fwd_bwd(x, lambda t: P.softmax_cross_entropy(t, y, label_smoothing=0.1)))
 
 
 def _upsample_ce(n, h, w, factor=8):
@@ -45,6 +55,8 @@ WORKLOADS = [
     # The same step replayed from a CUDA graph: kernel time without Python launch overhead.
     Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024) (graph)", "F.cross_entropy", _ce,
              devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
+    Workload("cross_entropy", "cross_entropy fwd+bwd [4096, 1000], label smoothing 0.1", "F.cross_entropy",
+             _ce_rows),
     Workload("cross_entropy", "upsample+CE fwd+bwd (2,19,64,128)->(512,1024)", "interpolate + cross_entropy",
              _upsample_ce(2, 64, 128)),
     Workload("cross_entropy", "upsample+CE fwd+bwd (8,19,128,256)->(1024,2048)", "interpolate + cross_entropy",

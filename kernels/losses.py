@@ -174,7 +174,8 @@ def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, 
     out = dz_ptr + zoffs
     for c in range(C):
         h = tl.load(g_ptr + C + c) + tl.where(y == c, tl.load(g_ptr + c), 0.0)
-        dz = _dice_p(plane, mj, valid, mx, inv) * (h - dot)
+        # 0 at ignored positions even for a NaN grad (smooth = 0 with nothing valid)
+        dz = tl.where(valid, _dice_p(plane, mj, valid, mx, inv) * (h - dot), 0.0)
         tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mj)
         plane += HW
         out += HW

@@ -58,7 +58,8 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         sh, sw = (float(s) for s in _two(scale_factor, "scale_factor", numbers.Real))
         if not (sh > 0 and sw > 0 and math.isfinite(sh) and math.isfinite(sw)):
             raise ValueError(f"scale_factor must be positive and finite, got {scale_factor!r}")
-        oh, ow = math.floor(h * sh), math.floor(w * sw)
+        # h * sh can overflow to inf (scale_factor=1e308), which floor cannot take
+        oh, ow = (math.floor(v) if math.isfinite(v) else 2**31 for v in (h * sh, w * sw))
     if oh <= 0 or ow <= 0:
         raise ValueError(f"the output size must be positive, got {(oh, ow)}")
     if oh >= 2**31 or ow >= 2**31:

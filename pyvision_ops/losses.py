@@ -9,7 +9,7 @@ import math
 import torch
 
 from . import _utils
-from ._library import ops
+from ._library import _acc_dtype, ops
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -229,5 +229,6 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     if not per_image:
         x, y, valid = x.reshape(1, -1), y.reshape(1, -1), valid.reshape(1, -1)
     fg = (y == 1) & valid
+    x = x.to(_acc_dtype(x.dtype))  # fp16 / bf16 errors would round (1 - 1e-4 is 1 in fp16)
     errors = 1 - x * (2 * fg.to(x.dtype) - 1)
     return _utils.reduce(_lovasz_rows(errors, fg, valid), "mean")  # no image (N = 0, per image): 0

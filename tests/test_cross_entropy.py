@@ -35,6 +35,31 @@ def test_matches_torch(shape, weighted, label_smoothing, reduction):
     torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol,gtol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 2e-6, 2e-6),
+                                             (torch.bfloat16, 1e-5, 8e-3)])  # bf16 gradients: an ulp
+def test_rows_of_classes_match_the_blocks_of_positions(dtype, tol, gtol):
+    # [N, C] logits reduce along each row of classes (csrc/cpu row_stats / row_grad), [1, C, N]
+    # across a block of positions per class: the same losses and gradients, special logits
+    # included; N spans several blocks of 1024 images
+    x, y, w = batch((2500, 37), dtype=dtype, ignore=255)
+    x[3, 4], x[5, :] = float("inf"), float("-inf")
+    x[7, 2], x[9, y[9] if y[9] != 255 else 0] = float("nan"), float("-inf")
+    x[11, :] = 1e30
+    for kw in (dict(), dict(weight=w, label_smoothing=0.3), dict(reduction="none", label_smoothing=1.0)):
+        x1, x2 = x.clone().requires_grad_(), x.T[None].clone().requires_grad_()
+        rows = P.softmax_cross_entropy(x1, y, ignore_index=255, **kw)
+        blocks = P.softmax_cross_entropy(x2, y[None], ignore_index=255, **kw)
+        torch.testing.assert_close(rows, blocks.reshape(rows.shape), rtol=tol, atol=tol, equal_nan=True)
+        gw = torch.rand(rows.shape, dtype=rows.dtype, generator=torch.Generator().manual_seed(2))
+        g1 = torch.autograd.grad((rows * gw).nansum(), [x1])[0]
+        g2 = torch.autograd.grad((blocks.reshape(rows.shape) * gw).nansum(), [x2])[0]
+        torch.testing.assert_close(g1, g2[0].T, rtol=gtol, atol=gtol, equal_nan=True)
+    x = x.double()[12:].clone().requires_grad_()  # finite rows: torch's values and gradients
+    kw = dict(weight=w, ignore_index=255, label_smoothing=0.1)
+    ours, ref = P.softmax_cross_entropy(x, y[12:], **kw), F.cross_entropy(x.detach(), y[12:], **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_ignore_index_values_and_all_ignored():
     x, y, w = batch(ignore=255)
     for kw in (dict(), dict(weight=w, label_smoothing=0.2)):

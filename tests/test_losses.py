@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import reference
 import torch
@@ -329,7 +331,7 @@ def test_triton_dice_interpreter_special_logits():
     torch.testing.assert_close(K.dice_stats_backward(g, x, y, 255), ops.dice_stats_backward(g, x, y, 255))
 
 
-@pytest.mark.parametrize("ignore_index", [None, 255, -100])
+@pytest.mark.parametrize("ignore_index", [None, 255, -100, 1])  # 1: a class index, then never a target
 @pytest.mark.parametrize("classes", [None, [0, 3]])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smooth", [1.0, 0.0])
@@ -365,6 +367,11 @@ def test_dice_edge_cases_and_determinism():
     xr = x.clone().requires_grad_()
     loss = P.dice_loss(xr, all_ignored, ignore_index=255)
     assert loss.item() == 0.0  # (0 + smooth) / (0 + smooth) = 1 for every class
+    (g,) = torch.autograd.grad(loss, [xr])
+    assert (g == 0).all()
+    # smooth = 0: 0 / 0 is NaN, yet the ignored positions still get no gradient
+    loss = P.dice_loss(xr, all_ignored, smooth=0.0, ignore_index=255)
+    assert loss.isnan()
     (g,) = torch.autograd.grad(loss, [xr])
     assert (g == 0).all()
     one = P.dice_loss(x[:, :, :1, :1], y[:, :1, :1])
@@ -433,11 +440,23 @@ def test_dice_bad_input(call, exc, words):
 def test_triton_dice_interpreter(dtype, c):
     from pyvision_ops.kernels import losses as K
 
-    x, y = seg_batch(c=c, h=37, w=41, dtype=dtype, ignore=255)
-    torch.testing.assert_close(K.dice_stats(x, y, 255), ops.dice_stats(x, y, 255), rtol=1e-5, atol=1e-5)
+    ig = 255 if c < 5 else 3  # also an ignore_index that is a class index
+    x, y = seg_batch(c=c, h=37, w=41, dtype=dtype, ignore=ig)
+    torch.testing.assert_close(K.dice_stats(x, y, ig), ops.dice_stats(x, y, ig), rtol=1e-5, atol=1e-5)
     g = torch.rand(2, c, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
-    torch.testing.assert_close(K.dice_stats_backward(g, x, y, 255), ops.dice_stats_backward(g, x, y, 255), **half)
+    torch.testing.assert_close(K.dice_stats_backward(g, x, y, ig), ops.dice_stats_backward(g, x, y, ig), **half)
+
+
+@pytest.mark.interpreter
+def test_triton_dice_interpreter_nan_grad_leaves_ignored_positions_at_zero():
+    from pyvision_ops.kernels import losses as K
+
+    x, y = seg_batch(ignore=255)
+    y[0] = 255
+    g = torch.full((2, 5), math.nan, dtype=x.dtype)
+    for dz in (K.dice_stats_backward(g, x, y, 255), ops.dice_stats_backward(g, x, y, 255)):
+        assert (dz[0] == 0).all() and dz[1].isnan().any()
 
 
 @pytest.mark.gpu
@@ -551,6 +570,21 @@ def test_lovasz_hinge_matches_reference(per_image):
     ref = reference.lovasz_hinge(x2, y, per_image, 255)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lovasz_hinge_half_logits_accumulate_in_fp32(dtype):
+    # the errors 1 - x (2y - 1) are fp32: in fp16 1 - 1e-4 would round to 1
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 7, 9, generator=g) * 1e-2).to(dtype)
+    y = torch.randint(0, 2, (2, 7, 9), generator=g)
+    x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+    ours, ref = P.lovasz_hinge(x1, y), reference.lovasz_hinge(x2, y)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-7)
+    (g1,) = torch.autograd.grad(ours, [x1])
+    assert g1.dtype == dtype
+    torch.testing.assert_close(g1.double(), torch.autograd.grad(ref, [x2])[0].to(dtype).double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -186,6 +186,43 @@ __attribute__((target_clones("avx2", "default"))) void block_grad(const scalar_t
   }
 }
 
+// [N, C] logits (S = 1) have one position per image, so a block of positions would be one
+// wide: there each position's C classes are contiguous and the reductions run along them.
+// Same quantities as block_stats for the position with target y (zy = 0 when ignored).
+template <typename scalar_t, typename T>
+__attribute__((target_clones("avx2", "default"))) void row_stats(const scalar_t* __restrict__ z, int64_t C,
+                                                                 int64_t y, const T* __restrict__ w, T& m, T& l,
+                                                                 T& wd, T& zy) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < C; ++c) mx = std::max(mx, T(z[c]));
+  T sum = 0, d = 0;
+#pragma omp simd reduction(+ : sum, d)
+  for (int64_t c = 0; c < C; ++c) {
+    const T v = T(z[c]);
+    sum += nms::exp_approx(v - mx);
+    d += w[c] * (mx - v);
+  }
+  m = mx;
+  l = losses::log_pos(sum);
+  wd = d;
+  zy = y >= 0 && y < C ? T(z[y]) : T(0);
+}
+
+// block_grad for one [N, C] position: a, b, g its factors, m and l its stats.
+template <typename scalar_t, typename T>
+__attribute__((target_clones("avx2", "default"))) void row_grad(const scalar_t* __restrict__ z, int64_t C, int64_t y,
+                                                                const T* __restrict__ w, T a, T b, T g, T m, T l,
+                                                                T spread, scalar_t* __restrict__ dz) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T p = nms::exp_approx((T(z[c]) - m) - l);
+    dz[c] = static_cast<scalar_t>(a * p - g * (spread * w[c]));
+  }
+  if (y >= 0 && y < C) {
+    const T p = nms::exp_approx((T(z[y]) - m) - l);
+    dz[y] = static_cast<scalar_t>(a * p - b - g * (spread * w[y]));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& logits,
                                                                          const at::Tensor& target,
                                                                          const std::optional<at::Tensor>& weight,
@@ -202,8 +239,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
   auto stats = at::empty({2, N, S}, opt);  // m and l of every position
   losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const int64_t* py = y.const_data_ptr<int64_t>();
-  const int64_t nb = (S + kBlock - 1) / kBlock;
-  std::vector<double> loss_sums(N * nb), weight_sums(N * nb);
+  const bool rows = S == 1;  // row_stats: a task is a block of kBlock images
+  const int64_t nb = (S + kBlock - 1) / kBlock, tasks = rows ? (N + kBlock - 1) / kBlock : N * nb;
+  std::vector<double> loss_sums(tasks), weight_sums(tasks);
   if (N * S > 0)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -211,9 +249,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
     const auto& w = cls.w;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T *pl = reduction == kNone ? map.mutable_data_ptr<T>() : nullptr, *pm = stats.mutable_data_ptr<T>();
-    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> sum(kBlock), wd(kBlock), zy(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
+        if (rows) {
+          const int64_t r0 = task * kBlock, cnt = std::min(kBlock, N - r0);
+          T *m = pm + r0, *l = m + N;
+          for (int64_t j = 0; j < cnt; ++j)
+            row_stats<scalar_t, T>(pz + (r0 + j) * C, C, py[r0 + j], w.data(), m[j], l[j], wd[j], zy[j]);
+          std::tie(loss_sums[task], weight_sums[task]) =
+              cls.losses(py + r0, cnt, ignore_index, m, l, zy.data(), wd.data(), pl ? pl + r0 : nullptr);
+          continue;
+        }
         const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
         const int64_t* yy = py + n * S + j0;
         T *m = pm + n * S + j0, *l = m + N * S;
@@ -240,7 +287,8 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
   if (N * S == 0 || C == 0) return dz;
-  const int64_t nb = (S + kBlock - 1) / kBlock;
+  const bool rows = S == 1;  // row_grad: a task is a block of kBlock images
+  const int64_t nb = (S + kBlock - 1) / kBlock, tasks = rows ? (N + kBlock - 1) / kBlock : N * nb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
@@ -253,9 +301,17 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
     const int64_t g_step = g_one ? 0 : 1;
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> a(kBlock), b(kBlock), gm(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
+        if (rows) {
+          const int64_t r0 = task * kBlock, cnt = std::min(kBlock, N - r0);
+          cls.grad_factors(py + r0, cnt, ignore_index, pg + r0 * g_step, g_step, gm.data(), a.data(), b.data());
+          for (int64_t j = 0; j < cnt; ++j)
+            row_grad<scalar_t, T>(pz + (r0 + j) * C, C, py[r0 + j], w.data(), a[j], b[j], gm[j], pm[r0 + j],
+                                  pm[N + r0 + j], spread, pd + (r0 + j) * C);
+          continue;
+        }
         const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
         const int64_t* yy = py + n * S + j0;
         const T* gg = pg + (n * S + j0) * g_step;

@@ -145,10 +145,13 @@ template <typename T>
 __attribute__((target_clones("avx2", "default"))) void class_sums(const T* __restrict__ pc,
                                                                   const int64_t* __restrict__ y, int64_t n, int64_t c,
                                                                   int64_t ignore_index, T& inter, T& card) {
+  // An ignore_index inside [0, C) is not class c's target: its positions are ignored (p = 0
+  // there), and -1 matches no target then (targets are in [0, C) or ignore_index).
+  const int64_t match = c == ignore_index ? -1 : c;
   T a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t j = 0; j < n; ++j) {
-    const T hit = (y[j] == c) ? T(1) : T(0);
+    const T hit = (y[j] == match) ? T(1) : T(0);
     a += hit * pc[j];
     b += pc[j] + hit;
   }
@@ -223,8 +226,11 @@ at::Tensor dice_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& log
         for (int64_t c = 0; c < C; ++c) {
           const T* pc = prob.data() + c * kPixBlock;
           scalar_t* out = pd + (n * C + c) * HW + j0;
-          for (int64_t j = 0; j < cnt; ++j)
-            out[j] = static_cast<scalar_t>(pc[j] * (gs[c] + (yy[j] == c ? gi[c] : T(0)) - dot[j]));
+          // 0 at ignored positions even for a NaN grad (smooth = 0 with nothing valid): p = 0 there
+          for (int64_t j = 0; j < cnt; ++j) {
+            const T h = gs[c] + (yy[j] == c ? gi[c] : T(0));
+            out[j] = yy[j] == ignore_index ? scalar_t(0) : static_cast<scalar_t>(pc[j] * (h - dot[j]));
+          }
         }
       }
     });
