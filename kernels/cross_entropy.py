@@ -83,16 +83,20 @@ def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH
 
 
 @triton.jit
+def _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, wsum):
+    # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
+    hard = tl.where(keep != 0, keep * wy * ((mx - zy) + ls), 0.0)
+    return tl.where(valid, tl.where(spread != 0, hard + spread * (wd + wsum * ls), hard), 0.0)
+
+
+@triton.jit
 def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, part, nparts, stats_ptr, P,
                offs, mask, HAS_W: tl.constexpr, STORE_LOSS: tl.constexpr):
     """Stores the positions' stats m and l (planes P apart), their loss when STORE_LOSS, and the
     program's fp64 sums of loss and target weight (partial sums `part` of two rows of nparts)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     ls = tl.where(mx == float("-inf"), float("nan"), tl.log(s))  # all logits -inf: NaN, as on the CPU
-    # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
-    hard = tl.where(keep != 0, keep * wy * ((mx - zy) + ls), 0.0)
-    loss = tl.where(valid, tl.where(spread != 0, hard + spread * (wd + _weight_sum(w_ptr, C, HAS_W) * ls), hard),
-                    0.0)
+    loss = _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, _weight_sum(w_ptr, C, HAS_W))
     if STORE_LOSS:
         tl.store(loss_ptr + offs, loss, mask=mask)
     tl.store(part_ptr + part, tl.sum(loss.to(tl.float64), 0))
@@ -196,6 +200,95 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
         dp += S
 
 
+# [N, C] logits (S = 1): a block of positions would hold one. One program per row instead,
+# its classes BLOCK_C at a time (contiguous loads), max then sum of exp as on the CPU.
+
+@triton.jit
+def _row_weights(w_ptr, cs, m, HAS_W: tl.constexpr):
+    if HAS_W:
+        return tl.load(w_ptr + cs, mask=m, other=0.0)
+    else:
+        return tl.where(m, 1.0, 0.0)
+
+
+@triton.jit
+def _ce_rows_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, N, C, ignore_index,
+                            keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                            STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
+    row = z_ptr + r * C
+    mv = tl.full((BLOCK_C,), float("-inf"), acc)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        mv = tl.maximum(mv, tl.load(row + cs, mask=cs < C, other=float("-inf")).to(acc))
+    mx = tl.max(mv, 0)
+    sv = tl.zeros((BLOCK_C,), acc)
+    dv = tl.zeros((BLOCK_C,), acc)
+    wv = tl.zeros((BLOCK_C,), acc)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        m = cs < C
+        z = tl.load(row + cs, mask=m, other=0.0).to(acc)
+        sv += tl.where(m, tl.exp(z - mx), 0.0)
+        if SMOOTH:
+            wc = _row_weights(w_ptr, cs, m, HAS_W)
+            dv += tl.where(m, wc * (mx - z), 0.0)
+            wv += wc
+    y = tl.load(y_ptr + r)
+    valid = y != ignore_index
+    inr = valid & (y >= 0) & (y < C)
+    zy = tl.load(row + tl.where(inr, y, 0), mask=inr, other=0.0).to(acc)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(tl.sum(sv, 0)))
+    loss = _ce_loss(mx, ls, zy, tl.sum(dv, 0), wy, valid, keep, spread, tl.sum(wv, 0))
+    if STORE_LOSS:
+        tl.store(loss_ptr + r, loss)
+    tl.store(part_ptr + r, loss.to(tl.float64))
+    tl.store(part_ptr + N + r, wy.to(tl.float64))
+    tl.store(stats_ptr + r, mx)
+    tl.store(stats_ptr + N + r, ls)
+
+
+@triton.jit
+def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, N, C, ignore_index,
+                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, G_STEP: tl.constexpr,
+                             MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
+    y = tl.load(y_ptr + r)
+    valid = y != ignore_index
+    g = tl.load(g_ptr + r * G_STEP)
+    if MEAN:
+        g = g / tl.load(wsum_ptr)
+    g = tl.where(valid, g, 0.0)
+    mx = tl.load(stats_ptr + r).to(acc)
+    ls = tl.load(stats_ptr + N + r).to(acc)
+    wv = tl.zeros((BLOCK_C,), acc)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        wv += _row_weights(w_ptr, cs, cs < C, HAS_W)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    coef_a = g * (keep * wy + spread * tl.sum(wv, 0))
+    coef_b = g * keep * wy
+    gs = g * spread
+    row = z_ptr + r * C
+    drow = dz_ptr + r * C
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        m = cs < C
+        z = tl.load(row + cs, mask=m, other=0.0).to(acc)
+        dz = coef_a * tl.exp((z - mx) - ls) - tl.where(y == cs, coef_b, 0.0) - gs * _row_weights(w_ptr, cs, m, HAS_W)
+        tl.store(drow + cs, dz.to(dz_ptr.dtype.element_ty), mask=m)
+
+
+def _rows_config(c):
+    block_c = min(1024, triton.next_power_of_2(max(c, 1)))
+    return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
+
+
 _BLOCK = 512  # positions per program of the fused upsample kernels
 # Positions per program and warps of the plain kernels (benchmarks/tune_cross_entropy.py).
 CE_CONFIG = {"BLOCK": 512, "num_warps": 4}
@@ -241,6 +334,8 @@ def _reduce(loss_map, parts, reduction):
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
     _check("softmax_cross_entropy", logits, target, weight, 1, reduction)
     n, c, s = logits.shape
+    if s == 1:
+        return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
     nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
@@ -252,6 +347,18 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
+def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):
+    n, c, _ = logits.shape
+    loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
+    if n:
+        z = logits.contiguous()
+        _ce_rows_forward_kernel[(n,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, n, c,
+                                      ignore_index, 1.0 - label_smoothing, label_smoothing / max(c, 1),
+                                      HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
+                                      STORE_LOSS=reduction == 0, **_rows_config(c))
+    return (*_reduce(loss_map, parts, reduction), stats)
+
+
 def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing,
                                    reduction):
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
@@ -259,7 +366,14 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
     z = logits.contiguous()
     dz = torch.empty_like(z)
-    if n * nb:
+    if s == 1 and n * c:
+        acc = acc_dtype(logits.dtype)
+        g, g_step = loss_grad(grad, acc)
+        _ce_rows_backward_kernel[(n,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
+                                       stats.to(acc).contiguous(), dz, n, c, ignore_index, 1.0 - label_smoothing,
+                                       label_smoothing / c, HAS_W=weight is not None, G_STEP=g_step,
+                                       MEAN=reduction == 1, **_rows_config(c))
+    elif n * nb:
         acc = acc_dtype(logits.dtype)
         g, g_step = loss_grad(grad, acc)
         _ce_backward_kernel[(n * nb,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),

@@ -236,11 +236,11 @@ def test_upsample_ce_bad_input(call, exc, words):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
-def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing):
+@pytest.mark.parametrize("shape", [(2, 7, 45), (30, 7, 1), (5, 1100, 1)], ids=str)  # [N, C]: a program per row
+def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shape):
     from pyvision_ops.kernels import cross_entropy as K
 
-    x, y, w = batch((2, 7, 5, 9), dtype=dtype)
-    x, y = x.reshape(2, 7, 45), y.reshape(2, 45)
+    x, y, w = batch(shape, dtype=dtype)
     wt = w.to(dtype) if weighted else None
     half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)  # fp16 gradient
     for reduction in (0, 1, 2):  # none, mean, sum
@@ -388,10 +388,21 @@ def test_triton_cross_entropy_interpreter_special_logits():
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y = special_logits()
+    rows = x.transpose(1, 2).reshape(12, 4, 1), y.reshape(12, 1)  # the same positions as [N, C]
     for reduction in (0, 1):
         for a, b in zip(K.softmax_cross_entropy(x, y, None, -100, 0.0, reduction),
                         ops.softmax_cross_entropy(x, y, None, -100, 0.0, reduction)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+        for ls in (0.0, 0.2):
+            fwd = ops.softmax_cross_entropy(*rows, None, -100, ls, reduction)
+            ours = K.softmax_cross_entropy(*rows, None, -100, ls, reduction)
+            for a, b in zip(ours[:2], fwd[:2]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+            g = torch.rand(fwd[0].shape, dtype=torch.float64)
+            torch.testing.assert_close(
+                K.softmax_cross_entropy_backward(g, *rows, None, ours[2], ours[1], -100, ls, reduction),
+                ops.softmax_cross_entropy_backward(g, *rows, None, fwd[2], fwd[1], -100, ls, reduction),
+                rtol=1e-5, atol=1e-6, equal_nan=True)
     finite = torch.ones(2, 6, dtype=torch.bool)
     finite[0, 1:4] = False
     assert torch.isfinite(K.softmax_cross_entropy(x, y, None, -100, 0.0, 0)[2][:, finite]).all()
@@ -408,8 +419,9 @@ def test_triton_cross_entropy_interpreter_special_logits():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_cross_entropy_matches_cpu(dtype):
-    x, y, w = batch((2, 19, 64, 96), dtype=dtype, ignore=255)
+@pytest.mark.parametrize("shape", [(2, 19, 64, 96), (3000, 1100)], ids=str)  # [N, C]: the row kernels
+def test_cuda_cross_entropy_matches_cpu(dtype, shape):
+    x, y, w = batch(shape, dtype=dtype, ignore=255)
     for kw in (dict(), dict(weight=w.float(), label_smoothing=0.1)):
         xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
         a = P.softmax_cross_entropy(xg, y.cuda(), ignore_index=255, **{k: v.cuda() if torch.is_tensor(v) else v

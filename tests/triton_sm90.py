@@ -70,6 +70,10 @@ def _launchers():
                 _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, weight, 255, 0.1, reduction)
                 cross_entropy.softmax_cross_entropy_backward(torch.ones(shape, dtype=acc), z, t, weight, stats, wsum,
                                                              255, 0.1, reduction)
+                rz, rt = x[:, :, :1, 0], y[:, :1, 0]  # [N, C, 1]: the row kernels
+                _, wsum, stats = cross_entropy.softmax_cross_entropy(rz, rt, weight, 255, 0.1, reduction)
+                cross_entropy.softmax_cross_entropy_backward(torch.ones(shape[:1] + (1,) if shape else (), dtype=acc),
+                                                             rz, rt, weight, stats, wsum, 255, 0.1, reduction)
                 _, wsum, stats = cross_entropy.upsample_cross_entropy(x, big, False, weight, 255, 0.1, reduction)
                 cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
                                                                          dtype=acc), x, big, False, weight, stats,
