@@ -18,7 +18,10 @@ boxes (x2 < x1), infinite and huge coordinates go through the same formulas as
 torchvision's and give the same results (the tests compare them): an inverted
 box has a negative area, an infinite side gives IoU 0 or NaN, and fp32 areas
 overflow from sides of about 1.8e19. Gradients match torchvision's autograd,
-including no gradient through an overlap of exactly 0 (touching boxes); the ops
+including no gradient through an overlap of exactly 0 (touching boxes), except
+CIoU's at a box of zero height that meets a box of positive area: torchvision's
+autograd gives NaN there (its atan(w / h) at h = 0), these the finite one-sided
+derivative; the ops
 are differentiable once (double backward raises). Pairwise functions broadcast
 their leading dims; a 0-d tensor ``eps`` works in eager mode, but under
 ``torch.compile(fullgraph=True)`` pass a Python float.
@@ -128,7 +131,7 @@ def _matched(boxes1, boxes2, kind: str, loss: bool, eps: float) -> torch.Tensor:
     _utils.check_boxes("boxes2", boxes2)
     _utils.check_same_device(boxes1=boxes1, boxes2=boxes2)
     eps = _utils.check_float("eps", eps)
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
     try:
         shape = torch.broadcast_shapes(boxes1.shape, boxes2.shape)

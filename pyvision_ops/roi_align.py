@@ -27,10 +27,10 @@ weight, and no others; torchvision also multiplies the zero-weight corners of it
 samples (on whole pixels, on the border rows and columns: 0 * inf = NaN), so where
 it returns NaN this may return the inf or finite value the weights define.
 A batch index is truncated toward zero, as in torchvision (-0.5 is image 0). One
-outside ``(-1, N)`` raises ``ValueError`` on the CPU (from the kernel, so under
-``torch.compile`` too); on CUDA it is not checked (that would need a
-device-to-host sync): such a RoI pools to zeros and gets no gradient, and nothing
-outside the input is ever read.
+outside ``(-1, N)``, infinite ones included, raises ``ValueError`` on the CPU (from
+the kernel, so under ``torch.compile`` too); on CUDA it is not checked (that would
+need a device-to-host sync): such a RoI pools to zeros and gets no gradient, and
+nothing outside the input is ever read. A NaN batch index pools to zeros on both.
 
 The adaptive grid (``sampling_ratio <= 0``) is capped at 65536 samples per bin axis,
 and an explicit ``sampling_ratio`` above 65536 is a ``ValueError`` (torchvision would
@@ -57,10 +57,13 @@ from ._library import _acc_dtype, ops
 
 
 def _pair(size, name="output_size"):
-    if isinstance(size, int) and not isinstance(size, bool):
+    # ints, NumPy ints included (torchvision takes them), not bools
+    def is_int(s):
+        return isinstance(s, numbers.Integral) and not isinstance(s, bool)  # np.bool_ is not Integral
+
+    if is_int(size):
         size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(s) for s in size)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {size!r}")
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"{name} must be positive, got {tuple(size)}")
@@ -69,7 +72,12 @@ def _pair(size, name="output_size"):
 
 def _to_rois(boxes, input):
     """Tensor[K, 5] or a list of Tensor[L, 4] (one per image) -> Tensor[K, 5]."""
+    def check_real(name, t):
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
+
     if isinstance(boxes, torch.Tensor):
+        check_real("boxes", boxes)
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(f"boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4], got a tensor of shape {list(boxes.shape)}")
@@ -78,6 +86,7 @@ def _to_rois(boxes, input):
         raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     for i, b in enumerate(boxes):
         _utils.check_tensor(f"boxes[{i}]", b)
+        check_real(f"boxes[{i}]", b)
         if b.dim() != 2 or b.shape[1] != 4:
             raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {list(b.shape)}")
     if len(boxes) > input.shape[0]:

@@ -331,6 +331,19 @@ def test_pairwise_backward_matches_torchvision_at_touching_and_flat_boxes():
     assert not torch.autograd.grad(P.box_iou(t1, t2).sum(), [t1])[0].any()
 
 
+def test_ciou_gradient_at_a_zero_height_box_is_finite():
+    # d atan(w / h) / dh = -w / (w^2 + h^2) is finite at h = 0; torchvision's autograd goes
+    # through w / h = inf and gives NaN (documented in the module docstring)
+    a = torch.tensor([[0.0, 0, 2, 2]], dtype=torch.float64)
+    for op, tv_op in ((P.complete_box_iou_loss, tv.complete_box_iou_loss),
+                      (lambda x, y: P.complete_box_iou(x, y).sum(), lambda x, y: tv.complete_box_iou(x, y).sum())):
+        b1, b2 = (torch.tensor([[0.0, 1, 2, 1]], dtype=torch.float64, requires_grad=True) for _ in range(2))
+        (g,) = torch.autograd.grad(op(a, b1).sum(), [b1])
+        (gt,) = torch.autograd.grad(tv_op(a, b2).sum(), [b2])
+        assert torch.isfinite(g).all() and gt.isnan().all()
+        torch.testing.assert_close(op(a, b1), tv_op(a, b2))
+
+
 def test_mixed_integer_and_float64_boxes_promote_like_torchvision():
     a = torch.tensor([[0, 0, 3, 3], [1, 0, 2, 5]])
     b = torch.tensor([[1.0, 1.0, 4.0, 5.0 + 1e-9]], dtype=torch.float64)
@@ -408,6 +421,7 @@ def test_compile_fullgraph():
         (lambda: P.distance_box_iou(torch.zeros(3, 4), torch.zeros(2, 4), eps=float("nan")), ValueError, "eps"),
         (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(2, 4)), ValueError, "broadcast"),
         (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(3, 4), kind="dice"), ValueError, "kind"),
+        (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(3, 4), kind=["iou"]), ValueError, "kind"),
         (lambda: P.generalized_box_iou_loss(torch.zeros(3, 4), torch.zeros(3, 4), "avg"), ValueError, "reduction"),
         (lambda: P.complete_box_iou_loss(torch.zeros(3, 3), torch.zeros(3, 3)), ValueError, "boxes1"),
         (lambda: P.distance_box_iou_loss(torch.zeros(3, 4), torch.zeros(3, 4, device="meta")), ValueError, "device"),

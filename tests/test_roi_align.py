@@ -163,12 +163,13 @@ def test_nonfinite_features_reach_only_their_bins(sr, aligned):
 
 def test_nan_and_inf_boxes_give_zeros():
     x = feature()
-    rois = make_rois(4, 2)
+    rois = make_rois(5, 2)
     rois[1, 2] = float("nan")
     rois[2, 3] = float("inf")
+    rois[4, 0] = float("nan")  # batch index
     xr = x.clone().requires_grad_()
     out = P.roi_align(xr, rois, 7, 0.25, -1, True)
-    assert (out[1] == 0).all() and (out[2] == 0).all()
+    assert (out[1] == 0).all() and (out[2] == 0).all() and (out[4] == 0).all()
     torch.testing.assert_close(out[[0, 3]], tv.roi_align(x, rois[[0, 3]], 7, 0.25, -1, True))
     (g,) = torch.autograd.grad(out.sum(), [xr])
     assert torch.isfinite(g).all()
@@ -503,6 +504,12 @@ def test_multi_scale_bad_arguments(kwargs, exc, words):
          "batch index"),
         (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.tensor([[1.0, 0, 0, 1, 1]]), 2, [1.0]),
          ValueError, "batch index"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[math.inf, 0, 0, 1, 1]]), 2), ValueError,
+         "batch index"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5, dtype=torch.complex64), 2), TypeError,
+         "boxes must hold real numbers"),
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), [torch.zeros(1, 4, dtype=torch.bool)], 2), TypeError,
+         "boxes\\[0\\] must hold real numbers"),
     ],
 )
 def test_bad_input(call, exc, words):
@@ -511,7 +518,7 @@ def test_bad_input(call, exc, words):
 
 
 def test_op_level_batch_index_check():
-    for b in (5.0, 1e30, -1.0, -1e30):  # 1e30 would overflow an int64 cast
+    for b in (5.0, 1e30, -1.0, -1e30, math.inf, -math.inf):  # 1e30 would overflow an int64 cast
         with pytest.raises(ValueError, match="boxes: RoI 0 has batch index"):
             ops.roi_align(torch.zeros(1, 3, 4, 4), torch.tensor([[b, 0, 0, 1, 1]]), 1.0, 2, 2, -1, False)
         with pytest.raises(ValueError, match="boxes: RoI 0 has batch index"):
@@ -573,6 +580,10 @@ def test_aligned_and_sampling_ratio_accept_what_torchvision_accepts():
     for aligned, ref in [(None, False), (0, False), (1, True), (torch.tensor(True), True), (np.bool_(True), True)]:
         torch.testing.assert_close(P.roi_align(x, rois, 2, 1.0, 2, aligned), tv.roi_align(x, rois, 2, 1.0, 2, ref))
     torch.testing.assert_close(P.roi_align(x, rois, 2, 1.0, np.int64(3)), tv.roi_align(x, rois, 2, 1.0, 3))
+    for size in (np.int64(2), (np.int32(2), 3)):  # NumPy output sizes
+        torch.testing.assert_close(P.roi_align(x, rois, size, 1.0, 2), tv.roi_align(x, rois, size, 1.0, 2))
+    with pytest.raises(TypeError, match="output_size"):
+        P.roi_align(x, rois, np.bool_(True))
     # The largest sampling_ratio accepted runs at once (the tables are separable).
     torch.testing.assert_close(P.roi_align(x, rois, 1, 1.0, 65536, True), tv.roi_align(x, rois, 1, 1.0, 4096, True),
                                rtol=1e-6, atol=1e-6)

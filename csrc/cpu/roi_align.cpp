@@ -57,15 +57,16 @@ void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, 
   }
 }
 
-// Every finite batch index must name an image once truncated toward zero, as in torchvision:
+// Every batch index but NaN must name an image once truncated toward zero, as in torchvision:
 // (-1, batch_size), so -0.5 is image 0 when there is one. Checked in T, the type the tables
-// cast from (a huge index would overflow the cast). Non-finite: the RoI pools to zeros.
+// cast from (a huge index would overflow the cast). NaN: the RoI pools to zeros (the
+// multi-scale front marks a RoI without a level so).
 template <typename T>
 void check_batch_index(const char* op, const at::Tensor& rois, int64_t batch_size) {
   const T* pr = rois.const_data_ptr<T>();
   for (int64_t k = 0; k < rois.size(0); ++k) {
     const T b = pr[k * 5];
-    TORCH_CHECK_VALUE(!std::isfinite(b) || (b > T(-1) && std::trunc(b) < static_cast<T>(batch_size)), op,
+    TORCH_CHECK_VALUE(std::isnan(b) || (b > T(-1) && std::trunc(b) < static_cast<T>(batch_size)), op,
                       ": boxes: RoI ", k, " has batch index ", b, " outside (-1, ", batch_size,
                       ") (truncated toward zero, it must name one of the ", batch_size, " images)");
   }
