@@ -67,9 +67,11 @@ def check_bool(name: str, value) -> bool:
 
 
 def check_int64(name: str, value) -> int:
-    """A Python int (not a bool) that fits int64, as the ops' `int` arguments take it."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int (a NumPy one too, as torch takes it; not a bool) that fits int64, as a Python
+    int: what the ops' `int` arguments take."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must fit int64, got {value}")
     return value

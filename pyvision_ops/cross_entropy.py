@@ -42,8 +42,7 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
     eps = _utils.check_float("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    _utils.check_int64("ignore_index", ignore_index)
-    return eps
+    return eps, _utils.check_int64("ignore_index", ignore_index)
 
 
 # The ops take the reduction as torch numbers it; the kernels reduce (no separate sum kernels).
@@ -71,7 +70,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     if logits.dim() < 2 or target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target must be [N, d1, ...] for logits [N, C, d1, ...]; got logits "
                          f"{list(logits.shape)} and target {list(target.shape)}")
-    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
+    eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
     s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
     loss, _, _ = ops.softmax_cross_entropy(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight,
@@ -99,8 +98,9 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
                          f"{list(target.shape)}")
     if logits.shape[2] == 0 or logits.shape[3] == 0:
         raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
-    eps = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
-    align_corners = _utils.check_bool("align_corners", align_corners)
+    eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
+    # None is False, as in F.interpolate
+    align_corners = _utils.check_bool("align_corners", False if align_corners is None else align_corners)
     loss, _, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), align_corners, weight, ignore_index,
                                             eps, _REDUCTION[reduction])
     return loss

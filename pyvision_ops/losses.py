@@ -48,10 +48,13 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
 _NO_IGNORE = -(2**63)  # a target value no class can have
 
 
-def _check_ignore_index(ignore_index) -> None:
-    """None or an int64 value; -2**63 is _NO_IGNORE, so it cannot be one."""
-    if ignore_index is not None and _utils.check_int64("ignore_index", ignore_index) == _NO_IGNORE:
+def _check_ignore_index(ignore_index):
+    """None or an int64 value (returned as an int); -2**63 is _NO_IGNORE, so it cannot be one."""
+    if ignore_index is None:
+        return None
+    if _utils.check_int64("ignore_index", ignore_index) == _NO_IGNORE:
         raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1], got {ignore_index}")
+    return int(ignore_index)
 
 
 def _check_classes(classes, c: int, expected: str) -> list:
@@ -103,7 +106,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     _utils.check_reduction(reduction)
     if classes is not None:
         classes = _check_classes(classes, logits.shape[1], "None or a list of int class indices")
-    _check_ignore_index(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     ii = _NO_IGNORE if ignore_index is None else ignore_index
     inter, card = ops.dice_stats(logits, target.to(torch.int64), ii)
     loss = 1 - (2 * inter + smooth) / (card + smooth)
@@ -166,7 +169,7 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     and one walk, rows in parallel; on CUDA one batched sort and a block scan.
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
-    _check_ignore_index(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     _utils.check_bool("per_image", per_image)
     _utils.check_bool("from_logits", from_logits)
     n, c = probas.shape[:2]
@@ -214,7 +217,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     be data-dependent, a graph break or a device-to-host sync) and counts as 0.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
-    _check_ignore_index(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     _utils.check_bool("per_image", per_image)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != 0) & (labels != 1)

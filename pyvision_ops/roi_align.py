@@ -108,11 +108,6 @@ def _roi_dtype(dtype, input):
     return dtype if dtype in (torch.float32, torch.float64) else _acc_dtype(input.dtype)
 
 
-def _check_sampling_ratio(value) -> int:
-    # The range, [-2**31, 65536], is the ops' own check (roi::check_rois, a ValueError).
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"sampling_ratio must be an int, got {type(value).__name__}")
-    return _utils.check_int64("sampling_ratio", int(value))
 
 
 def _check_aligned(value) -> bool:
@@ -148,7 +143,7 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     _utils.check_same_device(input=input, boxes=rois)
     ph, pw = _pair(output_size)
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
-    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    sampling_ratio = _utils.check_int64("sampling_ratio", sampling_ratio)
     aligned = _check_aligned(aligned)
     return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
@@ -249,7 +244,7 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     rois = _to_rois(boxes, f0)
     _utils.check_same_device(features=f0, boxes=rois)
     ph, pw = _pair(output_size)
-    sampling_ratio = _check_sampling_ratio(sampling_ratio)
+    sampling_ratio = _utils.check_int64("sampling_ratio", sampling_ratio)
     aligned = _check_aligned(aligned)
     if len(features) == 1:  # torchvision pools from the one map whatever the box
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)

@@ -61,10 +61,15 @@ def test_rows_of_classes_match_the_blocks_of_positions(dtype, tol, gtol):
 
 
 def test_ignore_index_values_and_all_ignored():
+    import numpy as np
+
     x, y, w = batch(ignore=255)
     for kw in (dict(), dict(weight=w, label_smoothing=0.2)):
-        torch.testing.assert_close(P.softmax_cross_entropy(x, y, ignore_index=255, **kw),
-                                   F.cross_entropy(x, y, ignore_index=255, **kw))
+        for ii in (255, np.int64(255)):  # torch takes NumPy ints too
+            torch.testing.assert_close(P.softmax_cross_entropy(x, y, ignore_index=ii, **kw),
+                                       F.cross_entropy(x, y, ignore_index=255, **kw))
+        torch.testing.assert_close(P.upsample_cross_entropy(x, y, None, ignore_index=np.int32(255), **kw),
+                                   P.upsample_cross_entropy(x, y, False, ignore_index=255, **kw))
     none = torch.full_like(y, 255)
     ours = P.softmax_cross_entropy(x, none, ignore_index=255)
     assert torch.isnan(ours) and torch.isnan(F.cross_entropy(x, none, ignore_index=255))  # 0 / 0, as torch
