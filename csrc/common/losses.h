@@ -84,7 +84,10 @@ PVO_HD T pow_(T m, Pow<T> p) {
   if (SQUARE) return m * m;
   const T a = m < T(0) ? -m : m;
   const T factor = m < T(0) ? p.neg : (m > T(0) ? p.pos : T(NAN));  // NaN for a NaN m
-  const T r = factor * nms::exp_approx(p.g * log_pos(a > T(0) ? a : T(1)));
+  // exp(v)^2 of v = g log|a| / 2: v > 0 for g < 0 (or |m| > 1), up to exp's overflow, where
+  // exp_approx's 2^k would leave the exponent range; the square overflows to inf instead.
+  const T h = nms::exp_approx(T(0.5) * (p.g * log_pos(a > T(0) ? a : T(1))));
+  const T r = factor * (h * h);
   return m == T(0) ? p.at_zero : r;
 }
 

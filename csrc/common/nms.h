@@ -39,13 +39,13 @@ inline T ge_threshold(double thr) {
 }
 
 // exp for float without branches or calls, so CPU loops vectorise: 2^k * p(r),
-// |r| <= ln2 / 2, degree-6 Taylor polynomial; relative error < 3e-7 on [-87, 88.72].
-// Arguments below -87 give 0, above expf's overflow threshold inf, NaN gives NaN.
+// |r| <= ln2 / 2, degree-6 Taylor polynomial; relative error < 3e-7 on [-87, 0].
+// Arguments below -87 give 0, NaN gives NaN. Callers take it of values <= 0 (above about
+// 88.37, below expf's overflow, 2^k would leave the exponent range: see losses::pow_).
 PVO_HD float exp_approx(float x) {
 #ifdef __CUDA_ARCH__
   return x <= -87.f ? 0.f : expf(x);  // as below: expf would give denormals, and inf * denormal = inf
 #else
-  constexpr float kOverflow = 88.72283935546875f;  // the least float whose expf is inf
   x = x < -87.f ? -87.f : x;  // NaN stays NaN
   const float kf = std::floor(x * 1.4426950408889634f + 0.5f);
   const float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;  // x - k ln2, two parts
@@ -58,16 +58,13 @@ PVO_HD float exp_approx(float x) {
   p = p * r + 1.f;
   // 2^k from the bits of k + 1.5 * 2^23, where the integer k sits in the low mantissa bits:
   // no float-to-int conversion, which a NaN would make undefined (p is NaN then anyway).
-  // k = 128 (x just below the overflow threshold) has no exponent field: 2^127 * 2.
-  const float kc = kf > 127.f ? 127.f : kf;
-  const float shifted = kc + 12582912.f;
+  const float shifted = kf + 12582912.f;
   uint32_t bits;  // unsigned: wraps, never overflows
   std::memcpy(&bits, &shifted, sizeof(bits));
   bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float v = p * scale * (kf > 127.f ? 2.f : 1.f);
-  return x <= -87.f ? 0.f : (x >= kOverflow ? INFINITY : v);
+  return x <= -87.f ? 0.f : p * scale;
 #endif
 }
 PVO_HD double exp_approx(double x) { return std::exp(x); }
