@@ -193,7 +193,9 @@ template <typename scalar_t, typename T>
 __attribute__((target_clones("avx2", "default"))) void row_stats(const scalar_t* __restrict__ z, int64_t C,
                                                                  int64_t y, const T* __restrict__ w, T& m, T& l,
                                                                  T& wd, T& zy) {
+  // Any NaN logit makes the loss NaN through the sum, whichever max the lanes keep.
   T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
   for (int64_t c = 0; c < C; ++c) mx = std::max(mx, T(z[c]));
   T sum = 0, d = 0;
 #pragma omp simd reduction(+ : sum, d)
