@@ -310,6 +310,11 @@ def _check(op, logits, target, weight, spatial, reduction, grad=None, stats=None
     require(ok, op, "logits, target, weight, grad, stats or wsum have inconsistent shapes or dtypes")
 
 
+def _split(label_smoothing, c):
+    """keep and spread of the loss (C = 0, a direct op call: no class to spread over)."""
+    return 1.0 - label_smoothing, label_smoothing / max(c, 1)
+
+
 def _weight(weight, logits):
     """The class weight in the accumulation dtype (any tensor when there is none: unused)."""
     return weight.to(acc_dtype(logits.dtype)).contiguous() if weight is not None else logits
@@ -341,7 +346,7 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     if n * nb:
         z = logits.contiguous()
         _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats,
-                                      c, s, n * s, nb, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+                                      c, s, n * s, nb, ignore_index, *_split(label_smoothing, c),
                                       HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
                                       STORE_LOSS=reduction == 0, **CE_CONFIG)
     return (*_reduce(loss_map, parts, reduction), stats)
@@ -353,7 +358,7 @@ def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reducti
     if n:
         z = logits.contiguous()
         _ce_rows_forward_kernel[(n,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, n, c,
-                                      ignore_index, 1.0 - label_smoothing, label_smoothing / max(c, 1),
+                                      ignore_index, *_split(label_smoothing, c),
                                       HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
                                       STORE_LOSS=reduction == 0, **_rows_config(c))
     return (*_reduce(loss_map, parts, reduction), stats)
@@ -370,15 +375,15 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
         acc = acc_dtype(logits.dtype)
         g, g_step = loss_grad(grad, acc)
         _ce_rows_backward_kernel[(n,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
-                                       stats.to(acc).contiguous(), dz, n, c, ignore_index, 1.0 - label_smoothing,
-                                       label_smoothing / c, HAS_W=weight is not None, G_STEP=g_step,
-                                       MEAN=reduction == 1, **_rows_config(c))
+                                       stats.to(acc).contiguous(), dz, n, c, ignore_index, *_split(label_smoothing, c),
+                                       HAS_W=weight is not None, G_STEP=g_step, MEAN=reduction == 1,
+                                       **_rows_config(c))
     elif n * nb:
         acc = acc_dtype(logits.dtype)
         g, g_step = loss_grad(grad, acc)
         _ce_backward_kernel[(n * nb,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
                                        stats.to(acc).contiguous(), dz, c, s, n * s, nb, ignore_index,
-                                       1.0 - label_smoothing, label_smoothing / c, HAS_W=weight is not None,
+                                       *_split(label_smoothing, c), HAS_W=weight is not None,
                                        G_STEP=g_step, MEAN=reduction == 1, **CE_CONFIG)
     return dz
 
@@ -471,7 +476,7 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
         lg = logits.contiguous()
         _up_ce_forward_kernel[grid](
             lg, target.contiguous(), _weight(weight, lg), loss_map, parts, stats, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0,
-            tx.i1, tx.w0, tx.w1, c, h, w, H, W, n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c,
+            tx.i1, tx.w0, tx.w1, c, h, w, H, W, n * H * W, ignore_index, *_split(label_smoothing, c),
             HAS_W=weight is not None, SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, BLOCK=_BLOCK)
     return (*_reduce(loss_map, parts, reduction), stats)
 
@@ -500,7 +505,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
         _up_ce_contract_x_kernel[(n * H, column_blocks("upsample_cross_entropy_backward", w, tx.bx))](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
-            n * H * W, ignore_index, 1.0 - label_smoothing, label_smoothing / c, tx.bx, HAS_W=weight is not None,
+            n * H * W, ignore_index, *_split(label_smoothing, c), tx.bx, HAS_W=weight is not None,
             G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)
         contract_y(tk, dl, ty, dst_first=c0)
     return dl

@@ -136,6 +136,22 @@ def test_huge_coordinates():
         torch.testing.assert_close(PAIRWISE[kind][0](a, a), PAIRWISE[kind][1](a, a), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.interpreter
+def test_gradient_at_huge_fp32_coordinates_is_finite():
+    # dval * cent overflowed to inf at centres 1e19 apart (inf / inf = NaN on the CPU; the
+    # Triton kernel takes cent / diag^2 first): both finite now, and the same
+    from pyvision_ops.kernels import box_iou as K
+
+    b1, b2 = torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([[1e19, 0, 1.1e19, 1]])
+    g = torch.full((1,), 4.0)
+    for kind in range(1, 4):
+        for loss in (False, True):
+            cpu = ops.matched_box_iou_backward(g, b1, b2, kind, loss, 1e-7)
+            for a, b in zip(cpu, K.matched_box_iou_backward(g, b1, b2, kind, loss, 1e-7)):
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     coords=st.lists(

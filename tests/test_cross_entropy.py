@@ -387,6 +387,25 @@ def test_triton_cross_entropy_interpreter_large_logits():
 
 
 @pytest.mark.interpreter
+def test_triton_cross_entropy_interpreter_no_classes():
+    # C = 0 reaches the ops only by a direct call (the fronts need a class): no division by C
+    from pyvision_ops.kernels import cross_entropy as K
+
+    for s in (3, 1):
+        x, y = torch.zeros(2, 0, s), torch.full((2, s), -100)
+        fwd = K.softmax_cross_entropy(x, y, None, -100, 0.1, 1)
+        for a, b in zip(fwd[:2], ops.softmax_cross_entropy(x, y, None, -100, 0.1, 1)[:2]):
+            torch.testing.assert_close(a, b, equal_nan=True)
+        dz = K.softmax_cross_entropy_backward(torch.ones(()), x, y, None, fwd[2], fwd[1], -100, 0.1, 1)
+        assert dz.shape == x.shape
+    x4, y4 = torch.zeros(1, 0, 2, 2), torch.full((1, 4, 4), -100)
+    fwd = K.upsample_cross_entropy(x4, y4, False, None, -100, 0.1, 2)
+    assert fwd[0].item() == 0 and fwd[1].item() == 0
+    dz = K.upsample_cross_entropy_backward(torch.ones(()), x4, y4, False, None, fwd[2], fwd[1], -100, 0.1, 2)
+    assert dz.shape == x4.shape
+
+
+@pytest.mark.interpreter
 def test_triton_cross_entropy_interpreter_special_logits():
     # The one-pass log-sum-exp gives what two passes give: -inf logits (in the first class,
     # in the last, in all), +inf and NaN logits.

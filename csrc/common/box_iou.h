@@ -168,7 +168,7 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
     const T c = ew * eh;
     const T den = LOSS ? c + eps : c;
     d_uni += dval / den;
-    const T d_c = -dval * (den - c + uni) / (den * den);
+    const T d_c = -dval * ((den - c + uni) / (den * den));
     d_ew += d_c * eh;
     d_eh += d_c * ew;
   } else if (KIND == kDIoU || KIND == kCIoU) {
@@ -177,7 +177,7 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
     const T diag = ew * ew + eh * eh + eps_d;
     const T cent = dx * dx + dy * dy;
     const T d_cent = -dval / diag;
-    const T d_diag = dval * cent / (diag * diag);
+    const T d_diag = dval * (cent / (diag * diag));
     d_ew += T(2) * ew * d_diag;
     d_eh += T(2) * eh * d_diag;
     d_dx = T(2) * dx * d_cent;
@@ -189,15 +189,16 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
       const T d_t = -dval * alpha * T(0.40528473456935108578) * T(2) * t;
       // d atan(w / h) = (h dw - w dh) / (w^2 + h^2)
       const T na = wa * wa + ha * ha, nb = wb * wb + hb * hb;
-      d_wa += d_t * ha / na;
-      d_ha -= d_t * wa / na;
-      d_wb -= d_t * hb / nb;
-      d_hb += d_t * wb / nb;
+      d_wa += d_t * (ha / na);
+      d_ha -= d_t * (wa / na);
+      d_wb -= d_t * (hb / nb);
+      d_hb += d_t * (wb / nb);
     }
   }
-  // iou = inter / uden
+  // iou = inter / uden. Ratios are taken before the products (as in the Triton kernel): at
+  // huge coordinates dval * cent would overflow to inf where cent / diag^2 is tiny.
   d_inter += dval / uden;
-  d_uni -= dval * iou / uden;
+  d_uni -= dval * (iou / uden);
   // uni = wa * ha + wb * hb - inter
   d_wa += d_uni * ha;
   d_ha += d_uni * wa;
