@@ -356,7 +356,8 @@ PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "num_warps": 4}
 
 def _check(op, boxes1, boxes2, kind, pairwise):
     require(0 <= kind <= 3, op, f"box kind must be 0..3 (iou, giou, diou, ciou), got {kind}")
-    require(boxes1.dtype == boxes2.dtype, op, "boxes1 and boxes2 dtypes differ")
+    require(boxes1.dtype == boxes2.dtype and boxes1.is_floating_point(), op,
+            "boxes1 and boxes2 must share one floating point dtype")
     if pairwise:
         require(boxes1.dim() == 3 and boxes1.shape[2] == 4 and boxes2.dim() == 3 and boxes2.shape[2] == 4, op,
                 "boxes1 and boxes2 must be [B, N, 4] and [B, M, 4]")

@@ -195,6 +195,8 @@ def check_footprint(op, taps: Taps):
 
 
 def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
+    require(input.dim() == 4 and input.is_floating_point(), "upsample_bilinear",
+            "input must be a floating point [N, C, H, W]")
     n, c, h, w = input.shape
     _check_sizes("upsample_bilinear", h, w, out_h, out_w)
     x = input.contiguous()
@@ -211,6 +213,8 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
 
 
 def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w):
+    require(grad.dim() == 4 and grad.is_floating_point(), "upsample_bilinear_backward",
+            "grad must be a floating point [N, C, H_out, W_out]")
     n, c, out_h, out_w = grad.shape
     _check_sizes("upsample_bilinear_backward", in_h, in_w)
     g = grad.contiguous()

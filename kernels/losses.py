@@ -104,8 +104,9 @@ def sigmoid_focal_loss(inputs, targets, alpha, gamma):
 
 
 def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
-    require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and grad.shape == inputs.shape,
-             "sigmoid_focal_loss_backward", "grad and targets must have the shape of inputs")
+    require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and grad.shape == inputs.shape
+            and grad.dtype == inputs.dtype and inputs.is_floating_point(), "sigmoid_focal_loss_backward",
+            "grad and targets must have the shape and floating point dtype of inputs")
     x, t = inputs.contiguous(), targets.contiguous()
     dx, dt = torch.empty_like(x), torch.empty_like(x)
     n = x.numel()
@@ -253,8 +254,9 @@ _SCAN_BLOCK = 1024
 def lovasz_gradient(fg_sorted, lengths):
     """Two passes over blocks of every row (the rows' blocks run in parallel): foreground
     counts per block, then each block's cumulative counts from the exclusive scan of those."""
-    require(fg_sorted.dim() == 2 and lengths.shape == fg_sorted.shape[:1] and lengths.dtype == torch.int64,
-             "lovasz_gradient", "fg_sorted must be [R, M] and lengths [R] int64")
+    require(fg_sorted.dim() == 2 and fg_sorted.dtype in (torch.float32, torch.float64)
+            and lengths.shape == fg_sorted.shape[:1] and lengths.dtype == torch.int64,
+            "lovasz_gradient", "fg_sorted must be [R, M] fp32 or fp64 and lengths [R] int64")
     fg = fg_sorted.contiguous()
     out = torch.empty_like(fg)
     r, m = fg.shape

@@ -159,6 +159,13 @@ def test_triton_interpreter_direct_op_edges():
         K.upsample_bilinear(torch.ones(1, 1, 0, 3), 4, 4, False, -1.0, -1.0)
     with pytest.raises(NotImplementedError, match="8192x"):
         K.upsample_bilinear_backward(torch.ones(1, 1, 1, 9000), 1, 1, False, -1.0, -1.0)
+    # the C++ ops' argument checks: a direct op call gets a clear error, not an unpacking one
+    with pytest.raises(RuntimeError, match="floating point"):
+        K.upsample_bilinear(torch.ones(1, 1, 2, 2, dtype=torch.int64), 4, 4, False, -1.0, -1.0)
+    with pytest.raises(RuntimeError, match="N, C, H, W"):
+        K.upsample_bilinear(torch.ones(1, 2, 2), 4, 4, False, -1.0, -1.0)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        K.upsample_bilinear_backward(torch.ones(2, 3, 3), 2, 2, False, -1.0, -1.0)
     # column blocks go along grid dimension y, at most 65535 of them
     from pyvision_ops.kernels import column_blocks
 

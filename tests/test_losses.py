@@ -462,6 +462,24 @@ def test_triton_dice_interpreter_nan_grad_leaves_ignored_positions_at_zero():
         assert (dz[0] == 0).all() and dz[1].isnan().any()
 
 
+@pytest.mark.interpreter
+def test_triton_launchers_check_dtypes_as_the_cpu_ops():
+    # what the C++ ops reject, a direct call of a Triton launcher rejects too
+    from pyvision_ops.kernels import box_iou as B
+    from pyvision_ops.kernels import losses as K
+
+    x = torch.randn(6)
+    with pytest.raises(RuntimeError, match="floating point dtype of inputs"):
+        K.sigmoid_focal_loss_backward(torch.ones(6, dtype=torch.float64), x, x, 0.25, 2.0)
+    with pytest.raises(RuntimeError, match="fp32 or fp64"):
+        K.lovasz_gradient(torch.ones(2, 3, dtype=torch.float16), torch.tensor([3, 3]))
+    b = torch.tensor([[0, 0, 2, 2]])
+    with pytest.raises(RuntimeError, match="floating point dtype"):
+        B.pairwise_box_iou(b[None], b[None], 0, 1e-7)
+    with pytest.raises(RuntimeError, match="floating point dtype"):
+        B.matched_box_iou(b, b, 0, False, 1e-7)
+
+
 @pytest.mark.gpu
 def test_cuda_dice_matches_cpu():
     x, y = seg_batch(n=2, c=19, h=256, w=300, dtype=torch.float32, ignore=255)
