@@ -66,6 +66,11 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_align_corners(value) -> bool:
+    """A bool, or None for False as in F.interpolate."""
+    return check_bool("align_corners", False if value is None else value)
+
+
 def check_int64(name: str, value) -> int:
     """An int (a NumPy one too, as torch takes it; not a bool) that fits int64, as a Python
     int: what the ops' `int` arguments take."""

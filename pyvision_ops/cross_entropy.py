@@ -99,8 +99,7 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
     if logits.shape[2] == 0 or logits.shape[3] == 0:
         raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
     eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
-    # None is False, as in F.interpolate
-    align_corners = _utils.check_bool("align_corners", False if align_corners is None else align_corners)
+    align_corners = _utils.check_align_corners(align_corners)
     loss, _, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), align_corners, weight, ignore_index,
                                             eps, _REDUCTION[reduction])
     return loss

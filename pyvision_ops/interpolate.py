@@ -50,7 +50,7 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
     if h == 0 or w == 0:
         raise ValueError(f"input must have a non-empty spatial size, got {list(input.shape[2:])}")
     # None is torch's default, False
-    align_corners = _utils.check_bool("align_corners", False if align_corners is None else align_corners)
+    align_corners = _utils.check_align_corners(align_corners)
     if size is not None:
         oh, ow = (int(v) for v in _two(size, "size", numbers.Integral))
         sh = sw = -1.0

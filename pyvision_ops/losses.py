@@ -52,9 +52,10 @@ def _check_ignore_index(ignore_index):
     """None or an int64 value (returned as an int); -2**63 is _NO_IGNORE, so it cannot be one."""
     if ignore_index is None:
         return None
-    if _utils.check_int64("ignore_index", ignore_index) == _NO_IGNORE:
+    value = _utils.check_int64("ignore_index", ignore_index)
+    if value == _NO_IGNORE:
         raise ValueError(f"ignore_index must be in [-2**63 + 1, 2**63 - 1], got {ignore_index}")
-    return int(ignore_index)
+    return value
 
 
 def _check_classes(classes, c: int, expected: str) -> list:

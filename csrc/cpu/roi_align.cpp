@@ -61,15 +61,18 @@ void fill_axis(const roi::Geometry<T>& g, bool rows, int p, int size, int span, 
 // (-1, batch_size), so -0.5 is image 0 when there is one. Checked in T, the type the tables
 // cast from (a huge index would overflow the cast). NaN: the RoI pools to zeros (the
 // multi-scale front marks a RoI without a level so).
+// Returns the RoIs in T, contiguous: what make_tables reads.
 template <typename T>
-void check_batch_index(const char* op, const at::Tensor& rois, int64_t batch_size) {
-  const T* pr = rois.const_data_ptr<T>();
-  for (int64_t k = 0; k < rois.size(0); ++k) {
+at::Tensor checked_rois(const char* op, const at::Tensor& rois, int64_t batch_size) {
+  at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const T* pr = r.const_data_ptr<T>();
+  for (int64_t k = 0; k < r.size(0); ++k) {
     const T b = pr[k * 5];
     TORCH_CHECK_VALUE(std::isnan(b) || (b > T(-1) && std::trunc(b) < static_cast<T>(batch_size)), op,
                       ": boxes: RoI ", k, " has batch index ", b, " outside (-1, ", batch_size,
                       ") (truncated toward zero, it must name one of the ", batch_size, " images)");
   }
+  return r;
 }
 
 template <typename T>
@@ -88,7 +91,7 @@ Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const st
   t.ny.assign(K * ph, 0);
   t.nx.assign(K * pw, 0);
   t.groups.assign(L * batch_size, {});
-  const T* pr = rois.const_data_ptr<T>();  // contiguous, in T (pool, unpool)
+  const T* pr = rois.const_data_ptr<T>();  // checked_rois
   std::vector<roi::Geometry<T>> geo(K);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t l = roi_level ? roi_level[k] : 0;
@@ -99,7 +102,7 @@ Tables<T> make_tables(const at::Tensor& rois, const int64_t* roi_level, const st
     geo[k] = roi::geometry<T>(pr + k * 5, static_cast<T>(lv.scale), ph, pw, sampling_ratio, aligned);
     const T b = pr[k * 5];
     if (geo[k].valid && geo[k].inv_count > T(0) && std::isfinite(b) && lv.H > 0 && lv.W > 0) {
-      const int64_t bi = static_cast<int64_t>(b);  // in range: check_batch_index
+      const int64_t bi = static_cast<int64_t>(b);  // in range: checked_rois
       t.batch[k] = bi;
       t.span_h[k] = roi::axis_span(geo[k].bin_h, static_cast<int>(lv.H));
       t.span_w[k] = roi::axis_span(geo[k].bin_w, static_cast<int>(lv.W));
@@ -410,8 +413,7 @@ at::Tensor pool(const std::vector<at::Tensor>& features, const at::Tensor& rois,
   at::Tensor lv = roi_levels ? roi_levels->to(at::kLong).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "roi_align_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    check_batch_index<T>(roi_levels ? "multi_scale_roi_align" : "roi_align", r, B);
+    const at::Tensor r = checked_rois<T>(roi_levels ? "multi_scale_roi_align" : "roi_align", rois, B);
     if (C == 0) return;
     const auto t = make_tables<T>(r, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
                                   static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(sampling_ratio),
@@ -440,8 +442,8 @@ std::vector<at::Tensor> unpool(const at::Tensor& grad, const at::Tensor& rois, c
   at::Tensor lv = roi_levels ? roi_levels->to(at::kLong).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    check_batch_index<T>(roi_levels ? "multi_scale_roi_align_backward" : "roi_align_backward", r, B);
+    const char* op = roi_levels ? "multi_scale_roi_align_backward" : "roi_align_backward";
+    const at::Tensor r = checked_rois<T>(op, rois, B);
     if (C == 0 || B == 0) return;
     const auto t = make_tables<T>(r, roi_levels ? lv.const_data_ptr<int64_t>() : nullptr, levels, B,
                                   static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(sampling_ratio),
