@@ -1,3 +1,5 @@
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -79,3 +81,44 @@ def test_double_backward_raises_instead_of_giving_zeros():
     (g,) = torch.autograd.grad(out, [x], grad_outputs=v, create_graph=True)
     with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
         torch.autograd.grad(g.sum(), [v])
+
+
+def _check_macro_args(text):
+    """(line, argument) of each TORCH_CHECK* message argument that is neither a string literal,
+    std::to_string(..), real_text(..) nor the op name."""
+    found = []
+    for m in re.finditer(r"TORCH_CHECK\w*\s*\(", text):
+        args, depth, cur, i, quoted = [], 1, "", m.end(), False
+        while depth:
+            c = text[i]
+            if quoted:
+                if c == "\\":
+                    cur, i = cur + text[i:i + 2], i + 2
+                    continue
+                quoted = c != '"'
+            elif c == '"':
+                quoted = True
+            elif c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+            if depth and not quoted and c == "," and depth == 1:
+                args.append(cur.strip())
+                cur = ""
+            elif depth:
+                cur += c
+            i += 1
+        args.append(cur.strip())
+        line = text.count("\n", 0, m.start()) + 1
+        found += [(line, a) for a in args[1:]
+                  if not a.startswith(('"', "std::to_string(", "real_text(")) and a not in ("op", "name", "what")]
+    return found
+
+
+def test_error_messages_format_numbers_without_ostream():
+    # common/text.h: ostream << long inside the extension crashed on the lent GPU machine's build.
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    bad = {f"{p.relative_to(root)}:{line}": a for p in sorted(root.rglob("*"))
+           if p.suffix in (".h", ".cpp", ".cu") for line, a in _check_macro_args(p.read_text())}
+    assert bad == {}
+    assert _check_macro_args('TORCH_CHECK(x > 0, op, ": got ", x, f(a, b));') == [(1, "x"), (1, "f(a, b)")]

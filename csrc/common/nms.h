@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "common/box_iou.h"
+#include "common/text.h"
 
 namespace pyvision_ops {
 namespace nms {
@@ -135,7 +136,7 @@ inline void check_inputs(const char* op, const at::Tensor& boxes, const at::Tens
 
 inline void check_soft_args(double sigma, double score_threshold, int64_t method) {
   TORCH_CHECK(method >= 0 && method <= 2, "soft_nms: method must be 0 (gaussian), 1 (linear) or 2 (hard)");
-  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", sigma);  // NaN too
+  TORCH_CHECK_VALUE(sigma > 0, "soft_nms: sigma must be > 0, got ", real_text(sigma));  // NaN too
   TORCH_CHECK_VALUE(!std::isnan(score_threshold), "soft_nms: score_threshold must not be NaN");
 }
 

@@ -17,8 +17,7 @@ namespace {
 using box::Box;
 
 void check_kind(int64_t kind) {
-  // std::to_string, not ostream << int64_t: built with GCC 13 against torch 2.11 (the lent GPU
-  // machine), the extension's inlined ostream<<long crashed while formatting this message.
+  // std::to_string: see common/text.h.
   TORCH_CHECK(kind >= 0 && kind <= 3, "pyvision_ops: box kind must be 0..3 (iou, giou, diou, ciou), got ",
               std::to_string(kind));
 }

@@ -41,7 +41,7 @@ enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 void check_reduction(const char* op, int64_t reduction) {
   TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", std::to_string(reduction));
 }
 
 // A backward's grad (the loss's shape: `target`'s for none, else 0-d) and wsum (0-d).

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/roi_align.h"
+#include "common/text.h"
 
 namespace pyvision_ops {
 namespace {
@@ -69,8 +70,9 @@ at::Tensor checked_rois(const char* op, const at::Tensor& rois, int64_t batch_si
   for (int64_t k = 0; k < r.size(0); ++k) {
     const T b = pr[k * 5];
     TORCH_CHECK_VALUE(std::isnan(b) || (b > T(-1) && std::trunc(b) < static_cast<T>(batch_size)), op,
-                      ": boxes: RoI ", k, " has batch index ", b, " outside (-1, ", batch_size,
-                      ") (truncated toward zero, it must name one of the ", batch_size, " images)");
+                      ": boxes: RoI ", std::to_string(k), " has batch index ", real_text(b), " outside (-1, ",
+                      std::to_string(batch_size), ") (truncated toward zero, it must name one of the ",
+                      std::to_string(batch_size), " images)");
   }
   return r;
 }
