@@ -47,6 +47,9 @@ fi
 step bench
 timeout 240 $PY -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/bench.log" 2>&1 || rc=1
 tail -30 "$OUT/bench.log"
+step overhead
+timeout 60 $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1
+cat "$OUT/overhead.log"
 if [ -n "${GPU_CHECK_TUNE:-}" ]; then
   step "tune box_iou"
   timeout 120 $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1

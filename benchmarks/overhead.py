@@ -1,27 +1,35 @@
-"""`python -m benchmarks.overhead`: host time per call on tiny inputs, ours against the anchor.
+"""`python -m benchmarks.overhead [--device cpu|cuda]`: host time per call on tiny inputs,
+ours against the anchor.
 
 On a GPU a call costs at least its host time (Python front, dispatcher, autograd, kernel
-launch) however small the kernel, so this is the floor of the eager timings there. Runs on
-the CPU with one thread and inputs of a few elements, so the kernels themselves cost
-next to nothing; prints microseconds per call (the harness's CPU timer, common.time_pair).
+launch) however small the kernel, so this is the floor of the eager timings there. On
+the CPU it runs with one thread, where the kernels on a few elements cost next to
+nothing (the harness's CPU timer, common.time_pair). On CUDA it reads the host clock
+around a loop of calls without synchronising (the GPU work is queued, not waited for),
+and adds a breakdown of one cross-entropy step: a bare Triton launch, the forward and
+backward ops called directly, the front without autograd.
 """
+
+import argparse
+import time
 
 import torch
 import torch.nn.functional as F
 import torchvision.ops as tv
 
 import pyvision_ops as P
+from pyvision_ops._library import ops
 
 from .common import fwd_bwd, time_pair
 
 
-def _cases():
+def _cases(dev):
     g = torch.Generator().manual_seed(0)
-    z, y = torch.randn(1, 19, 1, 8, generator=g), torch.randint(0, 19, (1, 1, 8), generator=g)
-    f, t = torch.randn(8, generator=g), torch.rand(8, generator=g).round()
-    b = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]])
-    s = torch.tensor([0.9, 0.8, 0.7])
-    feat, rois = torch.randn(1, 2, 8, 8, generator=g), torch.tensor([[0.0, 1, 1, 6, 6]])
+    z, y = torch.randn(1, 19, 1, 8, generator=g).to(dev), torch.randint(0, 19, (1, 1, 8), generator=g).to(dev)
+    f, t = torch.randn(8, generator=g).to(dev), torch.rand(8, generator=g).round().to(dev)
+    b = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], device=dev)
+    s = torch.tensor([0.9, 0.8, 0.7], device=dev)
+    feat, rois = torch.randn(1, 2, 8, 8, generator=g).to(dev), torch.tensor([[0.0, 1, 1, 6, 6]], device=dev)
     return [
         ("cross_entropy fwd+bwd", fwd_bwd(z, lambda a: F.cross_entropy(a, y)),
          fwd_bwd(z, lambda a: P.softmax_cross_entropy(a, y))),
@@ -36,12 +44,58 @@ def _cases():
     ]
 
 
-def main():
-    torch.set_num_threads(1)
+def _cuda_breakdown():
+    """(name, call) of the pieces of one cross-entropy step on CUDA."""
+    from pyvision_ops.kernels.cross_entropy import _ce_reduce_kernel
+
+    z = torch.randn(1, 19, 8, device="cuda")
+    y = torch.randint(0, 19, (1, 8), device="cuda")
+    parts, loss, wsum = torch.rand(2, 1, device="cuda", dtype=torch.float64), z.new_empty(()), z.new_empty(())
+    _, w, stats = ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)
+    one = torch.ones((), device="cuda")
+    return [
+        ("torch.empty on CUDA", lambda: torch.empty((), device="cuda")),
+        ("bare Triton launch (1 program)", lambda: _ce_reduce_kernel[(1,)](parts, 1, loss, wsum, REDUCTION=1,
+                                                                           BLOCK=1024)),
+        ("ops.softmax_cross_entropy", lambda: ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)),
+        ("ops.softmax_cross_entropy_backward",
+         lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, w, -100, 0.0, 1)),
+        ("P.softmax_cross_entropy, no grad", lambda: P.softmax_cross_entropy(z[..., None], y[..., None])),
+    ]
+
+
+def _host_time(fn, calls=300, rounds=3):
+    """Best of `rounds` host seconds per call over `calls` calls, none synchronised."""
+    best = float("inf")
+    for _ in range(rounds):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+        torch.cuda.synchronize()
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    dev = p.parse_args(argv).device
     print("| call | anchor us | ours us | ours / anchor |\n|---|---|---|---|")
-    for name, anchor, ours in _cases():
-        a, o = time_pair(anchor, ours, "cpu", quick=False)
+    if dev == "cpu":
+        torch.set_num_threads(1)
+    for name, anchor, ours in _cases(dev):
+        if dev == "cpu":
+            a, o = time_pair(anchor, ours, "cpu", quick=False)
+        else:
+            a, o = _host_time(anchor), _host_time(ours)
         print(f"| {name} | {a * 1e6:.1f} | {o * 1e6:.1f} | {o / a:.2f} |", flush=True)
+    if dev == "cuda":
+        print("\n| cross-entropy piece (ours) | host us |\n|---|---|")
+        for name, fn in _cuda_breakdown():
+            print(f"| {name} | {_host_time(fn) * 1e6:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
