@@ -55,7 +55,7 @@ if [ -n "${GPU_CHECK_TUNE:-}" ]; then
   timeout 120 $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1
   cat "$OUT/tune_box_iou.log"
   step "tune cross_entropy"
-  timeout 60 $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
+  timeout 120 $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
   cat "$OUT/tune_cross_entropy.log"
 fi
 step done

@@ -1,21 +1,24 @@
 """`python -m benchmarks.tune_box_iou [--precise]`: tile sizes of the Triton pairwise kernel on this GPU.
 
-Prints, per config (with --precise also with IEEE fp32 division), the CUDA-graph time of a
-4096x4096 IoU and CIoU and the bandwidth of the output write; kernels/box_iou.py:PAIRWISE_CONFIG
-takes the best.
+Prints the bandwidth of torch's fill_ of an output of the same size (the ceiling of a kernel
+that only writes), then per config (with --precise also with IEEE fp32 division) the
+CUDA-graph time of a 4096x4096 IoU and CIoU and the bandwidth of the output write;
+kernels/box_iou.py:PAIRWISE_CONFIG takes the best.
 """
 
 import sys
 
+import torch
 import triton.testing
 from pyvision_ops.kernels import box_iou as K
 
 from pyvision_ops.testing import random_boxes
 
 CONFIGS = [
-    {"BLOCK_N": n, "BLOCK_M": m, "num_warps": w}
-    for n, m, w in [(32, 64, 4), (16, 128, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 64, 8), (32, 128, 4),
-                    (64, 128, 8)]
+    {"BLOCK_N": n, "BLOCK_M": m, "num_warps": w, "STREAM": st}
+    for n, m, w, st in [(32, 64, 4, False), (16, 128, 4, False), (64, 64, 4, False), (32, 32, 4, False),
+                        (64, 64, 8, False), (32, 128, 4, False), (32, 64, 4, True), (64, 64, 4, True),
+                        (32, 128, 4, True), (64, 128, 4, True)]
 ]
 
 
@@ -24,6 +27,10 @@ def main():
     a = random_boxes(n, 1, scale=1000.0, max_size=200.0).cuda()
     b = random_boxes(n, 1, scale=1000.0, max_size=200.0).cuda()
     out_bytes = n * n * 4
+    # The ceiling of a kernel that only writes: torch filling an output of the same size.
+    fill = torch.empty(n, n, device="cuda")
+    ms = triton.testing.do_bench_cudagraph(lambda: fill.fill_(0.5), rep=50)
+    print(f"fill_ of the {out_bytes >> 20} MB output: {ms * 1e3:6.1f} us {out_bytes / ms / 1e6:6.0f} GB/s")
     modes = (False, True) if "--precise" in sys.argv else (False,)
     for precise, cfg in [(p, c) for p in modes for c in CONFIGS]:
         K.PAIRWISE_CONFIG = cfg

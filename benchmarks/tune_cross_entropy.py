@@ -1,30 +1,53 @@
-"""`python -m benchmarks.tune_cross_entropy`: block size and warps of the plain Triton
-cross-entropy kernels on this GPU.
+"""`python -m benchmarks.tune_cross_entropy`: block size, warps and class-loop unrolling of
+the plain Triton cross-entropy kernels on this GPU.
 
 Prints, per config, the CUDA-graph time of the benchmark's training step (forward and
 backward, mean, ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and its fraction of
 the issue's bound: reading the logits twice and writing the gradient once at the measured
-copy bandwidth (>= 77% is within 1.3x). kernels/cross_entropy.py:CE_CONFIG takes the best.
+copy bandwidth (>= 77% is within 1.3x); then the forward op and the backward op alone,
+each against its own share of the bound (one pass, two passes), to show which one is
+short. kernels/cross_entropy.py:CE_CONFIG takes the best.
 """
 
+import torch
 import triton.testing
 from pyvision_ops.kernels import cross_entropy as K
+
+from pyvision_ops._library import ops
 
 from .bench_cross_entropy import WORKLOADS
 from .common import cuda_copy_bandwidth
 
-CONFIGS = [{"BLOCK": b, "num_warps": w} for b, w in [(512, 4), (256, 4), (1024, 4), (256, 2), (512, 8), (1024, 8)]]
+CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u}
+           for b, w, u in [(512, 4, 1), (256, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 2), (512, 4, 4),
+                           (1024, 4, 2), (1024, 8, 2), (1024, 8, 4), (256, 4, 4)]]
 
 
 def main():
     workload = next(w for w in WORKLOADS if w.name.endswith("(graph)"))
     _, step = workload.make("cuda")
-    bound = workload.bytes_moved() / cuda_copy_bandwidth()
+    bw = cuda_copy_bandwidth()
+    bound = workload.bytes_moved() / bw
     print(f"bound (3 passes at copy bandwidth): {bound * 1e6:.1f} us")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(2, 19, 512 * 1024, device="cuda", generator=g)
+    y = torch.randint(0, 19, (2, 512 * 1024), device="cuda", generator=g)
+    one = torch.ones((), device="cuda")
+    _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
+    best = None
     for cfg in CONFIGS:
         K.CE_CONFIG = cfg
         ms = triton.testing.do_bench_cudagraph(step, rep=50, return_mode="median")
-        print(f"{cfg}: {ms * 1e3:6.1f} us, {100 * bound / (ms / 1e3):5.1f}% of the bound", flush=True)
+        fwd = triton.testing.do_bench_cudagraph(lambda: ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1), rep=30,
+                                                return_mode="median")
+        bwd = triton.testing.do_bench_cudagraph(
+            lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, wsum, 255, 0.0, 1), rep=30,
+            return_mode="median")
+        print(f"{cfg}: step {ms * 1e3:6.1f} us, {100 * bound / (ms / 1e3):5.1f}% of the bound | forward "
+              f"{fwd * 1e3:6.1f} us, {100 * bound / 3 / (fwd / 1e3):5.1f}% | backward {bwd * 1e3:6.1f} us, "
+              f"{100 * bound * 2 / 3 / (bwd / 1e3):5.1f}%", flush=True)
+        best = min(best or (ms, cfg), (ms, cfg), key=lambda t: t[0])
+    print(f"best: {best[1]}")
 
 
 if __name__ == "__main__":

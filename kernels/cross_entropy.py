@@ -150,7 +150,7 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
 @triton.jit
 def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                       STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+                       STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -162,7 +162,13 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
     wd = tl.zeros((BLOCK,), acc)
     wseen = tl.zeros((BLOCK,), acc)
     plane = base  # class planes by pointer steps: c * S could pass 2^31
-    for c in range(C):
+    c_main = C - C % UNROLL
+    for c0 in range(0, c_main, UNROLL):  # UNROLL independent plane loads in flight
+        for u in tl.static_range(UNROLL):
+            mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, y, mx, s, zy, wd,
+                                              wseen, w_ptr, HAS_W, SMOOTH)
+            plane += S
+    for c in range(c_main, C):
         mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
                                           w_ptr, HAS_W, SMOOTH)
         plane += S
@@ -179,7 +185,7 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
 @triton.jit
 def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                         keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, G_STEP: tl.constexpr,
-                        MEAN: tl.constexpr, BLOCK: tl.constexpr):
+                        MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
@@ -192,9 +198,16 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
     gs = g * spread
     zp = z_ptr + base
     dp = dz_ptr + base
-    for c in range(C):
-        z = tl.load(zp, mask=mj, other=0.0).to(acc)
-        dz = _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W)
+    c_main = C - C % UNROLL
+    for c0 in range(0, c_main, UNROLL):
+        for u in tl.static_range(UNROLL):
+            dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c0 + u, y, mx, ls, coef_a, coef_b, gs, w_ptr,
+                          HAS_W)
+            tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+            zp += S
+            dp += S
+    for c in range(c_main, C):
+        dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W)
         tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
         zp += S
         dp += S
@@ -290,8 +303,9 @@ def _rows_config(c):
 
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
-# Positions per program and warps of the plain kernels (benchmarks/tune_cross_entropy.py).
-CE_CONFIG = {"BLOCK": 512, "num_warps": 4}
+# Positions per program, warps and class planes per loop step of the plain kernels
+# (benchmarks/tune_cross_entropy.py; UNROLL > 1 not yet timed on a GPU).
+CE_CONFIG = {"BLOCK": 512, "num_warps": 4, "UNROLL": 1}
 
 
 

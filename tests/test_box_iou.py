@@ -480,10 +480,13 @@ def test_triton_pairwise_interpreter(kind, dtype, precise_div, monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", range(4))
-def test_triton_pairwise_interpreter_whole_tiles(kind):
-    # Sizes that are multiples of the tile take the unmasked store; two batch entries.
+@pytest.mark.parametrize("stream", [False, True])
+def test_triton_pairwise_interpreter_whole_tiles(kind, stream, monkeypatch):
+    # Sizes that are multiples of the tile take the unmasked store; two batch entries; with
+    # and without streaming stores (the tuner's variant).
     from pyvision_ops.kernels import box_iou as K
 
+    monkeypatch.setitem(K.PAIRWISE_CONFIG, "STREAM", stream)
     g = gen(18)
     bn, bm = K.PAIRWISE_CONFIG["BLOCK_N"], K.PAIRWISE_CONFIG["BLOCK_M"]
     edge = edge_boxes(torch.float32)

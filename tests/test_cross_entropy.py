@@ -258,6 +258,26 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shap
             ops.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, label_smoothing, reduction), **half)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("unroll", [2, 4])
+@pytest.mark.parametrize("classes", [7, 4, 1])  # a tail of 1 or 3 planes, none, only the tail
+def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unroll, classes):
+    from pyvision_ops.kernels import cross_entropy as K
+
+    monkeypatch.setitem(K.CE_CONFIG, "UNROLL", unroll)
+    x, y, w = batch((2, classes, 45))
+    for wt, ls in ((None, 0.0), (w, 0.3)):
+        for reduction in (0, 1):
+            fwd = ops.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+            got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+            for a, b in zip(got, fwd):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            g = torch.rand(fwd[0].shape, dtype=torch.float64) + 0.5
+            torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, *got[2:0:-1], -100, ls, reduction),
+                                       ops.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, ls,
+                                                                          reduction), rtol=1e-12, atol=1e-12)
+
+
 def special_logits():
     """[2, 4, 6] logits with -inf in the first class, in the last and in all classes of a
     position, and +inf and NaN logits; targets avoid the -inf classes where one is finite."""

@@ -78,6 +78,16 @@ def _launchers():
                 cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
                                                                          dtype=acc), x, big, False, weight, stats,
                                                               wsum, 255, 0.1, reduction)
+    box_iou.PAIRWISE_CONFIG["STREAM"] = True  # the tuners' variants
+    for n in (7, 64):
+        box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], 0, 1e-7)
+    box_iou.PAIRWISE_CONFIG["STREAM"] = False
+    z, t = torch.randn(2, 7, 9, generator=g), torch.randint(0, 7, (2, 9), generator=g)
+    for unroll in (2, 4):
+        cross_entropy.CE_CONFIG["UNROLL"] = unroll
+        _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, None, 255, 0.0, 1)
+        cross_entropy.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, wsum, 255, 0.0, 1)
+    cross_entropy.CE_CONFIG["UNROLL"] = 1
     for dtype in (torch.float32, torch.float64):
         losses.lovasz_gradient((torch.rand(3, 2000, generator=g) > 0.5).to(dtype), torch.tensor([2000, 5, 0]))
     return (box_iou, cross_entropy, interpolate, losses)
