@@ -16,6 +16,51 @@ except ImportError as e:  # pragma: no cover - exercised by hand
 
 ops = torch.ops.pyvision_ops
 
+_lib = torch.library.Library("pyvision_ops", "IMPL")
+
+
+def register_autograd(op: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd("pyvision_ops::<op>", ...)`` without its per-call
+    generic work.
+
+    torch's kernel rebuilds the op's whole argument list from the schema on every call
+    (``fill_defaults``, which reads ``schema.arguments`` once per argument): tens of
+    microseconds of host time per forward, which is most of a small op's eager cost on a
+    GPU. Our schemas have no default values, no keyword-only and no tensor-list arguments,
+    so the inputs arrive complete. Otherwise the same: an autograd.Function on the
+    Autograd key that redispatches below autograd, the plain redispatch when nothing
+    requires grad, and ``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)``
+    as torch calls them.
+    """
+    overload = getattr(ops, op).default
+    for a in overload._schema.arguments:
+        if a.kwarg_only or a.has_default_value() or str(a.type).startswith("List[Tensor"):
+            raise NotImplementedError(f"register_autograd: {op} needs torch.library.register_autograd")
+    after = torch._C._after_autograd_keyset
+
+    def forward(ctx, *args):
+        *inputs, keyset = args
+        with torch._C._AutoDispatchBelowAutograd():
+            out = overload.redispatch(keyset & after, *inputs)
+        setup_context(ctx, tuple(inputs), out)
+        return out
+
+    def backward_keyset(ctx, *grads):
+        return (*backward(ctx, *grads), None)
+
+    # grad_fn: pyvision_ops_<op>Backward
+    Function = type(f"pyvision_ops_{op}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_keyset)})
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return Function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & after, *args)
+
+    _lib.impl(op, kernel, "Autograd", with_keyset=True)
+
+
 # op name -> "kernels/<family>.py:<launcher>" for ops whose CUDA kernel is Triton.
 TRITON_KERNELS: dict[str, str] = {}
 
@@ -73,7 +118,7 @@ def _matched_backward(ctx, grad):
     return g1, g2, None, None, None
 
 
-torch.library.register_autograd("pyvision_ops::matched_box_iou", _matched_backward, setup_context=_matched_setup)
+register_autograd("matched_box_iou", _matched_backward, setup_context=_matched_setup)
 
 
 def _pairwise_setup(ctx, inputs, output):
@@ -94,7 +139,7 @@ def _pairwise_backward(ctx, grad):
     return ga.view(B, N, M, 4).sum(2), gb.view(B, N, M, 4).sum(1), None, None
 
 
-torch.library.register_autograd("pyvision_ops::pairwise_box_iou", _pairwise_backward, setup_context=_pairwise_setup)
+register_autograd("pairwise_box_iou", _pairwise_backward, setup_context=_pairwise_setup)
 
 # ------------------------------------------------------------------ NMS family
 
@@ -115,7 +160,7 @@ def _soft_nms_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output)  # a selection: its decayed scores carry no gradient
 
 
-torch.library.register_autograd("pyvision_ops::soft_nms", lambda ctx, *grads: (None,) * 7,
+register_autograd("soft_nms", lambda ctx, *grads: (None,) * 7,
                                 setup_context=_soft_nms_setup)
 
 
@@ -156,7 +201,7 @@ def _roi_align_backward(ctx, grad):
     return g, None, None, None, None, None, None
 
 
-torch.library.register_autograd("pyvision_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
+register_autograd("roi_align", _roi_align_backward, setup_context=_roi_align_setup)
 
 
 @torch.library.register_fake("pyvision_ops::multi_scale_roi_align")
@@ -191,7 +236,6 @@ torch.library.register_autograd("pyvision_ops::multi_scale_roi_align", _ms_backw
 
 # Autocast as torchvision's roi_align: fp16/bf16 features and RoIs are pooled in fp32 (fp64
 # stays fp64), and the result comes back in the input's dtype.
-_roi_autocast = torch.library.Library("pyvision_ops", "IMPL")
 
 
 def _fp32(t):
@@ -211,8 +255,8 @@ def _register_roi_autocast(key: str) -> None:
             out = ops.multi_scale_roi_align([_fp32(f) for f in features], _fp32(rois), levels, *args)
         return out.to(features[0].dtype)
 
-    _roi_autocast.impl("roi_align", roi_align, key, with_keyset=True)
-    _roi_autocast.impl("multi_scale_roi_align", multi_scale_roi_align, key, with_keyset=True)
+    _lib.impl("roi_align", roi_align, key, with_keyset=True)
+    _lib.impl("multi_scale_roi_align", multi_scale_roi_align, key, with_keyset=True)
 
 
 _register_roi_autocast("AutocastCUDA")
@@ -239,7 +283,7 @@ def _upsample_backward(ctx, grad):
     return ops.upsample_bilinear_backward(grad, *ctx.args), None, None, None, None, None
 
 
-torch.library.register_autograd("pyvision_ops::upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
+register_autograd("upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
 
 
 def _upsample_backward_setup(ctx, inputs, output):
@@ -252,7 +296,7 @@ def _upsample_double_backward(ctx, gg):
     return ops.upsample_bilinear(gg, *ctx.args), None, None, None, None, None
 
 
-torch.library.register_autograd("pyvision_ops::upsample_bilinear_backward", _upsample_double_backward,
+register_autograd("upsample_bilinear_backward", _upsample_double_backward,
                                 setup_context=_upsample_backward_setup)
 
 
@@ -294,7 +338,7 @@ def _register_ce_autograd(op: str) -> None:
         dz = backward_op(grad_loss, logits, target, *ctx.options, weight, stats, wsum, *ctx.args)
         return (dz,) + (None,) * (ctx.n_inputs - 1)
 
-    torch.library.register_autograd(f"pyvision_ops::{op}", backward, setup_context=setup)
+    register_autograd(op, backward, setup_context=setup)
 
 
 _register_ce_autograd("softmax_cross_entropy")
@@ -337,7 +381,7 @@ def _focal_backward(ctx, grad):
     return dx, dt, None, None
 
 
-torch.library.register_autograd("pyvision_ops::sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
+register_autograd("sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
 
 
 @torch.library.register_fake("pyvision_ops::dice_stats")
@@ -361,7 +405,7 @@ def _dice_backward(ctx, grad):
     return ops.dice_stats_backward(grad, logits, target, ctx.ignore_index), None, None
 
 
-torch.library.register_autograd("pyvision_ops::dice_stats", _dice_backward, setup_context=_dice_setup)
+register_autograd("dice_stats", _dice_backward, setup_context=_dice_setup)
 
 
 @torch.library.register_fake("pyvision_ops::lovasz_gradient")
@@ -390,7 +434,7 @@ def _lovasz_rows_backward(ctx, g_losses, g_grad, g_counts):
     return (grad * g_losses.to(grad.dtype).unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
-torch.library.register_autograd("pyvision_ops::lovasz_softmax_rows", _lovasz_rows_backward,
+register_autograd("lovasz_softmax_rows", _lovasz_rows_backward,
                                 setup_context=_lovasz_rows_setup)
 
 _register_triton("pairwise_box_iou", "box_iou")

@@ -3,6 +3,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import pyvision_ops as P
 
 
@@ -38,8 +41,6 @@ def test_missing_extension_gives_one_clear_message():
 def test_bench_run_saves_each_row_and_survives_a_failing_workload(tmp_path, monkeypatch):
     import json
 
-    import torch
-
     from benchmarks import common, run
 
     def ok(device):
@@ -63,9 +64,6 @@ def test_bench_run_saves_each_row_and_survives_a_failing_workload(tmp_path, monk
 
 
 def test_double_backward_raises_instead_of_giving_zeros():
-    import pytest
-    import torch
-
     b1 = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 4]], dtype=torch.float64, requires_grad=True)
     b2 = torch.tensor([[0.5, 0, 2, 3], [0, 1, 2, 2]], dtype=torch.float64)
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -122,3 +120,18 @@ def test_error_messages_format_numbers_without_ostream():
            if p.suffix in (".h", ".cpp", ".cu") for line, a in _check_macro_args(p.read_text())}
     assert bad == {}
     assert _check_macro_args('TORCH_CHECK(x > 0, op, ": got ", x, f(a, b));') == [(1, "x"), (1, "f(a, b)")]
+
+
+def test_lean_autograd_registration():
+    # _library.register_autograd: a graph node only when an input requires grad, named after
+    # the op; ops with a tensor-list argument keep torch.library.register_autograd.
+    from pyvision_ops._library import ops, register_autograd
+
+    z, y = torch.randn(2, 3, 4), torch.randint(0, 3, (2, 4))
+    assert ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)[0].grad_fn is None
+    loss = ops.softmax_cross_entropy(z.requires_grad_(), y, None, -100, 0.0, 1)[0]
+    assert type(loss.grad_fn).__name__ == "pyvision_ops_softmax_cross_entropyBackward"
+    with torch.no_grad():
+        assert ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)[0].grad_fn is None
+    with pytest.raises(NotImplementedError, match="multi_scale_roi_align"):
+        register_autograd("multi_scale_roi_align", None, None)
