@@ -5,8 +5,9 @@
 # logs too (packed into $OUT/logs.tgz when $OUT is set). Budget: under 8 minutes.
 # GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_ONLY=fam1,fam2 limits the
 # benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs and
-# the cross-entropy block sizes (benchmarks/tune_*.py, ~1.5 minutes). On the H200
-# (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted.
+# the cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes). On the H200
+# (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
+# the overhead and profile steps were added (expected ~1.5 minutes more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -50,6 +51,9 @@ tail -30 "$OUT/bench.log"
 step overhead
 timeout 60 $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1
 cat "$OUT/overhead.log"
+step profile
+timeout 150 $PY -m benchmarks.profile_cuda ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/profile.log" 2>&1 || rc=1
+grep -E "^### |host" "$OUT/profile.log" | cut -c1-110
 if [ -n "${GPU_CHECK_TUNE:-}" ]; then
   step "tune box_iou"
   timeout 120 $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1

@@ -26,3 +26,11 @@ def test_workload(benchmark, workload, impl):
     benchmark.group = workload.name
     anchor, ours = workload.make(DEVICE)
     benchmark(_sync(anchor if impl == "anchor" else ours))
+
+
+def test_profile_cuda_reads_the_profiler_here():
+    # benchmarks.profile_cuda runs on a GPU; its event reading runs here on the CPU (no kernels).
+    from benchmarks.profile_cuda import _profile
+
+    host, gpu, rows = _profile(lambda: torch.ones(64).cumsum(0), cuda=False)
+    assert host > 0 and gpu == 0 and rows == []
