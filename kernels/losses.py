@@ -272,31 +272,48 @@ def lovasz_gradient(fg_sorted, lengths):
     return out
 
 
+# Errors per sort: classes are sorted a chunk at a time (all groups' rows of the chunk's
+# classes together), so that the temporaries (errors, their sorted copy, the int64
+# permutation, the sort's buffers) stay near this many elements instead of growing with C.
+_LOVASZ_CHUNK = 1 << 23
+
+
 def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
-    """The op on CUDA: every (group, class) row's errors in one batched stable sort (torch),
-    the Lovasz gradient of each sorted row (the block scan above), and its scatter back to
-    the positions; same results as the CPU kernel."""
+    """The op on CUDA: the (group, class) rows' errors in batched stable sorts (torch), a chunk
+    of classes per sort, the Lovasz gradient of each sorted row (the block scan above), and its
+    scatter back to the positions; same results as the CPU kernel."""
     require(probas.dim() == 3 and probas.is_floating_point() and labels.dtype == torch.int64
-             and labels.shape == (probas.shape[0], probas.shape[2]), "lovasz_softmax_rows",
-             "probas must be [N, C, S] and labels [N, S] int64")
+            and labels.shape == (probas.shape[0], probas.shape[2]), "lovasz_softmax_rows",
+            "probas must be [N, C, S] and labels [N, S] int64")
     n, c, s = probas.shape
     acc = acc_dtype(probas.dtype)
-    p = probas.to(acc)
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
     y = labels
     if not per_image:  # one group: every position of every image
-        p, y, valid = p.transpose(0, 1).reshape(1, c, n * s), y.reshape(1, -1), valid.reshape(1, -1)
-    g, m = p.shape[0], p.shape[2]
-    fg = (y[:, None, :] == torch.arange(c, device=y.device)[None, :, None]) & valid[:, None, :]
-    fg_acc = fg.to(acc)
-    diff = p - fg_acc
-    e = torch.where(valid[:, None, :], diff.abs(), float("-inf")).reshape(g * c, m)
-    e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
-    lg = lovasz_gradient(torch.gather(fg_acc.reshape(g * c, m), 1, perm), valid.sum(1).repeat_interleave(c))
-    losses = (e_sorted.clamp(min=0) * lg).sum(1).reshape(g, c)
-    # d |p - fg| / d p = sign(p - fg); ignored positions get exactly 0
-    grad = torch.zeros_like(e).scatter_(1, perm, lg).reshape(g, c, m)
-    grad = torch.where(valid[:, None, :], grad * torch.sign(diff), 0.0)
-    if not per_image:
-        grad = grad.reshape(c, n, s).transpose(0, 1)
-    return losses, grad.contiguous(), fg.sum(-1)
+        y, valid = y.reshape(1, -1), valid.reshape(1, -1)
+    g, m = y.shape
+    losses = torch.empty((g, c), dtype=acc, device=probas.device)
+    counts = torch.empty((g, c), dtype=torch.int64, device=probas.device)
+    grad = torch.empty((n, c, s), dtype=acc, device=probas.device)
+    lengths = valid.sum(1)
+    step = max(1, _LOVASZ_CHUNK // max(g * m, 1))
+    for c0 in range(0, c, step):
+        k = min(c, c0 + step) - c0
+        p = probas[:, c0:c0 + k].to(acc)
+        if not per_image:
+            p = p.transpose(0, 1).reshape(1, k, n * s)
+        fg = (y[:, None, :] == torch.arange(c0, c0 + k, device=y.device)[None, :, None]) & valid[:, None, :]
+        fg_acc = fg.to(acc)
+        diff = p - fg_acc
+        e = torch.where(valid[:, None, :], diff.abs(), float("-inf")).reshape(g * k, m)
+        e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
+        del e
+        lg = lovasz_gradient(torch.gather(fg_acc.reshape(g * k, m), 1, perm), lengths.repeat_interleave(k))
+        losses[:, c0:c0 + k] = (e_sorted.clamp(min=0) * lg).sum(1).reshape(g, k)
+        counts[:, c0:c0 + k] = fg.sum(-1)
+        del e_sorted, fg, fg_acc
+        # d |p - fg| / d p = sign(p - fg); ignored positions get exactly 0
+        gk = torch.zeros((g * k, m), dtype=acc, device=probas.device).scatter_(1, perm, lg).reshape(g, k, m)
+        gk = torch.where(valid[:, None, :], gk * torch.sign(diff), 0.0)
+        grad[:, c0:c0 + k] = gk if per_image else gk.reshape(k, n, s).transpose(0, 1)
+    return losses, grad, counts

@@ -161,7 +161,7 @@ def _soft_nms_setup(ctx, inputs, output):
 
 
 register_autograd("soft_nms", lambda ctx, *grads: (None,) * 7,
-                                setup_context=_soft_nms_setup)
+                  setup_context=_soft_nms_setup)
 
 
 # ------------------------------------------------------------------ RoI Align
@@ -297,7 +297,7 @@ def _upsample_double_backward(ctx, gg):
 
 
 register_autograd("upsample_bilinear_backward", _upsample_double_backward,
-                                setup_context=_upsample_backward_setup)
+                  setup_context=_upsample_backward_setup)
 
 
 # ------------------------------------------------------------- cross-entropy
@@ -434,8 +434,7 @@ def _lovasz_rows_backward(ctx, g_losses, g_grad, g_counts):
     return (grad * g_losses.to(grad.dtype).unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
-register_autograd("lovasz_softmax_rows", _lovasz_rows_backward,
-                                setup_context=_lovasz_rows_setup)
+register_autograd("lovasz_softmax_rows", _lovasz_rows_backward, setup_context=_lovasz_rows_setup)
 
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")

@@ -759,9 +759,12 @@ def test_triton_lovasz_gradient_interpreter(dtype):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("per_image", [False, True])
 @pytest.mark.parametrize("ignore_index", [None, 255])
-def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index):
+@pytest.mark.parametrize("chunk", [None, 1, 3 * 2 * 30 * 41])  # all classes, one, three per sort
+def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index, chunk, monkeypatch):
     from pyvision_ops.kernels import losses as K
 
+    if chunk:
+        monkeypatch.setattr(K, "_LOVASZ_CHUNK", chunk)
     x, y = seg_batch(c=4, h=30, w=41, ignore=ignore_index, seed=9)
     args = (torch.softmax(x, 1).float().reshape(2, 4, -1), y.reshape(2, -1), ignore_index, per_image)
     for a, b in zip(K.lovasz_softmax_rows(*args), ops.lovasz_softmax_rows(*args)):
@@ -772,7 +775,12 @@ def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index):
 
 
 @pytest.mark.gpu
-def test_cuda_lovasz_matches_cpu():
+@pytest.mark.parametrize("chunk", [None, 4 * 2 * 64 * 96])  # all 19 classes in one sort; 4 per sort
+def test_cuda_lovasz_matches_cpu(chunk, monkeypatch):
+    from pyvision_ops.kernels import losses as K
+
+    if chunk:
+        monkeypatch.setattr(K, "_LOVASZ_CHUNK", chunk)
     x, y = seg_batch(n=2, c=19, h=64, w=96, dtype=torch.float32, ignore=255, seed=7)
     for per_image in (False, True):
         xg, xc = x.cuda().requires_grad_(), x.clone().requires_grad_()
