@@ -328,6 +328,13 @@ def grid_boxes(n, generator):
     return torch.cat([xy, xy + wh], 1).double()
 
 
+def _clamp_passes_gradient_at_zero():
+    x = torch.zeros(1, requires_grad=True)
+    return bool(torch.autograd.grad(x.clamp(min=0).sum(), [x])[0])
+
+
+@pytest.mark.skipif(_clamp_passes_gradient_at_zero(), reason="this torch's clamp(min=0) passes a gradient at "
+                    "exactly 0 (2.11 does, 2.14 does not), so torchvision's autograd is no reference there")
 def test_pairwise_backward_matches_torchvision_at_touching_and_flat_boxes():
     # torch's clamp(min=0) passes no gradient at exactly 0: an overlap side (or an enclosing
     # side) of exactly 0 gets none here either.
