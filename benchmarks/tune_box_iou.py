@@ -15,10 +15,12 @@ from pyvision_ops.kernels import box_iou as K
 from pyvision_ops.testing import random_boxes
 
 CONFIGS = [
-    {"BLOCK_N": n, "BLOCK_M": m, "num_warps": w, "STREAM": st}
-    for n, m, w, st in [(32, 64, 4, False), (16, 128, 4, False), (64, 64, 4, False), (32, 32, 4, False),
-                        (64, 64, 8, False), (32, 128, 4, False), (32, 64, 4, True), (64, 64, 4, True),
-                        (32, 128, 4, True), (64, 128, 4, True)]
+    {"BLOCK_N": n, "BLOCK_M": m, "M_TILES": t, "num_warps": w, "STREAM": st}
+    for n, m, t, w, st in [(32, 64, 1, 4, False), (16, 128, 1, 4, False), (64, 64, 1, 4, False),
+                           (32, 32, 1, 4, False), (64, 64, 1, 8, False), (32, 128, 1, 4, False),
+                           (32, 64, 1, 4, True), (64, 64, 1, 4, True), (32, 128, 1, 4, True),
+                           (32, 64, 2, 4, False), (32, 64, 4, 4, False), (64, 64, 4, 8, False),
+                           (32, 64, 4, 4, True)]
 ]
 
 

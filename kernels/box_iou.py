@@ -239,11 +239,11 @@ def _load_box(ptr, idx, mask, acc):
 @triton.jit
 def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.float64,
                      KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                     EVEN: tl.constexpr, STREAM: tl.constexpr):
+                     M_TILES: tl.constexpr, EVEN: tl.constexpr, STREAM: tl.constexpr):
     acc = out_ptr.dtype.element_ty
     eps = tl.full((), eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m = tl.cdiv(M, BLOCK_M * M_TILES)  # a program: BLOCK_N rows, M_TILES tiles of BLOCK_M columns
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid % num_m
     rest = pid // num_m
@@ -251,27 +251,30 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     b = (rest // num_n).to(tl.int64)
     # int64: the box offsets idx * 4 pass 2^31 from N or M = 2^29
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Loads clamp instead of masking (N, M >= 1); only the store of a partial tile is masked.
     ln = tl.minimum(rn, N - 1)
-    lm = tl.minimum(rm, M - 1)
     ax1, ay1, ax2, ay2 = _load_box(b1_ptr + b * N * 4, ln, None, acc)
-    bx1, by1, bx2, by2 = _load_box(b2_ptr + b * M * 4, lm, None, acc)
     if KIND == 3:
         ta = tl.load(t1_ptr + b * N + ln)
-        tb = tl.load(t2_ptr + b * M + lm)
     else:
         ta = tl.zeros_like(ax1)
-        tb = tl.zeros_like(bx1)
-    val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
-                      bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                      ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
-    offs = b * N * M + rn[:, None] * M + rm[None, :]
-    mask = None if EVEN else (rn < N)[:, None] & (rm < M)[None, :]
-    if STREAM:  # streaming store (.cs): the output is written once and not read back here
-        tl.store(out_ptr + offs, val, mask=mask, cache_modifier=".cs")
-    else:
-        tl.store(out_ptr + offs, val, mask=mask)
+    for t in tl.static_range(M_TILES):
+        rm = (pid_m.to(tl.int64) * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        lm = tl.minimum(rm, M - 1)
+        bx1, by1, bx2, by2 = _load_box(b2_ptr + b * M * 4, lm, None, acc)
+        if KIND == 3:
+            tb = tl.load(t2_ptr + b * M + lm)
+        else:
+            tb = tl.zeros_like(bx1)
+        val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                          bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                          ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
+        offs = b * N * M + rn[:, None] * M + rm[None, :]
+        mask = None if EVEN else (rn < N)[:, None] & (rm < M)[None, :]
+        if STREAM:  # streaming store (.cs): the output is written once and not read back here
+            tl.store(out_ptr + offs, val, mask=mask, cache_modifier=".cs")
+        else:
+            tl.store(out_ptr + offs, val, mask=mask)
 
 
 @triton.jit
@@ -352,8 +355,9 @@ def _aspect_atan(boxes, acc):
 
 # Measured on an H200 with benchmarks/tune_box_iou.py (4096x4096, CUDA graph, 2026-11-27): 32x64
 # tiles and 4 warps were fastest of 8 configs for IoU (27.2 us; 64x64 28.1) and within 2% of the
-# fastest for CIoU (64.4 us). Streaming stores (STREAM) are in the sweep, not yet timed.
-PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "num_warps": 4, "STREAM": False}
+# fastest for CIoU (64.4 us). Streaming stores (STREAM) and several column tiles per program
+# (M_TILES: fewer programs, the row boxes loaded once) are in the sweep, not yet timed.
+PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "M_TILES": 1, "num_warps": 4, "STREAM": False}
 
 
 def _check(op, boxes1, boxes2, kind, pairwise):
@@ -382,8 +386,9 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     b2 = boxes2.contiguous()
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
     cfg = PAIRWISE_CONFIG
-    grid = (B * triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
-    even = N % cfg["BLOCK_N"] == 0 and M % cfg["BLOCK_M"] == 0
+    cols = cfg["BLOCK_M"] * cfg["M_TILES"]
+    grid = (B * triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cols),)
+    even = N % cfg["BLOCK_N"] == 0 and M % cols == 0
     _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, DIV_RN=_div_rn(acc), EVEN=even, **cfg)
     return out
 

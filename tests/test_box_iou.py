@@ -487,18 +487,21 @@ def test_triton_pairwise_interpreter(kind, dtype, precise_div, monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", range(4))
-@pytest.mark.parametrize("stream", [False, True])
-def test_triton_pairwise_interpreter_whole_tiles(kind, stream, monkeypatch):
-    # Sizes that are multiples of the tile take the unmasked store; two batch entries; with
-    # and without streaming stores (the tuner's variant).
+@pytest.mark.parametrize("variant", [{}, {"STREAM": True}, {"M_TILES": 3}], ids=str)  # the tuner's variants
+@pytest.mark.parametrize("whole", [True, False])
+def test_triton_pairwise_interpreter_tiles(kind, variant, whole, monkeypatch):
+    # Sizes that are multiples of a program's columns take the unmasked store, others the
+    # masked one (a partial last tile, and with M_TILES 3 tiles wholly past M); two batch entries.
     from pyvision_ops.kernels import box_iou as K
 
-    monkeypatch.setitem(K.PAIRWISE_CONFIG, "STREAM", stream)
+    for key, value in variant.items():
+        monkeypatch.setitem(K.PAIRWISE_CONFIG, key, value)
     g = gen(18)
-    bn, bm = K.PAIRWISE_CONFIG["BLOCK_N"], K.PAIRWISE_CONFIG["BLOCK_M"]
+    bn, bm = K.PAIRWISE_CONFIG["BLOCK_N"], K.PAIRWISE_CONFIG["BLOCK_M"] * K.PAIRWISE_CONFIG["M_TILES"]
+    n, m = (2 * bn, 2 * bm) if whole else (2 * bn - 5, 2 * bm + K.PAIRWISE_CONFIG["BLOCK_M"] // 2)
     edge = edge_boxes(torch.float32)
-    a = torch.stack([torch.cat([edge, random_boxes(2 * bn - len(edge), generator=g)]) for _ in range(2)])
-    b = torch.stack([torch.cat([random_boxes(bm - len(edge), generator=g), edge]) for _ in range(2)])
+    a = torch.stack([torch.cat([edge, random_boxes(n - len(edge), generator=g)]) for _ in range(2)])
+    b = torch.stack([torch.cat([random_boxes(m - len(edge), generator=g), edge]) for _ in range(2)])
     torch.testing.assert_close(K.pairwise_box_iou(a, b, kind, 1e-7), ops.pairwise_box_iou(a, b, kind, 1e-7),
                                rtol=1e-6, atol=1e-6, equal_nan=True)
 

@@ -78,10 +78,11 @@ def _launchers():
                 cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
                                                                          dtype=acc), x, big, False, weight, stats,
                                                               wsum, 255, 0.1, reduction)
-    box_iou.PAIRWISE_CONFIG["STREAM"] = True  # the tuners' variants
-    for n in (7, 64):
-        box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], 0, 1e-7)
-    box_iou.PAIRWISE_CONFIG["STREAM"] = False
+    for key, value, default in (("STREAM", True, False), ("M_TILES", 2, 1)):  # the tuners' variants
+        box_iou.PAIRWISE_CONFIG[key] = value
+        for n in (7, 128):
+            box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], 3, 1e-7)
+        box_iou.PAIRWISE_CONFIG[key] = default
     z, t = torch.randn(2, 7, 9, generator=g), torch.randint(0, 7, (2, 9), generator=g)
     for unroll in (2, 4):
         cross_entropy.CE_CONFIG["UNROLL"] = unroll
