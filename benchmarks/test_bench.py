@@ -34,3 +34,14 @@ def test_profile_cuda_reads_the_profiler_here():
 
     host, gpu, rows = _profile(lambda: torch.ones(64).cumsum(0), cuda=False)
     assert host > 0 and gpu == 0 and rows == []
+
+
+def test_tuner_configs_name_every_kernel_parameter():
+    # the tuners assign their configs wholesale to the launchers' config dicts
+    from pyvision_ops.kernels import box_iou, cross_entropy
+
+    from benchmarks import tune_box_iou, tune_cross_entropy
+
+    assert all(set(c) == set(box_iou.PAIRWISE_CONFIG) for c in tune_box_iou.CONFIGS)
+    assert all(set(c) == set(cross_entropy.CE_CONFIG) for c in tune_cross_entropy.CONFIGS)
+    assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
