@@ -74,8 +74,9 @@ def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -
     eps = _utils.check_float("eps", eps)
     if fmt not in _AXIS_ALIGNED_FMTS:
         raise ValueError(f"fmt must be one of {_AXIS_ALIGNED_FMTS}, got {fmt!r}")
+    same = boxes1.shape[:-2] == boxes2.shape[:-2]  # mostly: torch.broadcast_shapes costs ~10 us
     try:
-        batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+        batch = boxes1.shape[:-2] if same else torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"the batch dimensions of boxes1 {list(boxes1.shape[:-2])} and boxes2 {list(boxes2.shape[:-2])} "
@@ -85,8 +86,10 @@ def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -
     dtype = _compute_dtype(boxes1, boxes2)
     out_dtype = _out_dtype(boxes1, boxes2)
     nb = math.prod(batch)
-    b1 = _to_xyxy(boxes1.to(dtype), fmt).expand(*batch, n, 4).reshape(nb, n, 4)
-    b2 = _to_xyxy(boxes2.to(dtype), fmt).expand(*batch, m, 4).reshape(nb, m, 4)
+    b1, b2 = _to_xyxy(boxes1.to(dtype), fmt), _to_xyxy(boxes2.to(dtype), fmt)
+    if not same:
+        b1, b2 = b1.expand(*batch, n, 4), b2.expand(*batch, m, 4)
+    b1, b2 = b1.reshape(nb, n, 4), b2.reshape(nb, m, 4)
     out = ops.pairwise_box_iou(b1, b2, _KINDS[kind], eps)
     return out.view(*batch, n, m).to(out_dtype)
 
@@ -133,8 +136,9 @@ def _matched(boxes1, boxes2, kind: str, loss: bool, eps: float) -> torch.Tensor:
     eps = _utils.check_float("eps", eps)
     if not isinstance(kind, str) or kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    same = boxes1.shape == boxes2.shape  # mostly: torch.broadcast_shapes costs ~10 us
     try:
-        shape = torch.broadcast_shapes(boxes1.shape, boxes2.shape)
+        shape = boxes1.shape if same else torch.broadcast_shapes(boxes1.shape, boxes2.shape)
     except RuntimeError:
         raise ValueError(
             f"boxes1 {list(boxes1.shape)} and boxes2 {list(boxes2.shape)} do not broadcast"
@@ -144,8 +148,10 @@ def _matched(boxes1, boxes2, kind: str, loss: bool, eps: float) -> torch.Tensor:
     if loss:  # torchvision's losses cast every box that is not fp32/fp64 to fp32 first
         dtype = out_dtype = torch.promote_types(*(t.dtype if t.dtype in (torch.float32, torch.float64)
                                                   else torch.float32 for t in (boxes1, boxes2)))
-    b1 = boxes1.to(dtype).expand(shape).reshape(-1, 4)
-    b2 = boxes2.to(dtype).expand(shape).reshape(-1, 4)
+    b1, b2 = boxes1.to(dtype), boxes2.to(dtype)
+    if not same:
+        b1, b2 = b1.expand(shape), b2.expand(shape)
+    b1, b2 = b1.reshape(-1, 4), b2.reshape(-1, 4)
     out = ops.matched_box_iou(b1, b2, _KINDS[kind], loss, eps)
     return out.view(shape[:-1]).to(out_dtype)
 
