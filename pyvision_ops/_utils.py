@@ -42,7 +42,9 @@ def check_float(name: str, value, positive: bool = False) -> float:
     """A real number as a float: a Python or NumPy number, a 0-d real tensor, or a SymInt /
     SymFloat (torch.compile traces dynamic numbers as those); not bool or complex. NaN is
     rejected; positive=True also rejects values <= 0."""
-    if isinstance(value, torch.Tensor):
+    if type(value) in (float, int):  # the usual case first: the ABC checks below cost microseconds
+        pass
+    elif isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a number or a 0-d real tensor, "
                             f"got a {value.dtype} tensor of shape {list(value.shape)}")
@@ -74,9 +76,10 @@ def check_align_corners(value) -> bool:
 def check_int64(name: str, value) -> int:
     """An int (a NumPy one too, as torch takes it; not a bool) that fits int64, as a Python
     int: what the ops' `int` arguments take."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
+    if type(value) is not int:  # bool is not int here; NumPy ints are Integral
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        value = int(value)
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must fit int64, got {value}")
     return value
