@@ -2,7 +2,8 @@
 # `make gpu-check`, for the lent GPU machine (its own python3/torch/triton, nvcc, no
 # network, no venv): build in place for sm_90, run the whole suite (the `gpu` tests
 # run there), then the CUDA benchmarks. Results go to $OUT (or benchmarks/results), the
-# logs too (packed into $OUT/logs.tgz when $OUT is set). Budget: under 8 minutes.
+# logs too (packed into $OUT/logs.tgz when $OUT is set). Budget: GPU_CHECK_BUDGET seconds
+# (default 480), each step cut to what is left.
 # GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_ONLY=fam1,fam2 limits the
 # benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs and
 # the cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes). On the H200
@@ -17,6 +18,18 @@ export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$
 unset TRITON_INTERPRET
 rc=0
 step() { echo "== $1 ($(date +%T))"; }
+# One deadline for the whole check (a device command may run 600 s): each step's timeout is
+# what it asks for or what is left, less 20 s to pack the logs.
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-480} ))
+t() { local left=$(( DEADLINE - $(date +%s) - 20 )); echo $(( left < 1 ? 1 : ($1 < left ? $1 : left) )); }
+# The device tool returns at most 8 files: logs go back as one archive, also after a kill.
+pack() {
+  if [ "$OUT" != benchmarks/results ]; then
+    (cd "$OUT" && tar czf logs.tgz ./*.log env.txt 2>/dev/null && rm -f ./*.log env.txt)
+  fi
+}
+trap pack EXIT
+trap 'exit 143' TERM INT
 
 step env
 { nvidia-smi; $PY -c "import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__)"; } \
@@ -25,9 +38,9 @@ tail -3 "$OUT/env.txt"
 
 step build
 # Python files as an editable install (maps pyvision_ops.kernels), then _C in place.
-PYVISION_OPS_NO_EXT=1 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+PYVISION_OPS_NO_EXT=1 timeout $(t 120) $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || ln -sfn ../kernels pyvision_ops/kernels
-$PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+timeout $(t 300) $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 $PY -m pyvision_ops | tee -a "$OUT/env.txt"
 
 # pytest-xdist where present: a test that crashes the interpreter fails alone instead of
@@ -35,36 +48,32 @@ $PY -m pyvision_ops | tee -a "$OUT/env.txt"
 # its failures (the summary comes last).
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n")
 step "gpu tests"
-timeout 200 $PY -m pytest tests -m gpu ${XDIST:+$XDIST 4} -v --tb=short -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
+timeout $(t 200) $PY -m pytest tests -m gpu ${XDIST:+$XDIST 4} -v --tb=short -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
 grep -E "FAILED|crashed" "$OUT/tests.log" | sort -u | head -20; tail -1 "$OUT/tests.log"
 step "other tests"
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   echo "skipped (GPU_CHECK_QUICK)"
 else
-  timeout 240 $PY -m pytest tests -m "not gpu" ${XDIST:+$XDIST 12} -v --tb=short -rfE -p no:cacheprovider > "$OUT/tests_cpu.log" 2>&1 || rc=1
+  timeout $(t 240) $PY -m pytest tests -m "not gpu" ${XDIST:+$XDIST 12} -v --tb=short -rfE -p no:cacheprovider > "$OUT/tests_cpu.log" 2>&1 || rc=1
   grep -E "FAILED|crashed" "$OUT/tests_cpu.log" | sort -u | head -20; tail -1 "$OUT/tests_cpu.log"
 fi
 
 step bench
-timeout 240 $PY -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/bench.log" 2>&1 || rc=1
+timeout $(t 240) $PY -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/bench.log" 2>&1 || rc=1
 tail -30 "$OUT/bench.log"
-step overhead
-timeout 60 $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1
-cat "$OUT/overhead.log"
-step profile
-timeout 150 $PY -m benchmarks.profile_cuda ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/profile.log" 2>&1 || rc=1
-grep -E "^### |host" "$OUT/profile.log" | cut -c1-110
 if [ -n "${GPU_CHECK_TUNE:-}" ]; then
   step "tune box_iou"
-  timeout 120 $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1
+  timeout $(t 120) $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1
   cat "$OUT/tune_box_iou.log"
   step "tune cross_entropy"
-  timeout 120 $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
+  timeout $(t 120) $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
   cat "$OUT/tune_cross_entropy.log"
 fi
+step overhead
+timeout $(t 60) $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1
+cat "$OUT/overhead.log"
+step profile
+timeout $(t 150) $PY -m benchmarks.profile_cuda ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/profile.log" 2>&1 || rc=1
+grep -E "^### |host" "$OUT/profile.log" | cut -c1-110
 step done
-# The device tool returns at most 8 files: logs go back as one archive.
-if [ "$OUT" != benchmarks/results ]; then
-  (cd "$OUT" && tar czf logs.tgz ./*.log env.txt && rm -f ./*.log env.txt)
-fi
 exit $rc

@@ -17,11 +17,12 @@ except ImportError as e:  # pragma: no cover - exercised by hand
 ops = torch.ops.pyvision_ops
 
 _lib = torch.library.Library("pyvision_ops", "IMPL")
+_libs = {"pyvision_ops": _lib}  # namespace -> the Library its Autograd kernels go through
 
 
-def register_autograd(op: str, backward, setup_context) -> None:
-    """``torch.library.register_autograd("pyvision_ops::<op>", ...)`` without its per-call
-    generic work.
+def register_autograd(qualname: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd(qualname, backward, setup_context=...)`` without its
+    per-call generic work.
 
     torch's kernel rebuilds the op's whole argument list from the schema on every call
     (``fill_defaults``, which reads ``schema.arguments`` once per argument): tens of
@@ -32,21 +33,29 @@ def register_autograd(op: str, backward, setup_context) -> None:
     requires grad, and ``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)``
     as torch calls them.
     """
-    overload = getattr(ops, op).default
-    for a in overload._schema.arguments:
-        if a.kwarg_only or a.has_default_value() or str(a.type).startswith("List[Tensor"):
-            raise NotImplementedError(f"register_autograd: {op} needs torch.library.register_autograd")
+    namespace, op = qualname.split("::")
+    overload = getattr(getattr(torch.ops, namespace), op).default
+    schema = overload._schema
+    for a in (*schema.arguments, *schema.returns):  # tensor lists: List[Tensor], Tensor?[], Tensor[]?
+        if a.kwarg_only or a.has_default_value() or ("List[" in str(a.type) and "Tensor" in str(a.type)):
+            raise NotImplementedError(f"register_autograd: {qualname} needs torch.library.register_autograd")
     after = torch._C._after_autograd_keyset
 
     def forward(ctx, *args):
         *inputs, keyset = args
         with torch._C._AutoDispatchBelowAutograd():
             out = overload.redispatch(keyset & after, *inputs)
-        setup_context(ctx, tuple(inputs), out)
+            setup_context(ctx, tuple(inputs), out)
         return out
 
     def backward_keyset(ctx, *grads):
-        return (*backward(ctx, *grads), None)
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[:-1]  # as torch's: the inputs' flags, not the keyset's
+        try:
+            grads_in = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (*(grads_in if isinstance(grads_in, tuple) else (grads_in,)), None)
 
     # grad_fn: pyvision_ops_<op>Backward
     Function = type(f"pyvision_ops_{op}", (torch.autograd.Function,),
@@ -58,7 +67,9 @@ def register_autograd(op: str, backward, setup_context) -> None:
         with torch._C._AutoDispatchBelowAutograd():
             return overload.redispatch(keyset & after, *args)
 
-    _lib.impl(op, kernel, "Autograd", with_keyset=True)
+    if namespace not in _libs:
+        _libs[namespace] = torch.library.Library(namespace, "IMPL")
+    _libs[namespace].impl(op, kernel, "Autograd", with_keyset=True)
 
 
 # op name -> "kernels/<family>.py:<launcher>" for ops whose CUDA kernel is Triton.
@@ -118,7 +129,7 @@ def _matched_backward(ctx, grad):
     return g1, g2, None, None, None
 
 
-register_autograd("matched_box_iou", _matched_backward, setup_context=_matched_setup)
+register_autograd("pyvision_ops::matched_box_iou", _matched_backward, setup_context=_matched_setup)
 
 
 def _pairwise_setup(ctx, inputs, output):
@@ -139,7 +150,7 @@ def _pairwise_backward(ctx, grad):
     return ga.view(B, N, M, 4).sum(2), gb.view(B, N, M, 4).sum(1), None, None
 
 
-register_autograd("pairwise_box_iou", _pairwise_backward, setup_context=_pairwise_setup)
+register_autograd("pyvision_ops::pairwise_box_iou", _pairwise_backward, setup_context=_pairwise_setup)
 
 # ------------------------------------------------------------------ NMS family
 
@@ -160,7 +171,7 @@ def _soft_nms_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output)  # a selection: its decayed scores carry no gradient
 
 
-register_autograd("soft_nms", lambda ctx, *grads: (None,) * 7,
+register_autograd("pyvision_ops::soft_nms", lambda ctx, *grads: (None,) * 7,
                   setup_context=_soft_nms_setup)
 
 
@@ -201,7 +212,7 @@ def _roi_align_backward(ctx, grad):
     return g, None, None, None, None, None, None
 
 
-register_autograd("roi_align", _roi_align_backward, setup_context=_roi_align_setup)
+register_autograd("pyvision_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
 
 
 @torch.library.register_fake("pyvision_ops::multi_scale_roi_align")
@@ -283,7 +294,7 @@ def _upsample_backward(ctx, grad):
     return ops.upsample_bilinear_backward(grad, *ctx.args), None, None, None, None, None
 
 
-register_autograd("upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
+register_autograd("pyvision_ops::upsample_bilinear", _upsample_backward, setup_context=_upsample_setup)
 
 
 def _upsample_backward_setup(ctx, inputs, output):
@@ -296,7 +307,7 @@ def _upsample_double_backward(ctx, gg):
     return ops.upsample_bilinear(gg, *ctx.args), None, None, None, None, None
 
 
-register_autograd("upsample_bilinear_backward", _upsample_double_backward,
+register_autograd("pyvision_ops::upsample_bilinear_backward", _upsample_double_backward,
                   setup_context=_upsample_backward_setup)
 
 
@@ -338,7 +349,7 @@ def _register_ce_autograd(op: str) -> None:
         dz = backward_op(grad_loss, logits, target, *ctx.options, weight, stats, wsum, *ctx.args)
         return (dz,) + (None,) * (ctx.n_inputs - 1)
 
-    register_autograd(op, backward, setup_context=setup)
+    register_autograd(f"pyvision_ops::{op}", backward, setup_context=setup)
 
 
 _register_ce_autograd("softmax_cross_entropy")
@@ -381,7 +392,7 @@ def _focal_backward(ctx, grad):
     return dx, dt, None, None
 
 
-register_autograd("sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
+register_autograd("pyvision_ops::sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
 
 
 @torch.library.register_fake("pyvision_ops::dice_stats")
@@ -405,7 +416,7 @@ def _dice_backward(ctx, grad):
     return ops.dice_stats_backward(grad, logits, target, ctx.ignore_index), None, None
 
 
-register_autograd("dice_stats", _dice_backward, setup_context=_dice_setup)
+register_autograd("pyvision_ops::dice_stats", _dice_backward, setup_context=_dice_setup)
 
 
 @torch.library.register_fake("pyvision_ops::lovasz_gradient")
@@ -434,7 +445,7 @@ def _lovasz_rows_backward(ctx, g_losses, g_grad, g_counts):
     return (grad * g_losses.to(grad.dtype).unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
-register_autograd("lovasz_softmax_rows", _lovasz_rows_backward, setup_context=_lovasz_rows_setup)
+register_autograd("pyvision_ops::lovasz_softmax_rows", _lovasz_rows_backward, setup_context=_lovasz_rows_setup)
 
 _register_triton("pairwise_box_iou", "box_iou")
 _register_triton("matched_box_iou", "box_iou")

@@ -82,25 +82,26 @@ def test_double_backward_raises_instead_of_giving_zeros():
 
 
 def _check_macro_args(text):
-    """(line, argument) of each TORCH_CHECK* message argument that is neither a string literal,
-    std::to_string(..), real_text(..) nor the op name."""
+    """(line, argument) of each message argument of TORCH_CHECK* / TORCH_INTERNAL_ASSERT* (after
+    the condition), TORCH_WARN*, AT_ERROR and c10::str that is neither a string or char
+    literal, std::to_string(..), real_text(..) nor one of the const char* names."""
     found = []
-    for m in re.finditer(r"TORCH_CHECK\w*\s*\(", text):
-        args, depth, cur, i, quoted = [], 1, "", m.end(), False
+    for m in re.finditer(r"\b(TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|TORCH_WARN\w*|AT_ERROR|c10::str)\s*\(", text):
+        args, depth, cur, i = [], 1, "", m.end()
         while depth:
             c = text[i]
-            if quoted:
-                if c == "\\":
-                    cur, i = cur + text[i:i + 2], i + 2
-                    continue
-                quoted = c != '"'
-            elif c == '"':
-                quoted = True
-            elif c in "([{":
-                depth += 1
-            elif c in ")]}":
-                depth -= 1
-            if depth and not quoted and c == "," and depth == 1:
+            if c in "\"'":  # a literal, escapes included
+                j = i + 1
+                while text[j] != c:
+                    j += 2 if text[j] == "\\" else 1
+                cur, i = cur + text[i:j + 1], j + 1
+                continue
+            if text.startswith(("//", "/*"), i):  # a comment
+                end = "\n" if text[i + 1] == "/" else "*/"
+                i = text.index(end, i) + len(end)
+                continue
+            depth += (c in "([{") - (c in ")]}")
+            if depth == 1 and c == ",":
                 args.append(cur.strip())
                 cur = ""
             elif depth:
@@ -108,8 +109,9 @@ def _check_macro_args(text):
             i += 1
         args.append(cur.strip())
         line = text.count("\n", 0, m.start()) + 1
-        found += [(line, a) for a in args[1:]
-                  if not a.startswith(('"', "std::to_string(", "real_text(")) and a not in ("op", "name", "what")]
+        condition = m.group(1).startswith(("TORCH_CHECK", "TORCH_INTERNAL_ASSERT"))
+        found += [(line, a) for a in args[1 if condition else 0:]
+                  if not a.startswith(('"', "'", "std::to_string(", "real_text(")) and a not in ("op", "name", "what")]
     return found
 
 
@@ -120,6 +122,8 @@ def test_error_messages_format_numbers_without_ostream():
            if p.suffix in (".h", ".cpp", ".cu") for line, a in _check_macro_args(p.read_text())}
     assert bad == {}
     assert _check_macro_args('TORCH_CHECK(x > 0, op, ": got ", x, f(a, b));') == [(1, "x"), (1, "f(a, b)")]
+    assert _check_macro_args("TORCH_CHECK(c == ')', \"a, (\", /* (, */ // x)\n n);\nTORCH_WARN(\"w\", k);") == [
+        (1, "n"), (3, "k")]
 
 
 def test_lean_autograd_registration():
@@ -134,4 +138,27 @@ def test_lean_autograd_registration():
     with torch.no_grad():
         assert ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)[0].grad_fn is None
     with pytest.raises(NotImplementedError, match="multi_scale_roi_align"):
-        register_autograd("multi_scale_roi_align", None, None)
+        register_autograd("pyvision_ops::multi_scale_roi_align", None, None)
+    # torch's conventions: needs_input_grad of the op's inputs only; a one-input op's backward
+    # may return a bare tensor
+    lib = torch.library.Library("pvo_test_autograd", "DEF")
+    lib.define("scale(Tensor x, float k) -> Tensor")
+    lib.impl("scale", lambda x, k: x * k, "CPU")
+    lib.define("neg(Tensor x) -> Tensor")
+    lib.impl("neg", lambda x: -x, "CPU")
+    seen = []
+
+    def backward(ctx, grad):
+        seen.append(ctx.needs_input_grad)
+        return grad * ctx.k, None
+
+    def setup(ctx, inputs, output):
+        ctx.k = inputs[1]
+
+    register_autograd("pvo_test_autograd::scale", backward, setup)
+    register_autograd("pvo_test_autograd::neg", lambda ctx, grad: -grad, lambda ctx, inputs, output: None)
+    x = torch.ones(3, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.ops.pvo_test_autograd.scale(x, 2.5).sum(), [x])
+    assert torch.equal(g, torch.full((3,), 2.5)) and seen == [(True, False)]
+    (g,) = torch.autograd.grad(torch.ops.pvo_test_autograd.neg(x).sum(), [x])
+    assert torch.equal(g, -torch.ones(3))

@@ -4,13 +4,18 @@
 #pragma once
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 namespace pyvision_ops {
 
+// The shortest "%.Ng" that reads back as v: "inf", "nan", "-3", "1e-39", "2.0000000001".
 inline std::string real_text(double v) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.9g", v);  // "inf", "nan", "-3", "1e-39"
+  for (int digits = 6; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+    if (!(v == v) || std::strtod(buf, nullptr) == v) break;
+  }
   return buf;
 }
 
