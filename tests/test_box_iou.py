@@ -555,6 +555,24 @@ def test_triton_eps_is_fp64_for_fp64_boxes():
 # ---------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [{"STREAM": True}, {"M_TILES": 2}, {"M_TILES": 4, "STREAM": True}], ids=str)
+def test_cuda_pairwise_variants_match_the_default(variant, monkeypatch):
+    # the tuner's variants compute what the default does, on the GPU's own compile
+    from pyvision_ops.kernels import box_iou as K
+
+    g = gen(19)
+    for n, m in ((1000, 700), (512, 1024)):  # partial and whole tiles
+        a, b = random_boxes(n, 2, generator=g).cuda(), random_boxes(m, 2, generator=g).cuda()
+        for kind in range(4):
+            want = ops.pairwise_box_iou(a, b, kind, 1e-7)
+            with monkeypatch.context() as mp:
+                for key, value in variant.items():
+                    mp.setitem(K.PAIRWISE_CONFIG, key, value)
+                got = ops.pairwise_box_iou(a, b, kind, 1e-7)
+            assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", range(4))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(kind, dtype):

@@ -478,6 +478,26 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_cuda_cross_entropy_unrolled_variants_match_the_default(unroll, monkeypatch):
+    # the tuner's variants compute what the default does, on the GPU's own compile
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch((2, 19, 64, 96), dtype=torch.float32, ignore=255)
+    z, t = x.reshape(2, 19, -1).cuda(), y.reshape(2, -1).cuda()
+    for wt, ls in ((None, 0.0), (w.float().cuda(), 0.1)):
+        want = ops.softmax_cross_entropy(z, t, wt, 255, ls, 1)
+        g = torch.ones((), device="cuda")
+        want_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, want[2], want[1], 255, ls, 1)
+        monkeypatch.setitem(K.CE_CONFIG, "UNROLL", unroll)
+        got = ops.softmax_cross_entropy(z, t, wt, 255, ls, 1)
+        got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, 1)
+        monkeypatch.setitem(K.CE_CONFIG, "UNROLL", 1)
+        for a, b in zip((*got, got_dz), (*want, want_dz)):  # the same operations in the same order
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
 def test_cuda_cross_entropy_precision_at_large_logits():
     x, y = shifted_logits(1e4)
     w = torch.linspace(0.5, 2, 10)
