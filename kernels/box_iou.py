@@ -237,6 +237,19 @@ def _load_box(ptr, idx, mask, acc):
 
 
 @triton.jit
+def _pairwise_side(box_ptr, t_ptr, b, L, r, acc, KIND: tl.constexpr):
+    """Boxes r of batch entry b (of L) and their CIoU aspect term (0 for the other kinds).
+    Loads clamp r to L - 1 instead of masking (L >= 1); only a partial tile's store is masked."""
+    lr = tl.minimum(r, L - 1)
+    x1, y1, x2, y2 = _load_box(box_ptr + b * L * 4, lr, None, acc)
+    if KIND == 3:
+        t = tl.load(t_ptr + b * L + lr)
+    else:
+        t = tl.zeros_like(x1)
+    return x1, y1, x2, y2, t
+
+
+@triton.jit
 def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.float64,
                      KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      M_TILES: tl.constexpr, EVEN: tl.constexpr, STREAM: tl.constexpr):
@@ -251,21 +264,10 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     b = (rest // num_n).to(tl.int64)
     # int64: the box offsets idx * 4 pass 2^31 from N or M = 2^29
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Loads clamp instead of masking (N, M >= 1); only the store of a partial tile is masked.
-    ln = tl.minimum(rn, N - 1)
-    ax1, ay1, ax2, ay2 = _load_box(b1_ptr + b * N * 4, ln, None, acc)
-    if KIND == 3:
-        ta = tl.load(t1_ptr + b * N + ln)
-    else:
-        ta = tl.zeros_like(ax1)
+    ax1, ay1, ax2, ay2, ta = _pairwise_side(b1_ptr, t1_ptr, b, N, rn, acc, KIND)
     for t in tl.static_range(M_TILES):
         rm = (pid_m.to(tl.int64) * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
-        lm = tl.minimum(rm, M - 1)
-        bx1, by1, bx2, by2 = _load_box(b2_ptr + b * M * 4, lm, None, acc)
-        if KIND == 3:
-            tb = tl.load(t2_ptr + b * M + lm)
-        else:
-            tb = tl.zeros_like(bx1)
+        bx1, by1, bx2, by2, tb = _pairwise_side(b2_ptr, t2_ptr, b, M, rm, acc, KIND)
         val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
                           bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
                           ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
