@@ -273,10 +273,7 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     y = tl.load(y_ptr + r)
     valid = y != ignore_index
-    g = tl.load(g_ptr + r * G_STEP)
-    if MEAN:
-        g = g / tl.load(wsum_ptr)
-    g = tl.where(valid, g, 0.0)
+    g = _position_grad(g_ptr, wsum_ptr, r, True, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + r).to(acc)
     ls = tl.load(stats_ptr + N + r).to(acc)
     wv = tl.zeros((BLOCK_C,), acc)
@@ -385,20 +382,18 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
     z = logits.contiguous()
     dz = torch.empty_like(z)
-    if s == 1 and n * c:
-        acc = acc_dtype(logits.dtype)
-        g, g_step = loss_grad(grad, acc)
-        _ce_rows_backward_kernel[(n,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
-                                       stats.to(acc).contiguous(), dz, n, c, ignore_index, *_split(label_smoothing, c),
-                                       HAS_W=weight is not None, G_STEP=g_step, MEAN=reduction == 1,
+    if n * nb == 0 or (s == 1 and c == 0):
+        return dz
+    acc = acc_dtype(logits.dtype)
+    g, g_step = loss_grad(grad, acc)
+    args = (g, wsum.to(acc), z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz)
+    opts = dict(HAS_W=weight is not None, G_STEP=g_step, MEAN=reduction == 1)
+    if s == 1:
+        _ce_rows_backward_kernel[(n,)](*args, n, c, ignore_index, *_split(label_smoothing, c), **opts,
                                        **_rows_config(c))
-    elif n * nb:
-        acc = acc_dtype(logits.dtype)
-        g, g_step = loss_grad(grad, acc)
-        _ce_backward_kernel[(n * nb,)](g, wsum.to(acc), z, target.contiguous(), _weight(weight, z),
-                                       stats.to(acc).contiguous(), dz, c, s, n * s, nb, ignore_index,
-                                       *_split(label_smoothing, c), HAS_W=weight is not None,
-                                       G_STEP=g_step, MEAN=reduction == 1, **CE_CONFIG)
+    else:
+        _ce_backward_kernel[(n * nb,)](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts,
+                                       **CE_CONFIG)
     return dz
 
 

@@ -313,7 +313,8 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
         counts[:, c0:c0 + k] = fg.sum(-1)
         del e_sorted, fg, fg_acc
         # d |p - fg| / d p = sign(p - fg); ignored positions get exactly 0
-        gk = torch.zeros((g * k, m), dtype=acc, device=probas.device).scatter_(1, perm, lg).reshape(g, k, m)
+        # perm is a permutation of each row: the scatter writes every element
+        gk = torch.empty((g * k, m), dtype=acc, device=probas.device).scatter_(1, perm, lg).reshape(g, k, m)
         gk = torch.where(valid[:, None, :], gk * torch.sign(diff), 0.0)
         grad[:, c0:c0 + k] = gk if per_image else gk.reshape(k, n, s).transpose(0, 1)
     return losses, grad, counts

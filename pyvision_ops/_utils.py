@@ -73,13 +73,17 @@ def check_align_corners(value) -> bool:
     return check_bool("align_corners", False if value is None else value)
 
 
+def is_int(value) -> bool:
+    """An int, a NumPy one too (torch and torchvision take them), not a bool (np.bool_ is not
+    Integral). type() first: the ABC check costs about a microsecond."""
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+
+
 def check_int64(name: str, value) -> int:
-    """An int (a NumPy one too, as torch takes it; not a bool) that fits int64, as a Python
-    int: what the ops' `int` arguments take."""
-    if type(value) is not int:  # bool is not int here; NumPy ints are Integral
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        value = int(value)
+    """An int (see is_int) that fits int64, as a Python int: what the ops' `int` arguments take."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must fit int64, got {value}")
     return value

@@ -57,13 +57,9 @@ from ._library import _acc_dtype, ops
 
 
 def _pair(size, name="output_size"):
-    # ints, NumPy ints included (torchvision takes them), not bools
-    def is_int(s):  # type(s) is int first: the ABC check costs a microsecond (np.bool_ is not Integral)
-        return type(s) is int or (isinstance(s, numbers.Integral) and not isinstance(s, bool))
-
-    if is_int(size):
+    if _utils.is_int(size):
         size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(s) for s in size)):
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_utils.is_int(s) for s in size)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {size!r}")
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"{name} must be positive, got {tuple(size)}")
