@@ -229,6 +229,18 @@ def _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _lovasz_step(hit, before, gts, i):
+    """The Lovasz gradient at sorted entries i (fp64): the Jaccard loss of the first i + 1
+    entries minus that of the first i (closed forms: no shift needed). `before`: foreground
+    entries ahead of the block; `gts`: the row's."""
+    c = tl.cumsum(hit, 0) + before  # foreground entries among the first i + 1
+    jac = 1.0 - (gts - c).to(tl.float64) / (gts + i + 1 - c).to(tl.float64)
+    cp = c - hit
+    prev = tl.where(i == 0, 0.0, 1.0 - (gts - cp).to(tl.float64) / tl.maximum(gts + i - cp, 1).to(tl.float64))
+    return jac - prev
+
+
+@triton.jit
 def _lovasz_count_kernel(fg_ptr, len_ptr, cnt_ptr, M, nb, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     r, i, m, hit = _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK)
@@ -239,13 +251,8 @@ def _lovasz_count_kernel(fg_ptr, len_ptr, cnt_ptr, M, nb, BLOCK: tl.constexpr):
 def _lovasz_grad_kernel(fg_ptr, len_ptr, before_ptr, total_ptr, out_ptr, M, nb, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     r, i, m, hit = _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK)
-    gts = tl.load(total_ptr + r)
-    c = tl.cumsum(hit, 0) + tl.load(before_ptr + pid)  # foreground entries among the first i + 1
-    # Jaccard loss of the first i + 1 entries, and of the first i (closed form: no shift needed)
-    jac = 1.0 - (gts - c).to(tl.float64) / (gts + i + 1 - c).to(tl.float64)
-    cp = c - hit
-    prev = tl.where(i == 0, 0.0, 1.0 - (gts - cp).to(tl.float64) / tl.maximum(gts + i - cp, 1).to(tl.float64))
-    tl.store(out_ptr + r * M + i, tl.where(m, jac - prev, 0.0).to(out_ptr.dtype.element_ty), mask=i < M)
+    lg = _lovasz_step(hit, tl.load(before_ptr + pid), tl.load(total_ptr + r), i)
+    tl.store(out_ptr + r * M + i, tl.where(m, lg, 0.0).to(out_ptr.dtype.element_ty), mask=i < M)
 
 
 _SCAN_BLOCK = 1024
@@ -272,6 +279,79 @@ def lovasz_gradient(fg_sorted, lengths):
     return out
 
 
+# Rows of lovasz_softmax_rows: row r = g k + ci is class c0 + ci of group g (one group of
+# all images, or one per image), M positions each: position j of group g is label
+# g M + j (images back to back); `code` per entry: bit 0 = valid foreground, bit 1 = p > [y = c].
+
+
+@triton.jit
+def _lovasz_address(q, c, C, S):
+    """Offset of class c at label position q in [N, C, S] probas / grad."""
+    img = q // S
+    return (img * C + c) * S + (q - img * S)
+
+
+@triton.jit
+def _lovasz_errors_kernel(p_ptr, y_ptr, e_ptr, code_ptr, c0, k, C, S, M, nb, ignore_index,
+                          IGNORES: tl.constexpr, BLOCK: tl.constexpr):
+    """Errors |[y = c] - p_c| of one block of a group's positions for the chunk's k classes
+    (-inf where ignored: they sort last), and each entry's code. Labels are read once."""
+    pid = tl.program_id(0)
+    g = (pid // nb).to(tl.int64)
+    j = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = j < M
+    q = g * M + j
+    y = tl.load(y_ptr + q, mask=m, other=0)
+    valid = m
+    if IGNORES:
+        valid = valid & (y != ignore_index)
+    for ci in range(0, k):
+        c = c0 + ci
+        p = tl.load(p_ptr + _lovasz_address(q, c, C, S), mask=m, other=0.0).to(e_ptr.dtype.element_ty)
+        fg = (y == c) & valid
+        f = fg.to(e_ptr.dtype.element_ty)
+        row = (g * k + ci) * M
+        tl.store(e_ptr + row + j, tl.where(valid, tl.abs(f - p), float("-inf")), mask=m)
+        tl.store(code_ptr + row + j, fg.to(tl.int8) + 2 * (p > f).to(tl.int8), mask=m)
+
+
+@triton.jit
+def _lovasz_sorted_codes_kernel(perm_ptr, code_ptr, len_ptr, out_ptr, cnt_ptr, k, M, nb, BLOCK: tl.constexpr):
+    """The codes in sorted order (0 past the valid entries), and the foreground count per block."""
+    pid = tl.program_id(0)
+    r = (pid // nb).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + r // k), 0), M)
+    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    src = tl.load(perm_ptr + r * M + i, mask=i < M, other=0)
+    code = tl.load(code_ptr + r * M + src, mask=i < n, other=0)
+    tl.store(out_ptr + r * M + i, code, mask=i < M)
+    tl.store(cnt_ptr + pid, tl.sum((code & 1).to(tl.int64), axis=0))
+
+
+@triton.jit
+def _lovasz_scatter_kernel(e_ptr, perm_ptr, code_ptr, len_ptr, before_ptr, total_ptr, grad_ptr, part_ptr, c0, k,
+                           C, S, M, nb, BLOCK: tl.constexpr):
+    """Per block of sorted entries: the Lovasz gradient, its dot with the ReLU'd errors (one
+    fp64 partial per block), and d loss / d p = gradient * sign(p - [y = c]) written to each
+    entry's own position (a permutation: every position of the row once, ignored ones 0)."""
+    pid = tl.program_id(0)
+    r = (pid // nb).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + r // k), 0), M)
+    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < M
+    valid = i < n
+    code = tl.load(code_ptr + r * M + i, mask=m, other=0)
+    lg = _lovasz_step((code & 1).to(tl.int64), tl.load(before_ptr + pid), tl.load(total_ptr + r), i)
+    lg = tl.where(valid, lg, 0.0)
+    e = tl.load(e_ptr + r * M + i, mask=valid, other=0.0)
+    tl.store(part_ptr + pid, tl.sum(tl.where(e < 0, 0.0, e).to(tl.float64) * lg, axis=0))  # NaN stays NaN
+    sign = tl.where((code & 2) != 0, 1.0, tl.where(e > 0, -1.0, 0.0))  # NaN: 0, as torch.sign
+    dp = tl.where(valid, lg.to(grad_ptr.dtype.element_ty) * sign, 0.0)
+    src = tl.load(perm_ptr + r * M + i, mask=m, other=0)
+    tl.store(grad_ptr + _lovasz_address((r // k) * M + src, c0 + r % k, C, S), dp.to(grad_ptr.dtype.element_ty),
+             mask=m)
+
+
 # Errors per sort: classes are sorted a chunk at a time (all groups' rows of the chunk's
 # classes together), so that the temporaries (errors, their sorted copy, the int64
 # permutation, the sort's buffers) stay near this many elements instead of growing with C.
@@ -279,42 +359,45 @@ _LOVASZ_CHUNK = 1 << 23
 
 
 def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
-    """The op on CUDA: the (group, class) rows' errors in batched stable sorts (torch), a chunk
-    of classes per sort, the Lovasz gradient of each sorted row (the block scan above), and its
-    scatter back to the positions; same results as the CPU kernel."""
+    """The op on CUDA, per chunk of classes: the errors of every (group, class) row (one
+    kernel), a batched stable sort (torch), the foreground counts in sorted order (a gather),
+    then the Lovasz gradient, the loss and d loss / d probas in one pass that writes each
+    entry's gradient to its position; same results as the CPU kernel."""
     require(probas.dim() == 3 and probas.is_floating_point() and labels.dtype == torch.int64
             and labels.shape == (probas.shape[0], probas.shape[2]), "lovasz_softmax_rows",
             "probas must be [N, C, S] and labels [N, S] int64")
     n, c, s = probas.shape
     acc = acc_dtype(probas.dtype)
-    valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
-    y = labels
-    if not per_image:  # one group: every position of every image
-        y, valid = y.reshape(1, -1), valid.reshape(1, -1)
-    g, m = y.shape
-    losses = torch.empty((g, c), dtype=acc, device=probas.device)
-    counts = torch.empty((g, c), dtype=torch.int64, device=probas.device)
-    grad = torch.empty((n, c, s), dtype=acc, device=probas.device)
-    lengths = valid.sum(1)
-    step = max(1, _LOVASZ_CHUNK // max(g * m, 1))
+    dev = probas.device
+    g, m = (n, s) if per_image else (1, n * s)
+    losses = torch.zeros((g, c), dtype=acc, device=dev)
+    counts = torch.zeros((g, c), dtype=torch.int64, device=dev)
+    grad = torch.empty((n, c, s), dtype=acc, device=dev)
+    if g * m == 0:
+        return losses, grad, counts
+    p, y = probas.contiguous(), labels.contiguous()
+    ii = _NO_IGNORE if ignore_index is None else ignore_index
+    valid = y != ii if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
+    lengths = valid.reshape(g, m).sum(1)
+    nb = triton.cdiv(m, _SCAN_BLOCK)
+    step = max(1, _LOVASZ_CHUNK // (g * m))
     for c0 in range(0, c, step):
         k = min(c, c0 + step) - c0
-        p = probas[:, c0:c0 + k].to(acc)
-        if not per_image:
-            p = p.transpose(0, 1).reshape(1, k, n * s)
-        fg = (y[:, None, :] == torch.arange(c0, c0 + k, device=y.device)[None, :, None]) & valid[:, None, :]
-        fg_acc = fg.to(acc)
-        diff = p - fg_acc
-        e = torch.where(valid[:, None, :], diff.abs(), float("-inf")).reshape(g * k, m)
+        e = torch.empty((g * k, m), dtype=acc, device=dev)
+        code = torch.empty((g * k, m), dtype=torch.int8, device=dev)
+        _lovasz_errors_kernel[(g * nb,)](p, y, e, code, c0, k, c, s, m, nb, ii, IGNORES=ignore_index is not None,
+                                         BLOCK=_SCAN_BLOCK)
         e_sorted, perm = torch.sort(e, dim=1, descending=True, stable=True)
         del e
-        lg = lovasz_gradient(torch.gather(fg_acc.reshape(g * k, m), 1, perm), lengths.repeat_interleave(k))
-        losses[:, c0:c0 + k] = (e_sorted.clamp(min=0) * lg).sum(1).reshape(g, k)
-        counts[:, c0:c0 + k] = fg.sum(-1)
-        del e_sorted, fg, fg_acc
-        # d |p - fg| / d p = sign(p - fg); ignored positions get exactly 0
-        # perm is a permutation of each row: the scatter writes every element
-        gk = torch.empty((g * k, m), dtype=acc, device=probas.device).scatter_(1, perm, lg).reshape(g, k, m)
-        gk = torch.where(valid[:, None, :], gk * torch.sign(diff), 0.0)
-        grad[:, c0:c0 + k] = gk if per_image else gk.reshape(k, n, s).transpose(0, 1)
+        sorted_code = torch.empty_like(code)
+        cnt = torch.empty((g * k, nb), dtype=torch.int64, device=dev)
+        _lovasz_sorted_codes_kernel[(g * k * nb,)](perm, code, lengths, sorted_code, cnt, k, m, nb,
+                                                   BLOCK=_SCAN_BLOCK)
+        del code
+        total = cnt.sum(1)
+        part = torch.empty((g * k, nb), dtype=torch.float64, device=dev)
+        _lovasz_scatter_kernel[(g * k * nb,)](e_sorted, perm, sorted_code, lengths, cnt.cumsum(1) - cnt, total, grad,
+                                              part, c0, k, c, s, m, nb, BLOCK=_SCAN_BLOCK)
+        losses[:, c0:c0 + k] = part.sum(1).reshape(g, k).to(acc)
+        counts[:, c0:c0 + k] = total.reshape(g, k)
     return losses, grad, counts

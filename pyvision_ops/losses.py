@@ -167,7 +167,9 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     the CPU; on CUDA (no device-to-host sync) such a position is background for
     every class. The loss is fp32 (fp64 for fp64 input). One op computes every row's
     loss and its gradient: on the CPU each (group, class) row is a stable radix sort
-    and one walk, rows in parallel; on CUDA one batched sort and a block scan.
+    and one walk, rows in parallel; on CUDA, a chunk of classes at a time, one batched
+    torch sort between three Triton kernels (errors; foreground counts in sorted order;
+    the gradient scan, the loss and d loss / d probas written to each position).
     """
     _flatten_seg("probas", probas, labels, with_classes=True)
     ignore_index = _check_ignore_index(ignore_index)

@@ -774,6 +774,46 @@ def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index, chunk, 
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_triton_lovasz_softmax_rows_interpreter_odd_values(dtype, per_image, monkeypatch):
+    # values outside [0, 1] (sign(p - [y = c]) both ways), exact 0 / 1 (zero errors), ties, NaN at
+    # a valid and at an ignored position, ignore_index inside [0, C), an image all ignored;
+    # two classes per sort
+    from pyvision_ops.kernels import losses as K
+
+    monkeypatch.setattr(K, "_LOVASZ_CHUNK", 2 * 3 * 37)
+    g = torch.Generator().manual_seed(11)
+    p = torch.rand(3, 5, 37, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    p[:, :, :4] = torch.tensor([0.0, 1.0, 0.5, 0.5], dtype=torch.float64)
+    y = torch.randint(0, 5, (3, 37), generator=g)
+    y[:, ::7] = 2
+    y[2] = 2
+    p[0, 1, 5], p[1, 3, 7] = float("nan"), float("nan")  # y[1, 7] == 2: ignored
+    args = (p.to(dtype), y, 2, per_image)
+    for a, b in zip(K.lovasz_softmax_rows(*args), ops.lovasz_softmax_rows(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.interpreter
+def test_triton_lovasz_softmax_rows_interpreter_label_outside_classes_is_background():
+    # on CUDA (no sync to check it) a label outside [0, C) is background for every class: the
+    # same rows as the CPU op gives with an extra class C holding those labels
+    from pyvision_ops.kernels import losses as K
+
+    g = torch.Generator().manual_seed(12)
+    p = torch.rand(2, 4, 50, generator=g)
+    y = torch.randint(0, 4, (2, 50), generator=g)
+    y[0, :9] = 4
+    extra = torch.cat([p, torch.rand(2, 1, 50, generator=g)], 1)
+    for per_image in (False, True):
+        ours = K.lovasz_softmax_rows(p, y, None, per_image)
+        want = ops.lovasz_softmax_rows(extra, y, None, per_image)
+        for a, b in zip(ours, (want[0][:, :4], want[1][:, :4], want[2][:, :4])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [None, 4 * 2 * 64 * 96])  # all 19 classes in one sort; 4 per sort
 def test_cuda_lovasz_matches_cpu(chunk, monkeypatch):

@@ -60,6 +60,7 @@ def _launchers():
         losses.dice_stats(x, y, 255)
         losses.dice_stats_backward(torch.ones(2, 5, dtype=acc), x, y, 255)
         losses.lovasz_softmax_rows(x.softmax(1).reshape(2, 5, -1), y.reshape(2, -1), 255, False)
+        losses.lovasz_softmax_rows(x.softmax(1).reshape(2, 5, -1), y.reshape(2, -1), None, True)
         interpolate.upsample_bilinear(x, 13, 20, False, -1.0, -1.0)
         interpolate.upsample_bilinear(x, 13, 20, True, 2.5, 2.5)
         interpolate.upsample_bilinear_backward(torch.ones(2, 5, 13, 20, dtype=dtype), 6, 7, False, -1.0, -1.0)
