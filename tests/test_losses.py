@@ -774,16 +774,9 @@ def test_triton_lovasz_softmax_rows_interpreter(per_image, ignore_index, chunk, 
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("per_image", [False, True])
-def test_triton_lovasz_softmax_rows_interpreter_odd_values(dtype, per_image, monkeypatch):
-    # values outside [0, 1] (sign(p - [y = c]) both ways), exact 0 / 1 (zero errors), ties, NaN at
-    # a valid and at an ignored position, ignore_index inside [0, C), an image all ignored;
-    # two classes per sort
-    from pyvision_ops.kernels import losses as K
-
-    monkeypatch.setattr(K, "_LOVASZ_CHUNK", 2 * 3 * 37)
+def _odd_lovasz_rows(dtype):
+    """Values outside [0, 1] (sign(p - [y = c]) both ways), exact 0 / 1 (zero errors), ties, NaN
+    at a valid and at an ignored position, ignore_index 2 inside [0, C), an image all ignored."""
     g = torch.Generator().manual_seed(11)
     p = torch.rand(3, 5, 37, generator=g, dtype=torch.float64) * 1.4 - 0.2
     p[:, :, :4] = torch.tensor([0.0, 1.0, 0.5, 0.5], dtype=torch.float64)
@@ -791,9 +784,37 @@ def test_triton_lovasz_softmax_rows_interpreter_odd_values(dtype, per_image, mon
     y[:, ::7] = 2
     y[2] = 2
     p[0, 1, 5], p[1, 3, 7] = float("nan"), float("nan")  # y[1, 7] == 2: ignored
-    args = (p.to(dtype), y, 2, per_image)
-    for a, b in zip(K.lovasz_softmax_rows(*args), ops.lovasz_softmax_rows(*args)):
+    return p.to(dtype), y
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_triton_lovasz_softmax_rows_interpreter_odd_values(dtype, per_image, monkeypatch):
+    from pyvision_ops.kernels import losses as K
+
+    monkeypatch.setattr(K, "_LOVASZ_CHUNK", 2 * 3 * 37)  # two classes per sort
+    p, y = _odd_lovasz_rows(dtype)
+    for a, b in zip(K.lovasz_softmax_rows(p, y, 2, per_image), ops.lovasz_softmax_rows(p, y, 2, per_image)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_cuda_lovasz_softmax_rows_odd_values_and_labels_outside_classes(dtype):
+    p, y = _odd_lovasz_rows(dtype)
+    for per_image in (False, True):
+        ours = ops.lovasz_softmax_rows(p.cuda(), y.cuda(), 2, per_image)
+        for a, b in zip(ours, ops.lovasz_softmax_rows(p, y, 2, per_image)):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    # a label outside [0, C) is background for every class (as an extra class C on the CPU)
+    y[0, 1:9] = 5
+    extra = torch.cat([p, torch.rand(3, 1, 37, dtype=dtype)], 1)
+    for per_image in (False, True):
+        ours = ops.lovasz_softmax_rows(p.cuda(), y.cuda(), 2, per_image)
+        want = ops.lovasz_softmax_rows(extra, y, 2, per_image)
+        for a, b in zip(ours, (want[0][:, :5], want[1][:, :5], want[2][:, :5])):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.interpreter
