@@ -377,8 +377,10 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
         return losses, grad, counts
     p, y = probas.contiguous(), labels.contiguous()
     ii = _NO_IGNORE if ignore_index is None else ignore_index
-    valid = y != ii if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
-    lengths = valid.reshape(g, m).sum(1)
+    if ignore_index is None:
+        lengths = torch.full((g,), m, dtype=torch.int64, device=dev)
+    else:
+        lengths = (y != ignore_index).reshape(g, m).sum(1)
     nb = triton.cdiv(m, _SCAN_BLOCK)
     step = max(1, _LOVASZ_CHUNK // (g * m))
     for c0 in range(0, c, step):
