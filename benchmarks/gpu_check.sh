@@ -5,8 +5,9 @@
 # logs too (packed into $OUT/logs.tgz when $OUT is set). Budget: GPU_CHECK_BUDGET seconds
 # (default 480), each step cut to what is left.
 # GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_ONLY=fam1,fam2 limits the
-# benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs and
-# the cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes). On the H200
+# benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs, the
+# cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection
+# with both chunk placements (benchmarks/soft_nms_scaling.py, seconds). On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
 set -uo pipefail
@@ -68,6 +69,9 @@ if [ -n "${GPU_CHECK_TUNE:-}" ]; then
   step "tune cross_entropy"
   timeout $(t 120) $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
   cat "$OUT/tune_cross_entropy.log"
+  step "soft_nms scaling"
+  timeout $(t 60) $PY -m benchmarks.soft_nms_scaling > "$OUT/soft_nms_scaling.log" 2>&1 || rc=1
+  cat "$OUT/soft_nms_scaling.log"
 fi
 step overhead
 timeout $(t 60) $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1

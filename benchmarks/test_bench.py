@@ -1,5 +1,7 @@
 """`pytest benchmarks --benchmark-only`: the run.py workloads through pytest-benchmark."""
 
+import os
+
 import pytest
 import torch
 
@@ -45,3 +47,13 @@ def test_tuner_configs_name_every_kernel_parameter():
     assert all(set(c) == set(box_iou.PAIRWISE_CONFIG) for c in tune_box_iou.CONFIGS)
     assert all(set(c) == set(cross_entropy.CE_CONFIG) for c in tune_cross_entropy.CONFIGS)
     assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
+
+
+def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
+    from benchmarks import soft_nms_scaling
+
+    monkeypatch.delenv(soft_nms_scaling.ENV, raising=False)
+    soft_nms_scaling.main(["--device", "cpu", "--sizes", "40,1100"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 40", "1"], ["| 1100", "4"]]
+    assert soft_nms_scaling.ENV not in os.environ  # restored

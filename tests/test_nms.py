@@ -607,10 +607,16 @@ def test_cuda_batched_nms_matches_cpu(n, categories):
     assert_same_modulo_ties(ours, tv.batched_nms(boxes, scores, idxs, 0.5), scores)
 
 
+# PYVISION_OPS_SOFT_NMS_SPREAD=1: the CUDA kernel's spread chunk layout (same results).
+SPREAD = pytest.mark.parametrize("spread", ["0", "1"], ids=["chunks", "spread"])
+
+
 @pytest.mark.gpu
+@SPREAD
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("n", [0, 1, 300, 5000, 12000])
-def test_cuda_soft_nms_matches_cpu(method, n):
+def test_cuda_soft_nms_matches_cpu(method, n, spread, monkeypatch):
+    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_SPREAD", spread)
     boxes, scores, idxs = detections(n, seed=n, categories=4) if n else (torch.zeros(0, 4), torch.zeros(0),
                                                                           torch.zeros(0, dtype=torch.long))
     for cats in (None, idxs):
@@ -622,13 +628,15 @@ def test_cuda_soft_nms_matches_cpu(method, n):
 
 
 @pytest.mark.gpu
+@SPREAD
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [420, 3000, 6000, 7500])
 @pytest.mark.parametrize("method, iou_threshold", SOFT_CASES)
-def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype):
+def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype, spread, monkeypatch):
     # Every kernel layout (fp32: 1, 4, 8, 16 register slots per thread; fp64: 1, 4, 8 and
-    # global memory from 4097 boxes), with and without the spatial skipping (hard at
-    # threshold 0 visits every box).
+    # global memory from 4097 boxes), both chunk placements, with and without the spatial
+    # skipping (hard at threshold 0 visits every box).
+    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_SPREAD", spread)
     boxes, scores = special_detections(n, objects=n // 16, seed=n)
     boxes, scores = boxes.to(dtype), scores.to(dtype)
     kw = dict(iou_threshold=iou_threshold, sigma=0.5, score_threshold=0.01, method=method)

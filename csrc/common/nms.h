@@ -98,7 +98,7 @@ PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
 // method with a threshold <= 0, which callers exclude). NaN in `a` answers true.
 template <typename T>
 PVO_HD bool may_overlap(const box::Box<T>& a, const box::Box<T>& u) {
-  return !(a.x2 <= u.x1 || u.x2 <= a.x1 || a.y2 <= u.y1 || u.y2 <= a.y1);
+  return !((a.x2 <= u.x1) | (u.x2 <= a.x1) | (a.y2 <= u.y1) | (u.y2 <= a.y1));  // | : no branches
 }
 
 // The 16 low bits of x on the even bits of the result (one axis of a Morton code).

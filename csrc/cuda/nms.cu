@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -396,15 +397,19 @@ constexpr int soft_threads() {
 
 // One block per group; each step one block-wide max of the keys (one barrier), then the
 // decay. K > 0: the group's boxes sit in registers, K per thread, in the spatial order
-// `place` gives (warp w, slot k holds placements [(wK + k) 32, (wK + k + 1) 32)); a
-// selection visits only the warps, and in them the slots, whose union box it may
-// overlap: the other boxes keep their scores bit for bit. K == 0: boxes and scores stay
+// `place` gives, 32 placements (a chunk) per warp and slot: warp w, slot k holds chunk
+// wK + k, or with `spread` chunk kW + w (W warps); a selection visits only the warps, and
+// in them the slots, whose union box it may overlap: the other boxes keep their scores bit
+// for bit. A warp walks its slots one after another, so a selection costs about the most
+// slots it overlaps in one warp: by chunk order, the few neighbouring chunks a box
+// overlaps sit in one warp (on the benchmark's detections ~6.5 slots, as a CPU simulation
+// of this layout counts); spread, in as many warps (~2.6). K == 0: boxes and scores stay
 // in global memory (any length), thread t owns positions t, t + nt, ...
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
     const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T inv_sigma, T score_thr,
-    int32_t* __restrict__ alive_all, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
+    bool spread, int32_t* __restrict__ alive_all, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
     int64_t* __restrict__ out_count) {
   const int64_t c = blockIdx.x, s = start[c];
   const int n = static_cast<int>(len[c]);
@@ -424,7 +429,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
     int32_t* pos = pos_of + warp * K * 32 + lane;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int i = (warp * K + k) * 32 + lane;
+      const int i = (spread ? k * (nt >> 5) + warp : warp * K + k) * 32 + lane;
       Box<T> u{inf, inf, -inf, -inf};
       bx[k] = {T(0), T(0), T(0), T(0)};
       sc[k] = T(0);
@@ -555,14 +560,14 @@ int soft_slots(int64_t max_len) {
 template <typename T, int METHOD>
 void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
                  const int64_t* start, const int64_t* len, const int32_t* place, T thr, T inv_sigma, T score_thr,
-                 int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
+                 bool spread, int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
   const int64_t per_thread = slots > 0 ? (max_len + slots - 1) / slots : max_len;
   const int64_t threads_needed = std::max<int64_t>(32, (per_thread + 31) / 32 * 32);
   // soft_slots keeps a register layout's threads within its bound; the global one takes them all.
 #define PVO_SOFT(KK)                                                                                      \
   soft_nms_kernel<T, METHOD, KK>                                                                          \
       <<<groups, static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed)), 0, stream>>>( \
-          boxes, scores, start, len, place, thr, inv_sigma, score_thr, alive, out_pos, out_score, out_count)
+          boxes, scores, start, len, place, thr, inv_sigma, score_thr, spread, alive, out_pos, out_score, out_count)
   switch (slots) {
     case 1: PVO_SOFT(1); break;
     case 4: PVO_SOFT(4); break;
@@ -585,6 +590,10 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
+  // PYVISION_OPS_SOFT_NMS_SPREAD=1: the spread chunk layout (see soft_nms_kernel); same
+  // results. Off by default until a GPU run has timed both (benchmarks/soft_nms_scaling.py).
+  const char* spread_env = std::getenv("PYVISION_OPS_SOFT_NMS_SPREAD");
+  const bool spread = spread_env != nullptr && spread_env[0] == '1';
   Groups g = group_by_category(scores, idxs);
   const int64_t groups = static_cast<int64_t>(g.len.size());
   const int64_t max_len = *std::max_element(g.len.begin(), g.len.end());
@@ -616,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
                                 slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,
-                                score_thr, alive.mutable_data_ptr<int32_t>(), out_pos.mutable_data_ptr<int64_t>(),
+                                score_thr, spread, alive.mutable_data_ptr<int32_t>(), out_pos.mutable_data_ptr<int64_t>(),
                                 out_score.mutable_data_ptr<T>(), out_count.mutable_data_ptr<int64_t>());
     auto run = [&](auto launcher) {
       std::apply([&](auto... a) { launcher(slots, groups, max_len, stream.stream(), a...); }, args);

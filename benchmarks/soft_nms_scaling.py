@@ -1,0 +1,72 @@
+"""`python -m benchmarks.soft_nms_scaling [--device cuda|cpu] [--sizes 1000,5000]`: Soft-NMS
+time per selection as N grows, on the benchmark's clustered detections, for both chunk
+placements of the CUDA kernel.
+
+The CUDA kernel runs one block per category and one block-wide max per selection; a
+thread holds K boxes in registers (K from N: 1, 4, 8, 16, then global memory), 32-box
+chunks in spatial order per warp and slot, and walks its slots one after another. With
+the default placement a box's neighbouring chunks sit in one warp; spread
+(PYVISION_OPS_SOFT_NMS_SPREAD=1) puts them in different warps (csrc/cuda/nms.cu). Per N
+this prints our nms (the same sort and compaction around a cheaper kernel), soft_nms
+gaussian with each placement, the selections it makes and the time per selection: a
+per-selection time that stays flat as K grows says a selection costs a fixed latency (the
+block-wide max); one that grows with K, or drops with spread, says the slot walk
+dominates. On the CPU both placements run the same C++ kernel.
+"""
+
+import argparse
+import os
+
+import pyvision_ops as P
+
+from .bench_nms import _detections
+from .common import time_cpu, time_cuda
+
+SIZES = (1000, 2000, 4000, 5000, 8000, 12000)
+ENV = "PYVISION_OPS_SOFT_NMS_SPREAD"
+
+
+def fp32_slots(n):
+    """Register slots per thread of the CUDA kernel for one fp32 group of n boxes (0: global
+    memory); csrc/cuda/nms.cu:soft_slots and soft_threads."""
+    for k, threads in ((1, 1024), (4, 1024), (8, 768), (16, 512)):
+        if n <= k * threads:
+            return k
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--sizes", help=f"comma-separated N (default: {','.join(map(str, SIZES))})")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
+
+    def timed(fn):
+        return time_cuda(fn, quick=True) if args.device == "cuda" else time_cpu(fn, 0.2)
+
+    before = os.environ.get(ENV)
+    print("| N | K | nms ms | soft_nms ms | spread ms | selections | us / selection | spread us / selection |\n"
+          "|---|---|---|---|---|---|---|---|")
+    try:
+        for n in sizes:
+            boxes, scores, _ = _detections(n)
+            b, s = boxes.to(args.device), scores.to(args.device)
+            selections = P.soft_nms(b, s)[0].numel()
+            hard = timed(lambda b=b, s=s: P.nms(b, s, 0.5))
+            soft = {}
+            for spread in ("0", "1"):
+                os.environ[ENV] = spread
+                soft[spread] = timed(lambda b=b, s=s: P.soft_nms(b, s))
+            per = [soft[k] / max(selections, 1) * 1e6 for k in ("0", "1")]
+            print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | {soft['0'] * 1e3:.3f} | "
+                  f"{soft['1'] * 1e3:.3f} | {selections} | {per[0]:.2f} | {per[1]:.2f} |", flush=True)
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+if __name__ == "__main__":
+    main()
