@@ -32,6 +32,8 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
         raise ValueError(f"logits must have at least one class (dim 1), got shape {list(logits.shape)}")
     if weight is not None:
         _utils.check_tensor("weight", weight)
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape [C] = [{c}], got {list(weight.shape)}")
         _utils.check_same_device(logits=logits, weight=weight)
@@ -98,6 +100,8 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_cor
                          f"{list(target.shape)}")
     if logits.shape[2] == 0 or logits.shape[3] == 0:
         raise ValueError(f"logits must have a non-empty spatial size, got {list(logits.shape)}")
+    if target.shape[1] == 0 or target.shape[2] == 0:  # F.interpolate refuses an empty size too
+        raise ValueError(f"target must have a non-empty spatial size, got {list(target.shape)}")
     eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     align_corners = _utils.check_align_corners(align_corners)
     loss, _, _ = ops.upsample_cross_entropy(logits, target.to(torch.int64), align_corners, weight, ignore_index,

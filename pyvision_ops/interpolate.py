@@ -55,7 +55,7 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         oh, ow = (int(v) for v in _two(size, "size", numbers.Integral))
         sh = sw = -1.0
     else:
-        sh, sw = (float(s) for s in _two(scale_factor, "scale_factor", numbers.Real))
+        sh, sw = (_utils.check_float("scale_factor", s) for s in _two(scale_factor, "scale_factor", numbers.Real))
         if not (sh > 0 and sw > 0 and math.isfinite(sh) and math.isfinite(sw)):
             raise ValueError(f"scale_factor must be positive and finite, got {scale_factor!r}")
         # h * sh can overflow to inf (scale_factor=1e308), which floor cannot take

@@ -185,13 +185,15 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     else:
         sel = _check_classes(classes, c, "'present', 'all' or a list of int class indices")
     s = math.prod(probas.shape[2:])  # explicit: reshape(n, c, -1) fails for 0 elements
+    # int64 before any comparison: a uint8 label tensor would compare with ignore_index
+    # wrapped into its range (256 as 0), not as the op below sees it
+    labels = labels.to(torch.int64)
     p = probas
     if from_logits:
         if ignore_index is not None:  # ignored logits, NaN too, must not reach the softmax backward
             p = torch.where((labels != ignore_index).unsqueeze(1), p, 0.0)
         p = torch.softmax(p, dim=1)
-    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s).to(torch.int64),
-                                                ignore_index, per_image)
+    losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s), ignore_index, per_image)
     g = losses.shape[0]
     if sel is not None:
         # a class listed k times has weight k, as in the paper's loop over the list (and dice_loss)
@@ -222,6 +224,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     _flatten_seg("logits", logits, labels, with_classes=False)
     ignore_index = _check_ignore_index(ignore_index)
     _utils.check_bool("per_image", per_image)
+    labels = labels.to(torch.int64)  # as in lovasz_softmax: no comparison in a narrower type
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != 0) & (labels != 1)
         if ignore_index is not None:
@@ -230,7 +233,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
             raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
     n, s = logits.shape[0], math.prod(logits.shape[1:])
     x = logits.reshape(n, s)
-    y = labels.reshape(n, s).to(torch.int64)
+    y = labels.reshape(n, s)
     valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
     if not per_image:
         x, y, valid = x.reshape(1, -1), y.reshape(1, -1), valid.reshape(1, -1)

@@ -147,6 +147,8 @@ def test_gradcheck_opcheck_compile():
          TypeError, "logits"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), weight=torch.ones(4)),
          ValueError, "weight"),
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
+                                         weight=torch.ones(3, dtype=torch.long)), TypeError, "weight"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3])), ValueError, "outside"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([0, -5])), ValueError, "outside"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 0, 3), torch.zeros(2, 3, dtype=torch.long)), ValueError,
@@ -230,6 +232,10 @@ def test_upsample_ce_opcheck_compile_gradcheck():
          "outside"),
         (lambda: P.upsample_cross_entropy(torch.zeros(1, 3, 0, 4), torch.zeros(1, 8, 8, dtype=torch.long)),
          ValueError, "spatial"),
+        (lambda: P.upsample_cross_entropy(torch.zeros(1, 3, 4, 4), torch.zeros(1, 0, 8, dtype=torch.long)),
+         ValueError, "target must have a non-empty spatial size"),
+        (lambda: P.upsample_cross_entropy(torch.zeros(1, 3, 4, 4), torch.zeros(1, 8, 8, dtype=torch.long),
+                                          weight=torch.ones(3, dtype=torch.bool)), TypeError, "weight"),
     ],
 )
 def test_upsample_ce_bad_input(call, exc, words):

@@ -101,6 +101,9 @@ def test_size_and_flags_accept_what_torch_accepts():
         (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=0.1), ValueError, "output size"),
         (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=1e30), ValueError, "2\\^31"),
         (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=1e308), ValueError, "2\\^31"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=10**400), ValueError, "scale_factor"),
+        (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 4, 4), scale_factor=float("nan")), ValueError,
+         "scale_factor"),
         (lambda: P.interpolate_bilinear(torch.zeros(1, 1, 0, 4), size=4), ValueError, "spatial"),
     ],
 )

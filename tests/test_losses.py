@@ -725,6 +725,9 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
          "outside"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 0, 4), torch.zeros(2, 4, dtype=torch.long)), ValueError, "class"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.full((2, 4), 2)), ValueError, "labels"),
+        # 255 in a uint8 tensor is not ignore_index -1 (torch would wrap -1 to 255 in a uint8 comparison)
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.full((2, 4), 255, dtype=torch.uint8), ignore_index=-1),
+         ValueError, "got 255"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), ignore_index="x"), TypeError,
          "ignore_index"),
         (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), per_image="no"), TypeError,
@@ -742,6 +745,19 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
 def test_lovasz_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_lovasz_softmax_narrow_labels_compare_ignore_index_as_int64(dtype):
+    # ignore_index outside the labels' dtype (256 for uint8) ignores nothing, also in the
+    # from_logits masking (a uint8 comparison would read it as 0)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (2, 5, 4), generator=torch.Generator().manual_seed(4))
+    big = torch.iinfo(dtype).max + 1
+    for from_logits in (False, True):
+        p = x if from_logits else x.softmax(1)
+        torch.testing.assert_close(P.lovasz_softmax(p, y.to(dtype), ignore_index=big, from_logits=from_logits),
+                                   reference.lovasz_softmax(p, y, from_logits=from_logits))
 
 
 @pytest.mark.interpreter
