@@ -92,6 +92,10 @@ def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torc
 
 def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     boxes, scores, thr = _check(boxes, scores, idxs, iou_threshold)
+    if idxs is not None and idxs.dtype == torch.uint64:
+        # The kernels order categories as int64 (ties go to the lower one): with the sign bit
+        # flipped, uint64 values from 2^63 up keep their place instead of sorting below 0.
+        idxs = idxs.view(torch.int64) ^ torch.iinfo(torch.int64).min
     sigma = _utils.check_float("sigma", sigma, positive=True)
     score_threshold = _utils.check_float("score_threshold", score_threshold)
     if not isinstance(method, str):
