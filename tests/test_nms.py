@@ -358,13 +358,14 @@ def test_batched_soft_nms_is_per_category(method, negative, categories):
 def test_batched_soft_nms_ties_go_to_the_lower_category_in_any_integer_dtype():
     boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [100, 100, 110, 110], [200, 200, 210, 210]])
     scores = torch.full((4,), 0.9)
-    want = [1, 0, 2, 3]  # categories 2, 1, 3, 4 scaled into each dtype's range, order kept
-    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
-                  torch.uint64):
-        info = torch.iinfo(dtype)
-        hi = info.max if dtype != torch.uint64 else 2**64 - 1
-        idxs = torch.tensor([hi - 2, hi - 3, hi - 1, hi], dtype=dtype)  # 2**63 and up for uint64
+    want = [1, 0, 2, 3]  # box 1 has the lowest category, then boxes 0, 2, 3
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32):
+        hi = torch.iinfo(dtype).max
+        idxs = torch.tensor([hi - 2, hi - 3, hi - 1, hi], dtype=dtype)
         assert P.batched_soft_nms(boxes, scores, idxs)[0].tolist() == want, dtype
+    # uint64 on both sides of 2**63 (as int64 bits, 2**63 and up would sort below 1)
+    idxs = torch.tensor([2**63, 1, 2**63 + 1, 2**64 - 1], dtype=torch.uint64)
+    assert P.batched_soft_nms(boxes, scores, idxs)[0].tolist() == want
 
 
 def test_soft_nms_negative_scores_selection_order_vs_batched_order():
