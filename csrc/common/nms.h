@@ -45,7 +45,10 @@ inline T ge_threshold(double thr) {
 // 88.37, below expf's overflow, 2^k would leave the exponent range: see losses::pow_).
 PVO_HD float exp_approx(float x) {
 #ifdef __CUDA_ARCH__
-  return x <= -87.f ? 0.f : expf(x);  // as below: expf would give denormals, and inf * denormal = inf
+  // as below: expf would give denormals, and inf * denormal = inf. expf of the clamped
+  // argument, then a select: no branch around it (NaN stays NaN)
+  const float e = expf(x < -87.f ? -87.f : x);
+  return x <= -87.f ? 0.f : e;
 #else
   x = x < -87.f ? -87.f : x;  // NaN stays NaN
   const float kf = std::floor(x * 1.4426950408889634f + 0.5f);

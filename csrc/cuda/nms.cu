@@ -295,12 +295,16 @@ __device__ __forceinline__ Key<T> live_key(T v, int pos) {
   return k;
 }
 
+// Lexicographic a > b, without branches (bitwise on the word comparisons).
 template <typename T>
 __device__ __forceinline__ bool key_greater(const Key<T>& a, const Key<T>& b) {
+  bool gt = false, eq = true;
 #pragma unroll
-  for (int i = 0; i < Key<T>::W; ++i)
-    if (a.w[i] != b.w[i]) return a.w[i] > b.w[i];
-  return false;
+  for (int i = 0; i < Key<T>::W; ++i) {
+    gt = gt | (eq & (a.w[i] > b.w[i]));
+    eq = eq & (a.w[i] == b.w[i]);
+  }
+  return gt;
 }
 
 template <typename T>
@@ -371,16 +375,22 @@ __device__ __forceinline__ T decayed(T score, const Box<T>& a, const Box<T>& b, 
 }
 
 // Best live box of a thread's K register slots (`pos` strided by 32: the thread's entries).
+// Every slot's position is read and its key built whether it is alive or not, so that the
+// K shared loads issue together and the chain is selects, not branches.
 template <typename T, int K>
 __device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, const int32_t* pos, int& slot) {
+  int32_t at[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) at[k] = pos[k * 32];
   Key<T> best = dead_key<T>();
   slot = 0;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    if (alive >> k & 1u) {
-      const Key<T> key = live_key(sc[k], pos[k * 32]);
-      if (key_greater(key, best)) best = key, slot = k;
-    }
+    const Key<T> key = live_key(sc[k], at[k]);
+    const bool take = (alive >> k & 1u) != 0u && key_greater(key, best);
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) best.w[i] = take ? key.w[i] : best.w[i];
+    slot = take ? k : slot;
   }
   return best;
 }
