@@ -17,6 +17,8 @@ dominates. On the CPU both placements run the same C++ kernel.
 import argparse
 import os
 
+import torch
+
 import pyvision_ops as P
 
 from .bench_nms import _detections
@@ -46,21 +48,24 @@ def main(argv=None):
         return time_cuda(fn, quick=True) if args.device == "cuda" else time_cpu(fn, 0.2)
 
     before = os.environ.get(ENV)
-    print("| N | K | nms ms | soft_nms ms | spread ms | selections | us / selection | spread us / selection |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| N | K | nms ms | soft_nms ms | spread ms | selections | us / selection | spread us / selection "
+          "| same result |\n|---|---|---|---|---|---|---|---|---|")
     try:
         for n in sizes:
             boxes, scores, _ = _detections(n)
             b, s = boxes.to(args.device), scores.to(args.device)
-            selections = P.soft_nms(b, s)[0].numel()
             hard = timed(lambda b=b, s=s: P.nms(b, s, 0.5))
-            soft = {}
+            soft, out = {}, {}
             for spread in ("0", "1"):
                 os.environ[ENV] = spread
+                out[spread] = P.soft_nms(b, s)
                 soft[spread] = timed(lambda b=b, s=s: P.soft_nms(b, s))
+            selections = out["0"][0].numel()
+            same = all(torch.equal(x, y) for x, y in zip(out["0"], out["1"]))
             per = [soft[k] / max(selections, 1) * 1e6 for k in ("0", "1")]
             print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | {soft['0'] * 1e3:.3f} | "
-                  f"{soft['1'] * 1e3:.3f} | {selections} | {per[0]:.2f} | {per[1]:.2f} |", flush=True)
+                  f"{soft['1'] * 1e3:.3f} | {selections} | {per[0]:.2f} | {per[1]:.2f} | {'yes' if same else 'NO'} |",
+                  flush=True)
     finally:
         if before is None:
             os.environ.pop(ENV, None)

@@ -56,4 +56,5 @@ def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
     soft_nms_scaling.main(["--device", "cpu", "--sizes", "40,1100"])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
     assert [r.split(" | ")[:2] for r in rows] == [["| 40", "1"], ["| 1100", "4"]]
+    assert all(r.endswith("| yes |") for r in rows)
     assert soft_nms_scaling.ENV not in os.environ  # restored
