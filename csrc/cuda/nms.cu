@@ -410,8 +410,8 @@ constexpr int soft_threads() {
 // `place` gives, 32 placements (a chunk) per warp and slot: warp w, slot k holds chunk
 // wK + k, or with `spread` chunk kW + w (W warps); a selection visits only the warps, and
 // in them the slots, whose union box it may overlap: the other boxes keep their scores bit
-// for bit. A warp walks its slots one after another, so a selection costs about the most
-// slots it overlaps in one warp: by chunk order, the few neighbouring chunks a box
+// for bit. A warp walks its slots one after another, so a selection waits at least for
+// the warp that overlaps the most slots: by chunk order, the few neighbouring chunks a box
 // overlaps sit in one warp (on the benchmark's detections ~6.5 slots, as a CPU simulation
 // of this layout counts); spread, in as many warps (~2.6). K == 0: boxes and scores stay
 // in global memory (any length), thread t owns positions t, t + nt, ...
