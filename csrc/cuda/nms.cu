@@ -646,8 +646,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
                                 slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,
-                                score_thr, spread, alive.mutable_data_ptr<int32_t>(), out_pos.mutable_data_ptr<int64_t>(),
-                                out_score.mutable_data_ptr<T>(), out_count.mutable_data_ptr<int64_t>());
+                                score_thr, spread, alive.mutable_data_ptr<int32_t>(),
+                                out_pos.mutable_data_ptr<int64_t>(), out_score.mutable_data_ptr<T>(),
+                                out_count.mutable_data_ptr<int64_t>());
     auto run = [&](auto launcher) {
       std::apply([&](auto... a) { launcher(slots, groups, max_len, stream.stream(), a...); }, args);
     };
