@@ -61,11 +61,12 @@ def _check_ignore_index(ignore_index):
 def _check_classes(classes, c: int, expected: str) -> list:
     """A non-empty list (or tuple) of int class indices in [0, c), checked in Python: no tensor
     value decides anything, so torch.compile(fullgraph=True) traces it. A repeated index stays."""
-    if not isinstance(classes, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int) for k in classes):
+    if not isinstance(classes, (list, tuple)) or not all(_utils.is_int(k) for k in classes):
         raise TypeError(f"classes must be {expected}, got {classes!r}")
+    classes = [int(k) for k in classes]  # NumPy ints too, as every other int argument
     if len(classes) == 0 or any(not 0 <= k < c for k in classes):
-        raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {list(classes)}")
-    return list(classes)
+        raise ValueError(f"classes must be a non-empty list of indices in [0, {c}), got {classes}")
+    return classes
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, ignore_index=None, classes=None,

@@ -543,6 +543,12 @@ def test_repeated_classes_count_again(per_image):
     # dice_loss weighs them the same way
     d = P.dice_loss(x, y, classes=[2, 2, 1], reduction="none")
     torch.testing.assert_close(P.dice_loss(x, y, classes=[2, 2, 1]), (2 * d[0] + d[2]) / 3)
+    # NumPy ints are class indices too (as for every other int argument)
+    import numpy as np
+
+    listed = [np.int64(2), np.int32(2), np.uint8(1)]
+    torch.testing.assert_close(P.dice_loss(x, y, classes=listed), P.dice_loss(x, y, classes=[2, 2, 1]))
+    torch.testing.assert_close(P.lovasz_softmax(x, y, listed, per_image, from_logits=True), ours.detach())
 
 
 @pytest.mark.parametrize("classes", ["present", [0, 3]])
