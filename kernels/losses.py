@@ -218,11 +218,19 @@ def dice_stats_backward(grad, logits, target, ignore_index):
 
 
 @triton.jit
+def _lovasz_row_block(len_ptr, pid, per, M, nb, BLOCK: tl.constexpr):
+    """Row r of block pid (nb blocks a row), the row's valid length n (len_ptr[r // per],
+    clamped to [0, M]: `per` rows share a length) and the block's positions i."""
+    r = (pid // nb).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + r // per), 0), M)
+    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # M may pass 2^31
+    return r, n, i
+
+
+@triton.jit
 def _lovasz_block(fg_ptr, len_ptr, pid, M, nb, BLOCK: tl.constexpr):
     """Row r and positions i of block pid; hit = 1 where entry i is a valid foreground entry."""
-    r = (pid // nb).to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), M)
-    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # M may pass 2^31
+    r, n, i = _lovasz_row_block(len_ptr, pid, 1, M, nb, BLOCK)
     m = i < n
     hit = ((tl.load(fg_ptr + r * M + i, mask=m, other=0.0) != 0) & m).to(tl.int64)
     return r, i, m, hit
@@ -319,9 +327,7 @@ def _lovasz_errors_kernel(p_ptr, y_ptr, e_ptr, code_ptr, c0, k, C, S, M, nb, ign
 def _lovasz_sorted_codes_kernel(perm_ptr, code_ptr, len_ptr, out_ptr, cnt_ptr, k, M, nb, BLOCK: tl.constexpr):
     """The codes in sorted order (0 past the valid entries), and the foreground count per block."""
     pid = tl.program_id(0)
-    r = (pid // nb).to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(len_ptr + r // k), 0), M)
-    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    r, n, i = _lovasz_row_block(len_ptr, pid, k, M, nb, BLOCK)
     src = tl.load(perm_ptr + r * M + i, mask=i < M, other=0)
     code = tl.load(code_ptr + r * M + src, mask=i < n, other=0)
     tl.store(out_ptr + r * M + i, code, mask=i < M)
@@ -335,9 +341,7 @@ def _lovasz_scatter_kernel(e_ptr, perm_ptr, code_ptr, len_ptr, before_ptr, total
     fp64 partial per block), and d loss / d p = gradient * sign(p - [y = c]) written to each
     entry's own position (a permutation: every position of the row once, ignored ones 0)."""
     pid = tl.program_id(0)
-    r = (pid // nb).to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(len_ptr + r // k), 0), M)
-    i = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    r, n, i = _lovasz_row_block(len_ptr, pid, k, M, nb, BLOCK)
     m = i < M
     valid = i < n
     code = tl.load(code_ptr + r * M + i, mask=m, other=0)
