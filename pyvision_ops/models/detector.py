@@ -17,7 +17,7 @@ from torch import nn
 import pyvision_ops
 
 from . import metrics
-from .backbone import STRIDE, Backbone
+from .common import STRIDE, Backbone, bind_ops
 from .data import Batch
 
 
@@ -27,10 +27,11 @@ class Detector(nn.Module):
     signatures (torchvision.ops has them; benchmarks/bench_models.py compares the two)."""
 
     metric = "AP50"
+    OPS = ("sigmoid_focal_loss", "generalized_box_iou_loss", "batched_nms")
 
     def __init__(self, num_classes: int = 3, width: int = 16, ops=pyvision_ops):
         super().__init__()
-        self.num_classes, self.ops = num_classes, ops
+        self.num_classes, self.ops = num_classes, bind_ops(ops, self.OPS)
         self.backbone = Backbone(width)
         c = self.backbone.out_channels
         self.tower = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True))

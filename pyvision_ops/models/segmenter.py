@@ -14,7 +14,7 @@ from torch import nn
 import pyvision_ops
 
 from . import metrics
-from .backbone import Backbone
+from .common import Backbone, bind_ops
 from .data import IGNORE_INDEX, Batch
 
 
@@ -27,10 +27,11 @@ class Segmenter(nn.Module):
     """
 
     metric = "mIoU"
+    OPS = ("upsample_cross_entropy", "interpolate_bilinear", "lovasz_softmax")
 
     def __init__(self, num_classes: int = 3, width: int = 16, lovasz_weight: float = 0.5, ops=pyvision_ops):
         super().__init__()
-        self.num_classes, self.lovasz_weight, self.ops = num_classes, lovasz_weight, ops
+        self.num_classes, self.lovasz_weight, self.ops = num_classes, lovasz_weight, bind_ops(ops, self.OPS)
         self.backbone = Backbone(width)
         self.classifier = nn.Conv2d(self.backbone.out_channels, num_classes + 1, 1)
 

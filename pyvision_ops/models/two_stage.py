@@ -16,7 +16,7 @@ from torch import nn
 import pyvision_ops
 
 from . import metrics
-from .backbone import STRIDE
+from .common import STRIDE, bind_ops
 from .data import Batch
 from .detector import Detector, top_candidates
 
@@ -29,10 +29,11 @@ class TwoStageDetector(nn.Module):
     ``F.cross_entropy``'s signature), ``complete_box_iou_loss`` and ``batched_soft_nms``."""
 
     metric = "AP50"
+    OPS = ("nms", "roi_align", "box_iou", "softmax_cross_entropy", "complete_box_iou_loss", "batched_soft_nms")
 
     def __init__(self, num_classes: int = 3, width: int = 16, proposals: int = 32, ops=pyvision_ops):
         super().__init__()
-        self.num_classes, self.proposals, self.ops = num_classes, proposals, ops
+        self.num_classes, self.proposals, self.ops = num_classes, proposals, bind_ops(ops, self.OPS)
         self.rpn = Detector(1, width, ops)
         c = self.rpn.backbone.out_channels
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c * POOL * POOL, 128), nn.ReLU(inplace=True),

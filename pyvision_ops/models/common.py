@@ -1,4 +1,6 @@
-"""The small convolutional encoder the zoo's models share."""
+"""What the zoo's models share: the small convolutional encoder, and how a model holds its ops."""
+
+import types
 
 from torch import nn
 
@@ -19,3 +21,13 @@ class Backbone(nn.Sequential):
                          _block(2 * width, 4 * width, 2), _block(4 * width, 4 * width, dilation=2),
                          _block(4 * width, 4 * width, dilation=4))
         self.out_channels = 4 * width
+
+
+def bind_ops(ops, names: tuple[str, ...]) -> types.SimpleNamespace:
+    """The functions ``names`` of ``ops`` (a module such as pyvision_ops or torchvision.ops,
+    or any namespace) in a namespace of their own: a model that holds it can be deep-copied
+    and pickled, which a module attribute prevents."""
+    missing = [n for n in names if not callable(getattr(ops, n, None))]
+    if missing:
+        raise TypeError(f"ops must provide {', '.join(names)}; missing {', '.join(missing)}")
+    return types.SimpleNamespace(**{n: getattr(ops, n) for n in names})
