@@ -8,13 +8,12 @@ import types
 import pytest
 import reference as R
 import torch
-import torch.nn.functional as F
 import torchvision.ops as tv
 
 import pyvision_ops as P
+from benchmarks import bench_models
 from pyvision_ops.models import IGNORE_INDEX, MODELS, Detector, Segmenter, SyntheticShapes, TwoStageDetector, train
 from pyvision_ops.models import __main__ as cli
-from pyvision_ops.models.common import bind_ops
 from pyvision_ops.models.metrics import average_precision, mean_iou
 
 # ---------------------------------------------------------------- data
@@ -106,26 +105,9 @@ def test_average_precision():
 # ---------------------------------------------------------------- each model against torch / torchvision ops
 
 
-def _lovasz_reference(probas, labels, ignore_index):
-    return R.lovasz_softmax(probas, labels, ignore_index=ignore_index).to(probas.dtype)
-
-
-TORCH_OPS = types.SimpleNamespace(
-    upsample_cross_entropy=lambda x, y, ignore_index: F.cross_entropy(
-        F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=False), y, ignore_index=ignore_index),
-    interpolate_bilinear=lambda x, size: F.interpolate(x, size=size, mode="bilinear", align_corners=False),
-    lovasz_softmax=_lovasz_reference,
-    sigmoid_focal_loss=tv.sigmoid_focal_loss, generalized_box_iou_loss=tv.generalized_box_iou_loss,
-    complete_box_iou_loss=tv.complete_box_iou_loss, batched_nms=tv.batched_nms, nms=tv.nms,
-    roi_align=tv.roi_align, box_iou=tv.box_iou, softmax_cross_entropy=F.cross_entropy,
-    batched_soft_nms=P.batched_soft_nms)  # torchvision has no Soft-NMS
-
-
-def _set_ops(model, ops):
-    for m in model.modules():
-        if hasattr(m, "OPS"):
-            m.ops = bind_ops(ops, m.OPS)
-    return model
+# The benchmark's anchor ops, with the float64 Lovasz reference instead of its float32 loop.
+TORCH_OPS = types.SimpleNamespace(**{**vars(bench_models.TORCH_OPS), "lovasz_softmax": lambda p, y, ignore_index: (
+    R.lovasz_softmax(p, y, ignore_index=ignore_index).to(p.dtype))})
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -136,7 +118,7 @@ def test_model_matches_torch_ops(name):
     torch.manual_seed(0)
     ours = MODELS[name]()
     train(ours, SyntheticShapes(seed=0), 20)
-    theirs = _set_ops(copy.deepcopy(ours), TORCH_OPS)
+    theirs = bench_models.with_ops(ours, TORCH_OPS)
     batch = SyntheticShapes(seed=7).batch(4)
     ours.eval(), theirs.eval()
     losses = []
@@ -176,12 +158,29 @@ def test_model_learns(name, steps, floor):
     assert before < 0.1 and after > floor, (before, after)
 
 
+def test_segmenter_loss_compiles_fullgraph():
+    """The segmenter's whole loss (backbone, upsample+CE, bilinear, softmax, Lovasz) is one
+    graph: every op it calls is visible to torch.compile. Same loss and gradients as eager."""
+    torch.manual_seed(0)
+    model = Segmenter(width=8)
+    batch = SyntheticShapes(seed=2).batch(4)
+    grads = []
+    for loss_fn in (model.loss, torch.compile(model.loss, fullgraph=True)):
+        model.zero_grad()
+        loss = loss_fn(batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_cli_train_and_evaluate(tmp_path, capsys):
     path = str(tmp_path / "seg.pt")
     cli.main(["train", "segmenter", "--steps", "3", "--size", "32", "--classes", "2", "--width", "8",
               "--eval-images", "4", "--save", path, "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "step     3" in out and "segmenter: {'mIoU':" in out
+    assert "step     3" in out and "segmenter: mIoU " in out
     trained = out.split("segmenter: ")[1].splitlines()[0]
     cli.main(["evaluate", path, "--eval-images", "4", "--device", "cpu"])
     assert capsys.readouterr().out.strip() == f"segmenter: {trained}"

@@ -16,9 +16,10 @@ from . import MODELS, SyntheticShapes, train
 EVAL_SEED = 1_000_000  # held-out images: a seed no training run uses by default
 
 
-def _evaluate(model, data_config: dict, images: int, device) -> dict[str, float]:
+def _evaluate(model, data_config: dict, images: int, device) -> str:
     model.eval()
-    return model.evaluate(SyntheticShapes(**data_config, seed=EVAL_SEED).batch(images).to(device))
+    scores = model.evaluate(SyntheticShapes(**data_config, seed=EVAL_SEED).batch(images).to(device))
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {images} held-out images"
 
 
 def main(argv=None) -> None:
