@@ -15,7 +15,6 @@ from torch import nn
 
 import pyvision_ops
 
-from . import metrics
 from .common import STRIDE, bind_ops
 from .data import Batch
 from .detector import Detector, top_candidates
@@ -47,8 +46,7 @@ class TwoStageDetector(nn.Module):
         out = []
         for scores, image_boxes in zip(logits.detach().sigmoid(), boxes.detach()):
             b, s, _ = top_candidates(image_boxes, scores, 0.0, 4 * self.proposals)
-            b = torch.stack([b[:, 0].clamp(0, size[1]), b[:, 1].clamp(0, size[0]),
-                             b[:, 2].clamp(0, size[1]), b[:, 3].clamp(0, size[0])], 1)
+            b = torch.minimum(b.clamp(min=0), b.new_tensor([size[1], size[0]] * 2))  # inside the image
             out.append(b[self.ops.nms(b, s, 0.7)[:self.proposals]])
         return out
 
@@ -89,16 +87,12 @@ class TwoStageDetector(nn.Module):
         logits, boxes, _ = self.rpn.head(features)
         proposals = self._proposals(logits, boxes, images.shape[-2:])
         cls_logits, refined = self._roi_head(features, proposals)
-        out = []
-        for scores, b in zip(cls_logits.softmax(1)[:, :-1].split([len(p) for p in proposals]),
-                             refined.split([len(p) for p in proposals])):
+        out, counts = [], [len(p) for p in proposals]
+        for scores, b in zip(cls_logits.softmax(1)[:, :-1].split(counts), refined.split(counts)):
             b, s, cls = top_candidates(b, scores, score_threshold, 4 * self.proposals)
             keep, decayed = self.ops.batched_soft_nms(b, s, cls, score_threshold=score_threshold)
             keep, decayed = keep[:detections], decayed[:detections]
             out.append({"boxes": b[keep], "scores": decayed, "labels": cls[keep]})
         return out
 
-    @torch.no_grad()
-    def evaluate(self, batch: Batch) -> dict[str, float]:
-        return {"AP50": metrics.average_precision(self.predict(batch.images), batch.boxes, batch.labels,
-                                                  self.num_classes)}
+    evaluate = Detector.evaluate
