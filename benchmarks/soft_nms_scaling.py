@@ -1,17 +1,20 @@
 """`python -m benchmarks.soft_nms_scaling [--device cuda|cpu] [--sizes 1000,5000]`: Soft-NMS
-time per selection as N grows, on the benchmark's clustered detections, for both chunk
-placements of the CUDA kernel.
+time per selection as N grows, on the benchmark's clustered detections, for each CUDA
+kernel variant.
 
-The CUDA kernel runs one block per category and one block-wide max per selection; a
-thread holds K boxes in registers (K from N: 1, 4, 8, 16, then global memory), 32-box
-chunks in spatial order per warp and slot, and walks its slots one after another. With
-the default placement a box's neighbouring chunks sit in one warp; spread
-(PYVISION_OPS_SOFT_NMS_SPREAD=1) puts them in different warps (csrc/cuda/nms.cu). Per N
-this prints our nms (the same sort and compaction around a cheaper kernel), soft_nms
-gaussian with each placement, the selections it makes and the time per selection: a
-per-selection time that stays flat as K grows says a selection costs a fixed latency (the
-block-wide max); one that grows with K, or drops with spread, says the slot walk
-dominates. On the CPU both placements run the same C++ kernel.
+The default CUDA kernel runs one block per category and one block-wide max per
+selection; a thread holds K boxes in registers (K from N: 1, 4, 8, 16, then global
+memory), 32-box chunks in spatial order per warp and slot, and walks its slots one after
+another. With the default placement a box's neighbouring chunks sit in one warp; spread
+(PYVISION_OPS_SOFT_NMS_KERNEL=spread) puts them in different warps. Rounds
+(PYVISION_OPS_SOFT_NMS_KERNEL=rounds) selects all local maxima at once, a round at a time
+(csrc/cuda/nms.cu). Per N this prints our nms (the same sort and compaction around a
+cheaper kernel), soft_nms gaussian with each variant, the selections it makes and the
+time per selection of each: a per-selection time that stays flat as K grows says a
+selection costs a fixed latency (the block-wide max); one that grows with K, or drops
+with spread, says the slot walk dominates. "same" says whether each variant kept the
+default's boxes with scores equal to fp32 rounding. On the CPU all variants run the same
+C++ kernel.
 """
 
 import argparse
@@ -25,7 +28,8 @@ from .bench_nms import _detections
 from .common import time_cpu, time_cuda
 
 SIZES = (1000, 2000, 4000, 5000, 8000, 12000)
-ENV = "PYVISION_OPS_SOFT_NMS_SPREAD"
+ENV = "PYVISION_OPS_SOFT_NMS_KERNEL"
+VARIANTS = ("chunks", "spread", "rounds")
 
 
 def fp32_slots(n):
@@ -48,29 +52,39 @@ def main(argv=None):
         return time_cuda(fn, quick=True) if args.device == "cuda" else time_cpu(fn, 0.2)
 
     before = os.environ.get(ENV)
-    print("| N | K | nms ms | soft_nms ms | spread ms | selections | us / selection | spread us / selection "
-          "| same result |\n|---|---|---|---|---|---|---|---|---|")
+    print("| N | K | nms ms | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | selections | "
+          + " | ".join(f"{v} us / selection" for v in VARIANTS) + " | same |\n|" + "---|" * (5 + 2 * len(VARIANTS)))
     try:
         for n in sizes:
             boxes, scores, _ = _detections(n)
             b, s = boxes.to(args.device), scores.to(args.device)
             hard = timed(lambda b=b, s=s: P.nms(b, s, 0.5))
             soft, out = {}, {}
-            for spread in ("0", "1"):
-                os.environ[ENV] = spread
-                out[spread] = P.soft_nms(b, s)
-                soft[spread] = timed(lambda b=b, s=s: P.soft_nms(b, s))
-            selections = out["0"][0].numel()
-            same = all(torch.equal(x, y) for x, y in zip(out["0"], out["1"]))
-            per = [soft[k] / max(selections, 1) * 1e6 for k in ("0", "1")]
-            print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | {soft['0'] * 1e3:.3f} | "
-                  f"{soft['1'] * 1e3:.3f} | {selections} | {per[0]:.2f} | {per[1]:.2f} | {'yes' if same else 'NO'} |",
-                  flush=True)
+            for v in VARIANTS:
+                os.environ[ENV] = v
+                out[v] = P.soft_nms(b, s)
+                soft[v] = timed(lambda b=b, s=s: P.soft_nms(b, s))
+            selections = out["chunks"][0].numel()
+            same = all(_same(out["chunks"], out[v]) for v in VARIANTS)
+            per = [soft[v] / max(selections, 1) * 1e6 for v in VARIANTS]
+            print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | "
+                  + " | ".join(f"{soft[v] * 1e3:.3f}" for v in VARIANTS) + f" | {selections} | "
+                  + " | ".join(f"{x:.2f}" for x in per) + f" | {'yes' if same else 'NO'} |", flush=True)
     finally:
         if before is None:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = before
+
+
+def _same(a, b):
+    """The same boxes kept with the same scores to fp32 rounding (the variants may multiply
+    a box's decay factors in another order)."""
+    if sorted(a[0].tolist()) != sorted(b[0].tolist()):
+        return False
+    score = dict(zip(b[0].tolist(), b[1].tolist()))
+    other = torch.tensor([score[k] for k in a[0].tolist()], dtype=torch.float64)
+    return torch.allclose(other, a[1].double().cpu(), rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -620,16 +620,70 @@ def test_cuda_batched_nms_matches_cpu(n, categories):
     assert_same_modulo_ties(ours, tv.batched_nms(boxes, scores, idxs, 0.5), scores)
 
 
-# PYVISION_OPS_SOFT_NMS_SPREAD=1: the CUDA kernel's spread chunk layout (same results).
-SPREAD = pytest.mark.parametrize("spread", ["0", "1"], ids=["chunks", "spread"])
+def soft_nms_by_rounds(boxes, scores, iou_threshold, sigma, score_threshold, method):
+    """A float64 model of the CUDA soft_rounds_kernel (csrc/cuda/nms.cu): each round selects
+    every live box whose key (score, NaN first; ties to the lower position) beats every live
+    box it interacts with, then decays the others by the round's selections in one fixed
+    order; the selections sorted by key are the result. Returns (keep, scores, rounds)."""
+    n = len(scores)
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    b, s = boxes.double()[order], scores.double()[order].clone()
+    iou = reference.pairwise(b, b, "iou")
+    links = iou >= iou_threshold if method != "gaussian" and iou_threshold > 0 else iou > 0
+    links.fill_diagonal_(False)
+    live, chosen, rounds = ~(s < score_threshold), torch.zeros(n, dtype=torch.bool), 0
+    pos = torch.arange(n)
+    while live.any():
+        rounds += 1
+        nan = s.isnan()
+        # greater[i, j]: key j > key i
+        greater = (nan[None] & ~nan[:, None]) | ((nan[None] == nan[:, None]) & (
+            (s[None] > s[:, None]) | (((s[None] == s[:, None]) | nan[None]) & (pos[None] < pos[:, None]))))
+        wins = live & ~(links & live[None] & greater).any(1)
+        assert wins.any(), "a round without a selection"
+        for q in wins.nonzero().flatten().tolist():
+            hit = links[q] & live & ~wins
+            q_iou = iou[q, hit].nan_to_num(0.0) if method == "gaussian" else iou[q, hit]
+            f = (torch.exp(-q_iou**2 / sigma) if method == "gaussian"
+                 else torch.where(q_iou >= iou_threshold, 1 - q_iou if method == "linear" else 0.0, 1.0))
+            s[hit] = torch.where((f == 0) & ~s[hit].isnan(), 0.0, s[hit] * f)
+        chosen |= wins
+        live &= ~wins & ~(s < score_threshold)
+    picked = chosen.nonzero().flatten()
+    by_key = torch.sort(s[picked], descending=True, stable=True).indices  # picked is in position order
+    return order[picked[by_key]], s[picked[by_key]], rounds
+
+
+@pytest.mark.parametrize("method, iou_threshold", [("gaussian", 0.3), ("linear", 0.0), ("linear", 0.5),
+                                                   ("hard", 0.4)])
+@pytest.mark.parametrize("seed", range(4))
+def test_soft_nms_rounds_model_matches_cpu(method, iou_threshold, seed):
+    """The claim soft_rounds_kernel rests on: with a positive score threshold, rounds of local
+    maxima make the sequential selections (ties, NaN and infinite scores, zero-area boxes
+    included), in far fewer rounds than selections on clustered detections."""
+    boxes, scores = special_detections(400, objects=20, seed=seed)
+    boxes, scores = boxes.double(), scores.double()
+    if seed % 2:
+        scores = (scores * 8).round() / 8  # many ties
+    kw = dict(iou_threshold=iou_threshold, sigma=0.5, score_threshold=[1e-3, 0.05][seed % 2], method=method)
+    keep, dec, rounds = soft_nms_by_rounds(boxes, scores, **kw)
+    k_cpu, s_cpu = P.soft_nms(boxes, scores, **kw)
+    assert_soft_close(keep, dec, k_cpu, s_cpu)
+    assert torch.equal(keep, k_cpu)
+    assert rounds < len(k_cpu) / 3
+
+
+# PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's spread chunk layout, or the rounds kernel
+# where it applies (a positive score threshold; not the hard method at a threshold <= 0).
+KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])
 
 
 @pytest.mark.gpu
-@SPREAD
+@KERNELS
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("n", [0, 1, 300, 5000, 12000])
-def test_cuda_soft_nms_matches_cpu(method, n, spread, monkeypatch):
-    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_SPREAD", spread)
+def test_cuda_soft_nms_matches_cpu(method, n, kernel, monkeypatch):
+    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", kernel)
     boxes, scores, idxs = detections(n, seed=n, categories=4) if n else (torch.zeros(0, 4), torch.zeros(0),
                                                                           torch.zeros(0, dtype=torch.long))
     for cats in (None, idxs):
@@ -641,15 +695,16 @@ def test_cuda_soft_nms_matches_cpu(method, n, spread, monkeypatch):
 
 
 @pytest.mark.gpu
-@SPREAD
+@KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [420, 3000, 6000, 7500])
 @pytest.mark.parametrize("method, iou_threshold", SOFT_CASES)
-def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype, spread, monkeypatch):
+def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype, kernel, monkeypatch):
     # Every kernel layout (fp32: 1, 4, 8, 16 register slots per thread; fp64: 1, 4, 8 and
-    # global memory from 4097 boxes), both chunk placements, with and without the spatial
-    # skipping (hard at threshold 0 visits every box).
-    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_SPREAD", spread)
+    # global memory from 4097 boxes), both chunk placements and the rounds kernel, with and
+    # without the spatial skipping (hard at threshold 0 visits every box, and takes the
+    # sequential kernel when rounds are asked for).
+    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", kernel)
     boxes, scores = special_detections(n, objects=n // 16, seed=n)
     boxes, scores = boxes.to(dtype), scores.to(dtype)
     kw = dict(iou_threshold=iou_threshold, sigma=0.5, score_threshold=0.01, method=method)

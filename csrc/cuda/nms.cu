@@ -27,6 +27,7 @@
 #include <climits>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/nms.h"
@@ -568,6 +569,207 @@ __global__ void morton_kernel(const T* __restrict__ boxes, const int64_t* __rest
   keys[i] = (seg ? seg[i] << 32 : int64_t(0)) | static_cast<int64_t>(code);
 }
 
+// ---------------------------------------------------------------- Soft-NMS by rounds
+
+// Opt-in (PYVISION_OPS_SOFT_NMS_KERNEL=rounds) while no GPU run has timed it: Soft-NMS as
+// rounds of local maxima, one block per group. Two boxes interact when the selection of
+// one can change the other's score (soft_interacts). With a positive score threshold a
+// decay only lowers scores, so a live box whose key beats every live box it interacts
+// with is selected before all of them in the sequential order, with its current score:
+// each round selects every such box at once, then decays the live boxes they interact
+// with (per box in Morton order of the selected ones; the sequential order may multiply
+// the same factors in another order: same results to rounding, as exp already differs
+// between devices). The selections, sorted by (score descending, position), are the
+// sequential ones in their order. On the benchmark's detections (N = 5000, 1276
+// selections) that is 107 rounds (a float64 model of it, checked against the CPU op).
+// Boxes are in Morton order within the group (`place`), 64 to a chunk; a box's
+// neighbours are bits of its row of a mask, whose words are computed only for the chunks
+// whose union boxes meet its own (the rest are zero).
+constexpr int kRoundsMaxChunks = 256;  // groups of up to 16384 boxes
+constexpr int kFewWinners = 64;        // below this many selections a round tests them all
+
+// True when the selection of one of `a`, `b` may decay the other (the decay factor can
+// differ from exactly 1): IoU > 0, or IoU >= thr for the linear and hard methods with
+// thr > 0. Callers pass the pair in one order, so the relation is symmetric.
+template <typename T, int METHOD>
+__device__ __forceinline__ bool soft_interacts(const Box<T>& a, const Box<T>& b, T thr) {
+  const T iou = box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0));
+  return METHOD != nms::kGaussian && thr > T(0) ? iou >= thr : iou > T(0);
+}
+
+// Per group c (rows of the tables `off`: mask words, chunk lists and chunk counts before
+// it, `groups` entries each); every per-box array is indexed s + Morton rank except
+// `selected` and `out_score`, indexed by position in the group's score order.
+template <typename T, int METHOD>
+__global__ void __launch_bounds__(1024) soft_rounds_kernel(
+    const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
+    const int64_t* __restrict__ len, const int32_t* __restrict__ place, const int64_t* __restrict__ off,
+    int64_t groups, T thr, T inv_sigma, T score_thr, Box<T>* __restrict__ mbox, T* __restrict__ msc,
+    int32_t* __restrict__ state, int32_t* __restrict__ win, int32_t* __restrict__ rank_of,
+    int32_t* __restrict__ winners, unsigned long long* __restrict__ mask_all, int32_t* __restrict__ clist_all,
+    int32_t* __restrict__ ccount_all, bool* __restrict__ selected, T* __restrict__ out_score) {
+  constexpr int kLive = 0, kDead = 1, kSelected = 2;
+  const int64_t c = blockIdx.x, s = start[c];
+  const int n = static_cast<int>(len[c]), words = (n + kWord - 1) / kWord;
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+  unsigned long long* mask = mask_all + off[c];
+  int32_t* clist = clist_all + off[groups + c];
+  int32_t* ccount = ccount_all + off[2 * groups + c];
+  __shared__ Box<T> chunk_u[kRoundsMaxChunks];
+  __shared__ uint32_t slots[2][Key<T>::W][32];
+  __shared__ int32_t warp_total[32];
+  // Thread t owns the Morton ranks [lo, hi): contiguous, so the winners list below comes
+  // out in Morton order.
+  const int per = (n + nt - 1) / nt, lo = min(n, tid * per), hi = min(n, lo + per);
+  const T inf = T(INFINITY);
+
+  for (int m = tid; m < n; m += nt) {
+    const int p = place[s + m] - static_cast<int>(s);
+    mbox[s + m] = load_box(boxes, s + p);
+    msc[s + m] = scores[s + p];
+    state[s + m] = msc[s + m] < score_thr ? kDead : kLive;  // NaN scores stay
+    win[s + m] = 0;
+    rank_of[s + p] = m;
+    selected[s + p] = false;
+  }
+  __syncthreads();
+  // Union box of each chunk's live boxes (warp per chunk).
+  for (int cb = warp; cb < words; cb += nw) {
+    Box<T> u{inf, inf, -inf, -inf};
+    for (int m = cb * kWord + lane; m < min(n, (cb + 1) * kWord); m += 32)
+      if (state[s + m] == kLive) {
+        const Box<T> b = mbox[s + m];
+        u = {fmin(u.x1, b.x1), fmin(u.y1, b.y1), fmax(u.x2, b.x2), fmax(u.y2, b.y2)};
+      }
+    u = warp_union(u);
+    if (lane == 0) chunk_u[cb] = u;
+  }
+  __syncthreads();
+  // Per chunk, the chunks whose unions meet it, in increasing order.
+  for (int rb = tid; rb < words; rb += nt) {
+    int k = 0;
+    for (int cb = 0; cb < words; ++cb)
+      if (nms::may_overlap(chunk_u[rb], chunk_u[cb])) clist[rb * words + k++] = cb;
+    ccount[rb] = k;
+  }
+  __syncthreads();
+  // Mask words of the listed chunk pairs (the others stay zero); a warp per row chunk, two
+  // rows per lane. The pair is tested in Morton order, lower rank first.
+  for (int rb = warp; rb < words; rb += nw) {
+    for (int k = 0; k < ccount[rb]; ++k) {
+      const int cb = clist[rb * words + k];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = rb * kWord + h * 32 + lane;
+        if (r >= n) continue;
+        const Box<T> a = mbox[s + r];
+        unsigned long long bits = 0;
+        for (int j = 0; j < min(kWord, n - cb * kWord); ++j) {
+          const int q = cb * kWord + j;
+          if (q == r) continue;
+          const Box<T> b = mbox[s + q];
+          if (r < q ? soft_interacts<T, METHOD>(a, b, thr) : soft_interacts<T, METHOD>(b, a, thr)) bits |= 1ull << j;
+        }
+        mask[static_cast<int64_t>(r) * words + cb] = bits;
+      }
+    }
+  }
+  __syncthreads();
+
+  auto key_of = [&](int m) { return live_key(msc[s + m], place[s + m] - static_cast<int>(s)); };
+  auto linked = [&](int m, int q) { return (mask[static_cast<int64_t>(m) * words + (q >> 6)] >> (q & 63)) & 1ull; };
+  int par = 0;
+  for (int round = 1;; ++round) {
+    // The best live key: always selected this round, and a box that interacts with it is not.
+    Key<T> mine = dead_key<T>();
+    for (int m = lo; m < hi; ++m) {
+      if (state[s + m] != kLive) continue;
+      const Key<T> k = key_of(m);
+      if (key_greater(k, mine)) mine = k;
+    }
+    const Key<T> best = block_max(warp_max(mine), slots[par]);
+    par ^= 1;
+    if (best.w[0] == 0u) break;  // nothing live
+    const int top = rank_of[s + static_cast<int>(~best.w[Key<T>::W - 1])];
+    // Local maxima: no live box it interacts with has a larger key.
+    int count = 0;
+    for (int m = lo; m < hi; ++m) {
+      if (state[s + m] != kLive) continue;
+      bool wins = m == top;
+      if (!wins && !linked(m, top)) {
+        const Key<T> km = key_of(m);
+        wins = true;
+        const int rb = m / kWord;
+        for (int k = 0; wins && k < ccount[rb]; ++k) {
+          const int cb = clist[rb * words + k];
+          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb]; w; w &= w - 1) {
+            const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
+            if (state[s + q] == kLive && key_greater(key_of(q), km)) {
+              wins = false;
+              break;
+            }
+          }
+        }
+      }
+      if (wins) {
+        win[s + m] = round;
+        ++count;
+      }
+    }
+    // The round's winners in Morton order: an exclusive scan of the per-thread counts.
+    int incl = count;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    int before = incl - count, total = 0;
+    for (int w = 0; w < nw; ++w) {
+      before += w < warp ? warp_total[w] : 0;
+      total += warp_total[w];
+    }
+    for (int m = lo; m < hi && count > 0; ++m)
+      if (state[s + m] == kLive && win[s + m] == round) winners[s + before++] = m;
+    __syncthreads();
+    // Decay every other live box by the winners it interacts with, in Morton order: from
+    // the winners list when it is short, else from the box's own neighbours (same order).
+    for (int m = lo; m < hi; ++m) {
+      if (state[s + m] != kLive) continue;
+      if (win[s + m] == round) {
+        state[s + m] = kSelected;
+        continue;
+      }
+      const Box<T> b = mbox[s + m];
+      T v = msc[s + m];
+      if (total <= kFewWinners) {
+        for (int i = 0; i < total; ++i) {
+          const int q = winners[s + i];
+          if (linked(m, q)) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+        }
+      } else {
+        const int rb = m / kWord;
+        for (int k = 0; k < ccount[rb]; ++k) {
+          const int cb = clist[rb * words + k];
+          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb]; w; w &= w - 1) {
+            const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
+            if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+          }
+        }
+      }
+      msc[s + m] = v;
+      if (v < score_thr) state[s + m] = kDead;
+    }
+    __syncthreads();
+  }
+  for (int m = tid; m < n; m += nt) {
+    if (state[s + m] != kSelected) continue;
+    const int p = place[s + m] - static_cast<int>(s);
+    selected[s + p] = true;
+    out_score[s + p] = msc[s + m];
+  }
+}
+
 // Register slots per thread for groups of up to `max_len` boxes (0: global memory).
 template <typename T>
 int soft_slots(int64_t max_len) {
@@ -611,20 +813,34 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
-  // PYVISION_OPS_SOFT_NMS_SPREAD=1: the spread chunk layout (see soft_nms_kernel); same
-  // results. Off by default until a GPU run has timed both (benchmarks/soft_nms_scaling.py).
-  const char* spread_env = std::getenv("PYVISION_OPS_SOFT_NMS_SPREAD");
-  const bool spread = spread_env != nullptr && spread_env[0] == '1';
+  // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" (soft_nms_kernel's other chunk placement) or
+  // "rounds" (soft_rounds_kernel, where it applies); same results. Both are off by default
+  // until a GPU run has timed them (benchmarks/soft_nms_scaling.py).
+  const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
+  const std::string variant = variant_env ? variant_env : "";
+  const bool spread = variant == "spread";
   Groups g = group_by_category(scores, idxs);
   const int64_t groups = static_cast<int64_t>(g.len.size());
   const int64_t max_len = *std::max_element(g.len.begin(), g.len.end());
+  // Rounds need decays that only lower scores (a positive score threshold) and interactions
+  // that need overlap (not the hard method at a threshold <= 0); mask words, chunk lists
+  // and chunk counts are laid out per group.
+  std::vector<int64_t> round_off(3 * groups);
+  int64_t mask_words = 0, list_words = 0, chunk_words = 0;
+  for (int64_t c = 0; c < groups; ++c) {
+    const int64_t words = (g.len[c] + kWord - 1) / kWord;
+    round_off[c] = mask_words, round_off[groups + c] = list_words, round_off[2 * groups + c] = chunk_words;
+    mask_words += g.len[c] * words, list_words += words * words, chunk_words += words;
+  }
+  const bool rounds = variant == "rounds" && score_threshold > 0 && !(method == nms::kHard && !(iou_threshold > 0)) &&
+                      max_len <= kWord * kRoundsMaxChunks && mask_words <= (int64_t(1) << 26);
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
   const at::Tensor seg = at::repeat_interleave(at::arange(groups, d_len.options()), d_len);
   at::Tensor out_pos = at::empty({n}, boxes.options().dtype(at::kLong));
   at::Tensor out_count = at::empty({groups}, boxes.options().dtype(at::kLong));
   at::Tensor alive = at::empty({n}, boxes.options().dtype(at::kInt));
-  at::Tensor out_score, place;
+  at::Tensor out_score, place, selected;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "soft_nms_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -632,8 +848,8 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     const at::Tensor b = boxes.index_select(0, grouped_orig).to(acc).contiguous();
     at::Tensor sc = scores.index_select(0, grouped_orig).to(acc).contiguous();
     out_score = at::empty({n}, boxes.options().dtype(acc));
-    const int slots = soft_slots<T>(max_len);
-    if (slots > 0) {
+    const int slots = rounds ? 0 : soft_slots<T>(max_len);
+    if (slots > 0 || rounds) {
       at::Tensor keys = at::empty({n}, boxes.options().dtype(at::kLong));
       morton_kernel<T><<<(n + 255) / 256, 256, 0, stream.stream()>>>(
           b.const_data_ptr<T>(), groups > 1 ? seg.const_data_ptr<int64_t>() : nullptr, n,
@@ -643,6 +859,33 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     }
     const T thr = nms::ge_threshold<T>(iou_threshold), score_thr = nms::ge_threshold<T>(score_threshold);
     const T inv_sigma = nms::inv_sigma<T>(sigma);
+    if (rounds) {
+      const at::Tensor off = to_device(round_off, boxes);
+      const auto i32 = boxes.options().dtype(at::kInt);
+      at::Tensor mbox = at::empty({4 * n}, boxes.options().dtype(acc)), msc = at::empty({n}, mbox.options());
+      at::Tensor win = at::empty({n}, i32), rank_of = at::empty({n}, i32), winners = at::empty({n}, i32);
+      at::Tensor mask = at::zeros({std::max<int64_t>(mask_words, 1)}, boxes.options().dtype(at::kLong));
+      at::Tensor clist = at::empty({list_words}, i32), ccount = at::empty({chunk_words}, i32);
+      selected = at::empty({n}, boxes.options().dtype(at::kBool));
+      const int threads = static_cast<int>(std::min<int64_t>(1024, (max_len + 31) / 32 * 32));
+      auto launch = [&](auto kernel) {
+        kernel<<<groups, threads, 0, stream.stream()>>>(
+            b.const_data_ptr<T>(), sc.const_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
+            d_len.const_data_ptr<int64_t>(), place.const_data_ptr<int32_t>(), off.const_data_ptr<int64_t>(), groups,
+            thr, inv_sigma, score_thr, reinterpret_cast<Box<T>*>(mbox.mutable_data_ptr<T>()),
+            msc.mutable_data_ptr<T>(), alive.mutable_data_ptr<int32_t>(), win.mutable_data_ptr<int32_t>(),
+            rank_of.mutable_data_ptr<int32_t>(), winners.mutable_data_ptr<int32_t>(),
+            reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()), clist.mutable_data_ptr<int32_t>(),
+            ccount.mutable_data_ptr<int32_t>(), selected.mutable_data_ptr<bool>(), out_score.mutable_data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      switch (method) {
+        case nms::kGaussian: launch(soft_rounds_kernel<T, nms::kGaussian>); break;
+        case nms::kLinear: launch(soft_rounds_kernel<T, nms::kLinear>); break;
+        default: launch(soft_rounds_kernel<T, nms::kHard>); break;
+      }
+      return;
+    }
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
                                 slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,
@@ -658,6 +901,11 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
       default: run(launch_soft<T, nms::kHard>); break;
     }
   });
+  if (rounds) {  // selected / out_score by position: (group, position) order, sorted by score below
+    const at::Tensor pos = at::arange(n, d_len.options()).masked_select(selected);
+    return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(selected), /*batched=*/true,
+                             scores.scalar_type());
+  }
   // Slot k of group c holds its (k - start[c])-th selection; keep the filled slots.
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);
