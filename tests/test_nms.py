@@ -673,6 +673,48 @@ def test_soft_nms_rounds_model_matches_cpu(method, iou_threshold, seed):
     assert rounds < len(k_cpu) / 3
 
 
+# ------------------------------------------------ the CUDA Soft-NMS kernels on CPU threads
+# tests/cuda_sim runs the kernels' source (csrc/cuda/soft_nms.cuh) with a thread per CUDA
+# thread and the layout soft_nms_cuda gives them (a Python copy of its host code): the
+# kernels' logic is checked here, the host code and real hardware by the gpu tests below.
+
+
+def _sim_check(n, dtype, categories, score_threshold, method, kernel, ties=False):
+    import cuda_sim
+
+    boxes, scores = special_detections(n, objects=max(1, n // 16), seed=n)
+    if ties:
+        scores = (scores * 16).round() / 16
+        scores[[3, 50]] = float("inf")
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    idxs = None if categories is None else torch.arange(n) % categories
+    args = (boxes, scores, idxs, 0.3, 0.5, score_threshold)
+    k_sim, s_sim = cuda_sim.soft_nms(*args, method, kernel)
+    k_cpu, s_cpu = torch.ops.pyvision_ops.soft_nms(*args, cuda_sim.METHODS[method])
+    assert_soft_close(k_sim, s_sim, k_cpu, s_cpu)
+
+
+@pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+@pytest.mark.parametrize("dtype, categories, ties", [(torch.float32, None, True), (torch.float64, 3, False)])
+def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories, ties):
+    _sim_check(300, dtype, categories, 0.01, method, kernel, ties)
+
+
+@pytest.mark.parametrize("n, dtype, score_threshold, method, kernel", [
+    (1500, torch.float32, 0.01, "gaussian", "chunks"),  # 4 register slots per thread
+    (1500, torch.float32, 0.01, "gaussian", "spread"),
+    (2100, torch.float64, 0.6, "hard", "chunks"),  # 8 slots, each tested on its step
+    (4200, torch.float32, 0.6, "linear", "chunks"),  # 8 slots, all tested first
+    (6500, torch.float32, 0.6, "gaussian", "chunks"),  # 16 slots
+    (9000, torch.float32, 0.8, "linear", "chunks"),  # global memory
+    (1500, torch.float32, 0.01, "gaussian", "rounds"),
+    (1500, torch.float64, 0.05, "linear", "rounds"),
+])
+def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, method, kernel):
+    _sim_check(n, dtype, None, score_threshold, method, kernel)
+
+
 # PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's spread chunk layout, or the rounds kernel
 # where it applies (a positive score threshold; not the hard method at a threshold <= 0).
 KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])

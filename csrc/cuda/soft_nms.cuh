@@ -1,0 +1,519 @@
+// Soft-NMS device code (csrc/cuda/nms.cu launches it): the sequential kernel and the rounds
+// kernel with their helpers. A header of its own so that tests/cuda_sim runs the same code
+// on CPU threads (tests/test_nms.py), on machines without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "common/nms.h"
+
+namespace pyvision_ops {
+namespace {
+
+using box::Box;
+constexpr int kWord = 64;  // boxes per mask word
+
+// Box i of p, converted to T.
+template <typename T, typename S>
+__device__ __forceinline__ Box<T> load_box_as(const S* p, int64_t i) {
+  return {static_cast<T>(p[i * 4]), static_cast<T>(p[i * 4 + 1]), static_cast<T>(p[i * 4 + 2]),
+          static_cast<T>(p[i * 4 + 3])};
+}
+
+template <typename T>
+__device__ __forceinline__ Box<T> load_box(const T* p, int64_t i) {
+  return load_box_as<T>(p, i);
+}
+
+// Selection key of a live box: words compared as unsigned, most significant first, so a
+// larger key is a better candidate: NaN scores first, then higher scores (-0 equal to +0),
+// ties to the lower position in the group (the last word is ~position). A dead box has
+// the all-zero key, below every live one. fp32 scores take one word, fp64 two.
+template <typename T>
+struct Key {
+  static constexpr int W = sizeof(T) == 4 ? 2 : 3;
+  uint32_t w[W];
+};
+
+template <typename T>
+__device__ __forceinline__ Key<T> dead_key() {
+  Key<T> k;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) k.w[i] = 0u;
+  return k;
+}
+
+template <typename T>
+__device__ __forceinline__ Key<T> live_key(T v, int pos) {
+  Key<T> k;
+  if constexpr (sizeof(T) == 4) {
+    uint32_t b = v == 0.f ? 0u : __float_as_uint(v);
+    b = (b >> 31) ? ~b : (b | 0x80000000u);
+    k.w[0] = v != v ? 0xffffffffu : b;
+  } else {
+    unsigned long long b = v == 0.0 ? 0ull : static_cast<unsigned long long>(__double_as_longlong(v));
+    b = (b >> 63) ? ~b : (b | (1ull << 63));
+    if (v != v) b = ~0ull;
+    k.w[0] = static_cast<uint32_t>(b >> 32);
+    k.w[1] = static_cast<uint32_t>(b);
+  }
+  k.w[Key<T>::W - 1] = ~static_cast<uint32_t>(pos);
+  return k;
+}
+
+// Lexicographic a > b, without branches (bitwise on the word comparisons).
+template <typename T>
+__device__ __forceinline__ bool key_greater(const Key<T>& a, const Key<T>& b) {
+  bool gt = false, eq = true;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) {
+    gt = gt | (eq & (a.w[i] > b.w[i]));
+    eq = eq & (a.w[i] == b.w[i]);
+  }
+  return gt;
+}
+
+template <typename T>
+__device__ __forceinline__ bool key_equal(const Key<T>& a, const Key<T>& b) {
+  bool eq = true;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) eq = eq && a.w[i] == b.w[i];
+  return eq;
+}
+
+// The largest key of the warp, in every lane; all 32 lanes call it.
+template <typename T>
+__device__ __forceinline__ Key<T> warp_max(Key<T> k) {
+#if __CUDA_ARCH__ >= 800
+  bool tied = true;  // word by word: the max among the lanes still equal to the max so far
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) {
+    const uint32_t m = __reduce_max_sync(0xffffffffu, tied ? k.w[i] : 0u);
+    tied = tied && k.w[i] == m;
+    k.w[i] = m;
+  }
+#else
+  for (int off = 16; off > 0; off >>= 1) {
+    Key<T> o;
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) o.w[i] = __shfl_xor_sync(0xffffffffu, k.w[i], off);
+    if (key_greater(o, k)) k = o;
+  }
+#endif
+  return k;
+}
+
+// The largest key of the block, in every thread; every thread calls it with its warp's
+// warp_max. One barrier: callers alternate between two `slots` buffers, so a warp that
+// runs ahead never overwrites the slots a slower warp is still reading.
+template <typename T>
+__device__ __forceinline__ Key<T> block_max(const Key<T>& warp_best, uint32_t (*slots)[32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) slots[i][warp] = warp_best.w[i];
+  }
+  __syncthreads();
+  Key<T> k;
+#pragma unroll
+  for (int i = 0; i < Key<T>::W; ++i) k.w[i] = lane < nw ? slots[i][lane] : 0u;
+  return warp_max(k);
+}
+
+// Union of the warp's boxes in every lane (fmin/fmax skip NaN coordinates: such a box
+// has a NaN IoU, which never decays it).
+template <typename T>
+__device__ __forceinline__ Box<T> warp_union(Box<T> b) {
+  for (int off = 16; off > 0; off >>= 1) {
+    b.x1 = fmin(b.x1, __shfl_xor_sync(0xffffffffu, b.x1, off));
+    b.y1 = fmin(b.y1, __shfl_xor_sync(0xffffffffu, b.y1, off));
+    b.x2 = fmax(b.x2, __shfl_xor_sync(0xffffffffu, b.x2, off));
+    b.y2 = fmax(b.y2, __shfl_xor_sync(0xffffffffu, b.y2, off));
+  }
+  return b;
+}
+
+template <typename T, int METHOD>
+__device__ __forceinline__ T decayed(T score, const Box<T>& a, const Box<T>& b, T thr, T inv_sigma) {
+  return nms::decay_score(score,
+                          nms::decay<T>(box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0)), METHOD, thr,
+                                        inv_sigma));
+}
+
+// Best live box of a thread's K register slots (`pos` strided by 32: the thread's entries).
+// Every slot's position is read and its key built whether it is alive or not, so that the
+// K shared loads issue together and the chain is selects, not branches.
+template <typename T, int K>
+__device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, const int32_t* pos, int& slot) {
+  int32_t at[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) at[k] = pos[k * 32];
+  Key<T> best = dead_key<T>();
+  slot = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const Key<T> key = live_key(sc[k], at[k]);
+    const bool take = (alive >> k & 1u) != 0u && key_greater(key, best);
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) best.w[i] = take ? key.w[i] : best.w[i];
+    slot = take ? k : slot;
+  }
+  return best;
+}
+
+// Most threads of a soft_nms_kernel block with K register slots (a box and a score each) per
+// thread: more would make ptxas spill them for sm_90 (-Xptxas -v; fp64 with 8 slots spills
+// 40-72 bytes even at 512).
+template <typename T, int K>
+constexpr int soft_threads() {
+  if (K <= 1) return 1024;
+  if (sizeof(T) == 4) return K <= 4 ? 1024 : K <= 8 ? 768 : 512;
+  return 512;
+}
+
+// One block per group; each step one block-wide max of the keys (one barrier), then the
+// decay. K > 0: the group's boxes sit in registers, K per thread, in the spatial order
+// `place` gives, 32 placements (a chunk) per warp and slot: warp w, slot k holds chunk
+// wK + k, or with `spread` chunk kW + w (W warps); a selection visits only the warps, and
+// in them the slots, whose union box it may overlap: the other boxes keep their scores bit
+// for bit. A warp walks its slots one after another, so a selection waits at least for
+// the warp that overlaps the most slots: by chunk order, the few neighbouring chunks a box
+// overlaps sit in one warp (on the benchmark's detections ~6.5 slots, as a CPU simulation
+// of this layout counts); spread, in as many warps (~2.6). K == 0: boxes and scores stay
+// in global memory (any length), thread t owns positions t, t + nt, ...
+template <typename T, int METHOD, int K>
+__global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
+    const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
+    const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T inv_sigma, T score_thr,
+    bool spread, int32_t* __restrict__ alive_all, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
+    int64_t* __restrict__ out_count) {
+  const int64_t c = blockIdx.x, s = start[c];
+  const int n = static_cast<int>(len[c]);
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const bool skip = !(METHOD == nms::kHard && thr <= T(0));  // that one drops boxes at IoU 0 too
+  __shared__ uint32_t slots[2][Key<T>::W][32];
+  int par = 0;
+  int64_t count = 0;
+  if constexpr (K > 0) {
+    __shared__ int32_t pos_of[K * soft_threads<T, K>()];  // placement -> position; each thread reads its own
+    __shared__ Box<T> slot_union[32 * K];
+    const T inf = T(INFINITY);
+    Box<T> bx[K];
+    T sc[K];
+    uint32_t alive = 0;
+    Box<T> warp_u{inf, inf, -inf, -inf};
+    int32_t* pos = pos_of + warp * K * 32 + lane;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = (spread ? k * (nt >> 5) + warp : warp * K + k) * 32 + lane;
+      Box<T> u{inf, inf, -inf, -inf};
+      bx[k] = {T(0), T(0), T(0), T(0)};
+      sc[k] = T(0);
+      pos[k * 32] = 0;
+      if (i < n) {
+        const int p = static_cast<int>(place[s + i] - s);
+        pos[k * 32] = p;
+        bx[k] = load_box(boxes, s + p);
+        sc[k] = scores[s + p];
+        if (!(sc[k] < score_thr)) {
+          alive |= 1u << k;
+          u = bx[k];
+        }
+      }
+      u = warp_union(u);
+      if (lane == 0) slot_union[warp * K + k] = u;
+      warp_u = {fmin(warp_u.x1, u.x1), fmin(warp_u.y1, u.y1), fmax(warp_u.x2, u.x2), fmax(warp_u.y2, u.y2)};
+    }
+    __syncwarp();
+    int lslot;
+    Key<T> lbest = lane_best<T, K>(sc, alive, pos, lslot);
+    Key<T> wbest = warp_max(lbest);
+    while (true) {
+      const Key<T> best = block_max(wbest, slots[par]);
+      par ^= 1;
+      if (best.w[0] == 0u) break;
+      const int j = static_cast<int>(~best.w[Key<T>::W - 1]);
+      const Box<T> a = load_box(boxes, s + j);
+      bool touched = !skip || nms::may_overlap(a, warp_u);
+      if (key_equal(wbest, best)) {  // the selected box is this warp's
+        touched = true;
+        if (key_equal(lbest, best)) {
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (k == lslot) out_score[s + count] = sc[k];
+          out_pos[s + count] = j;
+          alive &= ~(1u << lslot);
+        }
+      }
+      ++count;
+      if (touched) {  // warp-uniform, as is every condition on a slot union
+        // The slots `a` may overlap, all tested before any decay: their shared loads issue
+        // together instead of one per step of the walk. Not with 16 slots, nor with 8 in fp64
+        // or for the hard method: there ptxas spills more (-Xptxas -v, sm_90), so each slot is
+        // tested on its step.
+        constexpr bool kMaskFirst = K <= 4 || (K == 8 && sizeof(T) == 4 && METHOD != nms::kHard);
+        uint32_t ov = ~0u;
+        if constexpr (kMaskFirst) {
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (skip && !nms::may_overlap(a, slot_union[warp * K + k])) ov &= ~(1u << k);
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (kMaskFirst ? !(ov >> k & 1u) : skip && !nms::may_overlap(a, slot_union[warp * K + k])) continue;
+          if (alive >> k & 1u) {
+            sc[k] = decayed<T, METHOD>(sc[k], a, bx[k], thr, inv_sigma);
+            if (sc[k] < score_thr) alive &= ~(1u << k);
+          }
+        }
+        lbest = lane_best<T, K>(sc, alive, pos, lslot);
+        wbest = warp_max(lbest);
+      }
+    }
+  } else {
+    int32_t* alive_g = alive_all + s;
+    Key<T> lbest = dead_key<T>();
+    for (int64_t j = tid; j < n; j += nt) {
+      const T v = scores[s + j];
+      alive_g[j] = !(v < score_thr);
+      if (alive_g[j]) {
+        const Key<T> key = live_key(v, static_cast<int>(j));
+        if (key_greater(key, lbest)) lbest = key;
+      }
+    }
+    while (true) {
+      const Key<T> best = block_max(warp_max(lbest), slots[par]);
+      par ^= 1;
+      if (best.w[0] == 0u) break;
+      const int jb = static_cast<int>(~best.w[Key<T>::W - 1]);
+      const Box<T> a = load_box(boxes, s + jb);
+      if (jb % nt == tid) {  // only its owner ever touches position jb
+        out_pos[s + count] = jb;
+        out_score[s + count] = scores[s + jb];
+        alive_g[jb] = 0;
+      }
+      ++count;
+      lbest = dead_key<T>();
+      for (int64_t j = tid; j < n; j += nt) {
+        if (!alive_g[j]) continue;
+        T v = scores[s + j];
+        const Box<T> b = load_box(boxes, s + j);
+        if (!skip || nms::may_overlap(a, b)) {
+          v = decayed<T, METHOD>(v, a, b, thr, inv_sigma);
+          scores[s + j] = v;
+          if (v < score_thr) {
+            alive_g[j] = 0;
+            continue;
+          }
+        }
+        const Key<T> key = live_key(v, static_cast<int>(j));
+        if (key_greater(key, lbest)) lbest = key;
+      }
+    }
+  }
+  if (tid == 0) out_count[c] = count;
+}
+
+// ---------------------------------------------------------------- Soft-NMS by rounds
+
+// Opt-in (PYVISION_OPS_SOFT_NMS_KERNEL=rounds) while no GPU run has timed it: Soft-NMS as
+// rounds of local maxima, one block per group. Two boxes interact when the selection of
+// one can change the other's score (soft_interacts). With a positive score threshold a
+// decay only lowers scores, so a live box whose key beats every live box it interacts
+// with is selected before all of them in the sequential order, with its current score:
+// each round selects every such box at once, then decays the live boxes they interact
+// with (per box in Morton order of the selected ones; the sequential order may multiply
+// the same factors in another order: same results to rounding, as exp already differs
+// between devices). The selections, sorted by (score descending, position), are the
+// sequential ones in their order. On the benchmark's detections (N = 5000, 1276
+// selections) that is 107 rounds (a float64 model of it, checked against the CPU op).
+// Boxes are in Morton order within the group (`place`), 64 to a chunk; a box's
+// neighbours are bits of its row of a mask, whose words are computed only for the chunks
+// whose union boxes meet its own (the rest are zero).
+constexpr int kRoundsMaxChunks = 256;  // groups of up to 16384 boxes
+constexpr int kFewWinners = 64;        // below this many selections a round tests them all
+
+// True when the selection of one of `a`, `b` may decay the other (the decay factor can
+// differ from exactly 1): IoU > 0, or IoU >= thr for the linear and hard methods with
+// thr > 0. Callers pass the pair in one order, so the relation is symmetric.
+template <typename T, int METHOD>
+__device__ __forceinline__ bool soft_interacts(const Box<T>& a, const Box<T>& b, T thr) {
+  const T iou = box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0));
+  return METHOD != nms::kGaussian && thr > T(0) ? iou >= thr : iou > T(0);
+}
+
+// Per group c (rows of the tables `off`: mask words, chunk lists and chunk counts before
+// it, `groups` entries each); every per-box array is indexed s + Morton rank except
+// `selected` and `out_score`, indexed by position in the group's score order.
+template <typename T, int METHOD>
+__global__ void __launch_bounds__(1024) soft_rounds_kernel(
+    const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
+    const int64_t* __restrict__ len, const int32_t* __restrict__ place, const int64_t* __restrict__ off,
+    int64_t groups, T thr, T inv_sigma, T score_thr, Box<T>* __restrict__ mbox, T* __restrict__ msc,
+    int32_t* __restrict__ state, int32_t* __restrict__ win, int32_t* __restrict__ rank_of,
+    int32_t* __restrict__ winners, unsigned long long* __restrict__ mask_all, int32_t* __restrict__ clist_all,
+    int32_t* __restrict__ ccount_all, bool* __restrict__ selected, T* __restrict__ out_score) {
+  constexpr int kLive = 0, kDead = 1, kSelected = 2;
+  const int64_t c = blockIdx.x, s = start[c];
+  const int n = static_cast<int>(len[c]), words = (n + kWord - 1) / kWord;
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+  unsigned long long* mask = mask_all + off[c];
+  int32_t* clist = clist_all + off[groups + c];
+  int32_t* ccount = ccount_all + off[2 * groups + c];
+  __shared__ Box<T> chunk_u[kRoundsMaxChunks];
+  __shared__ uint32_t slots[2][Key<T>::W][32];
+  __shared__ int32_t warp_total[32];
+  // Thread t owns the Morton ranks [lo, hi): contiguous, so the winners list below comes
+  // out in Morton order.
+  const int per = (n + nt - 1) / nt, lo = min(n, tid * per), hi = min(n, lo + per);
+  const T inf = T(INFINITY);
+
+  for (int m = tid; m < n; m += nt) {
+    const int p = place[s + m] - static_cast<int>(s);
+    mbox[s + m] = load_box(boxes, s + p);
+    msc[s + m] = scores[s + p];
+    state[s + m] = msc[s + m] < score_thr ? kDead : kLive;  // NaN scores stay
+    win[s + m] = 0;
+    rank_of[s + p] = m;
+    selected[s + p] = false;
+  }
+  __syncthreads();
+  // Union box of each chunk's live boxes (warp per chunk).
+  for (int cb = warp; cb < words; cb += nw) {
+    Box<T> u{inf, inf, -inf, -inf};
+    for (int m = cb * kWord + lane; m < min(n, (cb + 1) * kWord); m += 32)
+      if (state[s + m] == kLive) {
+        const Box<T> b = mbox[s + m];
+        u = {fmin(u.x1, b.x1), fmin(u.y1, b.y1), fmax(u.x2, b.x2), fmax(u.y2, b.y2)};
+      }
+    u = warp_union(u);
+    if (lane == 0) chunk_u[cb] = u;
+  }
+  __syncthreads();
+  // Per chunk, the chunks whose unions meet it, in increasing order.
+  for (int rb = tid; rb < words; rb += nt) {
+    int k = 0;
+    for (int cb = 0; cb < words; ++cb)
+      if (nms::may_overlap(chunk_u[rb], chunk_u[cb])) clist[rb * words + k++] = cb;
+    ccount[rb] = k;
+  }
+  __syncthreads();
+  // Mask words of the listed chunk pairs (the others stay zero); a warp per row chunk, two
+  // rows per lane. The pair is tested in Morton order, lower rank first.
+  for (int rb = warp; rb < words; rb += nw) {
+    for (int k = 0; k < ccount[rb]; ++k) {
+      const int cb = clist[rb * words + k];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = rb * kWord + h * 32 + lane;
+        if (r >= n) continue;
+        const Box<T> a = mbox[s + r];
+        unsigned long long bits = 0;
+        for (int j = 0; j < min(kWord, n - cb * kWord); ++j) {
+          const int q = cb * kWord + j;
+          if (q == r) continue;
+          const Box<T> b = mbox[s + q];
+          if (r < q ? soft_interacts<T, METHOD>(a, b, thr) : soft_interacts<T, METHOD>(b, a, thr)) bits |= 1ull << j;
+        }
+        mask[static_cast<int64_t>(r) * words + cb] = bits;
+      }
+    }
+  }
+  __syncthreads();
+
+  auto key_of = [&](int m) { return live_key(msc[s + m], place[s + m] - static_cast<int>(s)); };
+  auto linked = [&](int m, int q) { return (mask[static_cast<int64_t>(m) * words + (q >> 6)] >> (q & 63)) & 1ull; };
+  int par = 0;
+  for (int round = 1;; ++round) {
+    // The best live key: always selected this round, and a box that interacts with it is not.
+    Key<T> mine = dead_key<T>();
+    for (int m = lo; m < hi; ++m) {
+      if (state[s + m] != kLive) continue;
+      const Key<T> k = key_of(m);
+      if (key_greater(k, mine)) mine = k;
+    }
+    const Key<T> best = block_max(warp_max(mine), slots[par]);
+    par ^= 1;
+    if (best.w[0] == 0u) break;  // nothing live
+    const int top = rank_of[s + static_cast<int>(~best.w[Key<T>::W - 1])];
+    // Local maxima: no live box it interacts with has a larger key.
+    int count = 0;
+    for (int m = lo; m < hi; ++m) {
+      if (state[s + m] != kLive) continue;
+      bool wins = m == top;
+      if (!wins && !linked(m, top)) {
+        const Key<T> km = key_of(m);
+        wins = true;
+        const int rb = m / kWord;
+        for (int k = 0; wins && k < ccount[rb]; ++k) {
+          const int cb = clist[rb * words + k];
+          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb]; w; w &= w - 1) {
+            const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
+            if (state[s + q] == kLive && key_greater(key_of(q), km)) {
+              wins = false;
+              break;
+            }
+          }
+        }
+      }
+      if (wins) {
+        win[s + m] = round;
+        ++count;
+      }
+    }
+    // The round's winners in Morton order: an exclusive scan of the per-thread counts.
+    int incl = count;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    int before = incl - count, total = 0;
+    for (int w = 0; w < nw; ++w) {
+      before += w < warp ? warp_total[w] : 0;
+      total += warp_total[w];
+    }
+    for (int m = lo; m < hi && count > 0; ++m)
+      if (state[s + m] == kLive && win[s + m] == round) winners[s + before++] = m;
+    __syncthreads();
+    // Decay every other live box by the winners it interacts with, in Morton order: from
+    // the winners list when it is short, else from the box's own neighbours (same order).
+    for (int m = lo; m < hi; ++m) {
+      if (state[s + m] != kLive) continue;
+      if (win[s + m] == round) {
+        state[s + m] = kSelected;
+        continue;
+      }
+      const Box<T> b = mbox[s + m];
+      T v = msc[s + m];
+      if (total <= kFewWinners) {
+        for (int i = 0; i < total; ++i) {
+          const int q = winners[s + i];
+          if (linked(m, q)) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+        }
+      } else {
+        const int rb = m / kWord;
+        for (int k = 0; k < ccount[rb]; ++k) {
+          const int cb = clist[rb * words + k];
+          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb]; w; w &= w - 1) {
+            const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
+            if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+          }
+        }
+      }
+      msc[s + m] = v;
+      if (v < score_thr) state[s + m] = kDead;
+    }
+    __syncthreads();
+  }
+  for (int m = tid; m < n; m += nt) {
+    if (state[s + m] != kSelected) continue;
+    const int p = place[s + m] - static_cast<int>(s);
+    selected[s + p] = true;
+    out_score[s + p] = msc[s + m];
+  }
+}
+
+}  // namespace
+}  // namespace pyvision_ops

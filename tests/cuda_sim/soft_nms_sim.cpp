@@ -1,0 +1,117 @@
+// The Soft-NMS CUDA kernels of csrc/cuda/soft_nms.cuh on CPU threads (cuda_sim.h), with
+// C entry points for tests/test_nms.py (ctypes). The caller lays out the inputs as
+// csrc/cuda/nms.cu:soft_nms_cuda does; these convert the thresholds the same way and launch.
+#include "cuda_sim.h"
+// clang-format off: the shim first
+#include "cuda/soft_nms.cuh"
+
+using namespace pyvision_ops;
+
+namespace {
+
+template <typename T>
+struct Args {
+  T thr, inv_sigma, score_thr;
+  Args(double iou_threshold, double sigma, double score_threshold)
+      : thr(nms::ge_threshold<T>(iou_threshold)),
+        inv_sigma(nms::inv_sigma<T>(sigma)),
+        score_thr(nms::ge_threshold<T>(score_threshold)) {}
+};
+
+template <typename T, int METHOD>
+void rounds(int64_t groups, int threads, const void* boxes, const void* scores, const int64_t* start,
+            const int64_t* len, const int32_t* place, const int64_t* off, double iou_threshold, double sigma,
+            double score_threshold, void* mbox, void* msc, int32_t* state, int32_t* win, int32_t* rank_of,
+            int32_t* winners, uint64_t* mask, int32_t* clist, int32_t* ccount, bool* selected, void* out_score) {
+  const Args<T> a(iou_threshold, sigma, score_threshold);
+  cuda_sim::launch(static_cast<int>(groups), threads, [&] {
+    soft_rounds_kernel<T, METHOD>(static_cast<const T*>(boxes), static_cast<const T*>(scores), start, len, place,
+                                  off, groups, a.thr, a.inv_sigma, a.score_thr, static_cast<Box<T>*>(mbox),
+                                  static_cast<T*>(msc), state, win, rank_of, winners,
+                                  reinterpret_cast<unsigned long long*>(mask), clist, ccount, selected,
+                                  static_cast<T*>(out_score));
+  });
+}
+
+template <typename T, int METHOD, int K>
+void chunks(int64_t groups, int threads, const void* boxes, void* scores, const int64_t* start, const int64_t* len,
+            const int32_t* place, double iou_threshold, double sigma, double score_threshold, bool spread,
+            int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
+  const Args<T> a(iou_threshold, sigma, score_threshold);
+  cuda_sim::launch(static_cast<int>(groups), threads, [&] {
+    soft_nms_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, place, a.thr,
+                                  a.inv_sigma, a.score_thr, spread, alive, out_pos, static_cast<T*>(out_score),
+                                  out_count);
+  });
+}
+
+template <typename T, int METHOD>
+int chunks_k(int k, int64_t groups, int threads, const void* boxes, void* scores, const int64_t* start,
+             const int64_t* len, const int32_t* place, double iou_threshold, double sigma, double score_threshold,
+             bool spread, int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
+#define PVO_SIM(KK)                                                                                               \
+  chunks<T, METHOD, KK>(groups, threads, boxes, scores, start, len, place, iou_threshold, sigma, score_threshold, \
+                        spread, alive, out_pos, out_score, out_count)
+  switch (k) {
+    case 0: PVO_SIM(0); return 0;
+    case 1: PVO_SIM(1); return 0;
+    case 4: PVO_SIM(4); return 0;
+    case 8: PVO_SIM(8); return 0;
+    case 16:
+      if constexpr (sizeof(T) == 4) {
+        PVO_SIM(16);
+        return 0;
+      }
+      return 1;
+    default: return 1;
+  }
+#undef PVO_SIM
+}
+
+}  // namespace
+
+extern "C" {
+
+// fp64: 0 fp32, 1 fp64; method: 0 gaussian, 1 linear, 2 hard. Returns 0, or 1 for bad arguments.
+int sim_soft_rounds(int fp64, int method, int64_t groups, int threads, const void* boxes, const void* scores,
+                    const int64_t* start, const int64_t* len, const int32_t* place, const int64_t* off,
+                    double iou_threshold, double sigma, double score_threshold, void* mbox, void* msc,
+                    int32_t* state, int32_t* win, int32_t* rank_of, int32_t* winners, uint64_t* mask,
+                    int32_t* clist, int32_t* ccount, bool* selected, void* out_score) {
+  if (threads % 32 || threads < 32 || threads > 1024 || method < 0 || method > 2) return 1;
+#define PVO_SIM(TT, MM)                                                                                         \
+  rounds<TT, MM>(groups, threads, boxes, scores, start, len, place, off, iou_threshold, sigma, score_threshold, \
+                 mbox, msc, state, win, rank_of, winners, mask, clist, ccount, selected, out_score)
+  if (fp64) {
+    if (method == 0) PVO_SIM(double, nms::kGaussian);
+    if (method == 1) PVO_SIM(double, nms::kLinear);
+    if (method == 2) PVO_SIM(double, nms::kHard);
+  } else {
+    if (method == 0) PVO_SIM(float, nms::kGaussian);
+    if (method == 1) PVO_SIM(float, nms::kLinear);
+    if (method == 2) PVO_SIM(float, nms::kHard);
+  }
+#undef PVO_SIM
+  return 0;
+}
+
+int sim_soft_chunks(int fp64, int method, int k, int64_t groups, int threads, const void* boxes, void* scores,
+                    const int64_t* start, const int64_t* len, const int32_t* place, double iou_threshold,
+                    double sigma, double score_threshold, int spread, int32_t* alive, int64_t* out_pos,
+                    void* out_score, int64_t* out_count) {
+  if (threads % 32 || threads < 32 || threads > 1024 || method < 0 || method > 2) return 1;
+#define PVO_SIM(TT, MM)                                                                                         \
+  return chunks_k<TT, MM>(k, groups, threads, boxes, scores, start, len, place, iou_threshold, sigma,          \
+                          score_threshold, spread != 0, alive, out_pos, out_score, out_count)
+  if (fp64) {
+    if (method == 0) PVO_SIM(double, nms::kGaussian);
+    if (method == 1) PVO_SIM(double, nms::kLinear);
+    PVO_SIM(double, nms::kHard);
+  }
+  if (method == 0) PVO_SIM(float, nms::kGaussian);
+  if (method == 1) PVO_SIM(float, nms::kLinear);
+  PVO_SIM(float, nms::kHard);
+#undef PVO_SIM
+}
+
+}  // extern "C"
