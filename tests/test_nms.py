@@ -721,6 +721,14 @@ KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])
 
 
 @pytest.mark.gpu
+def test_cuda_soft_nms_unknown_kernel_variant_raises(monkeypatch):
+    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", "fast")
+    boxes, scores = detections(10)
+    with pytest.raises(ValueError, match="PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread or rounds"):
+        P.soft_nms(boxes.cuda(), scores.cuda())
+
+
+@pytest.mark.gpu
 @KERNELS
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("n", [0, 1, 300, 5000, 12000])

@@ -300,6 +300,65 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Where the rounds kernels' per-group buffers start: mask words, chunk pairs (flags and
+// lists) and chunks, `groups` entries each; then, with several groups, the mask tiles
+// (group, row chunk, column chunk).
+struct RoundsPlan {
+  std::vector<int64_t> tables;
+  int64_t mask_words = 0, pair_words = 0, chunk_words = 0;
+};
+
+RoundsPlan plan_rounds(const std::vector<int64_t>& len) {
+  const int64_t groups = static_cast<int64_t>(len.size());
+  RoundsPlan p;
+  p.tables.resize(3 * groups);
+  for (int64_t c = 0; c < groups; ++c) {
+    const int64_t words = (len[c] + kWord - 1) / kWord;
+    p.tables[c] = p.mask_words, p.tables[groups + c] = p.pair_words, p.tables[2 * groups + c] = p.chunk_words;
+    p.mask_words += len[c] * words, p.pair_words += words * words, p.chunk_words += words;
+  }
+  for (int64_t c = 0; c < groups && groups > 1; ++c) {
+    const int64_t words = (len[c] + kWord - 1) / kWord;
+    for (int64_t rb = 0; rb < words; ++rb)
+      for (int64_t cb = 0; cb < words; ++cb) p.tables.insert(p.tables.end(), {c, rb, cb});
+  }
+  return p;
+}
+
+// The mask, then the rounds (soft_nms.cuh); fills `selected` and `out_score` by position.
+template <typename T, int METHOD>
+void launch_rounds(const RoundsPlan& plan, int64_t groups, int64_t max_len, const at::Tensor& b,
+                   const at::Tensor& sc, const at::Tensor& start, const at::Tensor& len, const at::Tensor& place,
+                   T thr, T inv_sigma, T score_thr, at::Tensor& state, at::Tensor& selected, at::Tensor& out_score,
+                   cudaStream_t stream) {
+  const int64_t n = sc.size(0);
+  const at::Tensor tables = to_device(plan.tables, b);
+  const int64_t* off = tables.const_data_ptr<int64_t>();
+  const auto i32 = b.options().dtype(at::kInt);
+  at::Tensor mask = at::zeros({std::max<int64_t>(plan.mask_words, 1)}, b.options().dtype(at::kLong));
+  at::Tensor listed = at::empty({plan.pair_words}, b.options().dtype(at::kByte));
+  const unsigned words = static_cast<unsigned>((max_len + kWord - 1) / kWord);
+  const dim3 grid = groups > 1 ? dim3(static_cast<unsigned>((plan.tables.size() - 3 * groups) / 3)) : dim3(words, words);
+  rounds_mask_kernel<T, METHOD><<<grid, kWord, 0, stream>>>(
+      b.const_data_ptr<T>(), start.const_data_ptr<int64_t>(), len.const_data_ptr<int64_t>(),
+      place.const_data_ptr<int32_t>(), off, groups, groups > 1 ? off + 3 * groups : nullptr, thr,
+      reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()), listed.mutable_data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor mbox = at::empty({4 * n}, sc.options()), msc = at::empty({n}, sc.options());
+  at::Tensor win = at::empty({n}, i32), rank_of = at::empty({n}, i32), winners = at::empty({n}, i32);
+  at::Tensor clist = at::empty({plan.pair_words}, i32), ccount = at::empty({plan.chunk_words}, i32);
+  const int threads = static_cast<int>(std::min<int64_t>(1024, (max_len + 31) / 32 * 32));
+  soft_rounds_kernel<T, METHOD><<<groups, threads, 0, stream>>>(
+      b.const_data_ptr<T>(), sc.const_data_ptr<T>(), start.const_data_ptr<int64_t>(), len.const_data_ptr<int64_t>(),
+      place.const_data_ptr<int32_t>(), off, groups, thr, inv_sigma, score_thr,
+      reinterpret_cast<const unsigned long long*>(mask.const_data_ptr<int64_t>()), listed.const_data_ptr<uint8_t>(),
+      reinterpret_cast<Box<T>*>(mbox.mutable_data_ptr<T>()), msc.mutable_data_ptr<T>(),
+      state.mutable_data_ptr<int32_t>(), win.mutable_data_ptr<int32_t>(), rank_of.mutable_data_ptr<int32_t>(),
+      winners.mutable_data_ptr<int32_t>(), clist.mutable_data_ptr<int32_t>(), ccount.mutable_data_ptr<int32_t>(),
+      selected.mutable_data_ptr<bool>(), out_score.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
                                                  const std::optional<at::Tensor>& idxs, double iou_threshold,
                                                  double sigma, double score_threshold, int64_t method) {
@@ -314,22 +373,22 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   // until a GPU run has timed them (benchmarks/soft_nms_scaling.py).
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
+  TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "rounds",
+                    "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread or rounds, got '", variant, "'");
   const bool spread = variant == "spread";
   Groups g = group_by_category(scores, idxs);
   const int64_t groups = static_cast<int64_t>(g.len.size());
   const int64_t max_len = *std::max_element(g.len.begin(), g.len.end());
-  // Rounds need decays that only lower scores (a positive score threshold) and interactions
-  // that need overlap (not the hard method at a threshold <= 0); mask words, chunk lists
-  // and chunk counts are laid out per group.
-  std::vector<int64_t> round_off(3 * groups);
-  int64_t mask_words = 0, list_words = 0, chunk_words = 0;
-  for (int64_t c = 0; c < groups; ++c) {
-    const int64_t words = (g.len[c] + kWord - 1) / kWord;
-    round_off[c] = mask_words, round_off[groups + c] = list_words, round_off[2 * groups + c] = chunk_words;
-    mask_words += g.len[c] * words, list_words += words * words, chunk_words += words;
+  // Rounds need decays that only lower scores (a positive score threshold), interactions
+  // that need overlap (not the hard method at a threshold <= 0), groups within the chunk
+  // limit and a mask of at most 2^26 words (512 MiB).
+  bool rounds = variant == "rounds" && score_threshold > 0 && !(method == nms::kHard && !(iou_threshold > 0)) &&
+                max_len <= kWord * kRoundsMaxChunks;
+  RoundsPlan plan;
+  if (rounds) {
+    plan = plan_rounds(g.len);
+    rounds = plan.mask_words <= (int64_t(1) << 26);
   }
-  const bool rounds = variant == "rounds" && score_threshold > 0 && !(method == nms::kHard && !(iou_threshold > 0)) &&
-                      max_len <= kWord * kRoundsMaxChunks && mask_words <= (int64_t(1) << 26);
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
   const at::Tensor seg = at::repeat_interleave(at::arange(groups, d_len.options()), d_len);
@@ -356,29 +415,15 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     const T thr = nms::ge_threshold<T>(iou_threshold), score_thr = nms::ge_threshold<T>(score_threshold);
     const T inv_sigma = nms::inv_sigma<T>(sigma);
     if (rounds) {
-      const at::Tensor off = to_device(round_off, boxes);
-      const auto i32 = boxes.options().dtype(at::kInt);
-      at::Tensor mbox = at::empty({4 * n}, boxes.options().dtype(acc)), msc = at::empty({n}, mbox.options());
-      at::Tensor win = at::empty({n}, i32), rank_of = at::empty({n}, i32), winners = at::empty({n}, i32);
-      at::Tensor mask = at::zeros({std::max<int64_t>(mask_words, 1)}, boxes.options().dtype(at::kLong));
-      at::Tensor clist = at::empty({list_words}, i32), ccount = at::empty({chunk_words}, i32);
       selected = at::empty({n}, boxes.options().dtype(at::kBool));
-      const int threads = static_cast<int>(std::min<int64_t>(1024, (max_len + 31) / 32 * 32));
-      auto launch = [&](auto kernel) {
-        kernel<<<groups, threads, 0, stream.stream()>>>(
-            b.const_data_ptr<T>(), sc.const_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
-            d_len.const_data_ptr<int64_t>(), place.const_data_ptr<int32_t>(), off.const_data_ptr<int64_t>(), groups,
-            thr, inv_sigma, score_thr, reinterpret_cast<Box<T>*>(mbox.mutable_data_ptr<T>()),
-            msc.mutable_data_ptr<T>(), alive.mutable_data_ptr<int32_t>(), win.mutable_data_ptr<int32_t>(),
-            rank_of.mutable_data_ptr<int32_t>(), winners.mutable_data_ptr<int32_t>(),
-            reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()), clist.mutable_data_ptr<int32_t>(),
-            ccount.mutable_data_ptr<int32_t>(), selected.mutable_data_ptr<bool>(), out_score.mutable_data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto run = [&](auto launcher) {
+        launcher(plan, groups, max_len, b, sc, d_start, d_len, place, thr, inv_sigma, score_thr, alive, selected,
+                 out_score, stream.stream());
       };
       switch (method) {
-        case nms::kGaussian: launch(soft_rounds_kernel<T, nms::kGaussian>); break;
-        case nms::kLinear: launch(soft_rounds_kernel<T, nms::kLinear>); break;
-        default: launch(soft_rounds_kernel<T, nms::kHard>); break;
+        case nms::kGaussian: run(launch_rounds<T, nms::kGaussian>); break;
+        case nms::kLinear: run(launch_rounds<T, nms::kLinear>); break;
+        default: run(launch_rounds<T, nms::kHard>); break;
       }
       return;
     }

@@ -322,16 +322,16 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
 // decay only lowers scores, so a live box whose key beats every live box it interacts
 // with is selected before all of them in the sequential order, with its current score:
 // each round selects every such box at once, then decays the live boxes they interact
-// with (per box in Morton order of the selected ones; the sequential order may multiply
-// the same factors in another order: same results to rounding, as exp already differs
-// between devices). The selections, sorted by (score descending, position), are the
-// sequential ones in their order. On the benchmark's detections (N = 5000, 1276
-// selections) that is 107 rounds (a float64 model of it, checked against the CPU op).
+// with, each by the round's selections in Morton order (the sequential kernel may
+// multiply the same factors in another order: the same boxes, scores equal to rounding,
+// as exp already differs between devices). The selections, sorted by (score descending,
+// position), are the sequential ones in their order. On the benchmark's detections (N =
+// 5000, 1276 selections) that is 107 rounds (tests/test_nms.py models it in float64).
 // Boxes are in Morton order within the group (`place`), 64 to a chunk; a box's
-// neighbours are bits of its row of a mask, whose words are computed only for the chunks
-// whose union boxes meet its own (the rest are zero).
+// neighbours are the bits of its row of a mask (rounds_mask_kernel), ANDed with the
+// chunks' live bits.
 constexpr int kRoundsMaxChunks = 256;  // groups of up to 16384 boxes
-constexpr int kFewWinners = 64;        // below this many selections a round tests them all
+constexpr int kFewWinners = 64;        // up to this many selections, a round tests each box against all
 
 // True when the selection of one of `a`, `b` may decay the other (the decay factor can
 // differ from exactly 1): IoU > 0, or IoU >= thr for the linear and hard methods with
@@ -342,31 +342,79 @@ __device__ __forceinline__ bool soft_interacts(const Box<T>& a, const Box<T>& b,
   return METHOD != nms::kGaussian && thr > T(0) ? iou >= thr : iou > T(0);
 }
 
-// Per group c (rows of the tables `off`: mask words, chunk lists and chunk counts before
-// it, `groups` entries each); every per-box array is indexed s + Morton rank except
-// `selected` and `out_score`, indexed by position in the group's score order.
+template <typename T>
+__device__ __forceinline__ Box<T> box_union(const Box<T>& a, const Box<T>& b) {
+  return {fmin(a.x1, b.x1), fmin(a.y1, b.y1), fmax(a.x2, b.x2), fmax(a.y2, b.y2)};
+}
+
+// Per group c, the tables `off` hold where its mask words, its chunk-pair flags (and chunk
+// lists) and its chunk counts start, `groups` entries each.
+
+// The interaction mask: one 64-thread block per (group, row chunk, column chunk) of Morton
+// ranks, from a list of tiles or, for one group, from the grid (x: column, y: row chunk).
+// Two boxes can only interact where they meet with positive area, so inside their chunks'
+// union boxes: where those do not meet, the words stay zero (the mask starts zeroed) and
+// `listed` says so. The pair is tested lower rank first.
+template <typename T, int METHOD>
+__global__ void rounds_mask_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ start,
+                                   const int64_t* __restrict__ len, const int32_t* __restrict__ place,
+                                   const int64_t* __restrict__ off, int64_t groups, const int64_t* __restrict__ tiles,
+                                   T thr, unsigned long long* __restrict__ mask, uint8_t* __restrict__ listed) {
+  int64_t c = 0, rb = blockIdx.y, cb = blockIdx.x;
+  if (tiles) {
+    const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * 3;
+    c = tile[0], rb = tile[1], cb = tile[2];
+  }
+  const int64_t s = start[c];
+  const int n = static_cast<int>(len[c]), words = (n + kWord - 1) / kWord, t = threadIdx.x;
+  const int r = static_cast<int>(rb) * kWord + t, q0 = static_cast<int>(cb) * kWord;
+  const T inf = T(INFINITY);
+  const Box<T> none{inf, inf, -inf, -inf};
+  __shared__ Box<T> cols[kWord];
+  __shared__ Box<T> unions[2][2];  // [rows, columns][warp]
+  const Box<T> a = r < n ? load_box(boxes, place[s + r]) : none;
+  cols[t] = q0 + t < n ? load_box(boxes, place[s + q0 + t]) : none;
+  const Box<T> ua = warp_union(a), uc = warp_union(cols[t]);
+  if ((t & 31) == 0) unions[0][t >> 5] = ua, unions[1][t >> 5] = uc;
+  __syncthreads();
+  const bool meet = nms::may_overlap(box_union(unions[0][0], unions[0][1]), box_union(unions[1][0], unions[1][1]));
+  if (t == 0) listed[off[groups + c] + rb * words + cb] = meet;
+  if (!meet || r >= n) return;
+  unsigned long long bits = 0;
+  for (int j = 0; j < min(kWord, n - q0); ++j) {
+    const int q = q0 + j;
+    if (q == r) continue;
+    if (r < q ? soft_interacts<T, METHOD>(a, cols[j], thr) : soft_interacts<T, METHOD>(cols[j], a, thr))
+      bits |= 1ull << j;
+  }
+  mask[off[c] + static_cast<int64_t>(r) * words + cb] = bits;
+}
+
+// The rounds; every per-box array is indexed s + Morton rank except `selected` and
+// `out_score`, indexed by position in the group's score order.
 template <typename T, int METHOD>
 __global__ void __launch_bounds__(1024) soft_rounds_kernel(
     const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
     const int64_t* __restrict__ len, const int32_t* __restrict__ place, const int64_t* __restrict__ off,
-    int64_t groups, T thr, T inv_sigma, T score_thr, Box<T>* __restrict__ mbox, T* __restrict__ msc,
+    int64_t groups, T thr, T inv_sigma, T score_thr, const unsigned long long* __restrict__ mask_all,
+    const uint8_t* __restrict__ listed_all, Box<T>* __restrict__ mbox, T* __restrict__ msc,
     int32_t* __restrict__ state, int32_t* __restrict__ win, int32_t* __restrict__ rank_of,
-    int32_t* __restrict__ winners, unsigned long long* __restrict__ mask_all, int32_t* __restrict__ clist_all,
-    int32_t* __restrict__ ccount_all, bool* __restrict__ selected, T* __restrict__ out_score) {
+    int32_t* __restrict__ winners, int32_t* __restrict__ clist_all, int32_t* __restrict__ ccount_all,
+    bool* __restrict__ selected, T* __restrict__ out_score) {
   constexpr int kLive = 0, kDead = 1, kSelected = 2;
   const int64_t c = blockIdx.x, s = start[c];
   const int n = static_cast<int>(len[c]), words = (n + kWord - 1) / kWord;
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
-  unsigned long long* mask = mask_all + off[c];
+  const unsigned long long* mask = mask_all + off[c];
+  const uint8_t* listed = listed_all + off[groups + c];
   int32_t* clist = clist_all + off[groups + c];
   int32_t* ccount = ccount_all + off[2 * groups + c];
-  __shared__ Box<T> chunk_u[kRoundsMaxChunks];
+  __shared__ unsigned long long live[kRoundsMaxChunks];  // bit j of word cb: rank 64 cb + j is live
   __shared__ uint32_t slots[2][Key<T>::W][32];
   __shared__ int32_t warp_total[32];
   // Thread t owns the Morton ranks [lo, hi): contiguous, so the winners list below comes
   // out in Morton order.
   const int per = (n + nt - 1) / nt, lo = min(n, tid * per), hi = min(n, lo + per);
-  const T inf = T(INFINITY);
 
   for (int m = tid; m < n; m += nt) {
     const int p = place[s + m] - static_cast<int>(s);
@@ -377,47 +425,12 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
     rank_of[s + p] = m;
     selected[s + p] = false;
   }
-  __syncthreads();
-  // Union box of each chunk's live boxes (warp per chunk).
-  for (int cb = warp; cb < words; cb += nw) {
-    Box<T> u{inf, inf, -inf, -inf};
-    for (int m = cb * kWord + lane; m < min(n, (cb + 1) * kWord); m += 32)
-      if (state[s + m] == kLive) {
-        const Box<T> b = mbox[s + m];
-        u = {fmin(u.x1, b.x1), fmin(u.y1, b.y1), fmax(u.x2, b.x2), fmax(u.y2, b.y2)};
-      }
-    u = warp_union(u);
-    if (lane == 0) chunk_u[cb] = u;
-  }
-  __syncthreads();
-  // Per chunk, the chunks whose unions meet it, in increasing order.
+  // Per chunk, the chunks it may interact with, in increasing order.
   for (int rb = tid; rb < words; rb += nt) {
     int k = 0;
     for (int cb = 0; cb < words; ++cb)
-      if (nms::may_overlap(chunk_u[rb], chunk_u[cb])) clist[rb * words + k++] = cb;
+      if (listed[rb * words + cb]) clist[rb * words + k++] = cb;
     ccount[rb] = k;
-  }
-  __syncthreads();
-  // Mask words of the listed chunk pairs (the others stay zero); a warp per row chunk, two
-  // rows per lane. The pair is tested in Morton order, lower rank first.
-  for (int rb = warp; rb < words; rb += nw) {
-    for (int k = 0; k < ccount[rb]; ++k) {
-      const int cb = clist[rb * words + k];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = rb * kWord + h * 32 + lane;
-        if (r >= n) continue;
-        const Box<T> a = mbox[s + r];
-        unsigned long long bits = 0;
-        for (int j = 0; j < min(kWord, n - cb * kWord); ++j) {
-          const int q = cb * kWord + j;
-          if (q == r) continue;
-          const Box<T> b = mbox[s + q];
-          if (r < q ? soft_interacts<T, METHOD>(a, b, thr) : soft_interacts<T, METHOD>(b, a, thr)) bits |= 1ull << j;
-        }
-        mask[static_cast<int64_t>(r) * words + cb] = bits;
-      }
-    }
   }
   __syncthreads();
 
@@ -425,14 +438,21 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
   auto linked = [&](int m, int q) { return (mask[static_cast<int64_t>(m) * words + (q >> 6)] >> (q & 63)) & 1ull; };
   int par = 0;
   for (int round = 1;; ++round) {
-    // The best live key: always selected this round, and a box that interacts with it is not.
+    // Live bits (a word per thread), and the best live key: always selected this round; a
+    // box that interacts with it is not.
+    for (int cb = tid; cb < words; cb += nt) {
+      unsigned long long bits = 0;
+      for (int j = 0; j < min(kWord, n - cb * kWord); ++j)
+        bits |= static_cast<unsigned long long>(state[s + cb * kWord + j] == kLive) << j;
+      live[cb] = bits;
+    }
     Key<T> mine = dead_key<T>();
     for (int m = lo; m < hi; ++m) {
       if (state[s + m] != kLive) continue;
       const Key<T> k = key_of(m);
       if (key_greater(k, mine)) mine = k;
     }
-    const Key<T> best = block_max(warp_max(mine), slots[par]);
+    const Key<T> best = block_max(warp_max(mine), slots[par]);  // its barrier also publishes `live`
     par ^= 1;
     if (best.w[0] == 0u) break;  // nothing live
     const int top = rank_of[s + static_cast<int>(~best.w[Key<T>::W - 1])];
@@ -447,9 +467,8 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
         const int rb = m / kWord;
         for (int k = 0; wins && k < ccount[rb]; ++k) {
           const int cb = clist[rb * words + k];
-          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb]; w; w &= w - 1) {
-            const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
-            if (state[s + q] == kLive && key_greater(key_of(q), km)) {
+          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb] & live[cb]; w; w &= w - 1) {
+            if (key_greater(key_of(cb * kWord + __ffsll(static_cast<long long>(w)) - 1), km)) {
               wins = false;
               break;
             }
@@ -478,7 +497,7 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
       if (state[s + m] == kLive && win[s + m] == round) winners[s + before++] = m;
     __syncthreads();
     // Decay every other live box by the winners it interacts with, in Morton order: from
-    // the winners list when it is short, else from the box's own neighbours (same order).
+    // the winners list when it is short, else from the box's live neighbours (same order).
     for (int m = lo; m < hi; ++m) {
       if (state[s + m] != kLive) continue;
       if (win[s + m] == round) {
@@ -496,7 +515,7 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
         const int rb = m / kWord;
         for (int k = 0; k < ccount[rb]; ++k) {
           const int cb = clist[rb * words + k];
-          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb]; w; w &= w - 1) {
+          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb] & live[cb]; w; w &= w - 1) {
             const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
             if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
           }

@@ -108,21 +108,25 @@ def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method,
               and max_len <= ROUNDS_MAX_LEN and mask_words <= 1 << 26)
     args = (iou_threshold, sigma, score_threshold)
     out_score = torch.empty(n, dtype=acc)
-    if rounds:
-        off = []
-        for table in ([x * w for x, w in zip(lens, words)], [w * w for w in words], words):
-            off += (np.cumsum([0] + table)[:-1]).tolist()
-        off = torch.tensor(off, dtype=torch.int64)
+    if rounds:  # nms.cu:plan_rounds and launch_rounds
+        tables = []
+        for sizes in ([x * w for x, w in zip(lens, words)], [w * w for w in words], words):
+            tables += np.cumsum([0] + sizes)[:-1].tolist()
+        if groups > 1:
+            tables += [v for c, w in enumerate(words) for rb in range(w) for cb in range(w) for v in (c, rb, cb)]
+        tiles = (len(tables) - 3 * groups) // 3
+        tables = torch.tensor(tables, dtype=torch.int64)
         i32 = dict(dtype=torch.int32)
-        scratch = [torch.empty(4 * n, dtype=acc), torch.empty(n, dtype=acc)] + [torch.empty(n, **i32) for _ in range(4)]
         mask = torch.zeros(max(mask_words, 1), dtype=torch.int64)
+        listed = torch.empty(sum(w * w for w in words), dtype=torch.uint8)
+        scratch = [torch.empty(4 * n, dtype=acc), torch.empty(n, dtype=acc)] + [torch.empty(n, **i32) for _ in range(4)]
         clist, ccount = torch.empty(sum(w * w for w in words), **i32), torch.empty(sum(words), **i32)
         selected = torch.zeros(n, dtype=torch.bool)
         threads = min(1024, (max_len + 31) // 32 * 32)
-        rc = lib.sim_soft_rounds(int(fp64), METHODS[method], ctypes.c_int64(groups), threads, _ptr(b), _ptr(sc),
-                                 _ptr(start), _ptr(length), _ptr(place), _ptr(off), *map(ctypes.c_double, args),
-                                 *map(_ptr, scratch), _ptr(mask), _ptr(clist), _ptr(ccount), _ptr(selected),
-                                 _ptr(out_score))
+        rc = lib.sim_soft_rounds(int(fp64), METHODS[method], ctypes.c_int64(groups), ctypes.c_int64(max_len),
+                                 ctypes.c_int64(tiles), threads, _ptr(b), _ptr(sc), _ptr(start), _ptr(length),
+                                 _ptr(place), _ptr(tables), *map(ctypes.c_double, args), _ptr(mask), _ptr(listed),
+                                 *map(_ptr, scratch), _ptr(clist), _ptr(ccount), _ptr(selected), _ptr(out_score))
         assert rc == 0
         pos = torch.arange(n)[selected]
         keep, dec, batched = grouped[pos], out_score[selected], True

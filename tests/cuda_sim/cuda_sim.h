@@ -47,23 +47,27 @@ inline Block* block = nullptr;
 inline Dim3 block_dim;
 inline thread_local Dim3 thread_idx, block_idx;
 
-// Runs body() as `grid` blocks of `threads` threads (a multiple of 32), one block after another.
+// Runs body() as a grid of gx * gy blocks of `threads` threads (a multiple of 32), one
+// block after another.
 template <typename F>
-void launch(int grid, int threads, F&& body) {
+void launch(int gx, int gy, int threads, F&& body) {
   block_dim.x = static_cast<unsigned>(threads);
-  for (int b = 0; b < grid; ++b) {
-    Block blk(threads);
-    block = &blk;
-    std::vector<std::thread> ts;
-    ts.reserve(threads);
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([&body, t, b] {
-        thread_idx.x = static_cast<unsigned>(t);
-        block_idx.x = static_cast<unsigned>(b);
-        body();
-      });
-    for (auto& t : ts) t.join();
-    block = nullptr;
+  for (int by = 0; by < gy; ++by) {
+    for (int bx = 0; bx < gx; ++bx) {
+      Block blk(threads);
+      block = &blk;
+      std::vector<std::thread> ts;
+      ts.reserve(threads);
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&body, t, bx, by] {
+          thread_idx.x = static_cast<unsigned>(t);
+          block_idx.x = static_cast<unsigned>(bx);
+          block_idx.y = static_cast<unsigned>(by);
+          body();
+        });
+      for (auto& t : ts) t.join();
+      block = nullptr;
+    }
   }
 }
 

@@ -18,17 +18,26 @@ struct Args {
         score_thr(nms::ge_threshold<T>(score_threshold)) {}
 };
 
+// As csrc/cuda/nms.cu:launch_rounds: the mask kernel over its tiles (several groups) or a
+// words x words grid (one group), then the rounds kernel, a block per group.
 template <typename T, int METHOD>
-void rounds(int64_t groups, int threads, const void* boxes, const void* scores, const int64_t* start,
-            const int64_t* len, const int32_t* place, const int64_t* off, double iou_threshold, double sigma,
-            double score_threshold, void* mbox, void* msc, int32_t* state, int32_t* win, int32_t* rank_of,
-            int32_t* winners, uint64_t* mask, int32_t* clist, int32_t* ccount, bool* selected, void* out_score) {
+void rounds(int64_t groups, int64_t max_len, int64_t tiles, int threads, const void* boxes, const void* scores,
+            const int64_t* start, const int64_t* len, const int32_t* place, const int64_t* tables,
+            double iou_threshold, double sigma, double score_threshold, uint64_t* mask, uint8_t* listed, void* mbox,
+            void* msc, int32_t* state, int32_t* win, int32_t* rank_of, int32_t* winners, int32_t* clist,
+            int32_t* ccount, bool* selected, void* out_score) {
   const Args<T> a(iou_threshold, sigma, score_threshold);
-  cuda_sim::launch(static_cast<int>(groups), threads, [&] {
-    soft_rounds_kernel<T, METHOD>(static_cast<const T*>(boxes), static_cast<const T*>(scores), start, len, place,
-                                  off, groups, a.thr, a.inv_sigma, a.score_thr, static_cast<Box<T>*>(mbox),
-                                  static_cast<T*>(msc), state, win, rank_of, winners,
-                                  reinterpret_cast<unsigned long long*>(mask), clist, ccount, selected,
+  const T* b = static_cast<const T*>(boxes);
+  auto* m = reinterpret_cast<unsigned long long*>(mask);
+  const int words = static_cast<int>((max_len + kWord - 1) / kWord);
+  const int64_t* tile_list = groups > 1 ? tables + 3 * groups : nullptr;
+  cuda_sim::launch(groups > 1 ? static_cast<int>(tiles) : words, groups > 1 ? 1 : words, kWord, [&] {
+    rounds_mask_kernel<T, METHOD>(b, start, len, place, tables, groups, tile_list, a.thr, m, listed);
+  });
+  cuda_sim::launch(static_cast<int>(groups), 1, threads, [&] {
+    soft_rounds_kernel<T, METHOD>(b, static_cast<const T*>(scores), start, len, place, tables, groups, a.thr,
+                                  a.inv_sigma, a.score_thr, m, listed, static_cast<Box<T>*>(mbox),
+                                  static_cast<T*>(msc), state, win, rank_of, winners, clist, ccount, selected,
                                   static_cast<T*>(out_score));
   });
 }
@@ -38,7 +47,7 @@ void chunks(int64_t groups, int threads, const void* boxes, void* scores, const 
             const int32_t* place, double iou_threshold, double sigma, double score_threshold, bool spread,
             int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
   const Args<T> a(iou_threshold, sigma, score_threshold);
-  cuda_sim::launch(static_cast<int>(groups), threads, [&] {
+  cuda_sim::launch(static_cast<int>(groups), 1, threads, [&] {
     soft_nms_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, place, a.thr,
                                   a.inv_sigma, a.score_thr, spread, alive, out_pos, static_cast<T*>(out_score),
                                   out_count);
@@ -73,15 +82,17 @@ int chunks_k(int k, int64_t groups, int threads, const void* boxes, void* scores
 extern "C" {
 
 // fp64: 0 fp32, 1 fp64; method: 0 gaussian, 1 linear, 2 hard. Returns 0, or 1 for bad arguments.
-int sim_soft_rounds(int fp64, int method, int64_t groups, int threads, const void* boxes, const void* scores,
-                    const int64_t* start, const int64_t* len, const int32_t* place, const int64_t* off,
-                    double iou_threshold, double sigma, double score_threshold, void* mbox, void* msc,
-                    int32_t* state, int32_t* win, int32_t* rank_of, int32_t* winners, uint64_t* mask,
-                    int32_t* clist, int32_t* ccount, bool* selected, void* out_score) {
+int sim_soft_rounds(int fp64, int method, int64_t groups, int64_t max_len, int64_t tiles, int threads,
+                    const void* boxes, const void* scores, const int64_t* start, const int64_t* len,
+                    const int32_t* place, const int64_t* tables, double iou_threshold, double sigma,
+                    double score_threshold, uint64_t* mask, uint8_t* listed, void* mbox, void* msc, int32_t* state,
+                    int32_t* win, int32_t* rank_of, int32_t* winners, int32_t* clist, int32_t* ccount,
+                    bool* selected, void* out_score) {
   if (threads % 32 || threads < 32 || threads > 1024 || method < 0 || method > 2) return 1;
-#define PVO_SIM(TT, MM)                                                                                         \
-  rounds<TT, MM>(groups, threads, boxes, scores, start, len, place, off, iou_threshold, sigma, score_threshold, \
-                 mbox, msc, state, win, rank_of, winners, mask, clist, ccount, selected, out_score)
+#define PVO_SIM(TT, MM)                                                                                             \
+  rounds<TT, MM>(groups, max_len, tiles, threads, boxes, scores, start, len, place, tables, iou_threshold, sigma, \
+                 score_threshold, mask, listed, mbox, msc, state, win, rank_of, winners, clist, ccount, selected,  \
+                 out_score)
   if (fp64) {
     if (method == 0) PVO_SIM(double, nms::kGaussian);
     if (method == 1) PVO_SIM(double, nms::kLinear);
