@@ -410,6 +410,7 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
   int32_t* clist = clist_all + off[groups + c];
   int32_t* ccount = ccount_all + off[2 * groups + c];
   __shared__ unsigned long long live[kRoundsMaxChunks];  // bit j of word cb: rank 64 cb + j is live
+  __shared__ Key<T> chunk_best[kRoundsMaxChunks];        // the best live key of each chunk
   __shared__ uint32_t slots[2][Key<T>::W][32];
   __shared__ int32_t warp_total[32];
   // Thread t owns the Morton ranks [lo, hi): contiguous, so the winners list below comes
@@ -438,21 +439,26 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
   auto linked = [&](int m, int q) { return (mask[static_cast<int64_t>(m) * words + (q >> 6)] >> (q & 63)) & 1ull; };
   int par = 0;
   for (int round = 1;; ++round) {
-    // Live bits (a word per thread), and the best live key: always selected this round; a
-    // box that interacts with it is not.
-    for (int cb = tid; cb < words; cb += nt) {
-      unsigned long long bits = 0;
-      for (int j = 0; j < min(kWord, n - cb * kWord); ++j)
-        bits |= static_cast<unsigned long long>(state[s + cb * kWord + j] == kLive) << j;
-      live[cb] = bits;
-    }
+    // Per chunk (a warp each) its live bits and best live key; the best of all is always
+    // selected this round, and a box that interacts with it is not.
     Key<T> mine = dead_key<T>();
-    for (int m = lo; m < hi; ++m) {
-      if (state[s + m] != kLive) continue;
-      const Key<T> k = key_of(m);
+    for (int cb = warp; cb < words; cb += nw) {
+      const int m0 = cb * kWord + lane, m1 = m0 + 32;
+      const bool l0 = m0 < n && state[s + m0] == kLive, l1 = m1 < n && state[s + m1] == kLive;
+      Key<T> k = l0 ? key_of(m0) : dead_key<T>();
+      if (l1) {
+        const Key<T> k1 = key_of(m1);
+        if (key_greater(k1, k)) k = k1;
+      }
+      k = warp_max(k);
+      const unsigned long long bits0 = __ballot_sync(0xffffffffu, l0), bits1 = __ballot_sync(0xffffffffu, l1);
+      if (lane == 0) {
+        chunk_best[cb] = k;
+        live[cb] = bits0 | bits1 << 32;
+      }
       if (key_greater(k, mine)) mine = k;
     }
-    const Key<T> best = block_max(warp_max(mine), slots[par]);  // its barrier also publishes `live`
+    const Key<T> best = block_max(mine, slots[par]);  // its barrier also publishes `live` and `chunk_best`
     par ^= 1;
     if (best.w[0] == 0u) break;  // nothing live
     const int top = rank_of[s + static_cast<int>(~best.w[Key<T>::W - 1])];
@@ -467,6 +473,7 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
         const int rb = m / kWord;
         for (int k = 0; wins && k < ccount[rb]; ++k) {
           const int cb = clist[rb * words + k];
+          if (!key_greater(chunk_best[cb], km)) continue;  // nothing live there outranks m
           for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb] & live[cb]; w; w &= w - 1) {
             if (key_greater(key_of(cb * kWord + __ffsll(static_cast<long long>(w)) - 1), km)) {
               wins = false;

@@ -107,6 +107,12 @@ T __shfl_up_sync(unsigned, T v, unsigned delta) {
   return cuda_sim::shuffle(v, src);
 }
 
+inline unsigned __ballot_sync(unsigned, bool pred) {
+  unsigned bits = 0;
+  for (int src = 0; src < 32; ++src) bits |= static_cast<unsigned>(cuda_sim::shuffle(pred, src)) << src;
+  return bits;
+}
+
 inline uint32_t __float_as_uint(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
