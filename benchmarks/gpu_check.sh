@@ -7,7 +7,7 @@
 # GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_ONLY=fam1,fam2 limits the
 # benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs, the
 # cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection
-# with both chunk placements (benchmarks/soft_nms_scaling.py, seconds). On the H200
+# with each CUDA kernel variant (benchmarks/soft_nms_scaling.py, seconds). On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
 set -uo pipefail
