@@ -119,7 +119,7 @@ def test_error_messages_format_numbers_without_ostream():
     # common/text.h: ostream << long inside the extension crashed on the lent GPU machine's build.
     root = pathlib.Path(__file__).resolve().parents[1] / "csrc"
     bad = {f"{p.relative_to(root)}:{line}": a for p in sorted(root.rglob("*"))
-           if p.suffix in (".h", ".cpp", ".cu") for line, a in _check_macro_args(p.read_text())}
+           if p.suffix in (".h", ".cuh", ".cpp", ".cu") for line, a in _check_macro_args(p.read_text())}
     assert bad == {}
     assert _check_macro_args('TORCH_CHECK(x > 0, op, ": got ", x, f(a, b));') == [(1, "x"), (1, "f(a, b)")]
     assert _check_macro_args("TORCH_CHECK(c == ')', \"a, (\", /* (, */ // x)\n n);\nTORCH_WARN(\"w\", k);") == [

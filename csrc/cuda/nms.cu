@@ -308,7 +308,8 @@ struct RoundsPlan {
   int64_t mask_words = 0, pair_words = 0, chunk_words = 0;
 };
 
-RoundsPlan plan_rounds(const std::vector<int64_t>& len) {
+// The tiles only when the mask fits in `max_mask_words` (the plan is not used otherwise).
+RoundsPlan plan_rounds(const std::vector<int64_t>& len, int64_t max_mask_words) {
   const int64_t groups = static_cast<int64_t>(len.size());
   RoundsPlan p;
   p.tables.resize(3 * groups);
@@ -317,7 +318,7 @@ RoundsPlan plan_rounds(const std::vector<int64_t>& len) {
     p.tables[c] = p.mask_words, p.tables[groups + c] = p.pair_words, p.tables[2 * groups + c] = p.chunk_words;
     p.mask_words += len[c] * words, p.pair_words += words * words, p.chunk_words += words;
   }
-  for (int64_t c = 0; c < groups && groups > 1; ++c) {
+  for (int64_t c = 0; c < groups && groups > 1 && p.mask_words <= max_mask_words; ++c) {
     const int64_t words = (len[c] + kWord - 1) / kWord;
     for (int64_t rb = 0; rb < words; ++rb)
       for (int64_t cb = 0; cb < words; ++cb) p.tables.insert(p.tables.end(), {c, rb, cb});
@@ -338,7 +339,8 @@ void launch_rounds(const RoundsPlan& plan, int64_t groups, int64_t max_len, cons
   at::Tensor mask = at::zeros({std::max<int64_t>(plan.mask_words, 1)}, b.options().dtype(at::kLong));
   at::Tensor listed = at::empty({plan.pair_words}, b.options().dtype(at::kByte));
   const unsigned words = static_cast<unsigned>((max_len + kWord - 1) / kWord);
-  const dim3 grid = groups > 1 ? dim3(static_cast<unsigned>((plan.tables.size() - 3 * groups) / 3)) : dim3(words, words);
+  const unsigned tiles = static_cast<unsigned>((plan.tables.size() - 3 * groups) / 3);
+  const dim3 grid = groups > 1 ? dim3(tiles) : dim3(words, words);
   rounds_mask_kernel<T, METHOD><<<grid, kWord, 0, stream>>>(
       b.const_data_ptr<T>(), start.const_data_ptr<int64_t>(), len.const_data_ptr<int64_t>(),
       place.const_data_ptr<int32_t>(), off, groups, groups > 1 ? off + 3 * groups : nullptr, thr,
@@ -365,17 +367,19 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_inputs("soft_nms", boxes, scores, idxs, iou_threshold);
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
+  // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" (soft_nms_kernel's other chunk placement) or
+  // "rounds" (soft_rounds_kernel, where it applies); the same boxes, scores equal to
+  // rounding. Both are off by default until a GPU run has timed them
+  // (benchmarks/soft_nms_scaling.py).
+  const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
+  const std::string variant = variant_env ? variant_env : "";
+  const std::string what =
+      "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread or rounds, got '" + variant + "'";
+  TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "rounds", what);
+  const bool spread = variant == "spread";
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
-  // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" (soft_nms_kernel's other chunk placement) or
-  // "rounds" (soft_rounds_kernel, where it applies); same results. Both are off by default
-  // until a GPU run has timed them (benchmarks/soft_nms_scaling.py).
-  const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
-  const std::string variant = variant_env ? variant_env : "";
-  TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "rounds",
-                    "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread or rounds, got '", variant, "'");
-  const bool spread = variant == "spread";
   Groups g = group_by_category(scores, idxs);
   const int64_t groups = static_cast<int64_t>(g.len.size());
   const int64_t max_len = *std::max_element(g.len.begin(), g.len.end());
@@ -386,8 +390,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
                 max_len <= kWord * kRoundsMaxChunks;
   RoundsPlan plan;
   if (rounds) {
-    plan = plan_rounds(g.len);
-    rounds = plan.mask_words <= (int64_t(1) << 26);
+    constexpr int64_t kMaxMaskWords = int64_t(1) << 26;
+    plan = plan_rounds(g.len, kMaxMaskWords);
+    rounds = plan.mask_words <= kMaxMaskWords;
   }
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
