@@ -190,14 +190,16 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_model_on_cuda(name):
-    """The same weights give the CPU's loss on CUDA (TF32 convolutions: a loose tolerance),
+def test_model_on_cuda(name, monkeypatch):
+    """The same weights give the CPU's loss on CUDA (fp32 convolutions without TF32; the
+    detectors' candidate order may still differ at near-equal scores: a loose tolerance),
     and a few CUDA steps lower it."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     cpu = MODELS[name]().eval()
     gpu = copy.deepcopy(cpu).cuda()
     batch = SyntheticShapes(seed=7).batch(8)
-    torch.testing.assert_close(gpu.loss(batch.to("cuda")).cpu(), cpu.loss(batch), rtol=0.05, atol=0.01)
+    torch.testing.assert_close(gpu.loss(batch.to("cuda")).cpu(), cpu.loss(batch), rtol=0.02, atol=1e-3)
     losses = train(gpu, SyntheticShapes(seed=0), 60, device="cuda")
     assert sum(losses[-10:]) < sum(losses[:10])
     gpu.eval()
