@@ -1,5 +1,8 @@
 """NMS family workloads on clustered detections (a detector's raw output), vs torchvision."""
 
+import contextlib
+import os
+
 import torch
 import torchvision.ops as tv
 
@@ -33,11 +36,35 @@ def _batched(n, categories):
     return make
 
 
-def _soft(n):
-    # Anchor: our own nms on the same input (torchvision has no Soft-NMS).
+KERNEL_ENV = "PYVISION_OPS_SOFT_NMS_KERNEL"
+
+
+@contextlib.contextmanager
+def soft_nms_kernel(variant):
+    """PYVISION_OPS_SOFT_NMS_KERNEL set to `variant` (None: left as it is), then restored."""
+    before = os.environ.get(KERNEL_ENV)
+    if variant is not None:
+        os.environ[KERNEL_ENV] = variant
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = before
+
+
+def _soft(n, variant=None):
+    """Anchor: our own nms on the same input (torchvision has no Soft-NMS); `variant`: the
+    CUDA kernel (PYVISION_OPS_SOFT_NMS_KERNEL) for each call."""
     def make(device):
         b, s, _ = (t.to(device) if t is not None else None for t in _detections(n))
-        return (lambda: P.nms(b, s, 0.5)), (lambda: P.soft_nms(b, s, method="gaussian"))
+
+        def ours():
+            with soft_nms_kernel(variant):
+                return P.soft_nms(b, s, method="gaussian")
+
+        return (lambda: P.nms(b, s, 0.5)), ours
 
     return make
 
@@ -48,4 +75,5 @@ WORKLOADS = [
     Workload("nms", "batched_nms N=20000, 80 categories", "torchvision", _batched(20000, 80)),
     Workload("nms", "soft_nms gaussian N=2000", "our nms", _soft(2000), devices=("cpu",)),
     Workload("nms", "soft_nms gaussian N=5000", "our nms", _soft(5000), devices=("cuda",)),
+    Workload("nms", "soft_nms gaussian N=5000, rounds kernel", "our nms", _soft(5000, "rounds"), devices=("cuda",)),
 ]

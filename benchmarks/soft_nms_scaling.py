@@ -18,17 +18,15 @@ C++ kernel.
 """
 
 import argparse
-import os
 
 import torch
 
 import pyvision_ops as P
 
-from .bench_nms import _detections
+from .bench_nms import _detections, soft_nms_kernel
 from .common import time_cpu, time_cuda
 
 SIZES = (1000, 2000, 4000, 5000, 8000, 12000)
-ENV = "PYVISION_OPS_SOFT_NMS_KERNEL"
 VARIANTS = ("chunks", "spread", "rounds")
 
 
@@ -51,30 +49,23 @@ def main(argv=None):
     def timed(fn):
         return time_cuda(fn, quick=True) if args.device == "cuda" else time_cpu(fn, 0.2)
 
-    before = os.environ.get(ENV)
     print("| N | K | nms ms | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | selections | "
           + " | ".join(f"{v} us / selection" for v in VARIANTS) + " | same |\n|" + "---|" * (5 + 2 * len(VARIANTS)))
-    try:
-        for n in sizes:
-            boxes, scores, _ = _detections(n)
-            b, s = boxes.to(args.device), scores.to(args.device)
-            hard = timed(lambda b=b, s=s: P.nms(b, s, 0.5))
-            soft, out = {}, {}
-            for v in VARIANTS:
-                os.environ[ENV] = v
+    for n in sizes:
+        boxes, scores, _ = _detections(n)
+        b, s = boxes.to(args.device), scores.to(args.device)
+        hard = timed(lambda b=b, s=s: P.nms(b, s, 0.5))
+        soft, out = {}, {}
+        for v in VARIANTS:
+            with soft_nms_kernel(v):
                 out[v] = P.soft_nms(b, s)
                 soft[v] = timed(lambda b=b, s=s: P.soft_nms(b, s))
-            selections = out["chunks"][0].numel()
-            same = all(_same(out["chunks"], out[v]) for v in VARIANTS)
-            per = [soft[v] / max(selections, 1) * 1e6 for v in VARIANTS]
-            print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | "
-                  + " | ".join(f"{soft[v] * 1e3:.3f}" for v in VARIANTS) + f" | {selections} | "
-                  + " | ".join(f"{x:.2f}" for x in per) + f" | {'yes' if same else 'NO'} |", flush=True)
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
+        selections = out["chunks"][0].numel()
+        same = all(_same(out["chunks"], out[v]) for v in VARIANTS)
+        per = [soft[v] / max(selections, 1) * 1e6 for v in VARIANTS]
+        print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | "
+              + " | ".join(f"{soft[v] * 1e3:.3f}" for v in VARIANTS) + f" | {selections} | "
+              + " | ".join(f"{x:.2f}" for x in per) + f" | {'yes' if same else 'NO'} |", flush=True)
 
 
 def _same(a, b):
