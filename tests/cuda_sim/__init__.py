@@ -36,8 +36,9 @@ def library():
         out = os.path.join(ROOT, "build", "cuda_sim", f"soft_nms_sim-{digest.hexdigest()[:16]}.so")
         if not os.path.exists(out):
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            subprocess.run([cxx, *flags, SOURCES[0], "-o", out + ".tmp"], check=True)
-            os.replace(out + ".tmp", out)
+            tmp = f"{out}.{os.getpid()}.tmp"  # pytest-xdist workers may build at once
+            subprocess.run([cxx, *flags, SOURCES[0], "-o", tmp], check=True)
+            os.replace(tmp, out)
         _lib = ctypes.CDLL(out)
     return _lib
 
