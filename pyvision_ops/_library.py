@@ -94,6 +94,12 @@ def _register_triton(op: str, family: str, launcher: str | None = None) -> None:
     TRITON_KERNELS[op] = f"kernels/{family}.py:{launcher}"
 
 
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An output shaped like t as the kernels return it: contiguous whatever t's strides
+    (they compute on t.contiguous()); empty_like would keep a channels_last layout."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Output/accumulation dtype of the kernels: fp64 stays fp64, everything else is fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -114,7 +120,7 @@ def _(boxes1, boxes2, kind, loss, eps):
 
 @torch.library.register_fake("pyvision_ops::matched_box_iou_backward")
 def _(grad, boxes1, boxes2, kind, loss, eps):
-    return torch.empty_like(boxes1), torch.empty_like(boxes2)
+    return _like(boxes1), _like(boxes2)
 
 
 def _matched_setup(ctx, inputs, output):
@@ -327,7 +333,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction):
 
 @torch.library.register_fake("pyvision_ops::softmax_cross_entropy_backward")
 def _(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing, reduction):
-    return torch.empty_like(logits)
+    return _like(logits)
 
 
 def _register_ce_autograd(op: str) -> None:
@@ -362,7 +368,7 @@ def _(logits, target, align_corners, weight, ignore_index, label_smoothing, redu
 
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy_backward")
 def _(grad, logits, target, align_corners, weight, stats, wsum, ignore_index, label_smoothing, reduction):
-    return torch.empty_like(logits)
+    return _like(logits)
 
 
 _register_ce_autograd("upsample_cross_entropy")
@@ -372,12 +378,12 @@ _register_ce_autograd("upsample_cross_entropy")
 
 @torch.library.register_fake("pyvision_ops::sigmoid_focal_loss")
 def _(inputs, targets, alpha, gamma):
-    return torch.empty_like(inputs)
+    return _like(inputs)
 
 
 @torch.library.register_fake("pyvision_ops::sigmoid_focal_loss_backward")
 def _(grad, inputs, targets, alpha, gamma):
-    return torch.empty_like(inputs), torch.empty_like(inputs)
+    return _like(inputs), _like(inputs)
 
 
 def _focal_setup(ctx, inputs, output):
@@ -402,7 +408,7 @@ def _(logits, target, ignore_index):
 
 @torch.library.register_fake("pyvision_ops::dice_stats_backward")
 def _(grad, logits, target, ignore_index):
-    return torch.empty_like(logits)
+    return _like(logits)
 
 
 def _dice_setup(ctx, inputs, output):
@@ -421,7 +427,7 @@ register_autograd("pyvision_ops::dice_stats", _dice_backward, setup_context=_dic
 
 @torch.library.register_fake("pyvision_ops::lovasz_gradient")
 def _(fg_sorted, lengths):
-    return torch.empty_like(fg_sorted)
+    return _like(fg_sorted)
 
 
 @torch.library.register_fake("pyvision_ops::lovasz_softmax_rows")

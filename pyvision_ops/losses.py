@@ -21,7 +21,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     (1 - alpha)(1 - t)`` (no weight when ``alpha = -1``). One fused kernel each way;
     gradients reach ``inputs`` and (soft) ``targets``. The result has the dtype of
     ``inputs`` (computed in fp32, fp64 for fp64). ``reduction``: ``"none"``,
-    ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN.
+    ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN, and
+    with ``"none"`` channels_last ``inputs`` and ``targets`` give a channels_last loss.
     A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows
     ``torch.pow`` (real for an integral ``gamma``, NaN for a fractional one).
     """
@@ -39,7 +40,16 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     if not (0 <= alpha <= 1) and alpha != -1:
         raise ValueError(f"alpha must be in [0, 1], or -1 to disable the weight, got {alpha}")
     _utils.check_reduction(reduction)
-    loss = ops.sigmoid_focal_loss(inputs, targets.to(inputs.dtype), alpha, gamma)
+    targets = targets.to(inputs.dtype)
+    nhwc = torch.channels_last
+    if (inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=nhwc)
+            and targets.is_contiguous(memory_format=nhwc)):
+        # Elementwise: run on the NHWC views, so that the loss is channels_last like both
+        # inputs, as torchvision's elementwise ops make it (and no input is copied).
+        nhwc = ops.sigmoid_focal_loss(inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1), alpha, gamma)
+        loss = nhwc.permute(0, 3, 1, 2)
+    else:
+        loss = ops.sigmoid_focal_loss(inputs, targets, alpha, gamma)
     if reduction == "mean":
         return loss.mean()
     return _utils.reduce(loss, reduction)

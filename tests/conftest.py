@@ -31,3 +31,22 @@ def opcheck(op, args, kwargs=None):
     """torch.library.opcheck with every test; raises on the first failure."""
     result = torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_UTILS, raise_exception=True)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def check_compiled_channels_last(loss_fn, x):
+    """loss_fn(x) forward and backward under torch.compile(fullgraph=True) with channels_last
+    x: the same loss and gradient as eager (a fake kernel whose output strides differ from
+    the real kernel's fails here). Inductor's caches are off: a cached graph would keep the
+    strides of an older fake kernel."""
+    import torch._inductor.config as inductor_config
+
+    x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    with inductor_config.patch(force_disable_caches=True):
+        for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+            xr = x.detach().clone().requires_grad_()
+            loss = fn(xr)
+            loss.backward()
+            results.append((loss.detach(), xr.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])

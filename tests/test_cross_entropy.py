@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import opcheck
+from conftest import check_compiled_channels_last, opcheck
 
 import pyvision_ops as P
 
@@ -620,3 +620,15 @@ def test_double_backward_raises():
         (g,) = torch.autograd.grad(loss, [x], create_graph=True)
         with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
             torch.autograd.grad(g.square().sum(), [x])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_compile_with_channels_last_logits(fused):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    if fused:
+        y = torch.randint(0, 5, (2, 12, 14), generator=g)
+        check_compiled_channels_last(lambda a: P.upsample_cross_entropy(a, y), z)
+    else:
+        y = torch.randint(0, 5, (2, 6, 7), generator=g)
+        check_compiled_channels_last(lambda a: P.softmax_cross_entropy(a, y), z)

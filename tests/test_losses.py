@@ -4,7 +4,7 @@ import pytest
 import reference
 import torch
 import torchvision.ops as tv
-from conftest import opcheck
+from conftest import check_compiled_channels_last, opcheck
 
 import pyvision_ops as P
 
@@ -49,6 +49,28 @@ def test_focal_dtypes(dtype, tol):
     assert ours.dtype == dtype
     torch.testing.assert_close(ours, tv.sigmoid_focal_loss(x, t) if dtype == torch.float64
                                else tv.sigmoid_focal_loss(x.double(), t.double()).to(dtype), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("targets_channels_last", [True, False])
+def test_focal_keeps_channels_last_like_torchvision(targets_channels_last):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    t = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    t = t.to(memory_format=torch.channels_last) if targets_channels_last else t
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = P.sigmoid_focal_loss(xa, t), tv.sigmoid_focal_loss(xb, t)
+    assert ours.stride() == theirs.stride()
+    torch.testing.assert_close(ours, theirs)
+    w = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    (ours * w).sum().backward()
+    (theirs * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(force_disable_caches=True):  # a cached graph keeps old strides
+        compiled = torch.compile(P.sigmoid_focal_loss, fullgraph=True)(x, t)
+    assert compiled.stride() == theirs.stride()
+    torch.testing.assert_close(compiled, theirs.detach())
 
 
 def test_focal_edge_cases():
@@ -899,3 +921,15 @@ def test_triton_launchers_check_shapes_like_the_cpu_ops():
     for call in calls:
         with pytest.raises(RuntimeError):
             call()
+
+
+@pytest.mark.parametrize("loss", ["focal", "dice", "lovasz"])
+def test_compile_with_channels_last_logits(loss):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 6, 7), generator=g)
+    t = torch.rand(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    fn = {"focal": lambda a: P.sigmoid_focal_loss(a, t, reduction="mean"),
+          "dice": lambda a: P.dice_loss(a, y),
+          "lovasz": lambda a: P.lovasz_softmax(a, y, from_logits=True)}[loss]
+    check_compiled_channels_last(fn, x)
