@@ -41,13 +41,13 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
         raise ValueError(f"alpha must be in [0, 1], or -1 to disable the weight, got {alpha}")
     _utils.check_reduction(reduction)
     targets = targets.to(inputs.dtype)
-    nhwc = torch.channels_last
-    if (inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=nhwc)
-            and targets.is_contiguous(memory_format=nhwc)):
+    cl = torch.channels_last
+    if (inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=cl)
+            and targets.is_contiguous(memory_format=cl)):
         # Elementwise: run on the NHWC views, so that the loss is channels_last like both
         # inputs, as torchvision's elementwise ops make it (and no input is copied).
-        nhwc = ops.sigmoid_focal_loss(inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1), alpha, gamma)
-        loss = nhwc.permute(0, 3, 1, 2)
+        loss = ops.sigmoid_focal_loss(inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1), alpha, gamma)
+        loss = loss.permute(0, 3, 1, 2)
     else:
         loss = ops.sigmoid_focal_loss(inputs, targets, alpha, gamma)
     if reduction == "mean":
