@@ -184,8 +184,11 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     trained = out.split("segmenter: ")[1].splitlines()[0]
     cli.main(["evaluate", path, "--eval-images", "4", "--device", "cpu"])
     assert capsys.readouterr().out.strip() == f"segmenter: {trained}"
-    with pytest.raises(SystemExit):
-        cli.main(["train", "segmenter", "--size", "30"])
+    for bad in (["--size", "30"], ["--size", "12"], ["--classes", "7"], ["--steps", "0"], ["--lr", "0"],
+                ["--width", "0"], ["--batch-size", "0"], ["--eval-images", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "segmenter", *bad])
+        assert bad[0] in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -42,6 +42,8 @@ def main(argv=None) -> None:
         q.add_argument("--eval-images", type=int, default=64)
     args = p.parse_args(argv)
 
+    if args.eval_images < 1:
+        p.error(f"--eval-images must be at least 1, got {args.eval_images}")
     if args.command == "evaluate":
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         model = MODELS[ckpt["model"]](**ckpt["config"])
@@ -49,8 +51,13 @@ def main(argv=None) -> None:
         print(f"{ckpt['model']}: {_evaluate(model.to(args.device), ckpt['data'], args.eval_images, args.device)}")
         return
 
-    if args.size % 4 or args.steps < 1:
-        p.error("--size must be a multiple of 4 and --steps at least 1")
+    for flag, ok, what in (("--steps", args.steps >= 1, "at least 1"),
+                           ("--batch-size", args.batch_size >= 1, "at least 1"),
+                           ("--lr", args.lr > 0, "positive"), ("--width", args.width >= 1, "at least 1"),
+                           ("--classes", 1 <= args.classes <= 6, "in [1, 6]"),
+                           ("--size", args.size >= 16 and args.size % 4 == 0, "a multiple of 4, at least 16")):
+        if not ok:
+            p.error(f"{flag} must be {what}, got {getattr(args, flag[2:].replace('-', '_'))}")
     torch.manual_seed(args.seed)
     data_config = {"num_classes": args.classes, "size": args.size}
     config = {"num_classes": args.classes, "width": args.width}
