@@ -397,8 +397,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
   const at::Tensor seg = at::repeat_interleave(at::arange(groups, d_len.options()), d_len);
-  at::Tensor out_pos = at::empty({n}, boxes.options().dtype(at::kLong));
-  at::Tensor out_count = at::empty({groups}, boxes.options().dtype(at::kLong));
+  at::Tensor out_pos, out_count;  // the sequential kernel's outputs
   at::Tensor alive = at::empty({n}, boxes.options().dtype(at::kInt));
   at::Tensor out_score, place, selected;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -432,6 +431,8 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
       }
       return;
     }
+    out_pos = at::empty({n}, boxes.options().dtype(at::kLong));
+    out_count = at::empty({groups}, boxes.options().dtype(at::kLong));
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
                                 slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,

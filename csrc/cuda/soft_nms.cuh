@@ -120,15 +120,19 @@ __device__ __forceinline__ Key<T> block_max(const Key<T>& warp_best, uint32_t (*
   return warp_max(k);
 }
 
+// The union of two boxes; fmin/fmax skip a NaN coordinate.
+template <typename T>
+__device__ __forceinline__ Box<T> box_union(const Box<T>& a, const Box<T>& b) {
+  return {fmin(a.x1, b.x1), fmin(a.y1, b.y1), fmax(a.x2, b.x2), fmax(a.y2, b.y2)};
+}
+
 // Union of the warp's boxes in every lane (fmin/fmax skip NaN coordinates: such a box
 // has a NaN IoU, which never decays it).
 template <typename T>
 __device__ __forceinline__ Box<T> warp_union(Box<T> b) {
   for (int off = 16; off > 0; off >>= 1) {
-    b.x1 = fmin(b.x1, __shfl_xor_sync(0xffffffffu, b.x1, off));
-    b.y1 = fmin(b.y1, __shfl_xor_sync(0xffffffffu, b.y1, off));
-    b.x2 = fmax(b.x2, __shfl_xor_sync(0xffffffffu, b.x2, off));
-    b.y2 = fmax(b.y2, __shfl_xor_sync(0xffffffffu, b.y2, off));
+    b = box_union(b, Box<T>{__shfl_xor_sync(0xffffffffu, b.x1, off), __shfl_xor_sync(0xffffffffu, b.y1, off),
+                            __shfl_xor_sync(0xffffffffu, b.x2, off), __shfl_xor_sync(0xffffffffu, b.y2, off)});
   }
   return b;
 }
@@ -222,7 +226,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
       }
       u = warp_union(u);
       if (lane == 0) slot_union[warp * K + k] = u;
-      warp_u = {fmin(warp_u.x1, u.x1), fmin(warp_u.y1, u.y1), fmax(warp_u.x2, u.x2), fmax(warp_u.y2, u.y2)};
+      warp_u = box_union(warp_u, u);
     }
     __syncwarp();
     int lslot;
@@ -342,11 +346,6 @@ __device__ __forceinline__ bool soft_interacts(const Box<T>& a, const Box<T>& b,
   return METHOD != nms::kGaussian && thr > T(0) ? iou >= thr : iou > T(0);
 }
 
-template <typename T>
-__device__ __forceinline__ Box<T> box_union(const Box<T>& a, const Box<T>& b) {
-  return {fmin(a.x1, b.x1), fmin(a.y1, b.y1), fmax(a.x2, b.x2), fmax(a.y2, b.y2)};
-}
-
 // Per group c, the tables `off` hold where its mask words, its chunk-pair flags (and chunk
 // lists) and its chunk counts start, `groups` entries each.
 
@@ -437,6 +436,17 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
 
   auto key_of = [&](int m) { return live_key(msc[s + m], place[s + m] - static_cast<int>(s)); };
   auto linked = [&](int m, int q) { return (mask[static_cast<int64_t>(m) * words + (q >> 6)] >> (q & 63)) & 1ull; };
+  // visit(q) for the live boxes q that m interacts with, in Morton order, in the chunks
+  // want(chunk) accepts, until visit returns false.
+  auto neighbours = [&](int m, auto want, auto visit) {
+    const int rb = m / kWord;
+    for (int k = 0; k < ccount[rb]; ++k) {
+      const int cb = clist[rb * words + k];
+      if (!want(cb)) continue;
+      for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb] & live[cb]; w; w &= w - 1)
+        if (!visit(cb * kWord + __ffsll(static_cast<long long>(w)) - 1)) return;
+    }
+  };
   int par = 0;
   for (int round = 1;; ++round) {
     // Per chunk (a warp each) its live bits and best live key; the best of all is always
@@ -470,17 +480,9 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
       if (!wins && !linked(m, top)) {
         const Key<T> km = key_of(m);
         wins = true;
-        const int rb = m / kWord;
-        for (int k = 0; wins && k < ccount[rb]; ++k) {
-          const int cb = clist[rb * words + k];
-          if (!key_greater(chunk_best[cb], km)) continue;  // nothing live there outranks m
-          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb] & live[cb]; w; w &= w - 1) {
-            if (key_greater(key_of(cb * kWord + __ffsll(static_cast<long long>(w)) - 1), km)) {
-              wins = false;
-              break;
-            }
-          }
-        }
+        neighbours(
+            m, [&](int cb) { return key_greater(chunk_best[cb], km); },  // else nothing live there outranks m
+            [&](int q) { return wins = !key_greater(key_of(q), km); });
       }
       if (wins) {
         win[s + m] = round;
@@ -519,14 +521,10 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
           if (linked(m, q)) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
         }
       } else {
-        const int rb = m / kWord;
-        for (int k = 0; k < ccount[rb]; ++k) {
-          const int cb = clist[rb * words + k];
-          for (unsigned long long w = mask[static_cast<int64_t>(m) * words + cb] & live[cb]; w; w &= w - 1) {
-            const int q = cb * kWord + __ffsll(static_cast<long long>(w)) - 1;
-            if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
-          }
-        }
+        neighbours(m, [](int) { return true; }, [&](int q) {
+          if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+          return true;
+        });
       }
       msc[s + m] = v;
       if (v < score_thr) state[s + m] = kDead;
