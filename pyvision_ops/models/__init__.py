@@ -35,7 +35,7 @@ def train(model: torch.nn.Module, data: SyntheticShapes, steps: int, batch_size:
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no host sync per step; read back when logged and at the end
         if log and (step % 25 == 0 or step == steps):
-            log(step, losses[-1], time.perf_counter() - t0)
-    return losses
+            log(step, losses[-1].item(), time.perf_counter() - t0)
+    return torch.stack(losses).tolist() if losses else []
