@@ -151,7 +151,7 @@ def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a, g,
             else:
                 den = c
             d_uni += _div(dval, den, DIV_RN)
-            d_c = -dval * _div(den - c + uni, den * den, DIV_RN)
+            d_c = -dval * _div(_div(den - c + uni, den, DIV_RN), den, DIV_RN)  # den^2 would overflow first
             d_ew += d_c * eh
             d_eh += d_c * ew
         else:
@@ -160,7 +160,7 @@ def _pair_grad(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a, g,
             diag = ew * ew + eh * eh + eps
             cent = dx * dx + dy * dy
             d_cent = _div(-dval, diag, DIV_RN)
-            d_diag = dval * _div(cent, diag * diag, DIV_RN)
+            d_diag = dval * _div(_div(cent, diag, DIV_RN), diag, DIV_RN)
             d_ew += 2.0 * ew * d_diag
             d_eh += 2.0 * eh * d_diag
             d_dx = 2.0 * dx * d_cent

@@ -5,8 +5,8 @@ CPU, Triton on CUDA (kernels/box_iou.py), with the same math (csrc/common/box_io
 
 Dtypes, as torchvision: float32 and float64 stay as they are; float16, bfloat16
 and integer boxes give float32 results (computed in float32; integers in
-float64, so integer areas are exact); mixed inputs promote (an integer box
-against a float64 one gives float64). The losses compute integer and half boxes
+float64, so integer areas are exact, also against a half box); mixed inputs
+promote (an integer box against a float64 one gives float64). The losses compute integer and half boxes
 in float32, as torchvision's do. Gradients come back in the dtype of the boxes.
 
 Degenerate boxes follow torchvision's formulas exactly, with no hidden epsilon:
@@ -39,11 +39,13 @@ _AXIS_ALIGNED_FMTS = ("xyxy", "xywh", "cxcywh")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    # Integers go through float64 (exact products), then come back as float32.
-    return dtype if dtype.is_floating_point else torch.float64
+    # Integers go through float64 (exact products), then come back as float32; before the
+    # promotion, so that an integer box against an fp16 one is not rounded to fp16.
+    dtype = None
+    for t in tensors:
+        d = t.dtype if t.dtype.is_floating_point else torch.float64
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    return dtype
 
 
 def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:

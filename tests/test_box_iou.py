@@ -152,6 +152,47 @@ def test_gradient_at_huge_fp32_coordinates_is_finite():
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
+def _extreme_scale_boxes(scale):
+    """Overlapping fp32 boxes of sides ~ scale, their enclosing box's squared area and
+    diagonal past fp32's range (scale 1e10) or below its normal range (scale 1e-12)."""
+    a = torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1.2]]) * scale
+    b = torch.tensor([[0.5, 0.25, 2, 1.5], [0.1, 0.4, 1.6, 3]]) * scale
+    return a, b
+
+
+@pytest.mark.parametrize("scale", [1e10, 1e-12])
+def test_gradient_at_extreme_fp32_scales_matches_torchvision(scale):
+    # The enclosing term's gradient divided by den^2 (and diag^2), which overflows (or
+    # underflows) long before the values do: wrong signs at 1e10, inf at 1e-12. torchvision
+    # divides twice; its fp64 gradient is the truth here.
+    a, b = _extreme_scale_boxes(scale)
+    cases = [(f, tv_f, False) for f, tv_f in (PAIRWISE["giou"], PAIRWISE["diou"], PAIRWISE["ciou"])]
+    cases += [(f, tv_f, True) for f, tv_f in LOSSES.values()] if scale > 1 else []  # the losses' eps at 1e-12
+    for ours_fn, ref_fn, loss in cases:
+        x1 = a.clone().requires_grad_()
+        x2 = a.double().requires_grad_()
+        out = ours_fn(x1, b) if loss else ours_fn(x1, b).diagonal()
+        ref = ref_fn(x2, b.double()) if loss else ref_fn(x2, b.double()).diagonal()
+        g1 = torch.autograd.grad(out.sum(), [x1])[0]
+        g2 = torch.autograd.grad(ref.sum(), [x2])[0]
+        assert torch.isfinite(g1).all(), ours_fn.__name__
+        torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=0, msg=ours_fn.__name__)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [1e10, 1e-12])
+def test_triton_gradient_at_extreme_fp32_scales(scale):
+    from pyvision_ops.kernels import box_iou as K
+
+    a, b = _extreme_scale_boxes(scale)
+    g = torch.ones(2)
+    for kind in range(1, 4):
+        cpu = ops.matched_box_iou_backward(g, a, b, kind, False, 1e-7)
+        for x, y in zip(cpu, K.matched_box_iou_backward(g, a, b, kind, False, 1e-7)):
+            assert torch.isfinite(x).all()
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     coords=st.lists(
@@ -384,6 +425,22 @@ def test_mixed_integer_and_float64_boxes_promote_like_torchvision():
             ours, ref = ours_fn(x, y), ref_fn(x.to(d), y.to(d))
             assert ours.dtype == d, (name, x.dtype, y.dtype)
             torch.testing.assert_close(ours, ref)
+
+
+def test_integer_boxes_against_half_boxes_are_not_rounded_to_half():
+    # int and fp16 promote to fp16 in torch; the integer box must still be exact (float64),
+    # not 90000 -> inf: the fp32 result of the float64 computation (torchvision's GIoU is NaN
+    # here: its enclosing area overflows fp16)
+    a = torch.tensor([[0, 0, 90000, 90000], [30000, 0, 60000, 150000]])
+    b = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1, 1, 4, 5]], dtype=torch.float16)
+    for kind in KINDS:
+        for x, y in ((a, b), (b, a)):
+            ours = PAIRWISE[kind][0](x, y)
+            assert ours.dtype == torch.float32
+            torch.testing.assert_close(ours, PAIRWISE[kind][0](x.double(), y.double()).float(), rtol=1e-6, atol=0)
+        ours = P.matched_box_iou(a, b, kind=kind)
+        torch.testing.assert_close(ours, P.matched_box_iou(a.double(), b.double(), kind=kind).float(), rtol=1e-6,
+                                   atol=0)
 
 
 # ------------------------------------------------------- op-level machinery

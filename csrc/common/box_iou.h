@@ -168,7 +168,7 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
     const T c = ew * eh;
     const T den = LOSS ? c + eps : c;
     d_uni += dval / den;
-    const T d_c = -dval * ((den - c + uni) / (den * den));
+    const T d_c = -dval * (((den - c + uni) / den) / den);  // not / den^2: it overflows (or underflows) first
     d_ew += d_c * eh;
     d_eh += d_c * ew;
   } else if (KIND == kDIoU || KIND == kCIoU) {
@@ -177,7 +177,7 @@ PVO_HD void pair_grad(const Box<T>& a, const Box<T>& b, T atan_a, T atan_b, T ep
     const T diag = ew * ew + eh * eh + eps_d;
     const T cent = dx * dx + dy * dy;
     const T d_cent = -dval / diag;
-    const T d_diag = dval * (cent / (diag * diag));
+    const T d_diag = dval * ((cent / diag) / diag);
     d_ew += T(2) * ew * d_diag;
     d_eh += T(2) * eh * d_diag;
     d_dx = T(2) * dx * d_cent;
