@@ -177,37 +177,48 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
 
 
 @triton.jit
-def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr):
-    """d loss / d z_c = a p_c - b [c = y] - g spread w_c, with a = g (keep w_y + spread W), b = g keep w_y."""
-    return coef_a * tl.exp((z - mx) - ls) - tl.where(y == c, coef_b, 0.0) - gs * _class_weight(w_ptr, c, HAS_W)
+def _grad_coefs(g, wy, wsum, keep, spread):
+    """a = g (keep w_y + spread W), b = g keep w_y and gs = g spread of d loss / d z_c. As in
+    _ce_loss, a term whose factor is 0 is left out: without label smoothing a NaN or inf
+    weight of a class no position targets must not reach every gradient (0 * inf)."""
+    hard = tl.where(keep != 0, keep * wy, 0.0)
+    return g * tl.where(spread != 0, hard + spread * wsum, hard), g * hard, g * spread
+
+
+@triton.jit
+def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """d loss / d z_c = a p_c - b [c = y] - g spread w_c (the last term only with label smoothing)."""
+    dz = coef_a * tl.exp((z - mx) - ls) - tl.where(y == c, coef_b, 0.0)
+    if SMOOTH:
+        dz -= gs * _class_weight(w_ptr, c, HAS_W)
+    return dz
 
 
 @triton.jit
 def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
-                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, G_STEP: tl.constexpr,
-                        MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                        G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
-    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
-    coef_b = g * keep * wy
-    gs = g * spread
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), _weight_sum(w_ptr, C, HAS_W),
+                                     keep, spread)
     zp = z_ptr + base
     dp = dz_ptr + base
     c_main = C - C % UNROLL
     for c0 in range(0, c_main, UNROLL):
         for u in tl.static_range(UNROLL):
             dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c0 + u, y, mx, ls, coef_a, coef_b, gs, w_ptr,
-                          HAS_W)
+                          HAS_W, SMOOTH)
             tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
             zp += S
             dp += S
     for c in range(c_main, C):
-        dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W)
+        dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W,
+                      SMOOTH)
         tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
         zp += S
         dp += S
@@ -266,8 +277,8 @@ def _ce_rows_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
 
 @triton.jit
 def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, N, C, ignore_index,
-                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, G_STEP: tl.constexpr,
-                             MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
+                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                             G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
@@ -280,17 +291,16 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         wv += _row_weights(w_ptr, cs, cs < C, HAS_W)
-    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    coef_a = g * (keep * wy + spread * tl.sum(wv, 0))
-    coef_b = g * keep * wy
-    gs = g * spread
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), tl.sum(wv, 0), keep, spread)
     row = z_ptr + r * C
     drow = dz_ptr + r * C
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         m = cs < C
         z = tl.load(row + cs, mask=m, other=0.0).to(acc)
-        dz = coef_a * tl.exp((z - mx) - ls) - tl.where(y == cs, coef_b, 0.0) - gs * _row_weights(w_ptr, cs, m, HAS_W)
+        dz = coef_a * tl.exp((z - mx) - ls) - tl.where(y == cs, coef_b, 0.0)
+        if SMOOTH:
+            dz -= gs * _row_weights(w_ptr, cs, m, HAS_W)
         tl.store(drow + cs, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
@@ -387,7 +397,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     acc = acc_dtype(logits.dtype)
     g, g_step = loss_grad(grad, acc)
     args = (g, wsum.to(acc), z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz)
-    opts = dict(HAS_W=weight is not None, G_STEP=g_step, MEAN=reduction == 1)
+    opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
     if s == 1:
         _ce_rows_backward_kernel[(n,)](*args, n, c, ignore_index, *_split(label_smoothing, c), **opts,
                                        **_rows_config(c))
@@ -440,8 +450,8 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, yi
 @triton.jit
 def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, wsum_ptr, stats_ptr, t_ptr, yi0, yi1, yw0, yw1, xi0, xi1,
                              xw0, xw1, xlo, xhi, C, c0, CC, h, w, H, W, P, ignore_index, keep: tl.float64,
-                             spread: tl.float64, BX, HAS_W: tl.constexpr, G_STEP: tl.constexpr, MEAN: tl.constexpr,
-                             FX: tl.constexpr, BXP: tl.constexpr):
+                             spread: tl.float64, BX, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                             G_STEP: tl.constexpr, MEAN: tl.constexpr, FX: tl.constexpr, BXP: tl.constexpr):
     # For classes c0 .. c0 + CC - 1: the gradient of the upsampled logits on one output row,
     # summed along x into the low-resolution columns of this program's block.
     row = tl.program_id(0)  # image * H + output row
@@ -455,15 +465,13 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, wsum_ptr, stats_ptr, t_
     g = _position_grad(g_ptr, wsum_ptr, offs, mo, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + offs, mask=mo, other=0.0)
     ls = tl.load(stats_ptr + P + offs, mask=mo, other=0.0)
-    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    coef_a = g * (keep * wy + spread * _weight_sum(w_ptr, C, HAS_W))
-    coef_b = g * keep * wy
-    gs = g * spread
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), _weight_sum(w_ptr, C, HAS_W),
+                                     keep, spread)
     oy = row % H
     for cc in range(CC):
         c = c0 + cc
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        du = tl.where(mo, _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W), 0.0)
+        du = tl.where(mo, _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W, SMOOTH), 0.0)
         tl.store(t_ptr + ((n * CC + cc) * H + oy) * w + cells, contract_x(du, ta, tb, wa, wb), mask=mc)
 
 
@@ -515,6 +523,6 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
         _up_ce_contract_x_kernel[(n * H, column_blocks("upsample_cross_entropy_backward", w, tx.bx))](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
             n * H * W, ignore_index, *_split(label_smoothing, c), tx.bx, HAS_W=weight is not None,
-            G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)
+            SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)
         contract_y(tk, dl, ty, dst_first=c0)
     return dl

@@ -243,6 +243,61 @@ def test_upsample_ce_bad_input(call, exc, words):
         call()
 
 
+def _nan_weight_case(shape, bad, targeted):
+    """Logits, targets and a weight whose last class is `bad` (NaN or inf); that class is a
+    target somewhere only when `targeted`."""
+    x, y, w = batch(shape, ignore=255)
+    c = shape[1]
+    if not targeted:
+        y[y == c - 1] = 0
+    assert (y == c - 1).any() == targeted
+    w[c - 1] = bad
+    return x, y, w
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("targeted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_non_finite_class_weight_reaches_only_its_targets(bad, targeted, reduction):
+    # Without label smoothing a class weight scales only its own targets' terms: torch's
+    # gradient is finite wherever that class is not the target (the backward's 0 * inf made
+    # every gradient NaN), for the plain and the fused upsample op.
+    kw = dict(ignore_index=255, reduction=reduction)
+    for shape, ours_fn, ref_fn in (
+            ((7, 4), P.softmax_cross_entropy, F.cross_entropy),
+            ((2, 4, 5, 6), P.softmax_cross_entropy, F.cross_entropy),
+            ((2, 4, 3, 4), lambda a, t, **k: P.upsample_cross_entropy(a, t, **k), unfused)):
+        x, y, w = _nan_weight_case(shape, bad, targeted)
+        if ours_fn is not P.softmax_cross_entropy:  # upsampled targets, 2x
+            y = y.repeat_interleave(2, 1).repeat_interleave(2, 2)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, ref = ours_fn(x1, y, weight=w, **kw), ref_fn(x2, y, weight=w, **kw)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+        go = torch.autograd.grad(ours.sum(), [x1])[0]
+        gr = torch.autograd.grad(ref.sum(), [x2])[0]
+        torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12, equal_nan=True)
+        assert torch.isfinite(go).all() or targeted
+
+
+def test_backward_ops_check_the_targets():
+    # The forward ops reject a target outside [0, C); their backward ops, called directly (or
+    # after the target changed), must too rather than index the class weights with it.
+    z, y, _ = batch((4, 3, 1))
+    y = y.clamp(min=0)[:, 0:1].clone()
+    loss, wsum, stats = ops.softmax_cross_entropy(z, y, None, -100, 0.0, 0)
+    for bad in (10**9, 3, -1):
+        yb = y.clone()
+        yb[0, 0] = bad
+        with pytest.raises(ValueError, match="outside"):
+            ops.softmax_cross_entropy_backward(torch.ones(4, 1), z, yb, None, stats, wsum, -100, 0.0, 0)
+    x, _, _ = batch((1, 3, 2, 2))
+    t = torch.randint(0, 3, (1, 4, 4))
+    loss, wsum, stats = ops.upsample_cross_entropy(x, t, False, None, -100, 0.0, 1)
+    t[0, 1, 2] = -10**12
+    with pytest.raises(ValueError, match="outside"):
+        ops.upsample_cross_entropy_backward(torch.ones(()), x, t, False, None, stats, wsum, -100, 0.0, 1)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -563,6 +618,30 @@ def test_triton_upsample_ce_interpreter(dtype, align_corners, weighted_smoothing
         K.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], fwd_c[1], -100, ls, reduction),
         ops.upsample_cross_entropy_backward(g, x, y, align_corners, wt, fwd_c[2], fwd_c[1], -100, ls, reduction),
         **half)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_triton_non_finite_class_weight_reaches_only_its_targets(bad):
+    # test_non_finite_class_weight_reaches_only_its_targets for the Triton backward kernels
+    # (positions, rows of classes, upsampled), against the CPU ops
+    from pyvision_ops.kernels import cross_entropy as K
+
+    for shape in ((2, 4, 30), (9, 4, 1)):
+        x, y, w = _nan_weight_case(shape, bad, targeted=False)
+        fwd = ops.softmax_cross_entropy(x, y, w, 255, 0.0, 0)
+        g = torch.rand(fwd[0].shape, dtype=torch.float64) + 0.5
+        got = K.softmax_cross_entropy_backward(g, x, y, w, fwd[2], fwd[1], 255, 0.0, 0)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ops.softmax_cross_entropy_backward(g, x, y, w, fwd[2], fwd[1], 255, 0.0, 0),
+                                   rtol=1e-12, atol=1e-12)
+    x, y, w = _nan_weight_case((2, 4, 3, 4), bad, targeted=False)
+    y = y.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    fwd = ops.upsample_cross_entropy(x, y, False, w, 255, 0.0, 2)
+    got = K.upsample_cross_entropy_backward(torch.ones(()), x, y, False, w, fwd[2], fwd[1], 255, 0.0, 2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ops.upsample_cross_entropy_backward(torch.ones(()), x, y, False, w, fwd[2],
+                                                                        fwd[1], 255, 0.0, 2), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.gpu

@@ -7,9 +7,11 @@
 //   (1 when alpha < 0).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,12 +43,26 @@ PVO_HD double log1p_unit(double u) { return std::log1p(u); }
 
 // Class indices must be in [0, C) or ignore_index; checked by the CPU kernels (the CUDA
 // ones never index with them, and checking there would cost a sync). `what` names them.
+// Chunks in parallel, each scanned without branches; the first bad value is reported.
 inline void check_labels(const char* what, const at::Tensor& y, int64_t C, std::optional<int64_t> ignore_index) {
   const int64_t* py = y.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < y.numel(); ++i) {
-    TORCH_CHECK_VALUE((ignore_index && py[i] == *ignore_index) || (py[i] >= 0 && py[i] < C), what, " value ",
-                      std::to_string(py[i]), " is outside [0, ", std::to_string(C), ") and is not ignore_index");
-  }
+  const int64_t n = y.numel(), ign = ignore_index.value_or(0);
+  const bool has_ign = ignore_index.has_value();
+  auto ok = [&](int64_t v) { return (has_ign && v == ign) || static_cast<uint64_t>(v) < static_cast<uint64_t>(C); };
+  std::atomic<int64_t> first{n};
+  at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+    bool bad = false;
+    for (int64_t i = lo; i < hi; ++i) bad |= !ok(py[i]);
+    if (!bad) return;
+    int64_t i = lo;
+    while (ok(py[i])) ++i;
+    int64_t cur = first.load();
+    while (i < cur && !first.compare_exchange_weak(cur, i)) {
+    }
+  });
+  const int64_t i = first.load();
+  TORCH_CHECK_VALUE(i == n, what, " value ", std::to_string(i < n ? py[i] : 0), " is outside [0, ",
+                    std::to_string(C), ") and is not ignore_index");
 }
 
 // log(v) for normal v > 0: v = 2^k f with f in [1, 2), log v = k ln 2 + log1p(f - 1); NaN

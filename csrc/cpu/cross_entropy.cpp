@@ -95,16 +95,18 @@ std::pair<at::Tensor, bool> loss_grad(const at::Tensor& grad, const at::Tensor& 
 // loss = keep * w_y ((m - z_y) + l) + spread * (sum_c w_c (m - z_c) + W l).
 template <typename T>
 struct Classes {
-  std::vector<T> w;
+  std::vector<T> w, sw;  // sw: spread w_c, 0 without label smoothing (see grad_factors)
   T wsum = 0, keep, spread;
   Classes(const std::optional<at::Tensor>& weight, int64_t C, double label_smoothing)
-      : w(C, T(1)), keep(T(1) - T(label_smoothing)), spread(T(label_smoothing) / T(C)) {
+      : w(C, T(1)), sw(C, T(0)), keep(T(1) - T(label_smoothing)), spread(T(label_smoothing) / T(C)) {
     if (weight) {
       const auto wt = weight->to(c10::CppTypeToScalarType<T>::value).contiguous();
       const T* pw = wt.template const_data_ptr<T>();
       std::copy(pw, pw + C, w.begin());
     }
     for (T v : w) wsum += v;
+    if (spread != T(0))
+      for (int64_t c = 0; c < C; ++c) sw[c] = spread * w[c];
   }
   // One position's loss from m, l, z_y and wd = sum_c w_c (m - z_c). A term whose factor is
   // 0 is left out, not multiplied: a -inf logit makes it infinite (0 * inf = NaN), and
@@ -127,16 +129,19 @@ struct Classes {
     }
     return {ls, ws};
   }
-  // The backward's per-position factors, dz_c = a p_c - b [c = y] - gm spread w_c (see the
-  // top): gm = g (0 where ignored), a = gm (keep w_y + spread W), b = gm keep w_y.
+  // The backward's per-position factors, dz_c = a p_c - b [c = y] - gm sw_c (see the top):
+  // gm = g (0 where ignored), a = gm (keep w_y + spread W), b = gm keep w_y. As in loss(), a
+  // term whose factor is 0 is left out: without label smoothing a NaN or inf weight of a
+  // class no position targets must not reach every gradient (0 * inf), as it does not in torch.
   void grad_factors(const int64_t* y, int64_t n, int64_t ignore_index, const T* g, int64_t g_step, T* gm, T* a,
                     T* b) const {
     for (int64_t j = 0; j < n; ++j) {
       const bool ign = y[j] == ignore_index;
       const T wy = ign ? T(0) : w[y[j]];
+      const T hard = keep == T(0) ? T(0) : keep * wy;
       gm[j] = ign ? T(0) : g[j * g_step];
-      a[j] = gm[j] * (keep * wy + spread * wsum);
-      b[j] = gm[j] * keep * wy;
+      a[j] = gm[j] * (spread == T(0) ? hard : hard + spread * wsum);
+      b[j] = gm[j] * hard;
     }
   }
 };
@@ -168,17 +173,17 @@ __attribute__((target_clones("avx2", "default"))) void block_stats(const scalar_
   for (int64_t j = 0; j < n; ++j) ls[j] = losses::log_pos(sum[j]);
 }
 
-// dz_c = a p_c - [c = y] b - g spread w_c for every class plane of a block.
+// dz_c = a p_c - [c = y] b - g sw_c for every class plane of a block.
 template <typename scalar_t, typename T>
 __attribute__((target_clones("avx2", "default"))) void block_grad(const scalar_t* __restrict__ z, int64_t C,
                                                                   int64_t S, int64_t n,
                                                                   const int64_t* __restrict__ y,
-                                                                  const T* __restrict__ w, const T* __restrict__ a,
+                                                                  const T* __restrict__ sw, const T* __restrict__ a,
                                                                   const T* __restrict__ b, const T* __restrict__ g,
                                                                   const T* __restrict__ mx, const T* __restrict__ ls,
-                                                                  T spread, scalar_t* __restrict__ dz) {
+                                                                  scalar_t* __restrict__ dz) {
   for (int64_t c = 0; c < C; ++c) {
-    const T gs = spread * w[c];
+    const T gs = sw[c];
     for (int64_t j = 0; j < n; ++j) {
       const T p = nms::exp_approx((T(z[c * S + j]) - mx[j]) - ls[j]);
       dz[c * S + j] = static_cast<scalar_t>(a[j] * p - (y[j] == c ? b[j] : T(0)) - g[j] * gs);
@@ -213,15 +218,15 @@ __attribute__((target_clones("avx2", "default"))) void row_stats(const scalar_t*
 // block_grad for one [N, C] position: a, b, g its factors, m and l its stats.
 template <typename scalar_t, typename T>
 __attribute__((target_clones("avx2", "default"))) void row_grad(const scalar_t* __restrict__ z, int64_t C, int64_t y,
-                                                                const T* __restrict__ w, T a, T b, T g, T m, T l,
-                                                                T spread, scalar_t* __restrict__ dz) {
+                                                                const T* __restrict__ sw, T a, T b, T g, T m, T l,
+                                                                scalar_t* __restrict__ dz) {
   for (int64_t c = 0; c < C; ++c) {
     const T p = nms::exp_approx((T(z[c]) - m) - l);
-    dz[c] = static_cast<scalar_t>(a * p - g * (spread * w[c]));
+    dz[c] = static_cast<scalar_t>(a * p - g * sw[c]);
   }
   if (y >= 0 && y < C) {
     const T p = nms::exp_approx((T(z[y]) - m) - l);
-    dz[y] = static_cast<scalar_t>(a * p - b - g * (spread * w[y]));
+    dz[y] = static_cast<scalar_t>(a * p - b - g * sw[y]);
   }
 }
 
@@ -289,13 +294,14 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
   if (N * S == 0 || C == 0) return dz;
+  // The forward checked them, but a direct call (or a target edited since) must not index w.
+  losses::check_labels("cross_entropy: target", y, C, ignore_index);
   const bool rows = S == 1;  // row_grad: a task is a block of kBlock images
   const int64_t nb = (S + kBlock - 1) / kBlock, tasks = rows ? (N + kBlock - 1) / kBlock : N * nb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_cross_entropy_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
-    const auto& w = cls.w;
-    const T spread = cls.spread;
+    const auto& sw = cls.sw;
     const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
     const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
@@ -310,16 +316,16 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
           const int64_t r0 = task * kBlock, cnt = std::min(kBlock, N - r0);
           cls.grad_factors(py + r0, cnt, ignore_index, pg + r0 * g_step, g_step, gm.data(), a.data(), b.data());
           for (int64_t j = 0; j < cnt; ++j)
-            row_grad<scalar_t, T>(pz + (r0 + j) * C, C, py[r0 + j], w.data(), a[j], b[j], gm[j], pm[r0 + j],
-                                  pm[N + r0 + j], spread, pd + (r0 + j) * C);
+            row_grad<scalar_t, T>(pz + (r0 + j) * C, C, py[r0 + j], sw.data(), a[j], b[j], gm[j], pm[r0 + j],
+                                  pm[N + r0 + j], pd + (r0 + j) * C);
           continue;
         }
         const int64_t n = task / nb, j0 = (task % nb) * kBlock, cnt = std::min(kBlock, S - j0);
         const int64_t* yy = py + n * S + j0;
         const T* gg = pg + (n * S + j0) * g_step;
         cls.grad_factors(yy, cnt, ignore_index, gg, g_step, gm.data(), a.data(), b.data());
-        block_grad<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, w.data(), a.data(), b.data(), gm.data(),
-                                pm + n * S + j0, pm + N * S + n * S + j0, spread, pd + n * C * S + j0);
+        block_grad<scalar_t, T>(pz + n * C * S + j0, C, S, cnt, yy, sw.data(), a.data(), b.data(), gm.data(),
+                                pm + n * S + j0, pm + N * S + n * S + j0, pd + n * C * S + j0);
       }
     });
   });
@@ -412,11 +418,11 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   auto dz = at::empty_like(z);
+  losses::check_labels("cross_entropy: target", y, C, ignore_index);  // as in softmax_cross_entropy_backward
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "upsample_cross_entropy_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Classes<T> cls(weight, C, label_smoothing);
-    const auto& wc = cls.w;
-    const T spread = cls.spread;
+    const auto& sw = cls.sw;
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
@@ -437,8 +443,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
           upsampled_row<scalar_t, T>(pz + n * C * h * w, C, h, w, W, tyo, tx, blend.data(), u.data());
           const int64_t* yy = py + row * W;
           cls.grad_factors(yy, W, ignore_index, pg + row * W * g_step, g_step, gm.data(), a.data(), b.data());
-          block_grad<T, T>(u.data(), C, W, W, yy, wc.data(), a.data(), b.data(), gm.data(), pm + row * W,
-                           pm + P + row * W, spread, du.data());
+          block_grad<T, T>(u.data(), C, W, W, yy, sw.data(), a.data(), b.data(), gm.data(), pm + row * W,
+                           pm + P + row * W, du.data());
           for (int64_t c = 0; c < C; ++c) {
             std::fill(dr.begin(), dr.end(), T(0));
             const T* duc = du.data() + c * W;
