@@ -54,7 +54,8 @@ def _axis_taps(n_in, n_out, align_corners, scale, acc, device):
         else:
             ratio = torch.tensor(1.0 / scale, dtype=acc) if scale > 0 else torch.tensor(n_in, dtype=acc) / n_out
             src = (ratio * (d + 0.5) - 0.5).clamp(min=0)
-        i0 = torch.floor(src).to(torch.int64).clamp(max=n_in - 1)
+        # clamped before the conversion too: a tiny scale puts src past int64's range
+        i0 = torch.floor(src).clamp(max=n_in - 1).to(torch.int64).clamp(max=n_in - 1)
         w1 = (src - i0.to(acc)).clamp(0, 1)
         i1 = i0 + (i0 < n_in - 1).to(torch.int64)
     w0 = 1 - w1

@@ -151,6 +151,33 @@ def test_triton_interpreter_backward_keeps_inf_in_place(case):
     torch.testing.assert_close(ours, ref, equal_nan=True)
 
 
+def _tiny_scale_case():
+    # plane 0 zeros, plane 1 all 100; rows of distinct values so that a wrong row shows
+    x = torch.stack([torch.zeros(3, 4), torch.arange(12.0).reshape(3, 4) + 100]).reshape(1, 2, 3, 4)
+    # a scale of 1e-30 (a direct op call: the front never passes one whose 1 / scale passes the
+    # input size) puts every source index far past the last cell: all read the last one
+    want = x[:, :, -1:, -1:].expand(1, 2, 2, 5)
+    return x, want
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-300, 5e-324])
+def test_direct_op_with_a_tiny_scale_reads_the_last_cell(scale):
+    x, want = _tiny_scale_case()
+    assert torch.equal(ops.upsample_bilinear(x, 2, 5, False, scale, scale), want)
+    g = ops.upsample_bilinear_backward(torch.ones(1, 2, 2, 5), 3, 4, False, scale, scale)
+    want_g = torch.zeros(1, 2, 3, 4)
+    want_g[:, :, -1, -1] = 10.0  # every one of the 2 x 5 outputs' gradient
+    assert torch.equal(g, want_g)
+
+
+@pytest.mark.interpreter
+def test_triton_interpreter_tiny_scale():
+    from pyvision_ops.kernels import interpolate as K
+
+    x, want = _tiny_scale_case()
+    assert torch.equal(K.upsample_bilinear(x, 2, 5, False, 1e-30, 1e-30), want)
+
+
 @pytest.mark.interpreter
 def test_triton_interpreter_direct_op_edges():
     from pyvision_ops.kernels import interpolate as K

@@ -33,7 +33,9 @@ PVO_HD Tap<T> axis_tap(int64_t d, int64_t in, int64_t out, bool align_corners, T
   if (in == out) return {d, d, T(1), T(0)};
   T src = align_corners ? ratio * static_cast<T>(d) : ratio * (static_cast<T>(d) + T(0.5)) - T(0.5);
   if (!align_corners && src < T(0)) src = T(0);
-  int64_t i0 = static_cast<int64_t>(std::floor(src));
+  // Compared before the conversion: a ratio of 1 / scale for a tiny scale puts src past
+  // int64's range (or at inf), where the conversion is undefined.
+  int64_t i0 = src < static_cast<T>(in - 1) ? static_cast<int64_t>(std::floor(src)) : in - 1;
   i0 = i0 < in - 1 ? i0 : in - 1;
   T l = src - static_cast<T>(i0);
   l = l < T(0) ? T(0) : (l > T(1) ? T(1) : l);
