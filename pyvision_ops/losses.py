@@ -24,7 +24,10 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN, and
     with ``"none"`` channels_last ``inputs`` and ``targets`` give a channels_last loss.
     A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows
-    ``torch.pow`` (real for an integral ``gamma``, NaN for a fractional one).
+    ``torch.pow`` (real for an integral ``gamma``, NaN for a fractional one). With
+    ``gamma < 0`` the power overflows to inf where ``1 - p_t`` is tiny; at a hard target
+    and ``|inputs|`` >= 87 (fp32) both it and the cross-entropy underflow to 0, and the
+    loss is 0 * inf = NaN (torchvision's is inf or NaN there).
     """
     _utils.check_tensor("inputs", inputs)
     _utils.check_tensor("targets", targets)
@@ -203,7 +206,9 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     if from_logits:
         if ignore_index is not None:  # ignored logits, NaN too, must not reach the softmax backward
             p = torch.where((labels != ignore_index).unsqueeze(1), p, 0.0)
-        p = torch.softmax(p, dim=1)
+        # fp16/bf16 logits: probabilities in fp32 (rounding them to the input dtype first
+        # costs ~3 significant digits of the gradient), as lovasz_hinge and dice_loss do
+        p = torch.softmax(p, dim=1, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else None)
     losses, _, counts = ops.lovasz_softmax_rows(p.reshape(n, c, s), labels.reshape(n, s), ignore_index, per_image)
     g = losses.shape[0]
     if sel is not None:

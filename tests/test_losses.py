@@ -143,18 +143,24 @@ def focal_outside_targets(dtype=torch.float64):
     return x, t
 
 
-def test_focal_negative_gamma_near_float_overflow():
+@pytest.mark.parametrize("gamma", [-2.0, -3.0, -9.0])
+def test_focal_negative_gamma_near_float_overflow(gamma):
     # gamma < 0: m^gamma = exp(gamma log m) reaches expf's overflow threshold. The fp32 CPU
-    # exp gave inf just below it and wrapped to tiny negative values above it.
-    x = torch.cat([torch.linspace(43.0, 44.35, 64), torch.linspace(44.4, 60.0, 16)]).double()
+    # exp gave inf just below it and, past 2 * 88.4, wrapped to tiny negative values or 0:
+    # inf now wherever the power overflows, up to |x| = 87 where exp(-|x|) underflows.
+    x = torch.cat([torch.linspace(43.0, 44.35, 64), torch.linspace(1.0, 86.9, 300)]).double()
     t = torch.ones_like(x)
-    ours = P.sigmoid_focal_loss(x.float(), t.float(), gamma=-2.0)
-    exact = P.sigmoid_focal_loss(x, t, gamma=-2.0)  # fp64: std::exp
-    m_pow = (-x).exp() ** -2.0  # m = 1 - p = exp(-x) (to fp32 rounding) at t = 1
-    finite = m_pow < torch.finfo(torch.float32).max * 0.999
-    assert finite[:64].all() and not finite[64:].any()
+    ours = P.sigmoid_focal_loss(x.float(), t.float(), gamma=gamma)
+    exact = P.sigmoid_focal_loss(x, t, gamma=gamma)  # fp64: std::exp
+    m_pow = (-x).exp() ** gamma  # m = 1 - p = exp(-x) (to fp32 rounding) at t = 1
+    top = torch.finfo(torch.float32).max
+    finite, over = m_pow < top * 0.99, m_pow > top * 1.01
+    assert finite.sum() > 10 and over.sum() > 10
     torch.testing.assert_close(ours[finite].double(), exact[finite], rtol=2e-5, atol=0)
-    assert torch.isposinf(ours[~finite]).all()
+    assert torch.isposinf(ours[over]).all()
+    # a soft target far outside [0, 1]: |m| ~ 1e10, m^9 overflows (negative), times a negative ce
+    far = P.sigmoid_focal_loss(torch.tensor([5.0]), torch.tensor([1e10]), alpha=-1, gamma=9.0)
+    assert torch.isposinf(far).all()
 
 
 @pytest.mark.parametrize("gamma", [1.0, 3.0, 4.0, 5.0, 0.5, 1.5])
@@ -550,6 +556,23 @@ def test_lovasz_softmax_probas_ties_and_edge_cases():
     torch.testing.assert_close(P.lovasz_softmax(x, one, ignore_index=255, from_logits=True),
                                reference.lovasz_softmax(x, one, ignore_index=255, from_logits=True))
     assert P.lovasz_softmax(x.float(), y, from_logits=True).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lovasz_half_logits_take_the_softmax_in_fp32(dtype):
+    # from_logits with fp16/bf16 logits: the probabilities are fp32 (rounded to bf16 first,
+    # the gradient was off by ~4e-3 relative): loss and gradient as the float64 reference's
+    # on the same (rounded) logits, to fp32 accuracy and the gradient's final rounding
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
+    y = torch.randint(0, 4, (2, 16, 16), generator=g)
+    x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+    ours, ref = P.lovasz_softmax(x1, y, from_logits=True), reference.lovasz_softmax(x2, y, from_logits=True)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-7)
+    (g1,), (g2,) = torch.autograd.grad(ours, [x1]), torch.autograd.grad(ref, [x2])
+    assert g1.dtype == dtype
+    torch.testing.assert_close(g1.double(), g2.to(dtype).double(), rtol=0, atol=torch.finfo(dtype).eps * g2.abs().max())
 
 
 @pytest.mark.parametrize("per_image", [False, True])

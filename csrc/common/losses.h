@@ -100,9 +100,12 @@ PVO_HD T pow_(T m, Pow<T> p) {
   if (SQUARE) return m * m;
   const T a = m < T(0) ? -m : m;
   const T factor = m < T(0) ? p.neg : (m > T(0) ? p.pos : T(NAN));  // NaN for a NaN m
-  // exp(v)^2 of v = g log|a| / 2: v > 0 for g < 0 (or |m| > 1), up to exp's overflow, where
-  // exp_approx's 2^k would leave the exponent range; the square overflows to inf instead.
-  const T h = nms::exp_approx(T(0.5) * (p.g * log_pos(a > T(0) ? a : T(1))));
+  // exp(v)^2 of v = g log|a| / 2 (v > 0 for g < 0 or |m| > 1): the float exp_approx leaves
+  // its exponent range above ~88.37 (2^k wraps), so v is capped where exp(v)^2 overflows
+  // anyway (exp(64)^2 in float, exp(400)^2 in double); a NaN v stays NaN.
+  const T v = T(0.5) * (p.g * log_pos(a > T(0) ? a : T(1)));
+  const T cap = sizeof(T) == 4 ? T(64) : T(400);
+  const T h = nms::exp_approx(v > cap ? cap : v);
   const T r = factor * (h * h);
   return m == T(0) ? p.at_zero : r;
 }
