@@ -61,9 +61,15 @@ def _pair(size, name="output_size"):
         size = (size, size)
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_utils.is_int(s) for s in size)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {size!r}")
-    if size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"{name} must be positive, got {tuple(size)}")
+    if size[0] < 0 or size[1] < 0:
+        raise ValueError(f"{name} must be non-negative, got {tuple(size)}")
     return int(size[0]), int(size[1])
+
+
+def _cut(out, ph, pw):
+    """A pooled map of ph x pw from the kernels' max(ph, 1) x max(pw, 1): an output_size of 0
+    gives an empty map, as torchvision's (and still a gradient, of zeros)."""
+    return out if ph and pw else out[:, :, :ph, :pw]
 
 
 def _to_rois(boxes, input):
@@ -139,7 +145,7 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
     sampling_ratio = _utils.check_int64("sampling_ratio", sampling_ratio)
     aligned = _check_aligned(aligned)
-    return ops.roi_align(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
+    return _cut(ops.roi_align(input, rois, spatial_scale, max(ph, 1), max(pw, 1), sampling_ratio, aligned), ph, pw)
 
 
 class RoIAlign(nn.Module):
@@ -254,8 +260,8 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     if any(f.dtype != dtype for f in features):  # autocast only (_check_features)
         common = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
         features = [f.to(common) for f in features]
-    out = ops.multi_scale_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
-    return out.to(dtype)
+    out = ops.multi_scale_roi_align(features, rois, levels, scales, max(ph, 1), max(pw, 1), sampling_ratio, aligned)
+    return _cut(out, ph, pw).to(dtype)
 
 
 def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: list, sampling_ratio: int = 2,
