@@ -74,6 +74,13 @@ def test_mean_iou():
     # class 0: tp 1 of union 5; class 1: tp 2 of union 7; class 2 only predicted: 0 of 1
     assert math.isclose(mean_iou(p, t.clamp(max=1), 3), (1 / 5 + 2 / 7 + 0) / 3)
     assert math.isnan(mean_iou(p, torch.full_like(t, 255), 3, ignore_index=255))
+    # a class outside [0, 3) where the target is not ignored: an error, not another class's count
+    for bad_p, bad_t, name in ((p.clamp(max=2) + 1, t, "pred"), (p.clamp(max=2) - 1, t, "pred"),
+                               (p, t.clamp(max=3), "target")):
+        with pytest.raises(ValueError, match=name):
+            mean_iou(bad_p, bad_t, 3, ignore_index=255)
+    with pytest.raises(ValueError, match="shape"):
+        mean_iou(p[:, :3], t, 3)
 
 
 def _det(boxes, scores, labels):
@@ -97,6 +104,8 @@ def test_average_precision():
     assert average_precision([half], [gt[0][:1]], [torch.tensor([0])], 1) == 1.0
     less = _det([[0, 0, 10, 20.5]], [0.9], [0])
     assert average_precision([less], [gt[0][:1]], [torch.tensor([0])], 1) == 0.0
+    with pytest.raises(ValueError, match="one entry per image"):  # zip would drop the second image's
+        average_precision([perfect], gt * 2, labels * 2, 2)
     # Two images, one ground truth missed: recall stops at 1/2.
     assert average_precision([perfect, _det([], [], [])], gt * 2, labels * 2, 2) == 0.5
     assert math.isnan(average_precision([perfect], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], 2))
@@ -185,10 +194,18 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     cli.main(["evaluate", path, "--eval-images", "4", "--device", "cpu"])
     assert capsys.readouterr().out.strip() == f"segmenter: {trained}"
     for bad in (["--size", "30"], ["--size", "12"], ["--classes", "7"], ["--steps", "0"], ["--lr", "0"],
-                ["--width", "0"], ["--batch-size", "0"], ["--eval-images", "0"]):
+                ["--lr", "inf"], ["--lr", "nan"], ["--lr", "1e308"], ["--seed", str(2**64)], ["--seed", "-1"],
+                ["--width", "0"], ["--batch-size", "0"], ["--eval-images", "0"], ["--device", "foo"],
+                ["--device", "meta"], ["--device", "cuda:99"], ["--save", str(tmp_path / "no" / "x.pt")]):
         with pytest.raises(SystemExit):
             cli.main(["train", "segmenter", *bad])
         assert bad[0] in capsys.readouterr().err
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2], str(tmp_path / "list.pt"))
+    for name in ("missing.pt", "text.pt", "list.pt"):
+        with pytest.raises(SystemExit):
+            cli.main(["evaluate", str(tmp_path / name)])
+        assert f"checkpoint {tmp_path / name}" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ seed of the same generator) and optionally saves a checkpoint that ``evaluate`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -20,6 +21,29 @@ def _evaluate(model, data_config: dict, images: int, device) -> str:
     model.eval()
     scores = model.evaluate(SyntheticShapes(**data_config, seed=EVAL_SEED).batch(images).to(device))
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {images} held-out images"
+
+
+def _check_device(parser, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        parser.error(f"--device: {err}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:index], got {name}")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        parser.error(f"--device {name}: no such CUDA device on this machine")
+
+
+def _load(parser, path: str) -> dict:
+    """A checkpoint written by ``train --save``, or an argparse error saying why not."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, unreadable, not a torch file (which raises almost anything)
+        parser.error(f"checkpoint {path}: {err.__class__.__name__}: {str(err).splitlines()[0]}")
+    if not (isinstance(ckpt, dict) and {"model", "config", "data", "state_dict"} <= ckpt.keys()
+            and ckpt["model"] in MODELS):
+        parser.error(f"checkpoint {path} was not written by `train --save`")
+    return ckpt
 
 
 def main(argv=None) -> None:
@@ -44,8 +68,9 @@ def main(argv=None) -> None:
 
     if args.eval_images < 1:
         p.error(f"--eval-images must be at least 1, got {args.eval_images}")
+    _check_device(p, args.device)
     if args.command == "evaluate":
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        ckpt = _load(p, args.checkpoint)
         model = MODELS[ckpt["model"]](**ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
         print(f"{ckpt['model']}: {_evaluate(model.to(args.device), ckpt['data'], args.eval_images, args.device)}")
@@ -53,11 +78,15 @@ def main(argv=None) -> None:
 
     for flag, ok, what in (("--steps", args.steps >= 1, "at least 1"),
                            ("--batch-size", args.batch_size >= 1, "at least 1"),
-                           ("--lr", args.lr > 0, "positive"), ("--width", args.width >= 1, "at least 1"),
+                           ("--lr", 0 < args.lr < 1e30, "positive and below 1e30"),
+                           ("--width", args.width >= 1, "at least 1"),
                            ("--classes", 1 <= args.classes <= 6, "in [1, 6]"),
-                           ("--size", args.size >= 16 and args.size % 4 == 0, "a multiple of 4, at least 16")):
+                           ("--size", args.size >= 16 and args.size % 4 == 0, "a multiple of 4, at least 16"),
+                           ("--seed", 0 <= args.seed < 2**63, "in [0, 2^63)")):
         if not ok:
             p.error(f"{flag} must be {what}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.save and not os.path.isdir(os.path.dirname(os.path.abspath(args.save))):
+        p.error(f"--save: directory {os.path.dirname(os.path.abspath(args.save))} does not exist")
     torch.manual_seed(args.seed)
     data_config = {"num_classes": args.classes, "size": args.size}
     config = {"num_classes": args.classes, "width": args.width}

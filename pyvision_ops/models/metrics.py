@@ -10,9 +10,16 @@ import pyvision_ops
 def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> float:
     """Mean over classes of TP / (TP + FP + FN), pixels counted over the whole batch; a class
     that is neither predicted nor present (at the valid pixels) is left out of the mean.
-    NaN when no class counts (every pixel ignored)."""
+    NaN when no class counts (every pixel ignored). Every non-ignored value of ``pred`` and
+    ``target`` must be a class in ``[0, num_classes)``."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have one shape, got {list(pred.shape)} and {list(target.shape)}")
     valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-    p, t = pred[valid], target[valid]
+    p, t = pred[valid].long(), target[valid].long()
+    for name, v in (("pred", p), ("target", t)):
+        if len(v) and not (0 <= int(v.min()) and int(v.max()) < num_classes):
+            raise ValueError(f"{name} must hold classes in [0, {num_classes}) where target is not ignore_index, "
+                             f"got values in [{int(v.min())}, {int(v.max())}]")
     confusion = torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
     tp = confusion.diagonal().double()
     union = confusion.sum(0) + confusion.sum(1) - confusion.diagonal()
@@ -30,6 +37,9 @@ def average_precision(detections: list[dict[str, torch.Tensor]], boxes: list[tor
     positive if its best-IoU ground truth of that class in its image has IoU >=
     ``iou_threshold`` and is not matched yet. NaN when no image has ground truth.
     """
+    if not len(detections) == len(boxes) == len(labels):
+        raise ValueError(f"detections, boxes and labels must have one entry per image, got {len(detections)}, "
+                         f"{len(boxes)} and {len(labels)}")
     aps = []
     for c in range(num_classes):
         scores, hits, n_gt = [], [], 0
