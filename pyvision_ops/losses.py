@@ -154,8 +154,8 @@ def _flatten_seg(name: str, x: torch.Tensor, labels: torch.Tensor, with_classes:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     spatial = x.shape[2:] if with_classes else x.shape[1:]
     if x.dim() < (3 if with_classes else 2) or labels.shape != x.shape[:1] + spatial:
-        want = "[N, C, ...]" if with_classes else "[N, ...]"
-        raise ValueError(f"{name} must be {want} and labels [N, ...] with the same N and positions; got "
+        want = "[N, C, d1, ...] (at least 3-D)" if with_classes else "[N, d1, ...] (at least 2-D)"
+        raise ValueError(f"{name} must be {want} and labels [N, d1, ...] with the same N and positions; got "
                          f"{list(x.shape)} and {list(labels.shape)}")
     _utils.check_same_device(**{name: x, "labels": labels})
 
