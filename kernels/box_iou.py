@@ -256,8 +256,10 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     acc = out_ptr.dtype.element_ty
     eps = tl.full((), eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M * M_TILES)  # a program: BLOCK_N rows, M_TILES tiles of BLOCK_M columns
-    num_n = tl.cdiv(N, BLOCK_N)
+    # a program: BLOCK_N rows, M_TILES tiles of BLOCK_M columns. int64: M + BLOCK_M - 1 would
+    # wrap for M just below 2^31 (int32 arguments), and so would the programs' split
+    num_m = tl.cdiv(M.to(tl.int64), BLOCK_M * M_TILES)
+    num_n = tl.cdiv(N.to(tl.int64), BLOCK_N)
     pid_m = pid % num_m
     rest = pid // num_m
     pid_n = rest % num_n

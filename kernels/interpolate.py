@@ -40,7 +40,9 @@ class Taps:
         self.bxp = triton.next_power_of_2(self.bx)
 
 
-@functools.lru_cache(maxsize=128)
+# Not evicted: a kernel still queued on another stream, or a captured CUDA graph, may
+# read an entry's tensors after the call that made it (entries are O(n_in + n_out)).
+@functools.cache
 def _axis_taps(n_in, n_out, align_corners, scale, acc, device):
     d = torch.arange(n_out, dtype=acc)
     if n_in == n_out:
@@ -155,12 +157,13 @@ def _contract_y_kernel(t_ptr, gin_ptr, yi0, yi1, yw0, yw1, ylo, yhi, H, W, OH, s
     prow = tl.program_id(0)  # (image * src_planes + p) * H + y
     y = prow % H
     p = prow // H
-    dst = (((p // src_planes) * dst_planes + dst_first + p % src_planes).to(tl.int64) * H + y) * W
+    p = p.to(tl.int64)  # (image * dst_planes) passes 2^31 before the plane's offset does
+    dst = (((p // src_planes) * dst_planes + dst_first + p % src_planes) * H + y) * W
     x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = x < W
     acc = tl.zeros((BLOCK,), dtype=yw0.dtype.element_ty)
     o0 = tl.load(ylo + y)
-    src = t_ptr + (p.to(tl.int64) * OH + o0) * W + x
+    src = t_ptr + (p * OH + o0) * W + x
     for oy in range(o0, tl.load(yhi + y)):
         a0, a1, wa0, wa1 = row_taps(yi0, yi1, yw0, yw1, oy)
         v = tl.load(src, mask=m, other=0.0)

@@ -85,9 +85,13 @@ def _register_triton(op: str, family: str, launcher: str | None = None) -> None:
 
     def cuda_impl(*args):
         module = importlib.import_module(f"pyvision_ops.kernels.{family}")
-        # Triton launches on the current device and its stream, not on the tensors' device.
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        with torch.cuda.device(device):
+        # Triton launches on the current device and its stream, not on the tensors' device;
+        # a direct op call with tensors on two devices would hand it another GPU's memory.
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) != 1:
+            raise RuntimeError(f"pyvision_ops::{op}: expected every tensor on one device, "
+                               f"got {sorted(map(str, devices))}")
+        with torch.cuda.device(devices.pop()):
             return getattr(module, launcher)(*args)
 
     torch.library.register_kernel(f"pyvision_ops::{op}", "cuda", cuda_impl)

@@ -162,3 +162,12 @@ def test_lean_autograd_registration():
     assert torch.equal(g, torch.full((3,), 2.5)) and seen == [(True, False)]
     (g,) = torch.autograd.grad(torch.ops.pvo_test_autograd.neg(x).sum(), [x])
     assert torch.equal(g, -torch.ones(3))
+
+
+@pytest.mark.gpu
+def test_triton_ops_reject_tensors_on_two_devices():
+    # The Triton launchers run on the first tensor's device; a direct op call mixing devices
+    # gets an error instead of handing a kernel another device's pointer.
+    a, b = torch.rand(1, 3, 4, device="cuda"), torch.rand(1, 3, 4)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.pyvision_ops.pairwise_box_iou(a, b, 0, 1e-7)
