@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import require
+from . import cdiv, require
 
 _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
@@ -391,7 +391,7 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
     cfg = PAIRWISE_CONFIG
     cols = cfg["BLOCK_M"] * cfg["M_TILES"]
-    grid = (B * triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cols),)
+    grid = (B * cdiv(N, cfg["BLOCK_N"]) * cdiv(M, cols),)
     even = N % cfg["BLOCK_N"] == 0 and M % cols == 0
     _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, DIV_RN=_div_rn(acc), EVEN=even, **cfg)
     return out
@@ -411,7 +411,7 @@ def matched_box_iou(boxes1, boxes2, kind, loss, eps):
     b1 = boxes1.contiguous()
     b2 = boxes2.contiguous()
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
-    grid = (triton.cdiv(K, _BLOCK),)
+    grid = (cdiv(K, _BLOCK),)
     _matched_kernel[grid](b1, b2, t1, t2, out, K, eps, KIND=kind, LOSS=loss, DIV_RN=_div_rn(acc), BLOCK=_BLOCK,
                           num_warps=4)
     return out
@@ -431,7 +431,7 @@ def matched_box_iou_backward(grad, boxes1, boxes2, kind, loss, eps):
     b2 = boxes2.contiguous()
     acc = acc_dtype(boxes1.dtype)
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
-    grid = (triton.cdiv(K, _BLOCK),)
+    grid = (cdiv(K, _BLOCK),)
     _matched_backward_kernel[grid](grad.contiguous(), b1, b2, t1, t2, g1, g2, K, eps, KIND=kind, LOSS=loss,
                                    DIV_RN=_div_rn(acc), BLOCK=_BLOCK, num_warps=4)
     return g1, g2

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import column_blocks, loss_grad, require
+from . import cdiv, column_blocks, loss_grad, require
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
 
@@ -306,7 +306,7 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
 
 
 def _rows_config(c):
-    block_c = min(1024, triton.next_power_of_2(max(c, 1)))
+    block_c = min(1024, 1 << (max(c, 1) - 1).bit_length())  # the next power of 2, without triton's ~1.7 us call
     return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
 
 
@@ -363,7 +363,7 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     n, c, s = logits.shape
     if s == 1:
         return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
-    nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
+    nb = cdiv(s, CE_CONFIG["BLOCK"])
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
@@ -390,7 +390,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
                                    reduction):
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
     n, c, s = logits.shape
-    nb = triton.cdiv(s, CE_CONFIG["BLOCK"])
+    nb = cdiv(s, CE_CONFIG["BLOCK"])
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb == 0 or (s == 1 and c == 0):

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
 from ..losses import _NO_IGNORE
-from . import loss_grad, require
+from . import cdiv, loss_grad, require
 from .cross_entropy import lse_update, position_block
 
 
@@ -98,7 +98,7 @@ def sigmoid_focal_loss(inputs, targets, alpha, gamma):
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        _focal_forward_kernel[(triton.cdiv(n, _BLOCK),)](x, t, out, n, alpha, gamma, SQUARE=gamma == 2.0,
+        _focal_forward_kernel[(cdiv(n, _BLOCK),)](x, t, out, n, alpha, gamma, SQUARE=gamma == 2.0,
                                                          BLOCK=_BLOCK)
     return out
 
@@ -112,7 +112,7 @@ def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
     n = x.numel()
     if n:
         g, g_step = loss_grad(grad, grad.dtype)
-        _focal_backward_kernel[(triton.cdiv(n, _BLOCK),)](g, x, t, dx, dt, n, alpha, gamma, SQUARE=gamma == 2.0,
+        _focal_backward_kernel[(cdiv(n, _BLOCK),)](g, x, t, dx, dt, n, alpha, gamma, SQUARE=gamma == 2.0,
                                                           G_STEP=g_step, BLOCK=_BLOCK)
     return dx, dt
 
@@ -185,7 +185,7 @@ def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, 
 def _dice_blocks(logits):
     n, c = logits.shape[:2]
     hw = logits.numel() // max(n * c, 1)
-    return n, c, hw, triton.cdiv(hw, _BLOCK)
+    return n, c, hw, cdiv(hw, _BLOCK)
 
 
 def _check_dice(op, logits, target):
@@ -276,7 +276,7 @@ def lovasz_gradient(fg_sorted, lengths):
     out = torch.empty_like(fg)
     r, m = fg.shape
     if r and m:
-        nb = triton.cdiv(m, _SCAN_BLOCK)
+        nb = cdiv(m, _SCAN_BLOCK)
         lens = lengths.contiguous()
         cnt = torch.empty((r, nb), dtype=torch.int64, device=fg.device)
         _lovasz_count_kernel[(r * nb,)](fg, lens, cnt, m, nb, BLOCK=_SCAN_BLOCK)
@@ -385,7 +385,7 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
         lengths = torch.full((g,), m, dtype=torch.int64, device=dev)
     else:
         lengths = (y != ignore_index).reshape(g, m).sum(1)
-    nb = triton.cdiv(m, _SCAN_BLOCK)
+    nb = cdiv(m, _SCAN_BLOCK)
     step = max(1, _LOVASZ_CHUNK // (g * m))
     for c0 in range(0, c, step):
         k = min(c, c0 + step) - c0
