@@ -8,9 +8,15 @@ nothing (the harness's CPU timer, common.time_pair). On CUDA it reads the host c
 around a loop of calls without synchronising (the GPU work is queued, not waited for),
 and adds a breakdown of one cross-entropy step: a bare Triton launch, the forward and
 backward ops called directly, the front without autograd.
+
+`--launchers` (any machine, no GPU needed) times the Python work of the Triton launchers
+(kernels/*.py) on tiny CPU tensors with every Triton kernel replaced by a no-op: their
+argument checks, allocations and grid arithmetic, the part of a GPU call's host time
+that is ours rather than Triton's launch.
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -20,7 +26,7 @@ import torchvision.ops as tv
 import pyvision_ops as P
 from pyvision_ops._library import ops
 
-from .common import fwd_bwd, time_pair
+from .common import fwd_bwd, time_cpu, time_pair
 
 
 def _cases(dev):
@@ -64,6 +70,55 @@ def _cuda_breakdown():
     ]
 
 
+@contextlib.contextmanager
+def _stubbed_kernels(modules):
+    """Every @triton.jit kernel of `modules` replaced by one whose launch does nothing."""
+    from triton.runtime.jit import JITFunction
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved = [(m, name, k) for m in modules for name, k in vars(m).items() if isinstance(k, JITFunction)]
+    try:
+        for m, name, _ in saved:
+            setattr(m, name, _NoLaunch())
+        yield
+    finally:
+        for m, name, k in saved:
+            setattr(m, name, k)
+
+
+def _launcher_cases():
+    from pyvision_ops.kernels import box_iou, cross_entropy, interpolate, losses
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(1, 19, 8, generator=g), torch.randint(0, 19, (1, 8), generator=g)
+    rows, ry = torch.randn(8, 80, 1, generator=g), torch.randint(0, 80, (8, 1), generator=g)
+    b = torch.tensor([[[0.0, 0, 10, 10], [1, 1, 11, 11]]])
+    f, t = torch.randn(8, generator=g), torch.rand(8, generator=g)
+    img = torch.randn(1, 2, 4, 4, generator=g)
+    one = torch.ones(())
+    _, w, stats = ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)
+    _, rw, rstats = ops.softmax_cross_entropy(rows, ry, None, -100, 0.0, 1)
+    cases = [
+        ("softmax_cross_entropy [1, 19, 8]", lambda: cross_entropy.softmax_cross_entropy(z, y, None, -100, 0.0, 1)),
+        ("softmax_cross_entropy_backward [1, 19, 8]",
+         lambda: cross_entropy.softmax_cross_entropy_backward(one, z, y, None, stats, w, -100, 0.0, 1)),
+        ("softmax_cross_entropy [8, 80]", lambda: cross_entropy.softmax_cross_entropy(rows, ry, None, -100, 0.0, 1)),
+        ("softmax_cross_entropy_backward [8, 80]",
+         lambda: cross_entropy.softmax_cross_entropy_backward(one, rows, ry, None, rstats, rw, -100, 0.0, 1)),
+        ("pairwise_box_iou", lambda: box_iou.pairwise_box_iou(b, b, 0, 1e-7)),
+        ("matched_box_iou (loss)", lambda: box_iou.matched_box_iou(b[0], b[0], 1, True, 1e-7)),
+        ("matched_box_iou_backward (loss)",
+         lambda: box_iou.matched_box_iou_backward(torch.ones(2), b[0], b[0], 1, True, 1e-7)),
+        ("sigmoid_focal_loss", lambda: losses.sigmoid_focal_loss(f, t, 0.25, 2.0)),
+        ("sigmoid_focal_loss_backward", lambda: losses.sigmoid_focal_loss_backward(torch.ones(8), f, t, 0.25, 2.0)),
+        ("upsample_bilinear 4x4 -> 8x8", lambda: interpolate.upsample_bilinear(img, 8, 8, False, -1.0, -1.0)),
+    ]
+    return (box_iou, cross_entropy, interpolate, losses), cases
+
+
 def _host_time(fn, calls=300, rounds=3):
     """Best of `rounds` host seconds per call over `calls` calls, none synchronised."""
     best = float("inf")
@@ -82,7 +137,17 @@ def _host_time(fn, calls=300, rounds=3):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    dev = p.parse_args(argv).device
+    p.add_argument("--launchers", action="store_true", help="only the Triton launchers' own host time")
+    args = p.parse_args(argv)
+    dev = args.device
+    if args.launchers:
+        torch.set_num_threads(1)
+        modules, cases = _launcher_cases()
+        print("| Triton launcher, kernels stubbed | host us |\n|---|---|")
+        with _stubbed_kernels(modules):
+            for name, fn in cases:
+                print(f"| {name} | {min(time_cpu(fn, 0.3) for _ in range(3)) * 1e6:.1f} |", flush=True)
+        return
     print("| call | anchor us | ours us | ours / anchor |\n|---|---|---|---|")
     if dev == "cpu":
         torch.set_num_threads(1)

@@ -171,3 +171,19 @@ def test_triton_ops_reject_tensors_on_two_devices():
     a, b = torch.rand(1, 3, 4, device="cuda"), torch.rand(1, 3, 4)
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.pyvision_ops.pairwise_box_iou(a, b, 0, 1e-7)
+
+
+def test_overhead_launcher_cases_run_with_stubbed_kernels():
+    # benchmarks.overhead --launchers: every case runs with its kernels stubbed out, and the
+    # kernels are restored afterwards
+    from triton.runtime.jit import JITFunction
+
+    from benchmarks import overhead
+
+    modules, cases = overhead._launcher_cases()
+    before = {(m.__name__, n): k for m in modules for n, k in vars(m).items() if isinstance(k, JITFunction)}
+    with overhead._stubbed_kernels(modules):
+        assert not any(isinstance(k, JITFunction) for m in modules for k in vars(m).values())
+        for _, fn in cases:
+            fn()
+    assert before == {(m.__name__, n): k for m in modules for n, k in vars(m).items() if isinstance(k, JITFunction)}
