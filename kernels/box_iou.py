@@ -257,9 +257,10 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     eps = tl.full((), eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
     # a program: BLOCK_N rows, M_TILES tiles of BLOCK_M columns. int64: M + BLOCK_M - 1 would
-    # wrap for M just below 2^31 (int32 arguments), and so would the programs' split
-    num_m = tl.cdiv(M.to(tl.int64), BLOCK_M * M_TILES)
-    num_n = tl.cdiv(N.to(tl.int64), BLOCK_N)
+    # wrap for M just below 2^31 (int32 arguments), and so would the programs' split (tl.cast:
+    # Triton specialises an argument equal to 1 to a plain int, which has no .to)
+    num_m = tl.cdiv(tl.cast(M, tl.int64), BLOCK_M * M_TILES)
+    num_n = tl.cdiv(tl.cast(N, tl.int64), BLOCK_N)
     pid_m = pid % num_m
     rest = pid // num_m
     pid_n = rest % num_n

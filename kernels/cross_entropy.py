@@ -111,7 +111,9 @@ def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.conste
     programs' partial sums, added in fp64 in a fixed order."""
     ls = tl.zeros((BLOCK,), tl.float64)
     ws = tl.zeros((BLOCK,), tl.float64)
-    nparts = nparts.to(tl.int64)  # an int32 loop index would wrap past 2^31 - BLOCK and go on
+    # an int32 loop index would wrap past 2^31 - BLOCK and go on (tl.cast: nparts = 1 comes as
+    # a plain int)
+    nparts = tl.cast(nparts, tl.int64)
     for i in range(0, nparts, BLOCK):
         o = i + tl.arange(0, BLOCK)
         ls += tl.load(part_ptr + o, mask=o < nparts, other=0.0)

@@ -44,6 +44,7 @@ def _launchers():
         a, b = boxes(7, dtype), boxes(9, dtype)
         for kind in range(4):
             box_iou.pairwise_box_iou(a[None], b[None], kind, 1e-7)
+            box_iou.pairwise_box_iou(a[None, :1], b[None, :1], kind, 1e-7)  # N = M = 1: Triton may specialise 1
             if dtype in (torch.float32, torch.float64):
                 for loss in (False, True):
                     box_iou.matched_box_iou(a, b[:7], kind, loss, 1e-7)
@@ -90,6 +91,9 @@ def _launchers():
         _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, wsum, 255, 0.0, 1)
     cross_entropy.CE_CONFIG["UNROLL"] = 1
+    for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1
+        _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
+        cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
     for dtype in (torch.float32, torch.float64):
         losses.lovasz_gradient((torch.rand(3, 2000, generator=g) > 0.5).to(dtype), torch.tensor([2000, 5, 0]))
     return (box_iou, cross_entropy, interpolate, losses)
