@@ -256,20 +256,20 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     acc = out_ptr.dtype.element_ty
     eps = tl.full((), eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
-    # a program: BLOCK_N rows, M_TILES tiles of BLOCK_M columns. int64: M + BLOCK_M - 1 would
-    # wrap for M just below 2^31 (int32 arguments), and so would the programs' split (tl.cast:
-    # Triton specialises an argument equal to 1 to a plain int, which has no .to)
+    # a program: BLOCK_N rows, M_TILES tiles of BLOCK_M columns. All in int64 from here: the
+    # cdiv's M + BLOCK_M * M_TILES - 1 would wrap for M just below 2^31 (int32 arguments), and
+    # the box offsets idx * 4 pass 2^31 from N or M = 2^29 (tl.cast: Triton specialises an
+    # argument equal to 1 to a plain int, which has no .to)
     num_m = tl.cdiv(tl.cast(M, tl.int64), BLOCK_M * M_TILES)
     num_n = tl.cdiv(tl.cast(N, tl.int64), BLOCK_N)
     pid_m = pid % num_m
     rest = pid // num_m
     pid_n = rest % num_n
-    b = (rest // num_n).to(tl.int64)
-    # int64: the box offsets idx * 4 pass 2^31 from N or M = 2^29
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = rest // num_n
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ax1, ay1, ax2, ay2, ta = _pairwise_side(b1_ptr, t1_ptr, b, N, rn, acc, KIND)
     for t in tl.static_range(M_TILES):
-        rm = (pid_m.to(tl.int64) * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         bx1, by1, bx2, by2, tb = _pairwise_side(b2_ptr, t2_ptr, b, M, rm, acc, KIND)
         val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
                           bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],

@@ -4,10 +4,11 @@ Boxes are ``(x1, y1, x2, y2)``. Every function is one fused kernel: C++ on the
 CPU, Triton on CUDA (kernels/box_iou.py), with the same math (csrc/common/box_iou.h).
 
 Dtypes, as torchvision: float32 and float64 stay as they are; float16, bfloat16
-and integer boxes give float32 results (computed in float32; integers in
-float64, so integer areas are exact, also against a half box); mixed inputs
-promote (an integer box against a float64 one gives float64). The losses compute integer and half boxes
-in float32, as torchvision's do. Gradients come back in the dtype of the boxes.
+and integer boxes give float32 results (computed in float32; integer boxes alone
+in float64, so their areas are exact); mixed inputs promote (an integer box
+against a float64 one gives float64; against a half one, float32, never half).
+The losses compute integer and half boxes in float32, as torchvision's do.
+Gradients come back in the dtype of the boxes.
 
 Degenerate boxes follow torchvision's formulas exactly, with no hidden epsilon:
 the pairwise IoU of two boxes whose union is 0 (two zero-area boxes) is
@@ -27,6 +28,7 @@ their leading dims; a 0-d tensor ``eps`` works in eager mode, but under
 ``torch.compile(fullgraph=True)`` pass a Python float.
 """
 
+import functools
 import math
 
 import torch
@@ -39,12 +41,15 @@ _AXIS_ALIGNED_FMTS = ("xyxy", "xywh", "cxcywh")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    # Integers go through float64 (exact products), then come back as float32; before the
-    # promotion, so that an integer box against an fp16 one is not rounded to fp16.
-    dtype = None
-    for t in tensors:
-        d = t.dtype if t.dtype.is_floating_point else torch.float64
-        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    # Integers alone go through float64 (exact products), then come back as float32. Against
+    # float boxes they take the float dtype, as in torchvision, but at least float32: int
+    # and fp16 promote to fp16, which would round the integer box (70000 to inf).
+    floats = [t.dtype for t in tensors if t.dtype.is_floating_point]
+    if not floats:
+        return torch.float64
+    dtype = functools.reduce(torch.promote_types, floats)
+    if len(floats) < len(tensors) and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
     return dtype
 
 

@@ -1,4 +1,5 @@
 import itertools
+import sys
 
 import pytest
 import reference
@@ -427,10 +428,10 @@ def test_mixed_integer_and_float64_boxes_promote_like_torchvision():
             torch.testing.assert_close(ours, ref)
 
 
-def test_integer_boxes_against_half_boxes_are_not_rounded_to_half():
-    # int and fp16 promote to fp16 in torch; the integer box must still be exact (float64),
-    # not 90000 -> inf: the fp32 result of the float64 computation (torchvision's GIoU is NaN
-    # here: its enclosing area overflows fp16)
+def test_integer_boxes_against_half_boxes_are_not_rounded_to_half(monkeypatch):
+    # int and fp16 promote to fp16 in torch; the integer box must still be exact: computed in
+    # fp32 (90000 -> inf in fp16; torchvision's GIoU is NaN here, its enclosing area
+    # overflows fp16), close to the float64 result
     a = torch.tensor([[0, 0, 90000, 90000], [30000, 0, 60000, 150000]])
     b = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1, 1, 4, 5]], dtype=torch.float16)
     for kind in KINDS:
@@ -441,6 +442,15 @@ def test_integer_boxes_against_half_boxes_are_not_rounded_to_half():
         ours = P.matched_box_iou(a, b, kind=kind)
         torch.testing.assert_close(ours, P.matched_box_iou(a.double(), b.double(), kind=kind).float(), rtol=1e-6,
                                    atol=0)
+    # the computation dtype: fp32 for int against half and against fp32 (not fp64: integer
+    # ground truth against fp32 anchors is the common case), fp64 for integers alone
+    seen = []
+    module = sys.modules["pyvision_ops.box_iou"]  # P.box_iou is the function
+    monkeypatch.setattr(module, "ops", type("Ops", (), {"pairwise_box_iou": staticmethod(
+        lambda b1, b2, *rest: seen.append(b1.dtype) or ops.pairwise_box_iou(b1, b2, *rest))}))
+    for x, y in ((a, b), (a, b.float()), (a, b.bfloat16()), (a, a), (b, b), (a, b.double())):
+        P.box_iou(x, y)
+    assert seen == [torch.float32] * 3 + [torch.float64, torch.float16, torch.float64]
 
 
 # ------------------------------------------------------- op-level machinery
