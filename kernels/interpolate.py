@@ -26,7 +26,11 @@ class Taps:
     block of `bx` cells is read by, at most)."""
 
     def __init__(self, cpu, device):
-        self.i0, self.i1, self.w0, self.w1, self.lo, self.hi = (t.to(device) for t in cpu)
+        self.tensors = tuple(t.to(device) for t in cpu)
+        self.i0, self.i1, self.w0, self.w1, self.lo, self.hi = self.tensors
+        # CUDA: the stream they were made on, and the other streams that used them (axis_taps)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.streams = set()
         lo, hi = cpu[4], cpu[5]
         n = lo.numel()
         self.bx, self.fx = 1, 1
@@ -40,9 +44,7 @@ class Taps:
         self.bxp = triton.next_power_of_2(self.bx)
 
 
-# Not evicted: a kernel still queued on another stream, or a captured CUDA graph, may
-# read an entry's tensors after the call that made it (entries are O(n_in + n_out)).
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _axis_taps(n_in, n_out, align_corners, scale, acc, device):
     d = torch.arange(n_out, dtype=acc)
     if n_in == n_out:
@@ -56,7 +58,8 @@ def _axis_taps(n_in, n_out, align_corners, scale, acc, device):
         else:
             ratio = torch.tensor(1.0 / scale, dtype=acc) if scale > 0 else torch.tensor(n_in, dtype=acc) / n_out
             src = (ratio * (d + 0.5) - 0.5).clamp(min=0)
-        # clamped before the conversion too: a tiny scale puts src past int64's range
+        # clamped before the conversion (a tiny scale puts src past int64's range) and after
+        # it (n_in - 1 as fp32 may round up past 2^24)
         i0 = torch.floor(src).clamp(max=n_in - 1).to(torch.int64).clamp(max=n_in - 1)
         w1 = (src - i0.to(acc)).clamp(0, 1)
         i1 = i0 + (i0 < n_in - 1).to(torch.int64)
@@ -67,9 +70,29 @@ def _axis_taps(n_in, n_out, align_corners, scale, acc, device):
     return Taps((i0, i1, w0, w1, lo, hi), device)
 
 
+# Taps used while a CUDA graph was captured: the graph keeps their pointers, so they are
+# never evicted (graphs are few; the LRU's entries are as many as sizes and scales seen).
+_pinned: dict = {}
+
+
 def axis_taps(n_in, n_out, align_corners, scale, acc, device) -> Taps:
-    """The taps of one axis (see Taps), cached per shape, options, dtype and device."""
-    return _axis_taps(int(n_in), int(n_out), bool(align_corners), float(scale), acc, torch.device(device))
+    """The taps of one axis (see Taps), cached per shape, options, dtype and device.
+
+    An entry the LRU evicts is freed while kernels queued before may still read it. The
+    caching allocator waits for those on the stream that made it; record_stream makes it
+    wait for any other stream that used the entry too."""
+    key = (int(n_in), int(n_out), bool(align_corners), float(scale), acc, torch.device(device))
+    taps = _pinned.get(key) or _axis_taps(*key)
+    if taps.stream is not None:
+        if torch.cuda.is_current_stream_capturing():
+            _pinned[key] = taps
+        else:
+            stream = torch.cuda.current_stream(key[5])
+            if stream != taps.stream and stream not in taps.streams:
+                taps.streams.add(stream)
+                for t in taps.tensors:
+                    t.record_stream(stream)
+    return taps
 
 
 @triton.jit

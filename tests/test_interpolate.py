@@ -218,3 +218,33 @@ def test_cuda_matches_cpu_and_is_deterministic(dtype):
         g2 = torch.autograd.grad((P.interpolate_bilinear(xg, **kw) * w.cuda()).sum(), [xg])[0]
         assert torch.equal(g1, g2)
         torch.testing.assert_close(g1.cpu(), torch.autograd.grad((b * w).sum(), [xc])[0], rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.gpu
+def test_cuda_taps_cache_records_other_streams_and_pins_graph_entries():
+    # Cached taps live on the device: one used from another stream is recorded on it (the
+    # allocator then waits for that stream when the LRU frees it), and one used while a CUDA
+    # graph is captured is pinned, so that evicting the LRU does not free what the graph reads.
+    from pyvision_ops.kernels import interpolate as K
+
+    x = torch.randn(1, 2, 5, 7, device="cuda")
+    ref = P.interpolate_bilinear(x, size=(11, 13))
+    taps = K.axis_taps(5, 11, False, -1.0, torch.float32, x.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = P.interpolate_bilinear(x, size=(11, 13))
+    assert side in taps.streams
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+    xs = torch.randn(1, 2, 6, 9, device="cuda")
+    want = P.interpolate_bilinear(xs, size=(17, 19))  # the taps are made before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = P.interpolate_bilinear(xs, size=(17, 19))
+    assert {(6, 17), (9, 19)} <= {k[:2] for k in K._pinned}
+    K._axis_taps.cache_clear()
+    torch.randn(1 << 20, device="cuda")  # reuse freed memory, if any was freed
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, want)
