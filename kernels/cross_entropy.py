@@ -180,12 +180,25 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
 
 
 @triton.jit
-def _grad_coefs(g, wy, wsum, keep, spread):
-    """a = g (keep w_y + spread W), b = g keep w_y and gs = g spread of d loss / d z_c. As in
-    _ce_loss, a term whose factor is 0 is left out: without label smoothing a NaN or inf
-    weight of a class no position targets must not reach every gradient (0 * inf)."""
+def _grad_coefs(g, wy, wsum, keep, spread, SMOOTH: tl.constexpr):
+    """a = g (keep w_y + spread W), b = g keep w_y and gs = g spread of d loss / d z_c (W =
+    wsum is read only with label smoothing). As in _ce_loss, a term whose factor is 0 is left
+    out: without label smoothing a NaN or inf weight of a class no position targets must not
+    reach every gradient (0 * inf)."""
     hard = tl.where(keep != 0, keep * wy, 0.0)
-    return g * tl.where(spread != 0, hard + spread * wsum, hard), g * hard, g * spread
+    if SMOOTH:
+        return g * tl.where(spread != 0, hard + spread * wsum, hard), g * hard, g * spread
+    else:
+        return g * hard, g * hard, g * spread
+
+
+@triton.jit
+def _smooth_weight_sum(w_ptr, C, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """_weight_sum where label smoothing needs it (a loop over C per program), else 0."""
+    if SMOOTH:
+        return _weight_sum(w_ptr, C, HAS_W)
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -207,8 +220,8 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
     g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
-    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), _weight_sum(w_ptr, C, HAS_W),
-                                     keep, spread)
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W),
+                                     _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread, SMOOTH)
     zp = z_ptr + base
     dp = dz_ptr + base
     c_main = C - C % UNROLL
@@ -291,10 +304,12 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
     mx = tl.load(stats_ptr + r).to(acc)
     ls = tl.load(stats_ptr + N + r).to(acc)
     wv = tl.zeros((BLOCK_C,), acc)
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        wv += _row_weights(w_ptr, cs, cs < C, HAS_W)
-    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), tl.sum(wv, 0), keep, spread)
+    if SMOOTH:
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            wv += _row_weights(w_ptr, cs, cs < C, HAS_W)
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), tl.sum(wv, 0), keep, spread,
+                                     SMOOTH)
     row = z_ptr + r * C
     drow = dz_ptr + r * C
     for c0 in range(0, C, BLOCK_C):
@@ -468,8 +483,8 @@ def _up_ce_contract_x_kernel(l_ptr, y_ptr, w_ptr, g_ptr, wsum_ptr, stats_ptr, t_
     g = _position_grad(g_ptr, wsum_ptr, offs, mo, valid, G_STEP, MEAN)
     mx = tl.load(stats_ptr + offs, mask=mo, other=0.0)
     ls = tl.load(stats_ptr + P + offs, mask=mo, other=0.0)
-    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), _weight_sum(w_ptr, C, HAS_W),
-                                     keep, spread)
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W),
+                                     _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread, SMOOTH)
     oy = row % H
     for cc in range(CC):
         c = c0 + cc

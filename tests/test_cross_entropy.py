@@ -279,6 +279,25 @@ def test_non_finite_class_weight_reaches_only_its_targets(bad, targeted, reducti
         assert torch.isfinite(go).all() or targeted
 
 
+def test_target_check_reports_the_first_bad_value_across_chunks():
+    # The CPU check scans chunks of 2^16 targets in parallel: the earliest bad value is
+    # reported whichever chunk a thread finishes first, with one thread or several.
+    y = torch.randint(0, 3, (1, 3 * 65536 + 5), generator=torch.Generator().manual_seed(0))
+    y[0, 70000], y[0, 140000], y[0, -1] = 7, -9, 11
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            with pytest.raises(ValueError, match="value 7 is outside"):
+                P.softmax_cross_entropy(torch.zeros(1, 3, y.shape[1]), y)
+            y[0, 70000] = 255
+            with pytest.raises(ValueError, match="value -9 is outside"):
+                P.softmax_cross_entropy(torch.zeros(1, 3, y.shape[1]), y, ignore_index=255)
+            y[0, 70000] = 7
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backward_ops_check_the_targets():
     # The forward ops reject a target outside [0, C); their backward ops, called directly (or
     # after the target changed), must too rather than index the class weights with it.

@@ -34,7 +34,8 @@ PVO_HD Tap<T> axis_tap(int64_t d, int64_t in, int64_t out, bool align_corners, T
   T src = align_corners ? ratio * static_cast<T>(d) : ratio * (static_cast<T>(d) + T(0.5)) - T(0.5);
   if (!align_corners && src < T(0)) src = T(0);
   // Compared before the conversion: a ratio of 1 / scale for a tiny scale puts src past
-  // int64's range (or at inf), where the conversion is undefined.
+  // int64's range (or at inf), where the conversion is undefined; and after it, as in - 1
+  // as a float may round up past 2^24.
   int64_t i0 = src < static_cast<T>(in - 1) ? static_cast<int64_t>(std::floor(src)) : in - 1;
   i0 = i0 < in - 1 ? i0 : in - 1;
   T l = src - static_cast<T>(i0);

@@ -43,19 +43,22 @@ PVO_HD double log1p_unit(double u) { return std::log1p(u); }
 
 // Class indices must be in [0, C) or ignore_index; checked by the CPU kernels (the CUDA
 // ones never index with them, and checking there would cost a sync). `what` names them.
-// Chunks in parallel, each scanned without branches; the first bad value is reported.
+// Chunks in parallel, each scanned with bitwise operations (no short-circuit, so that it
+// can vectorise); the first bad value over all chunks is reported.
 inline void check_labels(const char* what, const at::Tensor& y, int64_t C, std::optional<int64_t> ignore_index) {
   const int64_t* py = y.const_data_ptr<int64_t>();
   const int64_t n = y.numel(), ign = ignore_index.value_or(0);
-  const bool has_ign = ignore_index.has_value();
-  auto ok = [&](int64_t v) { return (has_ign && v == ign) || static_cast<uint64_t>(v) < static_cast<uint64_t>(C); };
+  const uint64_t has_ign = ignore_index.has_value() ? 1 : 0, classes = static_cast<uint64_t>(C);
+  auto bad = [=](int64_t v) {
+    return static_cast<uint64_t>(static_cast<uint64_t>(v) >= classes) & ~(has_ign & static_cast<uint64_t>(v == ign));
+  };
   std::atomic<int64_t> first{n};
   at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    bool bad = false;
-    for (int64_t i = lo; i < hi; ++i) bad |= !ok(py[i]);
-    if (!bad) return;
+    uint64_t any = 0;
+    for (int64_t i = lo; i < hi; ++i) any |= bad(py[i]);
+    if (!any) return;
     int64_t i = lo;
-    while (ok(py[i])) ++i;
+    while (!bad(py[i])) ++i;
     int64_t cur = first.load();
     while (i < cur && !first.compare_exchange_weak(cur, i)) {
     }

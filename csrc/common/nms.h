@@ -41,8 +41,9 @@ inline T ge_threshold(double thr) {
 
 // exp for float without branches or calls, so CPU loops vectorise: 2^k * p(r),
 // |r| <= ln2 / 2, degree-6 Taylor polynomial; relative error < 3e-7 on [-87, 0].
-// Arguments below -87 give 0, NaN gives NaN. Callers take it of values <= 0 (above about
-// 88.37, below expf's overflow, 2^k would leave the exponent range: see losses::pow_).
+// Arguments below -87 give 0, NaN gives NaN. Callers take it of values <= 0, or cap their
+// arguments as losses::pow_ does: above about 88.37 2^k leaves the exponent range and wraps
+// (a cap here, one more select per call, slowed the CPU cross-entropy forward by ~15%).
 PVO_HD float exp_approx(float x) {
 #ifdef __CUDA_ARCH__
   // as below: expf would give denormals, and inf * denormal = inf. expf of the clamped

@@ -95,18 +95,23 @@ std::pair<at::Tensor, bool> loss_grad(const at::Tensor& grad, const at::Tensor& 
 // loss = keep * w_y ((m - z_y) + l) + spread * (sum_c w_c (m - z_c) + W l).
 template <typename T>
 struct Classes {
-  std::vector<T> w, sw;  // sw: spread w_c, 0 without label smoothing (see grad_factors)
-  T wsum = 0, keep, spread;
+  // For the backward (see grad_factors): kw = keep w_c and sw = spread w_c, 0 where keep or
+  // spread is; swsum = spread W likewise.
+  std::vector<T> w, kw, sw;
+  T wsum = 0, keep, spread, swsum = 0;
   Classes(const std::optional<at::Tensor>& weight, int64_t C, double label_smoothing)
-      : w(C, T(1)), sw(C, T(0)), keep(T(1) - T(label_smoothing)), spread(T(label_smoothing) / T(C)) {
+      : w(C, T(1)), kw(C, T(0)), sw(C, T(0)), keep(T(1) - T(label_smoothing)), spread(T(label_smoothing) / T(C)) {
     if (weight) {
       const auto wt = weight->to(c10::CppTypeToScalarType<T>::value).contiguous();
       const T* pw = wt.template const_data_ptr<T>();
       std::copy(pw, pw + C, w.begin());
     }
     for (T v : w) wsum += v;
-    if (spread != T(0))
-      for (int64_t c = 0; c < C; ++c) sw[c] = spread * w[c];
+    for (int64_t c = 0; c < C; ++c) {
+      if (keep != T(0)) kw[c] = keep * w[c];
+      if (spread != T(0)) sw[c] = spread * w[c];
+    }
+    if (spread != T(0)) swsum = spread * wsum;
   }
   // One position's loss from m, l, z_y and wd = sum_c w_c (m - z_c). A term whose factor is
   // 0 is left out, not multiplied: a -inf logit makes it infinite (0 * inf = NaN), and
@@ -130,17 +135,16 @@ struct Classes {
     return {ls, ws};
   }
   // The backward's per-position factors, dz_c = a p_c - b [c = y] - gm sw_c (see the top):
-  // gm = g (0 where ignored), a = gm (keep w_y + spread W), b = gm keep w_y. As in loss(), a
-  // term whose factor is 0 is left out: without label smoothing a NaN or inf weight of a
+  // gm = g (0 where ignored), a = gm (kw_y + swsum), b = gm kw_y. As in loss(), a term whose
+  // factor is 0 is left out (kw, sw, swsum): without label smoothing a NaN or inf weight of a
   // class no position targets must not reach every gradient (0 * inf), as it does not in torch.
   void grad_factors(const int64_t* y, int64_t n, int64_t ignore_index, const T* g, int64_t g_step, T* gm, T* a,
                     T* b) const {
     for (int64_t j = 0; j < n; ++j) {
       const bool ign = y[j] == ignore_index;
-      const T wy = ign ? T(0) : w[y[j]];
-      const T hard = keep == T(0) ? T(0) : keep * wy;
+      const T hard = ign ? T(0) : kw[y[j]];
       gm[j] = ign ? T(0) : g[j * g_step];
-      a[j] = gm[j] * (spread == T(0) ? hard : hard + spread * wsum);
+      a[j] = gm[j] * (hard + swsum);
       b[j] = gm[j] * hard;
     }
   }
