@@ -12,7 +12,8 @@ backward ops called directly, the front without autograd.
 `--launchers` (any machine, no GPU needed) times the Python work of the Triton launchers
 (kernels/*.py) on tiny CPU tensors with every Triton kernel replaced by a no-op: their
 argument checks, allocations and grid arithmetic, the part of a GPU call's host time
-that is ours rather than Triton's launch.
+that is ours rather than Triton's launch (approximately: CPU allocations stand in for
+the CUDA caching allocator's).
 """
 
 import argparse

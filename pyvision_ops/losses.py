@@ -25,9 +25,10 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     with ``"none"`` channels_last ``inputs`` and ``targets`` give a channels_last loss.
     A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows
     ``torch.pow`` (real for an integral ``gamma``, NaN for a fractional one). With
-    ``gamma < 0`` the power overflows to inf where ``1 - p_t`` is tiny; at a hard target
-    and ``|inputs|`` >= 87 (fp32) both it and the cross-entropy underflow to 0, and the
-    loss is 0 * inf = NaN (torchvision's is inf or NaN there).
+    ``gamma < 0`` the power overflows to inf where ``1 - p_t`` is tiny; where the input
+    agrees with a hard target by 87 or more in fp32 (``inputs >= 87`` at ``targets = 1``,
+    ``<= -87`` at 0) both it and the cross-entropy underflow to 0, and the loss is
+    0 * inf = NaN (torchvision's is inf or NaN there).
     """
     _utils.check_tensor("inputs", inputs)
     _utils.check_tensor("targets", targets)

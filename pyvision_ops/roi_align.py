@@ -66,9 +66,15 @@ def _pair(size, name="output_size"):
     return int(size[0]), int(size[1])
 
 
+def _kernel_size(ph, pw, sampling_ratio):
+    """What the kernels pool for output_size (ph, pw) and a sampling ratio: at least 1 x 1,
+    which _cut makes empty again for a 0 (one sample per bin then: it is thrown away)."""
+    return max(ph, 1), max(pw, 1), sampling_ratio if ph and pw else 1
+
+
 def _cut(out, ph, pw):
-    """A pooled map of ph x pw from the kernels' max(ph, 1) x max(pw, 1): an output_size of 0
-    gives an empty map, as torchvision's (and still a gradient, of zeros)."""
+    """A pooled map of ph x pw from the kernels' (_kernel_size): an output_size of 0 gives
+    an empty map, as torchvision's (and still a gradient, of zeros)."""
     return out if ph and pw else out[:, :, :ph, :pw]
 
 
@@ -145,7 +151,7 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     spatial_scale = _utils.check_float("spatial_scale", spatial_scale)
     sampling_ratio = _utils.check_int64("sampling_ratio", sampling_ratio)
     aligned = _check_aligned(aligned)
-    return _cut(ops.roi_align(input, rois, spatial_scale, max(ph, 1), max(pw, 1), sampling_ratio, aligned), ph, pw)
+    return _cut(ops.roi_align(input, rois, spatial_scale, *_kernel_size(ph, pw, sampling_ratio), aligned), ph, pw)
 
 
 class RoIAlign(nn.Module):
@@ -260,7 +266,7 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     if any(f.dtype != dtype for f in features):  # autocast only (_check_features)
         common = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
         features = [f.to(common) for f in features]
-    out = ops.multi_scale_roi_align(features, rois, levels, scales, max(ph, 1), max(pw, 1), sampling_ratio, aligned)
+    out = ops.multi_scale_roi_align(features, rois, levels, scales, *_kernel_size(ph, pw, sampling_ratio), aligned)
     return _cut(out, ph, pw).to(dtype)
 
 

@@ -77,7 +77,7 @@ def test_mean_iou():
     # a class outside [0, 3) where the target is not ignored: an error, not another class's count
     for bad_p, bad_t, name in ((p.clamp(max=2) + 1, t, "pred"), (p.clamp(max=2) - 1, t, "pred"),
                                (p, t.clamp(max=3), "target")):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=f"^{name} must"):
             mean_iou(bad_p, bad_t, 3, ignore_index=255)
     with pytest.raises(ValueError, match="shape"):
         mean_iou(p[:, :3], t, 3)
@@ -201,8 +201,10 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
             cli.main(["train", "segmenter", *bad])
         assert bad[0] in capsys.readouterr().err
     (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
     torch.save([1, 2], str(tmp_path / "list.pt"))
-    for name in ("missing.pt", "text.pt", "list.pt"):
+    torch.save({"model": ["segmenter"], "config": {}, "data": {}, "state_dict": {}}, str(tmp_path / "odd.pt"))
+    for name in ("missing.pt", "text.pt", "empty.pt", "list.pt", "odd.pt"):
         with pytest.raises(SystemExit):
             cli.main(["evaluate", str(tmp_path / name)])
         assert f"checkpoint {tmp_path / name}" in capsys.readouterr().err

@@ -39,9 +39,9 @@ def _load(parser, path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # missing, unreadable, not a torch file (which raises almost anything)
-        parser.error(f"checkpoint {path}: {err.__class__.__name__}: {str(err).splitlines()[0]}")
+        parser.error(f"checkpoint {path}: {err.__class__.__name__}: {(str(err).splitlines() or [''])[0]}")
     if not (isinstance(ckpt, dict) and {"model", "config", "data", "state_dict"} <= ckpt.keys()
-            and ckpt["model"] in MODELS):
+            and isinstance(ckpt["model"], str) and ckpt["model"] in MODELS):
         parser.error(f"checkpoint {path} was not written by `train --save`")
     return ckpt
 
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
 
     for flag, ok, what in (("--steps", args.steps >= 1, "at least 1"),
                            ("--batch-size", args.batch_size >= 1, "at least 1"),
-                           ("--lr", 0 < args.lr < 1e30, "positive and below 1e30"),
+                           ("--lr", 0 < args.lr <= torch.finfo(torch.float32).max, "positive and finite in fp32"),
                            ("--width", args.width >= 1, "at least 1"),
                            ("--classes", 1 <= args.classes <= 6, "in [1, 6]"),
                            ("--size", args.size >= 16 and args.size % 4 == 0, "a multiple of 4, at least 16"),
