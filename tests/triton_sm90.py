@@ -94,6 +94,32 @@ def _launchers():
     for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
+    # Sizes of 1 everywhere: Triton passes an int argument equal to 1 as a constant, which
+    # some expressions (x.to(...)) do not accept.
+    one = torch.ones((), dtype=torch.float32)
+    b1 = boxes(1, torch.float32)
+    for kind in range(4):
+        box_iou.matched_box_iou(b1, b1, kind, True, 1e-7)
+        box_iou.matched_box_iou_backward(torch.ones(1), b1, b1, kind, True, 1e-7)
+    x1, y1 = torch.randn(1, 1, 1, 1, generator=g), torch.zeros(1, 1, 1, dtype=torch.int64)
+    losses.sigmoid_focal_loss(x1.flatten(), x1.flatten().gt(0).float(), 0.25, 1.5)
+    losses.sigmoid_focal_loss_backward(torch.ones(1), x1.flatten(), x1.flatten().gt(0).float(), 0.25, 1.5)
+    losses.dice_stats(x1, y1, 255)
+    losses.dice_stats_backward(torch.ones(2, 1), x1, y1, 255)
+    losses.lovasz_softmax_rows(x1.reshape(1, 1, 1), y1.reshape(1, 1), None, True)
+    interpolate.upsample_bilinear(x1, 1, 1, False, -1.0, -1.0)
+    interpolate.upsample_bilinear(x1, 2, 3, True, -1.0, -1.0)
+    interpolate.upsample_bilinear_backward(torch.ones(1, 1, 2, 3), 1, 1, True, -1.0, -1.0)
+    for smoothing in (0.0, 0.1):
+        for reduction, grad in ((0, torch.ones(1, 1)), (1, one)):
+            _, wsum, stats = cross_entropy.softmax_cross_entropy(x1.reshape(1, 1, 1), y1.reshape(1, 1), None, 255,
+                                                                 smoothing, reduction)
+            cross_entropy.softmax_cross_entropy_backward(grad, x1.reshape(1, 1, 1), y1.reshape(1, 1), None, stats,
+                                                         wsum, 255, smoothing, reduction)
+        _, wsum, stats = cross_entropy.upsample_cross_entropy(x1, y1.expand(1, 2, 3).contiguous(), False, None, 255,
+                                                              smoothing, 1)
+        cross_entropy.upsample_cross_entropy_backward(one, x1, y1.expand(1, 2, 3).contiguous(), False, None, stats,
+                                                      wsum, 255, smoothing, 1)
     for dtype in (torch.float32, torch.float64):
         losses.lovasz_gradient((torch.rand(3, 2000, generator=g) > 0.5).to(dtype), torch.tensor([2000, 5, 0]))
     return (box_iou, cross_entropy, interpolate, losses)
