@@ -66,11 +66,13 @@ TORCH_LIBRARY(pyvision_ops, m) {
       "-> (Tensor, Tensor, Tensor)");
 
   // Bilinear interpolation of [N, C, H, W] (torch's index rule; scale <= 0: none given).
+  // SymInt sizes: under torch.compile / export with dynamic shapes they follow the input's
+  // (the kernels take them as int64_t: they are concrete when a kernel runs).
   m.def(
-      "upsample_bilinear(Tensor input, int out_h, int out_w, bool align_corners, float scale_h, float scale_w) "
-      "-> Tensor");
+      "upsample_bilinear(Tensor input, SymInt out_h, SymInt out_w, bool align_corners, float scale_h, "
+      "float scale_w) -> Tensor");
   m.def(
-      "upsample_bilinear_backward(Tensor grad, int in_h, int in_w, bool align_corners, float scale_h, "
+      "upsample_bilinear_backward(Tensor grad, SymInt in_h, SymInt in_w, bool align_corners, float scale_h, "
       "float scale_w) -> Tensor");
 
   // Softmax cross-entropy with class-index targets on [N, C, S] logits, reduced by the kernel

@@ -58,8 +58,11 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         sh, sw = (_utils.check_float("scale_factor", s) for s in _two(scale_factor, "scale_factor", numbers.Real))
         if not (sh > 0 and sw > 0 and math.isfinite(sh) and math.isfinite(sw)):
             raise ValueError(f"scale_factor must be positive and finite, got {scale_factor!r}")
-        # h * sh can overflow to inf (scale_factor=1e308), which floor cannot take
-        oh, ow = (math.floor(v) if math.isfinite(v) else 2**31 for v in (h * sh, w * sw))
+        if sh >= 2**31 or sw >= 2**31:  # checked first: h * sh could overflow to inf
+            raise ValueError(f"the output size must be below 2^31 per side, got scale_factor={scale_factor!r}")
+        # floor of h * sh (positive: truncation); symbolic under torch.compile with dynamic
+        # shapes, hence sym_int, as in F.interpolate
+        oh, ow = torch.sym_int(h * sh), torch.sym_int(w * sw)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"the output size must be positive, got {(oh, ow)}")
     if oh >= 2**31 or ow >= 2**31:

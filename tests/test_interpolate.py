@@ -75,6 +75,35 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(f(x), P.interpolate_bilinear(x, scale_factor=2).sum())
 
 
+def test_scale_factor_with_dynamic_shapes_compiles_and_exports():
+    # The output size follows the input's under dynamic shapes (SymInt sizes in the schema,
+    # sym_int of h * scale in the front): compile across sizes, forward and backward, and an
+    # export with dynamic H and W run on new sizes. math.floor / isfinite of the symbolic
+    # size failed to trace, and int sizes fixed H at export.
+    from torch.export import Dim
+
+    def up(t):
+        return P.interpolate_bilinear(t, scale_factor=1.5)
+
+    for dynamic in (True, None):
+        torch._dynamo.reset()
+        f = torch.compile(lambda t: up(t).square().sum(), fullgraph=True, dynamic=dynamic)
+        for h, w in ((4, 5), (6, 8), (9, 7)):
+            x = feature(n=1, c=2, h=h, w=w)
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            (g1,), (g2,) = torch.autograd.grad(f(x1), [x1]), torch.autograd.grad(up(x2).square().sum(), [x2])
+            torch.testing.assert_close(g1, g2)
+
+    class Up(torch.nn.Module):
+        def forward(self, t):
+            return up(t)
+
+    ep = torch.export.export(Up(), (feature(n=1, c=2, h=4, w=5),), dynamic_shapes=({2: Dim.DYNAMIC, 3: Dim.DYNAMIC},))
+    for h, w in ((6, 7), (9, 3)):
+        x = feature(n=1, c=2, h=h, w=w)
+        torch.testing.assert_close(ep.module()(x), up(x), rtol=0, atol=0)
+
+
 def test_size_and_flags_accept_what_torch_accepts():
     import numpy as np
 
