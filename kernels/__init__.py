@@ -22,9 +22,14 @@ def loss_grad(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for the launchers' grids: triton.cdiv is a constexpr function object whose
-    call costs ~1.7 us of host time, each time."""
+    """ceil(a / b) for the launchers' grids: triton.cdiv (and next_power_of_2) are constexpr
+    function objects whose call costs ~1.7 us of host time, each time."""
     return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), without triton's per-call cost (cdiv)."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def column_blocks(op: str, width: int, block: int) -> int:

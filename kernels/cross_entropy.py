@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import cdiv, column_blocks, loss_grad, require
+from . import cdiv, column_blocks, loss_grad, next_power_of_2, require
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
 
@@ -186,10 +186,10 @@ def _grad_coefs(g, wy, wsum, keep, spread, SMOOTH: tl.constexpr):
     out: without label smoothing a NaN or inf weight of a class no position targets must not
     reach every gradient (0 * inf)."""
     hard = tl.where(keep != 0, keep * wy, 0.0)
+    a = hard
     if SMOOTH:
-        return g * tl.where(spread != 0, hard + spread * wsum, hard), g * hard, g * spread
-    else:
-        return g * hard, g * hard, g * spread
+        a = tl.where(spread != 0, hard + spread * wsum, hard)
+    return g * a, g * hard, g * spread
 
 
 @triton.jit
@@ -323,7 +323,7 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
 
 
 def _rows_config(c):
-    block_c = min(1024, 1 << (max(c, 1) - 1).bit_length())  # the next power of 2, without triton's ~1.7 us call
+    block_c = min(1024, next_power_of_2(c))
     return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import column_blocks, require
+from . import column_blocks, next_power_of_2, require
 
 
 class Taps:
@@ -39,9 +39,9 @@ class Taps:
             first = torch.arange(0, n, bx)
             foot = int((hi[(first + bx).clamp(max=n) - 1] - lo[first]).max()) if n else 0
             if foot <= 128 or bx == 1:
-                self.bx, self.fx = bx, triton.next_power_of_2(max(foot, 16))
+                self.bx, self.fx = bx, next_power_of_2(max(foot, 16))
                 break
-        self.bxp = triton.next_power_of_2(self.bx)
+        self.bxp = next_power_of_2(self.bx)
 
 
 @functools.lru_cache(maxsize=256)
