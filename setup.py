@@ -46,7 +46,8 @@ def _extension():
     # No fused multiply-add contraction on either device: a product rounded before the sum, as
     # in torch's CPU ops, so an IoU or a sample position near a threshold decides the same way
     # on the CPU and on the GPU (nvcc contracts by default and moved IoUs by an ulp).
-    cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # -g0: Python's CFLAGS carry -g, which made _C ~15x larger (debug info of the ATen templates).
+    cxx = ["-O3", "-g0", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     define_macros = [("PYVISION_OPS_VERSION", f'"{VERSION}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -75,6 +76,16 @@ def _extension():
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
+def _torch_requirement():
+    # _C is compiled against one torch's C++ ABI: a wheel requires that release (as
+    # torchvision's do). Without torch at build time nothing is compiled to pin.
+    try:
+        import torch
+    except ImportError:
+        return "torch"
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 if _flag("PYVISION_OPS_NO_EXT"):
     # Editable install of the Python files only; `make build` compiles _C in place.
     ext_modules, cmdclass = [], {}
@@ -92,4 +103,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
+    install_requires=[_torch_requirement()],
 )

@@ -10,8 +10,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by hand
     raise ImportError(
         "pyvision_ops: the compiled extension pyvision_ops._C could not be loaded "
-        f"({e}). Build it from the repository root with `make build` "
-        "(or `pip install --no-build-isolation -e .`)."
+        f"({e}). It must be built against the torch in use (torch {torch.__version__}): "
+        "from a source checkout run `make build` (or `pip install --no-build-isolation -e .`); "
+        "an installed wheel needs the torch release it names."
     ) from e
 
 ops = torch.ops.pyvision_ops

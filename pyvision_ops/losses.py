@@ -19,8 +19,10 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     ``loss = a_t * BCEWithLogits(inputs, targets) * (1 - p_t) ** gamma`` with
     ``p = sigmoid(inputs)``, ``p_t = p t + (1 - p)(1 - t)``, ``a_t = alpha t +
     (1 - alpha)(1 - t)`` (no weight when ``alpha = -1``). One fused kernel each way;
-    gradients reach ``inputs`` and (soft) ``targets``. The result has the dtype of
-    ``inputs`` (computed in fp32, fp64 for fp64). ``reduction``: ``"none"``,
+    gradients reach ``inputs`` and (soft) ``targets``. The result has the dtype torch
+    promotes ``inputs`` and floating ``targets`` to, as torchvision's (fp16 logits with fp32
+    targets give an fp32 loss), or that of ``inputs`` for integer or bool ``targets`` (which
+    torchvision rejects); it is computed in fp32, fp64 for fp64. ``reduction``: ``"none"``,
     ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN, and
     with ``"none"`` channels_last ``inputs`` and ``targets`` give a channels_last loss.
     A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows
@@ -44,6 +46,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     if not (0 <= alpha <= 1) and alpha != -1:
         raise ValueError(f"alpha must be in [0, 1], or -1 to disable the weight, got {alpha}")
     _utils.check_reduction(reduction)
+    if targets.is_floating_point():
+        inputs = inputs.to(torch.promote_types(inputs.dtype, targets.dtype))
     targets = targets.to(inputs.dtype)
     cl = torch.channels_last
     if (inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=cl)

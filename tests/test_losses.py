@@ -51,6 +51,25 @@ def test_focal_dtypes(dtype, tol):
                                else tv.sigmoid_focal_loss(x.double(), t.double()).to(dtype), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("x_dtype,t_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float64), (torch.float32, torch.float16)])
+def test_focal_mixed_dtypes_promote_like_torchvision(x_dtype, t_dtype):
+    # fp16 logits (autocast) with fp32 targets: an fp16 loss overflowed a sum that fp32 holds
+    x, t = logits_targets(dtype=torch.float64, soft=True)
+    x = x.to(x_dtype).requires_grad_()
+    t = t.to(t_dtype)
+    ours, theirs = P.sigmoid_focal_loss(x, t), tv.sigmoid_focal_loss(x, t)
+    assert ours.dtype == theirs.dtype == torch.promote_types(x_dtype, t_dtype)
+    # torchvision rounds sigmoid(x) to fp16/bf16 first; ours keeps fp32 from the rounded x
+    exact = tv.sigmoid_focal_loss(x.double(), t.double()).to(ours.dtype)
+    torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-6)
+    big = (torch.randn(70000, 8, generator=torch.Generator().manual_seed(0)) * 3).to(x_dtype)
+    hard = (torch.rand(70000, 8, generator=torch.Generator().manual_seed(1)) > 0.5).to(t_dtype)
+    assert torch.isfinite(P.sigmoid_focal_loss(big, hard, reduction="sum"))
+    (gx,) = torch.autograd.grad(ours.sum(), [x])
+    assert gx.dtype == x_dtype
+
+
 @pytest.mark.parametrize("targets_channels_last", [True, False])
 def test_focal_keeps_channels_last_like_torchvision(targets_channels_last):
     g = torch.Generator().manual_seed(3)

@@ -36,6 +36,17 @@ def test_missing_extension_gives_one_clear_message():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "make build" in proc.stderr and "pyvision_ops._C" in proc.stderr
+    assert f"torch {torch.__version__}" in proc.stderr  # an extension built for another torch fails to load
+
+
+def test_sdist_manifest_covers_every_source():
+    # The sdist must build on its own: every csrc file, headers included (setup.py lists only the
+    # .cpp/.cu files it compiles, and only the .cu ones with CUDA on).
+    root = pathlib.Path(__file__).resolve().parents[1]
+    rules = [line.split() for line in (root / "MANIFEST.in").read_text().splitlines() if line.startswith("recursive")]
+    patterns = {pat for rule in rules if rule[1] == "csrc" for pat in rule[2:]}
+    files = [p for p in (root / "csrc").rglob("*") if p.is_file()]
+    assert files and [str(p) for p in files if not any(p.match(pat) for pat in patterns)] == []
 
 
 def test_bench_run_saves_each_row_and_survives_a_failing_workload(tmp_path, monkeypatch):
