@@ -1,11 +1,41 @@
 """Argument checks shared by the Python fronts. Errors name the argument."""
 
+import functools
 import numbers
 
 import torch
+from torch.fx import Proxy
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def fx_leaf(fn):
+    """Under ``torch.fx.symbolic_trace`` a call of ``fn`` becomes one graph node, from any
+    call site (``torch.fx.wrap`` only patches the calling module's globals): the argument
+    checks need real tensors, which a Proxy is not. A Proxy is looked for among the
+    arguments and one level into lists, tuples and dicts (boxes per image, feature maps)."""
+
+    @functools.wraps(fn)
+    def leaf(*args, **kwargs):
+        proxy = find_proxy((*args, *kwargs.values()))
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", leaf, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return leaf
+
+
+def find_proxy(values):
+    """The first torch.fx Proxy in values, or one level into a list, tuple or dict in them."""
+    for v in values:
+        if isinstance(v, Proxy):
+            return v
+        if isinstance(v, (list, tuple, dict)):
+            for u in v.values() if isinstance(v, dict) else v:
+                if isinstance(u, Proxy):
+                    return u
+    return None
 
 
 def check_tensor(name: str, t) -> torch.Tensor:

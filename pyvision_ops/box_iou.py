@@ -101,6 +101,7 @@ def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -
     return out.view(*batch, n, m).to(out_dtype)
 
 
+@_utils.fx_leaf
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str = "xyxy") -> torch.Tensor:
     """Pairwise IoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (leading dims broadcast).
 
@@ -110,6 +111,7 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str = "xyxy") -> to
     return _pairwise(boxes1, boxes2, "iou", fmt=fmt)
 
 
+@_utils.fx_leaf
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; drop-in for torchvision's.
 
@@ -118,6 +120,7 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     return _pairwise(boxes1, boxes2, "giou")
 
 
+@_utils.fx_leaf
 def distance_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Pairwise DIoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; drop-in for torchvision's.
 
@@ -127,6 +130,7 @@ def distance_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e
     return _pairwise(boxes1, boxes2, "diou", eps=eps)
 
 
+@_utils.fx_leaf
 def complete_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Pairwise CIoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; drop-in for torchvision's.
 
@@ -163,6 +167,7 @@ def _matched(boxes1, boxes2, kind: str, loss: bool, eps: float) -> torch.Tensor:
     return out.view(shape[:-1]).to(out_dtype)
 
 
+@_utils.fx_leaf
 def matched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str = "iou", eps: float = 1e-7) -> torch.Tensor:
     """Elementwise IoU-family metric of matched pairs, ``[..., 4] x [..., 4] -> [...]`` (shapes broadcast).
 
@@ -179,6 +184,7 @@ def _loss(boxes1, boxes2, kind: str, reduction: str, eps: float) -> torch.Tensor
     return _utils.reduce(_matched(boxes1, boxes2, kind, True, eps), reduction)
 
 
+@_utils.fx_leaf
 def generalized_box_iou_loss(
     boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
 ) -> torch.Tensor:
@@ -191,6 +197,7 @@ def generalized_box_iou_loss(
     return _loss(boxes1, boxes2, "giou", reduction, eps)
 
 
+@_utils.fx_leaf
 def distance_box_iou_loss(
     boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
 ) -> torch.Tensor:
@@ -198,6 +205,7 @@ def distance_box_iou_loss(
     return _loss(boxes1, boxes2, "diou", reduction, eps)
 
 
+@_utils.fx_leaf
 def complete_box_iou_loss(
     boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
 ) -> torch.Tensor:

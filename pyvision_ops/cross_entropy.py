@@ -60,6 +60,7 @@ def _check_tensors(logits, target):
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
 
 
+@_utils.fx_leaf
 def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=None, ignore_index: int = -100,
                           reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``softmax(logits, dim=1)``; see the module docstring."""
@@ -80,6 +81,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     return loss.view(out_shape) if reduction == "none" else loss
 
 
+@_utils.fx_leaf
 def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_corners: bool = False, weight=None,
                            ignore_index: int = -100, reduction: str = "mean",
                            label_smoothing: float = 0.0) -> torch.Tensor:

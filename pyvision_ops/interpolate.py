@@ -33,6 +33,7 @@ def _two(value, name, kind):
     return a, b
 
 
+@_utils.fx_leaf
 def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, align_corners: bool = False):
     """Bilinear resize of ``[N, C, H, W]``; ``size`` or ``scale_factor`` (exactly one).
 

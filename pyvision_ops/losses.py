@@ -12,6 +12,7 @@ from . import _utils
 from ._library import _acc_dtype, ops
 
 
+@_utils.fx_leaf
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
                        reduction: str = "none") -> torch.Tensor:
     """Sigmoid focal loss (Lin et al. 2017); drop-in for ``torchvision.ops.sigmoid_focal_loss``.
@@ -87,6 +88,7 @@ def _check_classes(classes, c: int, expected: str) -> list:
     return classes
 
 
+@_utils.fx_leaf
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, ignore_index=None, classes=None,
               reduction: str = "mean") -> torch.Tensor:
     """Multiclass soft Dice loss from logits (softmax over dim 1 inside).
@@ -165,6 +167,7 @@ def _flatten_seg(name: str, x: torch.Tensor, labels: torch.Tensor, with_classes:
     _utils.check_same_device(**{name: x, "labels": labels})
 
 
+@_utils.fx_leaf
 def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present", per_image: bool = False,
                    ignore_index=None, from_logits: bool = False) -> torch.Tensor:
     """Lovasz-softmax loss (Berman et al., CVPR 2018), all classes and images in one batched pass.
@@ -231,6 +234,7 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     return _utils.reduce(per_group, "mean")  # no group (N = 0, per image): 0
 
 
+@_utils.fx_leaf
 def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True, ignore_index=None):
     """Binary Lovasz hinge loss (Berman et al. 2018) on ``[N, ...]`` logits and {0, 1} labels.
 

@@ -53,6 +53,7 @@ def _check(boxes, scores, idxs, iou_threshold):
     return boxes.detach().to(dtype), scores.detach().to(dtype), threshold
 
 
+@_utils.fx_leaf
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression; drop-in for ``torchvision.ops.nms``.
 
@@ -71,6 +72,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return ops.nms(boxes, scores, None, thr)
 
 
+@_utils.fx_leaf
 def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torch.Tensor:
     """NMS independently per category ``idxs``; drop-in for ``torchvision.ops.batched_nms``.
 
@@ -105,6 +107,7 @@ def _soft(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
     return ops.soft_nms(boxes, scores, idxs, thr, sigma, score_threshold, _METHODS[method])
 
 
+@_utils.fx_leaf
 def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
              score_threshold: float = 1e-3, method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS (Bodla et al., 2017). Returns ``(keep, decayed_scores)``.
@@ -135,6 +138,7 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     return _soft(boxes, scores, None, iou_threshold, sigma, score_threshold, method)
 
 
+@_utils.fx_leaf
 def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float = 0.3,
                      sigma: float = 0.5, score_threshold: float = 1e-3,
                      method: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:

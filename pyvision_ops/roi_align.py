@@ -124,6 +124,7 @@ def _check_aligned(value) -> bool:
     raise TypeError(f"aligned must be a bool, got {type(value).__name__}")
 
 
+@_utils.fx_leaf
 def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
               aligned: bool = False) -> torch.Tensor:
     """RoI Align; drop-in for ``torchvision.ops.roi_align``.
@@ -270,6 +271,7 @@ def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, 
     return _cut(out, ph, pw).to(dtype)
 
 
+@_utils.fx_leaf
 def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: list, sampling_ratio: int = 2,
                           canonical_scale: int = 224, canonical_level: int = 4, aligned: bool = False) -> torch.Tensor:
     """Pools each RoI from its FPN level (``fpn_levels``) of ``features`` (finest first).
@@ -319,6 +321,16 @@ def _setup_scales(features, names, image_shapes, canonical_scale, canonical_leve
     return scales, LevelMapper(k_min, k_max, canonical_scale, canonical_level)
 
 
+@_utils.fx_leaf
+def _traced_pyramid(x, boxes, image_shapes, featmap_names, output_size, sampling_ratio, canonical_scale,
+                    canonical_level):
+    """MultiScaleRoIAlign under torch.fx: one node, whose every call is a fresh module's first
+    (scales inferred each time, as in torchvision's traced graph)."""
+    m = MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
+                           canonical_level=canonical_level)
+    return m(x, boxes, image_shapes)
+
+
 class MultiScaleRoIAlign(nn.Module):
     """Drop-in for ``torchvision.ops.MultiScaleRoIAlign``: ``forward(x: dict, boxes: list, image_shapes: list)``.
 
@@ -340,6 +352,9 @@ class MultiScaleRoIAlign(nn.Module):
         self.map_levels = None
 
     def forward(self, x: dict, boxes: list, image_shapes: list) -> torch.Tensor:
+        if _utils.find_proxy((x, boxes, image_shapes)) is not None:
+            return _traced_pyramid(x, boxes, image_shapes, self.featmap_names, self.output_size, self.sampling_ratio,
+                                   self.canonical_scale, self.canonical_level)
         names = [k for k in x if k in self.featmap_names]
         if not names:
             raise ValueError(f"x has none of the feature maps in featmap_names {self.featmap_names} "

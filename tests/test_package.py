@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pyvision_ops as P
+from pyvision_ops.testing import random_boxes
 
 
 def test_build_info():
@@ -198,3 +199,46 @@ def test_overhead_launcher_cases_run_with_stubbed_kernels():
         for _, fn in cases:
             fn()
     assert before == {(m.__name__, n): k for m in modules for n, k in vars(m).items() if isinstance(k, JITFunction)}
+
+
+def test_fx_symbolic_trace_records_each_front_as_one_node():
+    # torch.fx (create_feature_extractor, FX quantization) traces models that call the ops: each
+    # public function is one node from any call site, and the traced graph computes what eager does.
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(40, scale=60.0, max_size=30.0, generator=g)
+    scores, idxs = torch.rand(40, generator=g), torch.randint(0, 3, (40,), generator=g)
+    fmap = torch.randn(2, 4, 16, 16, generator=g)
+    logits, labels = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 3, (2, 8, 8), generator=g)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+            self.roi = P.RoIAlign(3, 0.25, 2)
+            self.pyramid = P.MultiScaleRoIAlign(["p2", "p3"], 3, 2)
+
+        def forward(self, fmap, boxes, scores, idxs, logits, labels):
+            f = self.conv(fmap)
+            pyr = {"p2": f, "p3": f[:, :, ::2, ::2]}
+            per_image = [boxes[:20], boxes[20:]]
+            keep, decayed = P.batched_soft_nms(boxes, scores, idxs)  # a tuple output, unpacked
+            return (self.roi(f, per_image).sum() + self.pyramid(pyr, per_image, [(64, 64), (64, 64)]).sum(),
+                    P.batched_nms(boxes, scores, idxs, 0.5), keep, decayed,
+                    P.box_iou(boxes[:5], boxes).sum() + P.generalized_box_iou_loss(boxes, boxes.flip(0)).sum(),
+                    P.softmax_cross_entropy(logits, labels) + P.upsample_cross_entropy(logits, labels.repeat(1, 2, 2))
+                    + P.lovasz_softmax(logits.softmax(1), labels) + P.dice_loss(logits, labels)
+                    + P.sigmoid_focal_loss(logits, logits.sigmoid()).mean(),
+                    P.interpolate_bilinear(f, scale_factor=1.5))
+
+    model = Model()
+    gm = torch.fx.symbolic_trace(model)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    for front in (P.roi_align, P.batched_soft_nms, P.batched_nms, P.box_iou, P.softmax_cross_entropy,
+                  P.lovasz_softmax, P.interpolate_bilinear, P.sigmoid_focal_loss):
+        assert front in targets, front.__name__
+    args = (fmap, boxes, scores, idxs, logits, labels)
+    for traced, eager in zip(gm(*args), model(*args)):
+        torch.testing.assert_close(traced, eager)
+    torch.testing.assert_close(torch.fx.symbolic_trace(model.pyramid)({"p2": fmap, "p3": fmap[:, :, ::2, ::2]},
+                                                                        [boxes], [(64, 64)]),
+                               model.pyramid({"p2": fmap, "p3": fmap[:, :, ::2, ::2]}, [boxes], [(64, 64)]))
