@@ -42,6 +42,11 @@ def _deterministic():
 def _forward(channels_last=False):
     def make(device):
         x, rois = _inputs(device, channels_last)
+        if channels_last:
+            # ours keeps the input's layout; torchvision's output is NCHW-contiguous, which a
+            # flatten + fc head needs: ours pays that copy here too
+            return (lambda: tv.roi_align(x, rois, 7, 0.25, 2, True)), (
+                lambda: P.roi_align(x, rois, 7, 0.25, 2, True).contiguous())
         return (lambda: tv.roi_align(x, rois, 7, 0.25, 2, True)), (lambda: P.roi_align(x, rois, 7, 0.25, 2, True))
 
     return make
@@ -117,7 +122,8 @@ def _multi_scale_fwd_bwd(device):
 
 WORKLOADS = [
     Workload("roi_align", "roi_align forward 1000 RoIs", "torchvision", _forward()),
-    Workload("roi_align", "roi_align forward 1000 RoIs, channels_last", "torchvision", _forward(True), quick=False),
+    Workload("roi_align", "roi_align forward 1000 RoIs, channels_last in, NCHW out", "torchvision", _forward(True),
+             quick=False),
     Workload("roi_align", "roi_align forward+backward 1000 RoIs", "torchvision", _fwd_bwd),
     Workload("roi_align", "roi_align backward 1000 RoIs", "torchvision", _backward, devices=CUDA),
     Workload("roi_align", "roi_align deterministic backward 1000 RoIs", "our atomic backward",

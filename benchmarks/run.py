@@ -14,6 +14,7 @@ import os
 import pkgutil
 import platform
 import re
+import subprocess
 import sys
 import time
 
@@ -24,6 +25,28 @@ import pyvision_ops
 from . import common
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_revision() -> str | None:
+    """The commit measured, "+dirty" with uncommitted changes outside benchmarks/results;
+    None outside a git checkout (a copied tree)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) if rev else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
 
 
 def families() -> list[str]:
@@ -56,8 +79,10 @@ def run(device: str, only: list[str] | None, quick: bool, save=None) -> dict:
         "device": device_name(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
+        "commit": git_revision(),
         "host": {"machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
-                 "torch": torch.__version__, "pyvision_ops": info["version"]},
+                 "torch": torch.__version__, "torchvision": _version("torchvision"), "triton": _version("triton"),
+                 "pyvision_ops": info["version"]},
         "copy_bandwidth_gbps": bandwidth / 1e9 if bandwidth else None,
         "rows": [],
     }
@@ -107,7 +132,10 @@ def table(result: dict) -> str:
         head.append("peak MB anchor / ours")
     if any("bandwidth_fraction" in r for r in result["rows"]):
         head.append("ours bandwidth")
-    lines = [f"Device: {result['device']} ({result['date']}, `{result['command']}`)"]
+    host = result.get("host", {})
+    versions = ", ".join(f"{k} {host[k]}" for k in ("torch", "torchvision", "triton") if host.get(k))
+    lines = [f"Device: {result['device']} ({result['date']}, `{result['command']}`, commit "
+             f"{result.get('commit') or 'unknown'}; {versions}; {host.get('cpu_threads', '?')} CPU threads)"]
     if result["copy_bandwidth_gbps"]:
         lines[0] += f"; measured copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s"
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -121,7 +149,9 @@ def chart(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if "speedup" in r]
+    # Rows whose anchor is another of our own ops (Soft-NMS against our NMS, the deterministic
+    # backward against our atomic one) are costs, not speedups over torch: left out.
+    rows = [r for r in result["rows"] if "speedup" in r and not r["anchor"].startswith("our ")]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
     ax.barh([r["workload"] for r in rows], [r["speedup"] for r in rows], color="#3a7")
     ax.axvline(1.0, color="k", lw=0.8)

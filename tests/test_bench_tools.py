@@ -1,0 +1,37 @@
+"""The benchmark tools' own logic, on the CPU (the workloads themselves run in `make bench`
+and `pytest benchmarks --benchmark-only`)."""
+
+import os
+
+import torch
+
+
+def test_profile_cuda_reads_the_profiler_here():
+    # benchmarks.profile_cuda runs on a GPU; its event reading runs here on the CPU (no kernels).
+    from benchmarks.profile_cuda import _profile
+
+    host, gpu, rows = _profile(lambda: torch.ones(64).cumsum(0), cuda=False)
+    assert host > 0 and gpu == 0 and rows == []
+
+
+def test_tuner_configs_name_every_kernel_parameter():
+    # the tuners assign their configs wholesale to the launchers' config dicts
+    from pyvision_ops.kernels import box_iou, cross_entropy
+
+    from benchmarks import tune_box_iou, tune_cross_entropy
+
+    assert all(set(c) == set(box_iou.PAIRWISE_CONFIG) for c in tune_box_iou.CONFIGS)
+    assert all(set(c) == set(cross_entropy.CE_CONFIG) for c in tune_cross_entropy.CONFIGS)
+    assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
+
+
+def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
+    from benchmarks import soft_nms_scaling
+    from benchmarks.bench_nms import KERNEL_ENV
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    soft_nms_scaling.main(["--device", "cpu", "--sizes", "40,1100"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 40", "1"], ["| 1100", "4"]]
+    assert all(r.endswith("| yes |") for r in rows)
+    assert KERNEL_ENV not in os.environ  # restored
