@@ -75,12 +75,12 @@ def _to_xyxy(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -> torch.Tensor:
+    if fmt not in _AXIS_ALIGNED_FMTS:  # first: a rotated format's 5 or 8 coordinates fail the shape check
+        raise ValueError(f"fmt must be one of {_AXIS_ALIGNED_FMTS} (rotated boxes are not supported), got {fmt!r}")
     _utils.check_boxes("boxes1", boxes1, min_dim=2)
     _utils.check_boxes("boxes2", boxes2, min_dim=2)
     _utils.check_same_device(boxes1=boxes1, boxes2=boxes2)
     eps = _utils.check_float("eps", eps)
-    if fmt not in _AXIS_ALIGNED_FMTS:
-        raise ValueError(f"fmt must be one of {_AXIS_ALIGNED_FMTS}, got {fmt!r}")
     same = boxes1.shape[:-2] == boxes2.shape[:-2]  # mostly: torch.broadcast_shapes costs ~10 us
     try:
         batch = boxes1.shape[:-2] if same else torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
@@ -201,7 +201,8 @@ def generalized_box_iou_loss(
 def distance_box_iou_loss(
     boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7
 ) -> torch.Tensor:
-    """DIoU loss ``1 - IoU + d^2 / (c^2 + eps)`` of matched boxes; drop-in for torchvision's."""
+    """DIoU loss ``1 - IoU + d^2 / (c^2 + eps)`` of matched boxes, with ``IoU = inter / (union + eps)``;
+    drop-in for torchvision's."""
     return _loss(boxes1, boxes2, "diou", reduction, eps)
 
 

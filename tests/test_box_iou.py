@@ -508,6 +508,7 @@ def test_compile_fullgraph():
         (lambda: P.box_iou([[0, 0, 1, 1]], torch.zeros(2, 4)), TypeError, "boxes1"),
         (lambda: P.box_iou(torch.zeros(3, 4), torch.zeros(2, 4, device="meta")), ValueError, "device"),
         (lambda: P.box_iou(torch.zeros(3, 4), torch.zeros(2, 4), fmt="xyxyxyxy"), ValueError, "fmt"),
+        (lambda: P.box_iou(torch.zeros(3, 5), torch.zeros(2, 5), fmt="cxcywhr"), ValueError, "rotated"),
         (lambda: P.distance_box_iou(torch.zeros(3, 4), torch.zeros(2, 4), eps=float("nan")), ValueError, "eps"),
         (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(2, 4)), ValueError, "broadcast"),
         (lambda: P.matched_box_iou(torch.zeros(3, 4), torch.zeros(3, 4), kind="dice"), ValueError, "kind"),
