@@ -52,5 +52,43 @@ inline std::vector<Tap<T>> axis_taps(int64_t in, int64_t out, bool align_corners
   return t;
 }
 
+// The transpose of one axis' interpolation, as a sum into dst (`in` cells, zero before the
+// call): dst[i0(d)] += w0(d) src[d] and dst[i1(d)] += w1(d) src[d] for d in order. Taps are
+// monotone (i0 never decreases with d; i1 is i0 or i0 + 1), so the running sums of cells k
+// and k + 1, for the run of d with i0 = k, stay in registers until i0 moves on: a store and
+// reload per tap made each d wait on the last. Each cell gets the same terms in the same
+// order as the plain loop, so the result is the same to the bit.
+template <typename T, typename S>
+inline void scatter_axis(const Tap<T>* taps, const S* src, int64_t out, int64_t in, T* dst) {
+  int64_t k = -1;
+  T s0 = 0, s1 = 0;  // cells k and k + 1
+  for (int64_t d = 0; d < out; ++d) {
+    const Tap<T> t = taps[d];
+    if (t.i0 != k) {
+      if (k >= 0) {
+        dst[k] += s0;
+        if (t.i0 == k + 1) {
+          s0 = s1;  // cell k + 1 goes on with the next run
+        } else {
+          if (k + 1 < in) dst[k + 1] += s1;
+          s0 = T(0);
+        }
+      }
+      s1 = T(0);
+      k = t.i0;
+    }
+    const T v = static_cast<T>(src[d]);
+    s0 += t.w0 * v;
+    if (t.i1 == k)
+      s0 += t.w1 * v;
+    else
+      s1 += t.w1 * v;
+  }
+  if (k >= 0) {
+    dst[k] += s0;
+    if (k + 1 < in) dst[k + 1] += s1;
+  }
+}
+
 }  // namespace interp
 }  // namespace pyvision_ops

@@ -451,11 +451,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
                            pm + P + row * W, du.data());
           for (int64_t c = 0; c < C; ++c) {
             std::fill(dr.begin(), dr.end(), T(0));
-            const T* duc = du.data() + c * W;
-            for (int64_t ox = 0; ox < W; ++ox) {
-              dr[tx[ox].i0] += tx[ox].w0 * duc[ox];
-              dr[tx[ox].i1] += tx[ox].w1 * duc[ox];
-            }
+            interp::scatter_axis(tx.data(), du.data() + c * W, W, w, dr.data());
             T* g0 = acc.data() + (c * h + tyo.i0) * w;
             T* g1 = acc.data() + (c * h + tyo.i1) * w;
             for (int64_t x = 0; x < w; ++x) g0[x] += tyo.w0 * dr[x];

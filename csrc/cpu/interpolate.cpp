@@ -76,12 +76,7 @@ at::Tensor upsample_bilinear_backward_cpu(const at::Tensor& grad, int64_t in_h, 
         for (int64_t oy = 0; oy < OH; ++oy) {
           std::fill(row.begin(), row.end(), T(0));
           const scalar_t* grow = gp + oy * OW;
-          for (int64_t ox = 0; ox < OW; ++ox) {
-            const Tap<T> b = tx[ox];
-            const T v = T(grow[ox]);
-            row[b.i0] += b.w0 * v;
-            row[b.i1] += b.w1 * v;
-          }
+          interp::scatter_axis(tx.data(), grow, OW, in_w, row.data());
           const Tap<T> a = ty[oy];
           T* d0 = plane.data() + a.i0 * in_w;
           T* d1 = plane.data() + a.i1 * in_w;
