@@ -77,12 +77,15 @@ def _extension():
 
 
 def _torch_requirement():
-    # _C is compiled against one torch's C++ ABI: a wheel requires that release (as
-    # torchvision's do). Without torch at build time nothing is compiled to pin.
-    try:
-        import torch
-    except ImportError:
+    # _C is compiled against one torch's C++ ABI. A release wheel requires that torch
+    # (PYVISION_OPS_PIN_TORCH=1 when it is built); a source build does not, so that pip never
+    # swaps the user's torch for the one an isolated build happened to fetch: build with
+    # --no-build-isolation against the torch in use, and a mismatch fails to load with a
+    # message naming it.
+    if not _flag("PYVISION_OPS_PIN_TORCH") or _flag("PYVISION_OPS_NO_EXT"):
         return "torch"
+    import torch
+
     return f"torch=={torch.__version__.split('+')[0]}"
 
 

@@ -76,7 +76,8 @@ def _to_xyxy(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -> torch.Tensor:
     if fmt not in _AXIS_ALIGNED_FMTS:  # first: a rotated format's 5 or 8 coordinates fail the shape check
-        raise ValueError(f"fmt must be one of {_AXIS_ALIGNED_FMTS} (rotated boxes are not supported), got {fmt!r}")
+        rotated = " (rotated boxes are not supported)" if fmt in ("cxcywhr", "xywhr", "xyxyxyxy") else ""
+        raise ValueError(f"fmt must be one of {_AXIS_ALIGNED_FMTS}{rotated}, got {fmt!r}")
     _utils.check_boxes("boxes1", boxes1, min_dim=2)
     _utils.check_boxes("boxes2", boxes2, min_dim=2)
     _utils.check_same_device(boxes1=boxes1, boxes2=boxes2)

@@ -321,14 +321,30 @@ def _setup_scales(features, names, image_shapes, canonical_scale, canonical_leve
     return scales, LevelMapper(k_min, k_max, canonical_scale, canonical_level)
 
 
+def _pool_dict(x, boxes, image_shapes, featmap_names, output_size, sampling_ratio, canonical_scale,
+               canonical_level, scales, map_levels):
+    """MultiScaleRoIAlign's forward: (pooled, scales, map_levels), the last two inferred from
+    the maps and image_shapes when not given."""
+    names = [k for k in x if k in featmap_names]
+    if not names:
+        raise ValueError(f"x has none of the feature maps in featmap_names {featmap_names} (its keys: {list(x)})")
+    features = _check_features([x[k] for k in names], [f"x[{k!r}]" for k in names])
+    if scales is None or map_levels is None:
+        scales, map_levels = _setup_scales(features, names, image_shapes, canonical_scale, canonical_level)
+    if len(scales) != len(features):
+        raise ValueError(f"scales has {len(scales)} entries (inferred on the first call) for "
+                         f"{len(features)} feature maps")
+    return _multi_scale(features, boxes, output_size, scales, sampling_ratio, False, map_levels), scales, map_levels
+
+
 @_utils.fx_leaf
 def _traced_pyramid(x, boxes, image_shapes, featmap_names, output_size, sampling_ratio, canonical_scale,
-                    canonical_level):
-    """MultiScaleRoIAlign under torch.fx: one node, whose every call is a fresh module's first
-    (scales inferred each time, as in torchvision's traced graph)."""
-    m = MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
-                           canonical_level=canonical_level)
-    return m(x, boxes, image_shapes)
+                    canonical_level, scales):
+    """MultiScaleRoIAlign under torch.fx, one node: the module's scales when they were set
+    when it was traced, else inferred on every call (as in torchvision's traced graph)."""
+    mapper = None if scales is None else LevelMapper(*_level_range(scales), canonical_scale, canonical_level)
+    return _pool_dict(x, boxes, image_shapes, featmap_names, output_size, sampling_ratio, canonical_scale,
+                      canonical_level, scales, mapper)[0]
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -338,6 +354,9 @@ class MultiScaleRoIAlign(nn.Module):
     ``featmap_names``, in the order of ``x`` (names missing from ``x`` are skipped);
     ``scales`` and ``map_levels`` are inferred from the first call's maps and
     ``image_shapes`` and then kept (set both to ``None`` to infer them again).
+    ``torch.fx.symbolic_trace`` records the module as one node, which keeps the scales
+    set when it was traced (and the level mapping they give), or else infers them on
+    every call.
     """
 
     def __init__(self, featmap_names: list, output_size, sampling_ratio: int, *, canonical_scale: int = 224,
@@ -353,21 +372,14 @@ class MultiScaleRoIAlign(nn.Module):
 
     def forward(self, x: dict, boxes: list, image_shapes: list) -> torch.Tensor:
         if _utils.find_proxy((x, boxes, image_shapes)) is not None:
+            # a hand-made map_levels cannot be a graph constant: the scales stand for it
+            scales = None if self.map_levels is None else self.scales
             return _traced_pyramid(x, boxes, image_shapes, self.featmap_names, self.output_size, self.sampling_ratio,
-                                   self.canonical_scale, self.canonical_level)
-        names = [k for k in x if k in self.featmap_names]
-        if not names:
-            raise ValueError(f"x has none of the feature maps in featmap_names {self.featmap_names} "
-                             f"(its keys: {list(x)})")
-        features = _check_features([x[k] for k in names], [f"x[{k!r}]" for k in names])
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, names, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
-        if len(self.scales) != len(features):
-            raise ValueError(f"scales has {len(self.scales)} entries (inferred on the first call) for "
-                             f"{len(features)} feature maps")
-        return _multi_scale(features, boxes, self.output_size, self.scales, self.sampling_ratio, False,
-                            self.map_levels)
+                                   self.canonical_scale, self.canonical_level, scales)
+        out, self.scales, self.map_levels = _pool_dict(
+            x, boxes, image_shapes, self.featmap_names, self.output_size, self.sampling_ratio, self.canonical_scale,
+            self.canonical_level, self.scales, self.map_levels)
+        return out
 
     def __repr__(self):
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "

@@ -239,6 +239,13 @@ def test_fx_symbolic_trace_records_each_front_as_one_node():
     args = (fmap, boxes, scores, idxs, logits, labels)
     for traced, eager in zip(gm(*args), model(*args)):
         torch.testing.assert_close(traced, eager)
-    torch.testing.assert_close(torch.fx.symbolic_trace(model.pyramid)({"p2": fmap, "p3": fmap[:, :, ::2, ::2]},
-                                                                        [boxes], [(64, 64)]),
-                               model.pyramid({"p2": fmap, "p3": fmap[:, :, ::2, ::2]}, [boxes], [(64, 64)]))
+    pyr = {"p2": fmap, "p3": fmap[:, :, ::2, ::2]}
+    fresh = P.MultiScaleRoIAlign(["p2", "p3"], 3, 2)
+    torch.testing.assert_close(torch.fx.symbolic_trace(fresh)(pyr, [boxes], [(64, 64)]),
+                               fresh(pyr, [boxes], [(64, 64)]))
+    # scales kept from an eager call (other image sizes: scales 1/8, 1/16): the traced module keeps them too
+    kept = P.MultiScaleRoIAlign(["p2", "p3"], 3, 2)
+    kept(pyr, [boxes], [(128, 128)])
+    traced = torch.fx.symbolic_trace(kept)
+    assert kept.scales == [0.125, 0.0625]
+    torch.testing.assert_close(traced(pyr, [boxes], [(64, 64)]), kept(pyr, [boxes], [(64, 64)]))
