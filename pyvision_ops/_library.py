@@ -410,6 +410,23 @@ def _focal_backward(ctx, grad):
 register_autograd("pyvision_ops::sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
 
 
+# Autocast as torchvision's focal loss, whose binary_cross_entropy_with_logits autocast runs
+# in fp32: fp16/bf16 inputs and targets give an fp32 loss (an fp16 sum over many anchors
+# overflowed to inf); the gradient returns in the inputs' dtype through the cast.
+def _register_focal_autocast(key: str) -> None:
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def sigmoid_focal_loss(_, inputs, targets, alpha, gamma):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return ops.sigmoid_focal_loss(_fp32(inputs), _fp32(targets), alpha, gamma)
+
+    _lib.impl("sigmoid_focal_loss", sigmoid_focal_loss, key, with_keyset=True)
+
+
+_register_focal_autocast("AutocastCUDA")
+_register_focal_autocast("AutocastCPU")
+
+
 @torch.library.register_fake("pyvision_ops::dice_stats")
 def _(logits, target, ignore_index):
     return logits.new_empty((2, logits.shape[1]), dtype=_acc_dtype(logits.dtype))

@@ -23,7 +23,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     gradients reach ``inputs`` and (soft) ``targets``. The result has the dtype torch
     promotes ``inputs`` and floating ``targets`` to, as torchvision's (fp16 logits with fp32
     targets give an fp32 loss), or that of ``inputs`` for integer or bool ``targets`` (which
-    torchvision rejects); it is computed in fp32, fp64 for fp64. ``reduction``: ``"none"``,
+    torchvision rejects); under ``torch.autocast`` fp16/bf16 give fp32, as torchvision's. It
+    is computed in fp32, fp64 for fp64. ``reduction``: ``"none"``,
     ``"mean"`` or ``"sum"``; as in torchvision, the mean of an empty input is NaN, and
     with ``"none"`` channels_last ``inputs`` and ``targets`` give a channels_last loss.
     A target outside ``[0, 1]`` can make ``1 - p_t`` negative: its power follows

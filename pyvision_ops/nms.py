@@ -148,7 +148,9 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
     and ``scores`` as in ``soft_nms``, sorted by decreasing decayed score (NaN
     first; ties: lower category first, then selection order), also with a single
     category: with negative scores this can differ from ``soft_nms``'s selection
-    order (see there). Not differentiable: the outputs never require grad.
+    order (see there). For fp16/bf16 the sort uses the fp32 decayed scores, before
+    they are rounded: scores equal after rounding keep their fp32 order rather
+    than the category order. Not differentiable: the outputs never require grad.
     """
     if idxs is None:
         raise TypeError("idxs must be a tensor of categories")

@@ -70,6 +70,25 @@ def test_focal_mixed_dtypes_promote_like_torchvision(x_dtype, t_dtype):
     assert gx.dtype == x_dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_focal_under_autocast_gives_fp32_like_torchvision(dtype):
+    # an AMP detector's summed focal loss over many anchors: fp16 overflowed to inf
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 80, generator=g).to(dtype).requires_grad_()
+    t = torch.zeros(20000, 80, dtype=dtype)  # torchvision's RetinaNet builds targets with zeros_like
+    with torch.autocast("cpu", dtype=dtype):
+        ours = P.sigmoid_focal_loss(x, t, reduction="sum")
+        theirs = tv.sigmoid_focal_loss(x, t, reduction="sum")
+        direct = ops.sigmoid_focal_loss(x, t, 0.25, 2.0)
+    assert ours.dtype == theirs.dtype == direct.dtype == torch.float32
+    exact = tv.sigmoid_focal_loss(x.detach().double(), t.double(), reduction="sum")
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=0)
+    (gx,) = torch.autograd.grad(ours, [x])
+    assert gx.dtype == dtype
+    with torch.autocast("cpu", dtype=dtype):  # fp32 and fp64 inputs keep their dtype
+        assert P.sigmoid_focal_loss(x.detach().double(), t.double()).dtype == torch.float64
+
+
 @pytest.mark.parametrize("targets_channels_last", [True, False])
 def test_focal_keeps_channels_last_like_torchvision(targets_channels_last):
     g = torch.Generator().manual_seed(3)
