@@ -332,6 +332,18 @@ def test_cuda_focal_matches_cpu(dtype):
             torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol)
 
 
+@pytest.mark.gpu
+def test_cuda_focal_under_autocast_gives_fp32():
+    x, t = logits_targets(10_000, dtype=torch.float16)
+    x = x.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = P.sigmoid_focal_loss(x, t.cuda(), reduction="sum")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.cpu(), P.sigmoid_focal_loss(x.detach().cpu().float(), t.float(), reduction="sum"))
+    (gx,) = torch.autograd.grad(loss, [x])
+    assert gx.dtype == torch.float16
+
+
 # ---------------------------------------------------------------- dice_loss
 
 def seg_batch(n=2, c=5, h=13, w=17, dtype=torch.float64, ignore=None, seed=0):
