@@ -31,16 +31,18 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
       "int sampling_ratio, bool aligned) -> Tensor");
+  // The backwards' input sizes are SymInt, as in upsample_bilinear below: int sizes fixed each
+  // feature map's size in a compiled training graph (a recompile per size, up to the limit).
   m.def(
       "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
-      "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor");
+      "SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, bool aligned) -> Tensor");
   // All FPN levels in one call: RoI k is pooled from features[levels[k]] at spatial_scales[levels[k]].
   m.def(
       "multi_scale_roi_align(Tensor[] features, Tensor rois, Tensor levels, float[] spatial_scales, "
       "int pooled_height, int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
   m.def(
       "multi_scale_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] spatial_scales, "
-      "int[] heights, int[] widths, int batch_size, int channels, int pooled_height, int pooled_width, "
+      "SymInt[] heights, SymInt[] widths, SymInt batch_size, SymInt channels, int pooled_height, int pooled_width, "
       "int sampling_ratio, bool aligned) -> Tensor[]");
 
   // Losses. Elementwise (no reduction); alpha < 0 disables the class weight.

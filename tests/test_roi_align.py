@@ -286,6 +286,30 @@ def test_compile_fullgraph():
     torch.testing.assert_close(xr.grad, x2.grad)
 
 
+def test_compiled_training_step_does_not_recompile_per_feature_size():
+    # The backward ops take SymInt sizes: int ones fixed each map's size in the traced backward,
+    # a recompile per size until the limit of 8, after which calls ran uncompiled.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    single = torch.compile(lambda t, r: P.roi_align(t, r, 3, 0.25, 2, True).sum(), backend=counter)
+    multi = torch.compile(lambda a, b, bx: P.multi_scale_roi_align([a, b], [bx], 3, [0.25, 0.125]).sum(),
+                          backend=counter)
+    for i, side in enumerate((12, 16, 20, 26, 30, 36)):
+        rois = make_rois(6, 2, size=side * 3.0, dtype=torch.float32, seed=i)
+        x = feature(b=2, c=3, h=side, w=side + 2, dtype=torch.float32).requires_grad_()
+        single(x, rois).backward()
+        ref = x.detach().clone().requires_grad_()
+        P.roi_align(ref, rois, 3, 0.25, 2, True).sum().backward()
+        torch.testing.assert_close(x.grad, ref.grad)
+        a = feature(b=1, c=3, h=side, w=side, dtype=torch.float32).requires_grad_()
+        b = feature(b=1, c=3, h=side // 2, w=side // 2, dtype=torch.float32).requires_grad_()
+        multi(a, b, rois[:, 1:]).backward()
+    assert counter.frame_count <= 4  # a static and a dynamic graph each
+    torch._dynamo.reset()
+
+
 def test_multi_scale_matches_torchvision():
     g = gen(3)
     feats = OrderedDict((name, torch.randn(2, 8, s, s, generator=g)) for name, s in
