@@ -80,10 +80,11 @@ def check_float(name: str, value, positive: bool = False) -> float:
                             f"got a {value.dtype} tensor of shape {list(value.shape)}")
     elif isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} is too large for a float") from None
+    if not isinstance(value, torch.SymFloat):  # kept symbolic: float() would specialise (a recompile per value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{name} is too large for a float") from None
     if value != value:
         raise ValueError(f"{name} must not be NaN")
     if positive and not value > 0:

@@ -57,7 +57,7 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         sh = sw = -1.0
     else:
         sh, sw = (_utils.check_float("scale_factor", s) for s in _two(scale_factor, "scale_factor", numbers.Real))
-        if not (sh > 0 and sw > 0 and math.isfinite(sh) and math.isfinite(sw)):
+        if not (0 < sh < math.inf and 0 < sw < math.inf):  # comparisons: math.isfinite breaks a compiled graph
             raise ValueError(f"scale_factor must be positive and finite, got {scale_factor!r}")
         if sh >= 2**31 or sw >= 2**31:  # checked first: h * sh could overflow to inf
             raise ValueError(f"the output size must be below 2^31 per side, got scale_factor={scale_factor!r}")

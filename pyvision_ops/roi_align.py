@@ -295,7 +295,7 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
     if len(spatial_scales) != len(features):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries for {len(features)} feature maps")
     scales = [_utils.check_float(f"spatial_scales[{i}]", s, positive=True) for i, s in enumerate(spatial_scales)]
-    if not all(math.isfinite(s) for s in scales):
+    if not all(s < math.inf for s in scales):  # positive already; a comparison traces under compile
         raise ValueError(f"spatial_scales must be finite, got {scales}")
     mapper = None
     if len(scales) > 1:

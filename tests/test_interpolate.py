@@ -277,3 +277,18 @@ def test_cuda_taps_cache_records_other_streams_and_pins_graph_entries():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, want)
+
+
+def test_compiled_scale_factor_that_varies_does_not_break_the_graph():
+    # math.isfinite on a symbolic scale broke the graph (a new graph per scale, past the limit)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda t, s: P.interpolate_bilinear(t, scale_factor=s).sum(), backend="eager")
+    x = torch.randn(1, 2, 9, 9, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for s in (0.7, 1.3, 1.9, 2.45, 2.8, 3.15):
+        f(x, s).backward()
+        torch.testing.assert_close(f(x, s), P.interpolate_bilinear(x, scale_factor=s).sum())
+    assert sum(counters["graph_break"].values()) == 0
+    torch._dynamo.reset()
