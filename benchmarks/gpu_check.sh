@@ -10,6 +10,8 @@
 # with each CUDA kernel variant (benchmarks/soft_nms_scaling.py, seconds). On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
+# PYVISION_OPS_COMMIT=<rev> names the commit in the results (the lent machine's copied tree
+# has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

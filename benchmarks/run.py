@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def git_revision() -> str | None:
     """The commit measured, "+dirty" with uncommitted changes outside benchmarks/results;
-    None outside a git checkout (a copied tree)."""
+    outside a git checkout (the lent GPU machine gets a copied tree) PYVISION_OPS_COMMIT if
+    set, else None."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
 
@@ -38,8 +39,10 @@ def git_revision() -> str | None:
         rev = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     except (OSError, subprocess.SubprocessError):
-        return None
-    return (rev + ("+dirty" if dirty else "")) if rev else None
+        rev = None
+    if not rev:
+        return os.environ.get("PYVISION_OPS_COMMIT") or None
+    return rev + ("+dirty" if dirty else "")
 
 
 def _version(module: str) -> str | None:

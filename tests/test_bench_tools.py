@@ -35,3 +35,15 @@ def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
     assert [r.split(" | ")[:2] for r in rows] == [["| 40", "1"], ["| 1100", "4"]]
     assert all(r.endswith("| yes |") for r in rows)
     assert KERNEL_ENV not in os.environ  # restored
+
+
+def test_results_name_the_commit_measured(tmp_path, monkeypatch):
+    from benchmarks import run
+
+    rev = run.git_revision()
+    assert rev is not None and rev.split("+")[0].isalnum()
+    monkeypatch.setattr(run, "ROOT", str(tmp_path))  # a copied tree: no .git
+    monkeypatch.delenv("PYVISION_OPS_COMMIT", raising=False)
+    assert run.git_revision() is None
+    monkeypatch.setenv("PYVISION_OPS_COMMIT", "abc1234")
+    assert run.git_revision() == "abc1234"
