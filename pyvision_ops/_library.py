@@ -260,15 +260,17 @@ def _ms_backward(ctx, grad):
 torch.library.register_autograd("pyvision_ops::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup)
 
 
-# Autocast as torchvision's roi_align: fp16/bf16 features and RoIs are pooled in fp32 (fp64
-# stays fp64), and the result comes back in the input's dtype.
+# Autocast as torchvision: fp16/bf16 features and RoIs are pooled in fp32 (fp64 stays fp64)
+# and the result comes back in the input's dtype, as its roi_align; the focal loss runs in
+# fp32 and stays fp32, as its binary_cross_entropy_with_logits does (an fp16 sum over many
+# anchors overflowed to inf). Gradients return in the inputs' dtypes through the casts.
 
 
 def _fp32(t):
     return t.float() if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
-def _register_roi_autocast(key: str) -> None:
+def _register_autocast(key: str) -> None:
     keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
     def roi_align(_, input, rois, *args):
@@ -281,12 +283,17 @@ def _register_roi_autocast(key: str) -> None:
             out = ops.multi_scale_roi_align([_fp32(f) for f in features], _fp32(rois), levels, *args)
         return out.to(features[0].dtype)
 
+    def sigmoid_focal_loss(_, inputs, targets, alpha, gamma):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return ops.sigmoid_focal_loss(_fp32(inputs), _fp32(targets), alpha, gamma)
+
     _lib.impl("roi_align", roi_align, key, with_keyset=True)
     _lib.impl("multi_scale_roi_align", multi_scale_roi_align, key, with_keyset=True)
+    _lib.impl("sigmoid_focal_loss", sigmoid_focal_loss, key, with_keyset=True)
 
 
-_register_roi_autocast("AutocastCUDA")
-_register_roi_autocast("AutocastCPU")
+_register_autocast("AutocastCUDA")
+_register_autocast("AutocastCPU")
 
 # -------------------------------------------------------------- interpolate
 
@@ -408,23 +415,6 @@ def _focal_backward(ctx, grad):
 
 
 register_autograd("pyvision_ops::sigmoid_focal_loss", _focal_backward, setup_context=_focal_setup)
-
-
-# Autocast as torchvision's focal loss, whose binary_cross_entropy_with_logits autocast runs
-# in fp32: fp16/bf16 inputs and targets give an fp32 loss (an fp16 sum over many anchors
-# overflowed to inf); the gradient returns in the inputs' dtype through the cast.
-def _register_focal_autocast(key: str) -> None:
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def sigmoid_focal_loss(_, inputs, targets, alpha, gamma):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return ops.sigmoid_focal_loss(_fp32(inputs), _fp32(targets), alpha, gamma)
-
-    _lib.impl("sigmoid_focal_loss", sigmoid_focal_loss, key, with_keyset=True)
-
-
-_register_focal_autocast("AutocastCUDA")
-_register_focal_autocast("AutocastCPU")
 
 
 @torch.library.register_fake("pyvision_ops::dice_stats")

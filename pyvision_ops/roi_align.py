@@ -245,6 +245,10 @@ def _level_range(scales, what="spatial_scales"):
     return int(ks[0]), int(ks[1])
 
 
+def _level_mapper(scales, canonical_scale, canonical_level, what="spatial_scales"):
+    return LevelMapper(*_level_range(scales, what), canonical_scale, canonical_level)
+
+
 def _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, mapper):
     """Pools RoI k from features[mapper(boxes)[k]]; checked features and scales."""
     f0 = features[0]
@@ -299,7 +303,7 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
         raise ValueError(f"spatial_scales must be finite, got {scales}")
     mapper = None
     if len(scales) > 1:
-        mapper = LevelMapper(*_level_range(scales), canonical_scale, canonical_level)
+        mapper = _level_mapper(scales, canonical_scale, canonical_level)
     return _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, mapper)
 
 
@@ -317,8 +321,8 @@ def _setup_scales(features, names, image_shapes, canonical_scale, canonical_leve
         if f.shape[-2] == 0:
             raise ValueError(f"{name} has height 0: its scale cannot be inferred")
         scales.append(2 ** float(torch.tensor(f.shape[-2] / max_h).log2().round()))
-    k_min, k_max = _level_range(scales, f"the feature maps {names} (in the order of x)")
-    return scales, LevelMapper(k_min, k_max, canonical_scale, canonical_level)
+    where = f"the feature maps {names} (in the order of x)"
+    return scales, _level_mapper(scales, canonical_scale, canonical_level, where)
 
 
 def _pool_dict(x, boxes, image_shapes, featmap_names, output_size, sampling_ratio, canonical_scale,
@@ -342,7 +346,7 @@ def _traced_pyramid(x, boxes, image_shapes, featmap_names, output_size, sampling
                     canonical_level, scales):
     """MultiScaleRoIAlign under torch.fx, one node: the module's scales when they were set
     when it was traced, else inferred on every call (as in torchvision's traced graph)."""
-    mapper = None if scales is None else LevelMapper(*_level_range(scales), canonical_scale, canonical_level)
+    mapper = None if scales is None else _level_mapper(scales, canonical_scale, canonical_level)
     return _pool_dict(x, boxes, image_shapes, featmap_names, output_size, sampling_ratio, canonical_scale,
                       canonical_level, scales, mapper)[0]
 
