@@ -28,11 +28,11 @@ def _dice_torch(x, y, ignore_index=255, smooth=1.0):
     valid = y != ignore_index
     yc = torch.where(valid, y, 0)
     p = torch.softmax(x, 1) * valid.unsqueeze(1)
-    # per class: the target's probability and a count of 1 per valid position, in one index_add
-    # (bincount and boolean indexing would sync with the host on CUDA)
-    hits = torch.stack([p.gather(1, yc.unsqueeze(1)).flatten(), valid.flatten().to(p.dtype)], 1)
-    inter, count = torch.zeros(c, 2, dtype=p.dtype, device=x.device).index_add(0, yc.flatten(), hits).unbind(1)
-    card = p.sum((0, 2, 3)) + count
+    inter = torch.zeros(c, dtype=p.dtype, device=x.device).index_add(0, yc.flatten(),
+                                                                    p.gather(1, yc.unsqueeze(1)).flatten())
+    # counts by index_add too: bincount and boolean indexing sync with the host on CUDA
+    card = p.sum((0, 2, 3)) + torch.zeros(c, dtype=p.dtype, device=x.device).index_add(
+        0, yc.flatten(), valid.flatten().to(p.dtype))
     return (1 - (2 * inter + smooth) / (card + smooth)).mean()
 
 
