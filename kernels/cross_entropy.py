@@ -35,12 +35,15 @@ def _class_weight(w_ptr, c, HAS_W: tl.constexpr):
 
 @triton.jit
 def _target_weight(w_ptr, y, valid, C, HAS_W: tl.constexpr):
-    """w[y] at valid positions (0 elsewhere, and for a target outside [0, C))."""
+    """w[y] at valid positions, 0 at ignored ones. A target outside [0, C) is never an index:
+    its weight is NaN, so that its loss, the mean and the gradients are NaN (rejecting it
+    would need a device-to-host sync)."""
     inr = valid & (y >= 0) & (y < C)
+    bad = tl.where(valid & ~inr, float("nan"), 0.0)
     if HAS_W:
-        return tl.load(w_ptr + tl.where(inr, y, 0), mask=inr, other=0.0)
+        return tl.load(w_ptr + tl.where(inr, y, 0), mask=inr, other=0.0) + bad
     else:
-        return tl.where(inr, 1.0, 0.0)
+        return tl.where(inr, 1.0, bad)
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH
 @triton.jit
 def _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, wsum):
     # A term whose factor is 0 is left out (a -inf logit would make it 0 * inf), as on the CPU.
-    hard = tl.where(keep != 0, keep * wy * ((mx - zy) + ls), 0.0)
+    hard = tl.where(keep != 0, keep * wy * ((mx - zy) + ls), tl.where(wy != wy, wy, 0.0))
     return tl.where(valid, tl.where(spread != 0, hard + spread * (wd + wsum * ls), hard), 0.0)
 
 
@@ -185,7 +188,7 @@ def _grad_coefs(g, wy, wsum, keep, spread, SMOOTH: tl.constexpr):
     wsum is read only with label smoothing). As in _ce_loss, a term whose factor is 0 is left
     out: without label smoothing a NaN or inf weight of a class no position targets must not
     reach every gradient (0 * inf)."""
-    hard = tl.where(keep != 0, keep * wy, 0.0)
+    hard = tl.where(keep != 0, keep * wy, tl.where(wy != wy, wy, 0.0))  # a NaN w_y stays NaN
     a = hard
     if SMOOTH:
         a = tl.where(spread != 0, hard + spread * wsum, hard)

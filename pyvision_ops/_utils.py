@@ -127,3 +127,10 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def nan_if_any(loss: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``loss``, or NaN in value and gradient when ``bad`` has a True: labels that cannot be
+    rejected without a device-to-host sync (CUDA, or under compile) give a NaN loss rather
+    than a quietly wrong one."""
+    return loss * torch.where(bad.any(), float("nan"), 1.0).to(loss.dtype)

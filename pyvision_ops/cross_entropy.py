@@ -12,8 +12,8 @@ loss is fp32 (fp64 for fp64 logits), fp16/bf16 logits are read with fp32 accumul
 As torch does, the mean is NaN when the target weights sum to 0 (every target
 ``ignore_index``, or only zero-weight classes), and so is its gradient at the positions
 that are not ignored. A target outside ``[0, C)`` that is not
-``ignore_index`` raises on the CPU; on CUDA it is never used as an index (it counts as
-a class of weight 0, with no device assert: checking would cost a device-to-host sync).
+``ignore_index`` raises on the CPU; on CUDA it is never used as an index and makes its
+loss, the mean and the gradients NaN (rejecting it would cost a device-to-host sync).
 Only the logits are differentiable (a ``weight`` that requires grad is an error, as in
 torch), and only once (double backward raises).
 """

@@ -107,9 +107,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     counted position makes every class's loss NaN. One fused pass computes the
     statistics and one computes their gradient; the loss is fp32 (fp64 for fp64
     logits). ``ignore_index``: None or an int in ``(-2**63, 2**63)``. Target values
-    outside ``[0, C)`` that are not ``ignore_index`` raise on the CPU; on CUDA (no
-    device-to-host sync) such a position is in no class's target (its
-    probabilities still count in ``S_c``).
+    outside ``[0, C)`` that are not ``ignore_index`` raise on the CPU; on CUDA
+    (rejecting them would need a device-to-host sync) they make every class's loss and
+    the gradient NaN, and are never used as an index.
     """
     _utils.check_tensor("logits", logits)
     _utils.check_tensor("target", target)
@@ -187,8 +187,8 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
     not listed) never affects the result. Ignored positions count for nothing
     whatever their values (NaN logits too, with ``from_logits=True``): their
     gradient is 0. A label outside ``[0, C)`` that is not ``ignore_index`` raises on
-    the CPU; on CUDA (no device-to-host sync) such a position is background for
-    every class. The loss is fp32 (fp64 for fp64 input). One op computes every row's
+    the CPU; on CUDA (rejecting it would need a device-to-host sync) it makes the
+    loss and its gradient NaN. The loss is fp32 (fp64 for fp64 input). One op computes every row's
     loss and its gradient: on the CPU each (group, class) row is a stable radix sort
     and one walk, rows in parallel; on CUDA, a chunk of classes at a time, one batched
     torch sort between three Triton kernels (errors; foreground counts in sorted order;
@@ -232,7 +232,11 @@ def lovasz_softmax(probas: torch.Tensor, labels: torch.Tensor, classes="present"
         weight = torch.ones_like(losses)
     # a select, not only a product: 0 * NaN would let a class left out of the average decide it
     per_group = (torch.where(weight > 0, losses, 0.0) * weight).sum(1) / weight.sum(1).clamp(min=1)
-    return _utils.reduce(per_group, "mean")  # no group (N = 0, per image): 0
+    loss = _utils.reduce(per_group, "mean")  # no group (N = 0, per image): 0
+    if labels.device.type == "cpu":  # the CPU op raises
+        return loss
+    bad = (labels < 0) | (labels >= c)
+    return _utils.nan_if_any(loss, bad if ignore_index is None else bad & (labels != ignore_index))
 
 
 @_utils.fx_leaf
@@ -244,19 +248,19 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     image with no valid position contributes 0; no valid position at all (N = 0 too)
     gives 0 with zero gradients. The loss is fp32 (fp64 for fp64).
     A label other than 0, 1 and ``ignore_index`` raises ValueError in eager mode on
-    the CPU; under ``torch.compile`` and on CUDA it is not checked (that check would
-    be data-dependent, a graph break or a device-to-host sync) and counts as 0.
+    the CPU; under ``torch.compile`` and on CUDA (where raising would be a graph break
+    or a device-to-host sync) it makes the loss and its gradient NaN.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
     ignore_index = _check_ignore_index(ignore_index)
     _utils.check_bool("per_image", per_image)
     labels = labels.to(torch.int64)  # as in lovasz_softmax: no comparison in a narrower type
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (labels != 0) & (labels != 1)
-        if ignore_index is not None:
-            bad &= labels != ignore_index
-        if bool(bad.any()):
-            raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
+    bad = (labels != 0) & (labels != 1)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    checked = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    if checked and bool(bad.any()):
+        raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
     n, s = logits.shape[0], math.prod(logits.shape[1:])
     x = logits.reshape(n, s)
     y = labels.reshape(n, s)
@@ -266,4 +270,5 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     fg = (y == 1) & valid
     x = x.to(_acc_dtype(x.dtype))  # fp16 / bf16 errors would round (1 - 1e-4 is 1 in fp16)
     errors = 1 - x * (2 * fg.to(x.dtype) - 1)
-    return _utils.reduce(_lovasz_rows(errors, fg, valid), "mean")  # no image (N = 0, per image): 0
+    loss = _utils.reduce(_lovasz_rows(errors, fg, valid), "mean")  # no image (N = 0, per image): 0
+    return loss if checked else _utils.nan_if_any(loss, bad)

@@ -663,6 +663,53 @@ def test_triton_non_finite_class_weight_reaches_only_its_targets(bad):
                                                                         fwd[1], 255, 0.0, 2), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape", [(2, 5, 7), (6, 5, 1)], ids=str)  # blocks of positions, rows of classes
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+def test_triton_target_outside_classes_is_nan_not_an_index(shape, weighted, label_smoothing):
+    # The CUDA kernels cannot raise without a sync: such a target's loss and gradient are NaN
+    # (the mean's everywhere), every other position as if it were ignored.
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch(shape)
+    w = w if weighted else None
+    y[0, 0], y[-1, -1] = 5, -3
+    bad = (y == 5) | (y == -3)
+    ignored = torch.where(bad, -100, y)
+    want = ops.softmax_cross_entropy(x, ignored, w, -100, label_smoothing, 0)
+    loss = K.softmax_cross_entropy(x, y, w, -100, label_smoothing, 0)[0]
+    assert loss[bad].isnan().all()
+    torch.testing.assert_close(loss[~bad], want[0][~bad])
+    for reduction in (1, 2):
+        assert K.softmax_cross_entropy(x, y, w, -100, label_smoothing, reduction)[0].isnan()
+    g = torch.rand(y.shape, dtype=torch.float64) + 0.5
+    dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, label_smoothing, 0)
+    assert dz.movedim(1, -1)[bad].isnan().all()
+    torch.testing.assert_close(dz.movedim(1, -1)[~bad], ops.softmax_cross_entropy_backward(
+        g, x, ignored, w, want[2], want[1], -100, label_smoothing, 0).movedim(1, -1)[~bad])
+    # upsampled: the loss map is NaN exactly there, and the gradient of the sum reaches NaN
+    xu, _, _ = batch((2, 5, 3, 4))
+    yu = torch.randint(0, 5, (2, 6, 8), generator=torch.Generator().manual_seed(3))
+    yu[1, 2, 3] = 5
+    fwd = K.upsample_cross_entropy(xu, yu, False, w, -100, label_smoothing, 0)
+    assert fwd[0].isnan().nonzero().tolist() == [[1, 2, 3]]
+    dx = K.upsample_cross_entropy_backward(torch.ones(()), xu, yu, False, w, fwd[2], fwd[1], -100,
+                                           label_smoothing, 2)
+    assert dx[1].isnan().any() and not dx[0].isnan().any()
+
+
+@pytest.mark.gpu
+def test_cuda_target_outside_classes_gives_nan():
+    x, y, _ = batch((2, 5, 6, 7), dtype=torch.float32)
+    y[0, 1, 2] = 5
+    xg = x.cuda().requires_grad_()
+    for loss in (P.softmax_cross_entropy(xg, y.cuda()), P.upsample_cross_entropy(xg, y.cuda().repeat(1, 2, 2))):
+        (g,) = torch.autograd.grad(loss, [xg])
+        assert loss.isnan() and g.isnan().all()
+    assert P.softmax_cross_entropy(xg, y.cuda(), reduction="none").isnan().nonzero().tolist() == [[0, 1, 2]]
+
+
 @pytest.mark.gpu
 def test_cuda_upsample_ce_matches_cpu():
     x, _, w = batch((2, 19, 32, 64), dtype=torch.float32)

@@ -7,6 +7,7 @@ import torchvision.ops as tv
 from conftest import check_compiled_channels_last, opcheck
 
 import pyvision_ops as P
+from pyvision_ops import _utils
 
 ops = torch.ops.pyvision_ops
 
@@ -385,7 +386,7 @@ def test_dice_special_logits():
 @pytest.mark.interpreter
 def test_triton_dice_interpreter_no_ignore_value_is_a_label():
     # without ignore_index, a target equal to the internal "no ignore" value is out of range
-    # like any other (no class's target, probabilities counted), never ignored
+    # like any other (every statistic NaN: the CUDA kernels cannot raise), never ignored
     from pyvision_ops.kernels import losses as K
 
     from pyvision_ops.losses import _NO_IGNORE
@@ -393,7 +394,9 @@ def test_triton_dice_interpreter_no_ignore_value_is_a_label():
     x, y = seg_batch(c=3, h=4, w=5, seed=13)
     y_min, y_big = y.clone(), y.clone()
     y_min[0, 1, 2], y_big[0, 1, 2] = _NO_IGNORE, 3
-    torch.testing.assert_close(K.dice_stats(x, y_min, _NO_IGNORE), K.dice_stats(x, y_big, _NO_IGNORE))
+    for t in (y_min, y_big):
+        assert K.dice_stats(x, t, _NO_IGNORE).isnan().all()
+    assert not K.dice_stats(x, y_big, 3).isnan().any()  # ignored, it counts for nothing
     g = torch.rand(2, 3, dtype=torch.float64)
     torch.testing.assert_close(K.dice_stats_backward(g, x, y_min, _NO_IGNORE),
                                K.dice_stats_backward(g, x, y_big, _NO_IGNORE))
@@ -556,6 +559,21 @@ def test_triton_launchers_check_dtypes_as_the_cpu_ops():
         B.pairwise_box_iou(b[None], b[None], 0, 1e-7)
     with pytest.raises(RuntimeError, match="floating point dtype"):
         B.matched_box_iou(b, b, 0, False, 1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_label_outside_classes_gives_nan():
+    # the CPU raises; CUDA cannot without a sync: the loss and gradient are NaN instead
+    x, y = seg_batch(c=5, ignore=255)
+    y[1, 3, 4] = 5
+    xg, yg = x.cuda().requires_grad_(), y.cuda()
+    for loss in (P.dice_loss(xg, yg, ignore_index=255), P.lovasz_softmax(xg, yg, ignore_index=255, from_logits=True),
+                 P.lovasz_hinge(xg[:, 0], yg.clamp(max=1) + (yg == 5).long(), ignore_index=255)):
+        (g,) = torch.autograd.grad(loss, [xg])
+        assert loss.isnan() and g.isnan().any()
+    yi = torch.where(yg == 5, 255, yg)  # the same batch with that label ignored
+    for loss in (P.dice_loss(xg, yi, ignore_index=255), P.lovasz_softmax(xg, yi, ignore_index=255, from_logits=True)):
+        assert loss.isfinite()
 
 
 @pytest.mark.gpu
@@ -741,14 +759,28 @@ def test_lovasz_no_position(per_image, shape):
     assert loss.item() == 0 and g.shape == xh.shape
 
 
-def test_lovasz_hinge_compiled_bad_label_counts_as_zero():
-    # as documented: only eager mode on the CPU checks the labels
-    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(14))
+def test_lovasz_hinge_compiled_bad_label_gives_nan():
+    # as documented: only eager mode on the CPU can raise; compiled, a bad label makes the loss
+    # and its gradient NaN (an ignored one does not)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(14), requires_grad=True)
     y = torch.tensor([[0, 1, 2, 1, 0, 0], [1, 1, 0, 0, 1, 0]])
-    f = torch.compile(lambda a, b: P.lovasz_hinge(a, b), fullgraph=True)
-    torch.testing.assert_close(f(x, y), P.lovasz_hinge(x, torch.where(y == 2, 0, y)))
+    f = torch.compile(lambda a, b, ig: P.lovasz_hinge(a, b, ignore_index=ig), fullgraph=True)
+    loss = f(x, y, None)
+    (g,) = torch.autograd.grad(loss, [x])
+    assert loss.isnan() and g.isnan().any()  # a relu that cuts an error still gives 0
+    torch.testing.assert_close(f(x, y, 2), P.lovasz_hinge(x, y, ignore_index=2))
     with pytest.raises(ValueError, match="labels"):
         P.lovasz_hinge(x, y)
+
+
+def test_nan_if_any():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    for bad, want in ((torch.tensor([False, False]), [1.0, 2.0]), (torch.tensor([[False], [True]]), [math.nan] * 2)):
+        out = _utils.nan_if_any(x, bad)
+        assert out.dtype == x.dtype
+        torch.testing.assert_close(out, torch.tensor(want, dtype=x.dtype), equal_nan=True)
+        (g,) = torch.autograd.grad(out.sum(), [x])
+        assert g.isnan().all() == bad.any()
 
 
 def test_lovasz_gradient_op_exact_counts_opcheck_compile():
