@@ -39,3 +39,16 @@ def column_blocks(op: str, width: int, block: int) -> int:
         raise NotImplementedError(f"{op}: a width of {width} needs {blocks} blocks of {block} columns, more than "
                                   "CUDA's 65535 along a grid dimension")
     return blocks
+
+
+def grid_rows(op: str, rows: int) -> int:
+    """A program per row along grid dimension x, which CUDA caps at 2^31 - 1."""
+    if rows >= 2**31:
+        raise NotImplementedError(f"{op}: {rows} rows (one program each) are more than CUDA's 2^31 - 1 along a grid "
+                                  "dimension")
+    return rows
+
+
+def row_grid(op: str, rows: int, width: int, block: int) -> tuple[int, int]:
+    """(rows, column blocks): a program per row and block of `block` columns."""
+    return grid_rows(op, rows), column_blocks(op, width, block)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import cdiv, column_blocks, loss_grad, next_power_of_2, require
+from . import cdiv, grid_rows, loss_grad, next_power_of_2, require, row_grid
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
 
@@ -399,10 +399,10 @@ def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reducti
     loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
     if n:
         z = logits.contiguous()
-        _ce_rows_forward_kernel[(n,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, n, c,
-                                      ignore_index, *_split(label_smoothing, c),
-                                      HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
-                                      STORE_LOSS=reduction == 0, **_rows_config(c))
+        _ce_rows_forward_kernel[(grid_rows("softmax_cross_entropy", n),)](
+            z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, n, c, ignore_index,
+            *_split(label_smoothing, c), HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
+            STORE_LOSS=reduction == 0, **_rows_config(c))
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
@@ -420,8 +420,8 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     args = (g, wsum.to(acc), z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz)
     opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
     if s == 1:
-        _ce_rows_backward_kernel[(n,)](*args, n, c, ignore_index, *_split(label_smoothing, c), **opts,
-                                       **_rows_config(c))
+        _ce_rows_backward_kernel[(grid_rows("softmax_cross_entropy_backward", n),)](
+            *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **_rows_config(c))
     else:
         _ce_backward_kernel[(n * nb,)](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts,
                                        **CE_CONFIG)
@@ -507,7 +507,7 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
     _check("upsample_cross_entropy", logits, target, weight, 2, reduction)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
-    grid = (n * H, column_blocks("upsample_cross_entropy", W, _BLOCK))
+    grid = row_grid("upsample_cross_entropy", n * H, W, _BLOCK)
     loss_map, stats, parts = _outputs(logits, (n, H, W), reduction, grid[0] * grid[1])
     if parts.numel():
         ty, tx = _up_taps(logits, target, align_corners, stats.dtype)
@@ -541,7 +541,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
-        _up_ce_contract_x_kernel[(n * H, column_blocks("upsample_cross_entropy_backward", w, tx.bx))](
+        _up_ce_contract_x_kernel[row_grid("upsample_cross_entropy_backward", n * H, w, tx.bx)](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
             n * H * W, ignore_index, *_split(label_smoothing, c), tx.bx, HAS_W=weight is not None,
             SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)

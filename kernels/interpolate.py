@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import column_blocks, next_power_of_2, require
+from . import next_power_of_2, require, row_grid
 
 
 class Taps:
@@ -205,7 +205,7 @@ def contract_y(t, gin, ty: Taps, dst_first=0):
     """gin[:, dst_first : dst_first + P] = the y-contraction of t ([N, P, OH, W] -> [N, P, H, W])."""
     n, p, oh, w = t.shape
     h = gin.shape[2]
-    grid = (n * p * h, column_blocks("contract_y", w, _BLOCK))
+    grid = row_grid("contract_y", n * p * h, w, _BLOCK)
     _contract_y_kernel[grid](t, gin, ty.i0, ty.i1, ty.w0, ty.w1, ty.lo, ty.hi, h, w, oh, p, gin.shape[1], dst_first,
                              BLOCK=_BLOCK)
 
@@ -226,6 +226,7 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
             "input must be a floating point [N, C, H, W]")
     n, c, h, w = input.shape
     _check_sizes("upsample_bilinear", h, w, out_h, out_w)
+    grid = row_grid("upsample_bilinear", n * c * out_h, out_w, _BLOCK)  # before any allocation
     x = input.contiguous()
     out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -233,7 +234,6 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
     acc = acc_dtype(x.dtype)
     ty = axis_taps(h, out_h, align_corners, scale_h, acc, x.device)
     tx = axis_taps(w, out_w, align_corners, scale_w, acc, x.device)
-    grid = (n * c * out_h, column_blocks("upsample_bilinear", out_w, _BLOCK))
     _forward_kernel[grid](x, out, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, h, w, out_h, out_w,
                           BLOCK=_BLOCK)
     return out
@@ -254,8 +254,8 @@ def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w
     ty = axis_taps(in_h, out_h, align_corners, scale_h, acc, g.device)
     tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
     check_footprint("upsample_bilinear_backward", tx)
+    grid = row_grid("upsample_bilinear_backward", n * c * out_h, in_w, tx.bx)
     t = torch.empty((n, c, out_h, in_w), dtype=acc, device=g.device)
-    grid = (n * c * out_h, column_blocks("upsample_bilinear_backward", in_w, tx.bx))
     _contract_x_kernel[grid](g, t, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, in_w, out_w, tx.bx, FX=tx.fx,
                              BXP=tx.bxp)
     contract_y(t, gin, ty)

@@ -209,6 +209,7 @@ def test_triton_interpreter_tiny_scale():
 
 @pytest.mark.interpreter
 def test_triton_interpreter_direct_op_edges():
+    from pyvision_ops.kernels import cross_entropy as C
     from pyvision_ops.kernels import interpolate as K
 
     # no output columns: zeros (as the CPU kernel), not uninitialised memory
@@ -231,6 +232,14 @@ def test_triton_interpreter_direct_op_edges():
     assert column_blocks("op", 256 * 65535, 256) == 65535
     with pytest.raises(NotImplementedError, match="op: a width of 16776961 needs 65536 blocks"):
         column_blocks("op", 256 * 65535 + 1, 256)
+    # rows (a program each) along x, at most 2^31 - 1: checked before the input is made
+    # contiguous (an expanded one would take 8 GB) or the output allocated
+    x = torch.zeros(1, 1, 1, 1).expand(2**16, 2**15, 1, 1)
+    with pytest.raises(NotImplementedError, match="upsample_bilinear: 2147483648 rows"):
+        K.upsample_bilinear(x, 1, 1, False, -1.0, -1.0)
+    with pytest.raises(NotImplementedError, match="upsample_cross_entropy: 2147483648 rows"):
+        C.upsample_cross_entropy(x[:1, :1], torch.zeros(1, 1, 1, dtype=torch.long).expand(1, 2**31, 1), False,
+                                 None, -100, 0.0, 1)
 
 
 @pytest.mark.gpu

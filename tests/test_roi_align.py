@@ -567,13 +567,17 @@ def test_fractional_batch_index_of_an_empty_batch_raises():
 def test_op_level_size_checks():
     # the kernels index bins and feature-map cells with an int
     x, r = torch.zeros(1, 1, 4, 4, dtype=torch.float16), torch.tensor([[0.0, 0, 0, 1, 1]])
-    for ph, pw in ((46341, 46341), (2**31, 1), (1, 2**40)):
+    for ph, pw in ((46341, 46341), (2**31, 1), (1, 2**40), (1, 2**28 + 1), (2**28 + 1, 1)):
         with pytest.raises(ValueError, match="output_size"):
             ops.roi_align(x, r, 1.0, ph, pw, 1, False)
         with pytest.raises(ValueError, match="output_size"):
             P.roi_align(x, r, (ph, pw))
+    for h, w in ((2**31, 4), (4, 2**30 + 1)):  # within 64 of 2^31, fp32 samples would round past the map
+        with pytest.raises(ValueError, match="feature map sizes"):
+            ops.roi_align_backward(torch.zeros(1, 1, 2, 2), r, 1.0, 2, 2, 1, 1, h, w, 1, False)
+    # an expanded map costs no memory: its size is checked before anything is read
     with pytest.raises(ValueError, match="feature map sizes"):
-        ops.roi_align_backward(torch.zeros(1, 1, 2, 2), r, 1.0, 2, 2, 1, 1, 2**31, 4, 1, False)
+        P.roi_align(torch.zeros(1, 1, 1, 1, dtype=torch.float16).expand(1, 1, 1, 2**30 + 1), r, 1)
     with pytest.raises(ValueError, match="feature map sizes"):
         ops.roi_align_backward(torch.zeros(1, 1, 2, 2), r, 1.0, 2, 2, 1, 1, 4, -1, 1, False)
 

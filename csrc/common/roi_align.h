@@ -32,22 +32,27 @@ constexpr int kMaxGrid = 1 << 16;
 
 // Argument checks shared by the CPU and CUDA ops. sampling_ratio: the kernels take it as
 // an int (outside int32 it would wrap: 2^32 + 2 read as 2), and above kMaxGrid a bin
-// would take over 2^32 samples. The kernels index a RoI's bins (and cells of a feature
-// map along one axis) with an int; the CUDA ones step a bin index by a block of up to 256.
+// would take over 2^32 samples. The kernels index a RoI's bins with an int (the CPU one
+// 4 table entries per output column, the CUDA ones a bin index stepped by a block of up
+// to 256), and cells of a feature map along one axis with an int, from float samples:
+// kMaxSide keeps a map's size + 16 exact in fp32 and in int.
+constexpr int64_t kMaxBinsPerSide = int64_t(1) << 28;
+constexpr int64_t kMaxSide = int64_t(1) << 30;
+
 inline void check_rois(const char* op, const at::Tensor& rois, int64_t ph, int64_t pw, int64_t sampling_ratio) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5]");
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point");
   TORCH_CHECK(ph > 0 && pw > 0, op, ": output size must be positive");
-  TORCH_CHECK_VALUE(ph < INT_MAX && pw < INT_MAX && ph * pw <= INT_MAX - 256, op,
-                    ": output_size must have at most 2^31 - 257 bins, got ", std::to_string(ph), " x ",
-                    std::to_string(pw));
+  TORCH_CHECK_VALUE(ph <= kMaxBinsPerSide && pw <= kMaxBinsPerSide && ph * pw <= INT_MAX - 256, op,
+                    ": output_size must be at most 2^28 per side and 2^31 - 257 bins in all, got ",
+                    std::to_string(ph), " x ", std::to_string(pw));
   TORCH_CHECK_VALUE(sampling_ratio >= INT_MIN && sampling_ratio <= kMaxGrid, op, ": sampling_ratio must be in [-2^31, ",
                     std::to_string(kMaxGrid), "], got ", std::to_string(sampling_ratio));
 }
 
 inline void check_size(const char* op, int64_t H, int64_t W) {
-  TORCH_CHECK_VALUE(H >= 0 && W >= 0 && H < INT_MAX && W < INT_MAX, op,
-                    ": feature map sizes must be in [0, 2^31 - 1), got ", std::to_string(H), " x ", std::to_string(W));
+  TORCH_CHECK_VALUE(H >= 0 && W >= 0 && H <= kMaxSide && W <= kMaxSide, op,
+                    ": feature map sizes must be in [0, 2^30], got ", std::to_string(H), " x ", std::to_string(W));
 }
 
 inline void check_levels(const char* op, const at::Tensor& rois, const at::Tensor& levels, size_t n_levels,
