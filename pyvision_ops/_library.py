@@ -4,6 +4,7 @@ autograd, and the Triton kernels that serve as CUDA backends."""
 import importlib
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 try:
     from pyvision_ops import _C  # noqa: F401  (registers torch.ops.pyvision_ops.*)
@@ -58,12 +59,21 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
             ctx.needs_input_grad = needs
         return (*(grads_in if isinstance(grads_in, tuple) else (grads_in,)), None)
 
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"{qualname} has no forward-mode derivative (jvp, forward_ad); use reverse mode")
+
     # grad_fn: pyvision_ops_<op>Backward
     Function = type(f"pyvision_ops_{op}", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward_keyset)})
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_keyset),
+                     "jvp": staticmethod(jvp)})
 
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        # Inside a forward-AD level (torch.func.jvp enters one too), dual inputs do not
+        # require grad: the Function must see them, or their tangents would be dropped.
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or fwAD._current_level >= 0:
+            if torch._C._are_functorch_transforms_active():
+                raise NotImplementedError(f"{qualname} is not differentiable under torch.func transforms (grad, jvp, "
+                                          "vmap of a gradient); use torch.autograd")
             return Function.apply(*args, keyset)
         with torch._C._AutoDispatchBelowAutograd():
             return overload.redispatch(keyset & after, *args)

@@ -93,6 +93,35 @@ def test_double_backward_raises_instead_of_giving_zeros():
         torch.autograd.grad(g.sum(), [v])
 
 
+def test_forward_mode_and_func_transforms_raise_instead_of_dropping_tangents():
+    # A dual input does not require grad: without the check the kernels ran below autograd and
+    # torch.func.jvp gave a zero tangent for every op.
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    b = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 4]], dtype=torch.float64)
+    y = torch.randint(0, 2, (1, 4, 4))
+    calls = [lambda a: P.interpolate_bilinear(a, size=(6, 6)), lambda a: P.softmax_cross_entropy(a, y),
+             lambda a: P.roi_align(a, torch.tensor([[0, 0.5, 0.5, 3.0, 3.0]], dtype=a.dtype), 2)]
+    for f, inp in [(f, x) for f in calls] + [(lambda a: P.generalized_box_iou_loss(a, a.flip(0)), b)]:
+        want = f(inp)
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="pyvision_ops::.* has no forward-mode derivative"):
+                f(fwAD.make_dual(inp, torch.ones_like(inp)))
+        with pytest.raises(NotImplementedError, match="not differentiable under torch.func"):
+            torch.func.jvp(f, (inp,), (torch.ones_like(inp),))
+        with pytest.raises(NotImplementedError, match="not differentiable under torch.func"):
+            torch.func.grad(lambda a: f(a).sum())(inp)
+        with fwAD.dual_level():  # inputs without a tangent: as before
+            torch.testing.assert_close(f(inp), want)
+    # vmap of a forward alone runs (torch's per-sample fallback), and autograd through it
+    bb = torch.rand(3, 5, 4, dtype=torch.float64)
+    bb[..., 2:] += bb[..., :2]
+    bb.requires_grad_()
+    torch.vmap(lambda a: P.generalized_box_iou(a, a))(bb).sum().backward()
+    assert bb.grad.abs().sum() > 0
+
+
 def _check_macro_args(text):
     """(line, argument) of each message argument of TORCH_CHECK* / TORCH_INTERNAL_ASSERT* (after
     the condition), TORCH_WARN*, AT_ERROR and c10::str that is neither a string or char
