@@ -1,5 +1,7 @@
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -120,6 +122,40 @@ def test_forward_mode_and_func_transforms_raise_instead_of_dropping_tangents():
     bb.requires_grad_()
     torch.vmap(lambda a: P.generalized_box_iou(a, a))(bb).sum().backward()
     assert bb.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_tiny_inputs_stay_on_one_thread_and_run_in_a_forked_child():
+    # A fork()ed child of a process that ran OpenMP regions can hang in its first region
+    # (multiprocessing's fork pools); a tiny input opens none.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(4_000_000).exp().sum()  # the parent's OpenMP pool exists
+        g = torch.Generator().manual_seed(0)
+        xy = torch.rand(40, 2, generator=g) * 100
+        b, s, idx = torch.cat([xy, xy + 20], 1), torch.rand(40, generator=g), torch.arange(40) % 3
+        x, rois = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([[0, 1.0, 1, 6, 6], [1, 0, 0, 5, 7]])
+        lg, tg = torch.randn(2, 4, 6, 6, generator=g), torch.randint(0, 4, (2, 6, 6), generator=g)
+        pr = lg.softmax(1)  # torch's softmax would open a region in the child
+        calls = [lambda: P.batched_nms(b, s, idx, 0.5), lambda: P.batched_soft_nms(b, s, idx),
+                 lambda: P.roi_align(x, rois, 2, 1.0, 2), lambda: P.roi_align(x.to(memory_format=torch.channels_last),
+                                                                               rois, 2, 1.0, 2),
+                 lambda: P.interpolate_bilinear(x, size=(5, 5)), lambda: P.softmax_cross_entropy(lg, tg),
+                 lambda: P.softmax_cross_entropy(lg[:, :, 0, 0], tg[:, 0, 0]),
+                 lambda: P.upsample_cross_entropy(lg, tg.repeat(1, 2, 2)), lambda: P.dice_loss(lg, tg),
+                 lambda: P.lovasz_softmax(pr, tg)]
+        for i, f in enumerate(calls):
+            f()
+            pid = os.fork()
+            if pid == 0:  # the child: killed by the alarm if it hangs
+                signal.alarm(20)
+                f()
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"call {i} hung or failed in the child"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_macro_args(text):

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/losses.h"
+#include "common/parallel.h"
 
 namespace pyvision_ops {
 namespace {
@@ -206,7 +207,7 @@ at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, in
     using T = at::opmath_type<scalar_t>;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T* pp = partial.mutable_data_ptr<T>();
-    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * nb, grain_for(N * nb, z.numel()), [&](int64_t lo, int64_t hi) {
       std::vector<T> mx(kPixBlock), inv(kPixBlock), prob(C * kPixBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
@@ -239,7 +240,7 @@ at::Tensor dice_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& log
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * nb, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * nb, grain_for(N * nb, 2 * z.numel()), [&](int64_t lo, int64_t hi) {
       std::vector<T> mx(kPixBlock), inv(kPixBlock), dot(kPixBlock), prob(C * kPixBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
@@ -270,7 +271,7 @@ at::Tensor lovasz_gradient_cpu(const at::Tensor& fg_sorted, const at::Tensor& le
   AT_DISPATCH_FLOATING_TYPES(fg.scalar_type(), "lovasz_gradient_cpu", [&] {
     const scalar_t* pf = fg.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, R, grain_for(R, R * M), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t n = std::min(std::max<int64_t>(pl[r], 0), M);
         const scalar_t* f = pf + r * M;
@@ -423,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lovasz_softmax_rows_cpu(const at:
     T* pg = grad.mutable_data_ptr<T>();
     T* pl = losses.mutable_data_ptr<T>();
     int64_t* pc = counts.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, G * C, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, G * C, grain_for(G * C, 8 * p.numel()), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t g = r / C, c = r % C;
         const int64_t n0 = per_image ? g : 0, n1 = per_image ? g + 1 : N;

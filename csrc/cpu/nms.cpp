@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/nms.h"
+#include "common/parallel.h"
 
 namespace pyvision_ops {
 namespace {
@@ -33,6 +34,14 @@ struct Groups {
   at::Tensor order;                 // int64 [N]: original index of the k-th highest score
   std::vector<int64_t> positions;   // [N]: positions into order, grouped by category
   std::vector<int64_t> starts;
+
+  int64_t count() const { return static_cast<int64_t>(starts.size()) - 1; }
+  // at::parallel_for's grain over the groups: a group's work grows as its size squared.
+  int64_t grain() const {
+    int64_t work = 0;
+    for (int64_t c = 0; c < count(); ++c) work += (starts[c + 1] - starts[c]) * (starts[c + 1] - starts[c]);
+    return grain_for(count(), work);
+  }
 };
 
 Groups group_by_category(const at::Tensor& scores, const std::optional<at::Tensor>& idxs) {
@@ -137,12 +146,12 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std:
   uint8_t* kp = keep.mutable_data_ptr<uint8_t>();
   auto b = boxes.contiguous();
   const int64_t* order = g.order.const_data_ptr<int64_t>();
-  const int64_t groups = static_cast<int64_t>(g.starts.size()) - 1;
+  const int64_t groups = g.count();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "nms_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const T thr = nms::gt_threshold<T>(iou_threshold);
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, groups, g.grain(), [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
         Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
         greedy_nms<T>(s, thr, kp);
@@ -328,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
   auto b = boxes.contiguous();
   auto sc = scores.contiguous();
   const int64_t* order = g.order.const_data_ptr<int64_t>();
-  const int64_t groups = static_cast<int64_t>(g.starts.size()) - 1;
+  const int64_t groups = g.count();
   at::Tensor keep, kept_scores;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "soft_nms_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -338,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     const T score_thr = nms::ge_threshold<T>(score_threshold);
     const T inv_sigma = nms::inv_sigma<T>(sigma);
     std::vector<std::vector<std::pair<int64_t, T>>> picked(groups);
-    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, groups, g.grain(), [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
         Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
         std::vector<T> score(s.pos.size());

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "common/parallel.h"
 #include "common/roi_align.h"
 #include "common/text.h"
 
@@ -243,6 +244,9 @@ at::Tensor zeros_like_format(at::IntArrayRef size, const at::TensorOptions& opts
   return out;
 }
 
+// Work of one output value (bin and channel) for grain_for: 2 x 2 samples of 4 taps each.
+constexpr int64_t kBinWork = 16;
+
 // Pools every RoI from its level's features; all features share dtype, layout, N and C.
 template <typename scalar_t>
 void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>& levels,
@@ -251,10 +255,11 @@ void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>
   const int64_t K = static_cast<int64_t>(t.batch.size()), L = static_cast<int64_t>(levels.size());
   const int ph = t.ph, pw = t.pw;
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
+  const int64_t work = kBinWork * out.numel();
   if (!cl) {
     int64_t widest = 0;
     for (int64_t k = 0; k < K; ++k) widest = std::max<int64_t>(widest, column_span(t, k).n);
-    at::parallel_for(0, L * B * C, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, L * B * C, grain_for(L * B * C, work), [&](int64_t lo, int64_t hi) {
       std::vector<T> blended(std::max<int64_t>(widest, 1)), cw(4 * pw);
       std::vector<int> cidx(4 * pw), cnt(pw);
       for (int64_t task = lo; task < hi; ++task) {
@@ -298,7 +303,7 @@ void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>
     return;
   }
   // NHWC: one (RoI, bin) per task, inner loops over contiguous channels; output [K, PH, PW, C].
-  at::parallel_for(0, K * ph * pw, 4, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, K * ph * pw, std::max<int64_t>(4, grain_for(K * ph * pw, work)), [&](int64_t lo, int64_t hi) {
     std::vector<T> acc(C);
     for (int64_t kb = lo; kb < hi; ++kb) {
       const int64_t k = kb / (ph * pw);
@@ -330,8 +335,10 @@ void backward_impl(const at::Tensor& grad, const std::vector<Level>& levels, con
   const int64_t L = static_cast<int64_t>(levels.size());
   const int ph = t.ph, pw = t.pw;
   const scalar_t* pg = grad.const_data_ptr<scalar_t>();
+  int64_t work = kBinWork * grad.numel();
+  for (const auto& gl : grads) work += gl.numel();
   if (!cl) {
-    at::parallel_for(0, L * B * C, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, L * B * C, grain_for(L * B * C, work), [&](int64_t lo, int64_t hi) {
       std::vector<T> plane;
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t c = task / (L * B), lb = task % (L * B), l = lb / B, b = lb % B;
@@ -362,7 +369,7 @@ void backward_impl(const at::Tensor& grad, const std::vector<Level>& levels, con
   // NHWC: each task owns one (level, image) and a block of channels.
   constexpr int64_t kCBlock = 64;
   const int64_t cblocks = (C + kCBlock - 1) / kCBlock;
-  at::parallel_for(0, L * B * cblocks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, L * B * cblocks, grain_for(L * B * cblocks, work), [&](int64_t lo, int64_t hi) {
     std::vector<T> acc;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t lb = task % (L * B), l = lb / B, b = lb % B;
