@@ -73,16 +73,19 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha: tl.flo
     g = tl.load(g_ptr + idx * G_STEP, mask=mask, other=0.0).to(acc)
     p, q, ce, m, at = _focal_terms(x, t, alpha)
     mg = _pow(m, gamma, SQUARE)
+    # ce gamma m^(gamma - 1), as gamma (ce / m) m^gamma: for a confident right answer
+    # m^(gamma - 1) overflows (m below ~1e-308 in fp64) while ce / m stays near 1
     if SQUARE:
-        dmg = 2.0 * m
+        cdm = 2.0 * m * ce
     else:
-        dmg = tl.where(gamma == 0, 0.0, gamma * _pow(m, gamma - 1.0, False))
+        cdm = tl.where(gamma == 0, 0.0, tl.where(m != 0, gamma * ((ce / tl.where(m != 0, m, 1.0)) * mg),
+                                                 ce * gamma * _pow(m, gamma - 1.0, False)))
     d_at = tl.where(alpha >= 0, 2.0 * alpha - 1.0, 0.0)
     sat = p * q  # ce p (1 - p) tends to 0 where p saturates
     # p - t = (1 - t) p - t q and 1 - 2 p = q - p without cancellation; ce m^(gamma - 1) tends
     # to 0 where p saturates to a hard target (ce = m = 0 once exp(-|x|) underflows)
-    dx = g * at * (((1.0 - t) * p - t * q) * mg + tl.where(sat == 0, 0.0, ce * dmg * sat * (1.0 - 2.0 * t)))
-    dt = g * (d_at * ce * mg + at * (-x * mg + tl.where(ce == 0, 0.0, ce * dmg * (q - p))))
+    dx = g * at * (((1.0 - t) * p - t * q) * mg + tl.where(sat == 0, 0.0, cdm * sat * (1.0 - 2.0 * t)))
+    dt = g * (d_at * ce * mg + at * (-x * mg + tl.where(ce == 0, 0.0, cdm * (q - p))))
     ty = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + idx, dx.to(ty), mask=mask)
     tl.store(dt_ptr + idx, dt.to(ty), mask=mask)

@@ -175,6 +175,35 @@ def test_focal_saturated_hard_target_gradients(gamma, dtype, tol):
         assert torch.isfinite(g).all() and g.abs().max() < 1e-12
 
 
+def focal_fp64_subnormal_case():
+    """Right answers so confident that 1 - p_t is subnormal in fp64 (|x| in ~[709, 745]), and
+    the limit of d loss / d t there: -a_t (x + sign(x) gamma) exp(-gamma |x|)."""
+    x = torch.tensor([-720.0, 720.0, -740.0, 744.0, -745.0], dtype=torch.float64)
+    t = (x > 0).double()
+
+    def dt_limit(gamma, alpha=0.25):
+        at = torch.where(t == 1, alpha, 1 - alpha)
+        return -at * (x + x.sign() * gamma) * torch.exp(-gamma * x.abs())
+
+    return x, t, dt_limit
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.001, 0.5, 1.5])
+def test_focal_fp64_subnormal_one_minus_pt_gradients(gamma):
+    # gamma m^(gamma - 1) overflowed at a subnormal m = 1 - p_t: NaN (gamma = 0: 0 * inf) or inf
+    # gradients, where torchvision gives NaN for 0 < gamma < 1
+    x, t, dt_limit = focal_fp64_subnormal_case()
+    x1, t1 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    dx, dt = torch.autograd.grad(P.sigmoid_focal_loss(x1, t1, gamma=gamma).sum(), [x1, t1])
+    assert dx.abs().max() < 1e-300 and dt.isfinite().all()
+    # compared where the subnormal 1 - p_t still holds ~11 digits (|x| = 720; ~2 at 740)
+    torch.testing.assert_close(dt[:2], dt_limit(gamma)[:2], rtol=1e-6, atol=0)
+    if gamma == 0:  # torchvision's is exact here
+        t2 = t.clone().requires_grad_()
+        (dt_tv,) = torch.autograd.grad(tv.sigmoid_focal_loss(x, t2, gamma=0.0).sum(), [t2])
+        torch.testing.assert_close(dt, dt_tv, rtol=1e-12, atol=0)
+
+
 def focal_outside_targets(dtype=torch.float64):
     """Targets outside [0, 1]: 1 - p_t < 0 at some entries."""
     x = torch.tensor([2.0, -2.0, -1.0, 0.5, 3.0, 4.0], dtype=dtype)
@@ -301,6 +330,17 @@ def test_triton_focal_interpreter_saturated(gamma, dtype):
                     ops.sigmoid_focal_loss_backward(g, x, t, 0.25, gamma)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=tiny)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gamma", [0.0, 0.001, 1.5])
+def test_triton_focal_interpreter_fp64_subnormal_one_minus_pt(gamma):
+    from pyvision_ops.kernels import losses as K
+
+    x, t, dt_limit = focal_fp64_subnormal_case()
+    dx, dt = K.sigmoid_focal_loss_backward(torch.ones_like(x), x, t, 0.25, gamma)
+    assert dx.abs().max() < 1e-300 and dt.isfinite().all()
+    torch.testing.assert_close(dt[:2], dt_limit(gamma)[:2], rtol=1e-6, atol=0)
 
 
 @pytest.mark.interpreter

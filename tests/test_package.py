@@ -113,7 +113,7 @@ def test_forward_mode_and_func_transforms_raise_instead_of_dropping_tangents():
         with pytest.raises(NotImplementedError, match="not differentiable under torch.func"):
             torch.func.jvp(f, (inp,), (torch.ones_like(inp),))
         with pytest.raises(NotImplementedError, match="not differentiable under torch.func"):
-            torch.func.grad(lambda a: f(a).sum())(inp)
+            torch.func.grad(lambda a, f=f: f(a).sum())(inp)
         with fwAD.dual_level():  # inputs without a tangent: as before
             torch.testing.assert_close(f(inp), want)
     # vmap of a forward alone runs (torch's per-sample fallback), and autograd through it

@@ -148,17 +148,22 @@ template <bool SQUARE, typename T>
 PVO_HD void focal_grad(T x, T t, T alpha, Pow<T> pg, Pow<T> dpg, T g, T& dx, T& dt) {
   const Focal<T> f = focal_terms(x, t, alpha);
   const T mg = pow_<SQUARE>(f.m, pg);
-  // gamma * m^(gamma - 1); torch's pow backward gives 0 for gamma = 0 (dpg's scale)
-  const T dmg = SQUARE ? T(2) * f.m : pow_<false>(f.m, dpg);
+  // ce gamma m^(gamma - 1) (dpg's scale is gamma; torch's pow backward gives 0 for gamma = 0),
+  // as gamma (ce / m) m^gamma: for a confident right answer m^(gamma - 1) overflows (m below
+  // ~1e-308 in fp64) while ce / m stays near 1.
+  const T cdm = SQUARE ? T(2) * f.m * f.ce
+                       : (dpg.pos == T(0) ? T(0)
+                                          : (f.m != T(0) ? dpg.pos * ((f.ce / f.m) * mg)
+                                                         : f.ce * pow_<false>(f.m, dpg)));
   const T d_at = alpha >= T(0) ? T(2) * alpha - T(1) : T(0);
   // ce p (1 - p) tends to 0 where p saturates (x = +-inf: inf * 0 otherwise).
   const T sat = f.p * f.q;
   // p - t = (1 - t) p - t q and 1 - 2 p = q - p, without cancellation.
   const T p_minus_t = (T(1) - t) * f.p - t * f.q;
-  dx = g * f.at * (p_minus_t * mg + (sat == T(0) ? T(0) : f.ce * dmg * sat * (T(1) - T(2) * t)));
+  dx = g * f.at * (p_minus_t * mg + (sat == T(0) ? T(0) : cdm * sat * (T(1) - T(2) * t)));
   // ce m^(gamma - 1) tends to 0 where p saturates to a hard target (ce = m = 0 once exp(-|x|)
   // underflows: 0 * inf otherwise).
-  dt = g * (d_at * f.ce * mg + f.at * (-x * mg + (f.ce == T(0) ? T(0) : f.ce * dmg * (f.q - f.p))));
+  dt = g * (d_at * f.ce * mg + f.at * (-x * mg + (f.ce == T(0) ? T(0) : cdm * (f.q - f.p))));
 }
 
 }  // namespace losses
