@@ -94,6 +94,8 @@ def _pairwise(boxes1, boxes2, kind: str, eps: float = 1e-7, fmt: str = "xyxy") -
     dtype = _compute_dtype(boxes1, boxes2)
     out_dtype = _out_dtype(boxes1, boxes2)
     nb = math.prod(batch)
+    if fmt != "xyxy" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # corners in half would round away a side below the spacing at x
     b1, b2 = _to_xyxy(boxes1.to(dtype), fmt), _to_xyxy(boxes2.to(dtype), fmt)
     if not same:
         b1, b2 = b1.expand(*batch, n, 4), b2.expand(*batch, m, 4)
@@ -108,6 +110,9 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str = "xyxy") -> to
 
     Drop-in for ``torchvision.ops.box_iou`` (axis-aligned formats ``xyxy``,
     ``xywh``, ``cxcywh``). ``inter / union``; two zero-area boxes give NaN.
+    ``xywh`` and ``cxcywh`` boxes are converted to corners first (fp16/bf16 ones in
+    fp32), so an infinite x or y, or an x + w that overflows, gives NaN where
+    torchvision, which takes the area as ``w * h``, may give 0.
     """
     return _pairwise(boxes1, boxes2, "iou", fmt=fmt)
 

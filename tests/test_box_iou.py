@@ -120,6 +120,11 @@ def test_box_iou_formats():
     for fmt in ("xywh", "cxcywh"):
         ca, cb = tv.box_convert(a, "xyxy", fmt), tv.box_convert(b, "xyxy", fmt)
         torch.testing.assert_close(P.box_iou(ca, cb, fmt=fmt), tv.box_iou(ca, cb, fmt=fmt), rtol=1e-5, atol=1e-6)
+    # half boxes get their corners in fp32: a width below bf16's spacing at x = 300 (2) stays
+    for dtype in (torch.bfloat16, torch.float16):
+        for fmt, box in (("xywh", [300.0, 10, 0.5, 20]), ("cxcywh", [300.0, 20, 0.5, 20])):
+            x = torch.tensor([box], dtype=dtype)
+            assert P.box_iou(x, x, fmt=fmt).item() == 1.0
 
 
 def test_nan_and_inf_coordinates_give_nan_not_crash():
