@@ -5,7 +5,10 @@ torch's source-index rules (with ``scale_factor`` given, the source index uses
 ``1 / scale_factor``, not in / out). C++ on the CPU (csrc/cpu/interpolate.cpp),
 Triton on CUDA (kernels/interpolate.py); both backwards are gather-based and
 deterministic. fp16/bf16 are computed with fp32 accumulation. A channels_last input
-gives a channels_last output, as in torch.
+gives a channels_last output, as in torch. An infinite input value reaches each output
+that reads it through both taps, even one of weight exactly 0 (a source index on a
+pixel), which gives 0 * inf = NaN there; torch's rounded weights give inf or NaN at
+other positions (the same holds for ``upsample_cross_entropy`` with -inf logits).
 """
 
 import math
