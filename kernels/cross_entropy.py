@@ -39,11 +39,11 @@ def _target_weight(w_ptr, y, valid, C, HAS_W: tl.constexpr):
     its weight is NaN, so that its loss, the mean and the gradients are NaN (rejecting it
     would need a device-to-host sync)."""
     inr = valid & (y >= 0) & (y < C)
-    bad = tl.where(valid & ~inr, float("nan"), 0.0)
+    bad = valid & ~inr
     if HAS_W:
-        return tl.load(w_ptr + tl.where(inr, y, 0), mask=inr, other=0.0) + bad
+        return tl.where(bad, float("nan"), tl.load(w_ptr + tl.where(inr, y, 0), mask=inr, other=0.0))
     else:
-        return tl.where(inr, 1.0, bad)
+        return tl.where(inr, 1.0, tl.where(bad, float("nan"), 0.0))
 
 
 @triton.jit
@@ -396,10 +396,11 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
 
 def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):
     n, c, _ = logits.shape
+    grid = (grid_rows("softmax_cross_entropy", n),)  # before any allocation
     loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
     if n:
         z = logits.contiguous()
-        _ce_rows_forward_kernel[(grid_rows("softmax_cross_entropy", n),)](
+        _ce_rows_forward_kernel[grid](
             z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, n, c, ignore_index,
             *_split(label_smoothing, c), HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
             STORE_LOSS=reduction == 0, **_rows_config(c))
@@ -411,6 +412,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
     n, c, s = logits.shape
     nb = cdiv(s, CE_CONFIG["BLOCK"])
+    rows = (grid_rows("softmax_cross_entropy_backward", n),) if s == 1 else None  # before any allocation
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb == 0 or (s == 1 and c == 0):
@@ -420,7 +422,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     args = (g, wsum.to(acc), z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz)
     opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
     if s == 1:
-        _ce_rows_backward_kernel[(grid_rows("softmax_cross_entropy_backward", n),)](
+        _ce_rows_backward_kernel[rows](
             *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **_rows_config(c))
     else:
         _ce_backward_kernel[(n * nb,)](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts,
@@ -535,13 +537,15 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     check_footprint("upsample_cross_entropy_backward", tx)
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))
+    grid = row_grid("upsample_cross_entropy_backward", n * H, w, tx.bx)  # and contract_y's, before t
+    grid_rows("upsample_cross_entropy_backward", n * cc * h)
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
     g, g_step = loss_grad(grad, acc)
     args = (lg, target.contiguous(), _weight(weight, lg), g, wsum.to(acc), stats.to(acc).contiguous())
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)
-        _up_ce_contract_x_kernel[row_grid("upsample_cross_entropy_backward", n * H, w, tx.bx)](
+        _up_ce_contract_x_kernel[grid](
             *args, tk, ty.i0, ty.i1, ty.w0, ty.w1, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, c, c0, k, h, w, H, W,
             n * H * W, ignore_index, *_split(label_smoothing, c), tx.bx, HAS_W=weight is not None,
             SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1, FX=tx.fx, BXP=tx.bxp)

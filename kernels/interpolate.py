@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import next_power_of_2, require, row_grid
+from . import grid_rows, next_power_of_2, require, row_grid
 
 
 class Taps:
@@ -226,11 +226,11 @@ def upsample_bilinear(input, out_h, out_w, align_corners, scale_h, scale_w):
             "input must be a floating point [N, C, H, W]")
     n, c, h, w = input.shape
     _check_sizes("upsample_bilinear", h, w, out_h, out_w)
+    if n * c == 0:
+        return torch.empty((n, c, out_h, out_w), dtype=input.dtype, device=input.device)
     grid = row_grid("upsample_bilinear", n * c * out_h, out_w, _BLOCK)  # before any allocation
     x = input.contiguous()
     out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
     acc = acc_dtype(x.dtype)
     ty = axis_taps(h, out_h, align_corners, scale_h, acc, x.device)
     tx = axis_taps(w, out_w, align_corners, scale_w, acc, x.device)
@@ -254,7 +254,8 @@ def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w
     ty = axis_taps(in_h, out_h, align_corners, scale_h, acc, g.device)
     tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
     check_footprint("upsample_bilinear_backward", tx)
-    grid = row_grid("upsample_bilinear_backward", n * c * out_h, in_w, tx.bx)
+    grid = row_grid("upsample_bilinear_backward", n * c * out_h, in_w, tx.bx)  # and contract_y's, before t
+    grid_rows("upsample_bilinear_backward", n * c * in_h)
     t = torch.empty((n, c, out_h, in_w), dtype=acc, device=g.device)
     _contract_x_kernel[grid](g, t, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, in_w, out_w, tx.bx, FX=tx.fx,
                              BXP=tx.bxp)

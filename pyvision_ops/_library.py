@@ -22,7 +22,11 @@ _lib = torch.library.Library("pyvision_ops", "IMPL")
 _libs = {"pyvision_ops": _lib}  # namespace -> the Library its Autograd kernels go through
 
 
-def register_autograd(qualname: str, backward, setup_context) -> None:
+def _any_tangent(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+
+
+def register_autograd(qualname: str, backward, setup_context, differentiable: bool = True) -> None:
     """``torch.library.register_autograd(qualname, backward, setup_context=...)`` without its
     per-call generic work.
 
@@ -33,7 +37,8 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
     so the inputs arrive complete. Otherwise the same: an autograd.Function on the
     Autograd key that redispatches below autograd, the plain redispatch when nothing
     requires grad, and ``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)``
-    as torch calls them.
+    as torch calls them. ``differentiable=False``: outputs without a derivative (forward-mode
+    tangents and torch.func transforms see constants).
     """
     namespace, op = qualname.split("::")
     overload = getattr(getattr(torch.ops, namespace), op).default
@@ -70,11 +75,13 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
     def kernel(keyset, *args):
         # Inside a forward-AD level (torch.func.jvp enters one too), dual inputs do not
         # require grad: the Function must see them, or their tangents would be dropped.
-        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or fwAD._current_level >= 0:
-            if torch._C._are_functorch_transforms_active():
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or (
+                differentiable and fwAD._current_level >= 0 and _any_tangent(args)):
+            if not torch._C._are_functorch_transforms_active():
+                return Function.apply(*args, keyset)
+            if differentiable:
                 raise NotImplementedError(f"{qualname} is not differentiable under torch.func transforms (grad, jvp, "
                                           "vmap of a gradient); use torch.autograd")
-            return Function.apply(*args, keyset)
         with torch._C._AutoDispatchBelowAutograd():
             return overload.redispatch(keyset & after, *args)
 
@@ -197,7 +204,7 @@ def _soft_nms_setup(ctx, inputs, output):
 
 
 register_autograd("pyvision_ops::soft_nms", lambda ctx, *grads: (None,) * 7,
-                  setup_context=_soft_nms_setup)
+                  setup_context=_soft_nms_setup, differentiable=False)
 
 
 # ------------------------------------------------------------------ RoI Align

@@ -699,6 +699,20 @@ def test_triton_target_outside_classes_is_nan_not_an_index(shape, weighted, labe
     assert dx[1].isnan().any() and not dx[0].isnan().any()
 
 
+@pytest.mark.interpreter
+def test_triton_negative_zero_class_weight_keeps_its_sign():
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch((2, 4, 9))
+    w[1] = -0.0
+    y[0, 1] = y[1, 3] = 1
+    want = ops.softmax_cross_entropy(x, y, w, -100, 0.0, 0)[0]
+    assert want.signbit().sum() == 2
+    got = K.softmax_cross_entropy(x, y, w, -100, 0.0, 0)[0]
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got.signbit(), want.signbit())
+
+
 @pytest.mark.gpu
 def test_cuda_target_outside_classes_gives_nan():
     x, y, _ = batch((2, 5, 6, 7), dtype=torch.float32)

@@ -240,6 +240,15 @@ def test_triton_interpreter_direct_op_edges():
     with pytest.raises(NotImplementedError, match="upsample_cross_entropy: 2147483648 rows"):
         C.upsample_cross_entropy(x[:1, :1], torch.zeros(1, 1, 1, dtype=torch.long).expand(1, 2**31, 1), False,
                                  None, -100, 0.0, 1)
+    z, t = torch.zeros(1, 1, 1).expand(2**31, 2, 1), torch.zeros(1, dtype=torch.long).expand(2**31, 1)
+    stats = torch.zeros(1, 1, 1).expand(2, 2**31, 1)  # expanded: nothing of 2^31 rows is ever allocated
+    for call in (lambda: C.softmax_cross_entropy(z, t, None, -100, 0.0, 1),
+                 lambda: C.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, torch.ones(()), -100,
+                                                          0.0, 1)):
+        with pytest.raises(NotImplementedError, match="softmax_cross_entropy(_backward)?: 2147483648 rows"):
+            call()
+    # an empty batch is not a launch: an empty output, whatever its width
+    assert K.upsample_bilinear(torch.zeros(0, 1, 1, 1), 1, 2**24 + 1, False, -1.0, -1.0).shape == (0, 1, 1, 2**24 + 1)
 
 
 @pytest.mark.gpu

@@ -116,6 +116,16 @@ def test_forward_mode_and_func_transforms_raise_instead_of_dropping_tangents():
             torch.func.grad(lambda a, f=f: f(a).sum())(inp)
         with fwAD.dual_level():  # inputs without a tangent: as before
             torch.testing.assert_close(f(inp), want)
+    # an op whose inputs carry no tangent is a constant to jvp, and Soft-NMS outputs have no
+    # derivative: both run under jvp/jacfwd as they did
+    t = torch.randn(3, dtype=torch.float64)
+    _, jt = torch.func.jvp(lambda v: v * P.box_iou(b, b).sum(), (t,), (torch.ones_like(t),))
+    torch.testing.assert_close(jt, P.box_iou(b, b).sum().expand(3))
+    torch.testing.assert_close(torch.func.jacfwd(lambda v: v * P.box_iou(b, b).sum())(t),
+                               torch.eye(3, dtype=t.dtype) * P.box_iou(b, b).sum())
+    s = torch.tensor([0.9, 0.8], dtype=torch.float64)
+    _, js = torch.func.jvp(lambda v: P.soft_nms(b, v, 0.5)[1], (s,), (torch.ones_like(s),))
+    assert not js.any()
     # vmap of a forward alone runs (torch's per-sample fallback), and autograd through it
     bb = torch.rand(3, 5, 4, dtype=torch.float64)
     bb[..., 2:] += bb[..., :2]

@@ -35,7 +35,7 @@ constexpr int kMaxGrid = 1 << 16;
 // would take over 2^32 samples. The kernels index a RoI's bins with an int (the CPU one
 // 4 table entries per output column, the CUDA ones a bin index stepped by a block of up
 // to 256), and cells of a feature map along one axis with an int, from float samples:
-// kMaxSide keeps a map's size + 16 exact in fp32 and in int.
+// under kMaxSide a map's size is exact in fp32, and the kernels' size + 16 fits an int.
 constexpr int64_t kMaxBinsPerSide = int64_t(1) << 28;
 constexpr int64_t kMaxSide = int64_t(1) << 30;
 

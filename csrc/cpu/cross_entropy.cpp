@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
     const auto& w = cls.w;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T *pl = reduction == kNone ? map.mutable_data_ptr<T>() : nullptr, *pm = stats.mutable_data_ptr<T>();
-    at::parallel_for(0, tasks, grain_for(tasks, N * S * C), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tasks, grain_for(tasks, 4 * N * S * C), [&](int64_t lo, int64_t hi) {  // an exp a logit
       std::vector<T> sum(kBlock), wd(kBlock), zy(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
         if (rows) {
@@ -314,7 +314,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
     const int64_t g_step = g_one ? 0 : 1;
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tasks, grain_for(tasks, N * S * C), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tasks, grain_for(tasks, 4 * N * S * C), [&](int64_t lo, int64_t hi) {
       std::vector<T> a(kBlock), b(kBlock), gm(kBlock);
       for (int64_t task = lo; task < hi; ++task) {
         if (rows) {
@@ -391,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T *pl = reduction == kNone ? map.mutable_data_ptr<T>() : nullptr, *pm = stats.mutable_data_ptr<T>();
     const int64_t P = N * H * W;
-    at::parallel_for(0, N * H, grain_for(N * H, P * C), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * H, grain_for(N * H, 8 * P * C), [&](int64_t lo, int64_t hi) {  // taps and an exp
       std::vector<T> blend(w), u(C * W), sum(W), wd(W), zy(W);
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t n = row / H, oy = row % H;
@@ -438,7 +438,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     const int64_t P = N * H * W, g_step = g_one ? 0 : 1;
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
     // One image per task, rows in order: each image's gradient is accumulated in a fixed order.
-    at::parallel_for(0, N, grain_for(N, P * C), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N, grain_for(N, 8 * P * C), [&](int64_t lo, int64_t hi) {
       std::vector<T> blend(w), u(C * W), du(C * W), a(W), b(W), gm(W), dr(w), acc(C * h * w);
       for (int64_t n = lo; n < hi; ++n) {
         std::fill(acc.begin(), acc.end(), T(0));

@@ -33,7 +33,7 @@ at::Tensor upsample_bilinear_cpu(const at::Tensor& input, int64_t out_h, int64_t
     const auto tx = interp::axis_taps<T>(W, out_w, align_corners, scale_w);
     const scalar_t* pi = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, grain_for(N * C, out.numel()), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * C, grain_for(N * C, 4 * out.numel()), [&](int64_t lo, int64_t hi) {
       std::vector<T> row(W);
       for (int64_t p = lo; p < hi; ++p) {
         const scalar_t* plane = pi + p * H * W;
@@ -69,7 +69,7 @@ at::Tensor upsample_bilinear_backward_cpu(const at::Tensor& grad, int64_t in_h, 
     const auto tx = interp::axis_taps<T>(in_w, OW, align_corners, scale_w);
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, grain_for(N * C, g.numel() + gin.numel()), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * C, grain_for(N * C, 4 * g.numel() + gin.numel()), [&](int64_t lo, int64_t hi) {
       std::vector<T> plane(in_h * in_w), row(in_w);
       for (int64_t p = lo; p < hi; ++p) {
         std::fill(plane.begin(), plane.end(), T(0));

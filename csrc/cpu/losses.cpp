@@ -207,7 +207,7 @@ at::Tensor dice_stats_cpu(const at::Tensor& logits, const at::Tensor& target, in
     using T = at::opmath_type<scalar_t>;
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     T* pp = partial.mutable_data_ptr<T>();
-    at::parallel_for(0, N * nb, grain_for(N * nb, z.numel()), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * nb, grain_for(N * nb, 4 * z.numel()), [&](int64_t lo, int64_t hi) {
       std::vector<T> mx(kPixBlock), inv(kPixBlock), prob(C * kPixBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);
@@ -240,7 +240,7 @@ at::Tensor dice_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& log
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
     scalar_t* pd = dz.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * nb, grain_for(N * nb, 2 * z.numel()), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * nb, grain_for(N * nb, 8 * z.numel()), [&](int64_t lo, int64_t hi) {
       std::vector<T> mx(kPixBlock), inv(kPixBlock), dot(kPixBlock), prob(C * kPixBlock);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t n = task / nb, j0 = (task % nb) * kPixBlock, cnt = std::min(kPixBlock, HW - j0);

@@ -36,11 +36,12 @@ struct Groups {
   std::vector<int64_t> starts;
 
   int64_t count() const { return static_cast<int64_t>(starts.size()) - 1; }
-  // at::parallel_for's grain over the groups: a group's work grows as its size squared.
-  int64_t grain() const {
+  // at::parallel_for's grain over the groups: a group's work grows as its size squared,
+  // times the work of a pair.
+  int64_t grain(int64_t pair_work) const {
     int64_t work = 0;
     for (int64_t c = 0; c < count(); ++c) work += (starts[c + 1] - starts[c]) * (starts[c + 1] - starts[c]);
-    return grain_for(count(), work);
+    return grain_for(count(), pair_work * work);
   }
 };
 
@@ -151,7 +152,7 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std:
     using T = at::opmath_type<scalar_t>;
     const T thr = nms::gt_threshold<T>(iou_threshold);
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    at::parallel_for(0, groups, g.grain(), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, groups, g.grain(4), [&](int64_t lo, int64_t hi) {  // a pair: an IoU
       for (int64_t c = lo; c < hi; ++c) {
         Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
         greedy_nms<T>(s, thr, kp);
@@ -347,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     const T score_thr = nms::ge_threshold<T>(score_threshold);
     const T inv_sigma = nms::inv_sigma<T>(sigma);
     std::vector<std::vector<std::pair<int64_t, T>>> picked(groups);
-    at::parallel_for(0, groups, g.grain(), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, groups, g.grain(16), [&](int64_t lo, int64_t hi) {  // an IoU, an exp, passes
       for (int64_t c = lo; c < hi; ++c) {
         Soa<T> s = gather<scalar_t, T>(pb, order, g.positions.data(), g.starts[c], g.starts[c + 1]);
         std::vector<T> score(s.pos.size());

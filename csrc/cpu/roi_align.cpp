@@ -45,6 +45,18 @@ struct Tables {
   std::vector<T> wy, wx;
   // RoIs of each (level, image), in RoI order: the fixed accumulation order.
   std::vector<std::vector<int64_t>> groups;  // [levels * batch]
+
+  // Cells read (or written) per channel over all bins: the work for grain_for.
+  int64_t taps() const {
+    int64_t total = 0;
+    for (size_t k = 0; k < batch.size(); ++k) {
+      int64_t rows = 0, cols = 0;
+      for (int p = 0; p < ph; ++p) rows += ny[k * ph + p];
+      for (int q = 0; q < pw; ++q) cols += nx[k * pw + q];
+      total += rows * cols;
+    }
+    return total;
+  }
 };
 
 // The cells bin p reads along one axis and their weights (roi::bin_cells, as on CUDA): at
@@ -244,9 +256,6 @@ at::Tensor zeros_like_format(at::IntArrayRef size, const at::TensorOptions& opts
   return out;
 }
 
-// Work of one output value (bin and channel) for grain_for: 2 x 2 samples of 4 taps each.
-constexpr int64_t kBinWork = 16;
-
 // Pools every RoI from its level's features; all features share dtype, layout, N and C.
 template <typename scalar_t>
 void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>& levels,
@@ -255,7 +264,7 @@ void forward_impl(const std::vector<at::Tensor>& feats, const std::vector<Level>
   const int64_t K = static_cast<int64_t>(t.batch.size()), L = static_cast<int64_t>(levels.size());
   const int ph = t.ph, pw = t.pw;
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
-  const int64_t work = kBinWork * out.numel();
+  const int64_t work = C * t.taps() + out.numel();
   if (!cl) {
     int64_t widest = 0;
     for (int64_t k = 0; k < K; ++k) widest = std::max<int64_t>(widest, column_span(t, k).n);
@@ -335,7 +344,7 @@ void backward_impl(const at::Tensor& grad, const std::vector<Level>& levels, con
   const int64_t L = static_cast<int64_t>(levels.size());
   const int ph = t.ph, pw = t.pw;
   const scalar_t* pg = grad.const_data_ptr<scalar_t>();
-  int64_t work = kBinWork * grad.numel();
+  int64_t work = C * t.taps();
   for (const auto& gl : grads) work += gl.numel();
   if (!cl) {
     at::parallel_for(0, L * B * C, grain_for(L * B * C, work), [&](int64_t lo, int64_t hi) {
