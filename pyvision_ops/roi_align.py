@@ -10,7 +10,8 @@ also NCHW-contiguous, e.g. one channel; the same for gradients).
 
 Backends:
 
-- CPU (C++): forward in parallel over (RoI, channel), backward over (image,
+- CPU (C++): forward in parallel over (level, image, channel) planes, each pooling
+  that image's RoIs (over (RoI, bin) for channels_last input); backward over (image,
   channel), so the gradient is always deterministic.
 - CUDA (C++): forward one block per (RoI, channel chunk). The backward scatters
   with ``atomicAdd`` into an fp32 (fp64) buffer, which is fast but not bitwise
