@@ -7,9 +7,8 @@
 namespace pyvision_ops {
 
 // Work (in multiply-adds; callers count an exp or a bilinear tap as several) below which a
-// call stays on one thread.
-// Waking the pool costs microseconds, more than a tiny input's whole work, and a fork()ed
-// child whose parent ran OpenMP regions can hang in its first one.
+// call stays on one thread. Waking the pool costs microseconds, more than a tiny input's
+// whole work, and a fork()ed child whose parent ran OpenMP regions can hang in its first one.
 constexpr int64_t kSerialWork = 32768;  // as at::internal::GRAIN_SIZE
 
 // The grain for `tasks` tasks that hold `work` in all: chunks of at least kSerialWork (a
