@@ -152,12 +152,13 @@ def _dice_stats_kernel(z_ptr, y_ptr, part_ptr, C, HW, nb, ignore_index, IGNORES:
     pid = tl.program_id(0)
     zoffs, mj, base, y, valid, mx, inv = _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES, BLOCK)
     out = part_ptr + pid.to(tl.int64) * 2 * C
+    # a target outside [0, C) (no sync to reject it) makes every class's statistics NaN
+    bad = valid & ((y < 0) | (y >= C))
     plane = base
     for c in range(C):
         p = _dice_p(plane, mj, valid, mx, inv)
         plane += HW
-        # a target outside [0, C) (no sync to reject it) makes every class's statistics NaN
-        hit = tl.where(valid & ((y < 0) | (y >= C)), float("nan"), (valid & (y == c)).to(p.dtype))
+        hit = tl.where(bad, float("nan"), (valid & (y == c)).to(p.dtype))
         tl.store(out + c, tl.sum(p * hit, axis=0))  # a product, as on the CPU: a NaN p stays NaN
         tl.store(out + C + c, tl.sum(p, axis=0) + tl.sum(hit, axis=0))
 
