@@ -682,7 +682,13 @@ def test_triton_target_outside_classes_is_nan_not_an_index(shape, weighted, labe
     assert loss[bad].isnan().all()
     torch.testing.assert_close(loss[~bad], want[0][~bad])
     for reduction in (1, 2):
-        assert K.softmax_cross_entropy(x, y, w, -100, label_smoothing, reduction)[0].isnan()
+        fwd = K.softmax_cross_entropy(x, y, w, -100, label_smoothing, reduction)
+        assert fwd[0].isnan()
+        # the gradient of the sum is NaN at the bad targets, the mean's wherever a target counts
+        # (its divisor is NaN); ignored positions keep their 0
+        dz = K.softmax_cross_entropy_backward(torch.ones(()), x, y, w, fwd[2], fwd[1], -100, label_smoothing,
+                                              reduction)
+        assert torch.equal(dz.isnan(), (bad if reduction == 2 else y != -100).unsqueeze(1).expand_as(x))
     g = torch.rand(y.shape, dtype=torch.float64) + 0.5
     dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, label_smoothing, 0)
     assert dz.movedim(1, -1)[bad].isnan().all()
@@ -718,9 +724,14 @@ def test_cuda_target_outside_classes_gives_nan():
     x, y, _ = batch((2, 5, 6, 7), dtype=torch.float32)
     y[0, 1, 2] = 5
     xg = x.cuda().requires_grad_()
-    for loss in (P.softmax_cross_entropy(xg, y.cuda()), P.upsample_cross_entropy(xg, y.cuda().repeat(1, 2, 2))):
-        (g,) = torch.autograd.grad(loss, [xg])
-        assert loss.isnan() and g.isnan().all()
+    # the mean's gradient is NaN wherever a target counts; ignored positions keep their 0
+    loss = P.softmax_cross_entropy(xg, y.cuda())
+    (g,) = torch.autograd.grad(loss, [xg])
+    assert loss.isnan()
+    assert torch.equal(g.isnan().cpu(), (y != -100).unsqueeze(1).expand_as(x))
+    loss = P.upsample_cross_entropy(xg, y.cuda().repeat(1, 2, 2))
+    (g,) = torch.autograd.grad(loss, [xg])
+    assert loss.isnan() and g.isnan().any() and not g.isinf().any()
     assert P.softmax_cross_entropy(xg, y.cuda(), reduction="none").isnan().nonzero().tolist() == [[0, 1, 2]]
 
 

@@ -707,6 +707,7 @@ def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories,
     (2100, torch.float64, 0.6, "hard", "chunks"),  # 8 slots, each tested on its step
     (4200, torch.float32, 0.6, "linear", "chunks"),  # 8 slots, all tested first
     (6500, torch.float32, 0.6, "gaussian", "chunks"),  # 16 slots
+    (6500, torch.float32, 0.6, "gaussian", "spread"),
     (9000, torch.float32, 0.8, "linear", "chunks"),  # global memory
     (1500, torch.float32, 0.01, "gaussian", "rounds"),
     (1500, torch.float64, 0.05, "linear", "rounds"),
@@ -715,7 +716,7 @@ def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, 
     _sim_check(n, dtype, None, score_threshold, method, kernel)
 
 
-# PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's spread chunk layout, or the rounds kernel
+# PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's chunk layouts (spread is the default), or the rounds kernel
 # where it applies (a positive score threshold; not the hard method at a threshold <= 0).
 KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])
 

@@ -80,8 +80,8 @@ def _launchers():
                 cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
                                                                          dtype=acc), x, big, False, weight, stats,
                                                               wsum, 255, 0.1, reduction)
-    for key, value, default in (("STREAM", True, False), ("M_TILES", 2, 1)):  # the tuners' variants
-        box_iou.PAIRWISE_CONFIG[key] = value
+    for key, value in (("STREAM", True), ("M_TILES", 1), ("M_TILES", 4)):  # the tuners' variants
+        default, box_iou.PAIRWISE_CONFIG[key] = box_iou.PAIRWISE_CONFIG[key], value
         for n in (7, 128):
             box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], 3, 1e-7)
         box_iou.PAIRWISE_CONFIG[key] = default

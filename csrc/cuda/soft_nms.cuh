@@ -178,13 +178,13 @@ constexpr int soft_threads() {
 // One block per group; each step one block-wide max of the keys (one barrier), then the
 // decay. K > 0: the group's boxes sit in registers, K per thread, in the spatial order
 // `place` gives, 32 placements (a chunk) per warp and slot: warp w, slot k holds chunk
-// wK + k, or with `spread` chunk kW + w (W warps); a selection visits only the warps, and
-// in them the slots, whose union box it may overlap: the other boxes keep their scores bit
-// for bit. A warp walks its slots one after another, so a selection waits at least for
-// the warp that overlaps the most slots: by chunk order, the few neighbouring chunks a box
-// overlaps sit in one warp (on the benchmark's detections ~6.5 slots, as a CPU simulation
-// of this layout counts); spread, in as many warps (~2.6). K == 0: boxes and scores stay
-// in global memory (any length), thread t owns positions t, t + nt, ...
+// kW + w (W warps: `spread`, the default) or else wK + k; a selection visits only the
+// warps, and in them the slots, whose union box it may overlap: the other boxes keep their
+// scores bit for bit. A warp walks its slots one after another, so a selection waits at
+// least for the warp that overlaps the most slots: spread puts the few neighbouring chunks
+// a box overlaps in as many warps (on the benchmark's detections ~2.6 slots, as a CPU
+// simulation of this layout counts), chunk order in one warp (~6.5). K == 0: boxes and
+// scores stay in global memory (any length), thread t owns positions t, t + nt, ...
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
@@ -320,8 +320,9 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
 
 // ---------------------------------------------------------------- Soft-NMS by rounds
 
-// Opt-in (PYVISION_OPS_SOFT_NMS_KERNEL=rounds) while no GPU run has timed it: Soft-NMS as
-// rounds of local maxima, one block per group. Two boxes interact when the selection of
+// Opt-in (PYVISION_OPS_SOFT_NMS_KERNEL=rounds): 1.6 to 6.4 times slower than the
+// sequential kernel for N = 1000 to 12000 on an H200 (benchmarks/soft_nms_scaling.py,
+// 2026-11-27; its rounds are few but each costs more). Soft-NMS as rounds of local maxima, one block per group. Two boxes interact when the selection of
 // one can change the other's score (soft_interacts). With a positive score threshold a
 // decay only lowers scores, so a live box whose key beats every live box it interacts
 // with is selected before all of them in the sequential order, with its current score:

@@ -82,7 +82,7 @@ def _soft_slots(fp64, max_len):
     return 0
 
 
-def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method, kernel="chunks"):
+def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method, kernel="spread"):
     """torch.ops.pyvision_ops.soft_nms's result from the CUDA kernel `kernel` ("chunks",
     "spread" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads."""
     lib = library()
