@@ -6,7 +6,8 @@ backward, mean, ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and its frac
 the issue's bound: reading the logits twice and writing the gradient once at the measured
 copy bandwidth (>= 77% is within 1.3x); then the forward op and the backward op alone,
 each against its own share of the bound (one pass, two passes), to show which one is
-short. kernels/cross_entropy.py:CE_CONFIG takes the best.
+short; then the forward's class tile (CE_TILE_CONFIG) with the best of those.
+kernels/cross_entropy.py:CE_CONFIG and CE_TILE_CONFIG take the best.
 """
 
 import torch
@@ -19,8 +20,10 @@ from .bench_cross_entropy import WORKLOADS
 from .common import cuda_copy_bandwidth
 
 CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u}
-           for b, w, u in [(512, 4, 1), (256, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 2), (512, 4, 4),
-                           (1024, 4, 2), (1024, 8, 2), (1024, 8, 4), (256, 4, 4)]]
+           for b, w, u in [(512, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 4), (1024, 8, 2), (2048, 8, 2),
+                           (1024, 8, 4), (256, 4, 4)]]
+# The forward's class tile (CE_TILE_CONFIG), each with the best of CONFIGS.
+TILE_CONFIGS = [{"MAX_C": 32, "ELEMS": e, "num_warps": w} for e, w in [(2048, 4), (4096, 4), (4096, 8), (8192, 8)]]
 
 
 def main():
@@ -36,19 +39,22 @@ def main():
     one = torch.ones((), device="cuda")
     _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
     best = None
-    for cfg in CONFIGS:
-        K.CE_CONFIG = cfg
+    tile_off = {**K.CE_TILE_CONFIG, "MAX_C": 0}
+    for cfg, tile in [(c, tile_off) for c in CONFIGS] + [(None, t) for t in TILE_CONFIGS]:
+        K.CE_CONFIG = cfg or best[1]
+        K.CE_TILE_CONFIG = tile
         ms = triton.testing.do_bench_cudagraph(step, rep=50, return_mode="median")
         fwd = triton.testing.do_bench_cudagraph(lambda: ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1), rep=30,
                                                 return_mode="median")
         bwd = triton.testing.do_bench_cudagraph(
             lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, wsum, 255, 0.0, 1), rep=30,
             return_mode="median")
-        print(f"{cfg}: step {ms * 1e3:6.1f} us, {100 * bound / (ms / 1e3):5.1f}% of the bound | forward "
+        print(f"{cfg or tile}: step {ms * 1e3:6.1f} us, {100 * bound / (ms / 1e3):5.1f}% of the bound | forward "
               f"{fwd * 1e3:6.1f} us, {100 * bound / 3 / (fwd / 1e3):5.1f}% | backward {bwd * 1e3:6.1f} us, "
               f"{100 * bound * 2 / 3 / (bwd / 1e3):5.1f}%", flush=True)
-        best = min(best or (ms, cfg), (ms, cfg), key=lambda t: t[0])
-    print(f"best: {best[1]}")
+        if cfg is not None:
+            best = min(best or (ms, cfg), (ms, cfg), key=lambda t: t[0])
+    print(f"best of CONFIGS: {best[1]}")
 
 
 if __name__ == "__main__":

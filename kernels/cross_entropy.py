@@ -183,6 +183,33 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
 
 
 @triton.jit
+def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
+                            keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                            STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+    """_ce_forward_kernel for C <= BLOCK_C: all class planes of BLOCK positions loaded as one
+    tile (every load in flight at once, not one plane per loop step), then two-pass
+    reductions over the classes. The same terms as _ce_update: a -inf logit adds nothing
+    to the sum, a +inf or NaN one makes it NaN."""
+    pid = tl.program_id(0)
+    offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
+    cs = tl.arange(0, BLOCK_C)[:, None]
+    cm = cs < C
+    m = cm & mj[None, :]
+    z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=m, other=float("-inf")).to(acc)
+    mx = tl.max(z, 0)
+    s = tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - mx[None, :])), 0)
+    zy = tl.sum(tl.where(cm & (cs == y[None, :]), z, 0.0), 0)
+    wd = tl.zeros_like(mx)
+    if SMOOTH:
+        wc = _row_weights(w_ptr, cs, cm, HAS_W)
+        wd = tl.sum(tl.where(cm, tl.where(z == float("-inf"), wc * float("inf"), wc * (mx[None, :] - z)), 0.0), 0)
+    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, tl.num_programs(0),
+               stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+
+
+@triton.jit
 def _grad_coefs(g, wy, wsum, keep, spread, SMOOTH: tl.constexpr):
     """a = g (keep w_y + spread W), b = g keep w_y and gs = g spread of d loss / d z_c (W =
     wsum is read only with label smoothing). As in _ce_loss, a term whose factor is 0 is left
@@ -332,8 +359,12 @@ def _rows_config(c):
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
 # Positions per program, warps and class planes per loop step of the plain kernels
-# (benchmarks/tune_cross_entropy.py; UNROLL > 1 not yet timed on a GPU).
-CE_CONFIG = {"BLOCK": 512, "num_warps": 4, "UNROLL": 1}
+# (benchmarks/tune_cross_entropy.py): on an H200 (2026-11-27 16:35) 1024 positions, 8 warps
+# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3.
+CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2}
+# The forward's whole-class tile (_ce_tile_forward_kernel) for C <= MAX_C (0: never), of
+# about ELEMS logits a program; not yet timed on a GPU.
+CE_TILE_CONFIG = {"MAX_C": 0, "ELEMS": 4096, "num_warps": 4}
 
 
 
@@ -383,14 +414,21 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     n, c, s = logits.shape
     if s == 1:
         return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
-    nb = cdiv(s, CE_CONFIG["BLOCK"])
+    tile = 0 < c <= CE_TILE_CONFIG["MAX_C"]
+    if tile:
+        block_c = next_power_of_2(c)
+        cfg = {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c),
+               "num_warps": CE_TILE_CONFIG["num_warps"]}
+    else:
+        cfg = CE_CONFIG
+    nb = cdiv(s, cfg["BLOCK"])
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
-        _ce_forward_kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats,
-                                      c, s, n * s, nb, ignore_index, *_split(label_smoothing, c),
-                                      HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
-                                      STORE_LOSS=reduction == 0, **CE_CONFIG)
+        kernel = _ce_tile_forward_kernel if tile else _ce_forward_kernel
+        kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, c, s, n * s, nb,
+                          ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
+                          SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, **cfg)
     return (*_reduce(loss_map, parts, reduction), stats)
 
 

@@ -22,6 +22,7 @@ def test_tuner_configs_name_every_kernel_parameter():
 
     assert all(set(c) == set(box_iou.PAIRWISE_CONFIG) for c in tune_box_iou.CONFIGS)
     assert all(set(c) == set(cross_entropy.CE_CONFIG) for c in tune_cross_entropy.CONFIGS)
+    assert all(set(c) == set(cross_entropy.CE_TILE_CONFIG) for c in tune_cross_entropy.TILE_CONFIGS)
     assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
 
 

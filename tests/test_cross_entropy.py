@@ -339,7 +339,7 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shap
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("unroll", [2, 4])
+@pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("classes", [7, 4, 1])  # a tail of 1 or 3 planes, none, only the tail
 def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unroll, classes):
     from pyvision_ops.kernels import cross_entropy as K
@@ -356,6 +356,44 @@ def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unrol
             torch.testing.assert_close(K.softmax_cross_entropy_backward(g, x, y, wt, *got[2:0:-1], -100, ls, reduction),
                                        ops.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, ls,
                                                                           reduction), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("classes", [1, 5, 16, 19, 32, 33])  # a tile of 1, padded, full; past MAX_C: the loop
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype):
+    from pyvision_ops.kernels import cross_entropy as K
+
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 256)  # several programs, a partial last one
+    x, y, w = batch((2, classes, 45))
+    x = x.to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for wt, ls in ((None, 0.0), (w, 0.3)):
+        for reduction in (0, 1, 2):
+            fwd = ops.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+            got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+            for a, b in zip(got, fwd):
+                torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.interpreter
+def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch):
+    # -inf logits (first class, last, all), +inf and NaN, and targets outside the classes
+    # (one of them inside the tile's padding) give what the plain kernel gives
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y = special_logits()
+    y = y.clone()
+    y[1, 0], y[1, 1] = 6, -3
+    for ls in (0.0, 0.2):
+        for w in (None, torch.tensor([1.0, 2, 0.5, 3], dtype=torch.float64)):
+            want = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
+            with monkeypatch.context() as mp:
+                mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+                got = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 def special_logits():
@@ -558,23 +596,27 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("unroll", [2, 4])
-def test_cuda_cross_entropy_unrolled_variants_match_the_default(unroll, monkeypatch):
-    # the tuner's variants compute what the default does, on the GPU's own compile
+@pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 4),
+                                     ("CE_TILE_CONFIG", "MAX_C", 0), ("CE_TILE_CONFIG", "MAX_C", 32)], ids=str)
+def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
+    # the tuner's variants compute what the default does, on the GPU's own compile (the
+    # class tile adds the exponentials in another order)
     from pyvision_ops.kernels import cross_entropy as K
 
+    config, key, value = variant
     x, y, w = batch((2, 19, 64, 96), dtype=torch.float32, ignore=255)
     z, t = x.reshape(2, 19, -1).cuda(), y.reshape(2, -1).cuda()
     for wt, ls in ((None, 0.0), (w.float().cuda(), 0.1)):
-        want = ops.softmax_cross_entropy(z, t, wt, 255, ls, 1)
-        g = torch.ones((), device="cuda")
-        want_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, want[2], want[1], 255, ls, 1)
-        monkeypatch.setitem(K.CE_CONFIG, "UNROLL", unroll)
-        got = ops.softmax_cross_entropy(z, t, wt, 255, ls, 1)
-        got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, 1)
-        monkeypatch.setitem(K.CE_CONFIG, "UNROLL", 1)
-        for a, b in zip((*got, got_dz), (*want, want_dz)):  # the same operations in the same order
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for reduction in (0, 1):
+            want = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
+            g = torch.ones(want[0].shape, device="cuda")
+            want_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, want[2], want[1], 255, ls, reduction)
+            with monkeypatch.context() as mp:
+                mp.setitem(getattr(K, config), key, value)
+                got = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
+                got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
+            for a, b in zip((*got, got_dz), (*want, want_dz)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

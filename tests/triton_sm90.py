@@ -86,11 +86,18 @@ def _launchers():
             box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], 3, 1e-7)
         box_iou.PAIRWISE_CONFIG[key] = default
     z, t = torch.randn(2, 7, 9, generator=g), torch.randint(0, 7, (2, 9), generator=g)
-    for unroll in (2, 4):
+    default = cross_entropy.CE_CONFIG["UNROLL"]
+    for unroll in (1, 2, 4):
         cross_entropy.CE_CONFIG["UNROLL"] = unroll
         _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, wsum, 255, 0.0, 1)
-    cross_entropy.CE_CONFIG["UNROLL"] = 1
+    cross_entropy.CE_CONFIG["UNROLL"] = default
+    default, cross_entropy.CE_TILE_CONFIG["MAX_C"] = cross_entropy.CE_TILE_CONFIG["MAX_C"], 32  # the class tile
+    for zz in (z, z.double(), z.half()):
+        for weight, smoothing in ((None, 0.0), (torch.rand(7, generator=g).to(zz.dtype), 0.1)):
+            cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, 0)
+            cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, 1)
+    cross_entropy.CE_TILE_CONFIG["MAX_C"] = default
     for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
