@@ -4,8 +4,8 @@
 # run there), then the CUDA benchmarks. Results go to $OUT (or benchmarks/results), the
 # logs too (packed into $OUT/logs.tgz when $OUT is set). Budget: GPU_CHECK_BUDGET seconds
 # (default 480), each step cut to what is left.
-# GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_ONLY=fam1,fam2 limits the
-# benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs, the
+# GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_TESTS="tests/test_a.py ..." limits
+# the GPU tests to those paths, GPU_CHECK_ONLY=fam1,fam2 the benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs, the
 # cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection
 # with each CUDA kernel variant (benchmarks/soft_nms_scaling.py, seconds). On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
@@ -51,7 +51,7 @@ $PY -m pyvision_ops | tee -a "$OUT/env.txt"
 # its failures (the summary comes last).
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n")
 step "gpu tests"
-timeout $(t 200) $PY -m pytest tests -m gpu ${XDIST:+$XDIST 4} -v --tb=short -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
+timeout $(t 200) $PY -m pytest ${GPU_CHECK_TESTS:-tests} -m gpu ${XDIST:+$XDIST 4} -v --tb=short -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=1
 grep -E "FAILED|crashed" "$OUT/tests.log" | sort -u | head -20; tail -1 "$OUT/tests.log"
 step "other tests"
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
