@@ -29,19 +29,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_revision() -> str | None:
-    """The commit measured, "+dirty" with uncommitted changes outside benchmarks/results;
-    outside a git checkout (the lent GPU machine gets a copied tree) PYVISION_OPS_COMMIT if
-    set, else None."""
+    """The commit measured: PYVISION_OPS_COMMIT when set (the lent GPU machine gets a copy of
+    the tree, whose .git, when it comes along, can be an older checkout's), else git's, with
+    "+dirty" for uncommitted changes outside benchmarks/results; None outside a checkout."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
 
+    if os.environ.get("PYVISION_OPS_COMMIT"):
+        return os.environ["PYVISION_OPS_COMMIT"]
     try:
         rev = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         rev = None
     if not rev:
-        return os.environ.get("PYVISION_OPS_COMMIT") or None
+        return None
     return rev + ("+dirty" if dirty else "")
 
 

@@ -3,7 +3,7 @@
 Prints the bandwidth of torch's fill_ of an output of the same size (the ceiling of a kernel
 that only writes), then per config (with --precise also with IEEE fp32 division) the
 CUDA-graph time of a 4096x4096 IoU and CIoU and the bandwidth of the output write;
-kernels/box_iou.py:PAIRWISE_CONFIG takes the best.
+kernels/box_iou.py:PAIRWISE_IOU_CONFIG (IoU) and PAIRWISE_CONFIG (the other kinds) take the best.
 """
 
 import sys
@@ -37,7 +37,7 @@ def main():
     print(f"fill_ of the {out_bytes >> 20} MB output: {ms * 1e3:6.1f} us {out_bytes / ms / 1e6:6.0f} GB/s")
     modes = (False, True) if "--precise" in sys.argv else (False,)
     for precise, cfg in [(p, c) for p in modes for c in CONFIGS]:
-        K.PAIRWISE_CONFIG = cfg
+        K.PAIRWISE_CONFIG = K.PAIRWISE_IOU_CONFIG = cfg
         K.PRECISE_DIV = precise
         cells = [f"div_rn={precise!s:5}"]
         for kind in (0, 3):

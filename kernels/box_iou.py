@@ -358,11 +358,14 @@ def _aspect_atan(boxes, acc):
     return torch.atan((b[..., 2] - b[..., 0]) / (b[..., 3] - b[..., 1])).contiguous()
 
 
-# Measured on an H200 with benchmarks/tune_box_iou.py (4096x4096, CUDA graph, 2026-11-27 16:34,
-# 13 configs): two 64-column tiles per program of 32 rows, 4 warps, took 24.6 us for IoU (the
-# one-tile 32x64 of before 27.3, the fastest 23.9) and 59.1 us for CIoU (the fastest; before
-# 64.0); fill_ of the same output took 15.5 us. Streaming stores (STREAM) gained under 3%.
+# Measured on an H200 with benchmarks/tune_box_iou.py (4096x4096, CUDA graph; fill_ of the same
+# output 15.5 us). GIoU, DIoU, CIoU (more arithmetic per pair): two 64-column tiles per program
+# of 32 rows, 4 warps, CIoU 59.1 us in two runs (2026-11-27 16:34 and 16:58; one tile of
+# before 64.0, the fastest 56.5 with streaming stores). Plain IoU: 24.6 us; with 64 rows
+# 20.3 us (16:58, one run; CIoU 66.1 with it). The IoU config takes 64 rows once a GPU run of
+# test_cuda_pairwise_variants_match_the_default has compared that variant with this one.
 PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "M_TILES": 2, "num_warps": 4, "STREAM": False}
+PAIRWISE_IOU_CONFIG = dict(PAIRWISE_CONFIG)
 
 
 def _check(op, boxes1, boxes2, kind, pairwise):
@@ -390,7 +393,7 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     b1 = boxes1.contiguous()
     b2 = boxes2.contiguous()
     t1, t2 = (_aspect_atan(b1, acc), _aspect_atan(b2, acc)) if kind == 3 else (b1, b2)
-    cfg = PAIRWISE_CONFIG
+    cfg = PAIRWISE_IOU_CONFIG if kind == 0 else PAIRWISE_CONFIG
     cols = cfg["BLOCK_M"] * cfg["M_TILES"]
     grid = (B * cdiv(N, cfg["BLOCK_N"]) * cdiv(M, cols),)
     even = N % cfg["BLOCK_N"] == 0 and M % cols == 0

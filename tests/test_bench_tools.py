@@ -23,7 +23,8 @@ def test_tuner_configs_name_every_kernel_parameter():
     assert all(set(c) == set(box_iou.PAIRWISE_CONFIG) for c in tune_box_iou.CONFIGS)
     assert all(set(c) == set(cross_entropy.CE_CONFIG) for c in tune_cross_entropy.CONFIGS)
     assert all(set(c) == set(cross_entropy.CE_TILE_CONFIG) for c in tune_cross_entropy.TILE_CONFIGS)
-    assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
+    assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and box_iou.PAIRWISE_IOU_CONFIG in tune_box_iou.CONFIGS
+    assert cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
 
 
 def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
@@ -41,8 +42,11 @@ def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
 def test_results_name_the_commit_measured(tmp_path, monkeypatch):
     from benchmarks import run
 
+    monkeypatch.delenv("PYVISION_OPS_COMMIT", raising=False)
     rev = run.git_revision()
     assert rev is not None and rev.split("+")[0].isalnum()
+    monkeypatch.setenv("PYVISION_OPS_COMMIT", "abc1234")  # named by hand: wins over a checkout's
+    assert run.git_revision() == "abc1234"
     monkeypatch.setattr(run, "ROOT", str(tmp_path))  # a copied tree: no .git
     monkeypatch.delenv("PYVISION_OPS_COMMIT", raising=False)
     assert run.git_revision() is None

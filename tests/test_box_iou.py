@@ -567,11 +567,12 @@ def test_triton_pairwise_interpreter_tiles(kind, variant, whole, monkeypatch):
     # masked one (a partial last tile, and with M_TILES 3 tiles wholly past M); two batch entries.
     from pyvision_ops.kernels import box_iou as K
 
+    cfg = K.PAIRWISE_IOU_CONFIG if kind == 0 else K.PAIRWISE_CONFIG  # the launcher's
     for key, value in variant.items():
-        monkeypatch.setitem(K.PAIRWISE_CONFIG, key, value)
+        monkeypatch.setitem(cfg, key, value)
     g = gen(18)
-    bn, bm = K.PAIRWISE_CONFIG["BLOCK_N"], K.PAIRWISE_CONFIG["BLOCK_M"] * K.PAIRWISE_CONFIG["M_TILES"]
-    n, m = (2 * bn, 2 * bm) if whole else (2 * bn - 5, 2 * bm + K.PAIRWISE_CONFIG["BLOCK_M"] // 2)
+    bn, bm = cfg["BLOCK_N"], cfg["BLOCK_M"] * cfg["M_TILES"]
+    n, m = (2 * bn, 2 * bm) if whole else (2 * bn - 5, 2 * bm + cfg["BLOCK_M"] // 2)
     edge = edge_boxes(torch.float32)
     a = torch.stack([torch.cat([edge, random_boxes(n - len(edge), generator=g)]) for _ in range(2)])
     b = torch.stack([torch.cat([random_boxes(m - len(edge), generator=g), edge]) for _ in range(2)])
@@ -628,7 +629,8 @@ def test_triton_eps_is_fp64_for_fp64_boxes():
 # ---------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{"STREAM": True}, {"M_TILES": 1}, {"M_TILES": 4, "STREAM": True}], ids=str)
+@pytest.mark.parametrize("variant", [{"STREAM": True}, {"M_TILES": 1}, {"M_TILES": 4, "STREAM": True}, {"BLOCK_N": 64}],
+                         ids=str)
 def test_cuda_pairwise_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile, to
     # rounding: the compiler fuses a multiply into an add (fma) where the product has one
@@ -643,6 +645,7 @@ def test_cuda_pairwise_variants_match_the_default(variant, monkeypatch):
             with monkeypatch.context() as mp:
                 for key, value in variant.items():
                     mp.setitem(K.PAIRWISE_CONFIG, key, value)
+                    mp.setitem(K.PAIRWISE_IOU_CONFIG, key, value)
                 got = ops.pairwise_box_iou(a, b, kind, 1e-7)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 

@@ -80,11 +80,12 @@ def _launchers():
                 cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
                                                                          dtype=acc), x, big, False, weight, stats,
                                                               wsum, 255, 0.1, reduction)
-    for key, value in (("STREAM", True), ("M_TILES", 1), ("M_TILES", 4)):  # the tuners' variants
-        default, box_iou.PAIRWISE_CONFIG[key] = box_iou.PAIRWISE_CONFIG[key], value
-        for n in (7, 128):
-            box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], 3, 1e-7)
-        box_iou.PAIRWISE_CONFIG[key] = default
+    for kind, cfg in ((3, box_iou.PAIRWISE_CONFIG), (0, box_iou.PAIRWISE_IOU_CONFIG)):
+        for key, value in (("STREAM", True), ("M_TILES", 1), ("M_TILES", 4)):  # the tuners' variants
+            default, cfg[key] = cfg[key], value
+            for n in (7, 128):
+                box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], kind, 1e-7)
+            cfg[key] = default
     z, t = torch.randn(2, 7, 9, generator=g), torch.randint(0, 7, (2, 9), generator=g)
     default = cross_entropy.CE_CONFIG["UNROLL"]
     for unroll in (1, 2, 4):
