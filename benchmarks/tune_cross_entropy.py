@@ -6,7 +6,7 @@ backward, mean, ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and its frac
 the issue's bound: reading the logits twice and writing the gradient once at the measured
 copy bandwidth (>= 77% is within 1.3x); then the forward op and the backward op alone,
 each against its own share of the bound (one pass, two passes), to show which one is
-short; then the forward's class tile (CE_TILE_CONFIG) with the best of those.
+short; then the class-tile kernels (CE_TILE_CONFIG) with the best of those.
 kernels/cross_entropy.py:CE_CONFIG and CE_TILE_CONFIG take the best.
 """
 
@@ -22,7 +22,7 @@ from .common import cuda_copy_bandwidth
 CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u}
            for b, w, u in [(512, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 4), (1024, 8, 2), (2048, 8, 2),
                            (1024, 8, 4), (256, 4, 4)]]
-# The forward's class tile (CE_TILE_CONFIG), each with the best of CONFIGS.
+# The class-tile kernels (CE_TILE_CONFIG), each with the best of CONFIGS.
 TILE_CONFIGS = [{"MAX_C": 32, "ELEMS": e, "num_warps": w} for e, w in [(2048, 4), (4096, 4), (4096, 8), (8192, 8)]]
 
 

@@ -5,10 +5,10 @@ logits). Each program owns a block of positions of one image and walks the class
 once (coalesced loads of one class plane at a time, no padding of C, no cross-thread
 reductions): an online log-sum-exp (running max and rescaled sum) and the
 target/weight terms, all taken from the running max, so the forward reads the logits
-once (with few classes, a variant loads all the planes of a block as one tile:
-CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of each position as
-two planes of `stats`; the backward recomputes the softmax as exp((z - m) - l). Under the mean and
-sum each program stores only its sums of loss and target weight, which one more
+once (with few classes, variants of the forward and backward load all the planes of a
+block as one tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of
+each position as two planes of `stats`; the backward recomputes the softmax as
+exp((z - m) - l). Under the mean and sum each program stores only its sums of loss and target weight, which one more
 program adds in a fixed order (no per-position loss map, no atomics). The fused upsample
 version computes each upsampled logit from its 4 low-resolution taps inside the
 program; its backward is gather-based and separable like the bilinear one
@@ -271,6 +271,30 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
         dp += S
 
 
+@triton.jit
+def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
+                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                             G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+    """_ce_backward_kernel for C <= BLOCK_C: the block's class planes as one tile."""
+    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
+    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
+    g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
+    mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
+    ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W),
+                                     _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread, SMOOTH)
+    cs = tl.arange(0, BLOCK_C)[:, None]
+    cm = cs < C
+    m = cm & mj[None, :]
+    at = base[None, :] + cs.to(tl.int64) * S
+    z = tl.load(z_ptr + at, mask=m, other=0.0).to(acc)
+    dz = coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :]) - tl.where(cs == y[None, :], coef_b[None, :], 0.0)
+    if SMOOTH:
+        dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
+    tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
+
+
 # [N, C] logits (S = 1): a block of positions would hold one. One program per row instead,
 # its classes BLOCK_C at a time (contiguous loads), max then sum of exp as on the CPU.
 
@@ -363,10 +387,20 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # (benchmarks/tune_cross_entropy.py): on an H200 (2026-11-27 16:35) 1024 positions, 8 warps
 # and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3.
 CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2}
-# The forward's whole-class tile (_ce_tile_forward_kernel) for C <= MAX_C (0: never), of
-# about ELEMS logits a program: its output matched the plain kernel's on an H200 (the GPU
-# variant test, 2026-11-27 16:57) but no run has timed it yet (tune_cross_entropy.py does).
+# The whole-class tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
+# C <= MAX_C (0: never), of about ELEMS logits a program. The forward's output matched the
+# plain kernel's on an H200 (the GPU variant test, 2026-11-27 16:57), the backward's has
+# not run on a GPU; neither has been timed (tune_cross_entropy.py does).
 CE_TILE_CONFIG = {"MAX_C": 0, "ELEMS": 4096, "num_warps": 4}
+
+
+def _tile_config(c):
+    """The class-tile kernels' config for C classes, or None where they do not apply."""
+    if not 0 < c <= CE_TILE_CONFIG["MAX_C"]:
+        return None
+    block_c = next_power_of_2(c)
+    return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c),
+            "num_warps": CE_TILE_CONFIG["num_warps"]}
 
 
 
@@ -416,21 +450,15 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     n, c, s = logits.shape
     if s == 1:
         return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
-    tile = 0 < c <= CE_TILE_CONFIG["MAX_C"]
-    if tile:
-        block_c = next_power_of_2(c)
-        cfg = {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c),
-               "num_warps": CE_TILE_CONFIG["num_warps"]}
-    else:
-        cfg = CE_CONFIG
-    nb = cdiv(s, cfg["BLOCK"])
+    tile = _tile_config(c)
+    nb = cdiv(s, (tile or CE_CONFIG)["BLOCK"])
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
         kernel = _ce_tile_forward_kernel if tile else _ce_forward_kernel
         kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, c, s, n * s, nb,
                           ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
-                          SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, **cfg)
+                          SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, **(tile or CE_CONFIG))
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
@@ -451,7 +479,8 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
                                    reduction):
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
     n, c, s = logits.shape
-    nb = cdiv(s, CE_CONFIG["BLOCK"])
+    tile = _tile_config(c)
+    nb = cdiv(s, (tile or CE_CONFIG)["BLOCK"])
     rows = (grid_rows("softmax_cross_entropy_backward", n),) if s == 1 else None  # before any allocation
     z = logits.contiguous()
     dz = torch.empty_like(z)
@@ -465,8 +494,9 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
         _ce_rows_backward_kernel[rows](
             *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **_rows_config(c))
     else:
-        _ce_backward_kernel[(n * nb,)](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts,
-                                       **CE_CONFIG)
+        kernel = _ce_tile_backward_kernel if tile else _ce_backward_kernel
+        kernel[(n * nb,)](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts,
+                          **(tile or CE_CONFIG))
     return dz
 
 

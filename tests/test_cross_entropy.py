@@ -375,6 +375,11 @@ def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype
             got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
             for a, b in zip(got, fwd):
                 torch.testing.assert_close(a, b, **tol)
+            g = torch.rand(fwd[0].shape, dtype=fwd[2].dtype) + 0.5
+            torch.testing.assert_close(
+                K.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, ls, reduction).float(),
+                ops.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, ls, reduction).float(),
+                **(tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)))
 
 
 @pytest.mark.interpreter
@@ -386,13 +391,16 @@ def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch)
     x, y = special_logits()
     y = y.clone()
     y[1, 0], y[1, 1] = 6, -3
+    g = torch.rand(y.shape, dtype=torch.float64) + 0.5
     for ls in (0.0, 0.2):
         for w in (None, torch.tensor([1.0, 2, 0.5, 3], dtype=torch.float64)):
             want = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
+            want_dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, ls, 0)
             with monkeypatch.context() as mp:
                 mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
                 got = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
-            for a, b in zip(got, want):
+                got_dz = K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, ls, 0)
+            for a, b in zip((*got, got_dz), (*want, want_dz)):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 

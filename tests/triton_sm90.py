@@ -95,9 +95,12 @@ def _launchers():
     cross_entropy.CE_CONFIG["UNROLL"] = default
     default, cross_entropy.CE_TILE_CONFIG["MAX_C"] = cross_entropy.CE_TILE_CONFIG["MAX_C"], 32  # the class tile
     for zz in (z, z.double(), z.half()):
+        acc = torch.float64 if zz.dtype == torch.float64 else torch.float32
         for weight, smoothing in ((None, 0.0), (torch.rand(7, generator=g).to(zz.dtype), 0.1)):
-            cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, 0)
-            cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, 1)
+            for reduction, grad in ((0, torch.ones(t.shape, dtype=acc)), (1, torch.ones((), dtype=acc))):
+                _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, reduction)
+                cross_entropy.softmax_cross_entropy_backward(grad, zz, t, weight, stats, wsum, 255, smoothing,
+                                                             reduction)
     cross_entropy.CE_TILE_CONFIG["MAX_C"] = default
     for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
