@@ -242,9 +242,11 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr, SM
 
 
 @triton.jit
-def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
-                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                        G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+def _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P, nb, ignore_index, keep, spread,
+                    HAS_W: tl.constexpr, SMOOTH: tl.constexpr, G_STEP: tl.constexpr, MEAN: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """A backward program's block of positions (position_block): offsets in class plane 0,
+    mask and targets, each position's stats m and l, and the coefficients of _grad_coefs."""
     offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
@@ -253,18 +255,28 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
     ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
     coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W),
                                      _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread, SMOOTH)
+    return base, mj, y, mx, ls, coef_a, coef_b, gs
+
+
+@triton.jit
+def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
+                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                        G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P,
+                                                              nb, ignore_index, keep, spread, HAS_W, SMOOTH, G_STEP,
+                                                              MEAN, BLOCK)
     zp = z_ptr + base
     dp = dz_ptr + base
     c_main = C - C % UNROLL
     for c0 in range(0, c_main, UNROLL):
         for u in tl.static_range(UNROLL):
-            dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c0 + u, y, mx, ls, coef_a, coef_b, gs, w_ptr,
+            dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c0 + u, y, mx, ls, coef_a, coef_b, gs, w_ptr,
                           HAS_W, SMOOTH)
             tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
             zp += S
             dp += S
     for c in range(c_main, C):
-        dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(acc), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W,
+        dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W,
                       SMOOTH)
         tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
         zp += S
@@ -276,19 +288,14 @@ def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
                              keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                              G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
     """_ce_backward_kernel for C <= BLOCK_C: the block's class planes as one tile."""
-    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
-    acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
-    g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
-    mx = tl.load(stats_ptr + offs, mask=mj, other=0.0).to(acc)
-    ls = tl.load(stats_ptr + P + offs, mask=mj, other=0.0).to(acc)
-    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W),
-                                     _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread, SMOOTH)
+    base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P,
+                                                              nb, ignore_index, keep, spread, HAS_W, SMOOTH, G_STEP,
+                                                              MEAN, BLOCK)
     cs = tl.arange(0, BLOCK_C)[:, None]
     cm = cs < C
     m = cm & mj[None, :]
     at = base[None, :] + cs.to(tl.int64) * S
-    z = tl.load(z_ptr + at, mask=m, other=0.0).to(acc)
+    z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
     dz = coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :]) - tl.where(cs == y[None, :], coef_b[None, :], 0.0)
     if SMOOTH:
         dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
