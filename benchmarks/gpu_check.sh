@@ -5,13 +5,14 @@
 # logs too (packed into $OUT/logs.tgz when $OUT is set). Budget: GPU_CHECK_BUDGET seconds
 # (default 480), each step cut to what is left.
 # GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_TESTS="tests/test_a.py ..." limits
-# the GPU tests to those paths, GPU_CHECK_ONLY=fam1,fam2 the benchmarks to those families, GPU_CHECK_TUNE=1 also times the box IoU tile configs, the
-# cross-entropy block sizes (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection
-# with each CUDA kernel variant (benchmarks/soft_nms_scaling.py, seconds). On the H200
+# the GPU tests to those paths, GPU_CHECK_ONLY=fam1,fam2 the benchmarks to those families,
+# GPU_CHECK_TUNE=1 also times the box IoU tile configs, the cross-entropy block sizes
+# (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection with each CUDA kernel
+# variant (benchmarks/soft_nms_scaling.py, seconds). On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
 # PYVISION_OPS_COMMIT=<rev> names the commit in the results (the lent machine's copied tree
-# has no .git).
+# has no .git, or the session-start checkout's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

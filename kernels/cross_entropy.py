@@ -8,10 +8,10 @@ target/weight terms, all taken from the running max, so the forward reads the lo
 once (with few classes, variants of the forward and backward load all the planes of a
 block as one tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of
 each position as two planes of `stats`; the backward recomputes the softmax as
-exp((z - m) - l). Under the mean and sum each program stores only its sums of loss and target weight, which one more
-program adds in a fixed order (no per-position loss map, no atomics). The fused upsample
-version computes each upsampled logit from its 4 low-resolution taps inside the
-program; its backward is gather-based and separable like the bilinear one
+exp((z - m) - l). Under the mean and sum each program stores only its sums of loss and
+target weight, which one more program adds in a fixed order (no per-position loss map,
+no atomics). The fused upsample version computes each upsampled logit from its 4
+low-resolution taps inside the program; its backward is gather-based and separable like the bilinear one
 (kernels/interpolate.py), so it is deterministic, and its only full-resolution
 buffer is one row-contracted block of classes of at most N*H*W values.
 """

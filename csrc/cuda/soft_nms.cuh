@@ -322,16 +322,17 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
 
 // Opt-in (PYVISION_OPS_SOFT_NMS_KERNEL=rounds): 1.6 to 6.4 times slower than the
 // sequential kernel for N = 1000 to 12000 on an H200 (benchmarks/soft_nms_scaling.py,
-// 2026-11-27; its rounds are few but each costs more). Soft-NMS as rounds of local maxima, one block per group. Two boxes interact when the selection of
-// one can change the other's score (soft_interacts). With a positive score threshold a
-// decay only lowers scores, so a live box whose key beats every live box it interacts
-// with is selected before all of them in the sequential order, with its current score:
-// each round selects every such box at once, then decays the live boxes they interact
-// with, each by the round's selections in Morton order (the sequential kernel may
-// multiply the same factors in another order: the same boxes, scores equal to rounding,
-// as exp already differs between devices). The selections, sorted by (score descending,
-// position), are the sequential ones in their order. On the benchmark's detections (N =
-// 5000, 1276 selections) that is 107 rounds (tests/test_nms.py models it in float64).
+// 2026-11-27; its rounds are few but each costs more). Soft-NMS as rounds of local maxima,
+// one block per group. Two boxes interact when the selection of one can change the other's
+// score (soft_interacts). With a positive score threshold a decay only lowers scores, so a
+// live box whose key beats every live box it interacts with is selected before all of them
+// in the sequential order, with its current score: each round selects every such box at
+// once, then decays the live boxes they interact with, each by the round's selections in
+// Morton order (the sequential kernel may multiply the same factors in another order: the
+// same boxes, scores equal to rounding, as exp already differs between devices). The
+// selections, sorted by (score descending, position), are the sequential ones in their
+// order. On the benchmark's detections (N = 5000, 1276 selections) that is 107 rounds
+// (tests/test_nms.py models it in float64).
 // Boxes are in Morton order within the group (`place`), 64 to a chunk; a box's
 // neighbours are the bits of its row of a mask (rounds_mask_kernel), ANDed with the
 // chunks' live bits.
