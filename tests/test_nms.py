@@ -620,6 +620,15 @@ def test_cuda_batched_nms_matches_cpu(n, categories):
     assert_same_modulo_ties(ours, tv.batched_nms(boxes, scores, idxs, 0.5), scores)
 
 
+def soft_decay(s, q_iou, iou_threshold, sigma, method):
+    """Scores `s` decayed by a selected box they have IoU `q_iou` with (float64)."""
+    if method == "gaussian":
+        f = torch.exp(-q_iou.nan_to_num(0.0)**2 / sigma)
+    else:
+        f = torch.where(q_iou >= iou_threshold, 1 - q_iou if method == "linear" else 0.0, 1.0)
+    return torch.where((f == 0) & ~s.isnan(), 0.0, s * f)
+
+
 def soft_nms_by_rounds(boxes, scores, iou_threshold, sigma, score_threshold, method):
     """A float64 model of the CUDA soft_rounds_kernel (csrc/cuda/nms.cu): each round selects
     every live box whose key (score, NaN first; ties to the lower position) beats every live
@@ -643,15 +652,94 @@ def soft_nms_by_rounds(boxes, scores, iou_threshold, sigma, score_threshold, met
         assert wins.any(), "a round without a selection"
         for q in wins.nonzero().flatten().tolist():
             hit = links[q] & live & ~wins
-            q_iou = iou[q, hit].nan_to_num(0.0) if method == "gaussian" else iou[q, hit]
-            f = (torch.exp(-q_iou**2 / sigma) if method == "gaussian"
-                 else torch.where(q_iou >= iou_threshold, 1 - q_iou if method == "linear" else 0.0, 1.0))
-            s[hit] = torch.where((f == 0) & ~s[hit].isnan(), 0.0, s[hit] * f)
+            s[hit] = soft_decay(s[hit], iou[q, hit], iou_threshold, sigma, method)
         chosen |= wins
         live &= ~wins & ~(s < score_threshold)
     picked = chosen.nonzero().flatten()
     by_key = torch.sort(s[picked], descending=True, stable=True).indices  # picked is in position order
     return order[picked[by_key]], s[picked[by_key]], rounds
+
+
+def multi_warps(boxes, scores):
+    """The warp of each position (in score order) in csrc/cuda/soft_nms.cuh:soft_multi_kernel
+    for one group: the spread placement of the Morton order, as nms.cu lays it out."""
+    import cuda_sim
+
+    n = len(scores)
+    k = cuda_sim._soft_slots(boxes.dtype == torch.float64, n)
+    assert k > 0, "the groups in global memory take the sequential kernel"
+    warps = min(cuda_sim._soft_threads(boxes.dtype == torch.float64, k), max(32, (-(-n // k) + 31) // 32 * 32)) // 32
+    order = torch.sort(scores, descending=True, stable=True).indices
+    place = cuda_sim.morton_place(boxes[order].to(torch.float64 if boxes.dtype == torch.float64 else torch.float32),
+                                  torch.zeros(n, dtype=torch.int64)).long()
+    warp_of = torch.empty(n, dtype=torch.int64)
+    warp_of[place] = (torch.arange(n) // 32) % warps
+    return warp_of
+
+
+def soft_nms_by_steps(boxes, scores, warp_of, iou_threshold, sigma, score_threshold, method):
+    """A float64 model of the CUDA soft_multi_kernel (csrc/cuda/soft_nms.cuh): warp_of[p] holds
+    position p (score order). Each step every warp posts its best live key (NaN first, then
+    score, ties to the lower position) and its second best; the best posted box is selected
+    and decays the others, then the best remaining posted box as long as it beats every
+    warp's second (with a positive score threshold; else one a step). Returns (keep,
+    scores, steps)."""
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    b, s = boxes.double()[order], scores.double()[order].clone()
+    iou = reference.pairwise(b, b, "iou")
+    live = ~(s < score_threshold)
+
+    def key(p):
+        v = s[p].item()
+        return (v != v, 0.0 if v != v else v, -p)
+
+    keep, dec, steps = [], [], 0
+    while live.any():
+        steps += 1
+        ranked = live.nonzero().flatten()
+        ranked = ranked[torch.sort(s[ranked], descending=True, stable=True).indices]  # NaN first
+        by_warp = ranked[torch.sort(warp_of[ranked], stable=True).indices]
+        w = warp_of[by_warp]
+        first = torch.ones_like(w, dtype=torch.bool)
+        first[1:] = w[1:] != w[:-1]
+        second = torch.zeros_like(first)
+        second[1:] = first[:-1] & ~first[1:]
+        posted = by_warp[first].tolist()
+        bound = max((key(p) for p in by_warp[second].tolist()), default=None)
+        picked = 0
+        while posted:
+            q = max(posted, key=key)
+            if picked and (score_threshold <= 0 or (bound is not None and key(q) < bound)):
+                break
+            picked += 1
+            posted.remove(q)
+            keep.append(q)
+            dec.append(s[q].item())
+            live[q] = False
+            s[live] = soft_decay(s[live], iou[q, live], iou_threshold, sigma, method)
+            live &= ~(s < score_threshold)
+            posted = [p for p in posted if live[p]]
+    return order[keep], torch.tensor(dec, dtype=torch.float64), steps
+
+
+@pytest.mark.parametrize("method, iou_threshold", [("gaussian", 0.3), ("linear", 0.0), ("hard", 0.4)])
+@pytest.mark.parametrize("seed", range(4))
+def test_soft_nms_multi_model_matches_cpu(method, iou_threshold, seed):
+    """The claim soft_multi_kernel rests on: with a positive score threshold, a warp's second
+    best key bounds every box it did not post, so the steps make the sequential selections
+    (ties, NaN and infinite scores, zero-area boxes included), in far fewer steps than
+    selections on clustered detections; with a threshold of 0, one selection a step."""
+    boxes, scores = special_detections(2000, objects=100, seed=seed)
+    boxes, scores = boxes.double(), scores.double()
+    if seed % 2:
+        scores = (scores * 8).round() / 8  # many ties
+    score_threshold = [1e-3, 0.05, 0.0, 1e-3][seed]
+    kw = dict(iou_threshold=iou_threshold, sigma=0.5, score_threshold=score_threshold, method=method)
+    keep, dec, steps = soft_nms_by_steps(boxes, scores, multi_warps(boxes, scores), **kw)
+    k_cpu, s_cpu = P.soft_nms(boxes, scores, **kw)
+    assert_soft_close(keep, dec, k_cpu, s_cpu)
+    assert torch.equal(keep, k_cpu)
+    assert steps == len(k_cpu) if score_threshold <= 0 else steps < len(k_cpu) / 3
 
 
 @pytest.mark.parametrize("method, iou_threshold", [("gaussian", 0.3), ("linear", 0.0), ("linear", 0.5),
@@ -694,7 +782,7 @@ def _sim_check(n, dtype, categories, score_threshold, method, kernel, ties=False
     assert_soft_close(k_sim, s_sim, k_cpu, s_cpu)
 
 
-@pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])
+@pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "rounds"])
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("dtype, categories, ties", [(torch.float32, None, True), (torch.float64, 3, False)])
 def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories, ties):
@@ -711,21 +799,27 @@ def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories,
     (9000, torch.float32, 0.8, "linear", "chunks"),  # global memory
     (1500, torch.float32, 0.01, "gaussian", "rounds"),
     (1500, torch.float64, 0.05, "linear", "rounds"),
+    (1100, torch.float32, 0.01, "gaussian", "multi"),  # 4 slots
+    (2100, torch.float64, 0.6, "hard", "multi"),  # 8 slots, fp64
+    (4200, torch.float32, 0.6, "linear", "multi"),  # 8 slots
+    (6500, torch.float32, 0.6, "gaussian", "multi"),  # 16 slots
+    (300, torch.float32, 0.0, "linear", "multi"),  # a threshold of 0: one selection a step
 ])
 def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, method, kernel):
     _sim_check(n, dtype, None, score_threshold, method, kernel)
 
 
-# PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's chunk layouts (spread is the default), or the rounds kernel
-# where it applies (a positive score threshold; not the hard method at a threshold <= 0).
-KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "rounds"])
+# PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's chunk layouts (spread is the default), several
+# selections a step (multi, where the group fits in registers), or the rounds kernel where it
+# applies (a positive score threshold; not the hard method at a threshold <= 0).
+KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "rounds"])
 
 
 @pytest.mark.gpu
 def test_cuda_soft_nms_unknown_kernel_variant_raises(monkeypatch):
     monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", "fast")
     boxes, scores = detections(10)
-    with pytest.raises(ValueError, match="PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread or rounds"):
+    with pytest.raises(ValueError, match="PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread, multi or rounds"):
         P.soft_nms(boxes.cuda(), scores.cuda())
 
 
@@ -754,7 +848,7 @@ def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype, 
     # Every kernel layout (fp32: 1, 4, 8, 16 register slots per thread; fp64: 1, 4, 8 and
     # global memory from 4097 boxes), both chunk placements and the rounds kernel, with and
     # without the spatial skipping (hard at threshold 0 visits every box, and takes the
-    # sequential kernel when rounds are asked for).
+    # sequential kernel when rounds are asked for; multi takes it from 4097 fp64 boxes).
     monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", kernel)
     boxes, scores = special_detections(n, objects=n // 16, seed=n)
     boxes, scores = boxes.to(dtype), scores.to(dtype)
@@ -770,8 +864,10 @@ def test_cuda_soft_nms_special_boxes_match_cpu(method, iou_threshold, n, dtype, 
 
 
 @pytest.mark.gpu
+@KERNELS
 @pytest.mark.parametrize("score_threshold", [1e-3, float("-inf")])
-def test_cuda_soft_nms_infinite_scores_match_cpu(score_threshold):
+def test_cuda_soft_nms_infinite_scores_match_cpu(score_threshold, kernel, monkeypatch):
+    monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", kernel)
     for method in ("gaussian", "linear", "hard"):
         for seed in range(3):
             boxes, scores = infinite_score_detections(seed)

@@ -276,17 +276,27 @@ int soft_slots(int64_t max_len) {
   return 0;
 }
 
+// soft_nms_kernel, or with `multi` soft_multi_kernel where the boxes fit in registers.
 template <typename T, int METHOD>
 void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
                  const int64_t* start, const int64_t* len, const int32_t* place, T thr, T inv_sigma, T score_thr,
-                 bool spread, int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
+                 bool spread, bool multi, int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
   const int64_t per_thread = slots > 0 ? (max_len + slots - 1) / slots : max_len;
   const int64_t threads_needed = std::max<int64_t>(32, (per_thread + 31) / 32 * 32);
   // soft_slots keeps a register layout's threads within its bound; the global one takes them all.
-#define PVO_SOFT(KK)                                                                                      \
-  soft_nms_kernel<T, METHOD, KK>                                                                          \
-      <<<groups, static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed)), 0, stream>>>( \
-          boxes, scores, start, len, place, thr, inv_sigma, score_thr, spread, alive, out_pos, out_score, out_count)
+#define PVO_SOFT(KK)                                                                                              \
+  do {                                                                                                            \
+    const int threads = static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed));              \
+    if constexpr (KK > 0) {                                                                                       \
+      if (multi) {                                                                                                \
+        soft_multi_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                        \
+            boxes, scores, start, len, place, thr, inv_sigma, score_thr, out_pos, out_score, out_count);          \
+        break;                                                                                                    \
+      }                                                                                                           \
+    }                                                                                                             \
+    soft_nms_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                              \
+        boxes, scores, start, len, place, thr, inv_sigma, score_thr, spread, alive, out_pos, out_score, out_count); \
+  } while (0)
   switch (slots) {
     case 1: PVO_SOFT(1); break;
     case 4: PVO_SOFT(4); break;
@@ -367,16 +377,19 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_inputs("soft_nms", boxes, scores, idxs, iou_threshold);
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
-  // PYVISION_OPS_SOFT_NMS_KERNEL: "chunks" (soft_nms_kernel's other chunk placement) or
-  // "rounds" (soft_rounds_kernel, where it applies); the same boxes, scores equal to
-  // rounding. The default, spread, was the fastest on an H200 (benchmarks/soft_nms_scaling.py,
-  // 2026-11-27: N = 5000 2.90 ms, chunks 3.47, rounds 20.4).
+  // PYVISION_OPS_SOFT_NMS_KERNEL: "chunks" (soft_nms_kernel's other chunk placement),
+  // "multi" (soft_multi_kernel, for groups that fit in registers) or "rounds"
+  // (soft_rounds_kernel, where it applies); the same boxes, scores equal to rounding. The
+  // default, spread, was the fastest on an H200 (benchmarks/soft_nms_scaling.py,
+  // 2026-11-27: N = 5000 2.90 ms, chunks 3.47, rounds 20.4; multi not yet run there).
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
   const std::string what =
-      "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread or rounds, got '" + variant + "'";
-  TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "rounds", what);
-  const bool spread = variant != "chunks";
+      "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread, multi or rounds, got '" + variant + "'";
+  TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "multi" ||
+                        variant == "rounds",
+                    what);
+  const bool spread = variant != "chunks", multi = variant == "multi";
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
@@ -436,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
                                 slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,
-                                score_thr, spread, alive.mutable_data_ptr<int32_t>(),
+                                score_thr, spread, multi, alive.mutable_data_ptr<int32_t>(),
                                 out_pos.mutable_data_ptr<int64_t>(), out_score.mutable_data_ptr<T>(),
                                 out_count.mutable_data_ptr<int64_t>());
     auto run = [&](auto launcher) {

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = [os.path.join(HERE, f) for f in ("soft_nms_sim.cpp", "cuda_sim.h")] + [
     os.path.join(ROOT, "csrc", f) for f in ("cuda/soft_nms.cuh", "common/nms.h", "common/box_iou.h", "common/text.h")]
 METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
+VARIANTS = {"chunks": 0, "spread": 1, "multi": 2}  # soft_nms_sim.cpp:chunks
 ROUNDS_MAX_LEN = 64 * 256  # csrc/cuda/soft_nms.cuh: kWord * kRoundsMaxChunks
 
 _lib = None
@@ -84,7 +85,7 @@ def _soft_slots(fp64, max_len):
 
 def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method, kernel="spread"):
     """torch.ops.pyvision_ops.soft_nms's result from the CUDA kernel `kernel` ("chunks",
-    "spread" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads."""
+    "spread", "multi" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads."""
     lib = library()
     n = len(scores)
     fp64 = boxes.dtype == torch.float64
@@ -139,7 +140,7 @@ def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method,
         count = torch.empty(groups, dtype=torch.int64)
         rc = lib.sim_soft_chunks(int(fp64), METHODS[method], k, ctypes.c_int64(groups), threads, _ptr(b), _ptr(sc),
                                  _ptr(start), _ptr(length), _ptr(place), *map(ctypes.c_double, args),
-                                 int(kernel == "spread"), _ptr(alive), _ptr(out_pos), _ptr(out_score), _ptr(count))
+                                 VARIANTS.get(kernel, 1), _ptr(alive), _ptr(out_pos), _ptr(out_score), _ptr(count))
         assert rc == 0
         rank = torch.arange(n) - start[seg]
         filled = rank < count[seg]

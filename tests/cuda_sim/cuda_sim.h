@@ -102,14 +102,25 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 }
 
 template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+  return cuda_sim::shuffle(v, src & 31);
+}
+
+template <typename T>
 T __shfl_up_sync(unsigned, T v, unsigned delta) {
   const int src = static_cast<int>(threadIdx.x & 31) - static_cast<int>(delta);
   return cuda_sim::shuffle(v, src);
 }
 
+// One exchange for all 32 lanes (not 32 shuffles).
 inline unsigned __ballot_sync(unsigned, bool pred) {
+  using namespace cuda_sim;
+  const int lane = static_cast<int>(thread_idx.x & 31), w = static_cast<int>(thread_idx.x >> 5);
+  block->shuffle[w][lane] = pred;
+  block->warps[w]->arrive_and_wait();
   unsigned bits = 0;
-  for (int src = 0; src < 32; ++src) bits |= static_cast<unsigned>(cuda_sim::shuffle(pred, src)) << src;
+  for (int src = 0; src < 32; ++src) bits |= static_cast<unsigned>(block->shuffle[w][src] != 0) << src;
+  block->warps[w]->arrive_and_wait();
   return bits;
 }
 
@@ -125,4 +136,5 @@ inline long long __double_as_longlong(double d) {
   return u;
 }
 
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffsll(long long x) { return __builtin_ffsll(x); }

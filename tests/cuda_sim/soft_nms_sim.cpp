@@ -42,14 +42,23 @@ void rounds(int64_t groups, int64_t max_len, int64_t tiles, int threads, const v
   });
 }
 
+// variant: 0 chunks, 1 spread, 2 multi (soft_multi_kernel where K > 0).
 template <typename T, int METHOD, int K>
 void chunks(int64_t groups, int threads, const void* boxes, void* scores, const int64_t* start, const int64_t* len,
-            const int32_t* place, double iou_threshold, double sigma, double score_threshold, bool spread,
+            const int32_t* place, double iou_threshold, double sigma, double score_threshold, int variant,
             int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
   const Args<T> a(iou_threshold, sigma, score_threshold);
   cuda_sim::launch(static_cast<int>(groups), 1, threads, [&] {
+    if constexpr (K > 0) {
+      if (variant == 2) {
+        soft_multi_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<const T*>(scores), start, len,
+                                        place, a.thr, a.inv_sigma, a.score_thr, out_pos, static_cast<T*>(out_score),
+                                        out_count);
+        return;
+      }
+    }
     soft_nms_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, place, a.thr,
-                                  a.inv_sigma, a.score_thr, spread, alive, out_pos, static_cast<T*>(out_score),
+                                  a.inv_sigma, a.score_thr, variant != 0, alive, out_pos, static_cast<T*>(out_score),
                                   out_count);
   });
 }
@@ -57,10 +66,10 @@ void chunks(int64_t groups, int threads, const void* boxes, void* scores, const 
 template <typename T, int METHOD>
 int chunks_k(int k, int64_t groups, int threads, const void* boxes, void* scores, const int64_t* start,
              const int64_t* len, const int32_t* place, double iou_threshold, double sigma, double score_threshold,
-             bool spread, int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
+             int variant, int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
 #define PVO_SIM(KK)                                                                                               \
   chunks<T, METHOD, KK>(groups, threads, boxes, scores, start, len, place, iou_threshold, sigma, score_threshold, \
-                        spread, alive, out_pos, out_score, out_count)
+                        variant, alive, out_pos, out_score, out_count)
   switch (k) {
     case 0: PVO_SIM(0); return 0;
     case 1: PVO_SIM(1); return 0;
@@ -108,12 +117,12 @@ int sim_soft_rounds(int fp64, int method, int64_t groups, int64_t max_len, int64
 
 int sim_soft_chunks(int fp64, int method, int k, int64_t groups, int threads, const void* boxes, void* scores,
                     const int64_t* start, const int64_t* len, const int32_t* place, double iou_threshold,
-                    double sigma, double score_threshold, int spread, int32_t* alive, int64_t* out_pos,
+                    double sigma, double score_threshold, int variant, int32_t* alive, int64_t* out_pos,
                     void* out_score, int64_t* out_count) {
   if (threads % 32 || threads < 32 || threads > 1024 || method < 0 || method > 2) return 1;
 #define PVO_SIM(TT, MM)                                                                                         \
   return chunks_k<TT, MM>(k, groups, threads, boxes, scores, start, len, place, iou_threshold, sigma,          \
-                          score_threshold, spread != 0, alive, out_pos, out_score, out_count)
+                          score_threshold, variant, alive, out_pos, out_score, out_count)
   if (fp64) {
     if (method == 0) PVO_SIM(double, nms::kGaussian);
     if (method == 1) PVO_SIM(double, nms::kLinear);
