@@ -8,7 +8,8 @@
 # the GPU tests to those paths, GPU_CHECK_ONLY=fam1,fam2 the benchmarks to those families,
 # GPU_CHECK_TUNE=1 also times the box IoU tile configs, the cross-entropy block sizes
 # (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection with each CUDA kernel
-# variant (benchmarks/soft_nms_scaling.py, seconds). On the H200
+# variant (benchmarks/soft_nms_scaling.py, seconds); GPU_CHECK_TUNE=box_iou,soft_nms (any of
+# box_iou, cross_entropy, soft_nms) only those. On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
 # PYVISION_OPS_COMMIT=<rev> names the commit in the results (the lent machine's copied tree
@@ -65,13 +66,18 @@ fi
 step bench
 timeout $(t 240) $PY -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} > "$OUT/bench.log" 2>&1 || rc=1
 tail -30 "$OUT/bench.log"
-if [ -n "${GPU_CHECK_TUNE:-}" ]; then
+tune() { [ "${GPU_CHECK_TUNE:-}" = 1 ] || [[ ",${GPU_CHECK_TUNE:-}," == *",$1,"* ]]; }
+if tune box_iou; then
   step "tune box_iou"
   timeout $(t 120) $PY -m benchmarks.tune_box_iou > "$OUT/tune_box_iou.log" 2>&1 || rc=1
   cat "$OUT/tune_box_iou.log"
+fi
+if tune cross_entropy; then
   step "tune cross_entropy"
   timeout $(t 120) $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
   cat "$OUT/tune_cross_entropy.log"
+fi
+if tune soft_nms; then
   step "soft_nms scaling"
   timeout $(t 60) $PY -m benchmarks.soft_nms_scaling > "$OUT/soft_nms_scaling.log" 2>&1 || rc=1
   cat "$OUT/soft_nms_scaling.log"
