@@ -90,7 +90,10 @@ template <typename T>
 PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
   if (method == kGaussian) {
     const T q = iou == iou ? iou : T(0);
-    return exp_approx(-(q * q) * inv_sigma);
+    // at most 1, which the CUDA kernels' exactness rests on (a decay never raises a score):
+    // the device's expf is only documented to within 2 ulp
+    const T f = exp_approx(-(q * q) * inv_sigma);
+    return f < T(1) ? f : T(1);
   }
   const bool hit = iou >= thr;
   if (method == kLinear) return hit ? T(1) - iou : T(1);
