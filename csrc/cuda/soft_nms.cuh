@@ -360,15 +360,6 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
 
 // ---------------------------------------------------------------- Soft-NMS, several selections a step
 
-// What a warp of soft_multi_kernel posts for a step: its best live key, that box and its
-// score, and its second best key.
-template <typename T>
-struct Post {
-  Key<T> best, second;
-  Box<T> box;
-  T score;
-};
-
 template <typename T>
 __device__ __forceinline__ Box<T> shfl_box(const Box<T>& b, int src) {
   return {__shfl_sync(0xffffffffu, b.x1, src), __shfl_sync(0xffffffffu, b.y1, src),
@@ -387,6 +378,9 @@ __device__ __forceinline__ Box<T> shfl_box(const Box<T>& b, int src) {
 // the sequential kernel would one step at a time. With a threshold <= 0 a step selects one
 // box. A float64 model of this rule on the benchmark's detections (N = 5000: 20 warps) makes
 // the 1276 selections in 290 steps.
+// Posts are columns by warp (lane-indexed reads, no bank conflicts): key words (best, then
+// second) and values (box, score). A warp whose slots did not change copies its previous
+// post forward instead of keeping it in registers.
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
@@ -400,7 +394,8 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
   const bool skip = !(METHOD == nms::kHard && thr <= T(0));
   __shared__ int32_t pos_of[K * soft_threads<T, K>()];
   __shared__ Box<T> slot_union[32 * K];
-  __shared__ Post<T> posts[2][32];  // alternate: a warp that runs ahead writes the other one
+  __shared__ uint32_t post_key[2][2 * W][32];  // alternate: a warp that runs ahead writes the other one
+  __shared__ T post_val[2][5][32];
   Box<T> bx[K];
   T sc[K];
   uint32_t alive;
@@ -408,53 +403,64 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
   int32_t* pos = pos_of + warp * K * 32 + lane;
   Box<T>* unions = slot_union + warp * K;
   load_slots<T, K>(boxes, scores, s, n, place, true, score_thr, bx, sc, alive, warp_u, pos, unions);
-  Key<T> bound = dead_key<T>();  // with a threshold <= 0 no key beats all ones: one selection a step
-#pragma unroll
-  for (int i = 0; i < W; ++i) bound.w[i] = ~0u;
   const bool multi = score_thr > T(0);
-  int par = 0, lslot = 0;
-  int64_t count = 0;
-  bool stale = true;
-  Key<T> lbest, lsecond, wbest, wsecond;
+  int par = 0, lslot = 0, count = 0;
+  bool stale = true, owner = false;  // owner: this lane holds the warp's best live box, in slot lslot
   while (true) {
     if (stale) {
-      lbest = lane_top2<T, K>(sc, alive, pos, lslot, lsecond);
-      wbest = warp_max(lbest);
-      wsecond = warp_max(key_equal(lbest, wbest) ? lsecond : lbest);
-      stale = false;
-    }
-    const bool owner = wbest.w[0] != 0u && key_equal(lbest, wbest);
-    Post<T>& post = posts[par][warp];
-    if (lane == 0) {
-      post.best = wbest;
-      post.second = wsecond;
-    }
-    if (owner) {
-      Box<T> b = bx[0];
-      T v = sc[0];
+      Key<T> lsecond;
+      const Key<T> lbest = lane_top2<T, K>(sc, alive, pos, lslot, lsecond);
+      const Key<T> wbest = warp_max(lbest);
+      const Key<T> wsecond = warp_max(key_equal(lbest, wbest) ? lsecond : lbest);
+      owner = wbest.w[0] != 0u && key_equal(lbest, wbest);
+      if (lane == 0) {
 #pragma unroll
-      for (int k = 1; k < K; ++k) {
-        b = k == lslot ? bx[k] : b;
-        v = k == lslot ? sc[k] : v;
+        for (int i = 0; i < W; ++i) {
+          post_key[par][i][warp] = wbest.w[i];
+          post_key[par][W + i][warp] = wsecond.w[i];
+        }
       }
-      post.box = b;
-      post.score = v;
+      if (owner) {
+        Box<T> b = bx[0];
+        T v = sc[0];
+#pragma unroll
+        for (int k = 1; k < K; ++k) {
+          b = k == lslot ? bx[k] : b;
+          v = k == lslot ? sc[k] : v;
+        }
+        post_val[par][0][warp] = b.x1;
+        post_val[par][1][warp] = b.y1;
+        post_val[par][2][warp] = b.x2;
+        post_val[par][3][warp] = b.y2;
+        post_val[par][4][warp] = v;
+      }
+      stale = false;
+    } else if (lane < 2 * W) {  // the post is unchanged: copy it from the other buffer
+      post_key[par][lane][warp] = post_key[par ^ 1][lane][warp];
+    } else if (lane < 2 * W + 5) {
+      post_val[par][lane - 2 * W][warp] = post_val[par ^ 1][lane - 2 * W][warp];
     }
     __syncthreads();
-    Key<T> ck = dead_key<T>(), csecond = dead_key<T>();  // this lane's candidate: warp `lane`'s post
+    Key<T> ck = dead_key<T>(), bound = dead_key<T>();  // this lane's candidate: warp `lane`'s post
     Box<T> cb{T(0), T(0), T(0), T(0)};
     T cs = T(0);
     if (lane < nw) {
-      const Post<T>& p = posts[par][lane];
-      ck = p.best;
-      csecond = p.second;
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        ck.w[i] = post_key[par][i][lane];
+        bound.w[i] = post_key[par][W + i][lane];
+      }
       if (ck.w[0] != 0u) {
-        cb = p.box;
-        cs = p.score;
+        cb = {post_val[par][0][lane], post_val[par][1][lane], post_val[par][2][lane], post_val[par][3][lane]};
+        cs = post_val[par][4][lane];
       }
     }
     par ^= 1;
-    if (multi) bound = warp_max(csecond);
+    bound = warp_max(bound);
+    if (!multi) {  // no key beats all ones: one selection a step
+#pragma unroll
+      for (int i = 0; i < W; ++i) bound.w[i] = ~0u;
+    }
     int rank = -1, m = 0;  // rank: the step's selection this lane's candidate became
     while (true) {
       const Key<T> top = warp_max(ck);
