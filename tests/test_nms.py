@@ -809,6 +809,32 @@ def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, 
     _sim_check(n, dtype, None, score_threshold, method, kernel)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed):
+    # Several selections a step make the same selections as one a step, bit for bit, on boxes
+    # with few score levels (many exact ties), +inf, NaN and 0 scores, duplicates, NaN
+    # coordinates and inverted boxes (the rule's claim; both kernels' own code).
+    import cuda_sim
+
+    g = gen(seed)
+    n, dtype = [70, 100, 160, 100][seed], [torch.float32, torch.float64][seed % 2]
+    xy = torch.randint(0, 6, (n, 2), generator=g).to(dtype) * 4
+    boxes = torch.cat([xy, xy + torch.randint(1, 8, (n, 2), generator=g).to(dtype) * 2], 1)
+    boxes[torch.randint(0, n, (n // 4,), generator=g)] = boxes[0].clone()
+    scores = torch.randint(1, 6, (n,), generator=g).to(dtype) / 5
+    scores[torch.randint(0, n, (3,), generator=g)] = float("inf")
+    scores[torch.randint(0, n, (2,), generator=g)] = float("nan")
+    scores[torch.randint(0, n, (2,), generator=g)] = 0.0
+    boxes[torch.randint(0, n, (2,), generator=g), 0] = float("nan")
+    boxes[torch.randint(0, n, (2,), generator=g), 2] -= 20
+    for method, thr in (("gaussian", 0.3), ("linear", 0.05), ("hard", 0.5), ("hard", 0.0)):
+        args = (boxes, scores, None, thr, 0.5, [1e-3, 0.05][seed // 2])
+        k1, s1 = cuda_sim.soft_nms(*args, method, "spread")
+        k2, s2 = cuda_sim.soft_nms(*args, method, "multi")
+        assert torch.equal(k1, k2)
+        assert torch.equal(s1.nan_to_num(-7.0), s2.nan_to_num(-7.0))
+
+
 # PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's chunk layouts (spread is the default), several
 # selections a step (multi, where the group fits in registers), or the rounds kernel where it
 # applies (a positive score threshold; not the hard method at a threshold <= 0).
