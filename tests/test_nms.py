@@ -661,14 +661,18 @@ def soft_nms_by_rounds(boxes, scores, iou_threshold, sigma, score_threshold, met
 
 
 def multi_warps(boxes, scores):
-    """The warp of each position (in score order) in csrc/cuda/soft_nms.cuh:soft_multi_kernel
-    for one group: the spread placement of the Morton order, as nms.cu lays it out."""
+    """The warp of each position (in score order) in the multi kernels of
+    csrc/cuda/soft_nms.cuh for one group, as nms.cu lays it out: the spread placement of the
+    Morton order in registers, or thread t owning positions t, t + threads, ... in global
+    memory."""
     import cuda_sim
 
-    n = len(scores)
-    k = cuda_sim._soft_slots(boxes.dtype == torch.float64, n)
-    assert k > 0, "the groups in global memory take the sequential kernel"
-    warps = min(cuda_sim._soft_threads(boxes.dtype == torch.float64, k), max(32, (-(-n // k) + 31) // 32 * 32)) // 32
+    n, fp64 = len(scores), boxes.dtype == torch.float64
+    k = cuda_sim._soft_slots(fp64, n)
+    threads = min(cuda_sim._soft_threads(fp64, k), max(32, (-(-n // max(k, 1)) + 31) // 32 * 32))
+    if k == 0:
+        return torch.arange(n) % threads // 32
+    warps = threads // 32
     order = torch.sort(scores, descending=True, stable=True).indices
     place = cuda_sim.morton_place(boxes[order].to(torch.float64 if boxes.dtype == torch.float64 else torch.float32),
                                   torch.zeros(n, dtype=torch.int64)).long()
@@ -742,6 +746,17 @@ def test_soft_nms_multi_model_matches_cpu(method, iou_threshold, seed):
     assert steps == len(k_cpu) if score_threshold <= 0 else steps < len(k_cpu) / 3
 
 
+def test_soft_nms_multi_model_in_global_memory_matches_cpu():
+    # beyond the register layouts (8192 fp32 boxes) thread t owns positions t, t + 1024, ...
+    boxes, scores = special_detections(9000, objects=400, seed=5)
+    kw = dict(iou_threshold=0.3, sigma=0.5, score_threshold=0.05, method="gaussian")
+    keep, dec, steps = soft_nms_by_steps(boxes, scores, multi_warps(boxes, scores), **kw)
+    k_cpu, s_cpu = P.soft_nms(boxes.double(), scores.double(), **kw)
+    assert torch.equal(keep, k_cpu)
+    assert_soft_close(keep, dec, k_cpu, s_cpu)
+    assert steps < len(k_cpu) / 3
+
+
 @pytest.mark.parametrize("method, iou_threshold", [("gaussian", 0.3), ("linear", 0.0), ("linear", 0.5),
                                                    ("hard", 0.4)])
 @pytest.mark.parametrize("seed", range(4))
@@ -804,6 +819,7 @@ def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories,
     (4200, torch.float32, 0.6, "linear", "multi"),  # 8 slots
     (6500, torch.float32, 0.6, "gaussian", "multi"),  # 16 slots
     (300, torch.float32, 0.0, "linear", "multi"),  # a threshold of 0: one selection a step
+    (9000, torch.float32, 0.8, "gaussian", "multi"),  # global memory
 ])
 def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, method, kernel):
     _sim_check(n, dtype, None, score_threshold, method, kernel)

@@ -276,7 +276,8 @@ int soft_slots(int64_t max_len) {
   return 0;
 }
 
-// soft_nms_kernel, or with `multi` soft_multi_kernel where the boxes fit in registers.
+// soft_nms_kernel, or with `multi` soft_multi_kernel (register slots) or
+// soft_multi_global_kernel.
 template <typename T, int METHOD>
 void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
                  const int64_t* start, const int64_t* len, const int32_t* place, T thr, T inv_sigma, T score_thr,
@@ -287,12 +288,15 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
 #define PVO_SOFT(KK)                                                                                              \
   do {                                                                                                            \
     const int threads = static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed));              \
-    if constexpr (KK > 0) {                                                                                       \
-      if (multi) {                                                                                                \
+    if (multi) {                                                                                                  \
+      if constexpr (KK > 0) {                                                                                     \
         soft_multi_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                        \
             boxes, scores, start, len, place, thr, inv_sigma, score_thr, out_pos, out_score, out_count);          \
-        break;                                                                                                    \
+      } else {                                                                                                    \
+        soft_multi_global_kernel<T, METHOD><<<groups, threads, 0, stream>>>(                                     \
+            boxes, scores, start, len, thr, inv_sigma, score_thr, alive, out_pos, out_score, out_count);          \
       }                                                                                                           \
+      break;                                                                                                      \
     }                                                                                                             \
     soft_nms_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                              \
         boxes, scores, start, len, place, thr, inv_sigma, score_thr, spread, alive, out_pos, out_score, out_count); \
@@ -378,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
   // PYVISION_OPS_SOFT_NMS_KERNEL: "chunks" (soft_nms_kernel's other chunk placement),
-  // "multi" (soft_multi_kernel, for groups that fit in registers) or "rounds"
+  // "multi" (soft_multi_kernel and soft_multi_global_kernel) or "rounds"
   // (soft_rounds_kernel, where it applies); the same boxes, scores equal to rounding. The
   // default, spread, was the fastest on an H200 (benchmarks/soft_nms_scaling.py,
   // 2026-11-27: N = 5000 2.90 ms, chunks 3.47, rounds 20.4; multi not yet run there).

@@ -366,21 +366,104 @@ __device__ __forceinline__ Box<T> shfl_box(const Box<T>& b, int src) {
           __shfl_sync(0xffffffffu, b.x2, src), __shfl_sync(0xffffffffu, b.y2, src)};
 }
 
-// Opt-in (PYVISION_OPS_SOFT_NMS_KERNEL=multi): soft_nms_kernel's register slots (spread
-// placement, K > 0), but one block-wide step can make several selections. Each warp posts
-// its best live box and its second best key; after the step's one barrier every warp
-// replays the same selections on its own copy of the posts (lane l holds warp l's): the
-// best posted key is the next selection and decays the other posted boxes, and then the
-// best remaining posted key is the next selection too as long as it beats every warp's
-// second key. No box that was not posted can rise above that bound: with a positive score
-// threshold a decay never raises a live score (an IoU is in [0, 1] or NaN, so a factor is
-// in [0, 1]). Each warp then decays its slots by the step's selections in their order, as
-// the sequential kernel would one step at a time. With a threshold <= 0 a step selects one
-// box. A float64 model of this rule on the benchmark's detections (N = 5000: 20 warps) makes
-// the 1276 selections in 290 steps.
+// Multi (opt-in, PYVISION_OPS_SOFT_NMS_KERNEL=multi): one block-wide step can make several
+// selections. Each warp posts its best live box and its second best key; after the step's
+// one barrier every warp replays the same selections on its own copy of the posts (lane l
+// holds warp l's): the best posted key is the next selection and decays the other posted
+// boxes, and then the best remaining posted key is the next selection too as long as it
+// beats every warp's second key. No box that was not posted can rise above that bound:
+// with a positive score threshold a decay never raises a live score (an IoU is in [0, 1]
+// or NaN, so a factor is in [0, 1]). Each warp then decays its boxes by the step's
+// selections in their order, as the sequential kernel would one step at a time. With a
+// threshold <= 0 a step selects one box. A float64 model of this rule on the benchmark's
+// detections (N = 5000: 20 warps) makes the 1276 selections in 290 steps.
 // Posts are columns by warp (lane-indexed reads, no bank conflicts): key words (best, then
-// second) and values (box, score). A warp whose slots did not change copies its previous
-// post forward instead of keeping it in registers.
+// second) and values (box, score), in two buffers: a warp that runs ahead writes the other.
+template <typename T>
+struct Posts {
+  uint32_t key[2][2 * Key<T>::W][32];
+  T val[2][5][32];
+};
+
+// Warp `warp`'s post in buffer `par`: the keys from lane 0, the box and score from the
+// owner (the lane that holds the best live box; none when the warp has none).
+template <typename T>
+__device__ __forceinline__ void write_post(Posts<T>& posts, int par, const Key<T>& best, const Key<T>& second,
+                                           bool owner, const Box<T>& b, T v) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < Key<T>::W; ++i) {
+      posts.key[par][i][warp] = best.w[i];
+      posts.key[par][Key<T>::W + i][warp] = second.w[i];
+    }
+  }
+  if (owner) {
+    posts.val[par][0][warp] = b.x1;
+    posts.val[par][1][warp] = b.y1;
+    posts.val[par][2][warp] = b.x2;
+    posts.val[par][3][warp] = b.y2;
+    posts.val[par][4][warp] = v;
+  }
+}
+
+// The step's selections from buffer `par` (after the barrier; every warp the same): returns
+// how many; lane l's candidate is warp l's post, its box in `cb`, its position in `cpos`
+// and in `rank` the selection it became (-1: none). Warp 0 writes them to out_pos and
+// out_score from `count` on, which advances.
+template <typename T, int METHOD>
+__device__ __forceinline__ int replay(const Posts<T>& posts, int par, bool multi, bool skip, T thr, T inv_sigma,
+                                      T score_thr, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
+                                      int& count, Box<T>& cb, int& cpos, int& rank) {
+  constexpr int W = Key<T>::W;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  Key<T> ck = dead_key<T>(), bound = dead_key<T>();
+  cb = {T(0), T(0), T(0), T(0)};
+  T cs = T(0);
+  if (lane < nw) {
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      ck.w[i] = posts.key[par][i][lane];
+      bound.w[i] = posts.key[par][W + i][lane];
+    }
+    if (ck.w[0] != 0u) {
+      cb = {posts.val[par][0][lane], posts.val[par][1][lane], posts.val[par][2][lane], posts.val[par][3][lane]};
+      cs = posts.val[par][4][lane];
+    }
+  }
+  cpos = static_cast<int>(~ck.w[W - 1]);
+  bound = warp_max(bound);
+  if (!multi) {  // no key beats all ones: one selection a step
+#pragma unroll
+    for (int i = 0; i < W; ++i) bound.w[i] = ~0u;
+  }
+  rank = -1;
+  int m = 0;
+  while (true) {
+    const Key<T> top = warp_max(ck);
+    if (top.w[0] == 0u || (m > 0 && !key_greater(top, bound))) break;
+    const bool me = key_equal(ck, top);
+    const Box<T> a = shfl_box(cb, __ffs(__ballot_sync(0xffffffffu, me)) - 1);
+    if (me) {
+      rank = m;
+      ck = dead_key<T>();
+      if (warp == 0) {
+        out_pos[count] = cpos;
+        out_score[count] = cs;
+      }
+    }
+    ++m;
+    ++count;
+    if (ck.w[0] != 0u && (!skip || nms::may_overlap(a, cb))) {
+      cs = decayed<T, METHOD>(cs, a, cb, thr, inv_sigma);
+      ck = cs < score_thr ? dead_key<T>() : live_key(cs, cpos);
+    }
+  }
+  return m;
+}
+
+// Multi with soft_nms_kernel's register slots (spread placement). A warp whose slots did
+// not change copies its previous post forward instead of keeping it in registers.
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
@@ -390,12 +473,11 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
   constexpr int W = Key<T>::W;
   const int64_t c = blockIdx.x, s = start[c];
   const int n = static_cast<int>(len[c]);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool skip = !(METHOD == nms::kHard && thr <= T(0));
   __shared__ int32_t pos_of[K * soft_threads<T, K>()];
   __shared__ Box<T> slot_union[32 * K];
-  __shared__ uint32_t post_key[2][2 * W][32];  // alternate: a warp that runs ahead writes the other one
-  __shared__ T post_val[2][5][32];
+  __shared__ Posts<T> posts;
   Box<T> bx[K];
   T sc[K];
   uint32_t alive;
@@ -413,75 +495,26 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
       const Key<T> wbest = warp_max(lbest);
       const Key<T> wsecond = warp_max(key_equal(lbest, wbest) ? lsecond : lbest);
       owner = wbest.w[0] != 0u && key_equal(lbest, wbest);
-      if (lane == 0) {
+      Box<T> b = bx[0];
+      T v = sc[0];
 #pragma unroll
-        for (int i = 0; i < W; ++i) {
-          post_key[par][i][warp] = wbest.w[i];
-          post_key[par][W + i][warp] = wsecond.w[i];
-        }
+      for (int k = 1; k < K; ++k) {
+        b = k == lslot ? bx[k] : b;
+        v = k == lslot ? sc[k] : v;
       }
-      if (owner) {
-        Box<T> b = bx[0];
-        T v = sc[0];
-#pragma unroll
-        for (int k = 1; k < K; ++k) {
-          b = k == lslot ? bx[k] : b;
-          v = k == lslot ? sc[k] : v;
-        }
-        post_val[par][0][warp] = b.x1;
-        post_val[par][1][warp] = b.y1;
-        post_val[par][2][warp] = b.x2;
-        post_val[par][3][warp] = b.y2;
-        post_val[par][4][warp] = v;
-      }
+      write_post(posts, par, wbest, wsecond, owner, b, v);
       stale = false;
     } else if (lane < 2 * W) {  // the post is unchanged: copy it from the other buffer
-      post_key[par][lane][warp] = post_key[par ^ 1][lane][warp];
+      posts.key[par][lane][warp] = posts.key[par ^ 1][lane][warp];
     } else if (lane < 2 * W + 5) {
-      post_val[par][lane - 2 * W][warp] = post_val[par ^ 1][lane - 2 * W][warp];
+      posts.val[par][lane - 2 * W][warp] = posts.val[par ^ 1][lane - 2 * W][warp];
     }
     __syncthreads();
-    Key<T> ck = dead_key<T>(), bound = dead_key<T>();  // this lane's candidate: warp `lane`'s post
-    Box<T> cb{T(0), T(0), T(0), T(0)};
-    T cs = T(0);
-    if (lane < nw) {
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        ck.w[i] = post_key[par][i][lane];
-        bound.w[i] = post_key[par][W + i][lane];
-      }
-      if (ck.w[0] != 0u) {
-        cb = {post_val[par][0][lane], post_val[par][1][lane], post_val[par][2][lane], post_val[par][3][lane]};
-        cs = post_val[par][4][lane];
-      }
-    }
+    Box<T> cb;
+    int cpos, rank;
+    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, inv_sigma, score_thr, out_pos + s, out_score + s,
+                                    count, cb, cpos, rank);
     par ^= 1;
-    bound = warp_max(bound);
-    if (!multi) {  // no key beats all ones: one selection a step
-#pragma unroll
-      for (int i = 0; i < W; ++i) bound.w[i] = ~0u;
-    }
-    int rank = -1, m = 0;  // rank: the step's selection this lane's candidate became
-    while (true) {
-      const Key<T> top = warp_max(ck);
-      if (top.w[0] == 0u || (m > 0 && !key_greater(top, bound))) break;
-      const bool me = key_equal(ck, top);
-      const Box<T> a = shfl_box(cb, __ffs(__ballot_sync(0xffffffffu, me)) - 1);
-      if (me) {
-        rank = m;
-        ck = dead_key<T>();
-        if (warp == 0) {
-          out_pos[s + count] = static_cast<int>(~top.w[W - 1]);
-          out_score[s + count] = cs;
-        }
-      }
-      ++m;
-      ++count;
-      if (ck.w[0] != 0u && (!skip || nms::may_overlap(a, cb))) {
-        cs = decayed<T, METHOD>(cs, a, cb, thr, inv_sigma);
-        ck = cs < score_thr ? dead_key<T>() : live_key(cs, static_cast<int>(~ck.w[W - 1]));
-      }
-    }
     if (m == 0) break;
     if (__shfl_sync(0xffffffffu, rank, warp) >= 0) {  // this warp's post was selected
       stale = true;
@@ -495,6 +528,98 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     }
   }
   if (threadIdx.x == 0) out_count[c] = count;
+}
+
+// Multi for groups beyond the register layouts: boxes and scores in global memory, thread
+// t owns positions t, t + nt, ... (as soft_nms_kernel's K == 0), and every step each thread
+// decays its live boxes by the step's selections (a copy per warp in shared memory) and
+// finds its best two.
+template <typename T, int METHOD>
+__global__ void __launch_bounds__(1024) soft_multi_global_kernel(
+    const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
+    const int64_t* __restrict__ len, T thr, T inv_sigma, T score_thr, int32_t* __restrict__ alive_all,
+    int64_t* __restrict__ out_pos, T* __restrict__ out_score, int64_t* __restrict__ out_count) {
+  const int64_t c = blockIdx.x, s = start[c];
+  const int n = static_cast<int>(len[c]);
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const bool skip = !(METHOD == nms::kHard && thr <= T(0));
+  __shared__ Posts<T> posts;
+  __shared__ Box<T> sel_box[32][32];  // [warp][selection]
+  __shared__ int32_t sel_pos[32][32];
+  int32_t* alive_g = alive_all + s;
+  T* sc = scores + s;
+  const bool multi = score_thr > T(0);
+  // This thread's best two live keys and where the best is.
+  Key<T> lbest = dead_key<T>(), lsecond = dead_key<T>();
+  int lpos = 0;
+  auto consider = [&](T v, int j) {
+    const Key<T> key = live_key(v, j);
+    if (key_greater(key, lbest)) {
+      lsecond = lbest;
+      lbest = key;
+      lpos = j;
+    } else if (key_greater(key, lsecond)) {
+      lsecond = key;
+    }
+  };
+  for (int j = tid; j < n; j += nt) {
+    const T v = sc[j];
+    alive_g[j] = !(v < score_thr);
+    if (alive_g[j]) consider(v, j);
+  }
+  int par = 0, count = 0;
+  while (true) {
+    const Key<T> wbest = warp_max(lbest);
+    const Key<T> wsecond = warp_max(key_equal(lbest, wbest) ? lsecond : lbest);
+    const bool owner = wbest.w[0] != 0u && key_equal(lbest, wbest);
+    Box<T> b{T(0), T(0), T(0), T(0)};
+    T v = T(0);
+    if (owner) {
+      b = load_box(boxes, s + lpos);
+      v = sc[lpos];
+    }
+    write_post(posts, par, wbest, wsecond, owner, b, v);
+    __syncthreads();
+    Box<T> cb;
+    int cpos, rank;
+    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, inv_sigma, score_thr, out_pos + s, out_score + s,
+                                    count, cb, cpos, rank);
+    par ^= 1;
+    if (m == 0) break;
+    if (rank >= 0) {
+      sel_box[warp][rank] = cb;
+      sel_pos[warp][rank] = cpos;
+    }
+    __syncwarp();
+    for (int i = 0; i < m; ++i) {  // the selected boxes die at their owners
+      const int j = sel_pos[warp][i];
+      if (j % nt == tid) alive_g[j] = 0;
+    }
+    lbest = lsecond = dead_key<T>();
+    for (int j = tid; j < n; j += nt) {
+      if (!alive_g[j]) continue;
+      T x = sc[j];
+      const Box<T> bj = load_box(boxes, s + j);
+      bool changed = false;
+      for (int i = 0; i < m && !(x < score_thr); ++i) {
+        const Box<T> a = sel_box[warp][i];
+        if (!skip || nms::may_overlap(a, bj)) {
+          x = decayed<T, METHOD>(x, a, bj, thr, inv_sigma);
+          changed = true;
+        }
+      }
+      if (changed) {
+        sc[j] = x;
+        if (x < score_thr) {
+          alive_g[j] = 0;
+          continue;
+        }
+      }
+      consider(x, j);
+    }
+    __syncwarp();  // sel_box and sel_pos are rewritten next step
+  }
+  if (tid == 0) out_count[c] = count;
 }
 
 // ---------------------------------------------------------------- Soft-NMS by rounds

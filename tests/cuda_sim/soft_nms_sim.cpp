@@ -42,20 +42,24 @@ void rounds(int64_t groups, int64_t max_len, int64_t tiles, int threads, const v
   });
 }
 
-// variant: 0 chunks, 1 spread, 2 multi (soft_multi_kernel where K > 0).
+// variant: 0 chunks, 1 spread, 2 multi (soft_multi_kernel, or soft_multi_global_kernel for K == 0).
 template <typename T, int METHOD, int K>
 void chunks(int64_t groups, int threads, const void* boxes, void* scores, const int64_t* start, const int64_t* len,
             const int32_t* place, double iou_threshold, double sigma, double score_threshold, int variant,
             int32_t* alive, int64_t* out_pos, void* out_score, int64_t* out_count) {
   const Args<T> a(iou_threshold, sigma, score_threshold);
   cuda_sim::launch(static_cast<int>(groups), 1, threads, [&] {
-    if constexpr (K > 0) {
-      if (variant == 2) {
+    if (variant == 2) {
+      if constexpr (K > 0) {
         soft_multi_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<const T*>(scores), start, len,
                                         place, a.thr, a.inv_sigma, a.score_thr, out_pos, static_cast<T*>(out_score),
                                         out_count);
-        return;
+      } else {
+        soft_multi_global_kernel<T, METHOD>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, a.thr,
+                                            a.inv_sigma, a.score_thr, alive, out_pos, static_cast<T*>(out_score),
+                                            out_count);
       }
+      return;
     }
     soft_nms_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, place, a.thr,
                                   a.inv_sigma, a.score_thr, variant != 0, alive, out_pos, static_cast<T*>(out_score),
