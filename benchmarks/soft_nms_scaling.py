@@ -13,9 +13,9 @@ cheaper kernel), soft_nms gaussian with each variant, the selections it makes an
 time per selection of each: a per-selection time that stays flat as K grows says a
 selection costs a fixed latency (the block-wide max); one that grows with K, or drops
 with spread, says the slot walk dominates. Multi (PYVISION_OPS_SOFT_NMS_KERNEL=multi) may
-make several selections per block-wide step (spread's registers, or global memory beyond). "same" says whether each variant kept the
-chunks kernel's boxes with scores equal to fp32 rounding. On the CPU all variants run the same
-C++ kernel.
+make several selections per block-wide step (spread's registers, or global memory beyond).
+"same" says whether each variant kept the chunks kernel's boxes with scores equal to fp32
+rounding. On the CPU all variants run the same C++ kernel.
 """
 
 import argparse
