@@ -541,7 +541,7 @@ __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
     int64_t* __restrict__ out_pos, T* __restrict__ out_score, int64_t* __restrict__ out_count) {
   const int64_t c = blockIdx.x, s = start[c];
   const int n = static_cast<int>(len[c]);
-  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5;
   const bool skip = !(METHOD == nms::kHard && thr <= T(0));
   __shared__ Posts<T> posts;
   __shared__ Box<T> sel_box[32][32];  // [warp][selection]
@@ -562,10 +562,10 @@ __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
       lsecond = key;
     }
   };
-  for (int j = tid; j < n; j += nt) {
+  for (int64_t j = tid; j < n; j += nt) {  // int64: j + nt may pass 2^31 - 1
     const T v = sc[j];
     alive_g[j] = !(v < score_thr);
-    if (alive_g[j]) consider(v, j);
+    if (alive_g[j]) consider(v, static_cast<int>(j));
   }
   int par = 0, count = 0;
   while (true) {
@@ -596,7 +596,7 @@ __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
       if (j % nt == tid) alive_g[j] = 0;
     }
     lbest = lsecond = dead_key<T>();
-    for (int j = tid; j < n; j += nt) {
+    for (int64_t j = tid; j < n; j += nt) {
       if (!alive_g[j]) continue;
       T x = sc[j];
       const Box<T> bj = load_box(boxes, s + j);
@@ -615,7 +615,7 @@ __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
           continue;
         }
       }
-      consider(x, j);
+      consider(x, static_cast<int>(j));
     }
     __syncwarp();  // sel_box and sel_pos are rewritten next step
   }
