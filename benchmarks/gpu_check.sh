@@ -9,7 +9,9 @@
 # GPU_CHECK_TUNE=1 also times the box IoU tile configs, the cross-entropy block sizes
 # (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection with each CUDA kernel
 # variant (benchmarks/soft_nms_scaling.py, seconds); GPU_CHECK_TUNE=box_iou,soft_nms (any of
-# box_iou, cross_entropy, soft_nms) only those. On the H200
+# box_iou, cross_entropy, soft_nms) only those. GPU_CHECK_SANITIZE=1 runs the CUDA C++
+# kernels under compute-sanitizer's racecheck, synccheck and memcheck (up to 60 s each,
+# after the tuners; benchmarks/sanitize.py). On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
 # PYVISION_OPS_COMMIT=<rev> names the commit in the results (the lent machine's copied tree
@@ -82,6 +84,16 @@ if tune cross_entropy; then
   step "tune cross_entropy"
   timeout $(t 120) $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
   cat "$OUT/tune_cross_entropy.log"
+fi
+if [ -n "${GPU_CHECK_SANITIZE:-}" ]; then
+  # each CUDA C++ kernel once under compute-sanitizer (benchmarks/sanitize.py); racecheck
+  # first: shared-memory races are what the CPU-thread simulator cannot show
+  step sanitize
+  CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  for tool in racecheck synccheck memcheck; do
+    timeout $(t 60) "$CS" --tool $tool --error-exitcode 1 $PY -m benchmarks.sanitize > "$OUT/sanitize_$tool.log" 2>&1 \
+      && echo "$tool: clean" || { rc=1; echo "$tool: FAILED or cut"; grep -E "Error|Hazard|====" "$OUT/sanitize_$tool.log" | head -8; }
+  done
 fi
 step overhead
 timeout $(t 60) $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1

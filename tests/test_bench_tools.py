@@ -39,6 +39,19 @@ def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
     assert KERNEL_ENV not in os.environ  # restored
 
 
+def test_sanitize_runs_every_case(capsys, monkeypatch):
+    # gpu_check.sh runs it under compute-sanitizer; here its calls run on the CPU kernels
+    from benchmarks import sanitize
+    from benchmarks.bench_nms import KERNEL_ENV
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    sanitize.main(["--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + 3
+    assert sum("soft_nms multi" in r for r in lines) == sum("soft_nms spread" in r for r in lines) == 10
+    assert not torch.are_deterministic_algorithms_enabled() and KERNEL_ENV not in os.environ  # restored
+
+
 def test_results_name_the_commit_measured(tmp_path, monkeypatch):
     from benchmarks import run
 
