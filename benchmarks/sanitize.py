@@ -37,6 +37,9 @@ def _cases(dev):
     out.append(("nms 100 (small kernel)", lambda: P.nms(b[:100], s[:100], 0.5)))
     bb, sb, ib = (t.to(dev) for t in _detections(3000, categories=20))
     out.append(("batched_nms 3000, 20 categories", lambda: P.batched_nms(bb, sb, ib, 0.5)))
+    # groups of 100, 1100 and 40 boxes in one launch
+    idx = torch.cat([torch.full((k,), i) for i, k in enumerate((100, 1100, 40))]).to(dev)
+    bg, sg = bb[:1240], sb[:1240]
     for variant in ("spread", "multi"):
         for n, dtype, method in SOFT_CASES:
             bs, ss = (t.to(dev, dtype) for t in _detections(n)[:2])
@@ -46,9 +49,6 @@ def _cases(dev):
                     return P.soft_nms(bs, ss, method=method)
 
             out.append((f"soft_nms {variant} {n} {str(dtype)[6:]} {method}", soft))
-        # groups of 100, 1100 and 40 boxes in one launch
-        idx = torch.cat([torch.full((k,), i) for i, k in enumerate((100, 1100, 40))]).to(dev)
-        bg, sg = bb[:1240], sb[:1240]
 
         def batched(variant=variant):
             with soft_nms_kernel(variant):
