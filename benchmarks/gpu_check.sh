@@ -10,8 +10,9 @@
 # (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection with each CUDA kernel
 # variant (benchmarks/soft_nms_scaling.py, seconds); GPU_CHECK_TUNE=box_iou,soft_nms (any of
 # box_iou, cross_entropy, soft_nms) only those. GPU_CHECK_SANITIZE=1 runs the CUDA C++
-# kernels under compute-sanitizer's racecheck, synccheck and memcheck (up to 60 s each,
-# after the tuners; benchmarks/sanitize.py). On the H200
+# kernels under compute-sanitizer's racecheck, synccheck and memcheck (up to 60 s each),
+# then the Triton kernels under memcheck (120 s), after the tuners (benchmarks/sanitize.py).
+# On the H200
 # (2026-11-27) GPU_CHECK_TUNE=1 GPU_CHECK_QUICK=1 took 232 s, start not counted, before
 # the overhead and profile steps were added (expected ~1.5 minutes more).
 # PYVISION_OPS_COMMIT=<rev> names the commit in the results (the lent machine's copied tree
@@ -86,14 +87,22 @@ if tune cross_entropy; then
   cat "$OUT/tune_cross_entropy.log"
 fi
 if [ -n "${GPU_CHECK_SANITIZE:-}" ]; then
-  # each CUDA C++ kernel once under compute-sanitizer (benchmarks/sanitize.py); racecheck
-  # first: shared-memory races are what the CPU-thread simulator cannot show
+  # each CUDA C++ kernel once under compute-sanitizer (benchmarks/sanitize.py), racecheck
+  # first: shared-memory races are what the CPU-thread simulator cannot show; then the
+  # Triton kernels under memcheck (their first compiles take most of that run)
   step sanitize
   CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-  for tool in racecheck synccheck memcheck; do
-    timeout $(t 60) "$CS" --tool $tool --error-exitcode 1 $PY -m benchmarks.sanitize > "$OUT/sanitize_$tool.log" 2>&1 \
-      && echo "$tool: clean" || { rc=1; echo "$tool: FAILED or cut"; grep -E "Error|Hazard|====" "$OUT/sanitize_$tool.log" | head -8; }
-  done
+  san() {  # san <log name> <seconds> <tool> [sanitize.py arguments]
+    local name=$1 secs=$2 tool=$3
+    shift 3
+    timeout $(t "$secs") "$CS" --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize "$@" \
+      > "$OUT/sanitize_$name.log" 2>&1 && echo "$name: clean" \
+      || { rc=1; echo "$name: FAILED or cut"; grep -E "Error|Hazard|====" "$OUT/sanitize_$name.log" | head -8; }
+  }
+  san racecheck 60 racecheck
+  san synccheck 60 synccheck
+  san memcheck 60 memcheck
+  san memcheck_triton 120 memcheck --triton
 fi
 step overhead
 timeout $(t 60) $PY -m benchmarks.overhead --device cuda > "$OUT/overhead.log" 2>&1 || rc=1

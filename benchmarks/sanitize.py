@@ -8,18 +8,24 @@ memcheck, racecheck and synccheck. Soft-NMS runs every layout of its sequential 
 multi-selection kernels: 1, 4, 8 and 16 register slots a thread and global memory (fp32
 groups of 300, 1100, 5000, 6500 and 8500 boxes; fp64 of 300 and 4200), a batched call with
 groups of unequal size, and the linear and hard methods. Sizes are small because the
-checkers slow kernels down a hundredfold. Prints a line per case; `--device cpu` runs the
-same calls on the CPU kernels (a check of this script).
+checkers slow kernels down a hundredfold. `--triton` runs the Triton kernels instead, for
+memcheck: every op forward and backward on sizes that leave partial blocks, with the
+off-by-default tile configs too (64-row IoU tiles, the cross-entropy class tile). Prints
+a line per case; `--device cpu` runs the same calls on the CPU (a check of this script).
 """
 
 import argparse
+import contextlib
+import importlib
 import time
 
 import torch
+import torch.nn.functional as F
 
 import pyvision_ops as P
 
 from .bench_nms import _detections, soft_nms_kernel
+from .common import fwd_bwd
 
 SOFT_CASES = [  # (boxes, dtype, method)
     (300, torch.float32, "gaussian"), (1100, torch.float32, "gaussian"), (5000, torch.float32, "gaussian"),
@@ -61,20 +67,18 @@ def _cases(dev):
     rois = torch.cat([torch.randint(0, 2, (64, 1), generator=g).float(), xy, xy + 1 + torch.rand(64, 2, generator=g)
                       * 8], 1).to(dev)
 
-    def roi_fwd_bwd(deterministic):
-        def run():
-            before = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(deterministic)
-            try:
-                xr = x.detach().requires_grad_()
-                P.roi_align(xr, rois, 7, 0.5, 2, True).sum().backward()
-                return xr.grad
-            finally:
-                torch.use_deterministic_algorithms(before)
-        return run
+    roi_step = fwd_bwd(x, lambda t: P.roi_align(t, rois, 7, 0.5, 2, True))
 
-    out.append(("roi_align fwd+bwd", roi_fwd_bwd(False)))
-    out.append(("roi_align fwd+bwd, deterministic", roi_fwd_bwd(True)))
+    def deterministic_roi_step():  # the gather backward instead of atomics
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return roi_step()
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    out.append(("roi_align fwd+bwd", roi_step))
+    out.append(("roi_align fwd+bwd, deterministic", deterministic_roi_step))
     feats = [torch.randn(2, 8, 32 >> i, 32 >> i, generator=g).to(dev).requires_grad_() for i in range(3)]
 
     def multi_scale():
@@ -84,11 +88,83 @@ def _cases(dev):
     return out
 
 
+@contextlib.contextmanager
+def _config(name, **values):
+    """kernels/<module>.py's config dict `name` ("box_iou.PAIRWISE_IOU_CONFIG") updated, then restored."""
+    module, attr = name.split(".")
+    cfg = getattr(importlib.import_module(f"pyvision_ops.kernels.{module}"), attr)
+    before = dict(cfg)
+    cfg.update(values)
+    try:
+        yield
+    finally:
+        cfg.clear()
+        cfg.update(before)
+
+
+def _triton_cases(dev):
+    """(name, call) of the Triton ops (CUDA) or the same calls (CPU), on odd sizes."""
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(*shape):
+        xy = torch.rand(*shape, 2, generator=g) * 50
+        return torch.cat([xy, xy + torch.rand(*shape, 2, generator=g) * 20], -1).to(dev)
+
+    a, b = boxes(2, 37), boxes(2, 70)
+    out = []
+    for fn in (P.box_iou, P.generalized_box_iou, P.distance_box_iou, P.complete_box_iou):
+        out.append((fn.__name__, lambda fn=fn: fn(a, b)))
+
+    def iou_64():
+        with _config("box_iou.PAIRWISE_IOU_CONFIG", BLOCK_N=64), _config("box_iou.PAIRWISE_CONFIG", BLOCK_N=64):
+            return [fn(a, b) for fn in (P.box_iou, P.complete_box_iou)]
+
+    out.append(("box_iou, complete_box_iou with 64-row tiles", iou_64))
+    p, q = boxes(53), boxes(53)
+    for fn in (P.generalized_box_iou_loss, P.distance_box_iou_loss, P.complete_box_iou_loss):
+        out.append((f"{fn.__name__} fwd+bwd", fwd_bwd(p, lambda x, fn=fn: fn(x, q))))
+    z = torch.randn(2, 19, 13, 9, generator=g).to(dev)
+    y = torch.randint(0, 19, (2, 13, 9), generator=g)
+    y[0, 0] = 255
+    y = y.to(dev)
+    w = torch.rand(19, generator=g).to(dev)
+    out.append(("softmax_cross_entropy fwd+bwd, weight, smoothing",
+                fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, w, ignore_index=255, label_smoothing=0.1))))
+
+    def ce_tile():
+        with _config("cross_entropy.CE_TILE_CONFIG", MAX_C=32):
+            return fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, ignore_index=255))()
+
+    out.append(("softmax_cross_entropy fwd+bwd, class tile", ce_tile))
+    rows, ry = torch.randn(37, 1003, generator=g).to(dev), torch.randint(0, 1003, (37,), generator=g).to(dev)
+    out.append(("softmax_cross_entropy fwd+bwd [37, 1003], none",
+                fwd_bwd(rows, lambda x: P.softmax_cross_entropy(x, ry, reduction="none"))))
+    low = torch.randn(2, 5, 7, 11, generator=g).to(dev)
+    lab = torch.randint(0, 5, (2, 29, 45), generator=g).to(dev)
+    out.append(("upsample_cross_entropy fwd+bwd", fwd_bwd(low, lambda x: P.upsample_cross_entropy(x, lab))))
+    out.append(("interpolate_bilinear fwd+bwd", fwd_bwd(low, lambda x: P.interpolate_bilinear(x, size=(29, 45)))))
+    out.append(("interpolate_bilinear fwd+bwd, channels_last, align_corners",
+                fwd_bwd(low.to(memory_format=torch.channels_last),
+                         lambda x: P.interpolate_bilinear(x, scale_factor=2.5, align_corners=True))))
+    f, t = torch.randn(1001, generator=g).to(dev), torch.rand(1001, generator=g).round().to(dev)
+    out.append(("sigmoid_focal_loss fwd+bwd", fwd_bwd(f, lambda x: P.sigmoid_focal_loss(x, t))))
+    out.append(("dice_loss fwd+bwd", fwd_bwd(z, lambda x: P.dice_loss(x, y, ignore_index=255))))
+    prob = F.softmax(z, 1)
+    out.append(("lovasz_softmax fwd+bwd", fwd_bwd(prob, lambda x: P.lovasz_softmax(x, y, ignore_index=255))))
+    out.append(("lovasz_softmax fwd+bwd, per image",
+                fwd_bwd(prob, lambda x: P.lovasz_softmax(x, y, per_image=True, ignore_index=255))))
+    hy = torch.randint(0, 2, (2, 13, 9), generator=g).to(dev)
+    out.append(("lovasz_hinge fwd+bwd", fwd_bwd(z[:, 0], lambda x: P.lovasz_hinge(x, hy))))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    dev = p.parse_args(argv).device
-    for name, fn in _cases(dev):
+    p.add_argument("--triton", action="store_true", help="the Triton kernels instead of the CUDA C++ ones")
+    args = p.parse_args(argv)
+    dev = args.device
+    for name, fn in (_triton_cases if args.triton else _cases)(dev):
         t0 = time.perf_counter()
         fn()
         if dev == "cuda":
