@@ -73,3 +73,17 @@ def test_results_name_the_commit_measured(tmp_path, monkeypatch):
     assert run.git_revision() is None
     monkeypatch.setenv("PYVISION_OPS_COMMIT", "abc1234")
     assert run.git_revision() == "abc1234"
+
+
+def test_sass_box_iou_counts_the_pairwise_kernels_instructions():
+    # compiles for sm_90 offline (no GPU); a process of its own, without the interpreter this
+    # suite sets. More arithmetic per pair, more instructions an output.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sass_box_iou"], capture_output=True, text=True, env=env,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    cells = [c for r in out.splitlines() if r.startswith("| launcher") for c in r.strip(" |").split(" | ")[2:]]
+    per_output = [float(c.split(" / ")[0]) for c in cells]
+    assert len(per_output) == 4 and per_output == sorted(per_output) and 10 < per_output[0] < per_output[3] < 200

@@ -1,0 +1,91 @@
+"""`python -m benchmarks.sass_box_iou`: instructions per output of the pairwise box IoU
+kernels, from their sm_90 machine code, and the time that many instructions take to issue.
+
+Needs no GPU (nor TRITON_INTERPRET): Triton compiles kernels/box_iou.py:_pairwise_kernel for sm_90 as a 4096x4096
+fp32 launch specialises it (tile configs of the launcher, whole tiles, 16-divisible sizes
+and pointers), and its bundled cuobjdump lists the SASS. The kernel has no loops, so every
+listed instruction issues once per warp (predicated-off ones too). A Hopper SM issues at
+most one warp instruction per clock on each of its 4 schedulers, so
+
+    issue time = outputs x (warp instructions per output) / (SMs x 4 x clock)
+
+is a floor for the kernel's time however fast memory is. Against it: the time of writing
+the output at 70% of copy bandwidth (issue 2's target). Defaults: an H200 (132 SMs, 1.98
+GHz boost clock, 4245 GB/s measured copy bandwidth, benchmarks/results/nvidia-h200.md).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+KINDS = ("iou", "giou", "diou", "ciou")
+
+
+def compile_sass(kind: int, config: dict) -> str:
+    """The SASS of _pairwise_kernel for box kind `kind` under `config`, for sm_90."""
+    import triton
+    from pyvision_ops.kernels import box_iou as K
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = dict(config)
+    num_warps = cfg.pop("num_warps")
+    sig = {name: "*fp32" for name in ("b1_ptr", "b2_ptr", "t1_ptr", "t2_ptr", "out_ptr")}
+    sig.update(N="i32", M="i32", eps="fp64")
+    consts = dict(KIND=kind, DIV_RN=False, EVEN=True, **cfg)
+    sig.update({k: "constexpr" for k in consts})
+    # what the launch specialises: 16-byte aligned tensors, N and M divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
+    src = ASTSource(fn=K._pairwise_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def count_instructions(sass: str) -> int:
+    """Instructions in a cuobjdump -sass listing (one `/*offset*/ OP ...` line each)."""
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/\s+\S", line))
+
+
+def _row(label, kinds, cfg, outputs, args):
+    per_thread = cfg["BLOCK_N"] * cfg["BLOCK_M"] * cfg["M_TILES"] // (32 * cfg["num_warps"])
+    cells = []
+    for kind in kinds:
+        per_output = count_instructions(compile_sass(kind, cfg)) / per_thread
+        issue_us = outputs * per_output / 32 / (args.sms * 4 * args.ghz * 1e9) * 1e6
+        cells.append(f"{per_output:.1f} / {issue_us:.1f}")
+    print(f"| {label} | {per_thread} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=4096, help="N = M of the launch")
+    p.add_argument("--sms", type=int, default=132)
+    p.add_argument("--ghz", type=float, default=1.98)
+    p.add_argument("--bandwidth", type=float, default=4245.0, help="copy bandwidth, GB/s")
+    p.add_argument("--tuner", action="store_true", help="every config of benchmarks/tune_box_iou.py too")
+    args = p.parse_args(argv)
+
+    from pyvision_ops.kernels import box_iou as K
+
+    outputs = args.size * args.size
+    target_us = outputs * 4 / (0.7 * args.bandwidth * 1e9) * 1e6
+    print(f"{args.size}x{args.size} fp32: 70% of {args.bandwidth:.0f} GB/s writes the output in {target_us:.1f} us; "
+          "cells: instructions an output / issue time us")
+    print("| config | outputs a thread | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
+    _row("launcher: PAIRWISE_IOU_CONFIG", (0,), K.PAIRWISE_IOU_CONFIG, outputs, args)
+    _row("launcher: PAIRWISE_CONFIG", range(1, 4), K.PAIRWISE_CONFIG, outputs, args)
+    if args.tuner:
+        from .tune_box_iou import CONFIGS
+
+        for cfg in CONFIGS:
+            _row(", ".join(f"{k} {v}" for k, v in cfg.items()), range(4), cfg, outputs, args)
+
+
+if __name__ == "__main__":
+    main()
