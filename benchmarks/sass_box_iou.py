@@ -23,8 +23,9 @@ import tempfile
 KINDS = ("iou", "giou", "diou", "ciou")
 
 
-def compile_sass(kind: int, config: dict) -> str:
-    """The SASS of _pairwise_kernel for box kind `kind` under `config`, for sm_90."""
+def compile_sass(kind: int, config: dict) -> tuple[str, str]:
+    """The SASS of _pairwise_kernel for box kind `kind` under `config`, for sm_90, and its
+    resource line (registers, local memory = spills)."""
     import triton
     from pyvision_ops.kernels import box_iou as K
     from triton.backends.compiler import GPUTarget
@@ -44,7 +45,9 @@ def compile_sass(kind: int, config: dict) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        sass, res = (subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
+                     for flag in ("-sass", "-res-usage"))
+    return sass, re.search(r"REG:\d+.*?LOCAL:\d+", res).group(0).replace("STACK:0 SHARED:0 ", "")
 
 
 def count_instructions(sass: str) -> int:
@@ -56,9 +59,10 @@ def _row(label, kinds, cfg, outputs, args):
     per_thread = cfg["BLOCK_N"] * cfg["BLOCK_M"] * cfg["M_TILES"] // (32 * cfg["num_warps"])
     cells = []
     for kind in kinds:
-        per_output = count_instructions(compile_sass(kind, cfg)) / per_thread
+        sass, res = compile_sass(kind, cfg)
+        per_output = count_instructions(sass) / per_thread
         issue_us = outputs * per_output / 32 / (args.sms * 4 * args.ghz * 1e9) * 1e6
-        cells.append(f"{per_output:.1f} / {issue_us:.1f}")
+        cells.append(f"{per_output:.1f} / {issue_us:.1f} / {res}")
     print(f"| {label} | {per_thread} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -76,7 +80,7 @@ def main(argv=None):
     outputs = args.size * args.size
     target_us = outputs * 4 / (0.7 * args.bandwidth * 1e9) * 1e6
     print(f"{args.size}x{args.size} fp32: 70% of {args.bandwidth:.0f} GB/s writes the output in {target_us:.1f} us; "
-          "cells: instructions an output / issue time us")
+          "cells: instructions an output / issue time us / registers and spills (LOCAL)")
     print("| config | outputs a thread | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
     _row("launcher: PAIRWISE_IOU_CONFIG", (0,), K.PAIRWISE_IOU_CONFIG, outputs, args)
     _row("launcher: PAIRWISE_CONFIG", range(1, 4), K.PAIRWISE_CONFIG, outputs, args)
