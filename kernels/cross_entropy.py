@@ -16,6 +16,8 @@ low-resolution taps inside the program; its backward is gather-based and separab
 buffer is one row-contracted block of classes of at most N*H*W values.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -155,59 +157,73 @@ def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexp
 
 
 @triton.jit
+def _blocks(P, S, nb, LOOP: tl.constexpr):
+    """(start, stop, step) of the blocks a program takes: its own (a loop of one iteration,
+    which the compiler removes), or with LOOP every grid's worth of blocks from its own."""
+    if LOOP:
+        return tl.program_id(0), (P // S) * nb, tl.num_programs(0)
+    else:
+        return tl.program_id(0), tl.program_id(0) + 1, 1
+
+
+@triton.jit
 def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                       STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
-    pid = tl.program_id(0)
-    offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+                       STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                       LOOP: tl.constexpr):
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
-    base = z_ptr + zoffs
-    mx = tl.full((BLOCK,), float("-inf"), acc)
-    s = tl.zeros((BLOCK,), acc)
-    zy = tl.zeros((BLOCK,), acc)
-    wd = tl.zeros((BLOCK,), acc)
-    wseen = tl.zeros((BLOCK,), acc)
-    plane = base  # class planes by pointer steps: c * S could pass 2^31
-    c_main = C - C % UNROLL
-    for c0 in range(0, c_main, UNROLL):  # UNROLL independent plane loads in flight
-        for u in tl.static_range(UNROLL):
-            mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, y, mx, s, zy, wd,
-                                              wseen, w_ptr, HAS_W, SMOOTH)
+    start, stop, step = _blocks(P, S, nb, LOOP)
+    for pid in range(start, stop, step):
+        offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+        base = z_ptr + zoffs
+        mx = tl.full((BLOCK,), float("-inf"), acc)
+        s = tl.zeros((BLOCK,), acc)
+        zy = tl.zeros((BLOCK,), acc)
+        wd = tl.zeros((BLOCK,), acc)
+        wseen = tl.zeros((BLOCK,), acc)
+        plane = base  # class planes by pointer steps: c * S could pass 2^31
+        c_main = C - C % UNROLL
+        for c0 in range(0, c_main, UNROLL):  # UNROLL independent plane loads in flight
+            for u in tl.static_range(UNROLL):
+                mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, y, mx, s, zy, wd,
+                                                  wseen, w_ptr, HAS_W, SMOOTH)
+                plane += S
+        for c in range(c_main, C):
+            mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
+                                              w_ptr, HAS_W, SMOOTH)
             plane += S
-    for c in range(c_main, C):
-        mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
-                                          w_ptr, HAS_W, SMOOTH)
-        plane += S
-    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, tl.num_programs(0),
-               stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+        _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
+                   stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 
 
 @triton.jit
 def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                            STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+                            STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
+                            LOOP: tl.constexpr):
     """_ce_forward_kernel for C <= BLOCK_C: all class planes of BLOCK positions loaded as one
     tile (every load in flight at once, not one plane per loop step), then two-pass
     reductions over the classes. The same terms as _ce_update: a -inf logit adds nothing
     to the sum, a +inf or NaN one makes it NaN."""
-    pid = tl.program_id(0)
-    offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
-    cs = tl.arange(0, BLOCK_C)[:, None]
-    cm = cs < C
-    m = cm & mj[None, :]
-    z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=m, other=float("-inf")).to(acc)
-    mx = tl.max(z, 0)
-    s = tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - mx[None, :])), 0)
-    zy = tl.sum(tl.where(cm & (cs == y[None, :]), z, 0.0), 0)
-    wd = tl.zeros_like(mx)
-    if SMOOTH:
-        wc = _row_weights(w_ptr, cs, cm, HAS_W)
-        wd = tl.sum(tl.where(cm, tl.where(z == float("-inf"), wc * float("inf"), wc * (mx[None, :] - z)), 0.0), 0)
-    _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, tl.num_programs(0),
-               stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+    start, stop, step = _blocks(P, S, nb, LOOP)
+    for pid in range(start, stop, step):
+        offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+        cs = tl.arange(0, BLOCK_C)[:, None]
+        cm = cs < C
+        m = cm & mj[None, :]
+        z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=m, other=float("-inf")).to(acc)
+        mx = tl.max(z, 0)
+        s = tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - mx[None, :])), 0)
+        zy = tl.sum(tl.where(cm & (cs == y[None, :]), z, 0.0), 0)
+        wd = tl.zeros_like(mx)
+        if SMOOTH:
+            wc = _row_weights(w_ptr, cs, cm, HAS_W)
+            wd = tl.sum(tl.where(cm, tl.where(z == float("-inf"), wc * float("inf"), wc * (mx[None, :] - z)), 0.0), 0)
+        _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
+                   stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 
 
 @triton.jit
@@ -242,12 +258,12 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr, SM
 
 
 @triton.jit
-def _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P, nb, ignore_index, keep, spread,
+def _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P, nb, ignore_index, keep, spread,
                     HAS_W: tl.constexpr, SMOOTH: tl.constexpr, G_STEP: tl.constexpr, MEAN: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """A backward program's block of positions (position_block): offsets in class plane 0,
+    """Block pid of a backward program's positions (position_block): offsets in class plane 0,
     mask and targets, each position's stats m and l, and the coefficients of _grad_coefs."""
-    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, tl.program_id(0), nb, C, S, ignore_index, BLOCK)
+    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
@@ -261,45 +277,52 @@ def _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P, nb
 @triton.jit
 def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                         keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                        G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
-    base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P,
-                                                              nb, ignore_index, keep, spread, HAS_W, SMOOTH, G_STEP,
-                                                              MEAN, BLOCK)
-    zp = z_ptr + base
-    dp = dz_ptr + base
-    c_main = C - C % UNROLL
-    for c0 in range(0, c_main, UNROLL):
-        for u in tl.static_range(UNROLL):
-            dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c0 + u, y, mx, ls, coef_a, coef_b, gs, w_ptr,
-                          HAS_W, SMOOTH)
+                        G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                        LOOP: tl.constexpr):
+    start, stop, step = _blocks(P, S, nb, LOOP)
+    for pid in range(start, stop, step):
+        base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
+                                                                  stats_ptr, C, S, P, nb, ignore_index, keep, spread,
+                                                                  HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
+        zp = z_ptr + base
+        dp = dz_ptr + base
+        c_main = C - C % UNROLL
+        for c0 in range(0, c_main, UNROLL):
+            for u in tl.static_range(UNROLL):
+                dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c0 + u, y, mx, ls, coef_a, coef_b, gs,
+                              w_ptr, HAS_W, SMOOTH)
+                tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+                zp += S
+                dp += S
+        for c in range(c_main, C):
+            dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W,
+                          SMOOTH)
             tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
             zp += S
             dp += S
-    for c in range(c_main, C):
-        dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W,
-                      SMOOTH)
-        tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
-        zp += S
-        dp += S
 
 
 @triton.jit
 def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                              keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                             G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+                             G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
+                             LOOP: tl.constexpr):
     """_ce_backward_kernel for C <= BLOCK_C: the block's class planes as one tile."""
-    base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P,
-                                                              nb, ignore_index, keep, spread, HAS_W, SMOOTH, G_STEP,
-                                                              MEAN, BLOCK)
-    cs = tl.arange(0, BLOCK_C)[:, None]
-    cm = cs < C
-    m = cm & mj[None, :]
-    at = base[None, :] + cs.to(tl.int64) * S
-    z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
-    dz = coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :]) - tl.where(cs == y[None, :], coef_b[None, :], 0.0)
-    if SMOOTH:
-        dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
-    tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
+    start, stop, step = _blocks(P, S, nb, LOOP)
+    for pid in range(start, stop, step):
+        base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
+                                                                  stats_ptr, C, S, P, nb, ignore_index, keep, spread,
+                                                                  HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
+        cs = tl.arange(0, BLOCK_C)[:, None]
+        cm = cs < C
+        m = cm & mj[None, :]
+        at = base[None, :] + cs.to(tl.int64) * S
+        z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
+        dz = (coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :])
+              - tl.where(cs == y[None, :], coef_b[None, :], 0.0))
+        if SMOOTH:
+            dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
+        tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
 # [N, C] logits (S = 1): a block of positions would hold one. One program per row instead,
@@ -393,12 +416,14 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # Positions per program, warps and class planes per loop step of the plain kernels
 # (benchmarks/tune_cross_entropy.py): on an H200 (2026-11-27 16:35) 1024 positions, 8 warps
 # and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3.
-CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2}
+# PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
+# taking blocks a grid apart (fewer, longer programs: no partial last wave).
+CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0}
 # The whole-class tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never), of about ELEMS logits a program. The forward's output matched the
 # plain kernel's on an H200 (the GPU variant test, 2026-11-27 16:57), the backward's has
 # not run on a GPU; neither has been timed (tune_cross_entropy.py does).
-CE_TILE_CONFIG = {"MAX_C": 0, "ELEMS": 4096, "num_warps": 4}
+CE_TILE_CONFIG = {"MAX_C": 0, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0}
 
 
 def _tile_config(c):
@@ -407,7 +432,24 @@ def _tile_config(c):
         return None
     block_c = next_power_of_2(c)
     return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c),
-            "num_warps": CE_TILE_CONFIG["num_warps"]}
+            "num_warps": CE_TILE_CONFIG["num_warps"], "PER_SM": CE_TILE_CONFIG["PER_SM"]}
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    # 4 off CUDA (the interpreter): few enough that the tests' programs take several blocks
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _launch(c, s, n, device):
+    """(kernel options, blocks an image, grid) of the plain or class-tile kernels."""
+    cfg = dict(_tile_config(c) or CE_CONFIG)
+    per_sm = cfg.pop("PER_SM")
+    nb = cdiv(s, cfg["BLOCK"])
+    programs = n * nb
+    if per_sm:
+        programs = min(programs, per_sm * _multiprocessors(device))
+    return {**cfg, "LOOP": programs < n * nb}, nb, (programs,)
 
 
 
@@ -457,15 +499,14 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     n, c, s = logits.shape
     if s == 1:
         return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
-    tile = _tile_config(c)
-    nb = cdiv(s, (tile or CE_CONFIG)["BLOCK"])
+    cfg, nb, grid = _launch(c, s, n, logits.device)
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
-        kernel = _ce_tile_forward_kernel if tile else _ce_forward_kernel
-        kernel[(n * nb,)](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, c, s, n * s, nb,
-                          ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
-                          SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, **(tile or CE_CONFIG))
+        kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
+        kernel[grid](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, c, s, n * s, nb,
+                     ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
+                     SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, **cfg)
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
@@ -486,8 +527,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
                                    reduction):
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
     n, c, s = logits.shape
-    tile = _tile_config(c)
-    nb = cdiv(s, (tile or CE_CONFIG)["BLOCK"])
+    cfg, nb, grid = _launch(c, s, n, logits.device)
     rows = (grid_rows("softmax_cross_entropy_backward", n),) if s == 1 else None  # before any allocation
     z = logits.contiguous()
     dz = torch.empty_like(z)
@@ -501,9 +541,8 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
         _ce_rows_backward_kernel[rows](
             *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **_rows_config(c))
     else:
-        kernel = _ce_tile_backward_kernel if tile else _ce_backward_kernel
-        kernel[(n * nb,)](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts,
-                          **(tile or CE_CONFIG))
+        kernel = _ce_tile_backward_kernel if "BLOCK_C" in cfg else _ce_backward_kernel
+        kernel[grid](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg)
     return dz
 
 

@@ -383,6 +383,32 @@ def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("per_sm", [1, 2, 3])
+@pytest.mark.parametrize("tile", [False, True])
+def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch, per_sm, tile):
+    # PER_SM: fewer programs than blocks (4 "multiprocessors" off CUDA), each taking blocks a
+    # grid apart; the partial sums stay one per block, so every output is the same bit for bit
+    from pyvision_ops.kernels import cross_entropy as K
+
+    monkeypatch.setitem(K.CE_CONFIG, "BLOCK", 16)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 128)
+    if tile:
+        monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+    x, y, w = batch((3, 5, 45))  # 3 blocks an image: 9, more than 4 * per_sm programs but for 3
+    for wt, ls, reduction in ((None, 0.0, 1), (w, 0.3, 0), (w, 0.0, 2)):
+        want = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+        g = torch.rand(want[0].shape, dtype=torch.float64) + 0.5
+        want_dz = K.softmax_cross_entropy_backward(g, x, y, wt, want[2], want[1], -100, ls, reduction)
+        with monkeypatch.context() as mp:
+            mp.setitem(K.CE_TILE_CONFIG if tile else K.CE_CONFIG, "PER_SM", per_sm)
+            assert K._launch(5, 45, 3, x.device)[2] == (min(9, 4 * per_sm),)
+            got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+            got_dz = K.softmax_cross_entropy_backward(g, x, y, wt, got[2], got[1], -100, ls, reduction)
+        for a, b in zip((*got, got_dz), (*want, want_dz)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
 def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch):
     # -inf logits (first class, last, all), +inf and NaN, and targets outside the classes
     # (one of them inside the tile's padding) give what the plain kernel gives
@@ -605,11 +631,11 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 4),
-                                     ("CE_TILE_CONFIG", "MAX_C", None)], ids=str)
+                                     ("CE_TILE_CONFIG", "MAX_C", None), ("CE_CONFIG", "PER_SM", 1)], ids=str)
 def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile (the
     # class tile adds the exponentials in another order; None: the tile switched on if it is
-    # off by default, else off)
+    # off by default, else off; PER_SM with 4 multiprocessors: 4 programs for 12 blocks)
     from pyvision_ops.kernels import cross_entropy as K
 
     config, key, value = variant
@@ -624,6 +650,8 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
             want_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, want[2], want[1], 255, ls, reduction)
             with monkeypatch.context() as mp:
                 mp.setitem(getattr(K, config), key, value)
+                if key == "PER_SM":
+                    mp.setattr(K, "_multiprocessors", lambda device: 4)
                 got = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
                 got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
             for a, b in zip((*got, got_dz), (*want, want_dz)):
