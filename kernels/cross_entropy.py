@@ -1,9 +1,9 @@
 """Softmax cross-entropy and upsample + cross-entropy: Triton kernels (the CUDA backend).
 
 Same per-position formulas as csrc/cpu/cross_entropy.cpp, fp32 math (fp64 for fp64
-logits). Each program owns a block of positions of one image and walks the classes
-once (coalesced loads of one class plane at a time, no padding of C, no cross-thread
-reductions): an online log-sum-exp (running max and rescaled sum) and the
+logits). Each program owns a block of positions of one image (with CE_CONFIG's PER_SM,
+blocks a grid apart) and walks the classes once (coalesced loads of one class plane at a
+time, no padding of C, no cross-thread reductions): an online log-sum-exp (running max and rescaled sum) and the
 target/weight terms, all taken from the running max, so the forward reads the logits
 once (with few classes, variants of the forward and backward load all the planes of a
 block as one tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of
