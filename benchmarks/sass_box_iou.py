@@ -88,7 +88,9 @@ def main(argv=None):
         from .tune_box_iou import CONFIGS
 
         for cfg in CONFIGS:
-            _row(", ".join(f"{k} {v}" for k, v in cfg.items()), range(4), cfg, outputs, args)
+            label = ", ".join(f"{k} {v}" for k, v in cfg.items())
+            # a FAST_DIV kernel holds both division paths (one runs per tile): an overcount
+            _row(label + (" (both paths counted)" if cfg["FAST_DIV"] else ""), range(4), cfg, outputs, args)
 
 
 if __name__ == "__main__":

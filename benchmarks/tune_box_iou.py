@@ -2,7 +2,7 @@
 
 Prints the bandwidth of torch's fill_ of an output of the same size (the ceiling of a kernel
 that only writes), then per config (with --precise also with IEEE fp32 division) the
-CUDA-graph time of a 4096x4096 IoU and CIoU and the bandwidth of the output write;
+CUDA-graph time of a 4096x4096 IoU, GIoU, DIoU and CIoU and the bandwidth of the output write;
 kernels/box_iou.py:PAIRWISE_IOU_CONFIG (IoU) and PAIRWISE_CONFIG (the other kinds) take the best.
 """
 
@@ -14,15 +14,15 @@ from pyvision_ops.kernels import box_iou as K
 
 from pyvision_ops.testing import random_boxes
 
-CONFIGS = [
-    {"BLOCK_N": n, "BLOCK_M": m, "M_TILES": t, "num_warps": w, "STREAM": st}
-    for n, m, t, w, st in [(32, 64, 1, 4, False), (16, 128, 1, 4, False), (64, 64, 1, 4, False),
-                           (32, 32, 1, 4, False), (64, 64, 1, 8, False), (32, 128, 1, 4, False),
-                           (32, 64, 1, 4, True), (64, 64, 1, 4, True), (32, 128, 1, 4, True),
-                           (32, 64, 2, 4, False), (32, 64, 4, 4, False), (64, 64, 4, 8, False),
-                           (32, 64, 4, 4, True), (64, 64, 2, 4, False), (32, 64, 2, 8, False),
-                           (16, 64, 4, 4, False), (32, 64, 2, 4, True)]
-]
+_PLAIN = [(32, 64, 1, 4, False), (16, 128, 1, 4, False), (64, 64, 1, 4, False), (32, 32, 1, 4, False),
+          (64, 64, 1, 8, False), (32, 128, 1, 4, False), (32, 64, 1, 4, True), (64, 64, 1, 4, True),
+          (32, 128, 1, 4, True), (32, 64, 2, 4, False), (32, 64, 4, 4, False), (64, 64, 4, 8, False),
+          (32, 64, 4, 4, True), (64, 64, 2, 4, False), (32, 64, 2, 8, False), (16, 64, 4, 4, False),
+          (32, 64, 2, 4, True)]
+# approximate divisions (benchmarks/sass_box_iou.py: CIoU 70.8 -> 52.8 instructions an output)
+_FAST = [(32, 64, 2, 4, False), (32, 64, 4, 4, False), (64, 64, 1, 4, False)]
+CONFIGS = [{"BLOCK_N": n, "BLOCK_M": m, "M_TILES": t, "num_warps": w, "STREAM": st, "FAST_DIV": fast}
+           for fast, configs in ((False, _PLAIN), (True, _FAST)) for n, m, t, w, st in configs]
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
         K.PAIRWISE_CONFIG = K.PAIRWISE_IOU_CONFIG = cfg
         K.PRECISE_DIV = precise
         cells = [f"div_rn={precise!s:5}"]
-        for kind in (0, 3):
+        for kind in range(4):
             ms = triton.testing.do_bench_cudagraph(lambda k=kind: K.pairwise_box_iou(a, b, k, 1e-7), rep=50)
             cells.append(f"kind {kind}: {ms * 1e3:6.1f} us {out_bytes / ms / 1e6:6.0f} GB/s")
         print(cfg, " | ".join(cells), flush=True)

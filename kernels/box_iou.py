@@ -11,9 +11,12 @@ atan is not taken in the kernels: the launchers precompute atan(w / h) per box
 (O(N + M) work) and pass it in, which keeps libdevice out of the kernels.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .._library import _acc_dtype as acc_dtype
 from . import cdiv, require
@@ -21,12 +24,39 @@ from . import cdiv, require
 _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
 
+# Division modes (DIV_RN below): the GPU's fast full-range division, IEEE, or the
+# approximate one, which costs 2 instructions instead of 8 but holds its 2 ulp only for
+# |b| in [2^-126, 2^126] (callers check the range: _approx_range). The interpreter has no
+# libdevice: there the approximate mode divides plainly.
+DIV_FAST, DIV_IEEE, DIV_APPROX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @triton.jit
 def _div(a, b, DIV_RN: tl.constexpr):
-    if DIV_RN:
+    if DIV_RN == 1:
         return tl.math.div_rn(a, b)
+    elif DIV_RN == 2 and not _INTERPRET:
+        return libdevice.fast_dividef(a, b)
     else:
         return a / b
+
+
+@triton.jit
+def _approx_range(x1, y1, x2, y2):
+    """True when no pair denominator of these boxes (fp32) can leave [2^-126, 2^126] but for 0:
+    every box finite with x2 >= x1 and y2 >= y1, every coordinate 0 or of magnitude in
+    [2^-20, 2^61]. Coordinates are then multiples of 2^-43, so a width or height is 0 or at
+    least 2^-43 and an area 0 or at least 2^-86; none passes 2^62, no area or sum of two
+    2^126. A NaN or inf fails every test."""
+    ok = (x2 >= x1) & (y2 >= y1) & _approx_coord(x1) & _approx_coord(y1) & _approx_coord(x2) & _approx_coord(y2)
+    return tl.min(ok.to(tl.int32), 0) == 1
+
+
+@triton.jit
+def _approx_coord(c):
+    m = tl.abs(c)
+    return (m == 0) | ((m >= 2.0 ** -20) & (m <= 2.0 ** 61))
 
 
 @triton.jit
@@ -74,7 +104,8 @@ def _pair_value(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, ta, tb, eps, eps_a,
             if KIND == 3:
                 t = ta - tb
                 v = _FOUR_OVER_PI2 * (t * t)
-                alpha = _div(v, 1.0 - iou + v + eps_a, DIV_RN)
+                # not approximate: 1 - iou + v + eps_a has no lower bound from the boxes alone
+                alpha = _div(v, 1.0 - iou + v + eps_a, DIV_FAST if DIV_RN == 2 else DIV_RN)
                 val = val - alpha * v
     if LOSS:
         val = 1.0 - val
@@ -252,7 +283,7 @@ def _pairwise_side(box_ptr, t_ptr, b, L, r, acc, KIND: tl.constexpr):
 @triton.jit
 def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.float64,
                      KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                     M_TILES: tl.constexpr, EVEN: tl.constexpr, STREAM: tl.constexpr):
+                     M_TILES: tl.constexpr, EVEN: tl.constexpr, STREAM: tl.constexpr, FAST_DIV: tl.constexpr):
     acc = out_ptr.dtype.element_ty
     eps = tl.full((), eps, acc)  # passed as fp64 (a plain float argument would be fp32 even for fp64 boxes)
     pid = tl.program_id(0)
@@ -268,12 +299,24 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     b = rest // num_n
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ax1, ay1, ax2, ay2, ta = _pairwise_side(b1_ptr, t1_ptr, b, N, rn, acc, KIND)
+    if FAST_DIV:  # fp32 only (the launcher); eps too is 0 or within range
+        rows_ok = _approx_range(ax1, ay1, ax2, ay2) & ((eps == 0) | ((eps >= 2.0 ** -100) & (eps <= 2.0 ** 100)))
     for t in tl.static_range(M_TILES):
         rm = (pid_m * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         bx1, by1, bx2, by2, tb = _pairwise_side(b2_ptr, t2_ptr, b, M, rm, acc, KIND)
-        val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
-                          bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                          ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
+        if FAST_DIV:  # the tile's approximate divisions, where _approx_range allows them
+            if rows_ok & _approx_range(bx1, by1, bx2, by2):
+                val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                                  bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                                  ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_APPROX)
+            else:
+                val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                                  bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                                  ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
+        else:
+            val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                              bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                              ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
         offs = b * N * M + rn[:, None] * M + rm[None, :]
         mask = None if EVEN else (rn < N)[:, None] & (rm < M)[None, :]
         if STREAM:  # streaming store (.cs): the output is written once and not read back here
@@ -364,7 +407,9 @@ def _aspect_atan(boxes, acc):
 # before 64.0, the fastest 56.5 with streaming stores). Plain IoU: 24.6 us; with 64 rows
 # 20.3 us (16:58, one run; CIoU 66.1 with it). The IoU config takes 64 rows once a GPU run of
 # test_cuda_pairwise_variants_match_the_default has compared that variant with this one.
-PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "M_TILES": 2, "num_warps": 4, "STREAM": False}
+# FAST_DIV: approximate fp32 divisions in tiles whose boxes keep every denominator in range
+# (_approx_range), the full-range ones elsewhere; off until a GPU has timed and compared it.
+PAIRWISE_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 64, "M_TILES": 2, "num_warps": 4, "STREAM": False, "FAST_DIV": False}
 PAIRWISE_IOU_CONFIG = dict(PAIRWISE_CONFIG)
 
 
@@ -397,7 +442,9 @@ def pairwise_box_iou(boxes1, boxes2, kind, eps):
     cols = cfg["BLOCK_M"] * cfg["M_TILES"]
     grid = (B * cdiv(N, cfg["BLOCK_N"]) * cdiv(M, cols),)
     even = N % cfg["BLOCK_N"] == 0 and M % cols == 0
-    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, DIV_RN=_div_rn(acc), EVEN=even, **cfg)
+    fast = cfg["FAST_DIV"] and acc == torch.float32 and not _div_rn(acc)
+    _pairwise_kernel[grid](b1, b2, t1, t2, out, N, M, eps, KIND=kind, DIV_RN=_div_rn(acc), EVEN=even,
+                           **{**cfg, "FAST_DIV": fast})
     return out
 
 

@@ -560,7 +560,8 @@ def test_triton_pairwise_interpreter(kind, dtype, precise_div, monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", range(4))
-@pytest.mark.parametrize("variant", [{}, {"STREAM": True}, {"M_TILES": 3}], ids=str)  # the tuner's variants
+@pytest.mark.parametrize("variant", [{}, {"STREAM": True}, {"M_TILES": 3}, {"FAST_DIV": True}],
+                         ids=str)  # the tuner's variants
 @pytest.mark.parametrize("whole", [True, False])
 def test_triton_pairwise_interpreter_tiles(kind, variant, whole, monkeypatch):
     # Sizes that are multiples of a program's columns take the unmasked store, others the
@@ -578,6 +579,43 @@ def test_triton_pairwise_interpreter_tiles(kind, variant, whole, monkeypatch):
     b = torch.stack([torch.cat([random_boxes(m - len(edge), generator=g), edge]) for _ in range(2)])
     torch.testing.assert_close(K.pairwise_box_iou(a, b, kind, 1e-7), ops.pairwise_box_iou(a, b, kind, 1e-7),
                                rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def _approx_range_kernel():
+    """A one-program kernel storing kernels/box_iou.py:_approx_range of [B, 4] boxes. Triton
+    resolves a kernel's names among its module's globals, hence the global import."""
+    import triton
+    import triton.language as tl
+
+    global _approx_range
+    from pyvision_ops.kernels.box_iou import _approx_range
+
+    @triton.jit
+    def check(box_ptr, out_ptr, B: tl.constexpr):
+        i = tl.arange(0, B)
+        x1, y1 = tl.load(box_ptr + i * 4), tl.load(box_ptr + i * 4 + 1)
+        x2, y2 = tl.load(box_ptr + i * 4 + 2), tl.load(box_ptr + i * 4 + 3)
+        tl.store(out_ptr, _approx_range(x1, y1, x2, y2).to(tl.int32))
+
+    return check
+
+
+@pytest.mark.interpreter
+def test_triton_approximate_division_range():
+    # FAST_DIV takes a tile's approximate divisions only when _approx_range holds for its boxes
+    check = _approx_range_kernel()
+
+    def in_range(*box):
+        boxes = torch.tensor([[0.0, 0, 1, 1], [-5, -3, 2, 7], box, [10, 10, 10, 10]])
+        out = torch.empty(1, dtype=torch.int32)
+        check[(1,)](boxes, out, B=4)
+        return bool(out.item())
+
+    assert in_range(1.0, 2, 3, 4) and in_range(0, 0, 0, 0) and in_range(-2.0 ** 61, 2.0 ** -20, 2.0 ** 61, 1)
+    for box in ((3.0, 0, 1, 1), (0, 3.0, 1, 1),  # inverted: an area may cancel to anything
+                (0, 0, 1e-7, 1), (0, 0, 2.0 ** 62, 1),  # tiny or huge coordinates
+                (float("nan"), 0, 1, 1), (0, 0, float("inf"), 1), (float("-inf"), 0, 1, 1)):
+        assert not in_range(*box), box
 
 
 @pytest.mark.interpreter
@@ -629,8 +667,8 @@ def test_triton_eps_is_fp64_for_fp64_boxes():
 # ---------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{"STREAM": True}, {"M_TILES": 1}, {"M_TILES": 4, "STREAM": True}, {"BLOCK_N": 64}],
-                         ids=str)
+@pytest.mark.parametrize("variant", [{"STREAM": True}, {"M_TILES": 1}, {"M_TILES": 4, "STREAM": True}, {"BLOCK_N": 64},
+                                     {"FAST_DIV": True}, {"FAST_DIV": True, "M_TILES": 4}], ids=str)
 def test_cuda_pairwise_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile, to
     # rounding: the compiler fuses a multiply into an add (fma) where the product has one
@@ -648,6 +686,30 @@ def test_cuda_pairwise_variants_match_the_default(variant, monkeypatch):
                     mp.setitem(K.PAIRWISE_IOU_CONFIG, key, value)
                 got = ops.pairwise_box_iou(a, b, kind, 1e-7)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", range(4))
+def test_cuda_approximate_division_keeps_edge_tiles_exact(kind, monkeypatch):
+    # FAST_DIV: tiles holding an edge box (zero-area, inverted, NaN, inf, huge, tiny) take
+    # the full-range divisions, bit for bit the default's; the others approximate ones
+    from pyvision_ops.kernels import box_iou as K
+
+    g = gen(23)
+    rows = (K.PAIRWISE_IOU_CONFIG if kind == 0 else K.PAIRWISE_CONFIG)["BLOCK_N"]
+    odd = torch.tensor([[float("nan"), 0, 1, 1], [0, 0, float("inf"), 1], [1e-30, 1e-30, 2e-30, 2e-30]])
+    odd = torch.cat([edge_boxes(torch.float32), odd])  # 15 rows, in the third row tile
+    a = torch.cat([random_boxes(2 * rows, generator=g), odd, random_boxes(64, generator=g)])[None]
+    b = torch.cat([random_boxes(200, generator=g), edge_boxes(torch.float32) * 1e30])[None]
+    a, b = a.cuda(), b.cuda()
+    want = ops.pairwise_box_iou(a, b, kind, 1e-7)
+    with monkeypatch.context() as mp:
+        mp.setitem(K.PAIRWISE_CONFIG, "FAST_DIV", True)
+        mp.setitem(K.PAIRWISE_IOU_CONFIG, "FAST_DIV", True)
+        got = ops.pairwise_box_iou(a, b, kind, 1e-7)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    tile = slice(2 * rows, 3 * rows)  # every column exact
+    assert torch.equal(got[0, tile].nan_to_num(7.0), want[0, tile].nan_to_num(7.0))
 
 
 @pytest.mark.gpu

@@ -81,7 +81,8 @@ def _launchers():
                                                                          dtype=acc), x, big, False, weight, stats,
                                                               wsum, 255, 0.1, reduction)
     for kind, cfg in ((3, box_iou.PAIRWISE_CONFIG), (0, box_iou.PAIRWISE_IOU_CONFIG)):
-        for key, value in (("STREAM", True), ("M_TILES", 1), ("M_TILES", 4)):  # the tuners' variants
+        # the tuners' variants
+        for key, value in (("STREAM", True), ("M_TILES", 1), ("M_TILES", 4), ("FAST_DIV", True)):
             default, cfg[key] = cfg[key], value
             for n in (7, 128):
                 box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], kind, 1e-7)
