@@ -10,8 +10,9 @@ groups of 300, 1100, 5000, 6500 and 8500 boxes; fp64 of 300 and 4200), a batched
 groups of unequal size, and the linear and hard methods. Sizes are small because the
 checkers slow kernels down a hundredfold. `--triton` runs the Triton kernels instead, for
 memcheck: every op forward and backward on sizes that leave partial blocks, with the
-off-by-default tile configs too (64-row IoU tiles, the cross-entropy class tile). Prints
-a line per case; `--device cpu` runs the same calls on the CPU (a check of this script).
+off-by-default configs too (64-row IoU tiles, approximate divisions, the cross-entropy
+class tile). Prints a line per case; `--device cpu` runs the same calls on the CPU (a
+check of this script).
 """
 
 import argparse
@@ -120,6 +121,12 @@ def _triton_cases(dev):
             return [fn(a, b) for fn in (P.box_iou, P.complete_box_iou)]
 
     out.append(("box_iou, complete_box_iou with 64-row tiles", iou_64))
+
+    def iou_fast():
+        with _config("box_iou.PAIRWISE_IOU_CONFIG", FAST_DIV=True), _config("box_iou.PAIRWISE_CONFIG", FAST_DIV=True):
+            return [fn(a, b) for fn in (P.box_iou, P.generalized_box_iou, P.distance_box_iou, P.complete_box_iou)]
+
+    out.append(("the four pairwise kinds with approximate divisions", iou_fast))
     p, q = boxes(53), boxes(53)
     for fn in (P.generalized_box_iou_loss, P.distance_box_iou_loss, P.complete_box_iou_loss):
         out.append((f"{fn.__name__} fwd+bwd", fwd_bwd(p, lambda x, fn=fn: fn(x, q))))

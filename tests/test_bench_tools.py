@@ -47,17 +47,17 @@ def test_sanitize_runs_every_case(capsys, monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     from pyvision_ops.kernels import box_iou, cross_entropy
 
-    configs = [dict(box_iou.PAIRWISE_IOU_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)]
+    configs = [dict(box_iou.PAIRWISE_IOU_CONFIG), dict(box_iou.PAIRWISE_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)]
     sanitize.main(["--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + 3
     assert sum("soft_nms multi" in r for r in lines) == sum("soft_nms spread" in r for r in lines) == 10
     sanitize.main(["--device", "cpu", "--triton"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 19 and sum("fwd+bwd" in r for r in lines) == 14
+    assert len(lines) == 20 and sum("fwd+bwd" in r for r in lines) == 14
     # restored
     assert not torch.are_deterministic_algorithms_enabled() and KERNEL_ENV not in os.environ
-    assert configs == [box_iou.PAIRWISE_IOU_CONFIG, cross_entropy.CE_TILE_CONFIG]
+    assert configs == [box_iou.PAIRWISE_IOU_CONFIG, box_iou.PAIRWISE_CONFIG, cross_entropy.CE_TILE_CONFIG]
 
 
 def test_results_name_the_commit_measured(tmp_path, monkeypatch):
