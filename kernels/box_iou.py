@@ -6,7 +6,9 @@ hardware's (one instruction; a NaN operand is ignored) where the C++ ones keep
 a NaN left operand; a NaN or inf - inf coordinate still makes that box's area,
 the union and so the value NaN, as on the CPU. fp32 divisions use the GPU's fast
 division (at most 2 ulp) unless PRECISE_DIV is set, which makes them IEEE
-(div_rn); fp64 divisions are always IEEE.
+(div_rn); fp64 divisions are always IEEE. The pairwise kernel's FAST_DIV config (off by
+default) takes the approximate division, also 2 ulp but only within a range that
+_approx_range checks per tile, for a quarter of the instructions.
 atan is not taken in the kernels: the launchers precompute atan(w / h) per box
 (O(N + M) work) and pass it in, which keeps libdevice out of the kernels.
 """
