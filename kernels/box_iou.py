@@ -29,7 +29,8 @@ _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 # Division modes (DIV_RN below): the GPU's fast full-range division, IEEE, or the
 # approximate one, which costs 2 instructions instead of 8 but holds its 2 ulp only for
 # |b| in [2^-126, 2^126] (callers check the range: _approx_range). The interpreter has no
-# libdevice: there the approximate mode divides plainly.
+# libdevice: there the approximate mode multiplies by the rounded reciprocal, as the
+# hardware's does (a * (1 / b), two roundings).
 DIV_FAST, DIV_IEEE, DIV_APPROX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -38,8 +39,11 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 def _div(a, b, DIV_RN: tl.constexpr):
     if DIV_RN == 1:
         return tl.math.div_rn(a, b)
-    elif DIV_RN == 2 and not _INTERPRET:
-        return libdevice.fast_dividef(a, b)
+    elif DIV_RN == 2:
+        if _INTERPRET:
+            return a * (1.0 / b)
+        else:
+            return libdevice.fast_dividef(a, b)
     else:
         return a / b
 
