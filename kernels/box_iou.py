@@ -28,9 +28,9 @@ _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
 # Division modes (DIV_RN below): the GPU's fast full-range division, IEEE, or the
 # approximate one, which costs 2 instructions instead of 8 but holds its 2 ulp only for
-# |b| in [2^-126, 2^126] (callers check the range: _approx_range). The interpreter has no
-# libdevice: there the approximate mode multiplies by the rounded reciprocal, as the
-# hardware's does (a * (1 / b), two roundings).
+# |b| in [2^-126, 2^126] (callers check the range: _approx_range) and flushes a quotient
+# below 2^-126 to 0 (an absolute error under 1.2e-38). The interpreter has no libdevice:
+# there the approximate mode does the same by hand (a * (1 / b), two roundings, then the flush).
 DIV_FAST, DIV_IEEE, DIV_APPROX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -41,7 +41,8 @@ def _div(a, b, DIV_RN: tl.constexpr):
         return tl.math.div_rn(a, b)
     elif DIV_RN == 2:
         if _INTERPRET:
-            return a * (1.0 / b)
+            q = a * (1.0 / b)
+            return tl.where(tl.abs(q) < 1.1754943508222875e-38, q * 0.0, q)
         else:
             return libdevice.fast_dividef(a, b)
     else:
@@ -305,7 +306,7 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     b = rest // num_n
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ax1, ay1, ax2, ay2, ta = _pairwise_side(b1_ptr, t1_ptr, b, N, rn, acc, KIND)
-    if FAST_DIV:  # fp32 only (the launcher); eps too is 0 or within range
+    if FAST_DIV:  # fp32 arithmetic only: fp32, fp16, bf16 boxes (the launcher); eps 0 or within range
         rows_ok = _approx_range(ax1, ay1, ax2, ay2) & ((eps == 0) | ((eps >= 2.0 ** -100) & (eps <= 2.0 ** 100)))
     for t in tl.static_range(M_TILES):
         rm = (pid_m * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -690,7 +690,8 @@ def test_cuda_pairwise_variants_match_the_default(variant, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", range(4))
-def test_cuda_approximate_division_keeps_edge_tiles_exact(kind, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_approximate_division_keeps_edge_tiles_exact(kind, dtype, monkeypatch):
     # FAST_DIV: tiles holding an edge box (zero-area, inverted, NaN, inf, huge, tiny) take
     # the full-range divisions, bit for bit the default's; the others approximate ones
     from pyvision_ops.kernels import box_iou as K
@@ -701,7 +702,7 @@ def test_cuda_approximate_division_keeps_edge_tiles_exact(kind, monkeypatch):
     odd = torch.cat([edge_boxes(torch.float32), odd])  # 15 rows, in the third row tile
     a = torch.cat([random_boxes(2 * rows, generator=g), odd, random_boxes(64, generator=g)])[None]
     b = torch.cat([random_boxes(200, generator=g), edge_boxes(torch.float32) * 1e30])[None]
-    a, b = a.cuda(), b.cuda()
+    a, b = a.to("cuda", dtype), b.to("cuda", dtype)  # fp16: huge coordinates become inf, tiny ones 0
     want = ops.pairwise_box_iou(a, b, kind, 1e-7)
     with monkeypatch.context() as mp:
         mp.setitem(K.PAIRWISE_CONFIG, "FAST_DIV", True)

@@ -103,6 +103,18 @@ def _launchers():
                 cross_entropy.softmax_cross_entropy_backward(grad, zz, t, weight, stats, wsum, 255, smoothing,
                                                              reduction)
     cross_entropy.CE_TILE_CONFIG["MAX_C"] = default
+    # PER_SM: programs looping over blocks (4 multiprocessors off CUDA; 16-position blocks)
+    saved = dict(cross_entropy.CE_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)
+    cross_entropy.CE_CONFIG.update(PER_SM=1, BLOCK=16)
+    for max_c in (0, 32):
+        cross_entropy.CE_TILE_CONFIG.update(PER_SM=1, MAX_C=max_c, ELEMS=128)
+        zz = torch.randn(2, 7, 90, generator=g)
+        tt = torch.randint(0, 7, (2, 90), generator=g)
+        assert cross_entropy._launch(7, 90, 2, zz.device)[0]["LOOP"]
+        _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
+        cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
+    cross_entropy.CE_CONFIG.update(saved[0])
+    cross_entropy.CE_TILE_CONFIG.update(saved[1])
     for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
