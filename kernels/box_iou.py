@@ -288,6 +288,17 @@ def _pairwise_side(box_ptr, t_ptr, b, L, r, acc, KIND: tl.constexpr):
 
 
 @triton.jit
+def _tile_value(rows, cols, eps, KIND: tl.constexpr, DIV_RN: tl.constexpr):
+    """_pair_value of every (row, column) pair of a tile: rows and cols are (x1, y1, x2, y2,
+    aspect term) vectors."""
+    ax1, ay1, ax2, ay2, ta = rows
+    bx1, by1, bx2, by2, tb = cols
+    return _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                       bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
+                       ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
+
+
+@triton.jit
 def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.float64,
                      KIND: tl.constexpr, DIV_RN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      M_TILES: tl.constexpr, EVEN: tl.constexpr, STREAM: tl.constexpr, FAST_DIV: tl.constexpr):
@@ -311,19 +322,15 @@ def _pairwise_kernel(b1_ptr, b2_ptr, t1_ptr, t2_ptr, out_ptr, N, M, eps: tl.floa
     for t in tl.static_range(M_TILES):
         rm = (pid_m * M_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         bx1, by1, bx2, by2, tb = _pairwise_side(b2_ptr, t2_ptr, b, M, rm, acc, KIND)
+        rows = (ax1, ay1, ax2, ay2, ta)
+        cols = (bx1, by1, bx2, by2, tb)
         if FAST_DIV:  # the tile's approximate divisions, where _approx_range allows them
             if rows_ok & _approx_range(bx1, by1, bx2, by2):
-                val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
-                                  bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                                  ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_APPROX)
+                val = _tile_value(rows, cols, eps, KIND, DIV_APPROX)
             else:
-                val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
-                                  bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                                  ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
+                val = _tile_value(rows, cols, eps, KIND, DIV_RN)
         else:
-            val = _pair_value(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
-                              bx1[None, :], by1[None, :], bx2[None, :], by2[None, :],
-                              ta[:, None], tb[None, :], eps, eps, KIND, False, DIV_RN)
+            val = _tile_value(rows, cols, eps, KIND, DIV_RN)
         offs = b * N * M + rn[:, None] * M + rm[None, :]
         mask = None if EVEN else (rn < N)[:, None] & (rm < M)[None, :]
         if STREAM:  # streaming store (.cs): the output is written once and not read back here
