@@ -64,7 +64,7 @@ def _pair(size, name="output_size"):
         raise TypeError(f"{name} must be an int or a pair of ints, got {size!r}")
     if size[0] < 0 or size[1] < 0:
         raise ValueError(f"{name} must be non-negative, got {tuple(size)}")
-    return int(size[0]), int(size[1])
+    return _utils.check_int64(name, size[0]), _utils.check_int64(name, size[1])
 
 
 def _kernel_size(ph, pw, sampling_ratio):
@@ -214,10 +214,11 @@ def _check_features(features, names):
     """Feature maps [N, C, H_l, W_l] with one N, C and device; one dtype, except under autocast."""
     if not isinstance(features, (list, tuple)) or not features:
         raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
+    for name, f in zip(names, features):  # before f0.device: a list of numbers is a TypeError
+        _utils.check_tensor(name, f)
     f0, n0 = features[0], names[0]
     autocast = f0.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(f0.device.type)
     for name, f in zip(names, features):
-        _utils.check_tensor(name, f)
         if f.dim() != 4 or f.shape[:2] != f0.shape[:2]:
             raise ValueError(f"{name} must be [N, C, H, W] with the N and C of {n0}, got {list(f.shape)}")
         if not f.is_floating_point():

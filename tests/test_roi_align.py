@@ -503,6 +503,11 @@ def test_multi_scale_bad_arguments(kwargs, exc, words):
          "batch index"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), (2, -1)), ValueError, "output_size"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2.5), TypeError, "output_size"),
+        # past int64 the op's schema would refuse it with an unclear RuntimeError
+        (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2**63), ValueError, "output_size"),
+        (lambda: P.multi_scale_roi_align([torch.zeros(1, 3, 4, 4)], torch.zeros(1, 5), (2, 2**63), [1.0]),
+         ValueError, "output_size"),
+        (lambda: P.multi_scale_roi_align([1, 2], torch.zeros(1, 5), 2, [1.0, 0.5]), TypeError, "features\\[0\\]"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5, device="meta"), 2), ValueError, "device"),
         (lambda: P.roi_align(torch.zeros(1, 3, 4, 4), torch.zeros(1, 5), 2, sampling_ratio=1.5), TypeError,
          "sampling_ratio"),
