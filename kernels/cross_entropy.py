@@ -5,8 +5,8 @@ logits). Each program owns a block of positions of one image (with CE_CONFIG's P
 blocks a grid apart) and walks the classes once (coalesced loads of one class plane at a
 time, no padding of C, no cross-thread reductions): an online log-sum-exp (running max and rescaled sum) and the
 target/weight terms, all taken from the running max, so the forward reads the logits
-once (with few classes, variants of the forward and backward load all the planes of a
-block as one tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of
+once (variants of the forward and backward load the planes of a block several classes at
+a time as one tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of
 each position as two planes of `stats`; the backward recomputes the softmax as
 exp((z - m) - l). Under the mean and sum each program stores only its sums of loss and
 target weight, which one more program adds in a fixed order (no per-position loss map,
@@ -198,30 +198,52 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
 
 
 @triton.jit
+def _ce_tile_update(z, cs, cm, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """_ce_update for a tile of classes cs (rows; cm: those below C, the others hold -inf):
+    the tile's own max and sum of exponentials, merged into the running ones with one
+    exponential as in lse_update. A -inf logit adds nothing, a +inf or NaN one makes the sum
+    NaN."""
+    mc = tl.max(z, 0)
+    sc = tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - mc[None, :])), 0)
+    d = mc - mx
+    e = tl.where(mc == float("-inf"), 0.0, tl.exp(-tl.abs(d)))  # both -inf: d is NaN
+    new_mx = tl.maximum(mx, mc)
+    s = tl.where(d > 0, s * e + sc, s + sc * e)
+    zy += tl.sum(tl.where(cm & (cs == y[None, :]), z, 0.0), 0)
+    if SMOOTH:
+        wc = _row_weights(w_ptr, cs, cm, HAS_W)
+        grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
+        term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx[None, :] - z))
+        wd, wseen = wd + grow + tl.sum(tl.where(cm, term, 0.0), 0), wseen + tl.sum(wc, 0)
+    return new_mx, s, zy, wd, wseen
+
+
+@triton.jit
 def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                             STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
-                            LOOP: tl.constexpr):
-    """_ce_forward_kernel for C <= BLOCK_C: all class planes of BLOCK positions loaded as one
-    tile (every load in flight at once, not one plane per loop step), then two-pass
-    reductions over the classes. The same terms as _ce_update: a -inf logit adds nothing
-    to the sum, a +inf or NaN one makes it NaN."""
+                            ONE_TILE: tl.constexpr, LOOP: tl.constexpr):
+    """_ce_forward_kernel with the class planes of BLOCK positions loaded BLOCK_C at a time
+    as one tile (all of its loads in flight at once, not one plane per step), each tile
+    reduced over its classes and merged (_ce_tile_update). ONE_TILE: C <= BLOCK_C, a loop of
+    one iteration, which the compiler removes."""
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     start, stop, step = _blocks(P, S, nb, LOOP)
+    rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
-        cs = tl.arange(0, BLOCK_C)[:, None]
-        cm = cs < C
-        m = cm & mj[None, :]
-        z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=m, other=float("-inf")).to(acc)
-        mx = tl.max(z, 0)
-        s = tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - mx[None, :])), 0)
-        zy = tl.sum(tl.where(cm & (cs == y[None, :]), z, 0.0), 0)
-        wd = tl.zeros_like(mx)
-        if SMOOTH:
-            wc = _row_weights(w_ptr, cs, cm, HAS_W)
-            wd = tl.sum(tl.where(cm, tl.where(z == float("-inf"), wc * float("inf"), wc * (mx[None, :] - z)), 0.0), 0)
+        mx = tl.full((BLOCK,), float("-inf"), acc)
+        s = tl.zeros((BLOCK,), acc)
+        zy = tl.zeros((BLOCK,), acc)
+        wd = tl.zeros((BLOCK,), acc)
+        wseen = tl.zeros((BLOCK,), acc)
+        for c0 in range(0, BLOCK_C if ONE_TILE else C, BLOCK_C):
+            cs = c0 + rows
+            cm = cs < C
+            z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=cm & mj[None, :],
+                        other=float("-inf")).to(acc)
+            mx, s, zy, wd, wseen = _ce_tile_update(z, cs, cm, y, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
         _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                    stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 
@@ -306,23 +328,25 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
 def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                              keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                              G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
-                             LOOP: tl.constexpr):
-    """_ce_backward_kernel for C <= BLOCK_C: the block's class planes as one tile."""
+                             ONE_TILE: tl.constexpr, LOOP: tl.constexpr):
+    """_ce_backward_kernel with the block's class planes BLOCK_C at a time as one tile."""
     start, stop, step = _blocks(P, S, nb, LOOP)
+    rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
                                                                   stats_ptr, C, S, P, nb, ignore_index, keep, spread,
                                                                   HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
-        cs = tl.arange(0, BLOCK_C)[:, None]
-        cm = cs < C
-        m = cm & mj[None, :]
-        at = base[None, :] + cs.to(tl.int64) * S
-        z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
-        dz = (coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :])
-              - tl.where(cs == y[None, :], coef_b[None, :], 0.0))
-        if SMOOTH:
-            dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
-        tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        for c0 in range(0, BLOCK_C if ONE_TILE else C, BLOCK_C):
+            cs = c0 + rows
+            cm = cs < C
+            m = cm & mj[None, :]
+            at = base[None, :] + cs.to(tl.int64) * S
+            z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
+            dz = (coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :])
+                  - tl.where(cs == y[None, :], coef_b[None, :], 0.0))
+            if SMOOTH:
+                dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
+            tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
 # [N, C] logits (S = 1): a block of positions would hold one. One program per row instead,
@@ -419,19 +443,23 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
 CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0}
-# The whole-class tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
-# C <= MAX_C (0: never), of about ELEMS logits a program. The forward's output matched the
-# plain kernel's on an H200 (the GPU variant test, 2026-11-27 16:57), the backward's has
-# not run on a GPU; neither has been timed (tune_cross_entropy.py does).
-CE_TILE_CONFIG = {"MAX_C": 0, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0}
+# The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
+# C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
+# 2) by about ELEMS / BLOCK_C positions. Why: the plain kernels' sm_90 code issues a class
+# plane's load only after the previous plane's arithmetic, one 16-byte load in flight a
+# thread at UNROLL 2 (two at UNROLL 4), while a tile issues all of its loads back to back.
+# With BLOCK_C >= C (one tile) the forward's output matched the plain kernel's on an H200
+# (the GPU variant test, 2026-11-27 16:57), the backward's has not run on a GPU; no tile
+# config has been timed (tune_cross_entropy.py does).
+CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0}
 
 
 def _tile_config(c):
     """The class-tile kernels' config for C classes, or None where they do not apply."""
     if not 0 < c <= CE_TILE_CONFIG["MAX_C"]:
         return None
-    block_c = next_power_of_2(c)
-    return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c),
+    block_c = min(next_power_of_2(c), CE_TILE_CONFIG["BLOCK_C"])
+    return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c), "ONE_TILE": block_c >= c,
             "num_warps": CE_TILE_CONFIG["num_warps"], "PER_SM": CE_TILE_CONFIG["PER_SM"]}
 
 

@@ -54,7 +54,7 @@ def test_sanitize_runs_every_case(capsys, monkeypatch):
     assert sum("soft_nms multi" in r for r in lines) == sum("soft_nms spread" in r for r in lines) == 10
     sanitize.main(["--device", "cpu", "--triton"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 20 and sum("fwd+bwd" in r for r in lines) == 14
+    assert len(lines) == 21 and sum("fwd+bwd" in r for r in lines) == 15
     # restored
     assert not torch.are_deterministic_algorithms_enabled() and KERNEL_ENV not in os.environ
     assert configs == [box_iou.PAIRWISE_IOU_CONFIG, box_iou.PAIRWISE_CONFIG, cross_entropy.CE_TILE_CONFIG]

@@ -361,10 +361,12 @@ def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unrol
 @pytest.mark.interpreter
 @pytest.mark.parametrize("classes", [1, 5, 16, 19, 32, 33])  # a tile of 1, padded, full; past MAX_C: the loop
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype):
+@pytest.mark.parametrize("block_c", [32, 4])  # one tile, or tiles of 4 classes (the last one padded for 5, 19)
+def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype, block_c):
     from pyvision_ops.kernels import cross_entropy as K
 
     monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 256)  # several programs, a partial last one
     x, y, w = batch((2, classes, 45))
     x = x.to(dtype)
@@ -409,9 +411,13 @@ def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch,
 
 
 @pytest.mark.interpreter
-def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch):
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max of a tile column holding only NaN
+@pytest.mark.parametrize("block_c", [32, 2, 1])
+def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch, block_c):
     # -inf logits (first class, last, all), +inf and NaN, and targets outside the classes
-    # (one of them inside the tile's padding) give what the plain kernel gives
+    # (one of them inside the tile's padding) give what the plain kernel gives, with the
+    # classes in one tile or in tiles merged one after another (a tile all -inf, the running
+    # max -inf, a larger max later)
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y = special_logits()
@@ -424,6 +430,7 @@ def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch)
             want_dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, ls, 0)
             with monkeypatch.context() as mp:
                 mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+                mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
                 got = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
                 got_dz = K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, ls, 0)
             for a, b in zip((*got, got_dz), (*want, want_dz)):
@@ -631,11 +638,13 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 4),
-                                     ("CE_TILE_CONFIG", "MAX_C", None), ("CE_CONFIG", "PER_SM", 1)], ids=str)
+                                     ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 4),
+                                     ("CE_CONFIG", "PER_SM", 1)], ids=str)
 def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile (the
     # class tile adds the exponentials in another order; None: the tile switched on if it is
-    # off by default, else off; PER_SM with 4 multiprocessors: 4 programs for 12 blocks)
+    # off by default, else off; BLOCK_C 4: the tile on, 19 classes in 5 tiles; PER_SM with 4
+    # multiprocessors: 4 programs for 12 blocks)
     from pyvision_ops.kernels import cross_entropy as K
 
     config, key, value = variant
@@ -652,6 +661,8 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
                 mp.setitem(getattr(K, config), key, value)
                 if key == "PER_SM":
                     mp.setattr(K, "_multiprocessors", lambda device: 4)
+                if key == "BLOCK_C":
+                    mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
                 got = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
                 got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
             for a, b in zip((*got, got_dz), (*want, want_dz)):

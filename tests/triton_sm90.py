@@ -94,15 +94,17 @@ def _launchers():
         _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, wsum, 255, 0.0, 1)
     cross_entropy.CE_CONFIG["UNROLL"] = default
-    default, cross_entropy.CE_TILE_CONFIG["MAX_C"] = cross_entropy.CE_TILE_CONFIG["MAX_C"], 32  # the class tile
-    for zz in (z, z.double(), z.half()):
-        acc = torch.float64 if zz.dtype == torch.float64 else torch.float32
-        for weight, smoothing in ((None, 0.0), (torch.rand(7, generator=g).to(zz.dtype), 0.1)):
-            for reduction, grad in ((0, torch.ones(t.shape, dtype=acc)), (1, torch.ones((), dtype=acc))):
-                _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, reduction)
-                cross_entropy.softmax_cross_entropy_backward(grad, zz, t, weight, stats, wsum, 255, smoothing,
-                                                             reduction)
-    cross_entropy.CE_TILE_CONFIG["MAX_C"] = default
+    saved = dict(cross_entropy.CE_TILE_CONFIG)
+    for block_c in (32, 4):  # the class tile: one tile of the 7 classes, or tiles of 4 in a loop
+        cross_entropy.CE_TILE_CONFIG.update(MAX_C=32, BLOCK_C=block_c)
+        for zz in (z, z.double(), z.half()):
+            acc = torch.float64 if zz.dtype == torch.float64 else torch.float32
+            for weight, smoothing in ((None, 0.0), (torch.rand(7, generator=g).to(zz.dtype), 0.1)):
+                for reduction, grad in ((0, torch.ones(t.shape, dtype=acc)), (1, torch.ones((), dtype=acc))):
+                    _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, t, weight, 255, smoothing, reduction)
+                    cross_entropy.softmax_cross_entropy_backward(grad, zz, t, weight, stats, wsum, 255, smoothing,
+                                                                 reduction)
+    cross_entropy.CE_TILE_CONFIG.update(saved)
     # PER_SM: programs looping over blocks (4 multiprocessors off CUDA; 16-position blocks)
     saved = dict(cross_entropy.CE_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)
     cross_entropy.CE_CONFIG.update(PER_SM=1, BLOCK=16)
