@@ -16,9 +16,9 @@ GHz boost clock, 4245 GB/s measured copy bandwidth, benchmarks/results/nvidia-h2
 
 import argparse
 import os
-import re
-import subprocess
 import tempfile
+
+from .sass import compile_sm90, count_instructions
 
 KINDS = ("iou", "giou", "diou", "ciou")
 
@@ -47,35 +47,15 @@ def _fast_path_module(tmp: str):
 def compile_sass(kind: int, config: dict, module=None) -> tuple[str, str]:
     """The SASS of _pairwise_kernel (of `module`, default kernels/box_iou.py) for box kind
     `kind` under `config`, for sm_90, and its resource line (registers, local memory = spills)."""
-    import triton
     from pyvision_ops.kernels import box_iou
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    K = module or box_iou
 
     cfg = dict(config)
     num_warps = cfg.pop("num_warps")
     sig = {name: "*fp32" for name in ("b1_ptr", "b2_ptr", "t1_ptr", "t2_ptr", "out_ptr")}
     sig.update(N="i32", M="i32", eps="fp64")
-    consts = dict(KIND=kind, DIV_RN=False, EVEN=True, **cfg)
-    sig.update({k: "constexpr" for k in consts})
     # what the launch specialises: 16-byte aligned tensors, N and M divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
-    src = ASTSource(fn=K._pairwise_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass, res = (subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
-                     for flag in ("-sass", "-res-usage"))
-    return sass, re.search(r"REG:\d+.*?LOCAL:\d+", res).group(0).replace("STACK:0 SHARED:0 ", "")
-
-
-def count_instructions(sass: str) -> int:
-    """Instructions in a cuobjdump -sass listing (one `/*offset*/ OP ...` line each)."""
-    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/\s+\S", line))
+    return compile_sm90((module or box_iou)._pairwise_kernel, sig, dict(KIND=kind, DIV_RN=False, EVEN=True, **cfg),
+                        num_warps, divisible=range(7))
 
 
 def _row(label, kinds, cfg, outputs, args, module=None):

@@ -29,8 +29,8 @@ CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0}
 # within a block of each other.
 CONFIGS += [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": k}
             for b, w, u, k in [(256, 4, 4, 8), (256, 4, 4, 4), (512, 4, 4, 4), (1024, 8, 2, 2)]]
-# The class-tile kernels (CE_TILE_CONFIG), each with the best of CONFIGS: the 19 classes in
-# one tile, or in tiles of 2, 4 or 8 (sm_90 registers 53-119: `cuobjdump -res-usage`).
+# The class-tile kernels (CE_TILE_CONFIG): the 19 classes in tiles of 4, 2 or 8, or in one
+# (python -m benchmarks.sass_cross_entropy: loads in flight, instructions, registers).
 TILE_CONFIGS = [{"MAX_C": 32, "BLOCK_C": c, "ELEMS": e, "num_warps": w, "PER_SM": 0}
                 for c, e, w in [(4, 4096, 8), (32, 4096, 4), (2, 2048, 8), (4, 2048, 4), (8, 4096, 4),
                                 (32, 2048, 4), (32, 4096, 8), (32, 8192, 8)]]

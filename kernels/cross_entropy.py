@@ -17,14 +17,18 @@ buffer is one row-contracted block of classes of at most N*H*W values.
 """
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .._library import _acc_dtype as acc_dtype
 from . import cdiv, grid_rows, loss_grad, next_power_of_2, require, row_grid
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
+
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -198,18 +202,30 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
 
 
 @triton.jit
-def _ce_tile_update(z, cs, cm, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
-    """_ce_update for a tile of classes cs (rows; cm: those below C, the others hold -inf):
-    the tile's own max and sum of exponentials, merged into the running ones with one
-    exponential as in lse_update. A -inf logit adds nothing, a +inf or NaN one makes the sum
-    NaN."""
+def _exp_ftz(x):
+    """exp, flushing results below 2^-126 to 0 in fp32 (ex2.approx.ftz: no range fix-ups, 3
+    instructions fewer). Where every sum of these holds a 1 (a max's own term), a flushed
+    term could not have changed it. fp64 and the interpreter (no libdevice): tl.exp."""
+    if _INTERPRET or x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return libdevice.fast_expf(x)
+
+
+@triton.jit
+def _ce_tile_update(z, cs, cm, yc, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """_ce_update for a tile of classes cs (rows; cm: those below C, the others hold -inf) and
+    int32 targets yc (-1 where not a class): the tile's own max and sum of exponentials,
+    merged into the running ones with one exponential as in lse_update. A -inf logit adds
+    nothing (exp(-inf - m) = 0; an all -inf column subtracts 0, not -inf, so no per-logit
+    test is needed), a +inf or NaN one makes the sum NaN."""
     mc = tl.max(z, 0)
-    sc = tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - mc[None, :])), 0)
+    sc = tl.sum(_exp_ftz(z - tl.where(mc == float("-inf"), 0.0, mc)[None, :]), 0)
     d = mc - mx
     e = tl.where(mc == float("-inf"), 0.0, tl.exp(-tl.abs(d)))  # both -inf: d is NaN
     new_mx = tl.maximum(mx, mc)
     s = tl.where(d > 0, s * e + sc, s + sc * e)
-    zy += tl.sum(tl.where(cm & (cs == y[None, :]), z, 0.0), 0)
+    zy += tl.sum(tl.where(cs == yc[None, :], z, 0.0), 0)
     if SMOOTH:
         wc = _row_weights(w_ptr, cs, cm, HAS_W)
         grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
@@ -233,6 +249,8 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
     rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+        # 32-bit class compares (the loss of any other target is 0 or NaN whatever zy is)
+        yc = tl.where((y >= 0) & (y < C), y, -1).to(tl.int32)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
         zy = tl.zeros((BLOCK,), acc)
@@ -243,7 +261,7 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
             cm = cs < C
             z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=cm & mj[None, :],
                         other=float("-inf")).to(acc)
-            mx, s, zy, wd, wseen = _ce_tile_update(z, cs, cm, y, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
+            mx, s, zy, wd, wseen = _ce_tile_update(z, cs, cm, yc, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
         _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                    stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 

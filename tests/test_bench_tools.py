@@ -87,3 +87,22 @@ def test_sass_box_iou_counts_the_pairwise_kernels_instructions():
     cells = [c for r in out.splitlines() if r.startswith("| launcher") for c in r.strip(" |").split(" | ")[2:]]
     per_output = [float(c.split(" / ")[0]) for c in cells]
     assert len(per_output) == 4 and per_output == sorted(per_output) and 10 < per_output[0] < per_output[3] < 200
+
+
+def test_sass_cross_entropy_finds_the_class_loops_loads():
+    # the same offline compile: the plain kernel's class loop has one 16-byte load a thread in
+    # flight before its first exponential, a tile of 4 classes four (the reason for the tiles)
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sass_cross_entropy"], capture_output=True, text=True,
+                         env=env, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    rows = {r.split(" | ")[0].strip("| "): r.strip(" |").split(" | ")[1:] for r in out.splitlines()
+            if r.startswith(("| plain", "| tile"))}
+    plain = rows["plain BLOCK 1024, 8 warps, UNROLL 2"]
+    tile = rows["tile BLOCK_C 4, BLOCK 1024, 8 warps"]
+    assert [int(c.split(" / ")[0]) for c in plain] == [1, 1] and [int(c.split(" / ")[0]) for c in tile] == [4, 4]
+    assert len(rows) == 11 and all(5 < float(c.split(" / ")[1]) < 200 and c.endswith("LOCAL:0")
+                                   for r in rows.values() for c in r)

@@ -1,0 +1,92 @@
+"""`python -m benchmarks.sass_cross_entropy`: the sm_90 machine code of the cross-entropy
+kernels' class loop, per config: how many of its global loads issue before the first
+exponential needs one (loads a thread has in flight at once), its instructions per logit,
+registers (which set how many programs share an SM) and bytes in flight an SM.
+
+Needs no GPU (benchmarks/sass.py). Configs: the plain kernels at CE_CONFIG with UNROLL 1, 2
+and 4, and the class-tile kernels of benchmarks/tune_cross_entropy.py, compiled for the
+benchmark's step (19 classes, fp32, mean, no weight or smoothing; 16-divisible sizes). One
+tile (BLOCK_C >= 19) has no class loop: its loads in flight are the whole kernel's.
+Instructions a logit: the whole kernel's, as one program runs it at 19 classes (loop
+bodies times their iterations), over its logits. Bytes in flight an SM = programs an SM
+(by registers and threads, at most 64 warps) x threads x loads in flight x 16 bytes; by
+Little's law the bandwidth a kernel can draw is at most that over the memory's latency."""
+
+import argparse
+import re
+
+from .sass import compile_sm90, instructions, loops
+
+FORWARD = dict(z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", part_ptr="*fp64", stats_ptr="*fp32",
+               C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
+BACKWARD = dict(g_ptr="*fp32", wsum_ptr="*fp32", z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", stats_ptr="*fp32",
+                dz_ptr="*fp32", C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
+CLASSES = 19
+
+
+def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
+    """Loads in flight, instructions per logit at 19 classes, bytes in flight an SM and resources."""
+    from pyvision_ops.kernels import cross_entropy as K
+
+    fwd = kernel == "forward"
+    tile = "BLOCK_C" in cfg
+    fn = getattr(K, f"_ce{'_tile' if tile else ''}_{kernel}_kernel")
+    opts = dict(HAS_W=False, SMOOTH=False, LOOP=False, **cfg)
+    opts.update(dict(STORE_LOSS=False) if fwd else dict(G_STEP=0, MEAN=True))
+    sig = FORWARD if fwd else BACKWARD
+    ints = [i for i, name in enumerate(sig) if sig[name].startswith("*") or name in ("S", "P")]
+    sass, res = compile_sm90(fn, sig, opts, num_warps, divisible=ints)
+    total = len(instructions(sass))
+    # the class loop: the loop with the most loads; the plain kernels' second one takes the
+    # C % UNROLL classes left over; a single tile has none (its whole code runs once)
+    body, *rest = sorted((b for b in loops(sass) if any("LDG" in t for t in b)),
+                         key=lambda b: -sum("LDG" in t for t in b)) or [[t for _, t in instructions(sass)]]
+    rows = cfg.get("BLOCK_C", cfg.get("UNROLL", 1))
+    if tile and cfg["ONE_TILE"]:
+        issued = total
+    elif tile:
+        issued = total + (-(-CLASSES // rows) - 1) * len(body)
+    else:
+        leftover = sum(len(b) for b in rest)
+        issued = total - leftover + (CLASSES // rows - 1) * len(body) + (CLASSES % rows - 1) * leftover
+    first_exp = next((i for i, t in enumerate(body) if "MUFU.EX2" in t), len(body))
+    in_flight = sum(bool(re.search(r"\bLDG\.E\.128\b", t)) for t in body[:first_exp])
+    threads = 32 * num_warps
+    regs, local = (int(re.search(key + r":(\d+)", res).group(1)) for key in ("REG", "LOCAL"))
+    programs = min(65536 // (regs * threads), 64 * 32 // threads)
+    return dict(in_flight=in_flight, per_logit=issued / (CLASSES * cfg["BLOCK"] / threads),
+                kb=programs * threads * in_flight * 16 / 1024,
+                res=f"REG:{regs} LOCAL:{local}")
+
+
+def configs():
+    from pyvision_ops.kernels import cross_entropy as K
+
+    from .tune_cross_entropy import TILE_CONFIGS
+
+    base = {k: v for k, v in K.CE_CONFIG.items() if k != "PER_SM"}
+    for unroll in (1, 2, 4):
+        cfg = {**base, "UNROLL": unroll}
+        warps = cfg.pop("num_warps")
+        yield f"plain BLOCK {cfg['BLOCK']}, {warps} warps, UNROLL {unroll}", cfg, warps
+    for t in TILE_CONFIGS:
+        block_c = min(t["BLOCK_C"], 32)
+        cfg = {"BLOCK_C": block_c, "BLOCK": max(16, t["ELEMS"] // block_c), "ONE_TILE": block_c >= CLASSES}
+        yield f"tile BLOCK_C {t['BLOCK_C']}, BLOCK {cfg['BLOCK']}, {t['num_warps']} warps", cfg, t["num_warps"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.parse_args(argv)
+    print("cells: 16-byte loads in flight a thread / instructions a logit / KB in flight an SM / registers, spills")
+    print("| config | forward | backward |\n|---|---|---|")
+    for label, cfg, warps in configs():
+        cells = []
+        for kernel in ("forward", "backward"):
+            a = analyse(kernel, cfg, warps)
+            cells.append(f"{a['in_flight']} / {a['per_logit']:.1f} / {a['kb']:.0f} / {a['res']}")
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
