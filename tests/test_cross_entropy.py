@@ -386,16 +386,17 @@ def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("per_sm", [1, 2, 3])
-@pytest.mark.parametrize("tile", [False, True])
+@pytest.mark.parametrize("tile", [0, 32, 4])  # plain, one class tile, tiles of 4 classes
 def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch, per_sm, tile):
     # PER_SM: fewer programs than blocks (4 "multiprocessors" off CUDA), each taking blocks a
     # grid apart; the partial sums stay one per block, so every output is the same bit for bit
     from pyvision_ops.kernels import cross_entropy as K
 
     monkeypatch.setitem(K.CE_CONFIG, "BLOCK", 16)
-    monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 128)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 16 * min(tile or 8, 8))  # 16 positions: tiles of 8 or 4 classes
     if tile:
         monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+        monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", tile)
     x, y, w = batch((3, 5, 45))  # 3 blocks an image: 9, more than 4 * per_sm programs but for 3
     for wt, ls, reduction in ((None, 0.0, 1), (w, 0.3, 0), (w, 0.0, 2)):
         want = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)

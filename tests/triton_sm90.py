@@ -108,8 +108,8 @@ def _launchers():
     # PER_SM: programs looping over blocks (4 multiprocessors off CUDA; 16-position blocks)
     saved = dict(cross_entropy.CE_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)
     cross_entropy.CE_CONFIG.update(PER_SM=1, BLOCK=16)
-    for max_c in (0, 32):
-        cross_entropy.CE_TILE_CONFIG.update(PER_SM=1, MAX_C=max_c, ELEMS=128)
+    for max_c, block_c in ((0, 32), (32, 32), (32, 4)):
+        cross_entropy.CE_TILE_CONFIG.update(PER_SM=1, MAX_C=max_c, BLOCK_C=block_c, ELEMS=128)
         zz = torch.randn(2, 7, 90, generator=g)
         tt = torch.randint(0, 7, (2, 90), generator=g)
         assert cross_entropy._launch(7, 90, 2, zz.device)[0]["LOOP"]
