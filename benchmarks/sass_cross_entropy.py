@@ -1,6 +1,6 @@
 """`python -m benchmarks.sass_cross_entropy`: the sm_90 machine code of the cross-entropy
-kernels' class loop, per config: how many of its global loads issue before the first
-exponential needs one (loads a thread has in flight at once), its instructions per logit,
+kernels' class loop, per config: the bytes of the global loads that issue before the first
+exponential needs one (what a thread has in flight at once), its instructions per logit,
 registers (which set how many programs share an SM) and bytes in flight an SM.
 
 Needs no GPU (benchmarks/sass.py). Configs: the plain kernels at CE_CONFIG with UNROLL 1, 2
@@ -9,7 +9,8 @@ benchmark's step (19 classes, fp32, mean, no weight or smoothing; 16-divisible s
 tile (BLOCK_C >= 19) has no class loop: its loads in flight are the whole kernel's.
 Instructions a logit: the whole kernel's, as one program runs it at 19 classes (loop
 bodies times their iterations), over its logits. Bytes in flight an SM = programs an SM
-(by registers and threads, at most 64 warps) x threads x loads in flight x 16 bytes; by
+(by registers and threads, at most 64 warps; shared memory not counted) x threads x bytes in
+flight a thread; by
 Little's law the bandwidth a kernel can draw is at most that over the memory's latency."""
 
 import argparse
@@ -48,14 +49,17 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
         issued = total + (-(-CLASSES // rows) - 1) * len(body)
     else:
         leftover = sum(len(b) for b in rest)
-        issued = total - leftover + (CLASSES // rows - 1) * len(body) + (CLASSES % rows - 1) * leftover
+        issued = total + (CLASSES // rows - 1) * len(body) + (CLASSES % rows - 1) * leftover
     first_exp = next((i for i, t in enumerate(body) if "MUFU.EX2" in t), len(body))
-    in_flight = sum(bool(re.search(r"\bLDG\.E\.128\b", t)) for t in body[:first_exp])
+    # bytes a thread has in flight: its loads (LDG.E is 4 bytes, .64 and .128 wider) before
+    # the first exponential waits for one
+    widths = (re.search(r"\bLDG\.E(?:\.(\d+))?\b", t) for t in body[:first_exp])
+    in_flight = sum(int(m.group(1) or 32) // 8 for m in widths if m)
     threads = 32 * num_warps
     regs, local = (int(re.search(key + r":(\d+)", res).group(1)) for key in ("REG", "LOCAL"))
     programs = min(65536 // (regs * threads), 64 * 32 // threads)
     return dict(in_flight=in_flight, per_logit=issued / (CLASSES * cfg["BLOCK"] / threads),
-                kb=programs * threads * in_flight * 16 / 1024,
+                kb=programs * threads * in_flight / 1024,
                 res=f"REG:{regs} LOCAL:{local}")
 
 
@@ -78,7 +82,7 @@ def configs():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.parse_args(argv)
-    print("cells: 16-byte loads in flight a thread / instructions a logit / KB in flight an SM / registers, spills")
+    print("cells: bytes in flight a thread / instructions a logit / KB in flight an SM / registers, spills")
     print("| config | forward | backward |\n|---|---|---|")
     for label, cfg, warps in configs():
         cells = []

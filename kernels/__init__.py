@@ -2,6 +2,8 @@
 
 Helpers shared by the launchers live here."""
 
+import os
+
 import torch
 
 
@@ -19,6 +21,17 @@ def loss_grad(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int
     if grad.numel() and all(st == 0 for st in grad.stride()):
         return grad.as_strided((1,), (1,)).to(dtype), 0
     return grad.to(dtype).contiguous(), 1
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter (TRITON_INTERPRET, read as Triton
+    reads it: "true" counts as well as "1"), for kernels whose GPU code calls libdevice."""
+    import triton
+
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # a Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -13,7 +13,6 @@ atan is not taken in the kernels: the launchers precompute atan(w / h) per box
 (O(N + M) work) and pass it in, which keeps libdevice out of the kernels.
 """
 
-import os
 
 import torch
 import triton
@@ -21,7 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._library import _acc_dtype as acc_dtype
-from . import cdiv, require
+from . import cdiv, interpreting, require
 
 _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 
@@ -32,7 +31,7 @@ _FOUR_OVER_PI2 = tl.constexpr(0.40528473456935108578)  # 4 / pi^2
 # below 2^-126 to 0 (an absolute error under 1.2e-38). The interpreter has no libdevice:
 # there the approximate mode does the same by hand (a * (1 / b), two roundings, then the flush).
 DIV_FAST, DIV_IEEE, DIV_APPROX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRET = tl.constexpr(interpreting())
 
 
 @triton.jit

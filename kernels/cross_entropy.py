@@ -17,7 +17,6 @@ buffer is one row-contracted block of classes of at most N*H*W values.
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -25,10 +24,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._library import _acc_dtype as acc_dtype
-from . import cdiv, grid_rows, loss_grad, next_power_of_2, require, row_grid
+from . import cdiv, grid_rows, interpreting, loss_grad, next_power_of_2, require, row_grid
 from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
 
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRET = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -476,7 +475,10 @@ def _tile_config(c):
     """The class-tile kernels' config for C classes, or None where they do not apply."""
     if not 0 < c <= CE_TILE_CONFIG["MAX_C"]:
         return None
-    block_c = min(next_power_of_2(c), CE_TILE_CONFIG["BLOCK_C"])
+    cap = CE_TILE_CONFIG["BLOCK_C"]
+    if cap < 1 or cap & (cap - 1):
+        raise ValueError(f"CE_TILE_CONFIG['BLOCK_C'] must be a power of 2 (a tile's rows), got {cap}")
+    block_c = min(next_power_of_2(c), cap)
     return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c), "ONE_TILE": block_c >= c,
             "num_warps": CE_TILE_CONFIG["num_warps"], "PER_SM": CE_TILE_CONFIG["PER_SM"]}
 

@@ -103,6 +103,6 @@ def test_sass_cross_entropy_finds_the_class_loops_loads():
             if r.startswith(("| plain", "| tile"))}
     plain = rows["plain BLOCK 1024, 8 warps, UNROLL 2"]
     tile = rows["tile BLOCK_C 4, BLOCK 1024, 8 warps"]
-    assert [int(c.split(" / ")[0]) for c in plain] == [1, 1] and [int(c.split(" / ")[0]) for c in tile] == [4, 4]
+    assert [int(c.split(" / ")[0]) for c in plain] == [16, 16] and [int(c.split(" / ")[0]) for c in tile] == [64, 64]
     assert len(rows) == 11 and all(5 < float(c.split(" / ")[1]) < 200 and c.endswith("LOCAL:0")
                                    for r in rows.values() for c in r)

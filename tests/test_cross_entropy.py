@@ -416,26 +416,33 @@ def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch,
 @pytest.mark.parametrize("block_c", [32, 2, 1])
 def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch, block_c):
     # -inf logits (first class, last, all), +inf and NaN, and targets outside the classes
-    # (one of them inside the tile's padding) give what the plain kernel gives, with the
-    # classes in one tile or in tiles merged one after another (a tile all -inf, the running
-    # max -inf, a larger max later)
+    # (6: inside the padding of a tile of 8 for 5 classes) give what the plain kernel gives,
+    # with the classes in one tile or in tiles merged one after another (a tile all -inf,
+    # the running max -inf, a larger max later)
     from pyvision_ops.kernels import cross_entropy as K
 
+    for x, y in _special_tile_cases():
+        g = torch.rand(y.shape, dtype=torch.float64) + 0.5
+        for ls in (0.0, 0.2):
+            for w in (None, torch.linspace(0.5, 3, x.shape[1], dtype=torch.float64)):
+                want = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
+                want_dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, ls, 0)
+                with monkeypatch.context() as mp:
+                    mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+                    mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
+                    got = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
+                    got_dz = K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, ls, 0)
+                for a, b in zip((*got, got_dz), (*want, want_dz)):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def _special_tile_cases():
+    """special_logits() with 4 classes and with a fifth (finite) one, targets 6 and -3 added."""
     x, y = special_logits()
     y = y.clone()
     y[1, 0], y[1, 1] = 6, -3
-    g = torch.rand(y.shape, dtype=torch.float64) + 0.5
-    for ls in (0.0, 0.2):
-        for w in (None, torch.tensor([1.0, 2, 0.5, 3], dtype=torch.float64)):
-            want = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
-            want_dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, ls, 0)
-            with monkeypatch.context() as mp:
-                mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
-                mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
-                got = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
-                got_dz = K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, ls, 0)
-            for a, b in zip((*got, got_dz), (*want, want_dz)):
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+    x5 = torch.cat([x, torch.randn(2, 1, 6, generator=torch.Generator().manual_seed(3), dtype=x.dtype)], 1)
+    return (x, y), (x5, y)
 
 
 def special_logits():
@@ -668,6 +675,33 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
                 got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
             for a, b in zip((*got, got_dz), (*want, want_dz)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+@pytest.mark.parametrize("block_c", [32, 4, 2, 1])
+def test_cuda_cross_entropy_class_tiles_special_values(block_c, monkeypatch):
+    # on the GPU's own code (a max that may skip NaN, exponentials flushed below 2^-126): the
+    # special values of the interpreter test, and logits 100 apart (terms that flush), in
+    # fp32, give what the plain kernels give
+    from pyvision_ops.kernels import cross_entropy as K
+
+    spread = torch.arange(5, dtype=torch.float64).repeat(2, 6, 1).permute(0, 2, 1) * -100.0
+    cases = [*_special_tile_cases(), (spread, torch.tensor([[0, 1, 2, 3, 4, 0]] * 2))]
+    for x, y in cases:
+        z, t = x.float().cuda(), y.cuda()
+        for ls in (0.0, 0.2):
+            want = ops.softmax_cross_entropy(z, t, None, -100, ls, 0)
+            g = torch.ones(want[0].shape, device="cuda")
+            want_dz = ops.softmax_cross_entropy_backward(g, z, t, None, want[2], want[1], -100, ls, 0)
+            with monkeypatch.context() as mp:
+                mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+                mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
+                got = ops.softmax_cross_entropy(z, t, None, -100, ls, 0)
+                got_dz = ops.softmax_cross_entropy_backward(g, z, t, None, got[2], got[1], -100, ls, 0)
+            # stats[0] (the max) of a position holding NaN depends on how a max treats NaN
+            for a, b in zip((got[0], got[1], got[2][1], got_dz), (want[0], want[1], want[2][1], want_dz)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.gpu

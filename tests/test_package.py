@@ -324,3 +324,13 @@ def test_fx_symbolic_trace_records_each_front_as_one_node():
     traced = torch.fx.symbolic_trace(kept)
     assert kept.scales == [0.125, 0.0625]
     torch.testing.assert_close(traced(pyr, [boxes], [(64, 64)]), kept(pyr, [boxes], [(64, 64)]))
+
+
+def test_kernels_read_triton_interpret_as_triton_does(monkeypatch):
+    # kernels calling libdevice on the GPU take their interpreter path for any value Triton
+    # itself reads as on ("true" as well as "1"), or they would fail under the interpreter
+    from pyvision_ops.kernels import interpreting
+
+    for value, on in (("1", True), ("true", True), ("0", False), ("false", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreting() is on
