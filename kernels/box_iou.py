@@ -13,7 +13,6 @@ atan is not taken in the kernels: the launchers precompute atan(w / h) per box
 (O(N + M) work) and pass it in, which keeps libdevice out of the kernels.
 """
 
-
 import torch
 import triton
 import triton.language as tl

@@ -465,9 +465,9 @@ CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0}
 # 2) by about ELEMS / BLOCK_C positions. Why: the plain kernels' sm_90 code issues a class
 # plane's load only after the previous plane's arithmetic, one 16-byte load in flight a
 # thread at UNROLL 2 (two at UNROLL 4), while a tile issues all of its loads back to back.
-# With BLOCK_C >= C (one tile) the forward's output matched the plain kernel's on an H200
-# (the GPU variant test, 2026-11-27 16:57), the backward's has not run on a GPU; no tile
-# config has been timed (tune_cross_entropy.py does).
+# An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
+# 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
+# been timed (tune_cross_entropy.py does).
 CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0}
 
 
