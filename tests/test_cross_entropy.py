@@ -678,10 +678,10 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.filterwarnings("ignore:All-NaN slice")
-@pytest.mark.parametrize("block_c", [32, 4, 2, 1])
+@pytest.mark.parametrize("block_c", [4, 1])
 def test_cuda_cross_entropy_class_tiles_special_values(block_c, monkeypatch):
-    # on the GPU's own code (a max that may skip NaN, exponentials flushed below 2^-126): the
+    # on the GPU's own code (a max that may skip NaN, exponentials flushed below 2^-126), tiles
+    # merged one after another (few compiles: the GPU check has a time budget): the
     # special values of the interpreter test, and logits 100 apart (terms that flush), in
     # fp32, give what the plain kernels give
     from pyvision_ops.kernels import cross_entropy as K
