@@ -425,15 +425,26 @@ def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch,
         g = torch.rand(y.shape, dtype=torch.float64) + 0.5
         for ls in (0.0, 0.2):
             for w in (None, torch.linspace(0.5, 3, x.shape[1], dtype=torch.float64)):
-                want = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
-                want_dz = K.softmax_cross_entropy_backward(g, x, y, w, want[2], want[1], -100, ls, 0)
-                with monkeypatch.context() as mp:
-                    mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
-                    mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
-                    got = K.softmax_cross_entropy(x, y, w, -100, ls, 0)
-                    got_dz = K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, ls, 0)
-                for a, b in zip((*got, got_dz), (*want, want_dz)):
+                want, got = _plain_and_tiles(monkeypatch, block_c, K.softmax_cross_entropy,
+                                             K.softmax_cross_entropy_backward, x, y, w, ls, g)
+                for a, b in zip(got, want):
                     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def _plain_and_tiles(monkeypatch, block_c, forward, backward, x, y, w, ls, g):
+    """(loss, wsum, stats, gradient) of `forward` and `backward` (reduction none) with the class
+    tiles off, then on with tiles of at most block_c classes."""
+    from pyvision_ops.kernels import cross_entropy as K
+
+    out = []
+    for tiles in (False, True):
+        with monkeypatch.context() as mp:
+            if tiles:
+                mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+                mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
+            fwd = forward(x, y, w, -100, ls, 0)
+            out.append((*fwd, backward(g, x, y, w, fwd[2], fwd[1], -100, ls, 0)))
+    return out
 
 
 def _special_tile_cases():
@@ -684,23 +695,16 @@ def test_cuda_cross_entropy_class_tiles_special_values(block_c, monkeypatch):
     # merged one after another (few compiles: the GPU check has a time budget): the
     # special values of the interpreter test, and logits 100 apart (terms that flush), in
     # fp32, give what the plain kernels give
-    from pyvision_ops.kernels import cross_entropy as K
-
     spread = torch.arange(5, dtype=torch.float64).repeat(2, 6, 1).permute(0, 2, 1) * -100.0
     cases = [*_special_tile_cases(), (spread, torch.tensor([[0, 1, 2, 3, 4, 0]] * 2))]
     for x, y in cases:
         z, t = x.float().cuda(), y.cuda()
+        g = torch.ones(t.shape, device="cuda")
         for ls in (0.0, 0.2):
-            want = ops.softmax_cross_entropy(z, t, None, -100, ls, 0)
-            g = torch.ones(want[0].shape, device="cuda")
-            want_dz = ops.softmax_cross_entropy_backward(g, z, t, None, want[2], want[1], -100, ls, 0)
-            with monkeypatch.context() as mp:
-                mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
-                mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
-                got = ops.softmax_cross_entropy(z, t, None, -100, ls, 0)
-                got_dz = ops.softmax_cross_entropy_backward(g, z, t, None, got[2], got[1], -100, ls, 0)
+            want, got = _plain_and_tiles(monkeypatch, block_c, ops.softmax_cross_entropy,
+                                         ops.softmax_cross_entropy_backward, z, t, None, ls, g)
             # stats[0] (the max) of a position holding NaN depends on how a max treats NaN
-            for a, b in zip((got[0], got[1], got[2][1], got_dz), (want[0], want[1], want[2][1], want_dz)):
+            for a, b in zip((got[0], got[1], got[2][1], got[3]), (want[0], want[1], want[2][1], want[3])):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
