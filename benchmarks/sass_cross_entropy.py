@@ -9,9 +9,9 @@ benchmark's step (19 classes, fp32, mean, no weight or smoothing; 16-divisible s
 tile (BLOCK_C >= 19) has no class loop: its loads in flight are the whole kernel's.
 Instructions a logit: the whole kernel's, as one program runs it at 19 classes (loop
 bodies times their iterations), over its logits. Bytes in flight an SM = programs an SM
-(by registers and threads, at most 64 warps; shared memory not counted) x threads x bytes in
-flight a thread; by
-Little's law the bandwidth a kernel can draw is at most that over the memory's latency."""
+(by registers and threads, at most 64 warps; shared memory not counted) x threads x bytes
+in flight a thread; by Little's law the bandwidth a kernel can draw is at most that over
+the memory's latency."""
 
 import argparse
 import re
@@ -37,11 +37,12 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     sig = FORWARD if fwd else BACKWARD
     ints = [i for i, name in enumerate(sig) if sig[name].startswith("*") or name in ("S", "P")]
     sass, res = compile_sm90(fn, sig, opts, num_warps, divisible=ints)
-    total = len(instructions(sass))
+    code = [t for _, t in instructions(sass)]
+    total = len(code)
     # the class loop: the loop with the most loads; the plain kernels' second one takes the
     # C % UNROLL classes left over; a single tile has none (its whole code runs once)
     body, *rest = sorted((b for b in loops(sass) if any("LDG" in t for t in b)),
-                         key=lambda b: -sum("LDG" in t for t in b)) or [[t for _, t in instructions(sass)]]
+                         key=lambda b: -sum("LDG" in t for t in b)) or [code]
     rows = cfg.get("BLOCK_C", cfg.get("UNROLL", 1))
     if tile and cfg["ONE_TILE"]:
         issued = total
@@ -73,10 +74,16 @@ def configs():
         cfg = {**base, "UNROLL": unroll}
         warps = cfg.pop("num_warps")
         yield f"plain BLOCK {cfg['BLOCK']}, {warps} warps, UNROLL {unroll}", cfg, warps
-    for t in TILE_CONFIGS:
-        block_c = min(t["BLOCK_C"], 32)
-        cfg = {"BLOCK_C": block_c, "BLOCK": max(16, t["ELEMS"] // block_c), "ONE_TILE": block_c >= CLASSES}
-        yield f"tile BLOCK_C {t['BLOCK_C']}, BLOCK {cfg['BLOCK']}, {t['num_warps']} warps", cfg, t["num_warps"]
+    saved, tiles = K.CE_TILE_CONFIG, []
+    try:
+        for t in TILE_CONFIGS:
+            K.CE_TILE_CONFIG = t  # the launcher's own tile for 19 classes
+            tiles.append((t["BLOCK_C"], K._tile_config(CLASSES)))
+    finally:
+        K.CE_TILE_CONFIG = saved
+    for block_c, cfg in tiles:
+        warps, _ = cfg.pop("num_warps"), cfg.pop("PER_SM")
+        yield f"tile BLOCK_C {block_c}, BLOCK {cfg['BLOCK']}, {warps} warps", cfg, warps
 
 
 def main(argv=None):
