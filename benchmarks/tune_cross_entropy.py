@@ -7,7 +7,10 @@ the CUDA-graph time of the benchmark's training step (forward and backward, mean
 ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and its fraction of the issue's bound:
 reading the logits twice and writing the gradient once at the measured copy bandwidth
 (>= 77% is within 1.3x); then the forward op and the backward op alone, each against its
-own share of the bound (one pass, two passes), to show which one is short.
+own share of the bound (one pass, two passes), to show which one is short. First it times
+the same traffic done by torch's own kernels on the same logits (two full sums of the
+logits, one fill of a gradient-sized tensor): the bound as these kernels reach it on this
+shape, besides the one the copy bandwidth of 1 GiB buffers gives.
 kernels/cross_entropy.py:CE_CONFIG and CE_TILE_CONFIG take the best.
 """
 
@@ -47,6 +50,16 @@ def main():
     y = torch.randint(0, 19, (2, 512 * 1024), device="cuda", generator=g)
     y[torch.rand(2, 512 * 1024, device="cuda", generator=g) < 0.1] = 255  # as in the step
     one = torch.ones((), device="cuda")
+    dz = torch.empty_like(z)
+
+    def traffic():  # the bound's bytes and no more: read the logits twice, write a gradient once
+        z.sum()
+        z.sum()
+        dz.fill_(1.0)
+
+    ref = triton.testing.do_bench_cudagraph(traffic, rep=50, return_mode="median")
+    print(f"the same traffic by torch's kernels: {ref * 1e3:.1f} us ({100 * bound / (ref / 1e3):.1f}% of the "
+          f"bound; a step within 1.3x of it takes at most {1.3 * ref * 1e3:.1f} us)")
     _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
     best = best_tile = None
     tile_off = {**K.CE_TILE_CONFIG, "MAX_C": 0}
@@ -65,7 +78,8 @@ def main():
         bwd = triton.testing.do_bench_cudagraph(
             lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, wsum, 255, 0.0, 1), rep=30,
             return_mode="median")
-        print(f"{cfg or tile}: step {ms * 1e3:6.1f} us, {100 * bound / (ms / 1e3):5.1f}% of the bound | forward "
+        print(f"{cfg or tile}: step {ms * 1e3:6.1f} us, {100 * bound / (ms / 1e3):5.1f}% of the bound, "
+              f"{ms / ref:.2f}x torch's traffic | forward "
               f"{fwd * 1e3:6.1f} us, {100 * bound / 3 / (fwd / 1e3):5.1f}% | backward {bwd * 1e3:6.1f} us, "
               f"{100 * bound * 2 / 3 / (bwd / 1e3):5.1f}%", flush=True)
         if cfg is not None:
