@@ -138,12 +138,16 @@ def _triton_cases(dev):
     out.append(("softmax_cross_entropy fwd+bwd, weight, smoothing",
                 fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, w, ignore_index=255, label_smoothing=0.1))))
 
-    def ce_tile(block_c):
-        with _config("cross_entropy.CE_TILE_CONFIG", MAX_C=32, BLOCK_C=block_c):
+    def ce_variant(config, **values):
+        with _config(f"cross_entropy.{config}", **values):
             return fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, ignore_index=255))()
 
-    out.append(("softmax_cross_entropy fwd+bwd, class tile", lambda: ce_tile(32)))
-    out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4", lambda: ce_tile(4)))
+    out.append(("softmax_cross_entropy fwd+bwd, class tile", lambda: ce_variant("CE_TILE_CONFIG", MAX_C=32)))
+    out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4",
+                lambda: ce_variant("CE_TILE_CONFIG", MAX_C=32, BLOCK_C=4)))
+    out.append(("softmax_cross_entropy fwd+bwd, pipelined class loop", lambda: ce_variant("CE_CONFIG", STAGES=3)))
+    out.append(("softmax_cross_entropy fwd+bwd, pipelined class tiles of 4",
+                lambda: ce_variant("CE_TILE_CONFIG", MAX_C=32, BLOCK_C=4, STAGES=3)))
     rows, ry = torch.randn(37, 1003, generator=g).to(dev), torch.randint(0, 1003, (37,), generator=g).to(dev)
     out.append(("softmax_cross_entropy fwd+bwd [37, 1003], none",
                 fwd_bwd(rows, lambda x: P.softmax_cross_entropy(x, ry, reduction="none"))))

@@ -9,7 +9,7 @@ import tempfile
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisible=()) -> tuple[str, str]:
-    """(SASS listing, "REG:n ... LOCAL:n") of @triton.jit `fn` for sm_90. `signature`: Triton
+    """(SASS listing, "REG:n ... LOCAL:n[ SMEM:bytes]") of @triton.jit `fn` for sm_90. `signature`: Triton
     types of the runtime arguments by name; `divisible`: indices of the arguments a launch
     finds 16-divisible (16-byte aligned tensors, sizes that are multiples of 16)."""
     import triton
@@ -26,7 +26,9 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisibl
         f.flush()
         sass, res = (subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
                      for flag in ("-sass", "-res-usage"))
-    return sass, re.search(r"REG:\d+.*?LOCAL:\d+", res).group(0).replace("STACK:0 SHARED:0 ", "")
+    res = re.search(r"REG:\d+.*?LOCAL:\d+", res).group(0).replace("STACK:0 SHARED:0 ", "")
+    # Triton's shared memory is dynamic: cuobjdump's SHARED is the static part only
+    return sass, res + (f" SMEM:{kernel.metadata.shared}" if kernel.metadata.shared else "")
 
 
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")

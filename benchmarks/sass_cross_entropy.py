@@ -9,8 +9,8 @@ benchmark's step (19 classes, fp32, mean, no weight or smoothing; 16-divisible s
 tile (BLOCK_C >= 19) has no class loop: its loads in flight are the whole kernel's.
 Instructions a logit: the whole kernel's, as one program runs it at 19 classes (loop
 bodies times their iterations), over its logits. Bytes in flight an SM = programs an SM
-(by registers and threads, at most 64 warps; shared memory not counted) x threads x bytes
-in flight a thread; by Little's law the bandwidth a kernel can draw is at most that over
+(by registers, threads (at most 64 warps) and shared memory) x threads x bytes in flight
+a thread; by Little's law the bandwidth a kernel can draw is at most that over
 the memory's latency."""
 
 import argparse
@@ -23,6 +23,15 @@ FORWARD = dict(z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", par
 BACKWARD = dict(g_ptr="*fp32", wsum_ptr="*fp32", z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", stats_ptr="*fp32",
                 dz_ptr="*fp32", C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
 CLASSES = 19
+_SMEM_PER_SM = 228 * 1024  # sm_90; each program also takes 1 KB of it for the system
+
+
+def _load_bytes(op: str, text: str) -> int:
+    """Bytes an instruction loads if it is `op` (a regex; .64 or .128 suffixes widen the 4 bytes)."""
+    m = re.search(r"\b" + op + r"\S*", text)
+    if not m:
+        return 0
+    return 16 if ".128" in m.group(0) else 8 if ".64" in m.group(0) else 4
 
 
 def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
@@ -54,26 +63,29 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     first_exp = next((i for i, t in enumerate(body) if "MUFU.EX2" in t), len(body))
     # bytes a thread has in flight: its loads (LDG.E is 4 bytes, .64 and .128 wider) before
     # the first exponential waits for one
-    widths = (re.search(r"\bLDG\.E(?:\.(\d+))?\b", t) for t in body[:first_exp])
-    in_flight = sum(int(m.group(1) or 32) // 8 for m in widths if m)
+    in_flight = sum(_load_bytes(r"LDG\.E", t) for t in body[:first_exp])
+    # a pipelined loop (STAGES > 1) copies the next STAGES - 1 steps' planes to shared memory
+    in_flight += (cfg.get("STAGES", 1) - 1) * sum(_load_bytes(r"LDGSTS\.E", t) for t in body)
     threads = 32 * num_warps
     regs, local = (int(re.search(key + r":(\d+)", res).group(1)) for key in ("REG", "LOCAL"))
-    programs = min(65536 // (regs * threads), 64 * 32 // threads)
+    m = re.search(r"SMEM:(\d+)", res)
+    smem = int(m.group(1)) if m else 0
+    programs = min(65536 // (regs * threads), 64 * 32 // threads, _SMEM_PER_SM // (smem + 1024))
     return dict(in_flight=in_flight, per_logit=issued / (CLASSES * cfg["BLOCK"] / threads),
                 kb=programs * threads * in_flight / 1024,
-                res=f"REG:{regs} LOCAL:{local}")
+                res=f"REG:{regs} LOCAL:{local} SMEM:{smem}")
 
 
 def configs():
     from pyvision_ops.kernels import cross_entropy as K
 
-    from .tune_cross_entropy import TILE_CONFIGS
+    from .tune_cross_entropy import PIPELINED, TILE_CONFIGS
 
     base = {k: v for k, v in K.CE_CONFIG.items() if k != "PER_SM"}
-    for unroll in (1, 2, 4):
-        cfg = {**base, "UNROLL": unroll}
+    for cfg in [{**base, "UNROLL": unroll} for unroll in (1, 2, 4)] + PIPELINED:
+        cfg = {k: v for k, v in cfg.items() if k != "PER_SM"}
         warps = cfg.pop("num_warps")
-        yield f"plain BLOCK {cfg['BLOCK']}, {warps} warps, UNROLL {unroll}", cfg, warps
+        yield f"plain BLOCK {cfg['BLOCK']}, {warps} warps, UNROLL {cfg['UNROLL']}, STAGES {cfg['STAGES']}", cfg, warps
     saved, tiles = K.CE_TILE_CONFIG, []
     try:
         for t in TILE_CONFIGS:
@@ -83,15 +95,19 @@ def configs():
         K.CE_TILE_CONFIG = saved
     for block_c, cfg in tiles:
         warps, _ = cfg.pop("num_warps"), cfg.pop("PER_SM")
-        yield f"tile BLOCK_C {block_c}, BLOCK {cfg['BLOCK']}, {warps} warps", cfg, warps
+        yield f"tile BLOCK_C {block_c}, BLOCK {cfg['BLOCK']}, {warps} warps, STAGES {cfg['STAGES']}", cfg, warps
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.parse_args(argv)
-    print("cells: bytes in flight a thread / instructions a logit / KB in flight an SM / registers, spills")
+    p.add_argument("--only", metavar="REGEX", help="only the configs whose label this matches (re.search)")
+    args = p.parse_args(argv)
+    print("cells: bytes in flight a thread / instructions a logit / KB in flight an SM / registers, spills, "
+          "shared memory")
     print("| config | forward | backward |\n|---|---|---|")
     for label, cfg, warps in configs():
+        if args.only and not re.search(args.only, label):
+            continue
         cells = []
         for kernel in ("forward", "backward"):
             a = analyse(kernel, cfg, warps)

@@ -1,18 +1,21 @@
 """`python -m benchmarks.tune_cross_entropy`: block size, warps, class-loop unrolling and
-programs per multiprocessor of the plain Triton cross-entropy kernels, and the class-tile
-kernels' tiles, on this GPU.
+pipelining, and programs per multiprocessor of the plain Triton cross-entropy kernels, and
+the class-tile kernels' tiles, on this GPU.
 
-Prints, per config (the default first, then the class tiles, then the other plain configs),
-the CUDA-graph time of the benchmark's training step (forward and backward, mean,
-ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and its fraction of the issue's bound:
-reading the logits twice and writing the gradient once at the measured copy bandwidth
-(>= 77% is within 1.3x); then the forward op and the backward op alone, each against its
-own share of the bound (one pass, two passes), to show which one is short. First it times
-the same traffic done by torch's own kernels on the same logits (two full sums of the
-logits, one fill of a gradient-sized tensor): the bound as these kernels reach it on this
-shape, besides the one the copy bandwidth of 1 GiB buffers gives.
+Prints, per config (the default first, then in turn the class tiles and the pipelined plain
+configs, then the other plain configs), the CUDA-graph time of the benchmark's training
+step (forward and backward, mean, ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and
+its fraction of the issue's bound: reading the logits twice and writing the gradient once
+at the measured copy bandwidth (>= 77% is within 1.3x); then the forward op and the
+backward op alone, each against its own share of the bound (one pass, two passes), to show
+which one is short. First it times the same traffic done by torch's own kernels on the same
+logits (two full sums of the logits, one fill of a gradient-sized tensor): the bound as
+these kernels reach it on this shape, besides the one the copy bandwidth of 1 GiB buffers
+gives.
 kernels/cross_entropy.py:CE_CONFIG and CE_TILE_CONFIG take the best.
 """
+
+import itertools
 
 import torch
 import triton.testing
@@ -23,20 +26,27 @@ from pyvision_ops._library import ops
 from .bench_cross_entropy import WORKLOADS
 from .common import cuda_copy_bandwidth
 
-CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0}
+CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": 1}
            for b, w, u in [(512, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 4), (1024, 8, 2), (2048, 8, 2),
                            (1024, 8, 4), (256, 4, 4)]]
 # A program per block leaves a partial last wave: the default's 40 registers give 6 programs
 # of 8 warps an SM, 792 on an H200 for the benchmark's 1024 blocks (1.29 waves;
 # `cuobjdump -res-usage` of the sm_90 compile). Programs that each take about 4 blocks end
 # within a block of each other.
-CONFIGS += [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": k}
+CONFIGS += [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": k, "STAGES": 1}
             for b, w, u, k in [(256, 4, 4, 8), (256, 4, 4, 4), (512, 4, 4, 4), (1024, 8, 2, 2)]]
-# The class-tile kernels (CE_TILE_CONFIG): the 19 classes in tiles of 4, 2 or 8, or in one
-# (python -m benchmarks.sass_cross_entropy: loads in flight, instructions, registers).
-TILE_CONFIGS = [{"MAX_C": 32, "BLOCK_C": c, "ELEMS": e, "num_warps": w, "PER_SM": 0}
-                for c, e, w in [(4, 4096, 8), (32, 4096, 4), (2, 2048, 8), (4, 2048, 4), (8, 4096, 4),
-                                (32, 2048, 4), (32, 4096, 8), (32, 8192, 8)]]
+# Pipelined class loops (STAGES): the next steps' planes copied to shared memory while a
+# step's arithmetic runs (python -m benchmarks.sass_cross_entropy: bytes in flight).
+PIPELINED = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": k}
+             for b, w, u, k in [(1024, 8, 2, 3), (1024, 8, 2, 4), (512, 4, 2, 3), (512, 4, 2, 4), (1024, 8, 1, 5)]]
+CONFIGS += PIPELINED
+# The class-tile kernels (CE_TILE_CONFIG): the 19 classes in tiles of 4 (pipelined or not),
+# 2 or 8, or in one, most promising first (python -m benchmarks.sass_cross_entropy: loads
+# in flight, instructions, registers; one tile issues 46-83 instructions a logit).
+TILE_CONFIGS = [{"MAX_C": 32, "BLOCK_C": c, "ELEMS": e, "num_warps": w, "PER_SM": 0, "STAGES": k}
+                for c, e, w, k in [(4, 4096, 8, 1), (4, 4096, 8, 3), (4, 2048, 4, 1), (4, 2048, 4, 3), (2, 2048, 8, 1),
+                                   (8, 4096, 4, 1), (32, 4096, 4, 1), (32, 2048, 4, 1), (32, 4096, 8, 1),
+                                   (32, 8192, 8, 1)]]
 
 
 def main():
@@ -63,11 +73,13 @@ def main():
     _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
     best = best_tile = None
     tile_off = {**K.CE_TILE_CONFIG, "MAX_C": 0}
-    # the default, then the class tiles (untimed so far), then the other plain configs (timed on
-    # an H200 before) and PER_SM: a run cut by its timeout still has the tiles
+    # the default, then the class tiles and the pipelined plain configs in turn (untimed so
+    # far), then the other plain configs (timed on an H200 before) and PER_SM: a run cut by
+    # its timeout still has the new ones
     default = dict(K.CE_CONFIG)
-    order = ([(default, tile_off)] + [(None, t) for t in TILE_CONFIGS]
-             + [(c, tile_off) for c in CONFIGS if c != default and not c["PER_SM"]]
+    new = itertools.zip_longest([(None, t) for t in TILE_CONFIGS], [(c, tile_off) for c in PIPELINED])
+    order = ([(default, tile_off)] + [x for pair in new for x in pair if x]
+             + [(c, tile_off) for c in CONFIGS if c != default and c not in PIPELINED and not c["PER_SM"]]
              + [(c, tile_off) for c in CONFIGS if c != default and c["PER_SM"]])
     for cfg, tile in order:
         K.CE_CONFIG = cfg or best[1]

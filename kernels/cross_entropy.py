@@ -173,7 +173,7 @@ def _blocks(P, S, nb, LOOP: tl.constexpr):
 def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                        STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                       LOOP: tl.constexpr):
+                       STAGES: tl.constexpr, LOOP: tl.constexpr):
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
     start, stop, step = _blocks(P, S, nb, LOOP)
@@ -187,7 +187,8 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
         wseen = tl.zeros((BLOCK,), acc)
         plane = base  # class planes by pointer steps: c * S could pass 2^31
         c_main = C - C % UNROLL
-        for c0 in range(0, c_main, UNROLL):  # UNROLL independent plane loads in flight
+        # UNROLL independent plane loads in flight; STAGES > 1: and the next STAGES - 1 steps'
+        for c0 in tl.range(0, c_main, UNROLL, num_stages=STAGES):
             for u in tl.static_range(UNROLL):
                 mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, y, mx, s, zy, wd,
                                                   wseen, w_ptr, HAS_W, SMOOTH)
@@ -237,7 +238,7 @@ def _ce_tile_update(z, cs, cm, yc, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.conste
 def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                             STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
-                            ONE_TILE: tl.constexpr, LOOP: tl.constexpr):
+                            ONE_TILE: tl.constexpr, STAGES: tl.constexpr, LOOP: tl.constexpr):
     """_ce_forward_kernel with the class planes of BLOCK positions loaded BLOCK_C at a time
     as one tile (all of its loads in flight at once, not one plane per step), each tile
     reduced over its classes and merged (_ce_tile_update). ONE_TILE: C <= BLOCK_C, a loop of
@@ -255,7 +256,7 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
         zy = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
         wseen = tl.zeros((BLOCK,), acc)
-        for c0 in range(0, BLOCK_C if ONE_TILE else C, BLOCK_C):
+        for c0 in tl.range(0, BLOCK_C if ONE_TILE else C, BLOCK_C, num_stages=STAGES):
             cs = c0 + rows
             cm = cs < C
             z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=cm & mj[None, :],
@@ -317,7 +318,7 @@ def _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, 
 def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                         keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                         G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                        LOOP: tl.constexpr):
+                        STAGES: tl.constexpr, LOOP: tl.constexpr):
     start, stop, step = _blocks(P, S, nb, LOOP)
     for pid in range(start, stop, step):
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
@@ -326,7 +327,7 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
         zp = z_ptr + base
         dp = dz_ptr + base
         c_main = C - C % UNROLL
-        for c0 in range(0, c_main, UNROLL):
+        for c0 in tl.range(0, c_main, UNROLL, num_stages=STAGES):
             for u in tl.static_range(UNROLL):
                 dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c0 + u, y, mx, ls, coef_a, coef_b, gs,
                               w_ptr, HAS_W, SMOOTH)
@@ -345,7 +346,7 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
 def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                              keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                              G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
-                             ONE_TILE: tl.constexpr, LOOP: tl.constexpr):
+                             ONE_TILE: tl.constexpr, STAGES: tl.constexpr, LOOP: tl.constexpr):
     """_ce_backward_kernel with the block's class planes BLOCK_C at a time as one tile."""
     start, stop, step = _blocks(P, S, nb, LOOP)
     rows = tl.arange(0, BLOCK_C)[:, None]
@@ -353,7 +354,7 @@ def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
                                                                   stats_ptr, C, S, P, nb, ignore_index, keep, spread,
                                                                   HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
-        for c0 in range(0, BLOCK_C if ONE_TILE else C, BLOCK_C):
+        for c0 in tl.range(0, BLOCK_C if ONE_TILE else C, BLOCK_C, num_stages=STAGES):
             cs = c0 + rows
             cm = cs < C
             m = cm & mj[None, :]
@@ -459,7 +460,10 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
-CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0}
+# STAGES > 1: Triton software-pipelines the class loop, copying the next STAGES - 1 steps'
+# planes into shared memory (cp.async) while a step's arithmetic runs; 1: plain loads (the
+# same machine code as a plain range). Not yet timed on a GPU.
+CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0, "STAGES": 1}
 # The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
 # 2) by about ELEMS / BLOCK_C positions. Why: the plain kernels' sm_90 code issues a class
@@ -468,7 +472,7 @@ CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0}
 # An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
 # 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
 # been timed (tune_cross_entropy.py does).
-CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0}
+CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0, "STAGES": 1}
 
 
 def _tile_config(c):
@@ -480,7 +484,8 @@ def _tile_config(c):
         raise ValueError(f"CE_TILE_CONFIG['BLOCK_C'] must be a power of 2 (a tile's rows), got {cap}")
     block_c = min(next_power_of_2(c), cap)
     return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c), "ONE_TILE": block_c >= c,
-            "num_warps": CE_TILE_CONFIG["num_warps"], "PER_SM": CE_TILE_CONFIG["PER_SM"]}
+            "num_warps": CE_TILE_CONFIG["num_warps"], "PER_SM": CE_TILE_CONFIG["PER_SM"],
+            "STAGES": CE_TILE_CONFIG["STAGES"]}
 
 
 @functools.cache

@@ -47,17 +47,19 @@ def test_sanitize_runs_every_case(capsys, monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     from pyvision_ops.kernels import box_iou, cross_entropy
 
-    configs = [dict(box_iou.PAIRWISE_IOU_CONFIG), dict(box_iou.PAIRWISE_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)]
+    configs = [dict(box_iou.PAIRWISE_IOU_CONFIG), dict(box_iou.PAIRWISE_CONFIG), dict(cross_entropy.CE_CONFIG),
+               dict(cross_entropy.CE_TILE_CONFIG)]
     sanitize.main(["--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + 3
     assert sum("soft_nms multi" in r for r in lines) == sum("soft_nms spread" in r for r in lines) == 10
     sanitize.main(["--device", "cpu", "--triton"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 21 and sum("fwd+bwd" in r for r in lines) == 15
+    assert len(lines) == 23 and sum("fwd+bwd" in r for r in lines) == 17
     # restored
     assert not torch.are_deterministic_algorithms_enabled() and KERNEL_ENV not in os.environ
-    assert configs == [box_iou.PAIRWISE_IOU_CONFIG, box_iou.PAIRWISE_CONFIG, cross_entropy.CE_TILE_CONFIG]
+    assert configs == [box_iou.PAIRWISE_IOU_CONFIG, box_iou.PAIRWISE_CONFIG, cross_entropy.CE_CONFIG,
+                       cross_entropy.CE_TILE_CONFIG]
 
 
 def test_results_name_the_commit_measured(tmp_path, monkeypatch):
@@ -91,18 +93,21 @@ def test_sass_box_iou_counts_the_pairwise_kernels_instructions():
 
 def test_sass_cross_entropy_finds_the_class_loops_loads():
     # the same offline compile: the plain kernel's class loop has one 16-byte load a thread in
-    # flight before its first exponential, a tile of 4 classes four (the reason for the tiles)
+    # flight before its first exponential, a tile of 4 classes four (the reason for the
+    # tiles); pipelined in 3 stages, the plain loop's two planes a step copy to shared memory
+    # two steps ahead (64 bytes)
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.sass_cross_entropy"], capture_output=True, text=True,
-                         env=env, check=True,
+    only = r"^plain BLOCK 1024, 8 warps, UNROLL 2, STAGES [13]$|^tile BLOCK_C 4, BLOCK 1024, 8 warps, STAGES 1$"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sass_cross_entropy", "--only", only], capture_output=True,
+                         text=True, env=env, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     rows = {r.split(" | ")[0].strip("| "): r.strip(" |").split(" | ")[1:] for r in out.splitlines()
             if r.startswith(("| plain", "| tile"))}
-    plain = rows["plain BLOCK 1024, 8 warps, UNROLL 2"]
-    tile = rows["tile BLOCK_C 4, BLOCK 1024, 8 warps"]
-    assert [int(c.split(" / ")[0]) for c in plain] == [16, 16] and [int(c.split(" / ")[0]) for c in tile] == [64, 64]
-    assert len(rows) == 11 and all(5 < float(c.split(" / ")[1]) < 200 and c.endswith("LOCAL:0")
-                                   for r in rows.values() for c in r)
+    in_flight = {label: [int(c.split(" / ")[0]) for c in cells] for label, cells in rows.items()}
+    assert in_flight == {"plain BLOCK 1024, 8 warps, UNROLL 2, STAGES 1": [16, 16],
+                         "plain BLOCK 1024, 8 warps, UNROLL 2, STAGES 3": [64, 64],
+                         "tile BLOCK_C 4, BLOCK 1024, 8 warps, STAGES 1": [64, 64]}
+    assert all(5 < float(c.split(" / ")[1]) < 200 and "LOCAL:0" in c for r in rows.values() for c in r)

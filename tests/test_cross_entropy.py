@@ -339,12 +339,13 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shap
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("unroll", [1, 2, 4])
+@pytest.mark.parametrize("unroll,stages", [(1, 1), (2, 1), (4, 1), (2, 3)])  # STAGES: the GPU's pipelining
 @pytest.mark.parametrize("classes", [7, 4, 1])  # a tail of 1 or 3 planes, none, only the tail
-def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unroll, classes):
+def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unroll, stages, classes):
     from pyvision_ops.kernels import cross_entropy as K
 
     monkeypatch.setitem(K.CE_CONFIG, "UNROLL", unroll)
+    monkeypatch.setitem(K.CE_CONFIG, "STAGES", stages)
     x, y, w = batch((2, classes, 45))
     for wt, ls in ((None, 0.0), (w, 0.3)):
         for reduction in (0, 1):
@@ -361,12 +362,14 @@ def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unrol
 @pytest.mark.interpreter
 @pytest.mark.parametrize("classes", [1, 5, 16, 19, 32, 33])  # a tile of 1, padded, full; past MAX_C: the loop
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_c", [32, 4])  # one tile, or tiles of 4 classes (the last one padded for 5, 19)
-def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype, block_c):
+# one tile, or tiles of 4 classes (the last one padded for 5, 19); STAGES: the GPU's pipelining
+@pytest.mark.parametrize("block_c,stages", [(32, 1), (4, 1), (4, 3)])
+def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype, block_c, stages):
     from pyvision_ops.kernels import cross_entropy as K
 
     monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "STAGES", stages)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 256)  # several programs, a partial last one
     x, y, w = batch((2, classes, 45))
     x = x.to(dtype)
@@ -658,12 +661,14 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 4),
                                      ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 4),
-                                     ("CE_CONFIG", "PER_SM", 1)], ids=str)
+                                     ("CE_CONFIG", "PER_SM", 1), ("CE_CONFIG", "STAGES", 3),
+                                     ("CE_TILE_CONFIG", "STAGES", 3)], ids=str)
 def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile (the
     # class tile adds the exponentials in another order; None: the tile switched on if it is
     # off by default, else off; BLOCK_C 4: the tile on, 19 classes in 5 tiles; PER_SM with 4
-    # multiprocessors: 4 programs for 12 blocks)
+    # multiprocessors: 4 programs for 12 blocks; STAGES 3: the class loop pipelined, of the
+    # plain kernels or of tiles of 4)
     from pyvision_ops.kernels import cross_entropy as K
 
     config, key, value = variant
@@ -680,8 +685,9 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
                 mp.setitem(getattr(K, config), key, value)
                 if key == "PER_SM":
                     mp.setattr(K, "_multiprocessors", lambda device: 4)
-                if key == "BLOCK_C":
+                if config == "CE_TILE_CONFIG" and key in ("BLOCK_C", "STAGES"):
                     mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+                    mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", 4 if key == "STAGES" else value)
                 got = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
                 got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
             for a, b in zip((*got, got_dz), (*want, want_dz)):

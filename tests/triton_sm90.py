@@ -88,15 +88,17 @@ def _launchers():
                 box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], kind, 1e-7)
             cfg[key] = default
     z, t = torch.randn(2, 7, 9, generator=g), torch.randint(0, 7, (2, 9), generator=g)
-    default = cross_entropy.CE_CONFIG["UNROLL"]
-    for unroll in (1, 2, 4):
-        cross_entropy.CE_CONFIG["UNROLL"] = unroll
-        _, wsum, stats = cross_entropy.softmax_cross_entropy(z, t, None, 255, 0.0, 1)
-        cross_entropy.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, wsum, 255, 0.0, 1)
-    cross_entropy.CE_CONFIG["UNROLL"] = default
+    saved = dict(cross_entropy.CE_CONFIG)
+    for unroll, stages in ((1, 1), (2, 1), (4, 1), (2, 3)):  # STAGES 3: the class loop pipelined
+        cross_entropy.CE_CONFIG.update(UNROLL=unroll, STAGES=stages)
+        for zz in (z, z.double(), z.half()) if stages > 1 else (z,):
+            _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, t, None, 255, 0.0, 1)
+            cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, t, None, stats, wsum, 255, 0.0, 1)
+    cross_entropy.CE_CONFIG.update(saved)
     saved = dict(cross_entropy.CE_TILE_CONFIG)
-    for block_c in (32, 4):  # the class tile: one tile of the 7 classes, or tiles of 4 in a loop
-        cross_entropy.CE_TILE_CONFIG.update(MAX_C=32, BLOCK_C=block_c)
+    # the class tile: one tile of the 7 classes, or tiles of 4 in a loop, pipelined or not
+    for block_c, stages in ((32, 1), (4, 1), (4, 3)):
+        cross_entropy.CE_TILE_CONFIG.update(MAX_C=32, BLOCK_C=block_c, STAGES=stages)
         for zz in (z, z.double(), z.half()):
             acc = torch.float64 if zz.dtype == torch.float64 else torch.float32
             for weight, smoothing in ((None, 0.0), (torch.rand(7, generator=g).to(zz.dtype), 0.1)):
