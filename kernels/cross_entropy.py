@@ -506,7 +506,9 @@ def _launch(c, s, n, device):
 
 
 
-def _check(op, logits, target, weight, spatial, reduction, grad=None, stats=None, wsum=None):
+def _check(op, logits, target, weight, spatial, reduction, label_smoothing, grad=None, stats=None, wsum=None):
+    if not 0 <= label_smoothing <= 1:  # NaN too
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     n, c = logits.shape[:2] if logits.dim() >= 2 else (0, 0)
     ok = (logits.dim() == 2 + spatial and logits.is_floating_point() and target.dtype == torch.int64
           and target.dim() == 1 + (1 if spatial == 1 else 2) and target.shape[0] == n
@@ -516,7 +518,7 @@ def _check(op, logits, target, weight, spatial, reduction, grad=None, stats=None
         ok = logits.shape[2] > 0 and logits.shape[3] > 0
     if ok and grad is not None:
         ok = (grad.shape == (target.shape if reduction == 0 else ()) and stats.shape == (2, *target.shape)
-              and wsum.shape == ())
+              and wsum.shape == () and stats.dtype == wsum.dtype == acc_dtype(logits.dtype))
     require(reduction in (0, 1, 2), op, f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     require(ok, op, "logits, target, weight, grad, stats or wsum have inconsistent shapes or dtypes")
 
@@ -548,7 +550,7 @@ def _reduce(loss_map, parts, reduction):
 
 
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
-    _check("softmax_cross_entropy", logits, target, weight, 1, reduction)
+    _check("softmax_cross_entropy", logits, target, weight, 1, reduction, label_smoothing)
     n, c, s = logits.shape
     if s == 1:
         return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
@@ -578,7 +580,8 @@ def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reducti
 
 def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing,
                                    reduction):
-    _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, grad, stats, wsum)
+    _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, label_smoothing, grad, stats,
+           wsum)
     n, c, s = logits.shape
     cfg, nb, grid = _launch(c, s, n, logits.device)
     rows = (grid_rows("softmax_cross_entropy_backward", n),) if s == 1 else None  # before any allocation
@@ -675,7 +678,7 @@ def _up_taps(logits, target, align_corners, acc):
 
 
 def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, label_smoothing, reduction):
-    _check("upsample_cross_entropy", logits, target, weight, 2, reduction)
+    _check("upsample_cross_entropy", logits, target, weight, 2, reduction, label_smoothing)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     grid = row_grid("upsample_cross_entropy", n * H, W, _BLOCK)
@@ -692,7 +695,8 @@ def upsample_cross_entropy(logits, target, align_corners, weight, ignore_index, 
 
 def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight, stats, wsum, ignore_index,
                                     label_smoothing, reduction):
-    _check("upsample_cross_entropy_backward", logits, target, weight, 2, reduction, grad, stats, wsum)
+    _check("upsample_cross_entropy_backward", logits, target, weight, 2, reduction, label_smoothing, grad, stats,
+           wsum)
     n, c, h, w = logits.shape
     H, W = target.shape[1:]
     lg = logits.contiguous()

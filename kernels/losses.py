@@ -94,7 +94,13 @@ def _focal_backward_kernel(g_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, alpha: tl.flo
 _BLOCK = 1024
 
 
+def _check_alpha(op, alpha):
+    if not (0 <= alpha <= 1 or alpha == -1):  # NaN too
+        raise ValueError(f"{op}: alpha must be in [0, 1], or -1 to disable the weight, got {alpha}")
+
+
 def sigmoid_focal_loss(inputs, targets, alpha, gamma):
+    _check_alpha("sigmoid_focal_loss", alpha)
     require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and inputs.is_floating_point(),
              "sigmoid_focal_loss", "targets must have the shape and dtype of inputs")
     x, t = inputs.contiguous(), targets.contiguous()
@@ -107,6 +113,7 @@ def sigmoid_focal_loss(inputs, targets, alpha, gamma):
 
 
 def sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma):
+    _check_alpha("sigmoid_focal_loss_backward", alpha)
     require(targets.shape == inputs.shape and targets.dtype == inputs.dtype and grad.shape == inputs.shape
             and grad.dtype == inputs.dtype and inputs.is_floating_point(), "sigmoid_focal_loss_backward",
             "grad and targets must have the shape and floating point dtype of inputs")

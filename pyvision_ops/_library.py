@@ -186,16 +186,23 @@ register_autograd("pyvision_ops::pairwise_box_iou", _pairwise_backward, setup_co
 
 # ------------------------------------------------------------------ NMS family
 
+def _kept(boxes):
+    """How many boxes a selection keeps: data-dependent (0 and 1 are valid sizes), except 0
+    from boxes known to be empty (inductor cannot index a size-0 dimension with a size it
+    does not know)."""
+    if isinstance(boxes.shape[0], int) and boxes.shape[0] == 0:
+        return 0
+    return torch.library.get_ctx().new_dynamic_size(min=0)
+
+
 @torch.library.register_fake("pyvision_ops::nms")
 def _(boxes, scores, idxs, iou_threshold):
-    # The number of kept boxes depends on the data; 0 and 1 are valid sizes.
-    n = torch.library.get_ctx().new_dynamic_size(min=0)
-    return boxes.new_empty((n,), dtype=torch.int64)
+    return boxes.new_empty((_kept(boxes),), dtype=torch.int64)
 
 
 @torch.library.register_fake("pyvision_ops::soft_nms")
 def _(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method):
-    n = torch.library.get_ctx().new_dynamic_size(min=0)
+    n = _kept(boxes)
     return boxes.new_empty((n,), dtype=torch.int64), scores.new_empty((n,))
 
 

@@ -62,6 +62,15 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {n0} is on {t0.device}; they must be on one device")
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """``t.is_contiguous(memory_format=torch.channels_last)``; False inside ``torch.func.vmap``,
+    which cannot answer it for a batched tensor (the op's result is then contiguous)."""
+    try:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:
+        return False
+
+
 def check_reduction(reduction) -> str:
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

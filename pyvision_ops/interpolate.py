@@ -73,6 +73,6 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         raise ValueError(f"the output size must be below 2^31 per side, got {(oh, ow)} "
                          f"(size={size!r}, scale_factor={scale_factor!r})")
     out = ops.upsample_bilinear(input, oh, ow, align_corners, sh, sw)
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+    if not input.is_contiguous() and _utils.is_channels_last(input):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

@@ -51,9 +51,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     if targets.is_floating_point():
         inputs = inputs.to(torch.promote_types(inputs.dtype, targets.dtype))
     targets = targets.to(inputs.dtype)
-    cl = torch.channels_last
-    if (inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(memory_format=cl)
-            and targets.is_contiguous(memory_format=cl)):
+    if (inputs.dim() == 4 and not inputs.is_contiguous() and _utils.is_channels_last(inputs)
+            and _utils.is_channels_last(targets)):
         # Elementwise: run on the NHWC views, so that the loss is channels_last like both
         # inputs, as torchvision's elementwise ops make it (and no input is copied).
         loss = ops.sigmoid_focal_loss(inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1), alpha, gamma)
@@ -248,8 +247,9 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     image with no valid position contributes 0; no valid position at all (N = 0 too)
     gives 0 with zero gradients. The loss is fp32 (fp64 for fp64).
     A label other than 0, 1 and ``ignore_index`` raises ValueError in eager mode on
-    the CPU; under ``torch.compile`` and on CUDA (where raising would be a graph break
-    or a device-to-host sync) it makes the loss and its gradient NaN.
+    the CPU; under ``torch.compile``, on CUDA (where raising would be a graph break
+    or a device-to-host sync) and for labels batched by ``torch.func.vmap`` it makes
+    the loss and its gradient NaN.
     """
     _flatten_seg("logits", logits, labels, with_classes=False)
     ignore_index = _check_ignore_index(ignore_index)
@@ -258,7 +258,9 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     bad = (labels != 0) & (labels != 1)
     if ignore_index is not None:
         bad &= labels != ignore_index
-    checked = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    # inside torch.func.vmap, a batched label cannot decide a Python branch either
+    checked = (labels.device.type == "cpu" and not torch.compiler.is_compiling()
+               and not torch._C._functorch.is_batchedtensor(labels))
     if checked and bool(bad.any()):
         raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
     n, s = logits.shape[0], math.prod(logits.shape[1:])

@@ -1068,6 +1068,48 @@ def test_triton_launchers_check_shapes_like_the_cpu_ops():
             call()
 
 
+@pytest.mark.interpreter
+def test_op_calls_reject_what_the_fronts_reject_on_both_backends():
+    # option values the Python fronts reject (label_smoothing outside [0, 1], alpha outside
+    # [0, 1] but for -1, NaN), and a backward given stats or wsum of another dtype than its
+    # forward made: rejected by a direct op call, the C++ kernel and the Triton launcher alike
+    from pyvision_ops.kernels import cross_entropy as KC
+    from pyvision_ops.kernels import losses as KL
+
+    x, y = torch.randn(2, 3, 5, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.long)
+    x4, y4 = x[..., None], torch.zeros(2, 4, 4, dtype=torch.long)
+    _, wsum, stats = ops.softmax_cross_entropy(x, y, None, -100, 0.0, 0)
+    _, uwsum, ustats = ops.upsample_cross_entropy(x4, y4, False, None, -100, 0.0, 0)
+    g, ug = torch.ones(2, 5, dtype=torch.float64), torch.ones(2, 4, 4, dtype=torch.float64)
+    f = torch.randn(6, dtype=torch.float64)
+    for bad in (math.nan, -0.1, 2.0):
+        for ce in (ops, KC):
+            calls = [lambda: ce.softmax_cross_entropy(x, y, None, -100, bad, 0),
+                     lambda: ce.softmax_cross_entropy_backward(g, x, y, None, stats, wsum, -100, bad, 0),
+                     lambda: ce.upsample_cross_entropy(x4, y4, False, None, -100, bad, 0),
+                     lambda: ce.upsample_cross_entropy_backward(ug, x4, y4, False, None, ustats, uwsum, -100, bad, 0)]
+            for call in calls:
+                with pytest.raises(ValueError, match="label_smoothing must be in"):
+                    call()
+        for focal in (ops, KL):
+            with pytest.raises(ValueError, match="alpha must be in"):
+                focal.sigmoid_focal_loss(f, f, bad, 2.0)
+            with pytest.raises(ValueError, match="alpha must be in"):
+                focal.sigmoid_focal_loss_backward(f, f, f, bad, 2.0)
+    for ce in (ops, KC):
+        for dtype in (torch.int64, torch.bool, torch.float32):  # fp64 logits: the forward's are fp64
+            with pytest.raises(RuntimeError, match="stats"):
+                ce.softmax_cross_entropy_backward(g, x, y, None, stats.to(dtype), wsum, -100, 0.0, 0)
+            with pytest.raises(RuntimeError, match="stats"):
+                ce.softmax_cross_entropy_backward(g, x, y, None, stats, wsum.to(dtype), -100, 0.0, 0)
+            with pytest.raises(RuntimeError, match="stats"):
+                ce.upsample_cross_entropy_backward(ug, x4, y4, False, None, ustats.to(dtype), uwsum, -100, 0.0, 0)
+    for focal in (ops, KL):  # -1 (no weight) and the ends of [0, 1] stay accepted
+        for alpha in (-1.0, 0.0, 1.0):
+            torch.testing.assert_close(focal.sigmoid_focal_loss(f, f, alpha, 2.0),
+                                       ops.sigmoid_focal_loss(f, f, alpha, 2.0))
+
+
 @pytest.mark.parametrize("loss", ["focal", "dice", "lovasz"])
 def test_compile_with_channels_last_logits(loss):
     g = torch.Generator().manual_seed(0)

@@ -134,6 +134,27 @@ def test_forward_mode_and_func_transforms_raise_instead_of_dropping_tangents():
     assert bb.grad.abs().sum() > 0
 
 
+def test_vmap_of_fronts_that_query_layouts_or_check_labels():
+    # A batched tensor cannot say whether it is channels_last (the result is then
+    # contiguous), nor decide a Python branch on its values (batched lovasz_hinge labels
+    # outside {0, 1} make that sample's loss NaN, as under torch.compile)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 2, 3, 4, generator=g)
+    for dim in (0, 4):  # the batch dimension first, or last: the per-sample views are not contiguous
+        got = torch.vmap(lambda a: P.interpolate_bilinear(a, size=(5, 6)), in_dims=dim)(x)
+        want = torch.stack([P.interpolate_bilinear(a, size=(5, 6)) for a in x.movedim(dim, 0)])
+        torch.testing.assert_close(got, want)
+    z, t = torch.randn(2, 3, 4, 5, 3, generator=g), torch.rand(2, 3, 4, 5, 3, generator=g)
+    got = torch.vmap(P.sigmoid_focal_loss, in_dims=4)(z, t)
+    torch.testing.assert_close(got, torch.stack([P.sigmoid_focal_loss(z[..., i], t[..., i]) for i in range(3)]))
+    logits, labels = torch.randn(3, 2, 4, generator=g), torch.randint(0, 2, (3, 2, 4), generator=g)
+    got = torch.vmap(P.lovasz_hinge)(logits, labels)
+    torch.testing.assert_close(got, torch.stack([P.lovasz_hinge(a, b) for a, b in zip(logits, labels)]))
+    labels[1, 0, 0] = 3
+    got = torch.vmap(P.lovasz_hinge)(logits, labels)
+    assert got[1].isnan() and not got[[0, 2]].isnan().any()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_tiny_inputs_stay_on_one_thread_and_run_in_a_forked_child():
     # A fork()ed child of a process that ran OpenMP regions can hang in its first region

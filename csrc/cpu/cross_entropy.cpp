@@ -31,6 +31,7 @@
 #include "common/interpolate.h"
 #include "common/losses.h"  // log_pos, and exp_approx via nms.h
 #include "common/parallel.h"
+#include "common/text.h"
 
 namespace pyvision_ops {
 namespace {
@@ -45,13 +46,23 @@ void check_reduction(const char* op, int64_t reduction) {
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", std::to_string(reduction));
 }
 
-// A backward's grad (the loss's shape: `target`'s for none, else 0-d) and wsum (0-d).
-void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& wsum, const at::Tensor& target,
-                int64_t reduction) {
+// A backward's grad (the loss's shape: `target`'s for none, else 0-d), and the forward's
+// stats and wsum (0-d) in the logits' accumulation type, as the forward made them.
+void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats,
+                const at::Tensor& wsum, const at::Tensor& target, int64_t reduction) {
   check_reduction(op, reduction);
   TORCH_CHECK(reduction == kNone ? grad.sizes() == target.sizes() : grad.dim() == 0, op,
               ": grad must have the loss's shape (target's for reduction none, else 0-d)");
   TORCH_CHECK(wsum.dim() == 0, op, ": wsum must be 0-d");
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(stats.scalar_type() == acc && wsum.scalar_type() == acc, op,
+              ": stats and wsum must have the dtype the forward gives them (float64 for float64 logits, else "
+              "float32)");
+}
+
+void check_smoothing(const char* op, double label_smoothing) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, op, ": label_smoothing must be in [0, 1], got ",
+                    real_text(label_smoothing));  // NaN too
 }
 
 // The loss and wsum outputs from the per-block sums of the loss and the target weights.
@@ -68,7 +79,8 @@ std::pair<at::Tensor, at::Tensor> reduced(const std::vector<double>& loss_sums,
 }
 
 void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target,
-              const std::optional<at::Tensor>& weight) {
+              const std::optional<at::Tensor>& weight, double label_smoothing) {
+  check_smoothing(op, label_smoothing);
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be [N, C, S]");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
   TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
@@ -241,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const a
                                                                          int64_t ignore_index,
                                                                          double label_smoothing,
                                                                          int64_t reduction) {
-  check_ce("softmax_cross_entropy", logits, target, weight);
+  check_ce("softmax_cross_entropy", logits, target, weight, label_smoothing);
   check_reduction("softmax_cross_entropy", reduction);
   const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
   const auto z = logits.contiguous();
@@ -291,8 +303,8 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
                                               const at::Tensor& target, const std::optional<at::Tensor>& weight,
                                               const at::Tensor& stats, const at::Tensor& target_wsum,
                                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  check_ce("softmax_cross_entropy_backward", logits, target, weight);
-  check_grad("softmax_cross_entropy_backward", grad, target_wsum, target, reduction);
+  check_ce("softmax_cross_entropy_backward", logits, target, weight, label_smoothing);
+  check_grad("softmax_cross_entropy_backward", grad, logits, stats, target_wsum, target, reduction);
   const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({2, N, S}), "softmax_cross_entropy_backward: stats must be [2, N, S]");
   const auto z = logits.contiguous();
@@ -340,7 +352,8 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
 // ------------------------------------------------- fused upsample + cross-entropy
 
 void check_up(const char* op, const at::Tensor& logits, const at::Tensor& target,
-              const std::optional<at::Tensor>& weight) {
+              const std::optional<at::Tensor>& weight, double label_smoothing) {
+  check_smoothing(op, label_smoothing);
   TORCH_CHECK(logits.dim() == 4, op, ": logits must be [N, C, h, w]");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
   TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.scalar_type() == at::kLong, op,
@@ -369,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const 
                                                                           int64_t ignore_index,
                                                                           double label_smoothing,
                                                                           int64_t reduction) {
-  check_up("upsample_cross_entropy", logits, target, weight);
+  check_up("upsample_cross_entropy", logits, target, weight, label_smoothing);
   check_reduction("upsample_cross_entropy", reduction);
   const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
@@ -414,8 +427,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
                                                const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                                const at::Tensor& target_wsum, int64_t ignore_index,
                                                double label_smoothing, int64_t reduction) {
-  check_up("upsample_cross_entropy_backward", logits, target, weight);
-  check_grad("upsample_cross_entropy_backward", grad, target_wsum, target, reduction);
+  check_up("upsample_cross_entropy_backward", logits, target, weight, label_smoothing);
+  check_grad("upsample_cross_entropy_backward", grad, logits, stats, target_wsum, target, reduction);
   const int64_t N = logits.size(0), C = logits.size(1), h = logits.size(2), w = logits.size(3);
   const int64_t H = target.size(1), W = target.size(2);
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({2, N, H, W}),

@@ -22,6 +22,7 @@
 
 #include "common/losses.h"
 #include "common/parallel.h"
+#include "common/text.h"
 
 namespace pyvision_ops {
 namespace {
@@ -47,14 +48,16 @@ __attribute__((target_clones("avx2", "default"))) void focal_backward(
   }
 }
 
-void check_focal(const char* op, const at::Tensor& inputs, const at::Tensor& targets) {
+void check_focal(const char* op, const at::Tensor& inputs, const at::Tensor& targets, double alpha) {
+  TORCH_CHECK_VALUE((alpha >= 0 && alpha <= 1) || alpha == -1, op,
+                    ": alpha must be in [0, 1], or -1 to disable the weight, got ", real_text(alpha));
   TORCH_CHECK(at::isFloatingType(inputs.scalar_type()), op, ": inputs must be floating point");
   TORCH_CHECK(targets.scalar_type() == inputs.scalar_type(), op, ": targets must have the dtype of inputs");
   TORCH_CHECK(targets.sizes() == inputs.sizes(), op, ": targets must have the shape of inputs");
 }
 
 at::Tensor sigmoid_focal_loss_cpu(const at::Tensor& inputs, const at::Tensor& targets, double alpha, double gamma) {
-  check_focal("sigmoid_focal_loss", inputs, targets);
+  check_focal("sigmoid_focal_loss", inputs, targets, alpha);
   const auto x = inputs.contiguous(), t = targets.contiguous();
   auto out = at::empty_like(x);
   const int64_t n = x.numel();
@@ -77,7 +80,7 @@ at::Tensor sigmoid_focal_loss_cpu(const at::Tensor& inputs, const at::Tensor& ta
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& inputs,
                                                                    const at::Tensor& targets, double alpha,
                                                                    double gamma) {
-  check_focal("sigmoid_focal_loss_backward", inputs, targets);
+  check_focal("sigmoid_focal_loss_backward", inputs, targets, alpha);
   TORCH_CHECK(grad.sizes() == inputs.sizes() && grad.scalar_type() == inputs.scalar_type(),
               "sigmoid_focal_loss_backward: grad must have the shape and dtype of inputs");
   const auto x = inputs.contiguous(), t = targets.contiguous(), g = grad.contiguous();
