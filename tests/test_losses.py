@@ -1084,13 +1084,13 @@ def test_op_calls_reject_what_the_fronts_reject_on_both_backends():
     f = torch.randn(6, dtype=torch.float64)
     for bad in (math.nan, -0.1, 2.0):
         for ce in (ops, KC):
-            calls = [lambda: ce.softmax_cross_entropy(x, y, None, -100, bad, 0),
-                     lambda: ce.softmax_cross_entropy_backward(g, x, y, None, stats, wsum, -100, bad, 0),
-                     lambda: ce.upsample_cross_entropy(x4, y4, False, None, -100, bad, 0),
-                     lambda: ce.upsample_cross_entropy_backward(ug, x4, y4, False, None, ustats, uwsum, -100, bad, 0)]
-            for call in calls:
+            calls = [(ce.softmax_cross_entropy, (x, y, None, -100, bad, 0)),
+                     (ce.softmax_cross_entropy_backward, (g, x, y, None, stats, wsum, -100, bad, 0)),
+                     (ce.upsample_cross_entropy, (x4, y4, False, None, -100, bad, 0)),
+                     (ce.upsample_cross_entropy_backward, (ug, x4, y4, False, None, ustats, uwsum, -100, bad, 0))]
+            for fn, args in calls:
                 with pytest.raises(ValueError, match="label_smoothing must be in"):
-                    call()
+                    fn(*args)
         for focal in (ops, KL):
             with pytest.raises(ValueError, match="alpha must be in"):
                 focal.sigmoid_focal_loss(f, f, bad, 2.0)
