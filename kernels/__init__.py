@@ -63,5 +63,12 @@ def grid_rows(op: str, rows: int) -> int:
 
 
 def row_grid(op: str, rows: int, width: int, block: int) -> tuple[int, int]:
-    """(rows, column blocks): a program per row and block of `block` columns."""
-    return grid_rows(op, rows), column_blocks(op, width, block)
+    """(rows, column blocks): a program per row and block of `block` columns. Their product
+    stays below 2^31 too: Triton's launcher multiplies the grid's sides in a 32-bit int (a
+    product that wraps to 0 or below launches nothing), and the kernels number a program's
+    partial sums in 32 bits."""
+    grid = grid_rows(op, rows), column_blocks(op, width, block)
+    if grid[0] * grid[1] >= 2**31:
+        raise NotImplementedError(f"{op}: {rows} rows of {grid[1]} blocks of {block} columns are more than 2^31 - 1 "
+                                  "programs")
+    return grid

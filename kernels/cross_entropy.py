@@ -450,6 +450,9 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
 
 
 def _rows_config(c):
+    # the rows kernels step through the classes in i32: c0 + BLOCK_C must not wrap
+    if c > 2**31 - 1 - 1024:
+        raise NotImplementedError(f"softmax_cross_entropy: {c} classes of [N, C] logits are more than 2^31 - 1025")
     block_c = min(1024, next_power_of_2(c))
     return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
 
@@ -567,14 +570,14 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
 
 def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):
     n, c, _ = logits.shape
-    grid = (grid_rows("softmax_cross_entropy", n),)  # before any allocation
+    grid, cfg = (grid_rows("softmax_cross_entropy", n),), _rows_config(c)  # before any allocation
     loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
     if n:
         z = logits.contiguous()
         _ce_rows_forward_kernel[grid](
             z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, n, c, ignore_index,
             *_split(label_smoothing, c), HAS_W=weight is not None, SMOOTH=label_smoothing != 0,
-            STORE_LOSS=reduction == 0, **_rows_config(c))
+            STORE_LOSS=reduction == 0, **cfg)
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
@@ -584,7 +587,8 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
            wsum)
     n, c, s = logits.shape
     cfg, nb, grid = _launch(c, s, n, logits.device)
-    rows = (grid_rows("softmax_cross_entropy_backward", n),) if s == 1 else None  # before any allocation
+    if s == 1:  # before any allocation
+        rows, rows_cfg = (grid_rows("softmax_cross_entropy_backward", n),), _rows_config(c)
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb == 0 or (s == 1 and c == 0):
@@ -595,7 +599,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
     if s == 1:
         _ce_rows_backward_kernel[rows](
-            *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **_rows_config(c))
+            *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **rows_cfg)
     else:
         kernel = _ce_tile_backward_kernel if "BLOCK_C" in cfg else _ce_backward_kernel
         kernel[grid](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg)

@@ -232,6 +232,12 @@ def test_triton_interpreter_direct_op_edges():
     assert column_blocks("op", 256 * 65535, 256) == 65535
     with pytest.raises(NotImplementedError, match="op: a width of 16776961 needs 65536 blocks"):
         column_blocks("op", 256 * 65535 + 1, 256)
+    # and rows times column blocks below 2^31 (Triton's launcher multiplies them in 32 bits)
+    from pyvision_ops.kernels import row_grid
+
+    assert row_grid("op", 2**30 - 1, 512, 256) == (2**30 - 1, 2) and row_grid("op", 2**31 - 1, 1, 256) == (2**31 - 1, 1)
+    with pytest.raises(NotImplementedError, match="op: 1073741824 rows of 2 blocks"):
+        row_grid("op", 2**30, 512, 256)
     # rows (a program each) along x, at most 2^31 - 1: checked before the input is made
     # contiguous (an expanded one would take 8 GB) or the output allocated
     x = torch.zeros(1, 1, 1, 1).expand(2**16, 2**15, 1, 1)
@@ -246,6 +252,14 @@ def test_triton_interpreter_direct_op_edges():
                  lambda: C.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, torch.ones(()), -100,
                                                           0.0, 1)):
         with pytest.raises(NotImplementedError, match="softmax_cross_entropy(_backward)?: 2147483648 rows"):
+            call()
+    # [N, C] logits: the rows kernels step through the classes in 32 bits
+    z, t = torch.zeros(1, 1, 1).expand(1, 2**31 - 1024, 1), torch.zeros(1, 1, dtype=torch.long)
+    stats = torch.zeros(2, 1, 1)
+    for call in (lambda: C.softmax_cross_entropy(z, t, None, -100, 0.0, 1),
+                 lambda: C.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, torch.ones(()), -100,
+                                                          0.0, 1)):
+        with pytest.raises(NotImplementedError, match="softmax_cross_entropy: 2147482624 classes"):
             call()
     # an empty batch is not a launch: an empty output, whatever its width
     assert K.upsample_bilinear(torch.zeros(0, 1, 1, 1), 1, 2**24 + 1, False, -1.0, -1.0).shape == (0, 1, 1, 2**24 + 1)
