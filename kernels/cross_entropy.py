@@ -213,25 +213,24 @@ def _exp_ftz(x):
 
 
 @triton.jit
-def _ce_tile_update(z, cs, cm, yc, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
-    """_ce_update for a tile of classes cs (rows; cm: those below C, the others hold -inf) and
-    int32 targets yc (-1 where not a class): the tile's own max and sum of exponentials,
-    merged into the running ones with one exponential as in lse_update. A -inf logit adds
-    nothing (exp(-inf - m) = 0; an all -inf column subtracts 0, not -inf, so no per-logit
-    test is needed), a +inf or NaN one makes the sum NaN."""
+def _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """_ce_update for a tile of classes cs (rows; cm: those below C, the others hold -inf),
+    but for the target's logit (the caller loads it): the tile's own max and sum of
+    exponentials, merged into the running ones with one exponential as in lse_update. A -inf
+    logit adds nothing (exp(-inf - m) = 0; an all -inf column subtracts 0, not -inf, so no
+    per-logit test is needed), a +inf or NaN one makes the sum NaN."""
     mc = tl.max(z, 0)
     sc = tl.sum(_exp_ftz(z - tl.where(mc == float("-inf"), 0.0, mc)[None, :]), 0)
     d = mc - mx
     e = tl.where(mc == float("-inf"), 0.0, tl.exp(-tl.abs(d)))  # both -inf: d is NaN
     new_mx = tl.maximum(mx, mc)
     s = tl.where(d > 0, s * e + sc, s + sc * e)
-    zy += tl.sum(tl.where(cs == yc[None, :], z, 0.0), 0)
     if SMOOTH:
         wc = _row_weights(w_ptr, cs, cm, HAS_W)
         grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
         term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx[None, :] - z))
         wd, wseen = wd + grow + tl.sum(tl.where(cm, term, 0.0), 0), wseen + tl.sum(wc, 0)
-    return new_mx, s, zy, wd, wseen
+    return new_mx, s, wd, wseen
 
 
 @triton.jit
@@ -249,11 +248,13 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
     rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
-        # 32-bit class compares (the loss of any other target is 0 or NaN whatever zy is)
-        yc = tl.where((y >= 0) & (y < C), y, -1).to(tl.int32)
+        # The target's logit: one load a position (from lines the tiles read anyway), not a
+        # compare and a select a logit. Targets outside [0, C) read nothing: their loss is 0
+        # or NaN whatever zy is.
+        yt = (y >= 0) & (y < C) & mj
+        zy = tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * S, mask=yt, other=0.0).to(acc)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
-        zy = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
         wseen = tl.zeros((BLOCK,), acc)
         for c0 in tl.range(0, BLOCK_C if ONE_TILE else C, BLOCK_C, num_stages=STAGES):
@@ -261,7 +262,7 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
             cm = cs < C
             z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=cm & mj[None, :],
                         other=float("-inf")).to(acc)
-            mx, s, zy, wd, wseen = _ce_tile_update(z, cs, cm, yc, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
+            mx, s, wd, wseen = _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W, SMOOTH)
         _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                    stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 
