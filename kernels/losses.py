@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
 from ..losses import _NO_IGNORE
-from . import cdiv, loss_grad, require
+from . import cdiv, grid_rows, loss_grad, require
 from .cross_entropy import lse_update, position_block
 
 
@@ -194,10 +194,14 @@ def _dice_backward_kernel(g_ptr, z_ptr, y_ptr, dz_ptr, C, HW, nb, ignore_index, 
         out += HW
 
 
-def _dice_blocks(logits):
+def _dice_blocks(op, logits):
+    """(N, C, positions an image, blocks an image); a program per block, at most 2^31 - 1 of
+    them, checked before the partial sums (one row a program) are allocated."""
     n, c = logits.shape[:2]
     hw = logits.numel() // max(n * c, 1)
-    return n, c, hw, cdiv(hw, _BLOCK)
+    nb = cdiv(hw, _BLOCK)
+    grid_rows(op, n * nb)
+    return n, c, hw, nb
 
 
 def _check_dice(op, logits, target):
@@ -207,7 +211,7 @@ def _check_dice(op, logits, target):
 
 def dice_stats(logits, target, ignore_index):
     _check_dice("dice_stats", logits, target)
-    n, c, hw, nb = _dice_blocks(logits)
+    n, c, hw, nb = _dice_blocks("dice_stats", logits)
     acc = acc_dtype(logits.dtype)
     part = torch.zeros((n * nb, 2, c), dtype=acc, device=logits.device)
     if n * nb:
@@ -219,7 +223,7 @@ def dice_stats(logits, target, ignore_index):
 def dice_stats_backward(grad, logits, target, ignore_index):
     _check_dice("dice_stats_backward", logits, target)
     require(grad.shape == (2, logits.shape[1]), "dice_stats_backward", "grad must be [2, C]")
-    n, c, hw, nb = _dice_blocks(logits)
+    n, c, hw, nb = _dice_blocks("dice_stats_backward", logits)
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb:

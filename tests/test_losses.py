@@ -1066,6 +1066,13 @@ def test_triton_launchers_check_shapes_like_the_cpu_ops():
     for call in calls:
         with pytest.raises(RuntimeError):
             call()
+    # [P, C] logits take a dice program a position: at most 2^31 - 1, refused before the
+    # partial sums (32 GB here) are allocated; expanded: nothing of that size exists
+    z, t = torch.zeros(1, 2, dtype=torch.float16).expand(2**31, 2), torch.zeros(1, dtype=torch.long).expand(2**31)
+    with pytest.raises(NotImplementedError, match="dice_stats: 2147483648 rows"):
+        KL.dice_stats(z, t, -100)
+    with pytest.raises(NotImplementedError, match="dice_stats_backward: 2147483648 rows"):
+        KL.dice_stats_backward(torch.ones(2, 2), z, t, -100)
 
 
 @pytest.mark.interpreter
