@@ -475,13 +475,16 @@ CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0, "STAGES": 
 # thread at UNROLL 2 (two at UNROLL 4), while a tile issues all of its loads back to back.
 # An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
 # 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
-# been timed (tune_cross_entropy.py does).
-CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0, "STAGES": 1}
+# been timed (tune_cross_entropy.py does). BACKWARD False: the backward takes the plain
+# kernel (at CE_CONFIG) while the forward takes the tiles.
+CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0, "STAGES": 1,
+                  "BACKWARD": True}
 
 
-def _tile_config(c):
-    """The class-tile kernels' config for C classes, or None where they do not apply."""
-    if not 0 < c <= CE_TILE_CONFIG["MAX_C"]:
+def _tile_config(c, backward=False):
+    """The class-tile kernels' config for C classes (of the backward with `backward`), or None
+    where they do not apply."""
+    if not 0 < c <= CE_TILE_CONFIG["MAX_C"] or (backward and not CE_TILE_CONFIG["BACKWARD"]):
         return None
     cap = CE_TILE_CONFIG["BLOCK_C"]
     if cap < 1 or cap & (cap - 1):
@@ -498,9 +501,9 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(c, s, n, device):
+def _launch(c, s, n, device, backward=False):
     """(kernel options, blocks an image, grid) of the plain or class-tile kernels."""
-    cfg = dict(_tile_config(c) or CE_CONFIG)
+    cfg = dict(_tile_config(c, backward) or CE_CONFIG)
     per_sm = cfg.pop("PER_SM")
     nb = cdiv(s, cfg["BLOCK"])
     programs = n * nb
@@ -587,7 +590,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, label_smoothing, grad, stats,
            wsum)
     n, c, s = logits.shape
-    cfg, nb, grid = _launch(c, s, n, logits.device)
+    cfg, nb, grid = _launch(c, s, n, logits.device, backward=True)
     if s == 1:  # before any allocation
         rows, rows_cfg = (grid_rows("softmax_cross_entropy_backward", n),), _rows_config(c)
     z = logits.contiguous()

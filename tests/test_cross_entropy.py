@@ -415,6 +415,31 @@ def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch,
 
 
 @pytest.mark.interpreter
+def test_triton_cross_entropy_interpreter_tile_forward_plain_backward(monkeypatch):
+    # CE_TILE_CONFIG["BACKWARD"] False: the forward takes the tiles, the backward the plain
+    # kernel, bit for bit what each gives on its own
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch((2, 7, 45))
+    g = torch.rand(2, 45, dtype=torch.float64) + 0.5
+    plain_dz = K.softmax_cross_entropy_backward(g, x, y, w, *K.softmax_cross_entropy(x, y, w, -100, 0.3, 0)[2:0:-1],
+                                                -100, 0.3, 0)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", 4)
+    tiles = K.softmax_cross_entropy(x, y, w, -100, 0.3, 0)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "BACKWARD", False)
+    assert "BLOCK_C" in K._launch(7, 45, 2, x.device)[0] and "BLOCK_C" not in K._launch(7, 45, 2, x.device, True)[0]
+    got = K.softmax_cross_entropy(x, y, w, -100, 0.3, 0)
+    for a, b in zip(got, tiles):
+        assert torch.equal(a, b)
+    with monkeypatch.context() as mp:
+        mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 0)
+        want_dz = K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, 0.3, 0)
+    assert torch.equal(K.softmax_cross_entropy_backward(g, x, y, w, got[2], got[1], -100, 0.3, 0), want_dz)
+    torch.testing.assert_close(want_dz, plain_dz, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max of a tile column holding only NaN
 @pytest.mark.parametrize("block_c", [32, 2, 1])
 def test_triton_cross_entropy_interpreter_class_tile_special_values(monkeypatch, block_c):
@@ -662,13 +687,13 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 @pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 4),
                                      ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 4),
                                      ("CE_CONFIG", "PER_SM", 1), ("CE_CONFIG", "STAGES", 3),
-                                     ("CE_TILE_CONFIG", "STAGES", 3)], ids=str)
+                                     ("CE_TILE_CONFIG", "STAGES", 3), ("CE_TILE_CONFIG", "BACKWARD", False)], ids=str)
 def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile (the
     # class tile adds the exponentials in another order; None: the tile switched on if it is
     # off by default, else off; BLOCK_C 4: the tile on, 19 classes in 5 tiles; PER_SM with 4
     # multiprocessors: 4 programs for 12 blocks; STAGES 3: the class loop pipelined, of the
-    # plain kernels or of tiles of 4)
+    # plain kernels or of tiles of 4; BACKWARD False: tiles of 4 forward, a plain backward)
     from pyvision_ops.kernels import cross_entropy as K
 
     config, key, value = variant
@@ -685,9 +710,9 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
                 mp.setitem(getattr(K, config), key, value)
                 if key == "PER_SM":
                     mp.setattr(K, "_multiprocessors", lambda device: 4)
-                if config == "CE_TILE_CONFIG" and key in ("BLOCK_C", "STAGES"):
+                if config == "CE_TILE_CONFIG" and key != "MAX_C":
                     mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
-                    mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", 4 if key == "STAGES" else value)
+                    mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", value if key == "BLOCK_C" else 4)
                 got = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
                 got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
             for a, b in zip((*got, got_dz), (*want, want_dz)):
