@@ -6,8 +6,8 @@
 # (default 480), each step cut to what is left.
 # GPU_CHECK_QUICK=1 skips the CPU-only tests, GPU_CHECK_TESTS="tests/test_a.py ..." limits
 # the GPU tests to those paths, GPU_CHECK_ONLY=fam1,fam2 the benchmarks to those families,
-# GPU_CHECK_TUNE=1 also times the box IoU tile configs, the cross-entropy block sizes
-# (benchmarks/tune_*.py, ~2 minutes) and Soft-NMS per selection with each CUDA kernel
+# GPU_CHECK_TUNE=1 also times the box IoU tile configs, the cross-entropy configs
+# (benchmarks/tune_*.py, up to 2 and 3 minutes) and Soft-NMS per selection with each CUDA kernel
 # variant (benchmarks/soft_nms_scaling.py, seconds); GPU_CHECK_TUNE=box_iou,soft_nms (any of
 # box_iou, cross_entropy, soft_nms) only those. GPU_CHECK_SANITIZE=1 runs the CUDA C++
 # kernels under compute-sanitizer's racecheck, synccheck and memcheck (up to 60 s each),
@@ -83,7 +83,7 @@ if tune box_iou; then
 fi
 if tune cross_entropy; then
   step "tune cross_entropy"
-  timeout $(t 120) $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
+  timeout $(t 180) $PY -m benchmarks.tune_cross_entropy > "$OUT/tune_cross_entropy.log" 2>&1 || rc=1
   cat "$OUT/tune_cross_entropy.log"
 fi
 if [ -n "${GPU_CHECK_SANITIZE:-}" ]; then
