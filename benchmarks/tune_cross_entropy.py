@@ -102,9 +102,10 @@ def main():
         best_bwd = min(best_bwd or (bwd, cfg or tile), (bwd, cfg or tile), key=lambda t: t[0])
     print(f"best of CONFIGS: {best[1]} ({best[0] * 1e3:.1f} us)")
     print(f"best of TILE_CONFIGS: {best_tile[1]} ({best_tile[0] * 1e3:.1f} us)" if best_tile else "no tile config ran")
-    # a tile forward with a plain backward: CE_TILE_CONFIG["BACKWARD"] = False
+    # Of the pairs, one can be set: a tile forward with a plain backward (CE_TILE_CONFIG's
+    # BACKWARD False); two plain configs share CE_CONFIG, and the tiles' switch takes both.
     print(f"best forward: {best_fwd[1]} ({best_fwd[0] * 1e3:.1f} us); best backward: {best_bwd[1]} "
-          f"({best_bwd[0] * 1e3:.1f} us)")
+          f"({best_bwd[0] * 1e3:.1f} us); only a tile forward with a plain backward can be paired")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,16 @@ from triton.language.extra import libdevice
 
 from .._library import _acc_dtype as acc_dtype
 from . import cdiv, grid_rows, interpreting, loss_grad, next_power_of_2, require, row_grid
-from .interpolate import axis_taps, bilinear_row, check_footprint, column_weights, contract_x, contract_y, row_taps
+from .interpolate import (
+    axis_taps,
+    bilinear_row,
+    check_footprint,
+    column_weights,
+    contract_x,
+    contract_y,
+    contract_y_grid,
+    row_taps,
+)
 
 _INTERPRET = tl.constexpr(interpreting())
 
@@ -450,10 +459,12 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
         tl.store(drow + cs, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
-def _rows_config(c):
-    # the rows kernels step through the classes in i32: c0 + BLOCK_C must not wrap
-    if c > 2**31 - 1 - 1024:
-        raise NotImplementedError(f"softmax_cross_entropy: {c} classes of [N, C] logits are more than 2^31 - 1025")
+def _rows_config(op, c):
+    # The rows kernels step through the classes by BLOCK_C (at most 1024) in C's type: Triton
+    # passes C below 2^31 as i32, where the step past the last block would wrap.
+    if 2**31 - 1024 < c < 2**31:
+        raise NotImplementedError(f"{op}: {c} classes of [N, C] logits, within 1024 of 2^31 (use fewer, or 2^31 "
+                                  "or more)")
     block_c = min(1024, next_power_of_2(c))
     return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
 
@@ -574,7 +585,8 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
 
 def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):
     n, c, _ = logits.shape
-    grid, cfg = (grid_rows("softmax_cross_entropy", n),), _rows_config(c)  # before any allocation
+    op = "softmax_cross_entropy"
+    grid, cfg = (grid_rows(op, n),), _rows_config(op, c)  # before any allocation
     loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
     if n:
         z = logits.contiguous()
@@ -592,7 +604,8 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     n, c, s = logits.shape
     cfg, nb, grid = _launch(c, s, n, logits.device, backward=True)
     if s == 1:  # before any allocation
-        rows, rows_cfg = (grid_rows("softmax_cross_entropy_backward", n),), _rows_config(c)
+        op = "softmax_cross_entropy_backward"
+        rows, rows_cfg = (grid_rows(op, n),), _rows_config(op, c)
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb == 0 or (s == 1 and c == 0):
@@ -719,7 +732,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     # Classes go in blocks of cc, so that the row-contracted gradient t has at most N*H*W values.
     cc = max(1, min(c, W // w))
     grid = row_grid("upsample_cross_entropy_backward", n * H, w, tx.bx)  # and contract_y's, before t
-    grid_rows("upsample_cross_entropy_backward", n * cc * h)
+    contract_y_grid("upsample_cross_entropy_backward", n * cc * h, w)
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
     g, g_step = loss_grad(grad, acc)
     args = (lg, target.contiguous(), _weight(weight, lg), g, wsum.to(acc), stats.to(acc).contiguous())

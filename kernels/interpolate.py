@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._library import _acc_dtype as acc_dtype
-from . import grid_rows, next_power_of_2, require, row_grid
+from . import next_power_of_2, require, row_grid
 
 
 class Taps:
@@ -201,11 +201,17 @@ _BLOCK = 256
 
 
 
+def contract_y_grid(op, rows, w):
+    """contract_y's grid for `rows` output rows (N * P * H) of width w: callers check it before
+    they allocate t."""
+    return row_grid(op, rows, w, _BLOCK)
+
+
 def contract_y(t, gin, ty: Taps, dst_first=0):
     """gin[:, dst_first : dst_first + P] = the y-contraction of t ([N, P, OH, W] -> [N, P, H, W])."""
     n, p, oh, w = t.shape
     h = gin.shape[2]
-    grid = row_grid("contract_y", n * p * h, w, _BLOCK)
+    grid = contract_y_grid("contract_y", n * p * h, w)
     _contract_y_kernel[grid](t, gin, ty.i0, ty.i1, ty.w0, ty.w1, ty.lo, ty.hi, h, w, oh, p, gin.shape[1], dst_first,
                              BLOCK=_BLOCK)
 
@@ -255,7 +261,7 @@ def upsample_bilinear_backward(grad, in_h, in_w, align_corners, scale_h, scale_w
     tx = axis_taps(in_w, out_w, align_corners, scale_w, acc, g.device)
     check_footprint("upsample_bilinear_backward", tx)
     grid = row_grid("upsample_bilinear_backward", n * c * out_h, in_w, tx.bx)  # and contract_y's, before t
-    grid_rows("upsample_bilinear_backward", n * c * in_h)
+    contract_y_grid("upsample_bilinear_backward", n * c * in_h, in_w)
     t = torch.empty((n, c, out_h, in_w), dtype=acc, device=g.device)
     _contract_x_kernel[grid](g, t, tx.i0, tx.i1, tx.w0, tx.w1, tx.lo, tx.hi, in_w, out_w, tx.bx, FX=tx.fx,
                              BXP=tx.bxp)

@@ -71,6 +71,17 @@ def is_channels_last(t: torch.Tensor) -> bool:
         return False
 
 
+def is_vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.func.vmap`` at any level (under ``grad`` too, whose
+    wrapper holds the batched tensor): its values cannot decide a Python branch."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def check_reduction(reduction) -> str:
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

@@ -258,9 +258,7 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     bad = (labels != 0) & (labels != 1)
     if ignore_index is not None:
         bad &= labels != ignore_index
-    # inside torch.func.vmap, a batched label cannot decide a Python branch either
-    checked = (labels.device.type == "cpu" and not torch.compiler.is_compiling()
-               and not torch._C._functorch.is_batchedtensor(labels))
+    checked = labels.device.type == "cpu" and not torch.compiler.is_compiling() and not _utils.is_vmapped(labels)
     if checked and bool(bad.any()):
         raise ValueError(f"labels must be 0, 1 or ignore_index, got {labels[bad][0].item()}")
     n, s = logits.shape[0], math.prod(logits.shape[1:])

@@ -150,6 +150,10 @@ def test_vmap_of_fronts_that_query_layouts_or_check_labels():
     logits, labels = torch.randn(3, 2, 4, generator=g), torch.randint(0, 2, (3, 2, 4), generator=g)
     got = torch.vmap(P.lovasz_hinge)(logits, labels)
     torch.testing.assert_close(got, torch.stack([P.lovasz_hinge(a, b) for a, b in zip(logits, labels)]))
+    # per-sample gradients: grad's wrapper holds the batched labels
+    per_sample = torch.func.grad(P.lovasz_hinge)
+    got = torch.vmap(per_sample)(logits, labels)
+    torch.testing.assert_close(got, torch.stack([per_sample(a, b) for a, b in zip(logits, labels)]))
     labels[1, 0, 0] = 3
     got = torch.vmap(P.lovasz_hinge)(logits, labels)
     assert got[1].isnan() and not got[[0, 2]].isnan().any()
