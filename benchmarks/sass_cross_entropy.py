@@ -4,7 +4,8 @@ exponential needs one (what a thread has in flight at once), its instructions pe
 registers (which set how many programs share an SM) and bytes in flight an SM.
 
 Needs no GPU (benchmarks/sass.py). Configs: the plain kernels at CE_CONFIG with UNROLL 1, 2
-and 4, and the class-tile kernels of benchmarks/tune_cross_entropy.py, compiled for the
+and 4, then the pipelined plain configs (PIPELINED) and the class-tile ones (TILE_CONFIGS)
+of benchmarks/tune_cross_entropy.py, compiled for the
 benchmark's step (19 classes, fp32, mean, no weight or smoothing; 16-divisible sizes). One
 tile (BLOCK_C >= 19) has no class loop: its loads in flight are the whole kernel's.
 Instructions a logit: the whole kernel's, as one program runs it at 19 classes (loop

@@ -612,7 +612,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
         return dz
     acc = acc_dtype(logits.dtype)
     g, g_step = loss_grad(grad, acc)
-    args = (g, wsum.to(acc), z, target.contiguous(), _weight(weight, z), stats.to(acc).contiguous(), dz)
+    args = (g, wsum, z, target.contiguous(), _weight(weight, z), stats.contiguous(), dz)  # acc already: _check
     opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
     if s == 1:
         _ce_rows_backward_kernel[rows](
@@ -735,7 +735,7 @@ def upsample_cross_entropy_backward(grad, logits, target, align_corners, weight,
     contract_y_grid("upsample_cross_entropy_backward", n * cc * h, w)
     t = torch.empty((n, cc, H, w), dtype=acc, device=lg.device)
     g, g_step = loss_grad(grad, acc)
-    args = (lg, target.contiguous(), _weight(weight, lg), g, wsum.to(acc), stats.to(acc).contiguous())
+    args = (lg, target.contiguous(), _weight(weight, lg), g, wsum, stats.contiguous())  # acc already: _check
     for c0 in range(0, c, cc):
         k = min(cc, c - c0)
         tk = t.view(-1)[: n * k * H * w].view(n, k, H, w)

@@ -320,7 +320,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::
     const Classes<T> cls(weight, C, label_smoothing);
     const auto& sw = cls.sw;
     const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
-    const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto e = stats.contiguous();  // T already: check_grad
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
     const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
@@ -444,7 +444,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
     const auto ty = interp::axis_taps<T>(h, H, align_corners, -1.0);
     const auto tx = interp::axis_taps<T>(w, W, align_corners, -1.0);
     const auto [g, g_one] = loss_grad<T>(grad, target_wsum, reduction);
-    const auto e = stats.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const auto e = stats.contiguous();  // T already: check_grad
     const scalar_t* pz = z.const_data_ptr<scalar_t>();
     const int64_t* py = y.const_data_ptr<int64_t>();
     const T *pg = g.const_data_ptr<T>(), *pm = e.const_data_ptr<T>();
