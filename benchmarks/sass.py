@@ -1,11 +1,23 @@
 """sm_90 machine code of a Triton kernel without a GPU (nor TRITON_INTERPRET): Triton
 compiles it as a launch would specialise it, and its bundled cuobjdump lists the SASS and
-the resources (registers; LOCAL: spills). Used by benchmarks/sass_*.py."""
+the resources (registers; LOCAL: spills). Used by benchmarks/sass_*.py.
+
+The code depends on the Triton release: 3.8 (this project's venv) and 3.6 (the H200 runs'
+torch 2.11) schedule the cross-entropy class loop differently. To read another release's
+code, put it first on the path: `pip install --no-deps --target DIR triton==3.6.0`, then
+`PYTHONPATH=DIR python -m benchmarks.sass_cross_entropy`."""
 
 import os
 import re
 import subprocess
 import tempfile
+
+
+def compiler() -> str:
+    """The heading line of a table of these figures: they hold for this Triton release."""
+    import triton
+
+    return f"sm_90 code from Triton {triton.__version__}"
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisible=()) -> tuple[str, str]:

@@ -18,7 +18,7 @@ import argparse
 import os
 import tempfile
 
-from .sass import compile_sm90, count_instructions
+from .sass import compile_sm90, compiler, count_instructions
 
 KINDS = ("iou", "giou", "diou", "ciou")
 
@@ -82,6 +82,7 @@ def main(argv=None):
 
     outputs = args.size * args.size
     target_us = outputs * 4 / (0.7 * args.bandwidth * 1e9) * 1e6
+    print(compiler())
     print(f"{args.size}x{args.size} fp32: 70% of {args.bandwidth:.0f} GB/s writes the output in {target_us:.1f} us; "
           "cells: instructions an output / issue time us / registers and spills (LOCAL)")
     print("| config | outputs a thread | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))

@@ -17,7 +17,7 @@ the memory's latency."""
 import argparse
 import re
 
-from .sass import compile_sm90, instructions, loops
+from .sass import compile_sm90, compiler, instructions, loops
 
 FORWARD = dict(z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", part_ptr="*fp64", stats_ptr="*fp32",
                C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
@@ -103,6 +103,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", metavar="REGEX", help="only the configs whose label this matches (re.search)")
     args = p.parse_args(argv)
+    print(compiler())
     print("cells: bytes in flight a thread / instructions a logit / KB in flight an SM / registers, spills, "
           "shared memory")
     print("| config | forward | backward |\n|---|---|---|")

@@ -481,9 +481,11 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0, "STAGES": 1}
 # The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
-# 2) by about ELEMS / BLOCK_C positions. Why: the plain kernels' sm_90 code issues a class
-# plane's load only after the previous plane's arithmetic, one 16-byte load in flight a
-# thread at UNROLL 2 (two at UNROLL 4), while a tile issues all of its loads back to back.
+# 2) by about ELEMS / BLOCK_C positions. Why: fewer instructions a logit (the plain forward
+# issues 29.4 under Triton 3.6, tiles of 4 19.3: python -m benchmarks.sass_cross_entropy), and
+# a tile issues all of its loads back to back, where the plain backward issues a class
+# plane's load only after the previous plane's arithmetic (one 16-byte load in flight a
+# thread at UNROLL 2).
 # An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
 # 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
 # been timed (tune_cross_entropy.py does). BACKWARD False: the backward takes the plain

@@ -92,10 +92,12 @@ def test_sass_box_iou_counts_the_pairwise_kernels_instructions():
 
 
 def test_sass_cross_entropy_finds_the_class_loops_loads():
-    # the same offline compile: the plain kernel's class loop has one 16-byte load a thread in
-    # flight before its first exponential, a tile of 4 classes four (the reason for the
-    # tiles); pipelined in 3 stages, the plain loop's two planes a step copy to shared memory
-    # two steps ahead (64 bytes)
+    # the same offline compile: the plain kernel's class loop (two planes a step) has one or
+    # two 16-byte loads a thread in flight before its first exponential (the Triton release
+    # decides: 3.8 issues the second after the first plane's arithmetic, 3.6 before it in
+    # the forward), a tile of 4 classes four (the reason for the tiles); pipelined in 3
+    # stages, the plain loop's two planes a step copy to shared memory two steps ahead (64
+    # bytes)
     import subprocess
     import sys
 
@@ -104,10 +106,12 @@ def test_sass_cross_entropy_finds_the_class_loops_loads():
     out = subprocess.run([sys.executable, "-m", "benchmarks.sass_cross_entropy", "--only", only], capture_output=True,
                          text=True, env=env, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.startswith("sm_90 code from Triton ")
     rows = {r.split(" | ")[0].strip("| "): r.strip(" |").split(" | ")[1:] for r in out.splitlines()
             if r.startswith(("| plain", "| tile"))}
     in_flight = {label: [int(c.split(" / ")[0]) for c in cells] for label, cells in rows.items()}
-    assert in_flight == {"plain BLOCK 1024, 8 warps, UNROLL 2, STAGES 1": [16, 16],
-                         "plain BLOCK 1024, 8 warps, UNROLL 2, STAGES 3": [64, 64],
+    plain = in_flight.pop("plain BLOCK 1024, 8 warps, UNROLL 2, STAGES 1")
+    assert in_flight == {"plain BLOCK 1024, 8 warps, UNROLL 2, STAGES 3": [64, 64],
                          "tile BLOCK_C 4, BLOCK 1024, 8 warps, STAGES 1": [64, 64]}
+    assert all(b in (16, 32) for b in plain), plain
     assert all(5 < float(c.split(" / ")[1]) < 200 and "LOCAL:0" in c for r in rows.values() for c in r)
