@@ -7,7 +7,8 @@ benchmarks/gpu_check.sh (GPU_CHECK_SANITIZE=1) runs this under compute-sanitizer
 memcheck, racecheck and synccheck. Soft-NMS runs every layout of its sequential and
 multi-selection kernels: 1, 4, 8 and 16 register slots a thread and global memory (fp32
 groups of 300, 1100, 5000, 6500 and 8500 boxes; fp64 of 300 and 4200), a batched call with
-groups of unequal size, and the linear and hard methods. Sizes are small because the
+groups of unequal size, the linear and hard methods, and the multi kernel with hard at IoU
+threshold 0 and with score threshold 0. Sizes are small because the
 checkers slow kernels down a hundredfold. `--triton` runs the Triton kernels instead, for
 memcheck: every op forward and backward on sizes that leave partial blocks, with the
 off-by-default configs too (64-row IoU tiles, approximate divisions, the cross-entropy
@@ -33,6 +34,9 @@ SOFT_CASES = [  # (boxes, dtype, method)
     (6500, torch.float32, "gaussian"), (8500, torch.float32, "gaussian"), (300, torch.float64, "gaussian"),
     (4200, torch.float64, "gaussian"), (1100, torch.float32, "linear"), (1100, torch.float32, "hard"),
 ]
+# The multi kernel's own paths: no overlap skipping (hard at IoU threshold 0) and one
+# selection a step (score threshold 0).
+MULTI_CASES = [(1100, "hard", dict(iou_threshold=0.0)), (1100, "gaussian", dict(score_threshold=0.0))]
 
 
 def _cases(dev):
@@ -56,6 +60,14 @@ def _cases(dev):
                     return P.soft_nms(bs, ss, method=method)
 
             out.append((f"soft_nms {variant} {n} {str(dtype)[6:]} {method}", soft))
+        for n, method, kw in MULTI_CASES if variant == "multi" else ():
+            bs, ss = (t.to(dev) for t in _detections(n)[:2])
+
+            def soft(bs=bs, ss=ss, method=method, kw=kw):
+                with soft_nms_kernel("multi"):
+                    return P.soft_nms(bs, ss, method=method, **kw)
+
+            out.append((f"soft_nms multi {n} {method} {kw}", soft))
 
         def batched(variant=variant):
             with soft_nms_kernel(variant):

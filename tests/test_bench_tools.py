@@ -51,8 +51,10 @@ def test_sanitize_runs_every_case(capsys, monkeypatch):
                dict(cross_entropy.CE_TILE_CONFIG)]
     sanitize.main(["--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + 3
-    assert sum("soft_nms multi" in r for r in lines) == sum("soft_nms spread" in r for r in lines) == 10
+    assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + len(sanitize.MULTI_CASES) + 3
+    spread = len(sanitize.SOFT_CASES) + 1  # and batched_soft_nms
+    assert sum("soft_nms spread" in r for r in lines) == spread
+    assert sum("soft_nms multi" in r for r in lines) == spread + len(sanitize.MULTI_CASES)
     sanitize.main(["--device", "cpu", "--triton"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 23 and sum("fwd+bwd" in r for r in lines) == 17

@@ -790,7 +790,7 @@ def test_soft_nms_rounds_model_matches_cpu(method, iou_threshold, seed):
 # kernels' logic is checked here, the host code and real hardware by the gpu tests below.
 
 
-def _sim_check(n, dtype, categories, score_threshold, method, kernel, ties=False):
+def _sim_check(n, dtype, categories, score_threshold, method, kernel, ties=False, arch=0):
     import cuda_sim
 
     boxes, scores = special_detections(n, objects=max(1, n // 16), seed=n)
@@ -800,7 +800,7 @@ def _sim_check(n, dtype, categories, score_threshold, method, kernel, ties=False
     boxes, scores = boxes.to(dtype), scores.to(dtype)
     idxs = None if categories is None else torch.arange(n) % categories
     args = (boxes, scores, idxs, 0.3, 0.5, score_threshold)
-    k_sim, s_sim = cuda_sim.soft_nms(*args, method, kernel)
+    k_sim, s_sim = cuda_sim.soft_nms(*args, method, kernel, arch)
     k_cpu, s_cpu = torch.ops.pyvision_ops.soft_nms(*args, cuda_sim.METHODS[method])
     assert_soft_close(k_sim, s_sim, k_cpu, s_cpu)
 
@@ -833,11 +833,24 @@ def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, 
     _sim_check(n, dtype, None, score_threshold, method, kernel)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed):
+@pytest.mark.parametrize("n, dtype, categories, score_threshold, method, kernel, ties", [
+    (300, torch.float32, None, 0.01, "gaussian", "spread", True),
+    (300, torch.float64, 3, 0.01, "linear", "multi", False),
+    (1100, torch.float32, None, 0.01, "gaussian", "multi", False),  # 4 slots
+])
+def test_soft_nms_cuda_kernels_sm90_branch_on_cpu_threads(n, dtype, categories, score_threshold, method, kernel,
+                                                          ties):
+    # The kernels' code as nvcc compiles it for sm_90 (warp_max's __reduce_max_sync branch,
+    # word by word over tied keys), which the tests above, built without __CUDA_ARCH__, skip.
+    _sim_check(n, dtype, categories, score_threshold, method, kernel, ties, arch=900)
+
+
+@pytest.mark.parametrize("seed, arch", [(0, 0), (1, 0), (2, 0), (3, 0), (0, 900), (1, 900)])
+def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed, arch):
     # Several selections a step make the same selections as one a step, bit for bit, on boxes
     # with few score levels (many exact ties), +inf, NaN and 0 scores, duplicates, NaN
-    # coordinates and inverted boxes (the rule's claim; both kernels' own code).
+    # coordinates and inverted boxes (the rule's claim; both kernels' own code, also as
+    # compiled for sm_90).
     import cuda_sim
 
     g = gen(seed)
@@ -853,8 +866,8 @@ def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed):
     boxes[torch.randint(0, n, (2,), generator=g), 2] -= 20
     for method, thr in (("gaussian", 0.3), ("linear", 0.05), ("hard", 0.5), ("hard", 0.0)):
         args = (boxes, scores, None, thr, 0.5, [1e-3, 0.05][seed // 2])
-        k1, s1 = cuda_sim.soft_nms(*args, method, "spread")
-        k2, s2 = cuda_sim.soft_nms(*args, method, "multi")
+        k1, s1 = cuda_sim.soft_nms(*args, method, "spread", arch)
+        k2, s2 = cuda_sim.soft_nms(*args, method, "multi", arch)
         assert torch.equal(k1, k2)
         assert torch.equal(s1.nan_to_num(-7.0), s2.nan_to_num(-7.0))
 

@@ -181,7 +181,9 @@ __device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, co
 
 // Most threads of a soft_nms_kernel block with K register slots (a box and a score each) per
 // thread: more would make ptxas spill them for sm_90 (-Xptxas -v; fp64 with 8 slots spills
-// 40-72 bytes even at 512).
+// 40-72 bytes even at 512). soft_multi_kernel keeps more state and spills at these counts:
+// fp32 up to 18 bytes with 8 slots, 36-52 with 16, fp64 82-98 with 8; with 8 fp32 slots a
+// few local-memory accesses a step, none in its inner loops (sm_90 SASS, 2026-11-28).
 template <typename T, int K>
 constexpr int soft_threads() {
   if (K <= 1) return 1024;

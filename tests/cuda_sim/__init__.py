@@ -21,15 +21,17 @@ METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
 VARIANTS = {"chunks": 0, "spread": 1, "multi": 2}  # soft_nms_sim.cpp:chunks
 ROUNDS_MAX_LEN = 64 * 256  # csrc/cuda/soft_nms.cuh: kWord * kRoundsMaxChunks
 
-_lib = None
+_libs = {}
 
 
-def library():
-    global _lib
-    if _lib is None:
+def library(arch=0):
+    """The simulator built for __CUDA_ARCH__ `arch` (0: none, the kernels' pre-sm_80 branches;
+    900: sm_90's, as the GPU runs them)."""
+    if arch not in _libs:
         cxx = os.environ.get("CXX", "c++")
         flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
                  "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE] + ["-I" + p for p in cpp_extension.include_paths()]
+        flags += [f"-DPVO_SIM_ARCH={arch}"] if arch else []
         digest = hashlib.sha256(" ".join([cxx] + flags).encode())
         for path in SOURCES:
             with open(path, "rb") as f:
@@ -40,8 +42,8 @@ def library():
             tmp = f"{out}.{os.getpid()}.tmp"  # pytest-xdist workers may build at once
             subprocess.run([cxx, *flags, SOURCES[0], "-o", tmp], check=True)
             os.replace(tmp, out)
-        _lib = ctypes.CDLL(out)
-    return _lib
+        _libs[arch] = ctypes.CDLL(out)
+    return _libs[arch]
 
 
 def _ptr(t):
@@ -83,10 +85,11 @@ def _soft_slots(fp64, max_len):
     return 0
 
 
-def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method, kernel="spread"):
+def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method, kernel="spread", arch=0):
     """torch.ops.pyvision_ops.soft_nms's result from the CUDA kernel `kernel` ("chunks",
-    "spread", "multi" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads."""
-    lib = library()
+    "spread", "multi" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads, its
+    code compiled for __CUDA_ARCH__ `arch` (library)."""
+    lib = library(arch)
     n = len(scores)
     fp64 = boxes.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32

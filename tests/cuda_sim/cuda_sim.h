@@ -3,7 +3,8 @@
 // function-static (one block runs at a time, so they are the block's), __syncthreads and
 // __syncwarp are barriers, and warp shuffles go through a per-warp exchange buffer
 // between two warp barriers. Only what csrc/cuda/soft_nms.cuh uses is defined; code under
-// `__CUDA_ARCH__ >= 800` takes its pre-sm_80 branch.
+// `__CUDA_ARCH__ >= 800` takes its pre-sm_80 branch unless soft_nms_sim.cpp is built with
+// PVO_SIM_ARCH (then the kernels see that __CUDA_ARCH__, and __reduce_max_sync below).
 #pragma once
 
 #include <algorithm>
@@ -122,6 +123,18 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   for (int src = 0; src < 32; ++src) bits |= static_cast<unsigned>(block->shuffle[w][src] != 0) << src;
   block->warps[w]->arrive_and_wait();
   return bits;
+}
+
+// One exchange for all 32 lanes, as __ballot_sync.
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+  using namespace cuda_sim;
+  const int lane = static_cast<int>(thread_idx.x & 31), w = static_cast<int>(thread_idx.x >> 5);
+  block->shuffle[w][lane] = v;
+  block->warps[w]->arrive_and_wait();
+  unsigned m = 0;
+  for (int src = 0; src < 32; ++src) m = std::max(m, static_cast<unsigned>(block->shuffle[w][src]));
+  block->warps[w]->arrive_and_wait();
+  return m;
 }
 
 inline uint32_t __float_as_uint(float f) {

@@ -3,7 +3,12 @@
 // csrc/cuda/nms.cu:soft_nms_cuda does; these convert the thresholds the same way and launch.
 #include "cuda_sim.h"
 // clang-format off: the shim first
+#ifdef PVO_SIM_ARCH
+#include "common/nms.h"  // its own __CUDA_ARCH__ branches are device math: it takes the CPU side
+#define __CUDA_ARCH__ PVO_SIM_ARCH
+#endif
 #include "cuda/soft_nms.cuh"
+#undef __CUDA_ARCH__
 
 using namespace pyvision_ops;
 
