@@ -39,7 +39,7 @@ lint: venv
 	$(VPY) -m ruff check pyvision_ops kernels benchmarks tests setup.py
 
 # For the lent GPU machine: its own python3/torch/triton, no venv, no network.
-# Writes logs and benchmarks/results/<gpu>.json (copied to $$OUT when set).
+# Writes logs and <gpu>.{json,md,png} to $$OUT, or to benchmarks/results when OUT is unset.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

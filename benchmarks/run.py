@@ -1,8 +1,8 @@
 """`python -m benchmarks.run [--device cpu|cuda] [--only box_iou,nms] [--quick]`
 
 Times every workload against its anchor in one process, on the same inputs,
-prints one table (markdown), writes benchmarks/results/<device>.json and a PNG
-chart of the speedups beside it.
+prints one table (markdown), writes benchmarks/results/<device>.{json,md} and a PNG
+chart of the speedups beside them.
 """
 
 from __future__ import annotations
