@@ -72,20 +72,27 @@ void launch(int gx, int gy, int threads, F&& body) {
   }
 }
 
-template <typename T>
-T shuffle(T v, int src) {  // src < 0: the caller's own value
-  const int lane = static_cast<int>(thread_idx.x & 31), w = static_cast<int>(thread_idx.x >> 5);
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  block->shuffle[w][lane] = bits;
+// Each lane of the caller's warp posts `bits`; f reads the 32 posted values between two
+// warp barriers (the exchange behind shuffles, ballots and reductions).
+template <typename F>
+auto exchange(uint64_t bits, F&& f) {
+  const int w = static_cast<int>(thread_idx.x >> 5);
+  block->shuffle[w][thread_idx.x & 31] = bits;
   block->warps[w]->arrive_and_wait();
-  T out = v;
-  if (src >= 0) {
-    const uint64_t o = block->shuffle[w][src];
-    std::memcpy(&out, &o, sizeof(T));
-  }
+  const auto out = f(block->shuffle[w]);
   block->warps[w]->arrive_and_wait();
   return out;
+}
+
+template <typename T>
+T shuffle(T v, int src) {  // src < 0: the caller's own value
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return exchange(bits, [&](const std::array<uint64_t, 32>& posted) {
+    T out = v;
+    if (src >= 0) std::memcpy(&out, &posted[src], sizeof(T));
+    return out;
+  });
 }
 
 }  // namespace cuda_sim
@@ -115,26 +122,19 @@ T __shfl_up_sync(unsigned, T v, unsigned delta) {
 
 // One exchange for all 32 lanes (not 32 shuffles).
 inline unsigned __ballot_sync(unsigned, bool pred) {
-  using namespace cuda_sim;
-  const int lane = static_cast<int>(thread_idx.x & 31), w = static_cast<int>(thread_idx.x >> 5);
-  block->shuffle[w][lane] = pred;
-  block->warps[w]->arrive_and_wait();
-  unsigned bits = 0;
-  for (int src = 0; src < 32; ++src) bits |= static_cast<unsigned>(block->shuffle[w][src] != 0) << src;
-  block->warps[w]->arrive_and_wait();
-  return bits;
+  return cuda_sim::exchange(pred, [](const std::array<uint64_t, 32>& posted) {
+    unsigned bits = 0;
+    for (int src = 0; src < 32; ++src) bits |= static_cast<unsigned>(posted[src] != 0) << src;
+    return bits;
+  });
 }
 
-// One exchange for all 32 lanes, as __ballot_sync.
 inline unsigned __reduce_max_sync(unsigned, unsigned v) {
-  using namespace cuda_sim;
-  const int lane = static_cast<int>(thread_idx.x & 31), w = static_cast<int>(thread_idx.x >> 5);
-  block->shuffle[w][lane] = v;
-  block->warps[w]->arrive_and_wait();
-  unsigned m = 0;
-  for (int src = 0; src < 32; ++src) m = std::max(m, static_cast<unsigned>(block->shuffle[w][src]));
-  block->warps[w]->arrive_and_wait();
-  return m;
+  return cuda_sim::exchange(v, [](const std::array<uint64_t, 32>& posted) {
+    unsigned m = 0;
+    for (int src = 0; src < 32; ++src) m = std::max(m, static_cast<unsigned>(posted[src]));
+    return m;
+  });
 }
 
 inline uint32_t __float_as_uint(float f) {
