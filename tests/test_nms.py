@@ -289,6 +289,24 @@ def test_soft_nms_sigma_whose_inverse_overflows(dtype, sigma):
     torch.testing.assert_close(dec, scores[:2])
 
 
+@pytest.mark.parametrize("dtype, sigma, far, width", [(torch.float32, 1e-39, 1e10, 1e-9),
+                                                     (torch.float64, 5e-324, 1e77, 1e-77)])
+def test_soft_nms_sigma_whose_inverse_overflows_decays_tiny_ious(dtype, sigma, far, width):
+    # IoU width / far (1e-19 or 1e-154) against sigma: iou^2 / sigma is 10 or 2e15, so the
+    # second box decays below the score threshold. A capped 1 / sigma made that exp(-iou^2 *
+    # max), which kept it.
+    boxes = torch.tensor([[0.0, 0, far, far], [0, 0, width, far]], dtype=torch.float64).to(dtype)
+    scores = torch.tensor([0.9, 0.8], dtype=dtype)
+    keep, dec = P.soft_nms(boxes, scores, sigma=sigma)
+    rkeep, rdec = reference.soft_nms(boxes, scores, 0.3, sigma, 1e-3, "gaussian")
+    assert keep.tolist() == rkeep.tolist() == [0]
+    s = torch.tensor([0.9, 0.8, 0.8], dtype=dtype)
+    keep, dec = P.soft_nms(boxes[[0, 1, 1]], s, sigma=sigma, score_threshold=0.0)
+    rkeep, rdec = reference.soft_nms(boxes[[0, 1, 1]], s, 0.3, sigma, 0.0, "gaussian")
+    assert keep.tolist() == rkeep.tolist()
+    torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 def test_soft_nms_infinite_sigma_matches_reference(method):
     # gaussian: exp(-iou^2 / inf) = 1, no decay at all; linear and hard ignore sigma.

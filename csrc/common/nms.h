@@ -74,11 +74,15 @@ PVO_HD float exp_approx(float x) {
 }
 PVO_HD double exp_approx(double x) { return std::exp(x); }
 
-// 1 / sigma in T, at most T's largest finite value: an infinite one would make the
-// gaussian decay of IoU 0 exp(-0 * inf) = NaN instead of 1.
+// 1 / sqrt(sigma) in T, at most T's largest finite value. The gaussian decay takes
+// exp(-(iou * this)^2): 1 / sigma itself overflows fp32 for sigma below 3e-39, where
+// capping it would leave IoUs near 1e-19 almost undecayed, and an infinite one would make
+// the decay of IoU 0 exp(-0 * inf) = NaN instead of 1. Its square root stays finite for
+// any fp64 sigma > 0 and any fp32 sigma above 9e-78 (below that, only IoUs under 3e-38 see
+// the cap).
 template <typename T>
-inline T inv_sigma(double sigma) {
-  const double v = 1.0 / sigma;
+inline T rsqrt_sig(double sigma) {
+  const double v = 1.0 / std::sqrt(sigma);
   const double top = static_cast<double>(std::numeric_limits<T>::max());
   return static_cast<T>(v < top ? v : top);
 }
@@ -87,12 +91,13 @@ inline T inv_sigma(double sigma) {
 // `thr` is the IoU threshold as ge_threshold() returns it. A NaN IoU (NaN
 // coordinates) decays nothing.
 template <typename T>
-PVO_HD T decay(T iou, int method, T thr, T inv_sigma) {
+PVO_HD T decay(T iou, int method, T thr, T rsqrt_sig) {
   if (method == kGaussian) {
     const T q = iou == iou ? iou : T(0);
     // at most 1, which the CUDA kernels' exactness rests on (a decay never raises a score):
     // the device's expf is only documented to within 2 ulp
-    const T f = exp_approx(-(q * q) * inv_sigma);
+    const T t = q * rsqrt_sig;
+    const T f = exp_approx(-(t * t));
     return f < T(1) ? f : T(1);
   }
   const bool hit = iou >= thr;

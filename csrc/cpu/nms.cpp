@@ -172,7 +172,7 @@ __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, c
                                                                const T* __restrict__ y1, const T* __restrict__ x2,
                                                                const T* __restrict__ y2, T* __restrict__ s,
                                                                int32_t* __restrict__ drop, int64_t n, T thr,
-                                                               T inv_sigma, T score_thr, T* __restrict__ block_max) {
+                                                               T rsqrt_sig, T score_thr, T* __restrict__ block_max) {
   constexpr T none = -std::numeric_limits<T>::infinity();
   T best = none;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -184,7 +184,7 @@ __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, c
       const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
       // A plain product keeps this loop vectorised (a select on NaN does not); the scores
       // here are never NaN (those are selected first), so a NaN is an infinite score times 0.
-      const T v = s[j] * nms::decay<T>(iou, METHOD, thr, inv_sigma);
+      const T v = s[j] * nms::decay<T>(iou, METHOD, thr, rsqrt_sig);
       const int32_t gone = drop[j] | (v < score_thr);
       s[j] = v;
       drop[j] = gone;
@@ -244,7 +244,7 @@ std::vector<uint32_t> morton_codes(const Soa<T>& s, int64_t begin, int64_t end) 
 // The hard method with a threshold <= 0 drops non-overlapping boxes too: it visits every
 // block. The decay of each box is the same arithmetic in the same order as a full pass.
 template <typename T, int METHOD>
-void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T score_thr,
+void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T rsqrt_sig, T score_thr,
                     std::vector<std::pair<int64_t, T>>& out) {
   constexpr T none = -std::numeric_limits<T>::infinity();
   int64_t n = static_cast<int64_t>(s.pos.size());
@@ -259,7 +259,7 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
     out.emplace_back(s.pos[m], score[m]);
     decay_pass<T, METHOD>(s.box(m), s.x1.data() + first_real, s.y1.data() + first_real, s.x2.data() + first_real,
                           s.y2.data() + first_real, score.data() + first_real, drop.data() + first_real,
-                          n - first_real, thr, inv_sigma, score_thr, block_max.data());
+                          n - first_real, thr, rsqrt_sig, score_thr, block_max.data());
   }
   for (int64_t m = 0; m < first_real; ++m) drop[m] = 1;
   n = s.compact(0, n, drop.data(), score.data());
@@ -320,7 +320,7 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T inv_sigma, T scor
       if (!visit_all && !nms::may_overlap(a, u)) continue;
       const int64_t b0 = b * kBlock, len = std::min(n, b0 + kBlock) - b0;
       decay_pass<T, METHOD>(a, s.x1.data() + b0, s.y1.data() + b0, s.x2.data() + b0, s.y2.data() + b0,
-                            score.data() + b0, drop.data() + b0, len, thr, inv_sigma, score_thr, block_max.data() + b);
+                            score.data() + b0, drop.data() + b0, len, thr, rsqrt_sig, score_thr, block_max.data() + b);
       own_visited |= b == m / kBlock;
     }
     if (!own_visited) rescan(m / kBlock);  // the selected entry leaves its block's maximum
@@ -346,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
     const scalar_t* ps = sc.const_data_ptr<scalar_t>();
     const T thr = nms::ge_threshold<T>(iou_threshold);
     const T score_thr = nms::ge_threshold<T>(score_threshold);
-    const T inv_sigma = nms::inv_sigma<T>(sigma);
+    const T rsqrt_sig = nms::rsqrt_sig<T>(sigma);
     std::vector<std::vector<std::pair<int64_t, T>>> picked(groups);
     at::parallel_for(0, groups, g.grain(16), [&](int64_t lo, int64_t hi) {  // an IoU, an exp, passes
       for (int64_t c = lo; c < hi; ++c) {
@@ -354,9 +354,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
         std::vector<T> score(s.pos.size());
         for (size_t k = 0; k < score.size(); ++k) score[k] = T(ps[order[s.pos[k]]]);
         switch (method) {
-          case nms::kGaussian: soft_nms_group<T, nms::kGaussian>(s, score, thr, inv_sigma, score_thr, picked[c]); break;
-          case nms::kLinear: soft_nms_group<T, nms::kLinear>(s, score, thr, inv_sigma, score_thr, picked[c]); break;
-          default: soft_nms_group<T, nms::kHard>(s, score, thr, inv_sigma, score_thr, picked[c]); break;
+          case nms::kGaussian: soft_nms_group<T, nms::kGaussian>(s, score, thr, rsqrt_sig, score_thr, picked[c]); break;
+          case nms::kLinear: soft_nms_group<T, nms::kLinear>(s, score, thr, rsqrt_sig, score_thr, picked[c]); break;
+          default: soft_nms_group<T, nms::kHard>(s, score, thr, rsqrt_sig, score_thr, picked[c]); break;
         }
       }
     });

@@ -280,7 +280,7 @@ int soft_slots(int64_t max_len) {
 // soft_multi_global_kernel.
 template <typename T, int METHOD>
 void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
-                 const int64_t* start, const int64_t* len, const int32_t* place, T thr, T inv_sigma, T score_thr,
+                 const int64_t* start, const int64_t* len, const int32_t* place, T thr, T rsqrt_sig, T score_thr,
                  bool spread, bool multi, int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
   const int64_t per_thread = slots > 0 ? (max_len + slots - 1) / slots : max_len;
   const int64_t threads_needed = std::max<int64_t>(32, (per_thread + 31) / 32 * 32);
@@ -291,15 +291,15 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
     if (multi) {                                                                                                  \
       if constexpr (KK > 0) {                                                                                     \
         soft_multi_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                        \
-            boxes, scores, start, len, place, thr, inv_sigma, score_thr, out_pos, out_score, out_count);          \
+            boxes, scores, start, len, place, thr, rsqrt_sig, score_thr, out_pos, out_score, out_count);          \
       } else {                                                                                                    \
         soft_multi_global_kernel<T, METHOD><<<groups, threads, 0, stream>>>(                                     \
-            boxes, scores, start, len, thr, inv_sigma, score_thr, alive, out_pos, out_score, out_count);          \
+            boxes, scores, start, len, thr, rsqrt_sig, score_thr, alive, out_pos, out_score, out_count);          \
       }                                                                                                           \
       break;                                                                                                      \
     }                                                                                                             \
     soft_nms_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                              \
-        boxes, scores, start, len, place, thr, inv_sigma, score_thr, spread, alive, out_pos, out_score, out_count); \
+        boxes, scores, start, len, place, thr, rsqrt_sig, score_thr, spread, alive, out_pos, out_score, out_count); \
   } while (0)
   switch (slots) {
     case 1: PVO_SOFT(1); break;
@@ -344,7 +344,7 @@ RoundsPlan plan_rounds(const std::vector<int64_t>& len, int64_t max_mask_words) 
 template <typename T, int METHOD>
 void launch_rounds(const RoundsPlan& plan, int64_t groups, int64_t max_len, const at::Tensor& b,
                    const at::Tensor& sc, const at::Tensor& start, const at::Tensor& len, const at::Tensor& place,
-                   T thr, T inv_sigma, T score_thr, at::Tensor& state, at::Tensor& selected, at::Tensor& out_score,
+                   T thr, T rsqrt_sig, T score_thr, at::Tensor& state, at::Tensor& selected, at::Tensor& out_score,
                    cudaStream_t stream) {
   const int64_t n = sc.size(0);
   const at::Tensor tables = to_device(plan.tables, b);
@@ -366,7 +366,7 @@ void launch_rounds(const RoundsPlan& plan, int64_t groups, int64_t max_len, cons
   const int threads = static_cast<int>(std::min<int64_t>(1024, (max_len + 31) / 32 * 32));
   soft_rounds_kernel<T, METHOD><<<groups, threads, 0, stream>>>(
       b.const_data_ptr<T>(), sc.const_data_ptr<T>(), start.const_data_ptr<int64_t>(), len.const_data_ptr<int64_t>(),
-      place.const_data_ptr<int32_t>(), off, groups, thr, inv_sigma, score_thr,
+      place.const_data_ptr<int32_t>(), off, groups, thr, rsqrt_sig, score_thr,
       reinterpret_cast<const unsigned long long*>(mask.const_data_ptr<int64_t>()), listed.const_data_ptr<uint8_t>(),
       reinterpret_cast<Box<T>*>(mbox.mutable_data_ptr<T>()), msc.mutable_data_ptr<T>(),
       state.mutable_data_ptr<int32_t>(), win.mutable_data_ptr<int32_t>(), rank_of.mutable_data_ptr<int32_t>(),
@@ -434,11 +434,11 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
       place = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false)).to(at::kInt);
     }
     const T thr = nms::ge_threshold<T>(iou_threshold), score_thr = nms::ge_threshold<T>(score_threshold);
-    const T inv_sigma = nms::inv_sigma<T>(sigma);
+    const T rsqrt_sig = nms::rsqrt_sig<T>(sigma);
     if (rounds) {
       selected = at::empty({n}, boxes.options().dtype(at::kBool));
       auto run = [&](auto launcher) {
-        launcher(plan, groups, max_len, b, sc, d_start, d_len, place, thr, inv_sigma, score_thr, alive, selected,
+        launcher(plan, groups, max_len, b, sc, d_start, d_len, place, thr, rsqrt_sig, score_thr, alive, selected,
                  out_score, stream.stream());
       };
       switch (method) {
@@ -452,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     out_count = at::empty({groups}, boxes.options().dtype(at::kLong));
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
-                                slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, inv_sigma,
+                                slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, rsqrt_sig,
                                 score_thr, spread, multi, alive.mutable_data_ptr<int32_t>(),
                                 out_pos.mutable_data_ptr<int64_t>(), out_score.mutable_data_ptr<T>(),
                                 out_count.mutable_data_ptr<int64_t>());

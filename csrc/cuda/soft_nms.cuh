@@ -138,10 +138,10 @@ __device__ __forceinline__ Box<T> warp_union(Box<T> b) {
 }
 
 template <typename T, int METHOD>
-__device__ __forceinline__ T decayed(T score, const Box<T>& a, const Box<T>& b, T thr, T inv_sigma) {
+__device__ __forceinline__ T decayed(T score, const Box<T>& a, const Box<T>& b, T thr, T rsqrt_sig) {
   return nms::decay_score(score,
                           nms::decay<T>(box::pair_value<T, box::kIoU, false>(a, b, T(0), T(0), T(0)), METHOD, thr,
-                                        inv_sigma));
+                                        rsqrt_sig));
 }
 
 // Best live box of a thread's K register slots (`pos` strided by 32: the thread's entries),
@@ -233,7 +233,7 @@ __device__ __forceinline__ void load_slots(const T* __restrict__ boxes, const T*
 // whose union `a` cannot overlap: their boxes keep their scores bit for bit.
 template <typename T, int METHOD, int K>
 __device__ __forceinline__ void decay_slots(const Box<T>& a, bool skip, const Box<T> (&bx)[K], T (&sc)[K],
-                                            uint32_t& alive, const Box<T>* unions, T thr, T inv_sigma,
+                                            uint32_t& alive, const Box<T>* unions, T thr, T rsqrt_sig,
                                             T score_thr) {
   // The slots `a` may overlap, all tested before any decay: their shared loads issue
   // together instead of one per step of the walk. Not with 16 slots, nor with 8 in fp64 or
@@ -250,7 +250,7 @@ __device__ __forceinline__ void decay_slots(const Box<T>& a, bool skip, const Bo
   for (int k = 0; k < K; ++k) {
     if (kMaskFirst ? !(ov >> k & 1u) : skip && !nms::may_overlap(a, unions[k])) continue;
     if (alive >> k & 1u) {
-      sc[k] = decayed<T, METHOD>(sc[k], a, bx[k], thr, inv_sigma);
+      sc[k] = decayed<T, METHOD>(sc[k], a, bx[k], thr, rsqrt_sig);
       if (sc[k] < score_thr) alive &= ~(1u << k);
     }
   }
@@ -269,7 +269,7 @@ __device__ __forceinline__ void decay_slots(const Box<T>& a, bool skip, const Bo
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
-    const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T inv_sigma, T score_thr,
+    const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T rsqrt_sig, T score_thr,
     bool spread, int32_t* __restrict__ alive_all, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
     int64_t* __restrict__ out_count) {
   const int64_t c = blockIdx.x, s = start[c];
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
       }
       ++count;
       if (touched) {  // warp-uniform, as is every condition on a slot union
-        decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, inv_sigma, score_thr);
+        decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, rsqrt_sig, score_thr);
         lbest = lane_best<T, K>(sc, alive, pos, lslot);
         wbest = warp_max(lbest);
       }
@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
         T v = scores[s + j];
         const Box<T> b = load_box(boxes, s + j);
         if (!skip || nms::may_overlap(a, b)) {
-          v = decayed<T, METHOD>(v, a, b, thr, inv_sigma);
+          v = decayed<T, METHOD>(v, a, b, thr, rsqrt_sig);
           scores[s + j] = v;
           if (v < score_thr) {
             alive_g[j] = 0;
@@ -414,7 +414,7 @@ __device__ __forceinline__ void write_post(Posts<T>& posts, int par, const Key<T
 // and in `rank` the selection it became (-1: none). Warp 0 writes them to out_pos and
 // out_score from `count` on, which advances.
 template <typename T, int METHOD>
-__device__ __forceinline__ int replay(const Posts<T>& posts, int par, bool multi, bool skip, T thr, T inv_sigma,
+__device__ __forceinline__ int replay(const Posts<T>& posts, int par, bool multi, bool skip, T thr, T rsqrt_sig,
                                       T score_thr, int64_t* __restrict__ out_pos, T* __restrict__ out_score,
                                       int& count, Box<T>& cb, int& cpos, int& rank) {
   constexpr int W = Key<T>::W;
@@ -457,7 +457,7 @@ __device__ __forceinline__ int replay(const Posts<T>& posts, int par, bool multi
     ++m;
     ++count;
     if (ck.w[0] != 0u && (!skip || nms::may_overlap(a, cb))) {
-      cs = decayed<T, METHOD>(cs, a, cb, thr, inv_sigma);
+      cs = decayed<T, METHOD>(cs, a, cb, thr, rsqrt_sig);
       ck = cs < score_thr ? dead_key<T>() : live_key(cs, cpos);
     }
   }
@@ -469,7 +469,7 @@ __device__ __forceinline__ int replay(const Posts<T>& posts, int par, bool multi
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
-    const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T inv_sigma, T score_thr,
+    const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T rsqrt_sig, T score_thr,
     int64_t* __restrict__ out_pos, T* __restrict__ out_score, int64_t* __restrict__ out_count) {
   static_assert(K > 0, "register slots only");
   constexpr int W = Key<T>::W;
@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     __syncthreads();
     Box<T> cb;
     int cpos, rank;
-    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, inv_sigma, score_thr, out_pos + s, out_score + s,
+    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, rsqrt_sig, score_thr, out_pos + s, out_score + s,
                                     count, cb, cpos, rank);
     par ^= 1;
     if (m == 0) break;
@@ -526,7 +526,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
       const Box<T> a = shfl_box(cb, __ffs(__ballot_sync(0xffffffffu, rank == i)) - 1);
       if (skip && !nms::may_overlap(a, warp_u)) continue;  // warp-uniform
       stale = true;
-      decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, inv_sigma, score_thr);
+      decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, rsqrt_sig, score_thr);
     }
   }
   if (threadIdx.x == 0) out_count[c] = count;
@@ -539,7 +539,7 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
 template <typename T, int METHOD>
 __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
-    const int64_t* __restrict__ len, T thr, T inv_sigma, T score_thr, int32_t* __restrict__ alive_all,
+    const int64_t* __restrict__ len, T thr, T rsqrt_sig, T score_thr, int32_t* __restrict__ alive_all,
     int64_t* __restrict__ out_pos, T* __restrict__ out_score, int64_t* __restrict__ out_count) {
   const int64_t c = blockIdx.x, s = start[c];
   const int n = static_cast<int>(len[c]);
@@ -584,7 +584,7 @@ __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
     __syncthreads();
     Box<T> cb;
     int cpos, rank;
-    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, inv_sigma, score_thr, out_pos + s, out_score + s,
+    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, rsqrt_sig, score_thr, out_pos + s, out_score + s,
                                     count, cb, cpos, rank);
     par ^= 1;
     if (m == 0) break;
@@ -606,7 +606,7 @@ __global__ void __launch_bounds__(1024) soft_multi_global_kernel(
       for (int i = 0; i < m && !(x < score_thr); ++i) {
         const Box<T> a = sel_box[warp][i];
         if (!skip || nms::may_overlap(a, bj)) {
-          x = decayed<T, METHOD>(x, a, bj, thr, inv_sigma);
+          x = decayed<T, METHOD>(x, a, bj, thr, rsqrt_sig);
           changed = true;
         }
       }
@@ -703,7 +703,7 @@ template <typename T, int METHOD>
 __global__ void __launch_bounds__(1024) soft_rounds_kernel(
     const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
     const int64_t* __restrict__ len, const int32_t* __restrict__ place, const int64_t* __restrict__ off,
-    int64_t groups, T thr, T inv_sigma, T score_thr, const unsigned long long* __restrict__ mask_all,
+    int64_t groups, T thr, T rsqrt_sig, T score_thr, const unsigned long long* __restrict__ mask_all,
     const uint8_t* __restrict__ listed_all, Box<T>* __restrict__ mbox, T* __restrict__ msc,
     int32_t* __restrict__ state, int32_t* __restrict__ win, int32_t* __restrict__ rank_of,
     int32_t* __restrict__ winners, int32_t* __restrict__ clist_all, int32_t* __restrict__ ccount_all,
@@ -826,11 +826,11 @@ __global__ void __launch_bounds__(1024) soft_rounds_kernel(
       if (total <= kFewWinners) {
         for (int i = 0; i < total; ++i) {
           const int q = winners[s + i];
-          if (linked(m, q)) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+          if (linked(m, q)) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, rsqrt_sig);
         }
       } else {
         neighbours(m, [](int) { return true; }, [&](int q) {
-          if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, inv_sigma);
+          if (win[s + q] == round) v = decayed<T, METHOD>(v, mbox[s + q], b, thr, rsqrt_sig);
           return true;
         });
       }

@@ -16,10 +16,10 @@ namespace {
 
 template <typename T>
 struct Args {
-  T thr, inv_sigma, score_thr;
+  T thr, rsqrt_sig, score_thr;
   Args(double iou_threshold, double sigma, double score_threshold)
       : thr(nms::ge_threshold<T>(iou_threshold)),
-        inv_sigma(nms::inv_sigma<T>(sigma)),
+        rsqrt_sig(nms::rsqrt_sig<T>(sigma)),
         score_thr(nms::ge_threshold<T>(score_threshold)) {}
 };
 
@@ -41,7 +41,7 @@ void rounds(int64_t groups, int64_t max_len, int64_t tiles, int threads, const v
   });
   cuda_sim::launch(static_cast<int>(groups), 1, threads, [&] {
     soft_rounds_kernel<T, METHOD>(b, static_cast<const T*>(scores), start, len, place, tables, groups, a.thr,
-                                  a.inv_sigma, a.score_thr, m, listed, static_cast<Box<T>*>(mbox),
+                                  a.rsqrt_sig, a.score_thr, m, listed, static_cast<Box<T>*>(mbox),
                                   static_cast<T*>(msc), state, win, rank_of, winners, clist, ccount, selected,
                                   static_cast<T*>(out_score));
   });
@@ -57,17 +57,17 @@ void chunks(int64_t groups, int threads, const void* boxes, void* scores, const 
     if (variant == 2) {
       if constexpr (K > 0) {
         soft_multi_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<const T*>(scores), start, len,
-                                        place, a.thr, a.inv_sigma, a.score_thr, out_pos, static_cast<T*>(out_score),
+                                        place, a.thr, a.rsqrt_sig, a.score_thr, out_pos, static_cast<T*>(out_score),
                                         out_count);
       } else {
         soft_multi_global_kernel<T, METHOD>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, a.thr,
-                                            a.inv_sigma, a.score_thr, alive, out_pos, static_cast<T*>(out_score),
+                                            a.rsqrt_sig, a.score_thr, alive, out_pos, static_cast<T*>(out_score),
                                             out_count);
       }
       return;
     }
     soft_nms_kernel<T, METHOD, K>(static_cast<const T*>(boxes), static_cast<T*>(scores), start, len, place, a.thr,
-                                  a.inv_sigma, a.score_thr, variant != 0, alive, out_pos, static_cast<T*>(out_score),
+                                  a.rsqrt_sig, a.score_thr, variant != 0, alive, out_pos, static_cast<T*>(out_score),
                                   out_count);
   });
 }
