@@ -49,25 +49,32 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     sass, res = compile_sm90(fn, sig, opts, num_warps, divisible=ints)
     code = [t for _, t in instructions(sass)]
     total = len(code)
-    # the class loop: the loop with the most loads; the plain kernels' second one takes the
-    # C % UNROLL classes left over; a single tile has none (its whole code runs once)
+    threads = 32 * num_warps
+    # the class loops: those with loads; the plain kernels' second one takes the C % UNROLL
+    # classes left over; a single tile has none (its whole code runs once)
     body, *rest = sorted((b for b in loops(sass) if any("LDG" in t for t in b)),
                          key=lambda b: -sum("LDG" in t for t in b)) or [code]
-    rows = cfg.get("BLOCK_C", cfg.get("UNROLL", 1))
-    if tile and cfg["ONE_TILE"]:
-        issued = total
-    elif tile:
-        issued = total + (-(-CLASSES // rows) - 1) * len(body)
+    if tile:
+        rows = cfg["BLOCK_C"]
+        issued = total if cfg["ONE_TILE"] else total + (-(-CLASSES // rows) - 1) * len(body)
     else:
-        leftover = sum(len(b) for b in rest)
-        issued = total + (CLASSES // rows - 1) * len(body) + (CLASSES % rows - 1) * leftover
+        # classes an iteration of a plain loop: its plane loads' floats over a thread's
+        # positions (the compiler may unroll a loop further than UNROLL and add its own
+        # leftover loop)
+        def classes(b):
+            return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // (cfg["BLOCK"] // threads)
+
+        issued, left = total, CLASSES
+        for b in sorted([body, *rest], key=classes, reverse=True):
+            k = classes(b)
+            runs = left // k if k else 0
+            issued, left = issued + (runs - 1) * len(b), left - runs * k
     first_exp = next((i for i, t in enumerate(body) if "MUFU.EX2" in t), len(body))
     # bytes a thread has in flight: its loads (LDG.E is 4 bytes, .64 and .128 wider) before
     # the first exponential waits for one
     in_flight = sum(_load_bytes(r"LDG\.E", t) for t in body[:first_exp])
     # a pipelined loop (STAGES > 1) copies the next STAGES - 1 steps' planes to shared memory
     in_flight += (cfg.get("STAGES", 1) - 1) * sum(_load_bytes(r"LDGSTS\.E", t) for t in body)
-    threads = 32 * num_warps
     regs, local = (int(re.search(key + r":(\d+)", res).group(1)) for key in ("REG", "LOCAL"))
     m = re.search(r"SMEM:(\d+)", res)
     smem = int(m.group(1)) if m else 0

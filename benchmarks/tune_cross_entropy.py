@@ -29,9 +29,9 @@ from .common import cuda_copy_bandwidth
 CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": 1}
            for b, w, u in [(512, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 4), (1024, 8, 2), (2048, 8, 2),
                            (1024, 8, 4), (256, 4, 4)]]
-# A program per block leaves a partial last wave: under Triton 3.6 the default forward's 48
-# registers give 5 programs of 8 warps an SM, 660 on an H200 for the benchmark's 1024 blocks
-# (1.55 waves; `cuobjdump -res-usage` of the sm_90 compile). Programs that each take about 4
+# A program per block leaves a partial last wave: under Triton 3.6 the default forward's 58
+# registers give 4 programs of 8 warps an SM, 528 on an H200 for the benchmark's 1024 blocks
+# (1.94 waves; `cuobjdump -res-usage` of the sm_90 compile). Programs that each take about 4
 # blocks end within a block of each other.
 CONFIGS += [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": k, "STAGES": 1}
             for b, w, u, k in [(256, 4, 4, 8), (256, 4, 4, 4), (512, 4, 4, 4), (1024, 8, 2, 2)]]

@@ -3,17 +3,18 @@
 Same per-position formulas as csrc/cpu/cross_entropy.cpp, fp32 math (fp64 for fp64
 logits). Each program owns a block of positions of one image (with CE_CONFIG's PER_SM,
 blocks a grid apart) and walks the classes once (coalesced loads of one class plane at a
-time, no padding of C, no cross-thread reductions): an online log-sum-exp (running max and rescaled sum) and the
-target/weight terms, all taken from the running max, so the forward reads the logits
-once (variants of the forward and backward load the planes of a block several classes at
-a time as one tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of
-each position as two planes of `stats`; the backward recomputes the softmax as
-exp((z - m) - l). Under the mean and sum each program stores only its sums of loss and
-target weight, which one more program adds in a fixed order (no per-position loss map,
-no atomics). The fused upsample version computes each upsampled logit from its 4
-low-resolution taps inside the program; its backward is gather-based and separable like the bilinear one
-(kernels/interpolate.py), so it is deterministic, and its only full-resolution
-buffer is one row-contracted block of classes of at most N*H*W values.
+time, no padding of C, no cross-thread reductions): an online log-sum-exp (running max and
+rescaled sum) and label smoothing's weight terms, all taken from the running max, with the
+target's logit loaded once a position, so the forward reads the logits once (variants of
+the forward and backward load the planes of a block several classes at a time as one
+tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of each position as
+two planes of `stats`; the backward recomputes the softmax as exp((z - m) - l). Under the
+mean and sum each program stores only its sums of loss and target weight, which one more
+program adds in a fixed order (no per-position loss map, no atomics). The fused upsample
+version computes each upsampled logit from its 4 low-resolution taps inside the program;
+its backward is gather-based and separable like the bilinear one (kernels/interpolate.py),
+so it is deterministic, and its only full-resolution buffer is one row-contracted block of
+classes of at most N*H*W values.
 """
 
 import functools
@@ -73,22 +74,42 @@ def _weight_sum(w_ptr, C, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _exp_ftz(x):
+    """exp, flushing results below 2^-126 to 0 in fp32 (ex2.approx.ftz: no range fix-ups, 3
+    instructions fewer). Where every sum of these holds a 1 (a max's own term), a flushed
+    term could not have changed it. fp64 and the interpreter (no libdevice): tl.exp."""
+    if _INTERPRET or x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return libdevice.fast_expf(x)
+
+
+@triton.jit
 def lse_update(mx, s, z):
     """Online log-sum-exp: the max and the sum of exp(logit - max) after one more class.
-    One exp: whichever of z and the max is smaller is scaled by exp(-|z - max|). As in two
-    passes, a -inf logit adds nothing (even while the max is -inf), a +inf or NaN logit
-    makes the sum NaN."""
-    d = z - mx
-    e = tl.where(z == float("-inf"), 0.0, tl.where(z == float("inf"), float("nan"), tl.exp(-tl.abs(d))))
+    One exp: whichever of z and the max is smaller is scaled by exp(-|z - max|). A -inf
+    logit adds nothing, even while the max is -inf (the difference is taken from the max
+    clamped to the dtype's lowest finite value: never -inf - -inf). A NaN logit makes the sum NaN; a
+    +inf one is left to lse_sum (no per-logit test)."""
+    if mx.dtype == tl.float64:
+        d = z - tl.maximum(mx, -1.7976931348623157e308)
+    else:
+        d = z - tl.maximum(mx, -3.4028234663852886e38)
+    e = _exp_ftz(-tl.abs(d))
     return tl.maximum(mx, z), tl.where(d > 0, s * e + 1.0, s + e)
 
 
 @triton.jit
-def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
-    """One class: the log-sum-exp state, the target's logit and, for label smoothing only,
-    wd = sum of w_k (max - z_k) over the classes so far and wseen = sum of their w_k.
-    Differences from the max, never from a sum of max and log: large logits would round
-    the small part away."""
+def lse_sum(mx, s):
+    """The sum of lse_update after the last class: NaN where a logit was +inf (the max is)."""
+    return tl.where(mx == float("inf"), float("nan"), s)
+
+
+@triton.jit
+def _ce_update(z, c, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """One class: the log-sum-exp state and, for label smoothing only, wd = sum of
+    w_k (max - z_k) over the classes so far and wseen = sum of their w_k. Differences from
+    the max, never from a sum of max and log: large logits would round the small part away."""
     new_mx, s = lse_update(mx, s, z)
     if SMOOTH:
         wc = _class_weight(w_ptr, c, HAS_W)
@@ -97,7 +118,16 @@ def _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH
         grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
         term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx - z))
         wd, wseen = wd + grow + term, wseen + wc
-    return new_mx, s, zy + tl.where(y == c, z, 0.0), wd, wseen
+    return new_mx, s, wd, wseen
+
+
+@triton.jit
+def _target_logit(z_ptr, zoffs, y, mj, C, S, acc):
+    """The target's logit of each position: one load (from lines the class loop reads anyway),
+    not a compare and a select a logit. Targets outside [0, C) read nothing: their loss is 0
+    or NaN whatever this is."""
+    yt = (y >= 0) & (y < C) & mj
+    return tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * S, mask=yt, other=0.0).to(acc)
 
 
 @triton.jit
@@ -113,7 +143,8 @@ def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_p
     """Stores the positions' stats m and l (planes P apart), their loss when STORE_LOSS, and the
     program's fp64 sums of loss and target weight (partial sums `part` of two rows of nparts)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(s))  # all logits -inf: NaN, as on the CPU
+    # all logits -inf, or one +inf (lse_sum): NaN, as on the CPU
+    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(lse_sum(mx, s)))
     loss = _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, _weight_sum(w_ptr, C, HAS_W))
     if STORE_LOSS:
         tl.store(loss_ptr + offs, loss, mask=mask)
@@ -189,9 +220,9 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
         base = z_ptr + zoffs
+        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
-        zy = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
         wseen = tl.zeros((BLOCK,), acc)
         plane = base  # class planes by pointer steps: c * S could pass 2^31
@@ -199,26 +230,15 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
         # UNROLL independent plane loads in flight; STAGES > 1: and the next STAGES - 1 steps'
         for c0 in tl.range(0, c_main, UNROLL, num_stages=STAGES):
             for u in tl.static_range(UNROLL):
-                mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, y, mx, s, zy, wd,
-                                                  wseen, w_ptr, HAS_W, SMOOTH)
+                mx, s, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, mx, s, wd, wseen,
+                                              w_ptr, HAS_W, SMOOTH)
                 plane += S
         for c in range(c_main, C):
-            mx, s, zy, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, y, mx, s, zy, wd, wseen,
-                                              w_ptr, HAS_W, SMOOTH)
+            mx, s, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, mx, s, wd, wseen, w_ptr,
+                                          HAS_W, SMOOTH)
             plane += S
         _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                    stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
-
-
-@triton.jit
-def _exp_ftz(x):
-    """exp, flushing results below 2^-126 to 0 in fp32 (ex2.approx.ftz: no range fix-ups, 3
-    instructions fewer). Where every sum of these holds a 1 (a max's own term), a flushed
-    term could not have changed it. fp64 and the interpreter (no libdevice): tl.exp."""
-    if _INTERPRET or x.dtype == tl.float64:
-        return tl.exp(x)
-    else:
-        return libdevice.fast_expf(x)
 
 
 @triton.jit
@@ -257,11 +277,7 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
     rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
-        # The target's logit: one load a position (from lines the tiles read anyway), not a
-        # compare and a select a logit. Targets outside [0, C) read nothing: their loss is 0
-        # or NaN whatever zy is.
-        yt = (y >= 0) & (y < C) & mj
-        zy = tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * S, mask=yt, other=0.0).to(acc)
+        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
@@ -472,7 +488,11 @@ def _rows_config(op, c):
 _BLOCK = 512  # positions per program of the fused upsample kernels
 # Positions per program, warps and class planes per loop step of the plain kernels
 # (benchmarks/tune_cross_entropy.py): on an H200 (2026-11-27 16:35) 1024 positions, 8 warps
-# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3.
+# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3. That
+# was the forward's class loop before it dropped its per-logit target compare and inf
+# tests: it issued 29.4 instructions a logit under Triton 3.6 (48 registers, 32 bytes a
+# thread in flight), now 19.3 (58 registers, 16 bytes; UNROLL 4: 18.8, 48, 48 bytes). Not
+# yet retimed.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
 # STAGES > 1: Triton software-pipelines the class loop, copying the next STAGES - 1 steps'
@@ -481,11 +501,11 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0, "STAGES": 1}
 # The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
-# 2) by about ELEMS / BLOCK_C positions. Why: fewer instructions a logit (the plain forward
-# issues 29.4 under Triton 3.6, tiles of 4 19.3: python -m benchmarks.sass_cross_entropy), and
-# a tile issues all of its loads back to back, where the plain backward issues a class
-# plane's load only after the previous plane's arithmetic (one 16-byte load in flight a
-# thread at UNROLL 2).
+# 2) by about ELEMS / BLOCK_C positions. Why: a tile issues all of its loads back to back,
+# where the plain kernels issue a class plane's load only after the previous plane's
+# arithmetic (one 16-byte load in flight a thread at UNROLL 2; tiles of 4: 64 bytes, at
+# 19.4 instructions a logit in the forward under Triton 3.6, the plain one's 19.3:
+# python -m benchmarks.sass_cross_entropy).
 # An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
 # 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
 # been timed (tune_cross_entropy.py does). BACKWARD False: the backward takes the plain
@@ -659,7 +679,8 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, yi
     wseen = tl.zeros((BLOCK,), acc)
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        mx, s, zy, wd, wseen = _ce_update(z, c, y, mx, s, zy, wd, wseen, w_ptr, HAS_W, SMOOTH)
+        mx, s, wd, wseen = _ce_update(z, c, mx, s, wd, wseen, w_ptr, HAS_W, SMOOTH)
+        zy += tl.where(y == c, z, 0.0)  # computed logits: no load to gather
     nx = tl.num_programs(1)
     _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, row * nx + tl.program_id(1),
                tl.num_programs(0) * nx, stats_ptr, P, offs, mo, HAS_W, STORE_LOSS)

@@ -10,7 +10,7 @@ import triton.language as tl
 from .._library import _acc_dtype as acc_dtype
 from ..losses import _NO_IGNORE
 from . import cdiv, grid_rows, loss_grad, require
-from .cross_entropy import lse_update, position_block
+from .cross_entropy import lse_sum, lse_update, position_block
 
 
 @triton.jit
@@ -144,7 +144,7 @@ def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES: tl.conste
     for _ in range(C):
         mx, s = lse_update(mx, s, tl.load(plane, mask=mj, other=0.0).to(acc))
         plane += HW
-    return zoffs, mj, base, y, valid, mx, tl.where(valid, 1.0 / s, 0.0)
+    return zoffs, mj, base, y, valid, mx, tl.where(valid, 1.0 / lse_sum(mx, s), 0.0)
 
 
 @triton.jit

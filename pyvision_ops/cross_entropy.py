@@ -15,7 +15,9 @@ that are not ignored. A target outside ``[0, C)`` that is not
 ``ignore_index`` raises on the CPU; on CUDA it is never used as an index and makes its
 loss, the mean and the gradients NaN (rejecting it would cost a device-to-host sync).
 Only the logits are differentiable (a ``weight`` that requires grad is an error, as in
-torch), and only once (double backward raises).
+torch), and only once (double backward raises). A term whose factor is 0 is left out: with
+``label_smoothing=1.0`` a -inf target logit gives an infinite loss where torch's
+0 * inf gives NaN (the gradients agree).
 """
 
 import math

@@ -95,9 +95,9 @@ def test_sass_box_iou_counts_the_pairwise_kernels_instructions():
 
 def test_sass_cross_entropy_finds_the_class_loops_loads():
     # the same offline compile: the plain kernel's class loop (two planes a step) has one or
-    # two 16-byte loads a thread in flight before its first exponential (the Triton release
-    # decides: 3.8 issues the second after the first plane's arithmetic, 3.6 before it in
-    # the forward), a tile of 4 classes four (the reason for the tiles); pipelined in 3
+    # two 16-byte loads a thread in flight before its first exponential (the compiler decides
+    # whether the second issues after the first plane's arithmetic or before it; both have
+    # been seen), a tile of 4 classes four (the reason for the tiles); pipelined in 3
     # stages, the plain loop's two planes a step copy to shared memory two steps ahead (64
     # bytes)
     import subprocess

@@ -486,7 +486,8 @@ def _special_tile_cases():
 
 def special_logits():
     """[2, 4, 6] logits with -inf in the first class, in the last and in all classes of a
-    position, and +inf and NaN logits; targets avoid the -inf classes where one is finite."""
+    position, +inf and NaN logits, and finite ones below fp32's range (-inf in fp32); targets
+    avoid the -inf classes where one is finite."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
     y = torch.tensor([[2, 3, 1, 0, 2, 2], [0, 1, 0, 2, 0, 3]])
@@ -497,6 +498,7 @@ def special_logits():
     x[0, 1, 3] = float("nan")
     x[1, 3, 4] = -inf
     x[1, :2, 5] = -inf
+    x[1, :, 2] = torch.tensor([-1e300, -2e300, -3e300, -1e300], dtype=torch.float64)
     return x, y
 
 
@@ -547,6 +549,16 @@ def test_fp32_precision_at_large_logits(offset, kw):
     fp32_l, fp32_g = _loss_and_grad(F.cross_entropy, x, y, **kw)  # torch's own fp32 error is the bar
     assert (ours_l - ref_l).abs().max() <= 3 * (fp32_l - ref_l).abs().max() + 1e-7
     assert (ours_g - ref_g).abs().max() <= 3 * (fp32_g - ref_g).abs().max() + 1e-7
+
+
+def test_full_label_smoothing_leaves_out_the_target_term():
+    # label_smoothing=1.0 gives the target term a factor 0: left out, so a -inf target logit
+    # makes the loss inf (the smoothing term's), where torch's 0 * inf makes it NaN. Same gradients.
+    x = torch.tensor([[float("-inf"), 0.5, 1.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0])
+    ours, ref = P.softmax_cross_entropy(x, y, label_smoothing=1.0), F.cross_entropy(x, y, label_smoothing=1.0)
+    assert ours.item() == float("inf") and ref.isnan()
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0])
 
 
 def test_equal_huge_logits_give_log_c():
@@ -640,9 +652,10 @@ def test_triton_cross_entropy_interpreter_special_logits():
     x, y = special_logits()
     rows = x.transpose(1, 2).reshape(12, 4, 1), y.reshape(12, 1)  # the same positions as [N, C]
     for reduction in (0, 1):
-        for a, b in zip(K.softmax_cross_entropy(x, y, None, -100, 0.0, reduction),
-                        ops.softmax_cross_entropy(x, y, None, -100, 0.0, reduction)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+        for logits in (x, x.float()):
+            for a, b in zip(K.softmax_cross_entropy(logits, y, None, -100, 0.0, reduction),
+                            ops.softmax_cross_entropy(logits, y, None, -100, 0.0, reduction)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
         for ls in (0.0, 0.2):
             fwd = ops.softmax_cross_entropy(*rows, None, -100, ls, reduction)
             ours = K.softmax_cross_entropy(*rows, None, -100, ls, reduction)
