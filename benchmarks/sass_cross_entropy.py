@@ -62,7 +62,7 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
         # positions (the compiler may unroll a loop further than UNROLL and add its own
         # leftover loop)
         def classes(b):
-            return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // (cfg["BLOCK"] // threads)
+            return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // max(1, cfg["BLOCK"] // threads)
 
         issued, left = total, CLASSES
         for b in sorted([body, *rest], key=classes, reverse=True):

@@ -5,7 +5,8 @@ logits). Each program owns a block of positions of one image (with CE_CONFIG's P
 blocks a grid apart) and walks the classes once (coalesced loads of one class plane at a
 time, no padding of C, no cross-thread reductions): an online log-sum-exp (running max and
 rescaled sum) and label smoothing's weight terms, all taken from the running max, with the
-target's logit loaded once a position, so the forward reads the logits once (variants of
+target's logit loaded once a position (the fused upsample kernel, whose logits are
+computed, compares class indices instead), so the forward reads the logits once (variants of
 the forward and backward load the planes of a block several classes at a time as one
 tile: CE_TILE_CONFIG). It stores the max m and l = log(sum exp(z - m)) of each position as
 two planes of `stats`; the backward recomputes the softmax as exp((z - m) - l). Under the
@@ -491,8 +492,8 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3. That
 # was the forward's class loop before it dropped its per-logit target compare and inf
 # tests: it issued 29.4 instructions a logit under Triton 3.6 (48 registers, 32 bytes a
-# thread in flight), now 19.3 (58 registers, 16 bytes; UNROLL 4: 18.8, 48, 48 bytes). Not
-# yet retimed.
+# thread in flight: 40 KB an SM), now 19.3 (58 registers, 16 bytes: 16 KB an SM; UNROLL 4:
+# 18.8, 48 registers, 48 bytes: 60 KB). Not yet retimed; UNROLL 4 is the one to try first.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
 # STAGES > 1: Triton software-pipelines the class loop, copying the next STAGES - 1 steps'

@@ -452,6 +452,12 @@ def test_triton_dice_interpreter_special_logits():
         g = torch.rand(2, 4, dtype=logits.dtype)
         torch.testing.assert_close(K.dice_stats_backward(g, logits, y, 255),
                                    ops.dice_stats_backward(g, logits, y, 255))
+    # a +inf logit at a counted position makes every class NaN (its sum is caught once a position)
+    x, y = x.clone(), y.clone()
+    x[1, 2, 4, 5], y[1, 4, 5] = float("inf"), 0
+    stats = K.dice_stats(x, y, 255)
+    assert stats.isnan().all()
+    torch.testing.assert_close(stats, ops.dice_stats(x, y, 255), equal_nan=True)
 
 
 @pytest.mark.parametrize("ignore_index", [None, 255, -100, 1])  # 1: a class index, then never a target

@@ -76,7 +76,8 @@ PVO_HD double exp_approx(double x) { return std::exp(x); }
 
 // 1 / sqrt(sigma) in T, at most T's largest finite value. The gaussian decay takes
 // exp(-(iou * this)^2): 1 / sigma itself overflows fp32 for sigma below 3e-39, where
-// capping it would leave IoUs near 1e-19 almost undecayed, and an infinite one would make
+// capping it made tiny IoUs decay far too little (IoU 1e-19 at sigma 1e-39: 0.03, not
+// exp(-10)), and an infinite one would make
 // the decay of IoU 0 exp(-0 * inf) = NaN instead of 1. Its square root stays finite for
 // any fp64 sigma > 0 and any fp32 sigma above 9e-78 (below that, only IoUs under 3e-38 see
 // the cap).
