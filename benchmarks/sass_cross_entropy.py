@@ -60,7 +60,7 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     else:
         # classes an iteration of a plain loop: its plane loads' floats over a thread's
         # positions (the compiler may unroll a loop further than UNROLL and add its own
-        # leftover loop)
+        # leftover loop; the kernels' own last step masks the classes past C)
         def classes(b):
             return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // max(1, cfg["BLOCK"] // threads)
 
@@ -69,6 +69,8 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
             k = classes(b)
             runs = left // k if k else 0
             issued, left = issued + (runs - 1) * len(b), left - runs * k
+        if left and classes(body):  # no loop of its own: one more (masked) step of the class loop
+            issued += len(body)
     first_exp = next((i for i, t in enumerate(body) if "MUFU.EX2" in t), len(body))
     # bytes a thread has in flight: its loads (LDG.E is 4 bytes, .64 and .128 wider) before
     # the first exponential waits for one

@@ -107,10 +107,11 @@ def lse_sum(mx, s):
 
 
 @triton.jit
-def _ce_update(z, c, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+def _ce_update(z, c, live, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
     """One class: the log-sum-exp state and, for label smoothing only, wd = sum of
     w_k (max - z_k) over the classes so far and wseen = sum of their w_k. Differences from
-    the max, never from a sum of max and log: large logits would round the small part away."""
+    the max, never from a sum of max and log: large logits would round the small part away.
+    A class past C (live False: z is -inf, c any class index) changes nothing."""
     new_mx, s = lse_update(mx, s, z)
     if SMOOTH:
         wc = _class_weight(w_ptr, c, HAS_W)
@@ -118,7 +119,7 @@ def _ce_update(z, c, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.co
         # earlier logits were -inf too and their terms are already infinite.
         grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
         term = tl.where(z == float("-inf"), wc * float("inf"), wc * (new_mx - z))
-        wd, wseen = wd + grow + term, wseen + wc
+        wd, wseen = tl.where(live, wd + grow + term, wd), tl.where(live, wseen + wc, wseen)
     return new_mx, s, wd, wseen
 
 
@@ -227,17 +228,16 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
         wd = tl.zeros((BLOCK,), acc)
         wseen = tl.zeros((BLOCK,), acc)
         plane = base  # class planes by pointer steps: c * S could pass 2^31
-        c_main = C - C % UNROLL
-        # UNROLL independent plane loads in flight; STAGES > 1: and the next STAGES - 1 steps'
-        for c0 in tl.range(0, c_main, UNROLL, num_stages=STAGES):
+        # UNROLL independent plane loads in flight; STAGES > 1: and the next STAGES - 1 steps'.
+        # The classes past C of the last step load -inf (no second loop for them: under
+        # Triton 3.6 one cost the default forward 18 registers and a shared-memory round trip)
+        for c0 in tl.range(0, C, UNROLL, num_stages=STAGES):
             for u in tl.static_range(UNROLL):
-                mx, s, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c0 + u, mx, s, wd, wseen,
-                                              w_ptr, HAS_W, SMOOTH)
+                live = c0 + u < C
+                z = tl.load(plane, mask=mj & live, other=float("-inf")).to(acc)
+                mx, s, wd, wseen = _ce_update(z, tl.where(live, c0 + u, 0), live, mx, s, wd, wseen, w_ptr, HAS_W,
+                                              SMOOTH)
                 plane += S
-        for c in range(c_main, C):
-            mx, s, wd, wseen = _ce_update(tl.load(plane, mask=mj, other=0.0).to(acc), c, mx, s, wd, wseen, w_ptr,
-                                          HAS_W, SMOOTH)
-            plane += S
         _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                    stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
 
@@ -353,20 +353,14 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
                                                                   HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
         zp = z_ptr + base
         dp = dz_ptr + base
-        c_main = C - C % UNROLL
-        for c0 in tl.range(0, c_main, UNROLL, num_stages=STAGES):
+        for c0 in tl.range(0, C, UNROLL, num_stages=STAGES):  # classes past C: masked, as in the forward
             for u in tl.static_range(UNROLL):
-                dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c0 + u, y, mx, ls, coef_a, coef_b, gs,
-                              w_ptr, HAS_W, SMOOTH)
-                tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
+                live = c0 + u < C
+                dz = _ce_grad(tl.load(zp, mask=mj & live, other=0.0).to(mx.dtype), tl.where(live, c0 + u, 0), y, mx,
+                              ls, coef_a, coef_b, gs, w_ptr, HAS_W, SMOOTH)
+                tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj & live)
                 zp += S
                 dp += S
-        for c in range(c_main, C):
-            dz = _ce_grad(tl.load(zp, mask=mj, other=0.0).to(mx.dtype), c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W,
-                          SMOOTH)
-            tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj)
-            zp += S
-            dp += S
 
 
 @triton.jit
@@ -489,24 +483,27 @@ def _rows_config(op, c):
 _BLOCK = 512  # positions per program of the fused upsample kernels
 # Positions per program, warps and class planes per loop step of the plain kernels
 # (benchmarks/tune_cross_entropy.py): on an H200 (2026-11-27 16:35) 1024 positions, 8 warps
-# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3. That
-# was the forward's class loop before it dropped its per-logit target compare and inf
-# tests: it issued 29.4 instructions a logit under Triton 3.6 (48 registers, 32 bytes a
-# thread in flight: 40 KB an SM), now 19.3 (58 registers, 16 bytes: 16 KB an SM; UNROLL 4:
-# 18.8, 48 registers, 48 bytes: 60 KB). Not yet retimed; UNROLL 4 is the one to try first.
+# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3. Those
+# class loops have since dropped the forward's per-logit target compare and inf tests and
+# their second loop for the last C % UNROLL classes (python -m benchmarks.sass_cross_entropy,
+# Triton 3.6: instructions a logit, registers, bytes a thread in flight, KB an SM):
+#   timed UNROLL 2  forward 29.4, 48, 32 bytes, 40 KB   backward 21.5, 56, 16, 16
+#   now UNROLL 2    forward 19.7, 39, 16, 24            backward 17.9, 40, 16, 24
+#   now UNROLL 4    forward 18.7, 46, 32, 40            backward 18.2, 40, 16, 24
+# UNROLL 4 is at least as good as the timed code on every count, so it is the default until
+# a GPU retimes them.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
 # STAGES > 1: Triton software-pipelines the class loop, copying the next STAGES - 1 steps'
 # planes into shared memory (cp.async) while a step's arithmetic runs; 1: plain loads (the
 # same machine code as a plain range). Not yet timed on a GPU.
-CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0, "STAGES": 1}
+CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 1}
 # The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
 # 2) by about ELEMS / BLOCK_C positions. Why: a tile issues all of its loads back to back,
 # where the plain kernels issue a class plane's load only after the previous plane's
-# arithmetic (one 16-byte load in flight a thread at UNROLL 2; tiles of 4: 64 bytes, at
-# 19.4 instructions a logit in the forward under Triton 3.6, the plain one's 19.3:
-# python -m benchmarks.sass_cross_entropy).
+# arithmetic (one or two 16-byte loads in flight a thread; tiles of 4: 64 bytes, at 19.4
+# instructions a logit in the forward under Triton 3.6).
 # An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
 # 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
 # been timed (tune_cross_entropy.py does). BACKWARD False: the backward takes the plain
@@ -680,7 +677,7 @@ def _up_ce_forward_kernel(l_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, yi
     wseen = tl.zeros((BLOCK,), acc)
     for c in range(C):
         z = bilinear_row(l_ptr + (n * C + c) * h * w, w, a0, a1, wa0, wa1, b0, b1, wb0, wb1, mo)
-        mx, s, wd, wseen = _ce_update(z, c, mx, s, wd, wseen, w_ptr, HAS_W, SMOOTH)
+        mx, s, wd, wseen = _ce_update(z, c, True, mx, s, wd, wseen, w_ptr, HAS_W, SMOOTH)
         zy += tl.where(y == c, z, 0.0)  # computed logits: no load to gather
     nx = tl.num_programs(1)
     _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, row * nx + tl.program_id(1),

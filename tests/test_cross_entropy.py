@@ -697,7 +697,7 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 4),
+@pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 2),
                                      ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 4),
                                      ("CE_CONFIG", "PER_SM", 1), ("CE_CONFIG", "STAGES", 3),
                                      ("CE_TILE_CONFIG", "STAGES", 3), ("CE_TILE_CONFIG", "BACKWARD", False)], ids=str)
