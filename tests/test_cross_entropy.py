@@ -551,6 +551,33 @@ def test_fp32_precision_at_large_logits(offset, kw):
     assert (ours_g - ref_g).abs().max() <= 3 * (fp32_g - ref_g).abs().max() + 1e-7
 
 
+def test_sum_past_fp32_range_is_inf():
+    # losses of 3e38 sum (in fp64) past fp32's range: inf, as torch's; the mean stays finite
+    # (torch's fp32 sum overflows first: inf)
+    x = torch.zeros(1, 2, 4)
+    x[0, 1] = 3e38
+    y = torch.zeros(1, 4, dtype=torch.long)
+    assert P.softmax_cross_entropy(x, y, reduction="sum").item() == float("inf") == F.cross_entropy(
+        x, y, reduction="sum").item()
+    assert P.softmax_cross_entropy(x, y).item() == pytest.approx(3e38)
+    x4 = x.reshape(1, 2, 2, 2)
+    assert P.upsample_cross_entropy(x4, torch.zeros(1, 3, 3, dtype=torch.long), reduction="sum").item() == float("inf")
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's fp32 store
+def test_triton_sum_past_fp32_range_is_inf():
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x = torch.zeros(1, 2, 4)
+    x[0, 1] = 3e38
+    y = torch.zeros(1, 4, dtype=torch.long)
+    for red in (1, 2):
+        for a, b in zip(K.softmax_cross_entropy(x, y, None, -100, 0.0, red)[:2],
+                        ops.softmax_cross_entropy(x, y, None, -100, 0.0, red)[:2]):
+            torch.testing.assert_close(a, b)
+
+
 def test_full_label_smoothing_leaves_out_the_target_term():
     # label_smoothing=1.0 gives the target term a factor 0: left out, so a -inf target logit
     # makes the loss inf (the smoothing term's), where torch's 0 * inf makes it NaN. Same gradients.

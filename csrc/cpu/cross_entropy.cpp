@@ -75,7 +75,10 @@ std::pair<at::Tensor, at::Tensor> reduced(const std::vector<double>& loss_sums,
   // torch's weighted mean: NaN when the target weights sum to 0 (with label smoothing the
   // loss sum is then > 0, which would give inf).
   const double value = reduction == kSum ? ls : ws == 0 ? std::nan("") : ls / ws;
-  return {reduction == kNone ? map : at::scalar_tensor(value, opt), at::scalar_tensor(ws, opt)};
+  // through a float64 tensor: a sum past fp32's range becomes inf, as torch's does
+  // (at::scalar_tensor would refuse to convert it)
+  const auto scalar = [&](double v) { return at::scalar_tensor(v, opt.dtype(at::kDouble)).to(opt.dtype()); };
+  return {reduction == kNone ? map : scalar(value), scalar(ws)};
 }
 
 void check_ce(const char* op, const at::Tensor& logits, const at::Tensor& target,
