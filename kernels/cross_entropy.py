@@ -230,7 +230,8 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
         plane = base  # class planes by pointer steps: c * S could pass 2^31
         # UNROLL independent plane loads in flight; STAGES > 1: and the next STAGES - 1 steps'.
         # The classes past C of the last step load -inf (no second loop for them: under
-        # Triton 3.6 one cost the default forward 18 registers and a shared-memory round trip)
+        # Triton 3.6 that loop cost the UNROLL 2 forward 19 registers and a shared-memory
+        # round trip)
         for c0 in tl.range(0, C, UNROLL, num_stages=STAGES):
             for u in tl.static_range(UNROLL):
                 live = c0 + u < C
