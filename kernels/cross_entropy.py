@@ -86,24 +86,32 @@ def _exp_ftz(x):
 
 
 @triton.jit
-def lse_update(mx, s, z):
-    """Online log-sum-exp: the max and the sum of exp(logit - max) after one more class.
-    One exp: whichever of z and the max is smaller is scaled by exp(-|z - max|). A -inf
-    logit adds nothing, even while the max is -inf (the difference is taken from the max
-    clamped to the dtype's lowest finite value: never -inf - -inf). A NaN logit makes the sum NaN; a
-    +inf one is left to lse_sum (no per-logit test)."""
+def lse_merge(mx, s, mc, sc):
+    """Online log-sum-exp: the max and the sum of exp(logit - max) after a group of logits
+    with max mc and sum of exp(logit - mc) sc. One exp: whichever max is smaller scales its
+    sum by exp(-|mc - mx|). A group of -inf logits (sc 0) adds nothing, even while the max is
+    -inf (the difference is taken from the max clamped to the dtype's lowest finite value:
+    never -inf - -inf). A NaN logit makes the sum NaN; +inf and all -inf are left to
+    lse_sum (no per-logit test)."""
     if mx.dtype == tl.float64:
-        d = z - tl.maximum(mx, -1.7976931348623157e308)
+        d = mc - tl.maximum(mx, -1.7976931348623157e308)
     else:
-        d = z - tl.maximum(mx, -3.4028234663852886e38)
+        d = mc - tl.maximum(mx, -3.4028234663852886e38)
     e = _exp_ftz(-tl.abs(d))
-    return tl.maximum(mx, z), tl.where(d > 0, s * e + 1.0, s + e)
+    return tl.maximum(mx, mc), tl.where(d > 0, s * e + sc, s + sc * e)
+
+
+@triton.jit
+def lse_update(mx, s, z):
+    """lse_merge of one more logit."""
+    return lse_merge(mx, s, z, 1.0)
 
 
 @triton.jit
 def lse_sum(mx, s):
-    """The sum of lse_update after the last class: NaN where a logit was +inf (the max is)."""
-    return tl.where(mx == float("inf"), float("nan"), s)
+    """The sum of lse_merge after the last class: NaN where the max is +inf (a +inf logit) or
+    -inf (every logit -inf), as two passes give."""
+    return tl.where(tl.abs(mx) == float("inf"), float("nan"), s)
 
 
 @triton.jit
@@ -145,8 +153,7 @@ def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_p
     """Stores the positions' stats m and l (planes P apart), their loss when STORE_LOSS, and the
     program's fp64 sums of loss and target weight (partial sums `part` of two rows of nparts)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    # all logits -inf, or one +inf (lse_sum): NaN, as on the CPU
-    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(lse_sum(mx, s)))
+    ls = tl.log(lse_sum(mx, s))  # all logits -inf, or one +inf: NaN, as on the CPU
     loss = _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, _weight_sum(w_ptr, C, HAS_W))
     if STORE_LOSS:
         tl.store(loss_ptr + offs, loss, mask=mask)
@@ -247,15 +254,12 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
 def _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
     """_ce_update for a tile of classes cs (rows; cm: those below C, the others hold -inf),
     but for the target's logit (the caller loads it): the tile's own max and sum of
-    exponentials, merged into the running ones with one exponential as in lse_update. A -inf
-    logit adds nothing (exp(-inf - m) = 0; an all -inf column subtracts 0, not -inf, so no
-    per-logit test is needed), a +inf or NaN one makes the sum NaN."""
+    exponentials, merged into the running ones (lse_merge). A -inf logit adds nothing
+    (exp(-inf - m) = 0; an all -inf column subtracts 0, not -inf, so no per-logit test is
+    needed), a NaN one makes the sum NaN."""
     mc = tl.max(z, 0)
     sc = tl.sum(_exp_ftz(z - tl.where(mc == float("-inf"), 0.0, mc)[None, :]), 0)
-    d = mc - mx
-    e = tl.where(mc == float("-inf"), 0.0, tl.exp(-tl.abs(d)))  # both -inf: d is NaN
-    new_mx = tl.maximum(mx, mc)
-    s = tl.where(d > 0, s * e + sc, s + sc * e)
+    new_mx, s = lse_merge(mx, s, mc, sc)
     if SMOOTH:
         wc = _row_weights(w_ptr, cs, cm, HAS_W)
         grow = tl.where((new_mx > mx) & (mx > float("-inf")), wseen * (new_mx - mx), 0.0)
@@ -489,8 +493,8 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # their second loop for the last C % UNROLL classes (python -m benchmarks.sass_cross_entropy,
 # Triton 3.6: instructions a logit, registers, bytes a thread in flight, KB an SM):
 #   timed UNROLL 2  forward 29.4, 48, 32 bytes, 40 KB   backward 21.5, 56, 16, 16
-#   now UNROLL 2    forward 19.7, 39, 16, 24            backward 17.9, 40, 16, 24
-#   now UNROLL 4    forward 18.7, 46, 32, 40            backward 18.2, 40, 16, 24
+#   now UNROLL 2    forward 19.6, 39, 16, 24            backward 17.9, 40, 16, 24
+#   now UNROLL 4    forward 18.6, 46, 32, 40            backward 18.2, 40, 16, 24
 # UNROLL 4 is at least as good as the timed code on every count, so it is the default until
 # a GPU retimes them.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
@@ -503,7 +507,7 @@ CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
 # 2) by about ELEMS / BLOCK_C positions. Why: a tile issues all of its loads back to back,
 # where the plain kernels issue a class plane's load only after the previous plane's
-# arithmetic (one or two 16-byte loads in flight a thread; tiles of 4: 64 bytes, at 19.4
+# arithmetic (one or two 16-byte loads in flight a thread; tiles of 4: 64 bytes, at 18.3
 # instructions a logit in the forward under Triton 3.6).
 # An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
 # 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
