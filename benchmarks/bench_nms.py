@@ -75,5 +75,5 @@ WORKLOADS = [
     Workload("nms", "batched_nms N=20000, 80 categories", "torchvision", _batched(20000, 80)),
     Workload("nms", "soft_nms gaussian N=2000", "our nms", _soft(2000), devices=("cpu",)),
     Workload("nms", "soft_nms gaussian N=5000", "our nms", _soft(5000), devices=("cuda",)),
-    Workload("nms", "soft_nms gaussian N=5000, multi kernel", "our nms", _soft(5000, "multi"), devices=("cuda",)),
+    Workload("nms", "soft_nms gaussian N=5000, spread kernel", "our nms", _soft(5000, "spread"), devices=("cuda",)),
 ]

@@ -150,16 +150,20 @@ def _triton_cases(dev):
     out.append(("softmax_cross_entropy fwd+bwd, weight, smoothing",
                 fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, w, ignore_index=255, label_smoothing=0.1))))
 
-    def ce_variant(config, **values):
-        with _config(f"cross_entropy.{config}", **values):
+    def ce_variant(tile=None, plain=None):  # the default: class tiles of 4, the target's logit loaded
+        with _config("cross_entropy.CE_TILE_CONFIG", **(tile or {})), _config("cross_entropy.CE_CONFIG",
+                                                                               **(plain or {})):
             return fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, ignore_index=255))()
 
-    out.append(("softmax_cross_entropy fwd+bwd, class tile", lambda: ce_variant("CE_TILE_CONFIG", MAX_C=32)))
-    out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4",
-                lambda: ce_variant("CE_TILE_CONFIG", MAX_C=32, BLOCK_C=4)))
-    out.append(("softmax_cross_entropy fwd+bwd, pipelined class loop", lambda: ce_variant("CE_CONFIG", STAGES=3)))
-    out.append(("softmax_cross_entropy fwd+bwd, pipelined class tiles of 4",
-                lambda: ce_variant("CE_TILE_CONFIG", MAX_C=32, BLOCK_C=4, STAGES=3)))
+    out.append(("softmax_cross_entropy fwd+bwd, plain class loop", lambda: ce_variant(dict(MAX_C=0))))
+    out.append(("softmax_cross_entropy fwd+bwd, one class tile", lambda: ce_variant(dict(BLOCK_C=32))))
+    out.append(("softmax_cross_entropy fwd+bwd, pipelined class loop",
+                lambda: ce_variant(dict(MAX_C=0), dict(STAGES=3))))
+    out.append(("softmax_cross_entropy fwd+bwd, pipelined class tiles of 4", lambda: ce_variant(dict(STAGES=3))))
+    out.append(("softmax_cross_entropy fwd+bwd, plain class loop, target by compare",
+                lambda: ce_variant(dict(MAX_C=0), dict(GATHER=False))))
+    out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4, target by compare",
+                lambda: ce_variant(dict(GATHER=False))))
     rows, ry = torch.randn(37, 1003, generator=g).to(dev), torch.randint(0, 1003, (37,), generator=g).to(dev)
     out.append(("softmax_cross_entropy fwd+bwd [37, 1003], none",
                 fwd_bwd(rows, lambda x: P.softmax_cross_entropy(x, ry, reduction="none"))))

@@ -44,6 +44,8 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     fn = getattr(K, f"_ce{'_tile' if tile else ''}_{kernel}_kernel")
     opts = dict(HAS_W=False, SMOOTH=False, LOOP=False, **cfg)
     opts.update(dict(STORE_LOSS=False) if fwd else dict(G_STEP=0, MEAN=True))
+    if not fwd:
+        opts.pop("GATHER")  # the forward's alone
     sig = FORWARD if fwd else BACKWARD
     ints = [i for i, name in enumerate(sig) if sig[name].startswith("*") or name in ("S", "P")]
     sass, res = compile_sm90(fn, sig, opts, num_warps, divisible=ints)
@@ -89,13 +91,17 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
 def configs():
     from pyvision_ops.kernels import cross_entropy as K
 
-    from .tune_cross_entropy import PIPELINED, TILE_CONFIGS
+    from .tune_cross_entropy import COMPARE, PIPELINED, TILE_CONFIGS
+
+    def target(cfg):  # the target's logit loaded (no mark) or by a compare
+        return "" if cfg["GATHER"] else ", compare"
 
     base = {k: v for k, v in K.CE_CONFIG.items() if k != "PER_SM"}
-    for cfg in [{**base, "UNROLL": unroll} for unroll in (1, 2, 4)] + PIPELINED:
+    for cfg in [{**base, "UNROLL": unroll, "GATHER": True} for unroll in (1, 2, 4)] + PIPELINED + COMPARE:
         cfg = {k: v for k, v in cfg.items() if k != "PER_SM"}
         warps = cfg.pop("num_warps")
-        yield f"plain BLOCK {cfg['BLOCK']}, {warps} warps, UNROLL {cfg['UNROLL']}, STAGES {cfg['STAGES']}", cfg, warps
+        yield (f"plain BLOCK {cfg['BLOCK']}, {warps} warps, UNROLL {cfg['UNROLL']}, STAGES {cfg['STAGES']}"
+               + target(cfg), cfg, warps)
     saved, tiles = K.CE_TILE_CONFIG, []
     try:
         for t in TILE_CONFIGS:
@@ -105,7 +111,8 @@ def configs():
         K.CE_TILE_CONFIG = saved
     for block_c, cfg in tiles:
         warps, _ = cfg.pop("num_warps"), cfg.pop("PER_SM")
-        yield f"tile BLOCK_C {block_c}, BLOCK {cfg['BLOCK']}, {warps} warps, STAGES {cfg['STAGES']}", cfg, warps
+        yield (f"tile BLOCK_C {block_c}, BLOCK {cfg['BLOCK']}, {warps} warps, STAGES {cfg['STAGES']}" + target(cfg),
+               cfg, warps)
 
 
 def main(argv=None):

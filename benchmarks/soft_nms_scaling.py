@@ -2,18 +2,18 @@
 time per selection as N grows, on the benchmark's clustered detections, for each CUDA
 kernel variant.
 
-The sequential CUDA kernel runs one block per category and one block-wide max per
-selection; a thread holds K boxes in registers (K from N: 1, 4, 8, 16, then global
-memory), 32-box chunks in spatial order per warp and slot, and walks its slots one after
-another. With the default placement (spread) a box's neighbouring chunks sit in different
-warps; with chunks (PYVISION_OPS_SOFT_NMS_KERNEL=chunks) in one warp. Rounds
-(PYVISION_OPS_SOFT_NMS_KERNEL=rounds) selects all local maxima at once, a round at a time
-(csrc/cuda/nms.cu). Per N this prints our nms (the same sort and compaction around a
-cheaper kernel), soft_nms gaussian with each variant, the selections it makes and the
-time per selection of each: a per-selection time that stays flat as K grows says a
-selection costs a fixed latency (the block-wide max); one that grows with K, or drops
-with spread, says the slot walk dominates. Multi (PYVISION_OPS_SOFT_NMS_KERNEL=multi) may
-make several selections per block-wide step (spread's registers, or global memory beyond).
+The sequential CUDA kernel (PYVISION_OPS_SOFT_NMS_KERNEL=spread or chunks) runs one block
+per category and one block-wide max per selection; a thread holds K boxes in registers (K
+from N: 1, 4, 8, 16, then global memory), 32-box chunks in spatial order per warp and slot,
+and walks its slots one after another. With spread a box's neighbouring chunks sit in
+different warps; with chunks in one warp. Rounds (PYVISION_OPS_SOFT_NMS_KERNEL=rounds)
+selects all local maxima at once, a round at a time (csrc/cuda/nms.cu). Per N this prints
+our nms (the same sort and compaction around a cheaper kernel), soft_nms gaussian with each
+variant, the selections it makes and the time per selection of each: a per-selection time
+that stays flat as K grows says a selection costs a fixed latency (the block-wide max); one
+that grows with K, or drops with spread, says the slot walk dominates. Multi, the default,
+may make several selections per block-wide step (spread's registers, or global memory
+beyond).
 "same" says whether each variant kept the chunks kernel's boxes with scores equal to fp32
 rounding. On the CPU all variants run the same C++ kernel.
 """

@@ -2,8 +2,9 @@
 pipelining, and programs per multiprocessor of the plain Triton cross-entropy kernels, and
 the class-tile kernels' tiles, on this GPU.
 
-Prints, per config (the default first, then in turn the class tiles and the pipelined plain
-configs, then the other plain configs), the CUDA-graph time of the benchmark's training
+Prints, per config (the defaults and the untimed configs that take the target's logit by a
+compare first, then in turn the class tiles and the pipelined plain configs, then the other
+plain configs), the CUDA-graph time of the benchmark's training
 step (forward and backward, mean, ignore_index 255 on (2, 19, 512, 1024) fp32 logits) and
 its fraction of the issue's bound: reading the logits twice and writing the gradient once
 at the measured copy bandwidth (>= 77% is within 1.3x); then the forward op and the
@@ -26,30 +27,37 @@ from pyvision_ops._library import ops
 from .bench_cross_entropy import WORKLOADS
 from .common import cuda_copy_bandwidth
 
-CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": 1}
+CONFIGS = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": 1, "GATHER": True}
            for b, w, u in [(512, 4, 1), (1024, 4, 1), (1024, 8, 1), (512, 4, 4), (1024, 8, 2), (2048, 8, 2),
                            (1024, 8, 4), (256, 4, 4)]]
-# A program per block leaves a partial last wave: under Triton 3.6 the default forward's 46
+# A program per block leaves a partial last wave: under Triton 3.6 the UNROLL 4 forward's 46
 # registers give 5 programs of 8 warps an SM, 660 on an H200 for the benchmark's 1024 blocks
 # (1.55 waves; the backward's 40: 6, 1.29 waves; `cuobjdump -res-usage` of the sm_90
-# compile). Programs that each take about 4 blocks end within a block of each other.
-CONFIGS += [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": k, "STAGES": 1}
+# compile). Programs that each take about 4 blocks end within a block of each other (on the
+# H200, 2026-11-28: 119-185 us, slower than any program-per-block config).
+CONFIGS += [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": k, "STAGES": 1, "GATHER": True}
             for b, w, u, k in [(256, 4, 4, 8), (256, 4, 4, 4), (512, 4, 4, 4), (1024, 8, 2, 2)]]
 # Pipelined class loops (STAGES): the next steps' planes copied to shared memory while a
 # step's arithmetic runs (python -m benchmarks.sass_cross_entropy: bytes in flight).
-PIPELINED = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": k}
+PIPELINED = [{"BLOCK": b, "num_warps": w, "UNROLL": u, "PER_SM": 0, "STAGES": k, "GATHER": True}
              for b, w, u, k in [(1024, 8, 2, 3), (1024, 8, 2, 4), (512, 4, 2, 3), (512, 4, 2, 4), (1024, 8, 1, 5)]]
 CONFIGS += PIPELINED
-# The default the last H200 sweep chose, for the code before the forward's leaner class loop
-TIMED = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 2, "PER_SM": 0, "STAGES": 1}
+# The forward's target logit by a compare a logit instead of a load a position (GATHER; see
+# CE_CONFIG's comment): untimed, so timed right after the defaults
+COMPARE = [{"BLOCK": 1024, "num_warps": 8, "UNROLL": u, "PER_SM": 0, "STAGES": 1, "GATHER": False} for u in (4, 2)]
+CONFIGS += COMPARE
 # The class-tile kernels (CE_TILE_CONFIG): the 19 classes in tiles of 4 (pipelined or not),
-# 2 or 8, or in one, most promising first (python -m benchmarks.sass_cross_entropy: loads
-# in flight, instructions, registers; one tile issues 41-80 instructions a logit under Triton 3.6,
-# 40-74 under 3.8).
-TILE_CONFIGS = [{"MAX_C": 32, "BLOCK_C": c, "ELEMS": e, "num_warps": w, "PER_SM": 0, "STAGES": k, "BACKWARD": True}
+# 2 or 8, or in one (python -m benchmarks.sass_cross_entropy: loads in flight, instructions,
+# registers; one tile issues 41-80 instructions a logit under Triton 3.6, 40-74 under 3.8).
+# On the H200 (2026-11-28) tiles of 4 by 4096 positions with 8 warps were the fastest, one
+# tile of all classes the slowest (133-244 us a step).
+TILE_CONFIGS = [{"MAX_C": 32, "BLOCK_C": c, "ELEMS": e, "num_warps": w, "PER_SM": 0, "STAGES": k, "BACKWARD": True,
+                 "GATHER": True}
                 for c, e, w, k in [(4, 4096, 8, 1), (4, 4096, 8, 3), (4, 2048, 4, 1), (4, 2048, 4, 3), (2, 2048, 8, 1),
                                    (8, 4096, 4, 1), (32, 4096, 4, 1), (32, 2048, 4, 1), (32, 4096, 8, 1),
                                    (32, 8192, 8, 1)]]
+TILE_COMPARE = [{**t, "GATHER": False} for t in TILE_CONFIGS[:3:2]]  # tiles of 4: 4096/8 and 2048/4
+TILE_CONFIGS += TILE_COMPARE
 
 
 def main():
@@ -75,18 +83,21 @@ def main():
           f"bound; a step within 1.3x of it takes at most {1.3 * ref * 1e3:.1f} us)")
     _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
     best = best_tile = best_fwd = best_bwd = None
-    tile_off = {**K.CE_TILE_CONFIG, "MAX_C": 0}
-    # the default and the one it took over from (TIMED), then the class tiles and the
-    # pipelined plain configs in turn (untimed so far), then the other plain configs (timed on
-    # an H200 before) and PER_SM: a run cut by its timeout still has the new ones
-    default = dict(K.CE_CONFIG)
-    new = itertools.zip_longest([(None, t) for t in TILE_CONFIGS], [(c, tile_off) for c in PIPELINED])
-    order = ([(default, tile_off)] + [(c, tile_off) for c in [TIMED] if c != default]
-             + [x for pair in new for x in pair if x]
-             + [(c, tile_off) for c in CONFIGS if c not in (default, TIMED) and c not in PIPELINED and not c["PER_SM"]]
-             + [(c, tile_off) for c in CONFIGS if c != default and c["PER_SM"]])
+    plain, tiles = dict(K.CE_CONFIG), dict(K.CE_TILE_CONFIG)
+    tile_off = {**tiles, "MAX_C": 0}
+    # the defaults (the tiles, where they take 19 classes, and the plain loop) and the
+    # untimed compare configs first, then the class tiles and the pipelined plain configs in
+    # turn, then the other plain configs and PER_SM: a run cut by its timeout has the new ones
+    head = ([(None, tiles)] if tiles["MAX_C"] >= 19 else []) + [(None, t) for t in TILE_COMPARE if t != tiles]
+    head += [(plain, tile_off)] + [(c, tile_off) for c in COMPARE if c != plain]
+    rest = itertools.zip_longest([(None, t) for t in TILE_CONFIGS if t != tiles and t not in TILE_COMPARE],
+                                 [(c, tile_off) for c in PIPELINED if c != plain])
+    order = (head + [x for pair in rest for x in pair if x]
+             + [(c, tile_off) for c in CONFIGS
+                if c != plain and c not in PIPELINED and c not in COMPARE and not c["PER_SM"]]
+             + [(c, tile_off) for c in CONFIGS if c != plain and c["PER_SM"]])
     for cfg, tile in order:
-        K.CE_CONFIG = cfg or best[1]
+        K.CE_CONFIG = cfg or plain
         K.CE_TILE_CONFIG = tile
         ms = triton.testing.do_bench_cudagraph(step, rep=50, return_mode="median")
         fwd = triton.testing.do_bench_cudagraph(lambda: ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1), rep=30,

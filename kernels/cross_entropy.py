@@ -132,12 +132,22 @@ def _ce_update(z, c, live, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMOOTH:
 
 
 @triton.jit
-def _target_logit(z_ptr, zoffs, y, mj, C, S, acc):
-    """The target's logit of each position: one load (from lines the class loop reads anyway),
-    not a compare and a select a logit. Targets outside [0, C) read nothing: their loss is 0
-    or NaN whatever this is."""
-    yt = (y >= 0) & (y < C) & mj
-    return tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * S, mask=yt, other=0.0).to(acc)
+def _target_class(y, C):
+    """Each position's target as an int32 class index, -1 outside [0, C) (ignored or out of
+    range: their loss is 0 or NaN whatever logit they pick)."""
+    return tl.where((y >= 0) & (y < C), y, -1).to(tl.int32)
+
+
+@triton.jit
+def _target_logit(z_ptr, zoffs, y, mj, C, S, acc, GATHER: tl.constexpr):
+    """The target's logit of each position where GATHER (a load of it; targets outside
+    [0, C) read nothing), else 0 for the forward's class loop to fill in with a compare and a
+    select a logit (against _target_class)."""
+    if GATHER:
+        yt = (y >= 0) & (y < C) & mj
+        return tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * S, mask=yt, other=0.0).to(acc)
+    else:
+        return tl.zeros(zoffs.shape, acc)
 
 
 @triton.jit
@@ -222,14 +232,15 @@ def _blocks(P, S, nb, LOOP: tl.constexpr):
 def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                        keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                        STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                       STAGES: tl.constexpr, LOOP: tl.constexpr):
+                       STAGES: tl.constexpr, GATHER: tl.constexpr, LOOP: tl.constexpr):
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
     start, stop, step = _blocks(P, S, nb, LOOP)
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
         base = z_ptr + zoffs
-        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc)
+        yc = _target_class(y, C)
+        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc, GATHER)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
@@ -243,6 +254,8 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
             for u in tl.static_range(UNROLL):
                 live = c0 + u < C
                 z = tl.load(plane, mask=mj & live, other=float("-inf")).to(acc)
+                if not GATHER:
+                    zy = tl.where(yc == c0 + u, z, zy)  # a class past C is no target
                 mx, s, wd, wseen = _ce_update(z, tl.where(live, c0 + u, 0), live, mx, s, wd, wseen, w_ptr, HAS_W,
                                               SMOOTH)
                 plane += S
@@ -272,7 +285,8 @@ def _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMO
 def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                             STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
-                            ONE_TILE: tl.constexpr, STAGES: tl.constexpr, LOOP: tl.constexpr):
+                            ONE_TILE: tl.constexpr, STAGES: tl.constexpr, GATHER: tl.constexpr,
+                            LOOP: tl.constexpr):
     """_ce_forward_kernel with the class planes of BLOCK positions loaded BLOCK_C at a time
     as one tile (all of its loads in flight at once, not one plane per step), each tile
     reduced over its classes and merged (_ce_tile_update). ONE_TILE: C <= BLOCK_C, a loop of
@@ -283,7 +297,8 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
     rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
-        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc)
+        yc = _target_class(y, C)
+        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc, GATHER)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
@@ -293,6 +308,8 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
             cm = cs < C
             z = tl.load(z_ptr + zoffs[None, :] + cs.to(tl.int64) * S, mask=cm & mj[None, :],
                         other=float("-inf")).to(acc)
+            if not GATHER:  # z itself in the target's tile, 0 in the others
+                zy += tl.sum(tl.where(cs == yc[None, :], z, 0.0), 0)
             mx, s, wd, wseen = _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W, SMOOTH)
         _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                    stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
@@ -487,34 +504,40 @@ def _rows_config(op, c):
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
 # Positions per program, warps and class planes per loop step of the plain kernels
-# (benchmarks/tune_cross_entropy.py): on an H200 (2026-11-27 16:35) 1024 positions, 8 warps
-# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 of before 88.3. Those
-# class loops have since dropped the forward's per-logit target compare and inf tests and
-# their second loop for the last C % UNROLL classes (python -m benchmarks.sass_cross_entropy,
-# Triton 3.6: instructions a logit, registers, bytes a thread in flight, KB an SM):
-#   timed UNROLL 2  forward 29.4, 48, 32 bytes, 40 KB   backward 21.5, 56, 16, 16
-#   now UNROLL 2    forward 19.6, 39, 16, 24            backward 17.9, 40, 16, 24
-#   now UNROLL 4    forward 18.6, 46, 32, 40            backward 18.2, 40, 16, 24
-# UNROLL 4 is at least as good as the timed code on every count, so it is the default until
-# a GPU retimes them.
+# (benchmarks/tune_cross_entropy.py). On an H200 (2026-11-27 16:35) 1024 positions, 8 warps
+# and two planes a step took 84.5 us for the benchmark's step, 512/4/1 88.3. The class loops
+# have since dropped their per-logit inf tests and their second loop for the last C % UNROLL
+# classes, and the forward took the target's logit by a load a position (GATHER) instead of a
+# compare a logit: fewer instructions (python -m benchmarks.sass_cross_entropy, Triton 3.6:
+# forward 29.4 instructions a logit at UNROLL 2 before, 19.6 after; 18.6 at UNROLL 4), yet
+# the step took 95.1 us at UNROLL 2 and 94.3 at UNROLL 4 on an H200 (2026-11-28), the forward
+# 41.4-41.9 of it. What slowed it is not known: with the benchmark's random labels the gather
+# reads a 32-byte sector from a random class plane for 4 bytes, a position each. GATHER False
+# takes the compare again (at UNROLL 4: 20.5 instructions a logit, 48 registers); the tuner
+# times both.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
 # STAGES > 1: Triton software-pipelines the class loop, copying the next STAGES - 1 steps'
 # planes into shared memory (cp.async) while a step's arithmetic runs; 1: plain loads (the
-# same machine code as a plain range). Not yet timed on a GPU.
-CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 1}
+# same machine code as a plain range). At 3 and 4 stages the step took 88.4-89.7 us on the
+# H200 (2026-11-28).
+CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 1, "GATHER": True}
 # The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
 # 2) by about ELEMS / BLOCK_C positions. Why: a tile issues all of its loads back to back,
 # where the plain kernels issue a class plane's load only after the previous plane's
 # arithmetic (one or two 16-byte loads in flight a thread; tiles of 4: 64 bytes, at 18.3
-# instructions a logit in the forward under Triton 3.6).
-# An earlier one-tile forward matched the plain kernel on an H200 (the GPU variant test,
-# 2026-11-27 16:57); the tiles' current code has not run on a GPU, and no tile config has
-# been timed (tune_cross_entropy.py does). BACKWARD False: the backward takes the plain
-# kernel (at CE_CONFIG) while the forward takes the tiles.
-CE_TILE_CONFIG = {"MAX_C": 0, "BLOCK_C": 32, "ELEMS": 4096, "num_warps": 4, "PER_SM": 0, "STAGES": 1,
-                  "BACKWARD": True}
+# instructions a logit in the forward under Triton 3.6 with GATHER, 21.3 without, where 74
+# registers leave room for 3 programs of 8 warps an SM instead of 4).
+# On the H200 (2026-11-28, benchmarks/tune_cross_entropy.py at 12fb470; Triton 3.6) tiles of
+# 4 by 4096 positions with 8 warps and GATHER were the fastest forward (34.0 us) and backward
+# (44.8 us): a step of 82.1 us, where the plain loop at UNROLL 4 took 94.3 (forward 41.4).
+# So they are the default up to 32 classes; the GPU variant and special-value tests passed in
+# that run. GATHER: as CE_CONFIG's, for the tiles' forward.
+# BACKWARD False: the backward takes the plain kernel (at CE_CONFIG) while the forward
+# takes the tiles.
+CE_TILE_CONFIG = {"MAX_C": 32, "BLOCK_C": 4, "ELEMS": 4096, "num_warps": 8, "PER_SM": 0, "STAGES": 1,
+                  "BACKWARD": True, "GATHER": True}
 
 
 def _tile_config(c, backward=False):
@@ -528,7 +551,7 @@ def _tile_config(c, backward=False):
     block_c = min(next_power_of_2(c), cap)
     return {"BLOCK_C": block_c, "BLOCK": max(16, CE_TILE_CONFIG["ELEMS"] // block_c), "ONE_TILE": block_c >= c,
             "num_warps": CE_TILE_CONFIG["num_warps"], "PER_SM": CE_TILE_CONFIG["PER_SM"],
-            "STAGES": CE_TILE_CONFIG["STAGES"]}
+            "STAGES": CE_TILE_CONFIG["STAGES"], "GATHER": CE_TILE_CONFIG["GATHER"]}
 
 
 @functools.cache
@@ -541,6 +564,9 @@ def _launch(c, s, n, device, backward=False):
     """(kernel options, blocks an image, grid) of the plain or class-tile kernels."""
     cfg = dict(_tile_config(c, backward) or CE_CONFIG)
     per_sm = cfg.pop("PER_SM")
+    gather = cfg.pop("GATHER")
+    if not backward:  # the forward's alone
+        cfg["GATHER"] = gather
     nb = cdiv(s, cfg["BLOCK"])
     programs = n * nb
     if per_sm:

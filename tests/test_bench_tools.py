@@ -25,6 +25,7 @@ def test_tuner_configs_name_every_kernel_parameter():
     assert all(set(c) == set(cross_entropy.CE_TILE_CONFIG) for c in tune_cross_entropy.TILE_CONFIGS)
     assert box_iou.PAIRWISE_CONFIG in tune_box_iou.CONFIGS and box_iou.PAIRWISE_IOU_CONFIG in tune_box_iou.CONFIGS
     assert cross_entropy.CE_CONFIG in tune_cross_entropy.CONFIGS
+    assert cross_entropy.CE_TILE_CONFIG in tune_cross_entropy.TILE_CONFIGS
 
 
 def test_soft_nms_scaling_prints_a_row_per_size(capsys, monkeypatch):
@@ -57,7 +58,7 @@ def test_sanitize_runs_every_case(capsys, monkeypatch):
     assert sum("soft_nms multi" in r for r in lines) == spread + len(sanitize.MULTI_CASES)
     sanitize.main(["--device", "cpu", "--triton"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 23 and sum("fwd+bwd" in r for r in lines) == 17
+    assert len(lines) == 25 and sum("fwd+bwd" in r for r in lines) == 19
     # restored
     assert not torch.are_deterministic_algorithms_enabled() and KERNEL_ENV not in os.environ
     assert configs == [box_iou.PAIRWISE_IOU_CONFIG, box_iou.PAIRWISE_CONFIG, cross_entropy.CE_CONFIG,

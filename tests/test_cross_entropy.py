@@ -317,12 +317,28 @@ def test_backward_ops_check_the_targets():
         ops.upsample_cross_entropy_backward(torch.ones(()), x, t, False, None, stats, wsum, -100, 0.0, 1)
 
 
+@pytest.fixture(params=["tiles", "plain", "no gather"])
+def ce_kernels(request, monkeypatch):
+    """The [N, C, S] kernels: the default class tiles (up to CE_TILE_CONFIG's MAX_C classes),
+    the plain class loop, or the tiles' forward taking the target's logit by a compare
+    (GATHER False; the plain loop's: the unrolled-loop test)."""
+    from pyvision_ops.kernels import cross_entropy as K
+
+    if request.param == "plain":
+        monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 0)
+    elif request.param == "no gather":
+        monkeypatch.setitem(K.CE_TILE_CONFIG, "GATHER", False)
+    return request.param
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
-@pytest.mark.parametrize("shape", [(2, 7, 45), (30, 7, 1), (5, 1100, 1)], ids=str)  # [N, C]: a program per row
-def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shape):
+# [N, C] (S = 1): a program per row, whatever the [N, C, S] kernels
+@pytest.mark.parametrize("shape,ce_kernels", [((2, 7, 45), k) for k in ("tiles", "plain", "no gather")]
+                         + [((30, 7, 1), "tiles"), ((5, 1100, 1), "tiles")], ids=str, indirect=["ce_kernels"])
+def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shape, ce_kernels):
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y, w = batch(shape, dtype=dtype)
@@ -341,13 +357,16 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shap
 @pytest.mark.interpreter
 # STAGES 3: the option reaches the kernel (the interpreter runs a pipelined loop as a plain
 # one; the GPU variant test and the sm_90 compile check the pipelining itself)
-@pytest.mark.parametrize("unroll,stages", [(1, 1), (2, 1), (4, 1), (2, 3)])
+@pytest.mark.parametrize("unroll,stages,gather", [(1, 1, True), (2, 1, True), (4, 1, True), (2, 3, True),
+                                                 (1, 1, False), (4, 1, False)])
 @pytest.mark.parametrize("classes", [7, 4, 1])  # a tail of 1 or 3 planes, none, only the tail
-def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unroll, stages, classes):
+def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unroll, stages, gather, classes):
     from pyvision_ops.kernels import cross_entropy as K
 
     monkeypatch.setitem(K.CE_CONFIG, "UNROLL", unroll)
     monkeypatch.setitem(K.CE_CONFIG, "STAGES", stages)
+    monkeypatch.setitem(K.CE_CONFIG, "GATHER", gather)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 0)  # the plain class loop
     x, y, w = batch((2, classes, 45))
     for wt, ls in ((None, 0.0), (w, 0.3)):
         for reduction in (0, 1):
@@ -363,13 +382,17 @@ def test_triton_cross_entropy_interpreter_unrolled_class_loop(monkeypatch, unrol
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("classes", [1, 5, 16, 19, 32, 33])  # a tile of 1, padded, full; past MAX_C: the loop
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_c", [32, 4])  # one tile, or tiles of 4 classes (the last one padded for 5, 19)
-def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype, block_c):
+# one tile, or tiles of 4 classes (the last one padded for 5, 19); the target's logit loaded
+# (GATHER) or picked by a compare
+@pytest.mark.parametrize("dtype,block_c,gather", [(d, b, True) for d in (torch.float64, torch.float32, torch.bfloat16)
+                                                  for b in (32, 4)] + [(torch.float32, b, False) for b in (32, 4)],
+                         ids=str)
+def test_triton_cross_entropy_interpreter_class_tile(monkeypatch, classes, dtype, block_c, gather):
     from pyvision_ops.kernels import cross_entropy as K
 
     monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", block_c)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "GATHER", gather)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 256)  # several programs, a partial last one
     x, y, w = batch((2, classes, 45))
     x = x.to(dtype)
@@ -397,8 +420,8 @@ def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch,
 
     monkeypatch.setitem(K.CE_CONFIG, "BLOCK", 16)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 16 * min(tile or 8, 8))  # 16 positions: tiles of 8 or 4 classes
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32 if tile else 0)
     if tile:
-        monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
         monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", tile)
     x, y, w = batch((3, 5, 45))  # 3 blocks an image: 9, more than 4 * per_sm programs but for 3
     for wt, ls, reduction in ((None, 0.0, 1), (w, 0.3, 0), (w, 0.0, 2)):
@@ -629,7 +652,7 @@ def test_expanded_and_reduced_loss_gradients():
 
 
 @pytest.mark.interpreter
-def test_triton_cross_entropy_interpreter_large_logits():
+def test_triton_cross_entropy_interpreter_large_logits(ce_kernels):
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y = shifted_logits(1e4)
@@ -671,7 +694,7 @@ def test_triton_cross_entropy_interpreter_no_classes():
 
 
 @pytest.mark.interpreter
-def test_triton_cross_entropy_interpreter_special_logits():
+def test_triton_cross_entropy_interpreter_special_logits(ce_kernels):
     # The one-pass log-sum-exp gives what two passes give: -inf logits (in the first class,
     # in the last, in all), +inf and NaN logits.
     from pyvision_ops.kernels import cross_entropy as K
@@ -725,15 +748,17 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [("CE_CONFIG", "UNROLL", 1), ("CE_CONFIG", "UNROLL", 2),
-                                     ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 4),
+                                     ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 8),
                                      ("CE_CONFIG", "PER_SM", 1), ("CE_CONFIG", "STAGES", 3),
-                                     ("CE_TILE_CONFIG", "STAGES", 3), ("CE_TILE_CONFIG", "BACKWARD", False)], ids=str)
+                                     ("CE_TILE_CONFIG", "STAGES", 3), ("CE_TILE_CONFIG", "BACKWARD", False),
+                                     ("CE_CONFIG", "GATHER", False), ("CE_TILE_CONFIG", "GATHER", False)], ids=str)
 def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile (the
     # class tile adds the exponentials in another order; None: the tile switched on if it is
-    # off by default, else off; BLOCK_C 4: the tile on, 19 classes in 5 tiles; PER_SM with 4
-    # multiprocessors: 4 programs for 12 blocks; STAGES 3: the class loop pipelined, of the
-    # plain kernels or of tiles of 4; BACKWARD False: tiles of 4 forward, a plain backward)
+    # off by default, else off; the CE_CONFIG variants with the tiles off; BLOCK_C 8: the tile
+    # on, 19 classes in 3 tiles; PER_SM with 4 multiprocessors: 4 programs for 12 blocks;
+    # STAGES 3: the class loop pipelined, of the plain kernels or of tiles of 4; BACKWARD
+    # False: tiles of 4 forward, a plain backward; GATHER False: the target's logit by a compare)
     from pyvision_ops.kernels import cross_entropy as K
 
     config, key, value = variant
@@ -750,6 +775,8 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
                 mp.setitem(getattr(K, config), key, value)
                 if key == "PER_SM":
                     mp.setattr(K, "_multiprocessors", lambda device: 4)
+                if config == "CE_CONFIG":
+                    mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 0)
                 if config == "CE_TILE_CONFIG" and key != "MAX_C":
                     mp.setitem(K.CE_TILE_CONFIG, "MAX_C", 32)
                     mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", value if key == "BLOCK_C" else 4)
@@ -869,7 +896,7 @@ def test_triton_non_finite_class_weight_reaches_only_its_targets(bad):
 @pytest.mark.parametrize("shape", [(2, 5, 7), (6, 5, 1)], ids=str)  # blocks of positions, rows of classes
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
-def test_triton_target_outside_classes_is_nan_not_an_index(shape, weighted, label_smoothing):
+def test_triton_target_outside_classes_is_nan_not_an_index(shape, weighted, label_smoothing, ce_kernels):
     # The CUDA kernels cannot raise without a sync: such a target's loss and gradient are NaN
     # (the mean's everywhere), every other position as if it were ignored.
     from pyvision_ops.kernels import cross_entropy as K
@@ -908,7 +935,7 @@ def test_triton_target_outside_classes_is_nan_not_an_index(shape, weighted, labe
 
 
 @pytest.mark.interpreter
-def test_triton_negative_zero_class_weight_keeps_its_sign():
+def test_triton_negative_zero_class_weight_keeps_its_sign(ce_kernels):
     from pyvision_ops.kernels import cross_entropy as K
 
     x, y, w = batch((2, 4, 9))

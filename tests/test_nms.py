@@ -890,8 +890,8 @@ def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed, arch):
         assert torch.equal(s1.nan_to_num(-7.0), s2.nan_to_num(-7.0))
 
 
-# PYVISION_OPS_SOFT_NMS_KERNEL: the CUDA kernel's chunk layouts (spread is the default), several
-# selections a step (multi, where the group fits in registers), or the rounds kernel where it
+# PYVISION_OPS_SOFT_NMS_KERNEL: several selections a step (multi, the default), one with either
+# chunk layout (spread, chunks), or the rounds kernel where it
 # applies (a positive score threshold; not the hard method at a threshold <= 0).
 KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "rounds"])
 

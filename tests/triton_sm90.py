@@ -88,17 +88,21 @@ def _launchers():
                 box_iou.pairwise_box_iou(boxes(n, torch.float32)[None], boxes(n, torch.float32)[None], kind, 1e-7)
             cfg[key] = default
     z, t = torch.randn(2, 7, 9, generator=g), torch.randint(0, 7, (2, 9), generator=g)
-    saved = dict(cross_entropy.CE_CONFIG)
-    for unroll, stages in ((1, 1), (2, 1), (4, 1), (2, 3)):  # STAGES 3: the class loop pipelined
-        cross_entropy.CE_CONFIG.update(UNROLL=unroll, STAGES=stages)
+    saved = dict(cross_entropy.CE_CONFIG), dict(cross_entropy.CE_TILE_CONFIG)
+    cross_entropy.CE_TILE_CONFIG.update(MAX_C=0)  # the plain class loop
+    # STAGES 3: the class loop pipelined; GATHER False: the target's logit by a compare
+    for unroll, stages, gather in ((1, 1, True), (2, 1, True), (4, 1, True), (2, 3, True), (4, 1, False)):
+        cross_entropy.CE_CONFIG.update(UNROLL=unroll, STAGES=stages, GATHER=gather)
         for zz in (z, z.double(), z.half()) if stages > 1 else (z,):
             _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, t, None, 255, 0.0, 1)
             cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, t, None, stats, wsum, 255, 0.0, 1)
-    cross_entropy.CE_CONFIG.update(saved)
+    cross_entropy.CE_CONFIG.update(saved[0])
+    cross_entropy.CE_TILE_CONFIG.update(saved[1])
     saved = dict(cross_entropy.CE_TILE_CONFIG)
-    # the class tile: one tile of the 7 classes, or tiles of 4 in a loop, pipelined or not
-    for block_c, stages in ((32, 1), (4, 1), (4, 3)):
-        cross_entropy.CE_TILE_CONFIG.update(MAX_C=32, BLOCK_C=block_c, STAGES=stages)
+    # the class tile: one tile of the 7 classes, or tiles of 4 in a loop, pipelined or not, the
+    # target's logit loaded or by a compare
+    for block_c, stages, gather in ((32, 1, True), (4, 1, True), (4, 3, True), (4, 1, False)):
+        cross_entropy.CE_TILE_CONFIG.update(MAX_C=32, BLOCK_C=block_c, STAGES=stages, GATHER=gather)
         for zz in (z, z.double(), z.half()):
             acc = torch.float64 if zz.dtype == torch.float64 else torch.float32
             for weight, smoothing in ((None, 0.0), (torch.rand(7, generator=g).to(zz.dtype), 0.1)):

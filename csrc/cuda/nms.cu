@@ -381,11 +381,12 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_inputs("soft_nms", boxes, scores, idxs, iou_threshold);
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
-  // PYVISION_OPS_SOFT_NMS_KERNEL: "chunks" (soft_nms_kernel's other chunk placement),
-  // "multi" (soft_multi_kernel and soft_multi_global_kernel) or "rounds"
-  // (soft_rounds_kernel, where it applies); the same boxes, scores equal to rounding. The
-  // default, spread, was the fastest on an H200 (benchmarks/soft_nms_scaling.py,
-  // 2026-11-27: N = 5000 2.90 ms, chunks 3.47, rounds 20.4; multi not yet run there).
+  // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" or "chunks" (soft_nms_kernel, a selection a
+  // block-wide step, with its two chunk placements) or "rounds" (soft_rounds_kernel, where
+  // it applies); the same boxes, scores equal to rounding. The default, multi
+  // (soft_multi_kernel and soft_multi_global_kernel), was the fastest from N = 2000 on an
+  // H200 (benchmarks/soft_nms_scaling.py, 2026-11-28, N = 5000: 3.11 ms, spread 3.36, chunks
+  // 3.98, rounds 21.0; N = 12000: 15.2 against spread's 21.4; N = 1000: 1.14 against 1.05).
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
   const std::string what =
@@ -393,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "multi" ||
                         variant == "rounds",
                     what);
-  const bool spread = variant != "chunks", multi = variant == "multi";
+  const bool spread = variant != "chunks", multi = variant.empty() || variant == "multi";
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
@@ -413,7 +414,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   }
   const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
-  const at::Tensor seg = at::repeat_interleave(at::arange(groups, d_len.options()), d_len);
+  // each box's group (repeat_interleave reads the lengths back to size its output: a sync)
+  const at::Tensor seg =
+      groups > 1 ? at::repeat_interleave(at::arange(groups, d_len.options()), d_len) : at::Tensor();
   at::Tensor out_pos, out_count;  // the sequential kernel's outputs
   at::Tensor alive = at::empty({n}, boxes.options().dtype(at::kInt));
   at::Tensor out_score, place, selected;
@@ -470,7 +473,13 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     return nms::merge_groups(grouped_orig.index_select(0, pos), out_score.masked_select(selected), /*batched=*/true,
                              scores.scalar_type());
   }
-  // Slot k of group c holds its (k - start[c])-th selection; keep the filled slots.
+  // Slot k of group c holds its (k - start[c])-th selection; keep the filled slots. One
+  // group: its first count slots, for one read-back (of the count) instead of the masks'.
+  if (groups == 1) {
+    const int64_t count = out_count.item<int64_t>();
+    return nms::merge_groups(grouped_orig.index_select(0, out_pos.narrow(0, 0, count)),
+                             out_score.narrow(0, 0, count), idxs.has_value(), scores.scalar_type());
+  }
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);
   const at::Tensor pos = (out_pos.masked_fill(~filled, 0) + d_start.index_select(0, seg)).masked_select(filled);

@@ -259,13 +259,14 @@ __device__ __forceinline__ void decay_slots(const Box<T>& a, bool skip, const Bo
 // One block per group; each step one block-wide max of the keys (one barrier), then the
 // decay. K > 0: the group's boxes sit in registers, K per thread, in the spatial order
 // `place` gives, 32 placements (a chunk) per warp and slot: warp w, slot k holds chunk
-// kW + w (W warps: `spread`, the default) or else wK + k; a selection visits only the
-// warps, and in them the slots, whose union box it may overlap: the other boxes keep their
-// scores bit for bit. A warp walks its slots one after another, so a selection waits at
-// least for the warp that overlaps the most slots: spread puts the few neighbouring chunks
-// a box overlaps in as many warps (on the benchmark's detections ~2.6 slots, as a CPU
-// simulation of this layout counts), chunk order in one warp (~6.5). K == 0: boxes and
-// scores stay in global memory (any length), thread t owns positions t, t + nt, ...
+// kW + w (W warps: `spread`, which soft_multi_kernel takes too) or else wK + k; a selection
+// visits only the warps, and in them the slots, whose union box it may overlap: the other
+// boxes keep their scores bit for bit. A warp walks its slots one after another, so a
+// selection waits at least for the warp that overlaps the most slots: spread puts the few
+// neighbouring chunks a box overlaps in as many warps (on the benchmark's detections ~2.6
+// slots, as a CPU simulation of this layout counts), chunk order in one warp (~6.5).
+// K == 0: boxes and scores stay in global memory (any length), thread t owns positions t,
+// t + nt, ...
 template <typename T, int METHOD, int K>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_nms_kernel(
     const T* __restrict__ boxes, T* __restrict__ scores, const int64_t* __restrict__ start,
@@ -368,7 +369,8 @@ __device__ __forceinline__ Box<T> shfl_box(const Box<T>& b, int src) {
           __shfl_sync(0xffffffffu, b.x2, src), __shfl_sync(0xffffffffu, b.y2, src)};
 }
 
-// Multi (opt-in, PYVISION_OPS_SOFT_NMS_KERNEL=multi): one block-wide step can make several
+// Multi (the default; PYVISION_OPS_SOFT_NMS_KERNEL=spread or chunks takes soft_nms_kernel
+// instead): one block-wide step can make several
 // selections. Each warp posts its best live box and its second best key; after the step's
 // one barrier every warp replays the same selections on its own copy of the posts (lane l
 // holds warp l's): the best posted key is the next selection and decays the other posted
