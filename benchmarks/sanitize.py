@@ -8,11 +8,13 @@ memcheck, racecheck and synccheck. Soft-NMS runs every layout of its sequential 
 multi-selection kernels: 1, 4, 8 and 16 register slots a thread and global memory (fp32
 groups of 300, 1100, 5000, 6500 and 8500 boxes; fp64 of 300 and 4200), a batched call with
 groups of unequal size, the linear and hard methods, and the multi kernel with hard at IoU
-threshold 0 and with score threshold 0. Sizes are small because the
+threshold 0 and with score threshold 0, and the multi kernel with one warp's replay (lead).
+Sizes are small because the
 checkers slow kernels down a hundredfold. `--triton` runs the Triton kernels instead, for
 memcheck: every op forward and backward on sizes that leave partial blocks, with the
-off-by-default configs too (64-row IoU tiles, approximate divisions, the cross-entropy
-class tile). Prints a line per case; `--device cpu` runs the same calls on the CPU (a
+configs besides the defaults too (64-row IoU tiles, approximate divisions; the
+cross-entropy plain loop, one class tile, pipelined loops and the target's logit by a
+compare). Prints a line per case; `--device cpu` runs the same calls on the CPU (a
 check of this script).
 """
 
@@ -37,6 +39,9 @@ SOFT_CASES = [  # (boxes, dtype, method)
 # The multi kernel's own paths: no overlap skipping (hard at IoU threshold 0) and one
 # selection a step (score threshold 0).
 MULTI_CASES = [(1100, "hard", dict(iou_threshold=0.0)), (1100, "gaussian", dict(score_threshold=0.0))]
+# The multi kernel with one warp's replay (PYVISION_OPS_SOFT_NMS_KERNEL=lead): its second
+# barrier and the selections it hands over in shared memory.
+LEAD_CASES = [(1100, torch.float32, "gaussian"), (5000, torch.float32, "gaussian"), (300, torch.float64, "hard")]
 
 
 def _cases(dev):
@@ -68,6 +73,14 @@ def _cases(dev):
                     return P.soft_nms(bs, ss, method=method, **kw)
 
             out.append((f"soft_nms multi {n} {method} {kw}", soft))
+        for n, dtype, method in LEAD_CASES if variant == "multi" else ():
+            bs, ss = (t.to(dev, dtype) for t in _detections(n)[:2])
+
+            def soft(bs=bs, ss=ss, method=method):
+                with soft_nms_kernel("lead"):
+                    return P.soft_nms(bs, ss, method=method)
+
+            out.append((f"soft_nms lead {n} {str(dtype)[6:]} {method}", soft))
 
         def batched(variant=variant):
             with soft_nms_kernel(variant):

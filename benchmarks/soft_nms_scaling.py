@@ -13,7 +13,7 @@ variant, the selections it makes and the time per selection of each: a per-selec
 that stays flat as K grows says a selection costs a fixed latency (the block-wide max); one
 that grows with K, or drops with spread, says the slot walk dominates. Multi, the default,
 may make several selections per block-wide step (spread's registers, or global memory
-beyond).
+beyond); lead is multi with a step's selections replayed by one warp instead of all.
 "same" says whether each variant kept the chunks kernel's boxes with scores equal to fp32
 rounding. On the CPU all variants run the same C++ kernel.
 """
@@ -28,7 +28,7 @@ from .bench_nms import _detections, soft_nms_kernel
 from .common import time_cpu, time_cuda
 
 SIZES = (1000, 2000, 4000, 5000, 8000, 12000)
-VARIANTS = ("chunks", "spread", "multi", "rounds")
+VARIANTS = ("chunks", "spread", "multi", "lead", "rounds")
 
 
 def fp32_slots(n):

@@ -52,10 +52,12 @@ def test_sanitize_runs_every_case(capsys, monkeypatch):
                dict(cross_entropy.CE_TILE_CONFIG)]
     sanitize.main(["--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + len(sanitize.MULTI_CASES) + 3
+    extra = len(sanitize.MULTI_CASES) + len(sanitize.LEAD_CASES)
+    assert len(lines) == 3 + 2 * (len(sanitize.SOFT_CASES) + 1) + extra + 3
     spread = len(sanitize.SOFT_CASES) + 1  # and batched_soft_nms
     assert sum("soft_nms spread" in r for r in lines) == spread
     assert sum("soft_nms multi" in r for r in lines) == spread + len(sanitize.MULTI_CASES)
+    assert sum("soft_nms lead" in r for r in lines) == len(sanitize.LEAD_CASES)
     sanitize.main(["--device", "cpu", "--triton"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 25 and sum("fwd+bwd" in r for r in lines) == 19

@@ -823,7 +823,7 @@ def _sim_check(n, dtype, categories, score_threshold, method, kernel, ties=False
     assert_soft_close(k_sim, s_sim, k_cpu, s_cpu)
 
 
-@pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "rounds"])
+@pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "lead", "rounds"])
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("dtype, categories, ties", [(torch.float32, None, True), (torch.float64, 3, False)])
 def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories, ties):
@@ -846,6 +846,8 @@ def test_soft_nms_cuda_kernels_on_cpu_threads(kernel, method, dtype, categories,
     (6500, torch.float32, 0.6, "gaussian", "multi"),  # 16 slots
     (300, torch.float32, 0.0, "linear", "multi"),  # a threshold of 0: one selection a step
     (9000, torch.float32, 0.8, "gaussian", "multi"),  # global memory
+    (1100, torch.float32, 0.01, "gaussian", "lead"),  # 4 slots
+    (2100, torch.float64, 0.6, "hard", "lead"),  # 8 slots, fp64
 ])
 def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, method, kernel):
     _sim_check(n, dtype, None, score_threshold, method, kernel)
@@ -855,6 +857,7 @@ def test_soft_nms_cuda_kernel_layouts_on_cpu_threads(n, dtype, score_threshold, 
     (300, torch.float32, None, 0.01, "gaussian", "spread", True),
     (300, torch.float64, 3, 0.01, "linear", "multi", False),
     (1100, torch.float32, None, 0.01, "gaussian", "multi", False),  # 4 slots
+    (1100, torch.float32, None, 0.01, "gaussian", "lead", False),
 ])
 def test_soft_nms_cuda_kernels_sm90_branch_on_cpu_threads(n, dtype, categories, score_threshold, method, kernel,
                                                           ties):
@@ -867,8 +870,8 @@ def test_soft_nms_cuda_kernels_sm90_branch_on_cpu_threads(n, dtype, categories, 
 def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed, arch):
     # Several selections a step make the same selections as one a step, bit for bit, on boxes
     # with few score levels (many exact ties), +inf, NaN and 0 scores, duplicates, NaN
-    # coordinates and inverted boxes (the rule's claim; both kernels' own code, also as
-    # compiled for sm_90).
+    # coordinates and inverted boxes (the rule's claim; the kernels' own code, also as
+    # compiled for sm_90), whether every warp replays a step's selections or one (lead).
     import cuda_sim
 
     g = gen(seed)
@@ -885,22 +888,23 @@ def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed, arch):
     for method, thr in (("gaussian", 0.3), ("linear", 0.05), ("hard", 0.5), ("hard", 0.0)):
         args = (boxes, scores, None, thr, 0.5, [1e-3, 0.05][seed // 2])
         k1, s1 = cuda_sim.soft_nms(*args, method, "spread", arch)
-        k2, s2 = cuda_sim.soft_nms(*args, method, "multi", arch)
-        assert torch.equal(k1, k2)
-        assert torch.equal(s1.nan_to_num(-7.0), s2.nan_to_num(-7.0))
+        for kernel in ("multi", "lead"):
+            k2, s2 = cuda_sim.soft_nms(*args, method, kernel, arch)
+            assert torch.equal(k1, k2)
+            assert torch.equal(s1.nan_to_num(-7.0), s2.nan_to_num(-7.0))
 
 
-# PYVISION_OPS_SOFT_NMS_KERNEL: several selections a step (multi, the default), one with either
-# chunk layout (spread, chunks), or the rounds kernel where it
+# PYVISION_OPS_SOFT_NMS_KERNEL: several selections a step (multi, the default; lead: replayed
+# by one warp), one with either chunk layout (spread, chunks), or the rounds kernel where it
 # applies (a positive score threshold; not the hard method at a threshold <= 0).
-KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "rounds"])
+KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "lead", "rounds"])
 
 
 @pytest.mark.gpu
 def test_cuda_soft_nms_unknown_kernel_variant_raises(monkeypatch):
     monkeypatch.setenv("PYVISION_OPS_SOFT_NMS_KERNEL", "fast")
     boxes, scores = detections(10)
-    with pytest.raises(ValueError, match="PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread, multi or rounds"):
+    with pytest.raises(ValueError, match="PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread, multi, lead or rounds"):
         P.soft_nms(boxes.cuda(), scores.cuda())
 
 

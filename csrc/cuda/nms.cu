@@ -276,12 +276,13 @@ int soft_slots(int64_t max_len) {
   return 0;
 }
 
-// soft_nms_kernel, or with `multi` soft_multi_kernel (register slots) or
-// soft_multi_global_kernel.
+// soft_nms_kernel, or with `multi` soft_multi_kernel (register slots; `lead`: its replay by
+// one warp, fp32 only) or soft_multi_global_kernel.
 template <typename T, int METHOD>
 void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream, const T* boxes, T* scores,
                  const int64_t* start, const int64_t* len, const int32_t* place, T thr, T rsqrt_sig, T score_thr,
-                 bool spread, bool multi, int32_t* alive, int64_t* out_pos, T* out_score, int64_t* out_count) {
+                 bool spread, bool multi, bool lead, int32_t* alive, int64_t* out_pos, T* out_score,
+                 int64_t* out_count) {
   const int64_t per_thread = slots > 0 ? (max_len + slots - 1) / slots : max_len;
   const int64_t threads_needed = std::max<int64_t>(32, (per_thread + 31) / 32 * 32);
   // soft_slots keeps a register layout's threads within its bound; the global one takes them all.
@@ -290,6 +291,13 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
     const int threads = static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed));              \
     if (multi) {                                                                                                  \
       if constexpr (KK > 0) {                                                                                     \
+        if constexpr (sizeof(T) == 4) { /* lead: fp32 only (fp64 takes multi) */                              \
+          if (lead) {                                                                                             \
+            soft_multi_kernel<T, METHOD, KK, true><<<groups, threads, 0, stream>>>(                               \
+                boxes, scores, start, len, place, thr, rsqrt_sig, score_thr, out_pos, out_score, out_count);      \
+            break;                                                                                                \
+          }                                                                                                       \
+        }                                                                                                         \
         soft_multi_kernel<T, METHOD, KK><<<groups, threads, 0, stream>>>(                                        \
             boxes, scores, start, len, place, thr, rsqrt_sig, score_thr, out_pos, out_score, out_count);          \
       } else {                                                                                                    \
@@ -382,19 +390,21 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
   // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" or "chunks" (soft_nms_kernel, a selection a
-  // block-wide step, with its two chunk placements) or "rounds" (soft_rounds_kernel, where
-  // it applies); the same boxes, scores equal to rounding. The default, multi
+  // block-wide step, with its two chunk placements), "lead" (multi with one warp's replay;
+  // not yet timed) or "rounds" (soft_rounds_kernel, where it applies); the same boxes,
+  // scores equal to rounding. The default, multi
   // (soft_multi_kernel and soft_multi_global_kernel), was the fastest from N = 2000 on an
   // H200 (benchmarks/soft_nms_scaling.py, 2026-11-28, N = 5000: 3.11 ms, spread 3.36, chunks
   // 3.98, rounds 21.0; N = 12000: 15.2 against spread's 21.4; N = 1000: 1.14 against 1.05).
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
   const std::string what =
-      "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread, multi or rounds, got '" + variant + "'";
+      "soft_nms: PYVISION_OPS_SOFT_NMS_KERNEL must be chunks, spread, multi, lead or rounds, got '" + variant + "'";
   TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "multi" ||
-                        variant == "rounds",
+                        variant == "lead" || variant == "rounds",
                     what);
-  const bool spread = variant != "chunks", multi = variant.empty() || variant == "multi";
+  const bool spread = variant != "chunks", lead = variant == "lead",
+             multi = variant.empty() || variant == "multi" || lead;
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
@@ -456,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     auto args = std::make_tuple(b.const_data_ptr<T>(), sc.mutable_data_ptr<T>(), d_start.const_data_ptr<int64_t>(),
                                 d_len.const_data_ptr<int64_t>(),
                                 slots > 0 ? place.const_data_ptr<int32_t>() : nullptr, thr, rsqrt_sig,
-                                score_thr, spread, multi, alive.mutable_data_ptr<int32_t>(),
+                                score_thr, spread, multi, lead, alive.mutable_data_ptr<int32_t>(),
                                 out_pos.mutable_data_ptr<int64_t>(), out_score.mutable_data_ptr<T>(),
                                 out_count.mutable_data_ptr<int64_t>());
     auto run = [&](auto launcher) {

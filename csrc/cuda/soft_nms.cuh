@@ -467,8 +467,14 @@ __device__ __forceinline__ int replay(const Posts<T>& posts, int par, bool multi
 }
 
 // Multi with soft_nms_kernel's register slots (spread placement). A warp whose slots did
-// not change copies its previous post forward instead of keeping it in registers.
-template <typename T, int METHOD, int K>
+// not change copies its previous post forward instead of keeping it in registers. With
+// LEAD (opt-in, PYVISION_OPS_SOFT_NMS_KERNEL=lead) warp 0 alone replays a step's
+// selections and hands them to the others through shared memory, after a second barrier:
+// without it every warp replays them (about 130 instructions a selection a warp in the
+// sm_90 code, so a step of 20 warps issues its replay 20 times over on the SM's four
+// schedulers). A template argument, so that the default's code stays as timed (a runtime
+// flag doubled its spills).
+template <typename T, int METHOD, int K, bool LEAD = false>
 __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     const T* __restrict__ boxes, const T* __restrict__ scores, const int64_t* __restrict__ start,
     const int64_t* __restrict__ len, const int32_t* __restrict__ place, T thr, T rsqrt_sig, T score_thr,
@@ -482,6 +488,9 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
   __shared__ int32_t pos_of[K * soft_threads<T, K>()];
   __shared__ Box<T> slot_union[32 * K];
   __shared__ Posts<T> posts;
+  __shared__ Box<T> sel_box[LEAD ? 32 : 1];    // LEAD: the step's selections in order,
+  __shared__ int32_t sel_rank[LEAD ? 32 : 1];  // the selection each warp's post became (-1: none),
+  __shared__ int32_t sel_count;                // and how many
   Box<T> bx[K];
   T sc[K];
   uint32_t alive;
@@ -515,17 +524,30 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     }
     __syncthreads();
     Box<T> cb;
-    int cpos, rank;
-    const int m = replay<T, METHOD>(posts, par, multi, skip, thr, rsqrt_sig, score_thr, out_pos + s, out_score + s,
-                                    count, cb, cpos, rank);
+    int cpos, rank = -1, m = 0, mine;
+    if (!LEAD || warp == 0)
+      m = replay<T, METHOD>(posts, par, multi, skip, thr, rsqrt_sig, score_thr, out_pos + s, out_score + s, count,
+                            cb, cpos, rank);
+    if constexpr (LEAD) {  // the other warps read the step's selections once warp 0 has written them
+      if (warp == 0) {
+        if (rank >= 0) sel_box[rank] = cb;
+        sel_rank[lane] = rank;
+        if (lane == 0) sel_count = m;
+      }
+      __syncthreads();
+      m = sel_count;
+      mine = sel_rank[warp];
+    } else {
+      mine = __shfl_sync(0xffffffffu, rank, warp);
+    }
     par ^= 1;
     if (m == 0) break;
-    if (__shfl_sync(0xffffffffu, rank, warp) >= 0) {  // this warp's post was selected
+    if (mine >= 0) {  // this warp's post was selected
       stale = true;
       if (owner) alive &= ~(1u << lslot);
     }
     for (int i = 0; i < m; ++i) {
-      const Box<T> a = shfl_box(cb, __ffs(__ballot_sync(0xffffffffu, rank == i)) - 1);
+      const Box<T> a = LEAD ? sel_box[i] : shfl_box(cb, __ffs(__ballot_sync(0xffffffffu, rank == i)) - 1);
       if (skip && !nms::may_overlap(a, warp_u)) continue;  // warp-uniform
       stale = true;
       decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, rsqrt_sig, score_thr);

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = [os.path.join(HERE, f) for f in ("soft_nms_sim.cpp", "cuda_sim.h")] + [
     os.path.join(ROOT, "csrc", f) for f in ("cuda/soft_nms.cuh", "common/nms.h", "common/box_iou.h", "common/text.h")]
 METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
-VARIANTS = {"chunks": 0, "spread": 1, "multi": 2}  # soft_nms_sim.cpp:chunks
+VARIANTS = {"chunks": 0, "spread": 1, "multi": 2, "lead": 3}  # soft_nms_sim.cpp:chunks
 ROUNDS_MAX_LEN = 64 * 256  # csrc/cuda/soft_nms.cuh: kWord * kRoundsMaxChunks
 
 _libs = {}
@@ -87,7 +87,7 @@ def _soft_slots(fp64, max_len):
 
 def soft_nms(boxes, scores, idxs, iou_threshold, sigma, score_threshold, method, kernel="spread", arch=0):
     """torch.ops.pyvision_ops.soft_nms's result from the CUDA kernel `kernel` ("chunks",
-    "spread", "multi" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads, its
+    "spread", "multi", "lead" or "rounds", as PYVISION_OPS_SOFT_NMS_KERNEL) run on CPU threads, its
     code compiled for __CUDA_ARCH__ `arch` (library)."""
     lib = library(arch)
     n = len(scores)
