@@ -291,7 +291,7 @@ void launch_soft(int slots, int64_t groups, int64_t max_len, cudaStream_t stream
     const int threads = static_cast<int>(std::min<int64_t>(soft_threads<T, KK>(), threads_needed));              \
     if (multi) {                                                                                                  \
       if constexpr (KK > 0) {                                                                                     \
-        if constexpr (sizeof(T) == 4) { /* lead: fp32 only (fp64 takes multi) */                              \
+        if constexpr (sizeof(T) == 4) { /* lead: fp32 only (fp64 takes multi) */                                  \
           if (lead) {                                                                                             \
             soft_multi_kernel<T, METHOD, KK, true><<<groups, threads, 0, stream>>>(                               \
                 boxes, scores, start, len, place, thr, rsqrt_sig, score_thr, out_pos, out_score, out_count);      \
@@ -392,9 +392,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" or "chunks" (soft_nms_kernel, a selection a
   // block-wide step, with its two chunk placements), "lead" (multi with one warp's replay;
   // not yet timed) or "rounds" (soft_rounds_kernel, where it applies); the same boxes,
-  // scores equal to rounding. The default, multi
-  // (soft_multi_kernel and soft_multi_global_kernel), was the fastest from N = 2000 on an
-  // H200 (benchmarks/soft_nms_scaling.py, 2026-11-28, N = 5000: 3.11 ms, spread 3.36, chunks
+  // scores equal to rounding. The default, multi (soft_multi_kernel and
+  // soft_multi_global_kernel), was the fastest from N = 2000 on an H200
+  // (benchmarks/soft_nms_scaling.py, 2026-11-28, N = 5000: 3.11 ms, spread 3.36, chunks
   // 3.98, rounds 21.0; N = 12000: 15.2 against spread's 21.4; N = 1000: 1.14 against 1.05).
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
