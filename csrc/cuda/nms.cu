@@ -488,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   if (groups == 1) {
     const int64_t count = out_count.item<int64_t>();
     return nms::merge_groups(grouped_orig.index_select(0, out_pos.narrow(0, 0, count)),
-                             out_score.narrow(0, 0, count), idxs.has_value(), scores.scalar_type());
+                             out_score.narrow(0, 0, count).clone(), idxs.has_value(), scores.scalar_type());
   }
   const at::Tensor rank = at::arange(n, out_count.options()) - d_start.index_select(0, seg);
   const at::Tensor filled = rank < out_count.index_select(0, seg);

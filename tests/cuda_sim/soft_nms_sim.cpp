@@ -48,8 +48,8 @@ void rounds(int64_t groups, int64_t max_len, int64_t tiles, int threads, const v
 }
 
 // variant: 0 chunks, 1 spread, 2 multi (soft_multi_kernel, or soft_multi_global_kernel for K == 0),
-// 3 lead (soft_multi_kernel with one warp's replay; for K == 0 as multi). The simulator runs
-// lead in fp64 too, which the CUDA launcher leaves to multi.
+// 3 lead (soft_multi_kernel with one warp's replay, fp32; as multi for fp64 and K == 0, as
+// the CUDA launcher).
 template <typename T, int METHOD, int K>
 void chunks(int64_t groups, int threads, const void* boxes, void* scores, const int64_t* start, const int64_t* len,
             const int32_t* place, double iou_threshold, double sigma, double score_threshold, int variant,
@@ -62,7 +62,7 @@ void chunks(int64_t groups, int threads, const void* boxes, void* scores, const 
           kernel(static_cast<const T*>(boxes), static_cast<const T*>(scores), start, len, place, a.thr, a.rsqrt_sig,
                  a.score_thr, out_pos, static_cast<T*>(out_score), out_count);
         };
-        if (variant == 3)
+        if (variant == 3 && sizeof(T) == 4)
           run(soft_multi_kernel<T, METHOD, K, true>);
         else
           run(soft_multi_kernel<T, METHOD, K>);
