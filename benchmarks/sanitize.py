@@ -9,12 +9,11 @@ multi-selection kernels: 1, 4, 8 and 16 register slots a thread and global memor
 groups of 300, 1100, 5000, 6500 and 8500 boxes; fp64 of 300 and 4200), a batched call with
 groups of unequal size, the linear and hard methods, and the multi kernel with hard at IoU
 threshold 0 and with score threshold 0, and the multi kernel with one warp's replay (lead).
-Sizes are small because the
-checkers slow kernels down a hundredfold. `--triton` runs the Triton kernels instead, for
-memcheck: every op forward and backward on sizes that leave partial blocks, with the
-configs besides the defaults too (64-row IoU tiles, approximate divisions; the
-cross-entropy plain loop, one class tile, pipelined loops and the target's logit by a
-compare). Prints a line per case; `--device cpu` runs the same calls on the CPU (a
+Sizes are small because the checkers slow kernels down a hundredfold. `--triton` runs the
+Triton kernels instead, for memcheck: every op forward and backward on sizes that leave
+partial blocks, with configs besides the defaults too (64-row IoU tiles, approximate
+divisions; the cross-entropy plain loop, one class tile, pipelined loops and the target's
+logit loaded). Prints a line per case; `--device cpu` runs the same calls on the CPU (a
 check of this script).
 """
 
@@ -163,7 +162,7 @@ def _triton_cases(dev):
     out.append(("softmax_cross_entropy fwd+bwd, weight, smoothing",
                 fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, w, ignore_index=255, label_smoothing=0.1))))
 
-    def ce_variant(tile=None, plain=None):  # the default: class tiles of 4, the target's logit loaded
+    def ce_variant(tile=None, plain=None):  # the default: class tiles of 4, the target's logit by a compare
         with _config("cross_entropy.CE_TILE_CONFIG", **(tile or {})), _config("cross_entropy.CE_CONFIG",
                                                                                **(plain or {})):
             return fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, ignore_index=255))()
@@ -173,10 +172,10 @@ def _triton_cases(dev):
     out.append(("softmax_cross_entropy fwd+bwd, pipelined class loop",
                 lambda: ce_variant(dict(MAX_C=0), dict(STAGES=3))))
     out.append(("softmax_cross_entropy fwd+bwd, pipelined class tiles of 4", lambda: ce_variant(dict(STAGES=3))))
-    out.append(("softmax_cross_entropy fwd+bwd, plain class loop, target by compare",
-                lambda: ce_variant(dict(MAX_C=0), dict(GATHER=False))))
-    out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4, target by compare",
-                lambda: ce_variant(dict(GATHER=False))))
+    out.append(("softmax_cross_entropy fwd+bwd, plain class loop, target loaded",
+                lambda: ce_variant(dict(MAX_C=0), dict(GATHER=True))))
+    out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4, target loaded",
+                lambda: ce_variant(dict(GATHER=True))))
     rows, ry = torch.randn(37, 1003, generator=g).to(dev), torch.randint(0, 1003, (37,), generator=g).to(dev)
     out.append(("softmax_cross_entropy fwd+bwd [37, 1003], none",
                 fwd_bwd(rows, lambda x: P.softmax_cross_entropy(x, ry, reduction="none"))))

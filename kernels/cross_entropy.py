@@ -511,17 +511,18 @@ _BLOCK = 512  # positions per program of the fused upsample kernels
 # compare a logit: fewer instructions (python -m benchmarks.sass_cross_entropy, Triton 3.6:
 # forward 29.4 instructions a logit at UNROLL 2 before, 19.6 after; 18.6 at UNROLL 4), yet
 # the step took 95.1 us at UNROLL 2 and 94.3 at UNROLL 4 on an H200 (2026-11-28), the forward
-# 41.4-41.9 of it. What slowed it is not known: with the benchmark's random labels the gather
-# reads a 32-byte sector from a random class plane for 4 bytes, a position each. GATHER False
-# takes the compare again (at UNROLL 4: 20.5 instructions a logit, 48 registers); the tuner
-# times both.
+# 41.4-41.9 of it. With the benchmark's random labels the gather reads a 32-byte sector from
+# a random class plane for 4 bytes, a position each: GATHER False takes the compare again
+# (at UNROLL 4: 20.5 instructions a logit, 48 registers), and on the H200 (2026-11-28 09:05,
+# 3e70c72) it took the UNROLL 4 step from 94.1 to 87.7 us (forward 41.5 to 36.2), so it is
+# the default; the tuner times both.
 # PER_SM: 0 launches a program per block; k > 0 at most k programs per multiprocessor, each
 # taking blocks a grid apart (fewer, longer programs: no partial last wave).
 # STAGES > 1: Triton software-pipelines the class loop, copying the next STAGES - 1 steps'
 # planes into shared memory (cp.async) while a step's arithmetic runs; 1: plain loads (the
 # same machine code as a plain range). At 3 and 4 stages the step took 88.4-89.7 us on the
 # H200 (2026-11-28).
-CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 1, "GATHER": True}
+CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 1, "GATHER": False}
 # The class-tile kernels (_ce_tile_forward_kernel, _ce_tile_backward_kernel) for
 # C <= MAX_C (0: never): tiles of at most BLOCK_C classes (fewer classes: the next power of
 # 2) by about ELEMS / BLOCK_C positions. Why: a tile issues all of its loads back to back,
@@ -533,11 +534,12 @@ CE_CONFIG = {"BLOCK": 1024, "num_warps": 8, "UNROLL": 4, "PER_SM": 0, "STAGES": 
 # 4 by 4096 positions with 8 warps and GATHER were the fastest forward (34.0 us) and backward
 # (44.8 us): a step of 82.1 us, where the plain loop at UNROLL 4 took 94.3 (forward 41.4).
 # So they are the default up to 32 classes; the GPU variant and special-value tests passed in
-# that run. GATHER: as CE_CONFIG's, for the tiles' forward.
+# that run. GATHER: as CE_CONFIG's, for the tiles' forward; without it the step took 80.5 us
+# against 82.7 (69.9% of the bound; 09:05 run).
 # BACKWARD False: the backward takes the plain kernel (at CE_CONFIG) while the forward
 # takes the tiles.
 CE_TILE_CONFIG = {"MAX_C": 32, "BLOCK_C": 4, "ELEMS": 4096, "num_warps": 8, "PER_SM": 0, "STAGES": 1,
-                  "BACKWARD": True, "GATHER": True}
+                  "BACKWARD": True, "GATHER": False}
 
 
 def _tile_config(c, backward=False):

@@ -317,17 +317,17 @@ def test_backward_ops_check_the_targets():
         ops.upsample_cross_entropy_backward(torch.ones(()), x, t, False, None, stats, wsum, -100, 0.0, 1)
 
 
-@pytest.fixture(params=["tiles", "plain", "no gather"])
+@pytest.fixture(params=["tiles", "plain", "gather"])
 def ce_kernels(request, monkeypatch):
     """The [N, C, S] kernels: the default class tiles (up to CE_TILE_CONFIG's MAX_C classes),
-    the plain class loop, or the tiles' forward taking the target's logit by a compare
-    (GATHER False; the plain loop's: the unrolled-loop test)."""
+    the plain class loop, or the tiles' forward loading the target's logit (GATHER True; the
+    plain loop's: the unrolled-loop test) instead of picking it by a compare."""
     from pyvision_ops.kernels import cross_entropy as K
 
     if request.param == "plain":
         monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 0)
-    elif request.param == "no gather":
-        monkeypatch.setitem(K.CE_TILE_CONFIG, "GATHER", False)
+    elif request.param == "gather":
+        monkeypatch.setitem(K.CE_TILE_CONFIG, "GATHER", True)
     return request.param
 
 
@@ -336,7 +336,7 @@ def ce_kernels(request, monkeypatch):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
 # [N, C] (S = 1): a program per row, whatever the [N, C, S] kernels
-@pytest.mark.parametrize("shape,ce_kernels", [((2, 7, 45), k) for k in ("tiles", "plain", "no gather")]
+@pytest.mark.parametrize("shape,ce_kernels", [((2, 7, 45), k) for k in ("tiles", "plain", "gather")]
                          + [((30, 7, 1), "tiles"), ((5, 1100, 1), "tiles")], ids=str, indirect=["ce_kernels"])
 def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shape, ce_kernels):
     from pyvision_ops.kernels import cross_entropy as K
@@ -751,14 +751,14 @@ def test_cuda_cross_entropy_matches_cpu(dtype, shape):
                                      ("CE_TILE_CONFIG", "MAX_C", None), ("CE_TILE_CONFIG", "BLOCK_C", 8),
                                      ("CE_CONFIG", "PER_SM", 1), ("CE_CONFIG", "STAGES", 3),
                                      ("CE_TILE_CONFIG", "STAGES", 3), ("CE_TILE_CONFIG", "BACKWARD", False),
-                                     ("CE_CONFIG", "GATHER", False), ("CE_TILE_CONFIG", "GATHER", False)], ids=str)
+                                     ("CE_CONFIG", "GATHER", True), ("CE_TILE_CONFIG", "GATHER", True)], ids=str)
 def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
     # the tuner's variants compute what the default does, on the GPU's own compile (the
     # class tile adds the exponentials in another order; None: the tile switched on if it is
     # off by default, else off; the CE_CONFIG variants with the tiles off; BLOCK_C 8: the tile
     # on, 19 classes in 3 tiles; PER_SM with 4 multiprocessors: 4 programs for 12 blocks;
     # STAGES 3: the class loop pipelined, of the plain kernels or of tiles of 4; BACKWARD
-    # False: tiles of 4 forward, a plain backward; GATHER False: the target's logit by a compare)
+    # False: tiles of 4 forward, a plain backward; GATHER True: the target's logit loaded)
     from pyvision_ops.kernels import cross_entropy as K
 
     config, key, value = variant

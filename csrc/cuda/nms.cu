@@ -390,12 +390,13 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
   // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" or "chunks" (soft_nms_kernel, a selection a
-  // block-wide step, with its two chunk placements), "lead" (multi with one warp's replay;
-  // not yet timed) or "rounds" (soft_rounds_kernel, where it applies); the same boxes,
-  // scores equal to rounding. The default, multi (soft_multi_kernel and
-  // soft_multi_global_kernel), was the fastest from N = 2000 on an H200
-  // (benchmarks/soft_nms_scaling.py, 2026-11-28, N = 5000: 3.11 ms, spread 3.36, chunks
-  // 3.98, rounds 21.0; N = 12000: 15.2 against spread's 21.4; N = 1000: 1.14 against 1.05).
+  // block-wide step, with its two chunk placements), "lead" (multi with one warp's replay,
+  // fp32: 2.28 ms against multi's 2.38 at N = 5000 on the H200, 2026-11-28 09:05; not yet
+  // racechecked) or "rounds" (soft_rounds_kernel, where it applies); the same boxes, scores
+  // equal to rounding. The default, multi (soft_multi_kernel and soft_multi_global_kernel),
+  // was the fastest from N = 2000 on an H200 (benchmarks/soft_nms_scaling.py, 2026-11-28,
+  // N = 5000: 3.11 ms, spread 3.36, chunks 3.98, rounds 21.0; N = 12000: 15.2 against
+  // spread's 21.4; N = 1000: 1.14 against 1.05).
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
   const std::string what =
