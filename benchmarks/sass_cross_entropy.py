@@ -20,7 +20,8 @@ import re
 from .sass import compile_sm90, compiler, instructions, loops
 
 FORWARD = dict(z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", part_ptr="*fp64", stats_ptr="*fp32",
-               C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
+               dz_ptr="*fp32", wsum_ptr="*fp32", C="i32", S="i32", P="i32", nb="i32", ignore_index="i64",
+               keep="fp64", spread="fp64")
 BACKWARD = dict(g_ptr="*fp32", wsum_ptr="*fp32", z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", stats_ptr="*fp32",
                 dz_ptr="*fp32", C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
 CLASSES = 19
@@ -36,14 +37,17 @@ def _load_bytes(op: str, text: str) -> int:
 
 
 def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
-    """Loads in flight, instructions per logit at 19 classes, bytes in flight an SM and resources."""
+    """Loads in flight, instructions per logit at 19 classes, bytes in flight an SM and resources.
+    kernel "fused": the forward that writes the gradient too (FUSED), whose two class loops
+    each count as one."""
     from pyvision_ops.kernels import cross_entropy as K
 
-    fwd = kernel == "forward"
+    fused = kernel == "fused"
+    fwd = kernel in ("forward", "fused")
     tile = "BLOCK_C" in cfg
-    fn = getattr(K, f"_ce{'_tile' if tile else ''}_{kernel}_kernel")
+    fn = getattr(K, f"_ce{'_tile' if tile else ''}_{'forward' if fwd else kernel}_kernel")
     opts = dict(HAS_W=False, SMOOTH=False, LOOP=False, **cfg)
-    opts.update(dict(STORE_LOSS=False) if fwd else dict(G_STEP=0, MEAN=True))
+    opts.update(dict(STORE_LOSS=False, FUSED=fused, MEAN=fused) if fwd else dict(G_STEP=0, MEAN=True))
     if not fwd:
         opts.pop("GATHER")  # the forward's alone
     sig = FORWARD if fwd else BACKWARD
@@ -54,18 +58,23 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     threads = 32 * num_warps
     # the class loops: those with loads; the plain kernels' second one takes the C % UNROLL
     # classes left over; a single tile has none (its whole code runs once)
-    body, *rest = sorted((b for b in loops(sass) if any("LDG" in t for t in b)),
-                         key=lambda b: -sum("LDG" in t for t in b)) or [code]
-    if tile:
+    class_loops = [b for b in loops(sass) if any("LDG" in t for t in b)]
+    body, *rest = sorted(class_loops, key=lambda b: -sum("LDG" in t for t in b)) or [code]
+
+    def classes(b):  # of an iteration of a plain loop (see below)
+        return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // max(1, cfg["BLOCK"] // threads)
+
+    if fused:  # the forward's loop (the first) for the loads in flight; each loop runs over all classes
+        body = class_loops[0]
+        issued = total + sum((-(-CLASSES // (cfg["BLOCK_C"] if tile else max(1, classes(b)))) - 1) * len(b)
+                             for b in class_loops)
+    elif tile:
         rows = cfg["BLOCK_C"]
         issued = total if cfg["ONE_TILE"] else total + (-(-CLASSES // rows) - 1) * len(body)
     else:
         # classes an iteration of a plain loop: its plane loads' floats over a thread's
         # positions (the compiler may unroll a loop further than UNROLL and add its own
         # leftover loop; the kernels' own last step masks the classes past C)
-        def classes(b):
-            return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // max(1, cfg["BLOCK"] // threads)
-
         issued, left = total, CLASSES
         for b in sorted([body, *rest], key=classes, reverse=True):
             k = classes(b)
@@ -122,12 +131,12 @@ def main(argv=None):
     print(compiler())
     print("cells: bytes in flight a thread / instructions a logit / KB in flight an SM / registers, spills, "
           "shared memory")
-    print("| config | forward | backward |\n|---|---|---|")
+    print("| config | forward | backward | forward writing the gradient (fused) |\n|---|---|---|---|")
     for label, cfg, warps in configs():
         if args.only and not re.search(args.only, label):
             continue
         cells = []
-        for kernel in ("forward", "backward"):
+        for kernel in ("forward", "backward", "fused"):
             a = analyse(kernel, cfg, warps)
             cells.append(f"{a['in_flight']} / {a['per_logit']:.1f} / {a['kb']:.0f} / {a['res']}")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)

@@ -89,6 +89,16 @@ TORCH_LIBRARY(pyvision_ops, m) {
   m.def(
       "softmax_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "Tensor wsum, int ignore_index, float label_smoothing, int reduction) -> Tensor");
+  // The forward and, in the same pass over the logits, the gradient for a loss gradient of 1
+  // (reduction 1 or 2 only): (loss, wsum, stats, grad), grad as the backward's for grad = 1.
+  // The autograd front takes it when the logits need a gradient; the backward then only scales
+  // grad in place by the incoming loss gradient (scale_grad_).
+  m.def(
+      "softmax_cross_entropy_with_grad(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  // grad *= scale (0-d, fp32 or fp64), in place; where scale is 1 it reads and writes nothing
+  // (on CUDA each program tests it on the device: no sync, no pass over grad).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   // Cross-entropy of bilinearly upsampled [N, C, h, w] logits against [N, H, W] targets, one output
   // row at a time: the [N, C, H, W] logits never exist. Outputs as softmax_cross_entropy, with
   // [N, H, W] for [N, S].
@@ -107,7 +117,7 @@ TORCH_LIBRARY(pyvision_ops, m) {
 TORCH_LIBRARY_IMPL(pyvision_ops, Autograd, m) {
   for (const char* op : {"matched_box_iou_backward", "roi_align_backward", "multi_scale_roi_align_backward",
                          "sigmoid_focal_loss_backward", "dice_stats_backward", "softmax_cross_entropy_backward",
-                         "upsample_cross_entropy_backward"}) {
+                         "upsample_cross_entropy_backward", "scale_grad_"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -161,7 +161,8 @@ def _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, wsum):
 def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, part, nparts, stats_ptr, P,
                offs, mask, HAS_W: tl.constexpr, STORE_LOSS: tl.constexpr):
     """Stores the positions' stats m and l (planes P apart), their loss when STORE_LOSS, and the
-    program's fp64 sums of loss and target weight (partial sums `part` of two rows of nparts)."""
+    program's fp64 sums of loss and target weight (partial sums `part` of two rows of nparts).
+    Returns l and the target weights (for a gradient in the same pass)."""
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     ls = tl.log(lse_sum(mx, s))  # all logits -inf, or one +inf: NaN, as on the CPU
     loss = _ce_loss(mx, ls, zy, wd, wy, valid, keep, spread, _weight_sum(w_ptr, C, HAS_W))
@@ -171,6 +172,7 @@ def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_p
     tl.store(part_ptr + nparts + part, tl.sum(wy.to(tl.float64), 0))
     tl.store(stats_ptr + offs, mx, mask=mask)
     tl.store(stats_ptr + P + offs, ls, mask=mask)
+    return ls, wy
 
 
 @triton.jit
@@ -229,10 +231,14 @@ def _blocks(P, S, nb, LOOP: tl.constexpr):
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
-                       keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_ptr, wsum_ptr, C, S, P, nb,
+                       ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                        STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                       STAGES: tl.constexpr, GATHER: tl.constexpr, LOOP: tl.constexpr):
+                       STAGES: tl.constexpr, GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr,
+                       MEAN: tl.constexpr):
+    """The forward: stats, loss and partial sums of each block of positions. FUSED: then the
+    gradient of the block for a loss gradient of 1 (dz_ptr; wsum_ptr: the target weights' sum,
+    known before this kernel), its logits read again while they are likely still in L2."""
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
     start, stop, step = _blocks(P, S, nb, LOOP)
@@ -259,8 +265,12 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S,
                 mx, s, wd, wseen = _ce_update(z, tl.where(live, c0 + u, 0), live, mx, s, wd, wseen, w_ptr, HAS_W,
                                               SMOOTH)
                 plane += S
-        _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
-                   stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+        ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
+                            stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+        if FUSED:
+            coef_a, coef_b, gs = _unit_grad_coefs(wsum_ptr, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
+            _grad_planes(base, dz_ptr + zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, UNROLL,
+                         STAGES)
 
 
 @triton.jit
@@ -282,15 +292,15 @@ def _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMO
 
 
 @triton.jit
-def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, C, S, P, nb, ignore_index,
-                            keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                            STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
-                            ONE_TILE: tl.constexpr, STAGES: tl.constexpr, GATHER: tl.constexpr,
-                            LOOP: tl.constexpr):
+def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_ptr, wsum_ptr, C, S, P, nb,
+                            ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr,
+                            SMOOTH: tl.constexpr, STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK: tl.constexpr, ONE_TILE: tl.constexpr, STAGES: tl.constexpr,
+                            GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr, MEAN: tl.constexpr):
     """_ce_forward_kernel with the class planes of BLOCK positions loaded BLOCK_C at a time
     as one tile (all of its loads in flight at once, not one plane per step), each tile
     reduced over its classes and merged (_ce_tile_update). ONE_TILE: C <= BLOCK_C, a loop of
-    one iteration, which the compiler removes."""
+    one iteration, which the compiler removes. FUSED: as _ce_forward_kernel's."""
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     start, stop, step = _blocks(P, S, nb, LOOP)
@@ -311,8 +321,12 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
             if not GATHER:  # z itself in the target's tile, 0 in the others
                 zy += tl.sum(tl.where(cs == yc[None, :], z, 0.0), 0)
             mx, s, wd, wseen = _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W, SMOOTH)
-        _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
-                   stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+        ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
+                            stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
+        if FUSED:
+            coef_a, coef_b, gs = _unit_grad_coefs(wsum_ptr, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
+            _grad_tiles(z_ptr, dz_ptr, zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, BLOCK_C,
+                        ONE_TILE, STAGES)
 
 
 @triton.jit
@@ -373,16 +387,23 @@ def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr,
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
                                                                   stats_ptr, C, S, P, nb, ignore_index, keep, spread,
                                                                   HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
-        zp = z_ptr + base
-        dp = dz_ptr + base
-        for c0 in tl.range(0, C, UNROLL, num_stages=STAGES):  # classes past C: masked, as in the forward
-            for u in tl.static_range(UNROLL):
-                live = c0 + u < C
-                dz = _ce_grad(tl.load(zp, mask=mj & live, other=0.0).to(mx.dtype), tl.where(live, c0 + u, 0), y, mx,
-                              ls, coef_a, coef_b, gs, w_ptr, HAS_W, SMOOTH)
-                tl.store(dp, dz.to(dz_ptr.dtype.element_ty), mask=mj & live)
-                zp += S
-                dp += S
+        _grad_planes(z_ptr + base, dz_ptr + base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH,
+                     UNROLL, STAGES)
+
+
+@triton.jit
+def _grad_planes(zp, dp, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                 UNROLL: tl.constexpr, STAGES: tl.constexpr):
+    """The gradient of a block of positions (its class plane 0 at zp in the logits, dp in the
+    gradient), UNROLL class planes a step; classes past C are masked, as in the forward."""
+    for c0 in tl.range(0, C, UNROLL, num_stages=STAGES):
+        for u in tl.static_range(UNROLL):
+            live = c0 + u < C
+            dz = _ce_grad(tl.load(zp, mask=mj & live, other=0.0).to(mx.dtype), tl.where(live, c0 + u, 0), y, mx,
+                          ls, coef_a, coef_b, gs, w_ptr, HAS_W, SMOOTH)
+            tl.store(dp, dz.to(dp.dtype.element_ty), mask=mj & live)
+            zp += S
+            dp += S
 
 
 @triton.jit
@@ -392,22 +413,66 @@ def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
                              ONE_TILE: tl.constexpr, STAGES: tl.constexpr, LOOP: tl.constexpr):
     """_ce_backward_kernel with the block's class planes BLOCK_C at a time as one tile."""
     start, stop, step = _blocks(P, S, nb, LOOP)
-    rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
                                                                   stats_ptr, C, S, P, nb, ignore_index, keep, spread,
                                                                   HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
-        for c0 in tl.range(0, BLOCK_C if ONE_TILE else C, BLOCK_C, num_stages=STAGES):
-            cs = c0 + rows
-            cm = cs < C
-            m = cm & mj[None, :]
-            at = base[None, :] + cs.to(tl.int64) * S
-            z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
-            dz = (coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :])
-                  - tl.where(cs == y[None, :], coef_b[None, :], 0.0))
-            if SMOOTH:
-                dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
-            tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        _grad_tiles(z_ptr, dz_ptr, base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, BLOCK_C,
+                    ONE_TILE, STAGES)
+
+
+@triton.jit
+def _grad_tiles(z_ptr, dz_ptr, base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W: tl.constexpr,
+                SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr, STAGES: tl.constexpr):
+    """_grad_planes with the class planes BLOCK_C at a time as one tile (base: the block's
+    offsets in class plane 0)."""
+    rows = tl.arange(0, BLOCK_C)[:, None]
+    for c0 in tl.range(0, BLOCK_C if ONE_TILE else C, BLOCK_C, num_stages=STAGES):
+        cs = c0 + rows
+        cm = cs < C
+        m = cm & mj[None, :]
+        at = base[None, :] + cs.to(tl.int64) * S
+        z = tl.load(z_ptr + at, mask=m, other=0.0).to(mx.dtype)
+        dz = (coef_a[None, :] * tl.exp((z - mx[None, :]) - ls[None, :])
+              - tl.where(cs == y[None, :], coef_b[None, :], 0.0))
+        if SMOOTH:
+            dz -= gs[None, :] * _row_weights(w_ptr, cs, cm, HAS_W)
+        tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _unit_grad_coefs(wsum_ptr, valid, wy, w_ptr, C, keep, spread, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                     MEAN: tl.constexpr):
+    """_grad_coefs for a loss gradient of 1 (what _backward_block computes from a gradient
+    of 1.0 in memory: 1 / wsum under the mean)."""
+    g = tl.full(wy.shape, 1.0, wy.dtype)
+    if MEAN:
+        g = g / tl.load(wsum_ptr)
+    return _grad_coefs(tl.where(valid, g, 0.0), wy, _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread,
+                       SMOOTH)
+
+
+@triton.jit
+def _ce_wsum_kernel(y_ptr, w_ptr, part_ptr, C, S, nb, ignore_index, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward's partial sums of the target weights alone, over the same blocks (and 0 for
+    the loss's): the mean's divisor, for a kernel that writes the gradient with the loss."""
+    pid = tl.program_id(0)
+    _, _, _, y, valid = position_block(y_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+    wy = _target_weight(w_ptr, y, valid, C, HAS_W)
+    tl.store(part_ptr + pid, 0.0)
+    tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(wy.to(tl.float64), 0))
+
+
+@triton.jit
+def _scale_grad_kernel(x_ptr, g_ptr, numel, BLOCK: tl.constexpr):
+    """x *= g in place, blocks a grid apart; where g is 1 a program reads g alone."""
+    g = tl.load(g_ptr)
+    if g != 1.0:
+        for b in range(tl.program_id(0), tl.cdiv(numel, BLOCK), tl.num_programs(0)):
+            o = tl.cast(b, tl.int64) * BLOCK + tl.arange(0, BLOCK)  # the interpreter: b is an int
+            m = o < numel
+            x = tl.load(x_ptr + o, mask=m)
+            tl.store(x_ptr + o, (x.to(g.dtype) * g).to(x_ptr.dtype.element_ty), mask=m)
 
 
 # [N, C] logits (S = 1): a block of positions would hold one. One program per row instead,
@@ -503,6 +568,7 @@ def _rows_config(op, c):
 
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
+_SCALE_BLOCK = 4096  # elements per step of a scale_grad_ program
 # Positions per program, warps and class planes per loop step of the plain kernels
 # (benchmarks/tune_cross_entropy.py). On an H200 (2026-11-27 16:35) 1024 positions, 8 warps
 # and two planes a step took 84.5 us for the benchmark's step, 512/4/1 88.3. The class loops
@@ -630,10 +696,49 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     if n * nb:
         z = logits.contiguous()
         kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
-        kernel[grid](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, c, s, n * s, nb,
-                     ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
-                     SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, **cfg)
+        kernel[grid](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, stats, stats, c, s, n * s,
+                     nb, ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
+                     SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, FUSED=False, MEAN=False, **cfg)
     return (*_reduce(loss_map, parts, reduction), stats)
+
+
+def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_smoothing, reduction):
+    op = "softmax_cross_entropy_with_grad"
+    require(reduction in (1, 2), op, f"reduction must be 1 (mean) or 2 (sum), got {reduction}")
+    _check(op, logits, target, weight, 1, reduction, label_smoothing)
+    n, c, s = logits.shape
+    cfg, nb, grid = _launch(c, s, n, logits.device)
+    if s == 1 or c == 0 or n * nb == 0:  # the row kernels, or nothing to read: the two ops
+        loss, wsum, stats = softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)
+        return loss, wsum, stats, softmax_cross_entropy_backward(
+            loss.new_ones(()), logits, target, weight, stats, wsum, ignore_index, label_smoothing, reduction)
+    z, y = logits.contiguous(), target.contiguous()
+    w = _weight(weight, z)
+    loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
+    # The mean's divisor first (targets only: an eighth of the logits' bytes at fp32 and 19
+    # classes): the gradient is written in the loss's pass.
+    wsum = stats.new_empty(())
+    _ce_wsum_kernel[(n * nb,)](y, w, parts, c, s, nb, ignore_index, HAS_W=weight is not None, BLOCK=cfg["BLOCK"],
+                               num_warps=cfg["num_warps"])
+    _ce_reduce_kernel[(1,)](parts, n * nb, wsum, wsum, REDUCTION=0, BLOCK=1024)
+    dz = torch.empty_like(z)
+    kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
+    kernel[grid](z, y, w, loss_map, parts, stats, dz, wsum, c, s, n * s, nb, ignore_index,
+                 *_split(label_smoothing, c), HAS_W=weight is not None, SMOOTH=label_smoothing != 0, STORE_LOSS=False,
+                 FUSED=True, MEAN=reduction == 1, **cfg)
+    return (*_reduce(loss_map, parts, reduction), stats, dz)
+
+
+def scale_grad_(grad, scale):
+    require(grad.is_floating_point() and scale.is_floating_point() and scale.dim() == 0, "scale_grad_",
+            "grad must be floating point and scale a 0-d floating-point tensor")
+    if not grad.is_contiguous():  # not the kernels' own gradients: torch's kernel
+        grad.mul_(scale)
+        return
+    blocks = cdiv(grad.numel(), _SCALE_BLOCK)
+    if blocks:
+        _scale_grad_kernel[(min(blocks, 8 * _multiprocessors(grad.device)),)](grad, scale, grad.numel(),
+                                                                             BLOCK=_SCALE_BLOCK, num_warps=8)
 
 
 def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):

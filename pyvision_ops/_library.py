@@ -401,6 +401,47 @@ def _register_ce_autograd(op: str) -> None:
 _register_ce_autograd("softmax_cross_entropy")
 
 
+@torch.library.register_fake("pyvision_ops::softmax_cross_entropy_with_grad")
+def _(logits, target, weight, ignore_index, label_smoothing, reduction):
+    return (*_ce_outputs(logits, (logits.shape[0], logits.shape[2]), reduction), _like(logits))
+
+
+@torch.library.register_fake("pyvision_ops::scale_grad_")
+def _(grad, scale):
+    return None
+
+
+def _ce_with_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], output[2], output[1])
+    ctx.args = inputs[3:]
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)
+    # Not a saved tensor: the backward scales it in place and hands it on (an in-place change
+    # would fail the saved tensors' version check of a second backward), and once it is
+    # dropped here the gradient's accumulation can take it without a copy.
+    ctx.dz = output[3]
+
+
+def _ce_with_grad_backward(ctx, grad_loss, grad_wsum, grad_stats, grad_grad):
+    dz, ctx.dz = ctx.dz, None
+    if grad_loss is None:
+        return (None,) * 6
+    # The forward's gradient, scaled by grad_loss in place: once, in eager mode, and not
+    # while a graph of the backward is built (create_graph: the backward op is the one that
+    # refuses a second derivative). Otherwise (retain_graph's later calls, tracing, where the
+    # tensors are functional or fake) the backward op recomputes it.
+    if dz is not None and type(dz) is torch.Tensor and not torch.is_grad_enabled():
+        ops.scale_grad_(dz, grad_loss)
+    else:
+        logits, target, weight, stats, wsum = ctx.saved_tensors
+        dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, wsum, *ctx.args)
+    return (dz,) + (None,) * 5
+
+
+register_autograd("pyvision_ops::softmax_cross_entropy_with_grad", _ce_with_grad_backward,
+                  setup_context=_ce_with_grad_setup)
+
+
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy")
 def _(logits, target, align_corners, weight, ignore_index, label_smoothing, reduction):
     return _ce_outputs(logits, target.shape, reduction)
@@ -506,5 +547,7 @@ _register_triton("upsample_bilinear", "interpolate")
 _register_triton("upsample_bilinear_backward", "interpolate")
 _register_triton("softmax_cross_entropy", "cross_entropy")
 _register_triton("softmax_cross_entropy_backward", "cross_entropy")
+_register_triton("softmax_cross_entropy_with_grad", "cross_entropy")
+_register_triton("scale_grad_", "cross_entropy")
 _register_triton("upsample_cross_entropy", "cross_entropy")
 _register_triton("upsample_cross_entropy_backward", "cross_entropy")

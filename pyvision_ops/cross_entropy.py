@@ -18,6 +18,13 @@ Only the logits are differentiable (a ``weight`` that requires grad is an error,
 torch), and only once (double backward raises). A term whose factor is 0 is left out: with
 ``label_smoothing=1.0`` a -inf target logit gives an infinite loss where torch's
 0 * inf gives NaN (the gradients agree).
+
+Training step on CUDA: where the logits require grad and the reduction is mean or sum, the
+forward also writes the gradient for a loss gradient of 1, in the same pass over the logits
+(they are read once a step, not twice), and the backward only scales it in place by the
+incoming loss gradient, reading nothing when that is 1 (``loss.backward()``). The gradient's
+memory is then taken at the forward instead of at the backward. ``FUSED_GRAD_DEVICES`` lists
+the device types that do this; torch.compile takes the two passes.
 """
 
 import math
@@ -49,6 +56,16 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
     return eps, _utils.check_int64("ignore_index", ignore_index)
 
 
+# Device types whose training step writes the gradient in the forward (module docstring). On
+# the CPU that op is the forward and backward passes anyway.
+FUSED_GRAD_DEVICES = ("cuda",)
+
+
+def _with_grad(logits, reduction):
+    return (reduction != "none" and logits.device.type in FUSED_GRAD_DEVICES and logits.requires_grad
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
 # The ops take the reduction as torch numbers it; the kernels reduce (no separate sum kernels).
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
@@ -78,8 +95,9 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
     s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
-    loss, _, _ = ops.softmax_cross_entropy(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight,
-                                           ignore_index, eps, _REDUCTION[reduction])
+    op = ops.softmax_cross_entropy_with_grad if _with_grad(logits, reduction) else ops.softmax_cross_entropy
+    loss = op(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight, ignore_index, eps,
+              _REDUCTION[reduction])[0]
     return loss.view(out_shape) if reduction == "none" else loss
 
 

@@ -782,8 +782,43 @@ def test_cuda_cross_entropy_variants_match_the_default(variant, monkeypatch):
                     mp.setitem(K.CE_TILE_CONFIG, "BLOCK_C", value if key == "BLOCK_C" else 4)
                 got = ops.softmax_cross_entropy(z, t, wt, 255, ls, reduction)
                 got_dz = ops.softmax_cross_entropy_backward(g, z, t, wt, got[2], got[1], 255, ls, reduction)
+                # and the forward that writes the gradient too (for a loss gradient of 1)
+                fused = ops.softmax_cross_entropy_with_grad(z, t, wt, 255, ls, 1) if reduction else None
             for a, b in zip((*got, got_dz), (*want, want_dz)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            for a, b in zip(fused or (), (*want, want_dz)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_training_step_gradient_in_the_forward(dtype, monkeypatch):
+    # the training step with the gradient written in the forward (CUDA's default) against the
+    # two ops, scaled by 0.5 and then again by 1 on the retained graph
+    from pyvision_ops import cross_entropy as CE
+
+    x, y, w = batch((2, 19, 64, 96), dtype=dtype, ignore=255)
+    xg, yg, wg = x.cuda(), y.cuda(), w.float().cuda()
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    for kw in (dict(ignore_index=255), dict(ignore_index=255, weight=wg, label_smoothing=0.1, reduction="sum")):
+        steps = []
+        for devices in (("cuda",), ()):
+            monkeypatch.setattr(CE, "FUSED_GRAD_DEVICES", devices)
+            xr = xg.clone().requires_grad_()
+            loss = P.softmax_cross_entropy(xr, yg, **kw)
+            assert ("with_grad" in type(loss.grad_fn).__name__) == bool(devices)
+            (loss * 0.5).backward(retain_graph=True)
+            first = xr.grad.clone()
+            loss.backward()
+            steps.append((loss, first, xr.grad))
+        for a, b in zip(*steps):
+            torch.testing.assert_close(a, b, **tol)
+    h = torch.randn(3, 10000, device="cuda").to(dtype)
+    k = h.clone()
+    ops.scale_grad_(k, torch.ones((), device="cuda"))
+    assert torch.equal(k, h)
+    ops.scale_grad_(k, torch.tensor(3.0, device="cuda"))
+    assert torch.equal(k, (h.float() * 3).to(dtype))
 
 
 @pytest.mark.gpu
@@ -1031,3 +1066,152 @@ def test_compile_with_channels_last_logits(fused):
     else:
         y = torch.randint(0, 5, (2, 6, 7), generator=g)
         check_compiled_channels_last(lambda a: P.softmax_cross_entropy(a, y), z)
+
+
+# ---------------------------------------------- the training step's gradient written in the forward
+
+def _unit_step(x, y, w, ls, reduction, forward, backward):
+    """(loss, wsum, stats, gradient for a loss gradient of 1) from the two ops."""
+    fwd = forward(x, y, w, -100, ls, reduction)
+    return (*fwd, backward(torch.ones((), dtype=fwd[0].dtype), x, y, w, fwd[2], fwd[1], -100, ls, reduction))
+
+
+def test_with_grad_op_is_the_forward_and_a_unit_backward():
+    x, y, w = batch((2, 5, 24))
+    for wt, ls in ((None, 0.0), (w, 0.2)):
+        for reduction in (1, 2):
+            got = ops.softmax_cross_entropy_with_grad(x, y, wt, -100, ls, reduction)
+            want = _unit_step(x, y, wt, ls, reduction, ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            opcheck(ops.softmax_cross_entropy_with_grad, (x.clone().requires_grad_(), y, wt, -100, ls, reduction))
+    with pytest.raises(RuntimeError, match="reduction must be 1"):
+        ops.softmax_cross_entropy_with_grad(x, y, None, -100, 0.0, 0)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    for scale in (1.0, 2.5, 0.0, float("nan")):
+        h = g.clone()
+        ops.scale_grad_(h, torch.tensor(scale, dtype=torch.float64))
+        torch.testing.assert_close(h, g * scale, rtol=0, atol=0, equal_nan=True)
+    opcheck(ops.scale_grad_, (g.clone(), torch.tensor(2.0, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match="0-d"):
+        ops.scale_grad_(g, torch.ones(1))
+
+
+@pytest.fixture
+def grad_in_forward(monkeypatch):
+    """CUDA's training step (softmax_cross_entropy_with_grad, then scale_grad_ in place) on
+    the CPU too, whose op gives the same gradient in two passes."""
+    from pyvision_ops import cross_entropy as CE
+
+    monkeypatch.setattr(CE, "FUSED_GRAD_DEVICES", ("cpu", "cuda"))
+    return CE
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight="w", label_smoothing=0.2, reduction="sum")], ids=str)
+def test_training_step_takes_the_forwards_gradient(grad_in_forward, kw):
+    x, y, w = batch((2, 5, 4, 6))
+    kw = {k: w if v == "w" else v for k, v in kw.items()}
+    xr = x.clone().requires_grad_()
+    loss = P.softmax_cross_entropy(xr, y, **kw)
+    assert type(loss.grad_fn).__name__ == "pyvision_ops_softmax_cross_entropy_with_gradBackward"
+    dz = loss.grad_fn.dz.data_ptr()
+    loss.backward()
+    # the leaf's gradient is the forward's own buffer (no copy), which the node no longer holds
+    assert xr.grad.data_ptr() == dz and loss.grad_fn.dz is None
+    grad_in_forward.FUSED_GRAD_DEVICES = ()
+    xp = x.clone().requires_grad_()
+    plain = P.softmax_cross_entropy(xp, y, **kw)
+    assert type(plain.grad_fn).__name__ == "pyvision_ops_softmax_cross_entropyBackward"
+    plain.backward()
+    assert torch.equal(loss, plain) and torch.equal(xr.grad, xp.grad)  # the CPU op: the same two passes
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, y, **kw).backward()
+    torch.testing.assert_close(xr.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_training_step_scaled_retained_upstream_and_second_derivative(grad_in_forward):
+    x, y, w = batch((2, 5, 24))
+    xr = x.clone().requires_grad_()
+    (unit,) = torch.autograd.grad(P.softmax_cross_entropy(xr, y, weight=w), [xr])
+    loss = P.softmax_cross_entropy(xr, y, weight=w)
+    (2.5 * loss).backward(retain_graph=True)  # the forward's gradient, scaled in place
+    assert torch.equal(xr.grad, unit * 2.5)
+    loss.backward()  # the same graph again: the backward op recomputes the gradient
+    assert torch.equal(xr.grad, unit * 2.5 + unit)
+    # logits computed from a leaf: the gradient flows on through their op
+    (up,) = torch.autograd.grad(P.softmax_cross_entropy(xr * 3.0, y, weight=w), [xr])
+    xs = (x * 3.0).requires_grad_()
+    (g3,) = torch.autograd.grad(P.softmax_cross_entropy(xs, y, weight=w), [xs])
+    assert torch.equal(up, g3 * 3.0)
+    # a graph of the backward (create_graph): the backward op, which refuses a second derivative
+    (g,) = torch.autograd.grad(P.softmax_cross_entropy(xr, y, reduction="sum"), [xr], create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
+        torch.autograd.grad(g.square().sum(), [xr])
+
+
+def test_training_step_elsewhere_takes_the_two_ops(grad_in_forward):
+    # reduction none (a map of loss gradients), no gradient wanted, or under torch.compile
+    x, y, w = batch((2, 5, 24))
+    xr = x.clone().requires_grad_()
+    plain = "pyvision_ops_softmax_cross_entropyBackward"
+    assert type(P.softmax_cross_entropy(xr, y, reduction="none").grad_fn.next_functions[0][0]).__name__ == plain
+    with torch.no_grad():
+        assert P.softmax_cross_entropy(xr, y).grad_fn is None
+    assert P.softmax_cross_entropy(x, y).grad_fn is None
+    eager = torch.autograd.grad(P.softmax_cross_entropy(xr, y, weight=w), [xr])[0]
+    f = torch.compile(lambda t: P.softmax_cross_entropy(t, y, weight=w), fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(f(xr), [xr])[0], eager, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_triton_with_grad_interpreter(dtype, ce_kernels):
+    # the gradient written in the forward's pass is bit for bit the backward's for a loss
+    # gradient of 1, and the other outputs the forward's; then scaled in place
+    from pyvision_ops.kernels import cross_entropy as K
+
+    x, y, w = batch((2, 7, 45), dtype=dtype)
+    for wt, ls in ((None, 0.0), (w.to(dtype), 0.3)):
+        for reduction in (1, 2):
+            got = K.softmax_cross_entropy_with_grad(x, y, wt, -100, ls, reduction)
+            want = _unit_step(x, y, wt, ls, reduction, K.softmax_cross_entropy, K.softmax_cross_entropy_backward)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            torch.testing.assert_close(got[3], ops.softmax_cross_entropy_with_grad(x, y, wt, -100, ls, reduction)[3],
+                                       **(dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else {}))
+    dz, acc = got[3], got[0].dtype
+    for scale in (1.0, 0.75, float("nan")):
+        h = dz.clone()
+        K.scale_grad_(h, torch.tensor(scale, dtype=acc))
+        torch.testing.assert_close(h, (dz.to(acc) * scale).to(dtype), rtol=0, atol=0, equal_nan=True)
+        assert scale != 1.0 or torch.equal(h, dz)
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max of a tile column holding only NaN
+def test_triton_with_grad_interpreter_special_values_and_loops(monkeypatch, ce_kernels):
+    # -inf, +inf and NaN logits, targets outside the classes (NaN), every target ignored (the
+    # mean NaN, the gradient 0), one position, and programs looping over blocks (PER_SM)
+    from pyvision_ops.kernels import cross_entropy as K
+
+    cases = list(_special_tile_cases())
+    x, y, w = batch((3, 5, 45))
+    cases += [(x, torch.full_like(y, -100)), (x[:1, :, :2], y[:1, :2])]
+    for xc, yc in cases:
+        for wt, ls in ((None, 0.0), (torch.linspace(0.5, 3, xc.shape[1], dtype=torch.float64), 0.2)):
+            for reduction in (1, 2):
+                got = K.softmax_cross_entropy_with_grad(xc, yc, wt, -100, ls, reduction)
+                want = _unit_step(xc, yc, wt, ls, reduction, K.softmax_cross_entropy,
+                                  K.softmax_cross_entropy_backward)
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    got = K.softmax_cross_entropy_with_grad(x, torch.full_like(y, -100), None, -100, 0.0, 1)
+    assert torch.isnan(got[0]) and got[1] == 0 and not got[3].any()
+    monkeypatch.setitem(K.CE_CONFIG, "BLOCK", 16)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 64)
+    monkeypatch.setitem(K.CE_CONFIG, "PER_SM", 1)
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "PER_SM", 1)
+    assert K._launch(5, 45, 3, x.device)[0]["LOOP"]
+    for a, b in zip(K.softmax_cross_entropy_with_grad(x, y, w, -100, 0.3, 1),
+                    _unit_step(x, y, w, 0.3, 1, K.softmax_cross_entropy, K.softmax_cross_entropy_backward)):
+        assert torch.equal(a, b)

@@ -80,6 +80,9 @@ def _launchers():
                 cross_entropy.upsample_cross_entropy_backward(torch.ones(shape[:1] + (13, 20) if shape else (),
                                                                          dtype=acc), x, big, False, weight, stats,
                                                               wsum, 255, 0.1, reduction)
+            for reduction in (1, 2):  # the gradient in the forward's pass
+                cross_entropy.softmax_cross_entropy_with_grad(z, t, weight, 255, 0.1, reduction)
+        cross_entropy.scale_grad_(x, torch.ones((), dtype=acc))
     for kind, cfg in ((3, box_iou.PAIRWISE_CONFIG), (0, box_iou.PAIRWISE_IOU_CONFIG)):
         # the tuners' variants
         for key, value in (("STREAM", True), ("M_TILES", 1), ("M_TILES", 4), ("FAST_DIV", True)):
@@ -96,6 +99,7 @@ def _launchers():
         for zz in (z, z.double(), z.half()) if stages > 1 else (z,):
             _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, t, None, 255, 0.0, 1)
             cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, t, None, stats, wsum, 255, 0.0, 1)
+            cross_entropy.softmax_cross_entropy_with_grad(zz, t, None, 255, 0.0, 1)
     cross_entropy.CE_CONFIG.update(saved[0])
     cross_entropy.CE_TILE_CONFIG.update(saved[1])
     saved = dict(cross_entropy.CE_TILE_CONFIG)
@@ -121,6 +125,7 @@ def _launchers():
         assert cross_entropy._launch(7, 90, 2, zz.device)[0]["LOOP"]
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
+        cross_entropy.softmax_cross_entropy_with_grad(zz, tt, None, 255, 0.0, 1)
     cross_entropy.CE_CONFIG.update(saved[0])
     cross_entropy.CE_TILE_CONFIG.update(saved[1])
     for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1

@@ -483,11 +483,34 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad, const at:
   return dz;
 }
 
+// The forward, then the backward for a loss gradient of 1. On the CPU the two passes stay
+// two (the autograd front takes this op on CUDA only, where one pass saves a read).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_with_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction) {
+  TORCH_CHECK(reduction == kMean || reduction == kSum,
+              "softmax_cross_entropy_with_grad: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  auto [loss, wsum, stats] =
+      softmax_cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction);
+  auto dz = softmax_cross_entropy_backward_cpu(at::scalar_tensor(1.0, loss.options()), logits, target, weight, stats,
+                                               wsum, ignore_index, label_smoothing, reduction);
+  return std::make_tuple(loss, wsum, stats, dz);
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.is_floating_point() && scale.is_floating_point() && scale.dim() == 0,
+              "scale_grad_: grad must be floating point and scale a 0-d floating-point tensor");
+  TORCH_CHECK(scale.device() == grad.device(), "scale_grad_: grad and scale must be on one device");
+  if (scale.item<double>() != 1.0) grad.mul_(scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyvision_ops, CPU, m) {
   m.impl("softmax_cross_entropy", &softmax_cross_entropy_cpu);
   m.impl("softmax_cross_entropy_backward", &softmax_cross_entropy_backward_cpu);
+  m.impl("softmax_cross_entropy_with_grad", &softmax_cross_entropy_with_grad_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("upsample_cross_entropy", &upsample_cross_entropy_cpu);
   m.impl("upsample_cross_entropy_backward", &upsample_cross_entropy_backward_cpu);
 }
