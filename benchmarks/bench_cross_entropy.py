@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pyvision_ops as P
+from pyvision_ops import cross_entropy as CE
 
 from .common import Workload, fwd_bwd
 
@@ -20,6 +21,21 @@ def _ce(device):
     y = y.to(device)
     return (fwd_bwd(x, lambda t: F.cross_entropy(t, y, ignore_index=255)),
             fwd_bwd(x, lambda t: P.softmax_cross_entropy(t, y, ignore_index=255)))
+
+
+def _ce_two_passes(device):
+    # the forward op, then the backward op (CUDA's step without the gradient written in the
+    # forward, as under torch.compile)
+    anchor, ours = _ce(device)
+
+    def run():
+        saved, CE.FUSED_GRAD_DEVICES = CE.FUSED_GRAD_DEVICES, ()
+        try:
+            return ours()
+        finally:
+            CE.FUSED_GRAD_DEVICES = saved
+
+    return anchor, run
 
 
 def _ce_rows(device):
@@ -55,6 +71,8 @@ WORKLOADS = [
     # The same step replayed from a CUDA graph: kernel time without Python launch overhead.
     Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024) (graph)", "F.cross_entropy", _ce,
              devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
+    Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024), two passes (graph)", "F.cross_entropy",
+             _ce_two_passes, devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
     Workload("cross_entropy", "cross_entropy fwd+bwd [4096, 1000], label smoothing 0.1", "F.cross_entropy",
              _ce_rows),
     # No bandwidth figure: its 16 MB of logits stay in L2 across the graph's back-to-back replays.
