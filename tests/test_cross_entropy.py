@@ -1185,6 +1185,10 @@ def test_triton_with_grad_interpreter(dtype, ce_kernels):
         K.scale_grad_(h, torch.tensor(scale, dtype=acc))
         torch.testing.assert_close(h, (dz.to(acc) * scale).to(dtype), rtol=0, atol=0, equal_nan=True)
         assert scale != 1.0 or torch.equal(h, dz)
+    nc, empty = dz.clone().transpose(1, 2), dz[:0].clone()  # not the kernels' layout (torch's mul_), nothing
+    K.scale_grad_(nc, torch.tensor(2.0, dtype=acc))
+    K.scale_grad_(empty, torch.tensor(2.0, dtype=acc))
+    assert torch.equal(nc, (dz.transpose(1, 2).to(acc) * 2).to(dtype)) and empty.shape == (0, 7, 45)
 
 
 @pytest.mark.interpreter
