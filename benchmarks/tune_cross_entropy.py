@@ -62,6 +62,17 @@ TILE_CONFIGS = [{"MAX_C": 32, "BLOCK_C": c, "ELEMS": e, "num_warps": w, "PER_SM"
                                    (32, 8192, 8, 1)]]
 TILE_COMPARE = [{**t, "GATHER": False} for t in TILE_CONFIGS[:3:2]]  # tiles of 4: 4096/8 and 2048/4
 TILE_CONFIGS += TILE_COMPARE
+# Fewer blocks in flight for the forward that writes the gradient too: it reads a block's
+# logits again after its log-sum-exp, and finds them in L2 only if the blocks in flight fit
+# there with the gradient's writes. A block of tiles of 4 by 4096/8 is 19 classes x 1024
+# positions x 4 bytes (78 KB); at 63 registers (Triton 3.6) 4 programs an SM hold 41 MB at once
+# on an H200's 50 MB L2. Programs that loop over blocks (PER_SM 2, 3) hold 21 and 31 MB.
+# Smaller blocks would not do: at 512 or 256 positions by 8 warps the tile spreads its classes
+# over threads (42.9 and 77.5 instructions a logit in the forward, against 21.3;
+# python -m benchmarks.sass_cross_entropy).
+TILE_FUSED = [{"MAX_C": 32, "BLOCK_C": 4, "ELEMS": 4096, "num_warps": 8, "PER_SM": k, "STAGES": 1, "BACKWARD": True,
+               "GATHER": False} for k in (2, 3)]
+TILE_CONFIGS += TILE_FUSED
 
 
 def main():
@@ -99,9 +110,11 @@ def main():
     # the defaults (the tiles, where they take 19 classes, and the plain loop) and the
     # untimed compare configs first, then the class tiles and the pipelined plain configs in
     # turn, then the other plain configs and PER_SM: a run cut by its timeout has the new ones
-    head = ([(None, tiles)] if tiles["MAX_C"] >= 19 else []) + [(None, t) for t in TILE_COMPARE if t != tiles]
+    head = ([(None, tiles)] if tiles["MAX_C"] >= 19 else []) + [(None, t) for t in TILE_COMPARE + TILE_FUSED
+                                                                  if t != tiles]
     head += [(plain, tile_off)] + [(c, tile_off) for c in COMPARE if c != plain]
-    rest = itertools.zip_longest([(None, t) for t in TILE_CONFIGS if t != tiles and t not in TILE_COMPARE],
+    rest = itertools.zip_longest([(None, t) for t in TILE_CONFIGS
+                                  if t != tiles and t not in TILE_COMPARE and t not in TILE_FUSED],
                                  [(c, tile_off) for c in PIPELINED if c != plain])
     order = (head + [x for pair in rest for x in pair if x]
              + [(c, tile_off) for c in CONFIGS

@@ -92,7 +92,8 @@ TORCH_LIBRARY(pyvision_ops, m) {
   // The forward and, in the same pass over the logits, the gradient for a loss gradient of 1
   // (reduction 1 or 2 only): (loss, wsum, stats, grad), grad as the backward's for grad = 1.
   // The autograd front takes it when the logits need a gradient; the backward then only scales
-  // grad in place by the incoming loss gradient (scale_grad_).
+  // grad in place by the incoming loss gradient (scale_grad_) and hands it on as the logits'
+  // gradient, so a caller of this op who keeps grad sees it change at the first backward.
   m.def(
       "softmax_cross_entropy_with_grad(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");

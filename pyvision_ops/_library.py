@@ -422,6 +422,9 @@ def _ce_with_grad_setup(ctx, inputs, output):
     ctx.dz = output[3]
 
 
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _ce_with_grad_backward(ctx, grad_loss, grad_wsum, grad_stats, grad_grad):
     dz, ctx.dz = ctx.dz, None
     if grad_loss is None:
@@ -429,8 +432,10 @@ def _ce_with_grad_backward(ctx, grad_loss, grad_wsum, grad_stats, grad_grad):
     # The forward's gradient, scaled by grad_loss in place: once, in eager mode, and not
     # while a graph of the backward is built (create_graph: the backward op is the one that
     # refuses a second derivative). Otherwise (retain_graph's later calls, tracing, where the
-    # tensors are functional or fake) the backward op recomputes it.
-    if dz is not None and type(dz) is torch.Tensor and not torch.is_grad_enabled():
+    # tensors are functional or fake, batched gradients under vmap) the backward op recomputes it.
+    if (dz is not None and type(dz) is torch.Tensor and not torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and not _legacy_batched(grad_loss)):  # is_grads_batched
         ops.scale_grad_(dz, grad_loss)
     else:
         logits, target, weight, stats, wsum = ctx.saved_tensors

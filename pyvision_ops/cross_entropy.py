@@ -23,8 +23,10 @@ Training step on CUDA: where the logits require grad and the reduction is mean o
 forward also writes the gradient for a loss gradient of 1, in the same pass over the logits
 (they are read once a step, not twice), and the backward only scales it in place by the
 incoming loss gradient, reading nothing when that is 1 (``loss.backward()``). The gradient's
-memory is then taken at the forward instead of at the backward. ``FUSED_GRAD_DEVICES`` lists
-the device types that do this; torch.compile takes the two passes.
+memory is then taken at the forward instead of at the backward, and a loss gradient other
+than 1 (a GradScaler, a weighted sum of losses) costs a pass more than two ops would. Not for
+fp16 logits, [N, C] logits, under saved-tensor hooks or torch.compile (``_with_grad``).
+``FUSED_GRAD_DEVICES`` lists the device types that do this.
 """
 
 import math
@@ -61,9 +63,16 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
 FUSED_GRAD_DEVICES = ("cuda",)
 
 
-def _with_grad(logits, reduction):
-    return (reduction != "none" and logits.device.type in FUSED_GRAD_DEVICES and logits.requires_grad
-            and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+def _with_grad(logits, s, reduction):
+    """Whether a call takes softmax_cross_entropy_with_grad: not for fp16 logits (their
+    gradient for a loss gradient of 1, p / wsum under the mean, is often below fp16's range,
+    where a GradScaler's scale would have kept it), not for [N, C] logits (the row kernels do
+    not write it in one pass), nor under saved-tensor hooks (checkpointing, offloading: they
+    cannot reach the gradient the node keeps) or torch.compile."""
+    return (reduction != "none" and s > 1 and logits.dtype != torch.float16
+            and logits.device.type in FUSED_GRAD_DEVICES and logits.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # first: dynamo cannot trace the hooks' query
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
 
 
 # The ops take the reduction as torch numbers it; the kernels reduce (no separate sum kernels).
@@ -95,7 +104,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
     s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
-    op = ops.softmax_cross_entropy_with_grad if _with_grad(logits, reduction) else ops.softmax_cross_entropy
+    op = ops.softmax_cross_entropy_with_grad if _with_grad(logits, s, reduction) else ops.softmax_cross_entropy
     loss = op(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight, ignore_index, eps,
               _REDUCTION[reduction])[0]
     return loss.view(out_shape) if reduction == "none" else loss

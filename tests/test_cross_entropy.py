@@ -1143,6 +1143,10 @@ def test_training_step_scaled_retained_upstream_and_second_derivative(grad_in_fo
     xs = (x * 3.0).requires_grad_()
     (g3,) = torch.autograd.grad(P.softmax_cross_entropy(xs, y, weight=w), [xs])
     assert torch.equal(up, g3 * 3.0)
+    # batched loss gradients (vmap over the backward): the backward op
+    (gb,) = torch.autograd.grad(P.softmax_cross_entropy(xr, y, weight=w), [xr],
+                                grad_outputs=torch.tensor([1.0, -0.5], dtype=torch.float64), is_grads_batched=True)
+    assert torch.equal(gb[0], unit) and torch.equal(gb[1], -0.5 * unit)
     # a graph of the backward (create_graph): the backward op, which refuses a second derivative
     (g,) = torch.autograd.grad(P.softmax_cross_entropy(xr, y, reduction="sum"), [xr], create_graph=True)
     with pytest.raises(RuntimeError, match="derivative for pyvision_ops::.* is not implemented"):
@@ -1150,7 +1154,9 @@ def test_training_step_scaled_retained_upstream_and_second_derivative(grad_in_fo
 
 
 def test_training_step_elsewhere_takes_the_two_ops(grad_in_forward):
-    # reduction none (a map of loss gradients), no gradient wanted, or under torch.compile
+    # reduction none (a map of loss gradients), no gradient wanted, fp16 logits (whose
+    # unscaled gradient may underflow), [N, C] logits, saved-tensor hooks (checkpointing,
+    # offloading: they could not reach the node's gradient), or under torch.compile
     x, y, w = batch((2, 5, 24))
     xr = x.clone().requires_grad_()
     plain = "pyvision_ops_softmax_cross_entropyBackward"
@@ -1158,6 +1164,25 @@ def test_training_step_elsewhere_takes_the_two_ops(grad_in_forward):
     with torch.no_grad():
         assert P.softmax_cross_entropy(xr, y).grad_fn is None
     assert P.softmax_cross_entropy(x, y).grad_fn is None
+    assert type(P.softmax_cross_entropy(x.half().requires_grad_(), y).grad_fn).__name__ == plain
+    assert type(P.softmax_cross_entropy(xr[:, :, 0], y[:, 0]).grad_fn).__name__ == plain
+    want = torch.autograd.grad(P.softmax_cross_entropy(xr, y, weight=w), [xr])[0]
+    for hooks in (lambda: torch.autograd.graph.save_on_cpu(), lambda: torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t.clone(), lambda t: t)):
+        with hooks():
+            loss = P.softmax_cross_entropy(xr, y, weight=w)
+        assert type(loss.grad_fn).__name__ == plain and torch.equal(torch.autograd.grad(loss, [xr])[0], want)
+    from torch.utils.checkpoint import checkpoint
+
+    names = []
+
+    def inner(t):
+        loss = P.softmax_cross_entropy(t * 1.0, y, weight=w)
+        names.append(type(loss.grad_fn).__name__)
+        return loss
+
+    assert torch.equal(torch.autograd.grad(checkpoint(inner, xr, use_reentrant=False), [xr])[0], want)
+    assert names[0] == plain
     eager = torch.autograd.grad(P.softmax_cross_entropy(xr, y, weight=w), [xr])[0]
     f = torch.compile(lambda t: P.softmax_cross_entropy(t, y, weight=w), fullgraph=True)
     torch.testing.assert_close(torch.autograd.grad(f(xr), [xr])[0], eager, rtol=1e-12, atol=1e-12)

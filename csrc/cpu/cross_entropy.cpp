@@ -489,7 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction) {
   TORCH_CHECK(reduction == kMean || reduction == kSum,
-              "softmax_cross_entropy_with_grad: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+              "softmax_cross_entropy_with_grad: reduction must be 1 (mean) or 2 (sum), got ",
+              std::to_string(reduction));
   auto [loss, wsum, stats] =
       softmax_cross_entropy_cpu(logits, target, weight, ignore_index, label_smoothing, reduction);
   auto dz = softmax_cross_entropy_backward_cpu(at::scalar_tensor(1.0, loss.options()), logits, target, weight, stats,
