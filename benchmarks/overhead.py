@@ -7,7 +7,8 @@ the CPU it runs with one thread, where the kernels on a few elements cost next t
 nothing (the harness's CPU timer, common.time_pair). On CUDA it reads the host clock
 around a loop of calls without synchronising (the GPU work is queued, not waited for),
 and adds a breakdown of one cross-entropy step: a bare Triton launch, the forward and
-backward ops called directly, the front without autograd.
+backward ops called directly, the training step's forward and backward ops (the gradient
+written in the forward, then scaled), the front without autograd.
 
 `--launchers` (any machine, no GPU needed) times the Python work of the Triton launchers
 (kernels/*.py) on tiny CPU tensors with every Triton kernel replaced by a no-op: their
@@ -67,6 +68,9 @@ def _cuda_breakdown():
         ("ops.softmax_cross_entropy", lambda: ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)),
         ("ops.softmax_cross_entropy_backward",
          lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, w, -100, 0.0, 1)),
+        ("ops.softmax_cross_entropy_with_grad (the training step's forward)",
+         lambda: ops.softmax_cross_entropy_with_grad(z, y, None, -100, 0.0, 1)),
+        ("ops.scale_grad_ (its backward, scale 1)", lambda: ops.scale_grad_(z, one)),
         ("P.softmax_cross_entropy, no grad", lambda: P.softmax_cross_entropy(z[..., None], y[..., None])),
     ]
 
@@ -106,6 +110,9 @@ def _launcher_cases():
         ("softmax_cross_entropy [1, 19, 8]", lambda: cross_entropy.softmax_cross_entropy(z, y, None, -100, 0.0, 1)),
         ("softmax_cross_entropy_backward [1, 19, 8]",
          lambda: cross_entropy.softmax_cross_entropy_backward(one, z, y, None, stats, w, -100, 0.0, 1)),
+        ("softmax_cross_entropy_with_grad [1, 19, 8]",
+         lambda: cross_entropy.softmax_cross_entropy_with_grad(z, y, None, -100, 0.0, 1)),
+        ("scale_grad_ [1, 19, 8]", lambda: cross_entropy.scale_grad_(z, one)),
         ("softmax_cross_entropy [8, 80]", lambda: cross_entropy.softmax_cross_entropy(rows, ry, None, -100, 0.0, 1)),
         ("softmax_cross_entropy_backward [8, 80]",
          lambda: cross_entropy.softmax_cross_entropy_backward(one, rows, ry, None, rstats, rw, -100, 0.0, 1)),
