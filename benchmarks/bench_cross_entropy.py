@@ -23,19 +23,23 @@ def _ce(device):
             fwd_bwd(x, lambda t: P.softmax_cross_entropy(t, y, ignore_index=255)))
 
 
-def _ce_two_passes(device):
-    # the forward op, then the backward op (CUDA's step without the gradient written in the
-    # forward, as under torch.compile)
-    anchor, ours = _ce(device)
+def two_passes(fn):
+    """fn with CUDA's training step in two ops, the forward op then the backward op (without
+    the gradient written in the forward, as under torch.compile)."""
 
     def run():
         saved, CE.FUSED_GRAD_DEVICES = CE.FUSED_GRAD_DEVICES, ()
         try:
-            return ours()
+            return fn()
         finally:
             CE.FUSED_GRAD_DEVICES = saved
 
-    return anchor, run
+    return run
+
+
+def _ce_two_passes(device):
+    anchor, ours = _ce(device)
+    return anchor, two_passes(ours)
 
 
 def _ce_rows(device):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import pyvision_ops as P
 
+from .bench_cross_entropy import two_passes
 from .bench_nms import _detections, soft_nms_kernel
 from .common import fwd_bwd
 
@@ -176,17 +177,9 @@ def _triton_cases(dev):
                 lambda: ce_variant(dict(MAX_C=0), dict(GATHER=True))))
     out.append(("softmax_cross_entropy fwd+bwd, class tiles of 4, target loaded",
                 lambda: ce_variant(dict(GATHER=True))))
-
-    def ce_two_passes():  # the forward and backward ops, as under torch.compile
-        from pyvision_ops import cross_entropy
-
-        saved, cross_entropy.FUSED_GRAD_DEVICES = cross_entropy.FUSED_GRAD_DEVICES, ()
-        try:
-            return fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, w, ignore_index=255, label_smoothing=0.1))()
-        finally:
-            cross_entropy.FUSED_GRAD_DEVICES = saved
-
-    out.append(("softmax_cross_entropy fwd+bwd, weight, smoothing, two passes", ce_two_passes))
+    out.append(("softmax_cross_entropy fwd+bwd, weight, smoothing, two passes",
+                two_passes(fwd_bwd(z, lambda x: P.softmax_cross_entropy(x, y, w, ignore_index=255,
+                                                                       label_smoothing=0.1)))))
     out.append(("softmax_cross_entropy fwd+bwd, sum scaled by 0.5 (the gradient scaled in place)",
                 fwd_bwd(z, lambda x: 0.5 * P.softmax_cross_entropy(x, y, ignore_index=255, reduction="sum"))))
     rows, ry = torch.randn(37, 1003, generator=g).to(dev), torch.randint(0, 1003, (37,), generator=g).to(dev)
