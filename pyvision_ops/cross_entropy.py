@@ -72,7 +72,15 @@ def _with_grad(logits, s, reduction):
     return (reduction != "none" and s > 1 and logits.dtype != torch.float16
             and logits.device.type in FUSED_GRAD_DEVICES and logits.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()  # first: dynamo cannot trace the hooks' query
-            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+            and not _saved_tensor_hooks())
+
+
+def _saved_tensor_hooks():
+    """Whether saved-tensor hooks are active (True where torch cannot say)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):
+        return True
 
 
 # The ops take the reduction as torch numbers it; the kernels reduce (no separate sum kernels).
