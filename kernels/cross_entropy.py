@@ -702,11 +702,21 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
-        kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
-        kernel[grid](z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, stats, stats, c, s, n * s,
-                     nb, ignore_index, *_split(label_smoothing, c), HAS_W=weight is not None,
-                     SMOOTH=label_smoothing != 0, STORE_LOSS=reduction == 0, FUSED=False, MEAN=False, **cfg)
+        _forward(cfg, grid, z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, None, None, nb,
+                 ignore_index, label_smoothing, weight is not None, reduction)
     return (*_reduce(loss_map, parts, reduction), stats)
+
+
+def _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, nb, ignore_index, label_smoothing, has_w,
+             reduction):
+    """The plain or class-tile forward kernel; with a gradient buffer dz (and the mean's
+    divisor wsum) FUSED, writing the gradient for a loss gradient of 1 too."""
+    n, c, s = z.shape
+    kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
+    fused = dz is not None
+    kernel[grid](z, y, w, loss_map, parts, stats, dz if fused else stats, wsum if fused else stats, c, s, n * s, nb,
+                 ignore_index, *_split(label_smoothing, c), HAS_W=has_w, SMOOTH=label_smoothing != 0,
+                 STORE_LOSS=reduction == 0, FUSED=fused, MEAN=fused and reduction == 1, **cfg)
 
 
 def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -729,10 +739,8 @@ def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_
                                num_warps=cfg["num_warps"])
     _ce_reduce_kernel[(1,)](parts, n * nb, wsum, wsum, REDUCTION=0, BLOCK=1024)
     dz = torch.empty_like(z)
-    kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
-    kernel[grid](z, y, w, loss_map, parts, stats, dz, wsum, c, s, n * s, nb, ignore_index,
-                 *_split(label_smoothing, c), HAS_W=weight is not None, SMOOTH=label_smoothing != 0, STORE_LOSS=False,
-                 FUSED=True, MEAN=reduction == 1, **cfg)
+    _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, nb, ignore_index, label_smoothing,
+             weight is not None, reduction)
     return (*_reduce(loss_map, parts, reduction), stats, dz)
 
 

@@ -376,26 +376,47 @@ def _(grad, logits, target, weight, stats, wsum, ignore_index, label_smoothing, 
     return _like(logits)
 
 
-def _register_ce_autograd(op: str) -> None:
+def _register_ce_autograd(op: str, backward_op=None) -> None:
     """Autograd of a cross-entropy op, whose inputs are (logits, target, *options, weight,
     ignore_index, label_smoothing, reduction) and outputs (loss, wsum, stats); its backward op
-    takes (grad, logits, target, *options, weight, stats, wsum, ignore_index, label_smoothing,
-    reduction). wsum and stats are not differentiable: only the loss is."""
-    backward_op = getattr(ops, f"{op}_backward")
+    (`backward_op`, default <op>_backward) takes (grad, logits, target, *options, weight,
+    stats, wsum, ignore_index, label_smoothing, reduction). wsum and stats are not
+    differentiable: only the loss is.
+
+    An op whose fourth output is the gradient for a loss gradient of 1 (with_grad) keeps it as
+    ctx.dz, not as a saved tensor: the first eager backward scales it in place and hands it
+    on (an in-place change would fail a saved tensor's version check at a second backward,
+    and once dropped here the gradient's accumulation can take it without a copy). Every other
+    backward (retain_graph's later calls, create_graph, whose backward op refuses a second
+    derivative, tracing with functional or fake tensors, batched loss gradients) recomputes it
+    with the backward op."""
+    backward_op = backward_op or getattr(ops, f"{op}_backward")
 
     def setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], inputs[1], inputs[-4], output[2], output[1])
         ctx.options, ctx.args, ctx.n_inputs = inputs[2:-4], inputs[-3:], len(inputs)
         ctx.set_materialize_grads(False)  # no zero gradients for wsum and stats (a full map) each step
+        ctx.dz = None
+        if len(output) == 4:
+            ctx.mark_non_differentiable(output[3])
+            ctx.dz = output[3]
 
-    def backward(ctx, grad_loss, grad_wsum, grad_stats):
+    def backward(ctx, grad_loss, *_):
+        dz, ctx.dz = ctx.dz, None
         if grad_loss is None:  # only wsum or stats were used
             return (None,) * ctx.n_inputs
-        logits, target, weight, stats, wsum = ctx.saved_tensors
-        dz = backward_op(grad_loss, logits, target, *ctx.options, weight, stats, wsum, *ctx.args)
+        if (dz is not None and type(dz) is torch.Tensor and not torch.is_grad_enabled()
+                and not torch._C._are_functorch_transforms_active() and not _legacy_batched(grad_loss)):
+            ops.scale_grad_(dz, grad_loss)
+        else:
+            logits, target, weight, stats, wsum = ctx.saved_tensors
+            dz = backward_op(grad_loss, logits, target, *ctx.options, weight, stats, wsum, *ctx.args)
         return (dz,) + (None,) * (ctx.n_inputs - 1)
 
     register_autograd(f"pyvision_ops::{op}", backward, setup_context=setup)
+
+
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)  # is_grads_batched
 
 
 _register_ce_autograd("softmax_cross_entropy")
@@ -411,40 +432,7 @@ def _(grad, scale):
     return None
 
 
-def _ce_with_grad_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], output[2], output[1])
-    ctx.args = inputs[3:]
-    ctx.mark_non_differentiable(output[3])
-    ctx.set_materialize_grads(False)
-    # Not a saved tensor: the backward scales it in place and hands it on (an in-place change
-    # would fail the saved tensors' version check of a second backward), and once it is
-    # dropped here the gradient's accumulation can take it without a copy.
-    ctx.dz = output[3]
-
-
-_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
-
-
-def _ce_with_grad_backward(ctx, grad_loss, grad_wsum, grad_stats, grad_grad):
-    dz, ctx.dz = ctx.dz, None
-    if grad_loss is None:
-        return (None,) * 6
-    # The forward's gradient, scaled by grad_loss in place: once, in eager mode, and not
-    # while a graph of the backward is built (create_graph: the backward op is the one that
-    # refuses a second derivative). Otherwise (retain_graph's later calls, tracing, where the
-    # tensors are functional or fake, batched gradients under vmap) the backward op recomputes it.
-    if (dz is not None and type(dz) is torch.Tensor and not torch.is_grad_enabled()
-            and not torch._C._are_functorch_transforms_active()
-            and not _legacy_batched(grad_loss)):  # is_grads_batched
-        ops.scale_grad_(dz, grad_loss)
-    else:
-        logits, target, weight, stats, wsum = ctx.saved_tensors
-        dz = ops.softmax_cross_entropy_backward(grad_loss, logits, target, weight, stats, wsum, *ctx.args)
-    return (dz,) + (None,) * 5
-
-
-register_autograd("pyvision_ops::softmax_cross_entropy_with_grad", _ce_with_grad_backward,
-                  setup_context=_ce_with_grad_setup)
+_register_ce_autograd("softmax_cross_entropy_with_grad", ops.softmax_cross_entropy_backward)
 
 
 @torch.library.register_fake("pyvision_ops::upsample_cross_entropy")
