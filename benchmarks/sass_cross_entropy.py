@@ -47,7 +47,7 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     tile = "BLOCK_C" in cfg
     fn = getattr(K, f"_ce{'_tile' if tile else ''}_{'forward' if fwd else kernel}_kernel")
     opts = dict(HAS_W=False, SMOOTH=False, LOOP=False, **cfg)
-    opts.update(dict(STORE_LOSS=False, FUSED=fused, MEAN=fused) if fwd else dict(G_STEP=0, MEAN=True))
+    opts.update(dict(STORE_LOSS=False, FUSED=fused, MEAN=fused, WSUM_PARTS=fused) if fwd else dict(G_STEP=0, MEAN=True))
     if not fwd:
         opts.pop("GATHER")  # the forward's alone
     sig = FORWARD if fwd else BACKWARD
@@ -58,7 +58,9 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     threads = 32 * num_warps
     # the class loops: those with loads; the plain kernels' second one takes the C % UNROLL
     # classes left over; a single tile has none (its whole code runs once)
-    class_loops = [b for b in loops(sass) if any("LDG" in t for t in b)]
+    # (those with exponentials: not the fused forward's loop over the mean's partial sums,
+    # which runs once a program)
+    class_loops = [b for b in loops(sass) if any("LDG" in t for t in b) and any("MUFU.EX2" in t for t in b)]
     body, *rest = sorted(class_loops, key=lambda b: -sum("LDG" in t for t in b)) or [code]
 
     def classes(b):  # of an iteration of a plain loop (see below)

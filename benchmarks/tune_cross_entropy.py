@@ -15,7 +15,7 @@ bound (one pass, two passes), and the forward that writes the gradient alone (ag
 passes). First it times the same traffic done by torch's own kernels on the same
 logits (two full sums of the logits, one fill of a gradient-sized tensor): the bound as
 these kernels reach it on this shape, besides the one the copy bandwidth of 1 GiB buffers
-gives.
+gives, and the default step with the mean's divisor added by a launch of its own.
 kernels/cross_entropy.py:CE_CONFIG and CE_TILE_CONFIG take the best.
 """
 
@@ -95,6 +95,12 @@ def main():
     ref = triton.testing.do_bench_cudagraph(traffic, rep=50, return_mode="median")
     print(f"the same traffic by torch's kernels: {ref * 1e3:.1f} us ({100 * bound / (ref / 1e3):.1f}% of the "
           f"bound; a step within 1.3x of it takes at most {1.3 * ref * 1e3:.1f} us)")
+    # the default step, its mean's divisor added by a launch of its own (not by every program
+    # of the forward): what K._WSUM_FOLD_LOADS saves
+    fold, K._WSUM_FOLD_LOADS = K._WSUM_FOLD_LOADS, 0
+    apart = triton.testing.do_bench_cudagraph(step, rep=30, return_mode="median")
+    K._WSUM_FOLD_LOADS = fold
+    print(f"the default step with the mean's divisor from a launch of its own: {apart * 1e3:.1f} us")
     _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
     best = best_tile = best_fwd = best_bwd = None
     plain, tiles = dict(K.CE_CONFIG), dict(K.CE_TILE_CONFIG)

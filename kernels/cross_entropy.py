@@ -20,8 +20,8 @@ classes of at most N*H*W values.
 softmax_cross_entropy_with_grad, the training step's forward on CUDA: the same forward
 kernels with FUSED, which after a block's log-sum-exp compute its gradient for a loss
 gradient of 1 (the backward's code, _grad_planes and _grad_tiles, its logits read again
-while they are likely still in L2), the mean's divisor summed from the targets first
-(_ce_wsum_kernel). The backward then only scales it (_scale_grad_kernel, which reads
+while they are likely still in L2), the mean's divisor's partial sums taken from the targets
+first (_ce_wsum_kernel) and added by every program. The backward then only scales it (_scale_grad_kernel, which reads
 nothing else where the scale is 1).
 """
 
@@ -46,6 +46,10 @@ from .interpolate import (
 )
 
 _INTERPRET = tl.constexpr(interpreting())
+_REDUCE = 1024  # lanes of _ce_reduce_kernel's fixed-order sums of partial sums (_sum_parts)
+# and of a fused forward program's sum of the mean's (_mean_divisor; more lanes cost the
+# tile kernel 78 registers instead of 63 under Triton 3.6: python -m benchmarks.sass_cross_entropy)
+_FUSED_REDUCE_BLOCK = tl.constexpr(256)
 
 
 @triton.jit
@@ -183,21 +187,27 @@ def _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_p
 
 
 @triton.jit
-def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
-    """wsum and the loss (REDUCTION 1: mean, NaN when wsum is 0; 2: sum) from the forward
-    programs' partial sums, added in fp64 in a fixed order."""
-    ls = tl.zeros((BLOCK,), tl.float64)
-    ws = tl.zeros((BLOCK,), tl.float64)
+def _sum_parts(part_ptr, nparts, BLOCK: tl.constexpr):
+    """The sum of nparts fp64 partial sums in a fixed order (BLOCK running sums, then one
+    tl.sum): every program that adds the same parts gets the same bits."""
+    acc = tl.zeros((BLOCK,), tl.float64)
     # an int32 loop index would wrap past 2^31 - BLOCK and go on (tl.cast: nparts = 1 comes as
     # a plain int)
     nparts = tl.cast(nparts, tl.int64)
     for i in range(0, nparts, BLOCK):
         o = i + tl.arange(0, BLOCK)
-        ls += tl.load(part_ptr + o, mask=o < nparts, other=0.0)
-        ws += tl.load(part_ptr + nparts + o, mask=o < nparts, other=0.0)
-    lsum = tl.sum(ls, 0)
-    wsum = tl.sum(ws, 0)
+        acc += tl.load(part_ptr + o, mask=o < nparts, other=0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
+    """wsum and the loss (REDUCTION 1: mean, NaN when wsum is 0; 2: sum) from the forward
+    programs' partial sums ([2, nparts]: the loss's, then the target weights'), added in fp64
+    in a fixed order."""
+    wsum = _sum_parts(part_ptr + tl.cast(nparts, tl.int64), nparts, BLOCK)
     tl.store(wsum_ptr, wsum.to(wsum_ptr.dtype.element_ty))
+    lsum = _sum_parts(part_ptr, nparts, BLOCK)
     if REDUCTION == 1:
         tl.store(loss_ptr, tl.where(wsum == 0, float("nan"), lsum / wsum).to(loss_ptr.dtype.element_ty))
     elif REDUCTION == 2:
@@ -242,10 +252,11 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_pt
                        ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                        STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
                        STAGES: tl.constexpr, GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr,
-                       MEAN: tl.constexpr):
+                       MEAN: tl.constexpr, WSUM_PARTS: tl.constexpr):
     """The forward: stats, loss and partial sums of each block of positions. FUSED: then the
-    gradient of the block for a loss gradient of 1 (dz_ptr; wsum_ptr: the target weights' sum,
-    known before this kernel), its logits read again while they are likely still in L2."""
+    gradient of the block for a loss gradient of 1 (dz_ptr; under the MEAN, wsum_ptr: the
+    target weights' sum, or with WSUM_PARTS its partial sums, known before this kernel), its
+    logits read again while they are likely still in L2."""
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
     start, stop, step = _blocks(P, S, nb, LOOP)
@@ -275,7 +286,8 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_pt
         ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                             stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
         if FUSED:
-            coef_a, coef_b, gs = _unit_grad_coefs(wsum_ptr, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
+            wsum = _mean_divisor(wsum_ptr, (P // S) * nb, acc, MEAN, WSUM_PARTS)
+            coef_a, coef_b, gs = _unit_grad_coefs(wsum, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
             _grad_planes(base, dz_ptr + zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, UNROLL,
                          STAGES)
 
@@ -303,7 +315,8 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
                             ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr,
                             SMOOTH: tl.constexpr, STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK: tl.constexpr, ONE_TILE: tl.constexpr, STAGES: tl.constexpr,
-                            GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr, MEAN: tl.constexpr):
+                            GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr, MEAN: tl.constexpr,
+                            WSUM_PARTS: tl.constexpr):
     """_ce_forward_kernel with the class planes of BLOCK positions loaded BLOCK_C at a time
     as one tile (all of its loads in flight at once, not one plane per step), each tile
     reduced over its classes and merged (_ce_tile_update). ONE_TILE: C <= BLOCK_C, a loop of
@@ -331,7 +344,8 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
         ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                             stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
         if FUSED:
-            coef_a, coef_b, gs = _unit_grad_coefs(wsum_ptr, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
+            wsum = _mean_divisor(wsum_ptr, (P // S) * nb, acc, MEAN, WSUM_PARTS)
+            coef_a, coef_b, gs = _unit_grad_coefs(wsum, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
             _grad_tiles(z_ptr, dz_ptr, zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, BLOCK_C,
                         ONE_TILE, STAGES)
 
@@ -448,13 +462,26 @@ def _grad_tiles(z_ptr, dz_ptr, base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C
 
 
 @triton.jit
-def _unit_grad_coefs(wsum_ptr, valid, wy, w_ptr, C, keep, spread, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+def _mean_divisor(wsum_ptr, nparts, acc: tl.constexpr, MEAN: tl.constexpr, WSUM_PARTS: tl.constexpr):
+    """wsum in acc under the mean (else 1, unused): at wsum_ptr, or with WSUM_PARTS summed from
+    _ce_wsum_kernel's nparts partial sums there (one launch less), in a fixed order: the same
+    bits in every program. Not always _ce_reduce_kernel's bits: where the partial sums are
+    not exact in fp64 (weights), another order of their sum may round differently."""
+    if MEAN:
+        if WSUM_PARTS:
+            return _sum_parts(wsum_ptr, nparts, _FUSED_REDUCE_BLOCK).to(acc)
+        return tl.load(wsum_ptr).to(acc)
+    return tl.full((), 1.0, acc)
+
+
+@triton.jit
+def _unit_grad_coefs(wsum, valid, wy, w_ptr, C, keep, spread, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                      MEAN: tl.constexpr):
     """_grad_coefs for a loss gradient of 1 (what _backward_block computes from a gradient
     of 1.0 in memory: 1 / wsum under the mean)."""
     g = tl.full(wy.shape, 1.0, wy.dtype)
     if MEAN:
-        g = g / tl.load(wsum_ptr)
+        g = g / wsum
     return _grad_coefs(tl.where(valid, g, 0.0), wy, _smooth_weight_sum(w_ptr, C, HAS_W, SMOOTH), keep, spread,
                        SMOOTH)
 
@@ -576,6 +603,10 @@ def _rows_config(op, c):
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
 _SCALE_BLOCK = 4096  # elements per step of a scale_grad_ program
+# Most loads of the target weights' partial sums (programs x blocks) for which every program of
+# softmax_cross_entropy_with_grad's forward adds them itself (at (2, 19, 512, 1024), 256 x 256)
+# rather than after one more launch (a kernel of one program between two full ones).
+_WSUM_FOLD_LOADS = 1 << 22
 # Positions per program, warps and class planes per loop step of the plain kernels
 # (benchmarks/tune_cross_entropy.py). On an H200 (2026-11-27 16:35) 1024 positions, 8 warps
 # and two planes a step took 84.5 us for the benchmark's step, 512/4/1 88.3. The class loops
@@ -689,7 +720,7 @@ def _reduce(loss_map, parts, reduction):
     """(loss, wsum): the map itself for reduction none, else the 0-d mean or sum."""
     loss = loss_map if reduction == 0 else loss_map.new_empty(())
     wsum = loss_map.new_empty(())
-    _ce_reduce_kernel[(1,)](parts, parts.shape[1], loss, wsum, REDUCTION=reduction, BLOCK=1024)
+    _ce_reduce_kernel[(1,)](parts, parts.shape[1], loss, wsum, REDUCTION=reduction, BLOCK=_REDUCE)
     return loss, wsum
 
 
@@ -709,14 +740,16 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
 
 def _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, nb, ignore_index, label_smoothing, has_w,
              reduction):
-    """The plain or class-tile forward kernel; with a gradient buffer dz (and the mean's
-    divisor wsum) FUSED, writing the gradient for a loss gradient of 1 too."""
+    """The plain or class-tile forward kernel; with a gradient buffer dz FUSED, writing the
+    gradient for a loss gradient of 1 too (under the mean, wsum: the divisor, 0-d, or the
+    target weights' partial sums, 1-d)."""
     n, c, s = z.shape
     kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
-    fused = dz is not None
-    kernel[grid](z, y, w, loss_map, parts, stats, dz if fused else stats, wsum if fused else stats, c, s, n * s, nb,
-                 ignore_index, *_split(label_smoothing, c), HAS_W=has_w, SMOOTH=label_smoothing != 0,
-                 STORE_LOSS=reduction == 0, FUSED=fused, MEAN=fused and reduction == 1, **cfg)
+    mean = dz is not None and reduction == 1
+    kernel[grid](z, y, w, loss_map, parts, stats, stats if dz is None else dz, wsum if mean else stats, c, s, n * s,
+                 nb, ignore_index, *_split(label_smoothing, c), HAS_W=has_w, SMOOTH=label_smoothing != 0,
+                 STORE_LOSS=reduction == 0, FUSED=dz is not None, MEAN=mean, WSUM_PARTS=mean and wsum.dim() == 1,
+                 **cfg)
 
 
 def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -734,10 +767,19 @@ def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     # The mean's divisor first (targets only: 8 bytes a position against 76 of fp32 logits at 19
     # classes): the gradient is written in the loss's pass.
-    wsum = stats.new_empty(())
-    _ce_wsum_kernel[(n * nb,)](y, w, parts, c, s, nb, ignore_index, HAS_W=weight is not None, BLOCK=cfg["BLOCK"],
-                               num_warps=cfg["num_warps"])
-    _ce_reduce_kernel[(1,)](parts, n * nb, wsum, wsum, REDUCTION=0, BLOCK=1024)
+    # The sum takes no divisor. Under the mean each program of the forward adds the partials
+    # itself unless that costs programs x blocks loads past _WSUM_FOLD_LOADS: then one program
+    # adds them first.
+    wsum = None
+    if reduction == 1:
+        wsum = parts.new_empty(parts.shape)
+        _ce_wsum_kernel[(n * nb,)](y, w, wsum, c, s, nb, ignore_index, HAS_W=weight is not None, BLOCK=cfg["BLOCK"],
+                                   num_warps=cfg["num_warps"])
+        if grid[0] * n * nb <= _WSUM_FOLD_LOADS:
+            wsum = wsum[1]
+        else:
+            wparts, wsum = wsum, stats.new_empty(())
+            _ce_reduce_kernel[(1,)](wparts, n * nb, wsum, wsum, REDUCTION=0, BLOCK=_REDUCE)
     dz = torch.empty_like(z)
     _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, nb, ignore_index, label_smoothing,
              weight is not None, reduction)
