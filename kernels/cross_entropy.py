@@ -20,9 +20,9 @@ classes of at most N*H*W values.
 softmax_cross_entropy_with_grad, the training step's forward on CUDA: the same forward
 kernels with FUSED, which after a block's log-sum-exp compute its gradient for a loss
 gradient of 1 (the backward's code, _grad_planes and _grad_tiles, its logits read again
-while they are likely still in L2), the mean's divisor's partial sums taken from the targets
-first (_ce_wsum_kernel) and added by every program. The backward then only scales it (_scale_grad_kernel, which reads
-nothing else where the scale is 1).
+while they are likely still in L2); under the mean, each program adds up the divisor's
+partial sums, taken from the targets first (_ce_wsum_kernel). The backward then only scales
+it (_scale_grad_kernel, which reads nothing else where the scale is 1).
 """
 
 import functools
@@ -47,8 +47,9 @@ from .interpolate import (
 
 _INTERPRET = tl.constexpr(interpreting())
 _REDUCE = 1024  # lanes of _ce_reduce_kernel's fixed-order sums of partial sums (_sum_parts)
-# and of a fused forward program's sum of the mean's (_mean_divisor; more lanes cost the
-# tile kernel 78 registers instead of 63 under Triton 3.6: python -m benchmarks.sass_cross_entropy)
+# Lanes of a fused forward program's sum of the mean's partial sums (_mean_divisor): at 1024
+# the tile kernel took 78 registers instead of 63 under Triton 3.6, 3 programs of 8 warps an
+# SM instead of 4 (python -m benchmarks.sass_cross_entropy)
 _FUSED_REDUCE_BLOCK = tl.constexpr(256)
 
 
@@ -766,10 +767,9 @@ def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_
     w = _weight(weight, z)
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     # The mean's divisor first (targets only: 8 bytes a position against 76 of fp32 logits at 19
-    # classes): the gradient is written in the loss's pass.
-    # The sum takes no divisor. Under the mean each program of the forward adds the partials
-    # itself unless that costs programs x blocks loads past _WSUM_FOLD_LOADS: then one program
-    # adds them first.
+    # classes): the gradient is written in the loss's pass. Each program of the forward adds
+    # its partial sums itself, unless that takes more than _WSUM_FOLD_LOADS loads in all: then
+    # one program adds them first. The sum takes no divisor.
     wsum = None
     if reduction == 1:
         wsum = parts.new_empty(parts.shape)
