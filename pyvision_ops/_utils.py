@@ -4,6 +4,7 @@ import functools
 import numbers
 
 import torch
+from torch._prims_common import suggest_memory_format as _suggest_memory_format
 from torch.fx import Proxy
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,6 +68,17 @@ def is_channels_last(t: torch.Tensor) -> bool:
     which cannot answer it for a batched tensor (the op's result is then contiguous)."""
     try:
         return t.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:
+        return False
+
+
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """Whether torch lays out an op's output for input ``t`` as channels_last (its
+    suggest_memory_format): by the strides, so also where ``t`` is NCHW-contiguous as well (a
+    channels_last model's 1x1 pooled branch); False inside ``torch.func.vmap``, as
+    is_channels_last."""
+    try:
+        return _suggest_memory_format(t) == torch.channels_last
     except RuntimeError:
         return False
 

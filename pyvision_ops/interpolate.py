@@ -5,8 +5,9 @@ torch's source-index rules (with ``scale_factor`` given, the source index uses
 ``1 / scale_factor``, not in / out). C++ on the CPU (csrc/cpu/interpolate.cpp),
 Triton on CUDA (kernels/interpolate.py); both backwards are gather-based and
 deterministic. fp16/bf16 are computed with fp32 accumulation. A channels_last input
-gives a channels_last output, as in torch. An infinite input value reaches each output
-that reads it through both taps, even one of weight exactly 0 (a source index on a
+gives a channels_last output, as in torch (by the strides: 1x1 pixels with channels_last
+strides too, though they are NCHW-contiguous as well). An infinite input value reaches each
+output that reads it through both taps, even one of weight exactly 0 (a source index on a
 pixel), which gives 0 * inf = NaN there; torch's rounded weights give inf or NaN at
 other positions (the same holds for ``upsample_cross_entropy`` with -inf logits).
 """
@@ -73,6 +74,6 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
         raise ValueError(f"the output size must be below 2^31 per side, got {(oh, ow)} "
                          f"(size={size!r}, scale_factor={scale_factor!r})")
     out = ops.upsample_bilinear(input, oh, ow, align_corners, sh, sw)
-    if not input.is_contiguous() and _utils.is_channels_last(input):
+    if _utils.suggests_channels_last(input):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

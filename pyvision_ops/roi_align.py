@@ -6,7 +6,8 @@ Same sampling rule and results as ``torchvision.ops.roi_align`` (bilinear sample
 cap on the adaptive grid described below. Sampling weights are computed once per
 RoI (separable row and column tables) and shared by all channels. NCHW and
 channels_last inputs (channels_last output for channels_last input, unless it is
-also NCHW-contiguous, e.g. one channel; the same for gradients).
+also NCHW-contiguous, e.g. one channel; the input's gradient likewise follows the
+incoming gradient's layout).
 
 Backends:
 
@@ -49,6 +50,7 @@ result is returned in the input's dtype, as torchvision does.
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -331,6 +333,8 @@ def _pool_dict(x, boxes, image_shapes, featmap_names, output_size, sampling_rati
                canonical_level, scales, map_levels):
     """MultiScaleRoIAlign's forward: (pooled, scales, map_levels), the last two inferred from
     the maps and image_shapes when not given."""
+    if not isinstance(x, Mapping):
+        raise TypeError(f"x must be a dict of feature maps by name, got {type(x).__name__}")
     names = [k for k in x if k in featmap_names]
     if not names:
         raise ValueError(f"x has none of the feature maps in featmap_names {featmap_names} (its keys: {list(x)})")

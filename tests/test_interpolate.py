@@ -41,6 +41,11 @@ def test_dtypes_layouts(dtype, tol):
     out_c = P.interpolate_bilinear(xc, scale_factor=3)
     torch.testing.assert_close(out_c, out)
     assert out_c.is_contiguous(memory_format=torch.channels_last)  # the layout torch keeps
+    # 1x1 pixels with channels_last strides (a channels_last model's pooled branch) are
+    # NCHW-contiguous too; torch goes by the strides, and so do we
+    for p in (x[:, :, :1, :1].contiguous(), x[:, :, :1, :1].contiguous(memory_format=torch.channels_last)):
+        want = F.interpolate(p, size=(5, 7), mode="bilinear")
+        assert P.interpolate_bilinear(p, size=(5, 7)).stride() == want.stride()
     torch.testing.assert_close(P.interpolate_bilinear(x[:, :, ::2], size=(9, 9)),
                                F.interpolate(x[:, :, ::2].float(), size=(9, 9), mode="bilinear").to(dtype),
                                rtol=tol, atol=tol)

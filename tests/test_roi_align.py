@@ -374,6 +374,8 @@ def test_multi_scale_takes_maps_in_dict_order():
         torch.testing.assert_close(ours, theirs)
     with pytest.raises(ValueError, match="featmap_names"):
         P.MultiScaleRoIAlign(["p9"], 3, 2)(feats, boxes, [(128, 128)])
+    with pytest.raises(TypeError, match="x must be a dict of feature maps by name, got list"):
+        P.MultiScaleRoIAlign(["p2"], 3, 2)(list(feats.values()), boxes, [(128, 128)])
 
 
 def test_multi_scale_pyramid_with_a_gap_matches_torchvision():
