@@ -45,6 +45,16 @@ def check_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
+def check_integer(name: str, t: torch.Tensor, what: str = "be an integer tensor", labels: bool = False) -> None:
+    """An integer tensor, not bool; with ``labels`` (class indices, compared with C and
+    ignore_index after a cast to int64) not uint64 either: its values past 2^63 would wrap to
+    negative ones there (one of them onto ignore_index)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must {what}, got {t.dtype}")
+    if labels and t.dtype == torch.uint64:
+        raise TypeError(f"{name} must {what} in a dtype that int64 holds (not torch.uint64)")
+
+
 def check_boxes(name: str, t, min_dim: int = 1) -> torch.Tensor:
     """A [..., 4] tensor of float or integer coordinates."""
     check_tensor(name, t)

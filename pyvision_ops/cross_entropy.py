@@ -92,8 +92,7 @@ def _check_tensors(logits, target):
     _utils.check_tensor("target", target)
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    _utils.check_integer("target", target, "hold integer class indices", labels=True)
 
 
 @_utils.fx_leaf

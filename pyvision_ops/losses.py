@@ -116,8 +116,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if logits.dim() < 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must be [N, C, ...] with C >= 1, got {list(logits.shape)}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    _utils.check_integer("target", target, "hold integer class indices", labels=True)
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target must be [N, ...] = {list(logits.shape[:1] + logits.shape[2:])}, "
                          f"got {list(target.shape)}")
@@ -157,8 +156,7 @@ def _flatten_seg(name: str, x: torch.Tensor, labels: torch.Tensor, with_classes:
     _utils.check_tensor("labels", labels)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    _utils.check_integer("labels", labels, labels=True)
     spatial = x.shape[2:] if with_classes else x.shape[1:]
     if x.dim() < (3 if with_classes else 2) or labels.shape != x.shape[:1] + spatial:
         want = "[N, C, d1, ...] (at least 3-D)" if with_classes else "[N, d1, ...] (at least 2-D)"

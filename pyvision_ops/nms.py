@@ -39,8 +39,7 @@ def _check(boxes, scores, idxs, iou_threshold):
     devices = {"boxes": boxes, "scores": scores}
     if idxs is not None:
         _utils.check_tensor("idxs", idxs)
-        if idxs.dtype.is_floating_point or idxs.dtype.is_complex or idxs.dtype == torch.bool:
-            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        _utils.check_integer("idxs", idxs)  # uint64 too: its cast to int64 keeps categories apart
         if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
             raise ValueError(f"idxs must have shape [N] with N = boxes.shape[0] = {boxes.shape[0]}, "
                              f"got {list(idxs.shape)}")

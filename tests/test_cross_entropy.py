@@ -143,6 +143,11 @@ def test_gradcheck_opcheck_compile():
     [
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)), ValueError, "target"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2)), TypeError, "target"),
+        # 2^64 - 100 would become -100 (the default ignore_index) in int64
+        (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.tensor([1, 2**64 - 100], dtype=torch.uint64)),
+         TypeError, "target"),
+        (lambda: P.upsample_cross_entropy(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.uint64)),
+         TypeError, "target"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
          TypeError, "logits"),
         (lambda: P.softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), weight=torch.ones(4)),

@@ -530,6 +530,7 @@ def test_dice_opcheck_gradcheck_compile():
     [
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError, "target"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4)), TypeError, "target"),
+        (lambda: P.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.uint64)), TypeError, "target"),
         (lambda: P.dice_loss(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), TypeError,
          "logits"),
         (lambda: P.dice_loss(torch.zeros(2), torch.zeros(2, dtype=torch.long)), ValueError, "logits"),
@@ -889,6 +890,7 @@ def test_lovasz_softmax_rows_op_dtypes_nan_opcheck(dtype):
          TypeError, "ignore_index"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError, "labels"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4)), TypeError, "labels"),
+        (lambda: P.lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.uint64)), TypeError, "labels"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes="some"),
          ValueError, "classes"),
         (lambda: P.lovasz_softmax(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), classes=[3]),
