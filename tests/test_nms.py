@@ -307,6 +307,43 @@ def test_soft_nms_sigma_whose_inverse_overflows_decays_tiny_ious(dtype, sigma, f
     torch.testing.assert_close(dec.double(), rdec, rtol=1e-5, atol=0)
 
 
+def _tiny_factor_cases():
+    """(boxes, scores, sigma, score_threshold) whose gaussian factors fall below e^-87, where
+    fp32 has only subnormals: e^-90.25 and e^-100 (box 2 then ranks above box 1), e^-90 of a
+    score of 1e38 (0.08: kept), e^-96 of an infinite score (still infinite)."""
+    yield torch.tensor([[0.0, 0, 100, 100], [0, 0, 100, 100], [0, 0, 100, 95]]), torch.tensor([1.0, 0.9, 0.5]), \
+        0.01, 0.0
+    yield torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]]), torch.tensor([float("inf"), 1e38]), 1 / 90, 1e-3
+    yield torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.2]]), torch.tensor([float("inf"), float("inf")]), 0.01, 1e-3
+
+
+def test_soft_nms_fp32_factors_below_e87_are_subnormal_not_zero():
+    # fp32 against the fp64 reference: the same selections, the decayed scores to fp32's
+    # subnormal precision
+    for boxes, scores, sigma, score_threshold in _tiny_factor_cases():
+        keep, dec = P.soft_nms(boxes, scores, sigma=sigma, score_threshold=score_threshold)
+        rkeep, rdec = reference.soft_nms(boxes.double(), scores.double(), 0.3, sigma, score_threshold, "gaussian")
+        assert keep.tolist() == rkeep.tolist() == P.soft_nms(boxes.double(), scores.double(), sigma=sigma,
+                                                             score_threshold=score_threshold)[0].tolist()
+        torch.testing.assert_close(dec.double(), rdec.float().double(), rtol=1e-5, atol=1e-44)
+    keep, dec = P.soft_nms(*next(_tiny_factor_cases())[:2], sigma=0.01, score_threshold=0.0)
+    assert keep.tolist() == [0, 2, 1] and 0 < dec[1] < 1e-38
+
+
+@pytest.mark.parametrize("kernel", ["spread", "multi", "lead"])
+def test_soft_nms_cuda_kernels_tiny_factors_on_cpu_threads(kernel):
+    # the CUDA kernels' own code (the device's exp of the shifted argument) as the CPU op
+    import cuda_sim
+
+    for arch in (0, 900):
+        for boxes, scores, sigma, score_threshold in _tiny_factor_cases():
+            args = (boxes, scores, None, 0.3, sigma, score_threshold)
+            k_sim, s_sim = cuda_sim.soft_nms(*args, "gaussian", kernel, arch)
+            k_cpu, s_cpu = torch.ops.pyvision_ops.soft_nms(*args, cuda_sim.METHODS["gaussian"])
+            assert torch.equal(k_sim, k_cpu)
+            torch.testing.assert_close(s_sim, s_cpu, rtol=1e-5, atol=1e-44)
+
+
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 def test_soft_nms_infinite_sigma_matches_reference(method):
     # gaussian: exp(-iou^2 / inf) = 1, no decay at all; linear and hard ignore sigma.
@@ -973,12 +1010,12 @@ def test_cuda_decisions_at_an_ulp_match_cpu():
         assert P.nms(boxes.cuda(), scores.cuda(), thr).tolist() == P.nms(boxes, scores, thr).tolist() == [0]
         k_gpu, _ = P.soft_nms(boxes.cuda(), scores.cuda(), thr, method="hard")
         assert k_gpu.tolist() == P.soft_nms(boxes, scores, thr, method="hard")[0].tolist() == [0]
-    # exp of < -87 is 0 on both devices, so an infinite score decays to 0 and is dropped (an
-    # fp32 expf denormal would have kept it at inf * 1e-42 = inf)
+    # a factor of e^-96 is an fp32 subnormal on both devices, so an infinite score stays
+    # infinite (inf * 1.9e-42), as in fp64 (a factor flushed to 0 would drop the box)
     boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.2]])
     scores = torch.tensor([float("inf"), float("inf")])
     keep, _ = P.soft_nms(boxes.cuda(), scores.cuda(), sigma=0.01)
-    assert keep.tolist() == P.soft_nms(boxes, scores, sigma=0.01)[0].tolist() == [0]
+    assert keep.tolist() == P.soft_nms(boxes, scores, sigma=0.01)[0].tolist() == [0, 1]
 
 
 @pytest.mark.gpu

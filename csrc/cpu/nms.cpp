@@ -167,7 +167,7 @@ constexpr int64_t kBlock = 64;
 // One Soft-NMS pass over the remaining boxes: decay by the selected box `a` and drop
 // those under the score threshold. Writes the highest remaining score of each block
 // of kBlock entries to block_max and returns the highest overall.
-template <typename T, int METHOD>
+template <typename T, int METHOD, bool TINY>
 __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, const T* __restrict__ x1,
                                                                const T* __restrict__ y1, const T* __restrict__ x2,
                                                                const T* __restrict__ y2, T* __restrict__ s,
@@ -184,7 +184,7 @@ __attribute__((target_clones("avx2", "default"))) T decay_pass(const Box<T> a, c
       const T iou = box::pair_value<T, box::kIoU, false>(a, Box<T>{x1[j], y1[j], x2[j], y2[j]}, T(0), T(0), T(0));
       // A plain product keeps this loop vectorised (a select on NaN does not); the scores
       // here are never NaN (those are selected first), so a NaN is an infinite score times 0.
-      const T v = s[j] * nms::decay<T>(iou, METHOD, thr, rsqrt_sig);
+      const T v = s[j] * nms::decay<T, TINY>(iou, METHOD, thr, rsqrt_sig);
       const int32_t gone = drop[j] | (v < score_thr);
       s[j] = v;
       drop[j] = gone;
@@ -243,7 +243,7 @@ std::vector<uint32_t> morton_codes(const Soa<T>& s, int64_t begin, int64_t end) 
 // overlaps, and picks the highest score (ties: lowest position) from the blocks' maxima.
 // The hard method with a threshold <= 0 drops non-overlapping boxes too: it visits every
 // block. The decay of each box is the same arithmetic in the same order as a full pass.
-template <typename T, int METHOD>
+template <typename T, int METHOD, bool TINY = false>
 void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T rsqrt_sig, T score_thr,
                     std::vector<std::pair<int64_t, T>>& out) {
   constexpr T none = -std::numeric_limits<T>::infinity();
@@ -257,7 +257,7 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T rsqrt_sig, T scor
   while (first_real < n && std::isnan(score[first_real])) ++first_real;
   for (int64_t m = 0; m < first_real; ++m) {
     out.emplace_back(s.pos[m], score[m]);
-    decay_pass<T, METHOD>(s.box(m), s.x1.data() + first_real, s.y1.data() + first_real, s.x2.data() + first_real,
+    decay_pass<T, METHOD, TINY>(s.box(m), s.x1.data() + first_real, s.y1.data() + first_real, s.x2.data() + first_real,
                           s.y2.data() + first_real, score.data() + first_real, drop.data() + first_real,
                           n - first_real, thr, rsqrt_sig, score_thr, block_max.data());
   }
@@ -319,7 +319,7 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T rsqrt_sig, T scor
       const Box<T>& u = ub[b];
       if (!visit_all && !nms::may_overlap(a, u)) continue;
       const int64_t b0 = b * kBlock, len = std::min(n, b0 + kBlock) - b0;
-      decay_pass<T, METHOD>(a, s.x1.data() + b0, s.y1.data() + b0, s.x2.data() + b0, s.y2.data() + b0,
+      decay_pass<T, METHOD, TINY>(a, s.x1.data() + b0, s.y1.data() + b0, s.x2.data() + b0, s.y2.data() + b0,
                             score.data() + b0, drop.data() + b0, len, thr, rsqrt_sig, score_thr, block_max.data() + b);
       own_visited |= b == m / kBlock;
     }
@@ -354,7 +354,12 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cpu(const at::Tensor& boxes, const a
         std::vector<T> score(s.pos.size());
         for (size_t k = 0; k < score.size(); ++k) score[k] = T(ps[order[s.pos[k]]]);
         switch (method) {
-          case nms::kGaussian: soft_nms_group<T, nms::kGaussian>(s, score, thr, rsqrt_sig, score_thr, picked[c]); break;
+          case nms::kGaussian:
+            if (nms::needs_tiny(rsqrt_sig))
+              soft_nms_group<T, nms::kGaussian, true>(s, score, thr, rsqrt_sig, score_thr, picked[c]);
+            else
+              soft_nms_group<T, nms::kGaussian>(s, score, thr, rsqrt_sig, score_thr, picked[c]);
+            break;
           case nms::kLinear: soft_nms_group<T, nms::kLinear>(s, score, thr, rsqrt_sig, score_thr, picked[c]); break;
           default: soft_nms_group<T, nms::kHard>(s, score, thr, rsqrt_sig, score_thr, picked[c]); break;
         }
