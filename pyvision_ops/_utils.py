@@ -9,6 +9,13 @@ from torch.fx import Proxy
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_UINT_WIDE = (torch.uint16, torch.uint32, torch.uint64)  # few ops of torch's take them; a cast does
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    """fp16, bf16, fp32 or fp64 (not the float8 types, which the kernels do not take)."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating point tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
 
 
 def fx_leaf(fn):
@@ -49,7 +56,7 @@ def check_integer(name: str, t: torch.Tensor, what: str = "be an integer tensor"
     """An integer tensor, not bool; with ``labels`` (class indices, compared with C and
     ignore_index after a cast to int64) not uint64 either: its values past 2^63 would wrap to
     negative ones there (one of them onto ignore_index)."""
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if t.dtype not in _INT_DTYPES + _UINT_WIDE:  # not bool, quantized or sub-byte types either
         raise TypeError(f"{name} must {what}, got {t.dtype}")
     if labels and t.dtype == torch.uint64:
         raise TypeError(f"{name} must {what} in a dtype that int64 holds (not torch.uint64)")

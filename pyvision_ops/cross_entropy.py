@@ -43,8 +43,7 @@ def _check_options(logits, target, weight, ignore_index, reduction, label_smooth
         raise ValueError(f"logits must have at least one class (dim 1), got shape {list(logits.shape)}")
     if weight is not None:
         _utils.check_tensor("weight", weight)
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        _utils.check_float_dtype("weight", weight)
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape [C] = [{c}], got {list(weight.shape)}")
         _utils.check_same_device(logits=logits, weight=weight)
@@ -90,8 +89,7 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 def _check_tensors(logits, target):
     _utils.check_tensor("logits", logits)
     _utils.check_tensor("target", target)
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    _utils.check_float_dtype("logits", logits)
     _utils.check_integer("target", target, "hold integer class indices", labels=True)
 
 

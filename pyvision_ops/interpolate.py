@@ -47,8 +47,7 @@ def interpolate_bilinear(input: torch.Tensor, size=None, scale_factor=None, alig
     _utils.check_tensor("input", input)
     if input.dim() != 4:
         raise ValueError(f"input must be [N, C, H, W], got shape {list(input.shape)}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be floating point, got {input.dtype}")
+    _utils.check_float_dtype("input", input)
     if (size is None) == (scale_factor is None):
         raise ValueError("give exactly one of size and scale_factor")
     h, w = input.shape[2:]

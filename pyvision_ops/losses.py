@@ -36,8 +36,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     """
     _utils.check_tensor("inputs", inputs)
     _utils.check_tensor("targets", targets)
-    if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be floating point, got {inputs.dtype}")
+    _utils.check_float_dtype("inputs", inputs)
     if targets.dtype.is_complex:
         raise TypeError(f"targets must be real, got {targets.dtype}")
     if targets.shape != inputs.shape:
@@ -112,8 +111,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, i
     """
     _utils.check_tensor("logits", logits)
     _utils.check_tensor("target", target)
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    _utils.check_float_dtype("logits", logits)
     if logits.dim() < 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must be [N, C, ...] with C >= 1, got {list(logits.shape)}")
     _utils.check_integer("target", target, "hold integer class indices", labels=True)
@@ -154,8 +152,7 @@ def _lovasz_rows(errors: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor) ->
 def _flatten_seg(name: str, x: torch.Tensor, labels: torch.Tensor, with_classes: bool):
     _utils.check_tensor(name, x)
     _utils.check_tensor("labels", labels)
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    _utils.check_float_dtype(name, x)
     _utils.check_integer("labels", labels, labels=True)
     spatial = x.shape[2:] if with_classes else x.shape[1:]
     if x.dim() < (3 if with_classes else 2) or labels.shape != x.shape[:1] + spatial:

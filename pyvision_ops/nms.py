@@ -24,15 +24,13 @@ def _check_boxes(boxes):
     _utils.check_tensor("boxes", boxes)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape [N, 4], got {list(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise TypeError(f"boxes must be a floating point tensor, got {boxes.dtype}")
+    _utils.check_float_dtype("boxes", boxes)
 
 
 def _check(boxes, scores, idxs, iou_threshold):
     _check_boxes(boxes)
     _utils.check_tensor("scores", scores)
-    if not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating point tensor, got {scores.dtype}")
+    _utils.check_float_dtype("scores", scores)
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"scores must have shape [N] with N = boxes.shape[0] = {boxes.shape[0]}, "
                          f"got {list(scores.shape)}")

@@ -147,8 +147,7 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
     _utils.check_tensor("input", input)
     if input.dim() != 4:
         raise ValueError(f"input must be [N, C, H, W], got shape {list(input.shape)}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be floating point, got {input.dtype}")
+    _utils.check_float_dtype("input", input)
     rois = _to_rois(boxes, input)
     _utils.check_same_device(input=input, boxes=rois)
     ph, pw = _pair(output_size)
@@ -223,8 +222,7 @@ def _check_features(features, names):
     for name, f in zip(names, features):
         if f.dim() != 4 or f.shape[:2] != f0.shape[:2]:
             raise ValueError(f"{name} must be [N, C, H, W] with the N and C of {n0}, got {list(f.shape)}")
-        if not f.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {f.dtype}")
+        _utils.check_float_dtype(name, f)
         if f.device != f0.device:
             raise ValueError(f"{name} is on {f.device} but {n0} is on {f0.device}; they must be on one device")
         # torchvision fails on mixed dtypes outside autocast (its RoIs have one dtype) and
