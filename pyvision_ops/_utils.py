@@ -172,6 +172,10 @@ def check_int64(name: str, value) -> int:
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     """torchvision's loss reduction: the mean of an empty loss is 0, not NaN."""
     if reduction == "mean":
+        if torch.compiler.is_compiling():
+            # the size may be data-dependent (the boxes nms keeps), which `numel() > 0`
+            # could not branch on: the same value without a branch
+            return loss.sum() / torch.sym_max(loss.numel(), 1)
         return loss.mean() if loss.numel() > 0 else 0.0 * loss.sum()
     if reduction == "sum":
         return loss.sum()

@@ -80,7 +80,9 @@ def batched_nms(boxes: torch.Tensor, scores, idxs, iou_threshold: float) -> torc
     ``idxs`` may each be None; the other arguments are checked as usual.
     """
     _check_boxes(boxes)
-    if boxes.shape[0] == 0:  # stand-ins for None, so that the usual checks run
+    # (no test of the size unless an argument is None: under torch.compile a data-dependent
+    # number of boxes, such as nms's survivors, cannot be branched on)
+    if (scores is None or idxs is None) and boxes.shape[0] == 0:  # stand-ins, so that the usual checks run
         scores = boxes.new_empty((0,)) if scores is None else scores
         idxs = torch.empty((0,), dtype=torch.int64, device=boxes.device) if idxs is None else idxs
     elif idxs is None:

@@ -309,9 +309,23 @@ def multi_scale_roi_align(features: list, boxes, output_size, spatial_scales: li
     return _multi_scale(features, boxes, output_size, scales, sampling_ratio, aligned, mapper)
 
 
+def _log2_nearest(h, max_h):
+    """round(log2(h / max_h)) by comparisons of integers: (h / max_h)^2 lies strictly between
+    2^(2k - 1) and 2^(2k + 1) (a ratio of integers squared is never 2^odd). torch.compile
+    guards on them when the sizes are symbolic, where a tensor's log2 would be
+    data-dependent. torchvision rounds log2 in fp32 instead, which can differ only for
+    ratios within fp32 rounding of 2^k sqrt(2) (3363 / 2378, say)."""
+    a, b, k = h * h, max_h * max_h, 0
+    while a * 2 ** max(0, 1 - 2 * k) < b * 2 ** max(0, 2 * k - 1):  # r^2 < 2^(2k - 1)
+        k -= 1
+    while a * 2 ** max(0, -2 * k - 1) > b * 2 ** max(0, 2 * k + 1):  # r^2 > 2^(2k + 1)
+        k += 1
+    return k
+
+
 def _setup_scales(features, names, image_shapes, canonical_scale, canonical_level):
-    """torchvision's rule: each map's scale is the power of 2 nearest (log2 rounded in
-    fp32) to its height over the largest image height; the width is not used."""
+    """torchvision's rule: each map's scale is the power of 2 nearest to its height over the
+    largest image height (_log2_nearest); the width is not used."""
     if not isinstance(image_shapes, (list, tuple)) or len(image_shapes) == 0:
         raise ValueError("image_shapes must be a non-empty list of (height, width), one per image")
     max_h = max(int(s[0]) for s in image_shapes)
@@ -322,7 +336,7 @@ def _setup_scales(features, names, image_shapes, canonical_scale, canonical_leve
     for name, f in zip(names, features):
         if f.shape[-2] == 0:
             raise ValueError(f"{name} has height 0: its scale cannot be inferred")
-        scales.append(2 ** float(torch.tensor(f.shape[-2] / max_h).log2().round()))
+        scales.append(2.0 ** _log2_nearest(f.shape[-2], max_h))
     where = f"the feature maps {names} (in the order of x)"
     return scales, _level_mapper(scales, canonical_scale, canonical_level, where)
 

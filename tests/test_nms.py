@@ -537,6 +537,30 @@ def test_compile_empty_input():
     assert [tuple(o.shape) for o in out] == [(0,)] + [(0, 4)] * 4
 
 
+def test_compile_ops_after_nms_on_its_data_dependent_survivors(monkeypatch):
+    # a two-stage chain and a mean loss on the kept boxes (also on a mask keeping none): no
+    # front branches on their number, which torch.compile cannot know
+    boxes, scores, labels = detections(60, objects=6, seed=3, categories=3)
+    target = boxes + 1
+
+    def chain(b, s, i):
+        k = P.nms(b, s, 0.9)
+        return P.batched_nms(b[k], s[k], i[k], 0.5), P.generalized_box_iou_loss(b[k], target[k], reduction="mean")
+
+    torch._dynamo.reset()
+    for got, want in zip(torch.compile(chain, fullgraph=True)(boxes, scores, labels), chain(boxes, scores, labels)):
+        torch.testing.assert_close(got, want)
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    b = boxes.clone().requires_grad_()
+    loss = torch.compile(lambda b, m: P.distance_box_iou_loss(b[m], target[m], reduction="mean"), fullgraph=True)
+    for m in (scores > 0.5, scores > 2):
+        got = loss(b, m)
+        want = P.distance_box_iou_loss(b[m], target[m], reduction="mean")
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, [b])[0], torch.autograd.grad(want, [b])[0])
+    assert want == 0 and not (scores > 2).any()
+
+
 # --------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize(

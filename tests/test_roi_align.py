@@ -650,6 +650,23 @@ def test_multi_scale_backward_matches_torchvision_and_opcheck():
     torch.testing.assert_close(f(fl, rois), P.multi_scale_roi_align(fl, rois, 3, [0.25, 0.125, 0.0625]).sum())
 
 
+def test_multi_scale_module_infers_its_scales_under_compile_with_dynamic_shapes():
+    # scales from symbolic map heights (integer comparisons, no tensor's log2), as eagerly;
+    # the nearest power of 2 as torchvision rounds it, over many height ratios
+    from pyvision_ops.roi_align import _log2_nearest
+
+    assert all(_log2_nearest(h, m) == int(torch.tensor(h / m).log2().round())
+               for m in range(1, 300, 7) for h in range(1, 2 * m + 3))
+    boxes = [torch.tensor([[1.0, 1, 20, 20], [2, 3, 9, 12]]), torch.tensor([[0.0, 0, 30, 30]])]
+    for size, image in ((8, 32), (16, 64), (13, 50)):
+        feats = pyramid({"p2": (size, size), "p3": ((size + 1) // 2, (size + 1) // 2)}, b=2)
+        torch._dynamo.reset()
+        m, eager = P.MultiScaleRoIAlign(["p2", "p3"], 2, 2), P.MultiScaleRoIAlign(["p2", "p3"], 2, 2)
+        got = torch.compile(m, fullgraph=True, dynamic=True)(feats, boxes, [(image, image)] * 2)
+        torch.testing.assert_close(got, eager(feats, boxes, [(image, image)] * 2))
+        assert m.scales == eager.scales
+
+
 def test_autocast_cpu_pools_in_fp32_and_returns_the_input_dtype():
     x = feature(dtype=torch.bfloat16).requires_grad_()
     rois = make_rois(20, 2, dtype=torch.bfloat16)
