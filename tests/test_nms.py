@@ -537,7 +537,7 @@ def test_compile_empty_input():
     assert [tuple(o.shape) for o in out] == [(0,)] + [(0, 4)] * 4
 
 
-def test_compile_ops_after_nms_on_its_data_dependent_survivors(monkeypatch):
+def test_compile_ops_after_nms_on_its_data_dependent_survivors():
     # a two-stage chain and a mean loss on the kept boxes (also on a mask keeping none): no
     # front branches on their number, which torch.compile cannot know
     boxes, scores, labels = detections(60, objects=6, seed=3, categories=3)
@@ -550,15 +550,16 @@ def test_compile_ops_after_nms_on_its_data_dependent_survivors(monkeypatch):
     torch._dynamo.reset()
     for got, want in zip(torch.compile(chain, fullgraph=True)(boxes, scores, labels), chain(boxes, scores, labels)):
         torch.testing.assert_close(got, want)
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
     b = boxes.clone().requires_grad_()
     loss = torch.compile(lambda b, m: P.distance_box_iou_loss(b[m], target[m], reduction="mean"), fullgraph=True)
-    for m in (scores > 0.5, scores > 2):
-        got = loss(b, m)
-        want = P.distance_box_iou_loss(b[m], target[m], reduction="mean")
-        torch.testing.assert_close(got, want)
-        torch.testing.assert_close(torch.autograd.grad(got, [b])[0], torch.autograd.grad(want, [b])[0])
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        for m in (scores > 0.5, scores > 2):
+            got = loss(b, m)
+            want = P.distance_box_iou_loss(b[m], target[m], reduction="mean")
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(torch.autograd.grad(got, [b])[0], torch.autograd.grad(want, [b])[0])
     assert want == 0 and not (scores > 2).any()
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------- bad input
