@@ -63,8 +63,9 @@ def _cuda_breakdown():
     one = torch.ones((), device="cuda")
     return [
         ("torch.empty on CUDA", lambda: torch.empty((), device="cuda")),
-        ("bare Triton launch (1 program)", lambda: _ce_reduce_kernel[(1,)](parts, 1, loss, wsum, REDUCTION=1,
-                                                                           BLOCK=1024)),
+        ("bare Triton launch (1 program)", lambda: _ce_reduce_kernel[(1,)](parts, 1, loss, wsum, parts,
+                                                                           REDUCTION=1, BLOCK=1024,
+                                                                           GIVEN=False)),
         ("ops.softmax_cross_entropy", lambda: ops.softmax_cross_entropy(z, y, None, -100, 0.0, 1)),
         ("ops.softmax_cross_entropy_backward",
          lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, w, -100, 0.0, 1)),

@@ -20,8 +20,8 @@ import re
 from .sass import compile_sm90, compiler, instructions, loops
 
 FORWARD = dict(z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", part_ptr="*fp64", stats_ptr="*fp32",
-               dz_ptr="*fp32", wsum_ptr="*fp32", C="i32", S="i32", P="i32", nb="i32", ignore_index="i64",
-               keep="fp64", spread="fp64")
+               dz_ptr="*fp32", wsum_ptr="*fp64", div_ptr="*fp64", C="i32", S="i32", P="i32", nb="i32",
+               ignore_index="i64", keep="fp64", spread="fp64")
 BACKWARD = dict(g_ptr="*fp32", wsum_ptr="*fp32", z_ptr="*fp32", y_ptr="*i64", w_ptr="*fp32", stats_ptr="*fp32",
                 dz_ptr="*fp32", C="i32", S="i32", P="i32", nb="i32", ignore_index="i64", keep="fp64", spread="fp64")
 CLASSES = 19

@@ -202,11 +202,16 @@ def _sum_parts(part_ptr, nparts, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_reduce_kernel(part_ptr, nparts, loss_ptr, wsum_ptr, div_ptr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+                      GIVEN: tl.constexpr):
     """wsum and the loss (REDUCTION 1: mean, NaN when wsum is 0; 2: sum) from the forward
     programs' partial sums ([2, nparts]: the loss's, then the target weights'), added in fp64
-    in a fixed order."""
-    wsum = _sum_parts(part_ptr + tl.cast(nparts, tl.int64), nparts, BLOCK)
+    in a fixed order. GIVEN: wsum is the fp64 sum at div_ptr instead (the one a fused
+    forward divided its gradient by)."""
+    if GIVEN:
+        wsum = tl.load(div_ptr)
+    else:
+        wsum = _sum_parts(part_ptr + tl.cast(nparts, tl.int64), nparts, BLOCK)
     tl.store(wsum_ptr, wsum.to(wsum_ptr.dtype.element_ty))
     lsum = _sum_parts(part_ptr, nparts, BLOCK)
     if REDUCTION == 1:
@@ -249,7 +254,7 @@ def _blocks(P, S, nb, LOOP: tl.constexpr):
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_ptr, wsum_ptr, C, S, P, nb,
+def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_ptr, wsum_ptr, div_ptr, C, S, P, nb,
                        ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                        STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
                        STAGES: tl.constexpr, GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr,
@@ -287,7 +292,7 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_pt
         ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                             stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
         if FUSED:
-            wsum = _mean_divisor(wsum_ptr, (P // S) * nb, acc, MEAN, WSUM_PARTS)
+            wsum = _mean_divisor(wsum_ptr, div_ptr, pid, (P // S) * nb, acc, MEAN, WSUM_PARTS)
             coef_a, coef_b, gs = _unit_grad_coefs(wsum, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
             _grad_planes(base, dz_ptr + zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, UNROLL,
                          STAGES)
@@ -312,7 +317,7 @@ def _ce_tile_update(z, cs, cm, mx, s, wd, wseen, w_ptr, HAS_W: tl.constexpr, SMO
 
 
 @triton.jit
-def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_ptr, wsum_ptr, C, S, P, nb,
+def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_ptr, wsum_ptr, div_ptr, C, S, P, nb,
                             ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr,
                             SMOOTH: tl.constexpr, STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK: tl.constexpr, ONE_TILE: tl.constexpr, STAGES: tl.constexpr,
@@ -345,7 +350,7 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
         ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                             stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
         if FUSED:
-            wsum = _mean_divisor(wsum_ptr, (P // S) * nb, acc, MEAN, WSUM_PARTS)
+            wsum = _mean_divisor(wsum_ptr, div_ptr, pid, (P // S) * nb, acc, MEAN, WSUM_PARTS)
             coef_a, coef_b, gs = _unit_grad_coefs(wsum, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
             _grad_tiles(z_ptr, dz_ptr, zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, BLOCK_C,
                         ONE_TILE, STAGES)
@@ -463,14 +468,19 @@ def _grad_tiles(z_ptr, dz_ptr, base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C
 
 
 @triton.jit
-def _mean_divisor(wsum_ptr, nparts, acc: tl.constexpr, MEAN: tl.constexpr, WSUM_PARTS: tl.constexpr):
+def _mean_divisor(wsum_ptr, div_ptr, pid, nparts, acc: tl.constexpr, MEAN: tl.constexpr,
+                  WSUM_PARTS: tl.constexpr):
     """wsum in acc under the mean (else 1, unused): at wsum_ptr, or with WSUM_PARTS summed from
     _ce_wsum_kernel's nparts partial sums there (one launch less), in a fixed order: the same
-    bits in every program. Not always _ce_reduce_kernel's bits: where the partial sums are
-    not exact in fp64 (weights), another order of their sum may round differently."""
+    bits in every program. That order need not be _ce_reduce_kernel's (inexact partial sums,
+    with weights, may round otherwise), so block 0 stores its fp64 sum at div_ptr, from which
+    the reduce takes wsum and the mean (GIVEN): the outputs and the gradient agree."""
     if MEAN:
         if WSUM_PARTS:
-            return _sum_parts(wsum_ptr, nparts, _FUSED_REDUCE_BLOCK).to(acc)
+            wsum = _sum_parts(wsum_ptr, nparts, _FUSED_REDUCE_BLOCK)
+            if pid == 0:
+                tl.store(div_ptr, wsum)
+            return wsum.to(acc)
         return tl.load(wsum_ptr).to(acc)
     return tl.full((), 1.0, acc)
 
@@ -604,9 +614,10 @@ def _rows_config(op, c):
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
 _SCALE_BLOCK = 4096  # elements per step of a scale_grad_ program
-# Most loads of the target weights' partial sums (programs x blocks) for which every program of
-# softmax_cross_entropy_with_grad's forward adds them itself (at (2, 19, 512, 1024), 256 x 256)
-# rather than after one more launch (a kernel of one program between two full ones).
+# Most loads of the target weights' partial sums (blocks x blocks: each block adds them all)
+# for which softmax_cross_entropy_with_grad's forward adds them itself (at (2, 19, 512, 1024)
+# with the default tiles, 1024 x 1024) rather than after one more launch (a kernel of one
+# program between two full ones).
 _WSUM_FOLD_LOADS = 1 << 22
 # Positions per program, warps and class planes per loop step of the plain kernels
 # (benchmarks/tune_cross_entropy.py). On an H200 (2026-11-27 16:35) 1024 positions, 8 warps
@@ -717,11 +728,13 @@ def _outputs(logits, shape, reduction, nparts):
             torch.empty((2, nparts), dtype=torch.float64, device=dev))
 
 
-def _reduce(loss_map, parts, reduction):
-    """(loss, wsum): the map itself for reduction none, else the 0-d mean or sum."""
+def _reduce(loss_map, parts, reduction, div=None):
+    """(loss, wsum): the map itself for reduction none, else the 0-d mean or sum; wsum from
+    the fp64 sum `div` where given (_mean_divisor)."""
     loss = loss_map if reduction == 0 else loss_map.new_empty(())
     wsum = loss_map.new_empty(())
-    _ce_reduce_kernel[(1,)](parts, parts.shape[1], loss, wsum, REDUCTION=reduction, BLOCK=_REDUCE)
+    _ce_reduce_kernel[(1,)](parts, parts.shape[1], loss, wsum, parts if div is None else div, REDUCTION=reduction,
+                            BLOCK=_REDUCE, GIVEN=div is not None)
     return loss, wsum
 
 
@@ -734,21 +747,22 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
-        _forward(cfg, grid, z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, None, None, nb,
+        _forward(cfg, grid, z, target.contiguous(), _weight(weight, z), loss_map, parts, stats, None, None, None, nb,
                  ignore_index, label_smoothing, weight is not None, reduction)
     return (*_reduce(loss_map, parts, reduction), stats)
 
 
-def _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, nb, ignore_index, label_smoothing, has_w,
+def _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, div, nb, ignore_index, label_smoothing, has_w,
              reduction):
     """The plain or class-tile forward kernel; with a gradient buffer dz FUSED, writing the
     gradient for a loss gradient of 1 too (under the mean, wsum: the divisor, 0-d, or the
-    target weights' partial sums, 1-d)."""
+    target weights' partial sums, 1-d, whose fp64 sum goes to div)."""
     n, c, s = z.shape
     kernel = _ce_tile_forward_kernel if "BLOCK_C" in cfg else _ce_forward_kernel
     mean = dz is not None and reduction == 1
-    kernel[grid](z, y, w, loss_map, parts, stats, stats if dz is None else dz, wsum if mean else stats, c, s, n * s,
-                 nb, ignore_index, *_split(label_smoothing, c), HAS_W=has_w, SMOOTH=label_smoothing != 0,
+    wsum, div = (wsum, div) if mean else (parts, parts)
+    kernel[grid](z, y, w, loss_map, parts, stats, stats if dz is None else dz, wsum, div, c, s, n * s, nb,
+                 ignore_index, *_split(label_smoothing, c), HAS_W=has_w, SMOOTH=label_smoothing != 0,
                  STORE_LOSS=reduction == 0, FUSED=dz is not None, MEAN=mean, WSUM_PARTS=mean and wsum.dim() == 1,
                  **cfg)
 
@@ -767,23 +781,24 @@ def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_
     w = _weight(weight, z)
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     # The mean's divisor first (targets only: 8 bytes a position against 76 of fp32 logits at 19
-    # classes): the gradient is written in the loss's pass. Each program of the forward adds
-    # its partial sums itself, unless that takes more than _WSUM_FOLD_LOADS loads in all: then
-    # one program adds them first. The sum takes no divisor.
-    wsum = None
+    # classes): the gradient is written in the loss's pass. Each block of the forward adds its
+    # partial sums itself (block 0 keeps the sum in div for the reduce), unless that takes more
+    # than _WSUM_FOLD_LOADS loads in all: then one program adds them first. The sum takes no
+    # divisor.
+    wsum = div = None
     if reduction == 1:
-        wsum = parts.new_empty(parts.shape)
-        _ce_wsum_kernel[(n * nb,)](y, w, wsum, c, s, nb, ignore_index, HAS_W=weight is not None, BLOCK=cfg["BLOCK"],
-                                   num_warps=cfg["num_warps"])
-        if grid[0] * n * nb <= _WSUM_FOLD_LOADS:
-            wsum = wsum[1]
+        wparts = parts.new_empty(parts.shape)
+        _ce_wsum_kernel[(n * nb,)](y, w, wparts, c, s, nb, ignore_index, HAS_W=weight is not None,
+                                   BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+        if (n * nb) ** 2 <= _WSUM_FOLD_LOADS:
+            wsum, div = wparts[1], wparts[0, :1]  # the loss's row: unused here
         else:
-            wparts, wsum = wsum, stats.new_empty(())
-            _ce_reduce_kernel[(1,)](wparts, n * nb, wsum, wsum, REDUCTION=0, BLOCK=_REDUCE)
+            wsum = stats.new_empty(())
+            _ce_reduce_kernel[(1,)](wparts, n * nb, wsum, wsum, wparts, REDUCTION=0, BLOCK=_REDUCE, GIVEN=False)
     dz = torch.empty_like(z)
-    _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, nb, ignore_index, label_smoothing,
+    _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, div, nb, ignore_index, label_smoothing,
              weight is not None, reduction)
-    return (*_reduce(loss_map, parts, reduction), stats, dz)
+    return (*_reduce(loss_map, parts, reduction, div), stats, dz)
 
 
 def scale_grad_(grad, scale):

@@ -1261,3 +1261,24 @@ def test_triton_with_grad_interpreter_special_values_and_loops(monkeypatch, ce_k
     monkeypatch.setattr(K, "_WSUM_FOLD_LOADS", 0)
     for a, b in zip(K.softmax_cross_entropy_with_grad(x, y, w, -100, 0.3, 1), want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+def test_triton_with_grad_interpreter_divisor_is_the_returned_wsum(monkeypatch):
+    # 300 weighted fp64 partial sums, which the forward's blocks add in another order than the
+    # reduce kernel would (256 lanes against 1024): the returned wsum and mean are the sum the
+    # gradient was divided by, so the backward op from the returned outputs gives its bits
+    from pyvision_ops.kernels import cross_entropy as K
+
+    monkeypatch.setitem(K.CE_TILE_CONFIG, "MAX_C", 0)
+    monkeypatch.setitem(K.CE_CONFIG, "BLOCK", 16)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 300 * 16, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (1, 300 * 16), generator=g)
+    w = torch.rand(3, dtype=torch.float64, generator=g) + 0.1
+    loss, wsum, stats, dz = K.softmax_cross_entropy_with_grad(x, y, w, -100, 0.0, 1)
+    assert torch.equal(dz, K.softmax_cross_entropy_backward(torch.ones((), dtype=torch.float64), x, y, w, stats,
+                                                            wsum, -100, 0.0, 1))
+    two = K.softmax_cross_entropy(x, y, w, -100, 0.0, 1)
+    torch.testing.assert_close(wsum, two[1], rtol=1e-15, atol=0)
+    torch.testing.assert_close(loss, two[0], rtol=1e-15, atol=0)
