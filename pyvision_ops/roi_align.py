@@ -314,7 +314,7 @@ def _log2_nearest(h, max_h):
     2^(2k - 1) and 2^(2k + 1) (a ratio of integers squared is never 2^odd). torch.compile
     guards on them when the sizes are symbolic, where a tensor's log2 would be
     data-dependent. torchvision rounds log2 in fp32 instead, which can differ only for
-    ratios within fp32 rounding of 2^k sqrt(2) (3363 / 2378, say)."""
+    ratios within fp32 rounding of 2^k sqrt(2) (2378 / 3363, say)."""
     a, b, k = h * h, max_h * max_h, 0
     while a * 2 ** max(0, 1 - 2 * k) < b * 2 ** max(0, 2 * k - 1):  # r^2 < 2^(2k - 1)
         k -= 1

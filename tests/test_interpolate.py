@@ -46,6 +46,10 @@ def test_dtypes_layouts(dtype, tol):
     for p in (x[:, :, :1, :1].contiguous(), x[:, :, :1, :1].contiguous(memory_format=torch.channels_last)):
         want = F.interpolate(p, size=(5, 7), mode="bilinear")
         assert P.interpolate_bilinear(p, size=(5, 7)).stride() == want.stride()
+    # under vmap, examples with channels_last strides (a batched tensor takes no layout)
+    xb = torch.stack([x.float()] * 2).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    got = torch.func.vmap(lambda t: P.interpolate_bilinear(t, size=(7, 8)))(xb)
+    torch.testing.assert_close(got, torch.stack([F.interpolate(t, size=(7, 8), mode="bilinear") for t in xb]))
     torch.testing.assert_close(P.interpolate_bilinear(x[:, :, ::2], size=(9, 9)),
                                F.interpolate(x[:, :, ::2].float(), size=(9, 9), mode="bilinear").to(dtype),
                                rtol=tol, atol=tol)

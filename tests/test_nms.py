@@ -332,7 +332,7 @@ def test_soft_nms_fp32_factors_below_e87_are_subnormal_not_zero():
 
 @pytest.mark.parametrize("kernel", ["spread", "multi", "lead"])
 def test_soft_nms_cuda_kernels_tiny_factors_on_cpu_threads(kernel):
-    # the CUDA kernels' own code (the device's exp of the shifted argument) as the CPU op
+    # the CUDA kernels' own code, which always takes the subnormal factors, as the CPU op
     import cuda_sim
 
     for arch in (0, 900):
