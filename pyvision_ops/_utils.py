@@ -94,7 +94,9 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
     suggest_memory_format): by the strides, so also where ``t`` is NCHW-contiguous as well (a
     channels_last model's 1x1 pooled branch); False inside ``torch.func.vmap``, as
     is_channels_last."""
-    if is_vmapped(t):  # its strides are one example's, but a batched tensor cannot take the layout
+    # under vmap the strides are one example's, but a batched tensor cannot take the layout
+    # (is_compiling first: dynamo cannot trace the functorch query)
+    if not torch.compiler.is_compiling() and is_vmapped(t):
         return False
     try:
         return _suggest_memory_format(t) == torch.channels_last
