@@ -182,8 +182,8 @@ __device__ __forceinline__ Key<T> lane_best(const T (&sc)[K], uint32_t alive, co
 // Most threads of a soft_nms_kernel block with K register slots (a box and a score each) per
 // thread: more would make ptxas spill them for sm_90 (-Xptxas -v; fp64 with 8 slots spills
 // 40-72 bytes even at 512). soft_multi_kernel keeps more state and spills at these counts:
-// fp32 up to 18 bytes with 8 slots, 36-52 with 16, fp64 82-98 with 8; with 8 fp32 slots a
-// few local-memory accesses a step, none in its inner loops (sm_90 SASS, 2026-11-28).
+// fp32 20-52 bytes with 16 slots, fp64 74-114 with 8, none with 8 fp32 slots since
+// decay_slots tests a union a lane (sm_90, 2026-11-28; 12-22 bytes before).
 template <typename T, int K>
 constexpr int soft_threads() {
   if (K <= 1) return 1024;
@@ -230,30 +230,36 @@ __device__ __forceinline__ void load_slots(const T* __restrict__ boxes, const T*
 }
 
 // Decays a thread's live slots by the selected box `a`, skipping (with `skip`) the slots
-// whose union `a` cannot overlap: their boxes keep their scores bit for bit.
+// whose union `a` cannot overlap: their boxes keep their scores bit for bit. Returns the
+// slots not skipped, a mask the same in every lane: 0 when nothing changed.
 template <typename T, int METHOD, int K>
-__device__ __forceinline__ void decay_slots(const Box<T>& a, bool skip, const Box<T> (&bx)[K], T (&sc)[K],
-                                            uint32_t& alive, const Box<T>* unions, T thr, T rsqrt_sig,
-                                            T score_thr) {
-  // The slots `a` may overlap, all tested before any decay: their shared loads issue
-  // together instead of one per step of the walk. Not with 16 slots, nor with 8 in fp64 or
-  // for the hard method: there ptxas spills more (-Xptxas -v, sm_90), so each slot is
+__device__ __forceinline__ uint32_t decay_slots(const Box<T>& a, bool skip, const Box<T> (&bx)[K], T (&sc)[K],
+                                                uint32_t& alive, const Box<T>* unions, T thr, T rsqrt_sig,
+                                                T score_thr) {
+  // The slots `a` may overlap, all found before any decay: lane k tests slot k's union (the
+  // warp's, so the mask is too), one shared load and test a lane instead of K. Not with 16
+  // slots, nor with 8 in fp64: there ptxas spills more (-Xptxas -v, sm_90), so each slot is
   // tested on its step.
-  constexpr bool kMaskFirst = K <= 4 || (K == 8 && sizeof(T) == 4 && METHOD != nms::kHard);
-  uint32_t ov = ~0u;
-  if constexpr (kMaskFirst) {
-#pragma unroll
-    for (int k = 0; k < K; ++k)
-      if (skip && !nms::may_overlap(a, unions[k])) ov &= ~(1u << k);
-  }
+  constexpr bool kMaskFirst = K <= 4 || (K == 8 && sizeof(T) == 4);
+  const int lane = threadIdx.x & 31;
+  uint32_t ov = 0u;
+  if constexpr (K == 1)  // every lane loads the one union anyway
+    ov = !skip || nms::may_overlap(a, unions[0]);
+  else if constexpr (kMaskFirst)
+    ov = skip ? __ballot_sync(0xffffffffu, lane < K && nms::may_overlap(a, unions[lane])) : (1u << K) - 1u;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    if (kMaskFirst ? !(ov >> k & 1u) : skip && !nms::may_overlap(a, unions[k])) continue;
+    if constexpr (!kMaskFirst) {
+      if (skip && !nms::may_overlap(a, unions[k])) continue;
+      ov |= 1u << k;
+    }
+    if (!(ov >> k & 1u)) continue;
     if (alive >> k & 1u) {
       sc[k] = decayed<T, METHOD>(sc[k], a, bx[k], thr, rsqrt_sig);
       if (sc[k] < score_thr) alive &= ~(1u << k);
     }
   }
+  return ov;
 }
 
 // One block per group; each step one block-wide max of the keys (one barrier), then the
@@ -549,8 +555,9 @@ __global__ void __launch_bounds__(soft_threads<T, K>()) soft_multi_kernel(
     for (int i = 0; i < m; ++i) {
       const Box<T> a = LEAD ? sel_box[i] : shfl_box(cb, __ffs(__ballot_sync(0xffffffffu, rank == i)) - 1);
       if (skip && !nms::may_overlap(a, warp_u)) continue;  // warp-uniform
-      stale = true;
-      decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, rsqrt_sig, score_thr);
+      // a warp none of whose slots `a` may overlap keeps its post (one slot: warp_u is its union)
+      const uint32_t ov = decay_slots<T, METHOD, K>(a, skip, bx, sc, alive, unions, thr, rsqrt_sig, score_thr);
+      if (K == 1 || ov != 0u) stale = true;
     }
   }
   if (threadIdx.x == 0) out_count[c] = count;
