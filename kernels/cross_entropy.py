@@ -602,12 +602,16 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
         tl.store(drow + cs, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
-def _rows_config(op, c):
-    # The rows kernels step through the classes by BLOCK_C (at most 1024) in C's type: Triton
-    # passes C below 2^31 as i32, where the step past the last block would wrap.
-    if 2**31 - 1024 < c < 2**31:
-        raise NotImplementedError(f"{op}: {c} classes of [N, C] logits, within 1024 of 2^31 (use fewer, or 2^31 "
+def _check_class_steps(op, c, step, what):
+    # The class loops step through C in C's type: Triton passes C below 2^31 as i32, where the
+    # step past the last one would wrap (a negative class, still below C) and go on.
+    if 2**31 - step < c < 2**31:
+        raise NotImplementedError(f"{op}: {c} classes of {what} logits, within {step} of 2^31 (use fewer, or 2^31 "
                                   "or more)")
+
+
+def _rows_config(op, c):
+    _check_class_steps(op, c, 1024, "[N, C]")  # by BLOCK_C, at most 1024
     block_c = min(1024, next_power_of_2(c))
     return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
 
@@ -678,9 +682,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(c, s, n, device, backward=False):
+def _launch(op, c, s, n, device, backward=False):
     """(kernel options, blocks an image, grid) of the plain or class-tile kernels."""
     cfg = dict(_tile_config(c, backward) or CE_CONFIG)
+    if "UNROLL" in cfg:  # the plain kernels, UNROLL classes a step
+        _check_class_steps(op, c, cfg["UNROLL"], "[N, C, d1, ...]")
     per_sm = cfg.pop("PER_SM")
     gather = cfg.pop("GATHER")
     if not backward:  # the forward's alone
@@ -743,7 +749,7 @@ def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing,
     n, c, s = logits.shape
     if s == 1:
         return _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction)
-    cfg, nb, grid = _launch(c, s, n, logits.device)
+    cfg, nb, grid = _launch("softmax_cross_entropy", c, s, n, logits.device)
     loss_map, stats, parts = _outputs(logits, (n, s), reduction, n * nb)
     if n * nb:
         z = logits.contiguous()
@@ -772,7 +778,7 @@ def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_
     require(reduction in (1, 2), op, f"reduction must be 1 (mean) or 2 (sum), got {reduction}")
     _check(op, logits, target, weight, 1, reduction, label_smoothing)
     n, c, s = logits.shape
-    cfg, nb, grid = _launch(c, s, n, logits.device)
+    cfg, nb, grid = _launch(op, c, s, n, logits.device)
     if s == 1 or c == 0 or n * nb == 0:  # the row kernels, or nothing to read: the two ops
         loss, wsum, stats = softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)
         return loss, wsum, stats, softmax_cross_entropy_backward(
@@ -832,7 +838,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, label_smoothing, grad, stats,
            wsum)
     n, c, s = logits.shape
-    cfg, nb, grid = _launch(c, s, n, logits.device, backward=True)
+    cfg, nb, grid = _launch("softmax_cross_entropy_backward", c, s, n, logits.device, backward=True)
     if s == 1:  # before any allocation
         op = "softmax_cross_entropy_backward"
         rows, rows_cfg = (grid_rows(op, n),), _rows_config(op, c)

@@ -288,11 +288,12 @@ def lovasz_gradient(fg_sorted, lengths):
     require(fg_sorted.dim() == 2 and fg_sorted.dtype in (torch.float32, torch.float64)
             and lengths.shape == fg_sorted.shape[:1] and lengths.dtype == torch.int64,
             "lovasz_gradient", "fg_sorted must be [R, M] fp32 or fp64 and lengths [R] int64")
+    r, m = fg_sorted.shape
+    nb = cdiv(m, _SCAN_BLOCK)
+    grid_rows("lovasz_gradient", r * nb)  # a program per block of a row; before any allocation
     fg = fg_sorted.contiguous()
     out = torch.empty_like(fg)
-    r, m = fg.shape
     if r and m:
-        nb = cdiv(m, _SCAN_BLOCK)
         lens = lengths.contiguous()
         cnt = torch.empty((r, nb), dtype=torch.int64, device=fg.device)
         _lovasz_count_kernel[(r * nb,)](fg, lens, cnt, m, nb, BLOCK=_SCAN_BLOCK)
@@ -390,6 +391,7 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
     acc = acc_dtype(probas.dtype)
     dev = probas.device
     g, m = (n, s) if per_image else (1, n * s)
+    grid_rows("lovasz_softmax_rows", g * cdiv(m, _SCAN_BLOCK))  # a program per block of a group's positions
     losses = torch.zeros((g, c), dtype=acc, device=dev)
     counts = torch.zeros((g, c), dtype=torch.int64, device=dev)
     grad = torch.empty((n, c, s), dtype=acc, device=dev)

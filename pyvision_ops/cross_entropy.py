@@ -17,7 +17,9 @@ loss, the mean and the gradients NaN (rejecting it would cost a device-to-host s
 Only the logits are differentiable (a ``weight`` that requires grad is an error, as in
 torch), and only once (double backward raises). A term whose factor is 0 is left out: with
 ``label_smoothing=1.0`` a -inf target logit gives an infinite loss where torch's
-0 * inf gives NaN (the gradients agree).
+0 * inf gives NaN (the gradients agree). Label smoothing adds the classes' terms from the
+largest logit: an infinite class weight on the class that holds it gives a NaN loss
+(inf * 0) where torch's is inf.
 
 Training step on CUDA: where the logits require grad and the reduction is mean or sum, the
 forward also writes the gradient for a loss gradient of 1, in the same pass over the logits

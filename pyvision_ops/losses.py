@@ -32,7 +32,9 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     ``gamma < 0`` the power overflows to inf where ``1 - p_t`` is tiny; where the input
     agrees with a hard target by 87 or more in fp32 (``inputs >= 87`` at ``targets = 1``,
     ``<= -87`` at 0) both it and the cross-entropy underflow to 0, and the loss is
-    0 * inf = NaN (torchvision's is inf or NaN there).
+    0 * inf = NaN (torchvision's is inf or NaN there). Infinite ``inputs`` give the
+    loss's and gradients' limits (0 where a hard target agrees, inf where it does not),
+    where torchvision's cross-entropy gives NaN.
     """
     _utils.check_tensor("inputs", inputs)
     _utils.check_tensor("targets", targets)

@@ -435,7 +435,7 @@ def test_triton_cross_entropy_interpreter_programs_loop_over_blocks(monkeypatch,
         want_dz = K.softmax_cross_entropy_backward(g, x, y, wt, want[2], want[1], -100, ls, reduction)
         with monkeypatch.context() as mp:
             mp.setitem(K.CE_TILE_CONFIG if tile else K.CE_CONFIG, "PER_SM", per_sm)
-            assert K._launch(5, 45, 3, x.device)[2] == (min(9, 4 * per_sm),)
+            assert K._launch("op", 5, 45, 3, x.device)[2] == (min(9, 4 * per_sm),)
             got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
             got_dz = K.softmax_cross_entropy_backward(g, x, y, wt, got[2], got[1], -100, ls, reduction)
         for a, b in zip((*got, got_dz), (*want, want_dz)):
@@ -456,7 +456,8 @@ def test_triton_cross_entropy_interpreter_tile_forward_plain_backward(monkeypatc
     monkeypatch.setitem(K.CE_TILE_CONFIG, "BLOCK_C", 4)
     tiles = K.softmax_cross_entropy(x, y, w, -100, 0.3, 0)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "BACKWARD", False)
-    assert "BLOCK_C" in K._launch(7, 45, 2, x.device)[0] and "BLOCK_C" not in K._launch(7, 45, 2, x.device, True)[0]
+    assert "BLOCK_C" in K._launch("op", 7, 45, 2, x.device)[0]
+    assert "BLOCK_C" not in K._launch("op", 7, 45, 2, x.device, True)[0]
     got = K.softmax_cross_entropy(x, y, w, -100, 0.3, 0)
     for a, b in zip(got, tiles):
         assert torch.equal(a, b)
@@ -1252,7 +1253,7 @@ def test_triton_with_grad_interpreter_special_values_and_loops(monkeypatch, ce_k
     monkeypatch.setitem(K.CE_TILE_CONFIG, "ELEMS", 64)
     monkeypatch.setitem(K.CE_CONFIG, "PER_SM", 1)
     monkeypatch.setitem(K.CE_TILE_CONFIG, "PER_SM", 1)
-    assert K._launch(5, 45, 3, x.device)[0]["LOOP"]
+    assert K._launch("op", 5, 45, 3, x.device)[0]["LOOP"]
     want = _unit_step(x, y, w, 0.3, 1, K.softmax_cross_entropy, K.softmax_cross_entropy_backward)
     for a, b in zip(K.softmax_cross_entropy_with_grad(x, y, w, -100, 0.3, 1), want):
         assert torch.equal(a, b)

@@ -271,6 +271,18 @@ def test_triton_interpreter_direct_op_edges():
         with pytest.raises(NotImplementedError, match="softmax_cross_entropy(_backward)?: 2147482625 classes"):
             call()
     assert C._rows_config("op", 2**31 - 1024)["BLOCK_C"] == 1024 and C._rows_config("op", 2**31)["BLOCK_C"] == 1024
+    # [N, C, d1, ...] logits past the class tiles: the plain kernels step through C by UNROLL
+    step = C.CE_CONFIG["UNROLL"]
+    z, t = torch.zeros(1, 1, 1).expand(1, 2**31 - 1, 2), torch.zeros(1, 2, dtype=torch.long)
+    stats = torch.zeros(2, 1, 2)
+    for call in (lambda: C.softmax_cross_entropy(z, t, None, -100, 0.0, 1),
+                 lambda: C.softmax_cross_entropy_with_grad(z, t, None, -100, 0.0, 1),
+                 lambda: C.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, torch.ones(()), -100,
+                                                          0.0, 1)):
+        with pytest.raises(NotImplementedError, match="softmax_cross_entropy(_with_grad|_backward)?: 2147483647 "
+                                                      f"classes of .N, C, d1, .... logits, within {step} of 2"):
+            call()
+    assert C._launch("op", 2**31 - step, 2, 1, torch.device("cpu"))[1] == 1
     # an empty batch is not a launch: an empty output, whatever its width
     assert K.upsample_bilinear(torch.zeros(0, 1, 1, 1), 1, 2**24 + 1, False, -1.0, -1.0).shape == (0, 1, 1, 2**24 + 1)
 

@@ -1083,6 +1083,13 @@ def test_triton_launchers_check_shapes_like_the_cpu_ops():
         KL.dice_stats(z, t, -100)
     with pytest.raises(NotImplementedError, match="dice_stats_backward: 2147483648 rows"):
         KL.dice_stats_backward(torch.ones(2, 2), z, t, -100)
+    # the Lovasz kernels take a program per block of 1024 entries of a row (of a group's
+    # positions): at most 2^31 - 1 programs
+    with pytest.raises(NotImplementedError, match="lovasz_gradient: 2147483648 rows"):
+        KL.lovasz_gradient(torch.zeros(1, 1).expand(2**31, 1), torch.ones(1, dtype=torch.long).expand(2**31))
+    with pytest.raises(NotImplementedError, match="lovasz_softmax_rows: 2147483648 rows"):
+        KL.lovasz_softmax_rows(torch.zeros(1, 1, 1).expand(2**31, 1, 1), torch.zeros(1, 1, dtype=torch.long).expand(
+            2**31, 1), None, True)
 
 
 @pytest.mark.interpreter

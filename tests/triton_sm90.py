@@ -122,7 +122,7 @@ def _launchers():
         cross_entropy.CE_TILE_CONFIG.update(PER_SM=1, MAX_C=max_c, BLOCK_C=block_c, ELEMS=128)
         zz = torch.randn(2, 7, 90, generator=g)
         tt = torch.randint(0, 7, (2, 90), generator=g)
-        assert cross_entropy._launch(7, 90, 2, zz.device)[0]["LOOP"]
+        assert cross_entropy._launch("op", 7, 90, 2, zz.device)[0]["LOOP"]
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_with_grad(zz, tt, None, 255, 0.0, 1)

@@ -317,7 +317,7 @@ T key_value(K k) {
   return v;
 }
 
-// Stable LSD radix sort of (key, value) pairs by ascending key, 11 bits a pass, with every
+// Stable LSD radix sort of (key, value) pairs by ascending key, 8 bits a pass, with every
 // pass's histogram counted in one read; a pass whose digit is the same for every key is
 // skipped. The result is left in key / val.
 template <typename K, typename I>
