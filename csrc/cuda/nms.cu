@@ -15,7 +15,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/sort.h>
-#include <ATen/ops/tensor.h>
 #include <ATen/ops/unique_consecutive.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -67,8 +66,15 @@ Groups group_by_category(const at::Tensor& scores, const std::optional<at::Tenso
   return g;
 }
 
+// A host table on like's device. Copied from pinned memory without waiting: a copy from
+// pageable memory synchronises the stream, so the host would wait for the work queued before
+// it (the score sort) instead of queueing the next. The caching host allocator keeps the
+// pinned buffer until the copy has run.
 at::Tensor to_device(const std::vector<int64_t>& v, const at::Tensor& like) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(like.device());
+  at::Tensor host =
+      at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(v.begin(), v.end(), host.mutable_data_ptr<int64_t>());
+  return host.to(like.device(), /*non_blocking=*/true);
 }
 
 // ---------------------------------------------------------------- hard NMS
@@ -423,11 +429,13 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
     plan = plan_rounds(g.len, kMaxMaskWords);
     rounds = plan.mask_words <= kMaxMaskWords;
   }
-  const at::Tensor d_start = to_device(g.start, boxes), d_len = to_device(g.len, boxes);
+  std::vector<int64_t> start_len(g.start);
+  start_len.insert(start_len.end(), g.len.begin(), g.len.end());
+  const at::Tensor start_len_d = to_device(start_len, boxes);  // one copy
+  const at::Tensor d_start = start_len_d.narrow(0, 0, groups), d_len = start_len_d.narrow(0, groups, groups);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
-  // each box's group (repeat_interleave reads the lengths back to size its output: a sync)
-  const at::Tensor seg =
-      groups > 1 ? at::repeat_interleave(at::arange(groups, d_len.options()), d_len) : at::Tensor();
+  // each box's group (given its size, repeat_interleave does not read the lengths back)
+  const at::Tensor seg = groups > 1 ? at::repeat_interleave(d_len, n) : at::Tensor();
   at::Tensor out_pos, out_count;  // the sequential kernel's outputs
   at::Tensor alive = at::empty({n}, boxes.options().dtype(at::kInt));
   at::Tensor out_score, place, selected;
