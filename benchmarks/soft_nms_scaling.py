@@ -15,7 +15,10 @@ that grows with K, or drops with spread, says the slot walk dominates. Multi, th
 may make several selections per block-wide step (spread's registers, or global memory
 beyond); lead is multi with a step's selections replayed by one warp instead of all.
 "same" says whether each variant kept the chunks kernel's boxes with scores equal to fp32
-rounding. On the CPU all variants run the same C++ kernel.
+rounding. On CUDA the last columns split multi's and lead's calls (torch.profiler): the
+Soft-NMS kernel's GPU time and the GPU time of the rest (sorts, gathers, copies); what the
+timed call takes beyond both is host time the GPU waited for. On the CPU all variants run
+the same C++ kernel.
 """
 
 import argparse
@@ -26,9 +29,11 @@ import pyvision_ops as P
 
 from .bench_nms import _detections, soft_nms_kernel
 from .common import time_cpu, time_cuda
+from .profile_cuda import _profile
 
 SIZES = (1000, 2000, 4000, 5000, 8000, 12000)
 VARIANTS = ("chunks", "spread", "multi", "lead", "rounds")
+SPLIT = ("multi", "lead")  # the variants whose GPU time is split
 
 
 def fp32_slots(n):
@@ -50,8 +55,11 @@ def main(argv=None):
     def timed(fn):
         return time_cuda(fn, quick=True) if args.device == "cuda" else time_cpu(fn, 0.2)
 
+    split = SPLIT if args.device == "cuda" else ()
+    columns = 5 + 2 * len(VARIANTS) + len(split)
     print("| N | K | nms ms | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | selections | "
-          + " | ".join(f"{v} us / selection" for v in VARIANTS) + " | same |\n|" + "---|" * (5 + 2 * len(VARIANTS)))
+          + " | ".join(f"{v} us / selection" for v in VARIANTS) + " | same |"
+          + "".join(f" {v} kernel / other GPU ms |" for v in split) + "\n|" + "---|" * columns)
     for n in sizes:
         boxes, scores, _ = _detections(n)
         b, s = boxes.to(args.device), scores.to(args.device)
@@ -64,9 +72,15 @@ def main(argv=None):
         selections = out["chunks"][0].numel()
         same = all(_same(out["chunks"], out[v]) for v in VARIANTS)
         per = [soft[v] / max(selections, 1) * 1e6 for v in VARIANTS]
+        gpu = []
+        for v in split:
+            with soft_nms_kernel(v):
+                _, total, rows = _profile(lambda b=b, s=s: P.soft_nms(b, s))
+            kernel = sum(us for name, us, _ in rows if "soft_" in name)
+            gpu.append(f" {kernel / 1e3:.3f} / {(total - kernel) / 1e3:.3f} |")
         print(f"| {n} | {fp32_slots(n) or 'global'} | {hard * 1e3:.3f} | "
               + " | ".join(f"{soft[v] * 1e3:.3f}" for v in VARIANTS) + f" | {selections} | "
-              + " | ".join(f"{x:.2f}" for x in per) + f" | {'yes' if same else 'NO'} |", flush=True)
+              + " | ".join(f"{x:.2f}" for x in per) + f" | {'yes' if same else 'NO'} |" + "".join(gpu), flush=True)
 
 
 def _same(a, b):
