@@ -1,4 +1,5 @@
-"""Loss workloads: sigmoid focal loss vs torchvision (1M logits); Dice vs the unfused torch
+"""Loss workloads: sigmoid focal loss vs torchvision (1M logits, and a detection head's logits
+viewed as [N, locations, classes]); Dice vs the unfused torch
 composition (softmax, gather, index_add) and Lovasz-softmax vs the usual
 per-class loop, both on (2, 19, 128, 256) with 10% ignored pixels."""
 
@@ -17,6 +18,20 @@ def _focal(n, gamma=2.0):
         t = (torch.rand(n, generator=g) > 0.9).float().to(device)
         return (fwd_bwd(x, lambda a: tv.sigmoid_focal_loss(a, t, 0.25, gamma, "mean")),
                 fwd_bwd(x, lambda a: P.sigmoid_focal_loss(a, t, 0.25, gamma, "mean")))
+
+    return make
+
+
+def _focal_head(n, k, h, w):
+    """A detection head's class logits [n, k, h, w] viewed as [n, h * w, k] (no copy), targets
+    made like that view (zeros_like), as in RetinaNet/FCOS-style losses."""
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(n, k, h, w, generator=g) * 3).to(device)
+        t = torch.zeros_like(x.flatten(2).transpose(1, 2))
+        t.copy_(torch.rand(n, h * w, k, generator=g) > 0.99)
+        return (fwd_bwd(x, lambda a: tv.sigmoid_focal_loss(a.flatten(2).transpose(1, 2), t, 0.25, 2.0, "sum")),
+                fwd_bwd(x, lambda a: P.sigmoid_focal_loss(a.flatten(2).transpose(1, 2), t, 0.25, 2.0, "sum")))
 
     return make
 
@@ -83,6 +98,8 @@ WORKLOADS = [
     Workload("losses", "sigmoid_focal_loss fwd+bwd 1M", "torchvision", _focal(1_000_000)),
     Workload("losses", "sigmoid_focal_loss fwd+bwd 1M, gamma 1.5", "torchvision", _focal(1_000_000, 1.5),
              quick=False),
+    Workload("losses", "sigmoid_focal_loss fwd+bwd, head logits (8, 80, 32, 64) as [8, 2048, 80]", "torchvision",
+             _focal_head(8, 80, 32, 64)),
     Workload("losses", "dice_loss fwd+bwd (2, 19, 128, 256)", "torch composition", _dice),
     Workload("losses", "lovasz_softmax fwd+bwd (2, 19, 128, 256)", "per-class loop", _lovasz(2, 128, 256)),
     Workload("losses", "lovasz_softmax fwd+bwd (8, 19, 512, 1024)", "per-class loop", _lovasz(8, 512, 1024),

@@ -104,6 +104,24 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
         return False
 
 
+def memory_order(t: torch.Tensor) -> list[int] | None:
+    """The dims of ``t`` from outermost to innermost in memory, where ``t`` is a permuted
+    contiguous tensor other than a contiguous one (``t.permute(order)`` is contiguous; a
+    detection head's ``[N, C, H, W] -> [N, H * W, C]`` view, channels_last): an elementwise
+    op run on that view and permuted back gives a result with t's strides, as torch's
+    elementwise ops do, instead of a contiguous one that slows what follows (a gradient in
+    another layout than the activations it meets). None otherwise, and under vmap."""
+    if t.dim() < 2 or t.is_contiguous() or (not torch.compiler.is_compiling() and is_vmapped(t)):
+        return None
+    strides, order = t.stride(), list(range(t.dim()))
+    for i in range(1, len(order)):  # by decreasing stride, ties in order (dynamo cannot sort by a key)
+        j = i
+        while j > 0 and strides[order[j - 1]] < strides[order[j]]:
+            order[j - 1], order[j] = order[j], order[j - 1]
+            j -= 1
+    return order if t.permute(order).is_contiguous() else None
+
+
 def is_vmapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is batched by ``torch.func.vmap`` at any level (under ``grad`` too, whose
     wrapper holds the batched tensor): its values cannot decide a Python branch."""

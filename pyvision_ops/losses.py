@@ -52,12 +52,15 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     if targets.is_floating_point():
         inputs = inputs.to(torch.promote_types(inputs.dtype, targets.dtype))
     targets = targets.to(inputs.dtype)
-    if (inputs.dim() == 4 and not inputs.is_contiguous() and _utils.is_channels_last(inputs)
-            and _utils.is_channels_last(targets)):
-        # Elementwise: run on the NHWC views, so that the loss is channels_last like both
-        # inputs, as torchvision's elementwise ops make it (and no input is copied).
-        loss = ops.sigmoid_focal_loss(inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1), alpha, gamma)
-        loss = loss.permute(0, 3, 1, 2)
+    order = _utils.memory_order(inputs)
+    if order is not None and targets.permute(order).is_contiguous():
+        # Elementwise, both in one layout: run on the views in memory order, so that the loss
+        # and the gradients take that layout, as from torchvision's elementwise ops (and no
+        # input is copied). Layouts that differ give contiguous results, as there.
+        back = [0] * len(order)
+        for i, d in enumerate(order):
+            back[d] = i
+        loss = ops.sigmoid_focal_loss(inputs.permute(order), targets.permute(order), alpha, gamma).permute(back)
     else:
         loss = ops.sigmoid_focal_loss(inputs, targets, alpha, gamma)
     if reduction == "mean":

@@ -112,6 +112,33 @@ def test_focal_keeps_channels_last_like_torchvision(targets_channels_last):
     torch.testing.assert_close(compiled, theirs.detach())
 
 
+def test_focal_follows_a_permuted_layout_like_torchvision():
+    # A detection head's [N, K, H, W] -> [N, H * W, K] view, targets made like it (zeros_like):
+    # the loss and the gradient reaching the view take its strides, as torchvision's, where a
+    # contiguous gradient would meet the head's activations in another layout
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    t = torch.zeros_like(base.flatten(2).transpose(1, 2)).copy_(torch.rand(2, 20, 3, generator=g) > 0.7)
+    w = torch.rand(2, 20, 3, generator=g, dtype=torch.float64)
+    out = {}
+    for name, fn in (("ours", P.sigmoid_focal_loss), ("torchvision", tv.sigmoid_focal_loss)):
+        leaf = base.clone().requires_grad_()
+        x = leaf.flatten(2).transpose(1, 2)
+        x.register_hook(lambda grad, name=name: out.setdefault(name + " grad", grad))
+        out[name] = fn(x, t)
+        (out[name] * w).sum().backward()
+    assert out["ours"].stride() == out["torchvision"].stride() == t.stride() != t.contiguous().stride()
+    assert out["ours grad"].stride() == out["torchvision grad"].stride() == t.stride()
+    torch.testing.assert_close(out["ours"], out["torchvision"])
+    torch.testing.assert_close(out["ours grad"], out["torchvision grad"])
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(force_disable_caches=True):
+        compiled = torch.compile(P.sigmoid_focal_loss, fullgraph=True)(base.flatten(2).transpose(1, 2), t)
+    assert compiled.stride() == t.stride()
+    torch.testing.assert_close(compiled, out["torchvision"].detach())
+
+
 def test_focal_edge_cases():
     empty = torch.zeros(0)
     assert P.sigmoid_focal_loss(empty, empty).shape == (0,)
