@@ -80,20 +80,11 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {n0} is on {t0.device}; they must be on one device")
 
 
-def is_channels_last(t: torch.Tensor) -> bool:
-    """``t.is_contiguous(memory_format=torch.channels_last)``; False inside ``torch.func.vmap``,
-    which cannot answer it for a batched tensor (the op's result is then contiguous)."""
-    try:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    except RuntimeError:
-        return False
-
-
 def suggests_channels_last(t: torch.Tensor) -> bool:
     """Whether torch lays out an op's output for input ``t`` as channels_last (its
     suggest_memory_format): by the strides, so also where ``t`` is NCHW-contiguous as well (a
-    channels_last model's 1x1 pooled branch); False inside ``torch.func.vmap``, as
-    is_channels_last."""
+    channels_last model's 1x1 pooled branch); False inside ``torch.func.vmap``, which cannot
+    answer it for a batched tensor (the op's result is then contiguous)."""
     # under vmap the strides are one example's, but a batched tensor cannot take the layout
     # (is_compiling first: dynamo cannot trace the functorch query)
     if not torch.compiler.is_compiling() and is_vmapped(t):
@@ -113,7 +104,10 @@ def memory_order(t: torch.Tensor) -> list[int] | None:
     another layout than the activations it meets). None otherwise, and under vmap."""
     if t.dim() < 2 or t.is_contiguous() or (not torch.compiler.is_compiling() and is_vmapped(t)):
         return None
-    strides, order = t.stride(), list(range(t.dim()))
+    try:
+        strides, order = t.stride(), list(range(t.dim()))
+    except RuntimeError:  # a tensor without strides (batched under compile)
+        return None
     for i in range(1, len(order)):  # by decreasing stride, ties in order (dynamo cannot sort by a key)
         j = i
         while j > 0 and strides[order[j - 1]] < strides[order[j]]:
