@@ -391,7 +391,8 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
     acc = acc_dtype(probas.dtype)
     dev = probas.device
     g, m = (n, s) if per_image else (1, n * s)
-    grid_rows("lovasz_softmax_rows", g * cdiv(m, _SCAN_BLOCK))  # a program per block of a group's positions
+    nb = cdiv(m, _SCAN_BLOCK)
+    grid_rows("lovasz_softmax_rows", g * nb)  # a program per block of a group's positions
     losses = torch.zeros((g, c), dtype=acc, device=dev)
     counts = torch.zeros((g, c), dtype=torch.int64, device=dev)
     grad = torch.empty((n, c, s), dtype=acc, device=dev)
@@ -403,7 +404,6 @@ def lovasz_softmax_rows(probas, labels, ignore_index, per_image):
         lengths = torch.full((g,), m, dtype=torch.int64, device=dev)
     else:
         lengths = (y != ignore_index).reshape(g, m).sum(1)
-    nb = cdiv(m, _SCAN_BLOCK)
     step = max(1, _LOVASZ_CHUNK // (g * m))
     for c0 in range(0, c, step):
         k = min(c, c0 + step) - c0

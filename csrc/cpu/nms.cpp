@@ -257,9 +257,9 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T rsqrt_sig, T scor
   while (first_real < n && std::isnan(score[first_real])) ++first_real;
   for (int64_t m = 0; m < first_real; ++m) {
     out.emplace_back(s.pos[m], score[m]);
-    decay_pass<T, METHOD, TINY>(s.box(m), s.x1.data() + first_real, s.y1.data() + first_real, s.x2.data() + first_real,
-                          s.y2.data() + first_real, score.data() + first_real, drop.data() + first_real,
-                          n - first_real, thr, rsqrt_sig, score_thr, block_max.data());
+    decay_pass<T, METHOD, TINY>(s.box(m), s.x1.data() + first_real, s.y1.data() + first_real,
+                                s.x2.data() + first_real, s.y2.data() + first_real, score.data() + first_real,
+                                drop.data() + first_real, n - first_real, thr, rsqrt_sig, score_thr, block_max.data());
   }
   for (int64_t m = 0; m < first_real; ++m) drop[m] = 1;
   n = s.compact(0, n, drop.data(), score.data());
@@ -320,7 +320,8 @@ void soft_nms_group(Soa<T>& s, std::vector<T>& score, T thr, T rsqrt_sig, T scor
       if (!visit_all && !nms::may_overlap(a, u)) continue;
       const int64_t b0 = b * kBlock, len = std::min(n, b0 + kBlock) - b0;
       decay_pass<T, METHOD, TINY>(a, s.x1.data() + b0, s.y1.data() + b0, s.x2.data() + b0, s.y2.data() + b0,
-                            score.data() + b0, drop.data() + b0, len, thr, rsqrt_sig, score_thr, block_max.data() + b);
+                                  score.data() + b0, drop.data() + b0, len, thr, rsqrt_sig, score_thr,
+                                  block_max.data() + b);
       own_visited |= b == m / kBlock;
     }
     if (!own_visited) rescan(m / kBlock);  // the selected entry leaves its block's maximum
