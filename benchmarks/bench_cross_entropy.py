@@ -1,8 +1,8 @@
-"""Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits and on [4096, 1000]
-(classification, label smoothing 0.1), and upsample + cross-entropy from (2, 19, 64, 128)
-logits to (512, 1024) labels (on CUDA also Cityscapes size, (8, 19, 128, 256) to
-(1024, 2048)) vs interpolate then cross_entropy; ignore_index 255 for the dense ones,
-forward+backward."""
+"""Cross-entropy vs F.cross_entropy on (2, 19, 512, 1024) logits (contiguous and
+channels_last) and on [4096, 1000] (classification, label smoothing 0.1), and upsample +
+cross-entropy from (2, 19, 64, 128) logits to (512, 1024) labels (on CUDA also Cityscapes
+size, (8, 19, 128, 256) to (1024, 2048)) vs interpolate then cross_entropy; ignore_index 255
+for the dense ones, forward+backward."""
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,9 @@ from pyvision_ops import cross_entropy as CE
 from .common import Workload, fwd_bwd
 
 
-def _ce(device):
+def _ce(device, memory_format=torch.contiguous_format):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 19, 512, 1024, generator=g).to(device)
+    x = torch.randn(2, 19, 512, 1024, generator=g).to(device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 19, (2, 512, 1024), generator=g)
     y[torch.rand(2, 512, 1024, generator=g) < 0.1] = 255
     y = y.to(device)
@@ -40,6 +40,11 @@ def two_passes(fn):
 def _ce_two_passes(device):
     anchor, ours = _ce(device)
     return anchor, two_passes(ours)
+
+
+def _ce_channels_last(device):
+    # a channels_last network's logits: classes innermost (the row op on positions)
+    return _ce(device, torch.channels_last)
 
 
 def _ce_rows(device):
@@ -77,6 +82,10 @@ WORKLOADS = [
              devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
     Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024), two passes (graph)", "F.cross_entropy",
              _ce_two_passes, devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
+    Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024) channels_last", "F.cross_entropy",
+             _ce_channels_last, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
+    Workload("cross_entropy", "cross_entropy fwd+bwd (2,19,512,1024) channels_last (graph)", "F.cross_entropy",
+             _ce_channels_last, devices=("cuda",), graph=True, bytes_moved=lambda: 3 * 2 * 19 * 512 * 1024 * 4),
     Workload("cross_entropy", "cross_entropy fwd+bwd [4096, 1000], label smoothing 0.1", "F.cross_entropy",
              _ce_rows),
     # No bandwidth figure: its 16 MB of logits stay in L2 across the graph's back-to-back replays.

@@ -54,12 +54,13 @@ def column_blocks(op: str, width: int, block: int) -> int:
     return blocks
 
 
-def grid_rows(op: str, rows: int) -> int:
-    """A program per row along grid dimension x, which CUDA caps at 2^31 - 1."""
-    if rows >= 2**31:
-        raise NotImplementedError(f"{op}: {rows} rows (one program each) are more than CUDA's 2^31 - 1 along a grid "
-                                  "dimension")
-    return rows
+def grid_rows(op: str, rows: int, per: int = 1) -> int:
+    """Programs of `per` rows each along grid dimension x, which CUDA caps at 2^31 - 1."""
+    programs = cdiv(rows, per)
+    if programs >= 2**31:
+        raise NotImplementedError(f"{op}: {rows} rows ({per} a program) need more than CUDA's 2^31 - 1 programs "
+                                  "along a grid dimension")
+    return programs
 
 
 def row_grid(op: str, rows: int, width: int, block: int) -> tuple[int, int]:

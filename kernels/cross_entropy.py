@@ -520,8 +520,9 @@ def _scale_grad_kernel(x_ptr, g_ptr, numel, BLOCK: tl.constexpr):
             tl.store(x_ptr + o, (x.to(g.dtype) * g).to(x_ptr.dtype.element_ty), mask=m)
 
 
-# [N, C] logits (S = 1): a block of positions would hold one. One program per row instead,
-# its classes BLOCK_C at a time (contiguous loads), max then sum of exp as on the CPU.
+# [N, C] logits (S = 1): a block of positions would hold one. A program takes BLOCK_R rows
+# (one where a row has many classes), their classes BLOCK_C at a time (contiguous loads), max
+# then sum of exp as on the CPU.
 
 @triton.jit
 def _row_weights(w_ptr, cs, m, HAS_W: tl.constexpr):
@@ -532,74 +533,99 @@ def _row_weights(w_ptr, cs, m, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _row_terms(z, mx, cs, m, sv, dv, wv, w_ptr, C, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """A class tile's exp(z - max) into sv and, with label smoothing, its w_c (max - z_c)
+    into dv and weights into wv (masked classes m add nothing)."""
+    sv += tl.where(m, tl.exp(z - mx[:, None]), 0.0)
+    if SMOOTH:
+        wc = _row_weights(w_ptr, cs, cs < C, HAS_W)
+        dv += tl.where(m, wc * (mx[:, None] - z), 0.0)
+        wv += wc
+    return sv, dv, wv
+
+
+@triton.jit
 def _ce_rows_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, N, C, ignore_index,
                             keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                            STORE_LOSS: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
+                            STORE_LOSS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                            ONE_TILE: tl.constexpr):
+    r0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    lr = tl.arange(0, BLOCK_R)  # offsets within the tile in 32 bits: BLOCK_R > 1 only for few classes
+    rm = (lr < N - r0) | (BLOCK_R == 1)  # a program a row: it exists (no mask to apply)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
-    row = z_ptr + r * C
-    mv = tl.full((BLOCK_C,), float("-inf"), acc)
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        mv = tl.maximum(mv, tl.load(row + cs, mask=cs < C, other=float("-inf")).to(acc))
-    mx = tl.max(mv, 0)
-    sv = tl.zeros((BLOCK_C,), acc)
-    dv = tl.zeros((BLOCK_C,), acc)
-    wv = tl.zeros((BLOCK_C,), acc)
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        m = cs < C
-        z = tl.load(row + cs, mask=m, other=0.0).to(acc)
-        sv += tl.where(m, tl.exp(z - mx), 0.0)
-        if SMOOTH:
-            wc = _row_weights(w_ptr, cs, m, HAS_W)
-            dv += tl.where(m, wc * (mx - z), 0.0)
-            wv += wc
-    y = tl.load(y_ptr + r)
+    z_ptr += r0 * C
+    rows = z_ptr + (lr * C)[:, None]
+    sv = tl.zeros((BLOCK_R, BLOCK_C), acc)
+    dv = tl.zeros((BLOCK_R, BLOCK_C), acc)
+    wv = tl.zeros((1, BLOCK_C), acc)  # the same for every row
+    if ONE_TILE:  # the rows' classes in one tile: read once
+        cs = tl.arange(0, BLOCK_C)[None, :]
+        m = rm[:, None] & (cs < C)
+        z = tl.load(rows + cs, mask=m, other=float("-inf")).to(acc)
+        mx = tl.max(z, 1)
+        sv, dv, wv = _row_terms(z, mx, cs, m, sv, dv, wv, w_ptr, C, HAS_W, SMOOTH)
+    else:
+        mv = tl.full((BLOCK_R, BLOCK_C), float("-inf"), acc)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)[None, :]
+            mv = tl.maximum(mv, tl.load(rows + cs, mask=rm[:, None] & (cs < C), other=float("-inf")).to(acc))
+        mx = tl.max(mv, 1)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)[None, :]
+            m = rm[:, None] & (cs < C)
+            z = tl.load(rows + cs, mask=m, other=0.0).to(acc)
+            sv, dv, wv = _row_terms(z, mx, cs, m, sv, dv, wv, w_ptr, C, HAS_W, SMOOTH)
+    y = tl.load(y_ptr + r0 + lr, mask=rm, other=0)
     valid = y != ignore_index
     inr = valid & (y >= 0) & (y < C)
-    zy = tl.load(row + tl.where(inr, y, 0), mask=inr, other=0.0).to(acc)
+    zy = tl.load(z_ptr + lr * C + tl.where(inr, y, 0), mask=rm & inr, other=0.0).to(acc)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
-    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(tl.sum(sv, 0)))
-    loss = _ce_loss(mx, ls, zy, tl.sum(dv, 0), wy, valid, keep, spread, tl.sum(wv, 0))
+    ls = tl.where(mx == float("-inf"), float("nan"), tl.log(tl.sum(sv, 1)))
+    loss = _ce_loss(mx, ls, zy, tl.sum(dv, 1), wy, valid, keep, spread, tl.sum(wv, 1))
     if STORE_LOSS:
-        tl.store(loss_ptr + r, loss)
-    tl.store(part_ptr + r, loss.to(tl.float64))
-    tl.store(part_ptr + N + r, wy.to(tl.float64))
-    tl.store(stats_ptr + r, mx)
-    tl.store(stats_ptr + N + r, ls)
+        tl.store(loss_ptr + r0 + lr, loss, mask=rm)
+    tl.store(part_ptr + r0 + lr, loss.to(tl.float64), mask=rm)
+    tl.store(part_ptr + N + r0 + lr, wy.to(tl.float64), mask=rm)
+    tl.store(stats_ptr + r0 + lr, mx, mask=rm)
+    tl.store(stats_ptr + N + r0 + lr, ls, mask=rm)
 
 
 @triton.jit
 def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, N, C, ignore_index,
                              keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                             G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
+                             G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr):
+    steps: tl.constexpr = BLOCK_C if ONE_TILE else C  # a constant trip count of 1: no loop
+    r0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    lr = tl.arange(0, BLOCK_R)  # as in the forward
+    rm = (lr < N - r0) | (BLOCK_R == 1)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
-    y = tl.load(y_ptr + r)
+    y = tl.load(y_ptr + r0 + lr, mask=rm, other=0)
     valid = y != ignore_index
-    g = _position_grad(g_ptr, wsum_ptr, r, True, valid, G_STEP, MEAN)
-    mx = tl.load(stats_ptr + r).to(acc)
-    ls = tl.load(stats_ptr + N + r).to(acc)
-    wv = tl.zeros((BLOCK_C,), acc)
+    g = _position_grad(g_ptr, wsum_ptr, r0 + lr, rm, valid, G_STEP, MEAN)
+    mx = tl.load(stats_ptr + r0 + lr, mask=rm, other=0.0).to(acc)[:, None]
+    ls = tl.load(stats_ptr + N + r0 + lr, mask=rm, other=0.0).to(acc)[:, None]
+    wv = tl.zeros((1, BLOCK_C), acc)
     if SMOOTH:
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
+        for c0 in range(0, steps, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)[None, :]
             wv += _row_weights(w_ptr, cs, cs < C, HAS_W)
-    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), tl.sum(wv, 0), keep, spread,
+    coef_a, coef_b, gs = _grad_coefs(g, _target_weight(w_ptr, y, valid, C, HAS_W), tl.sum(wv, 1), keep, spread,
                                      SMOOTH)
-    row = z_ptr + r * C
-    drow = dz_ptr + r * C
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        m = cs < C
-        z = tl.load(row + cs, mask=m, other=0.0).to(acc)
-        dz = coef_a * tl.exp((z - mx) - ls) - tl.where(y == cs, coef_b, 0.0)
+    # ignored rows have coefficients 0, targets outside [0, C) NaN ones: -1 matches no class
+    coef_a, coef_b, gs, yc = coef_a[:, None], coef_b[:, None], gs[:, None], _target_class(y, C)[:, None]
+    rows = z_ptr + r0 * C + (lr * C)[:, None]
+    drows = dz_ptr + r0 * C + (lr * C)[:, None]
+    for c0 in range(0, steps, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)[None, :]
+        m = rm[:, None] & (cs < C)
+        z = tl.load(rows + cs, mask=m, other=0.0).to(acc)
+        dz = coef_a * tl.exp((z - mx) - ls) - tl.where(yc == cs, coef_b, 0.0)
         if SMOOTH:
-            dz -= gs * _row_weights(w_ptr, cs, m, HAS_W)
-        tl.store(drow + cs, dz.to(dz_ptr.dtype.element_ty), mask=m)
+            dz -= gs * _row_weights(w_ptr, cs, cs < C, HAS_W)
+        tl.store(drows + cs, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
 def _check_class_steps(op, c, step, what):
@@ -610,10 +636,21 @@ def _check_class_steps(op, c, step, what):
                                   "or more)")
 
 
-def _rows_config(op, c):
-    _check_class_steps(op, c, 1024, "[N, C]")  # by BLOCK_C, at most 1024
-    block_c = min(1024, next_power_of_2(c))
-    return {"BLOCK_C": block_c, "num_warps": 8 if block_c >= 1024 else 4}
+# The row kernels' tiles: BLOCK_C, the next power of 2 of C up to MAX_BLOCK_C, by about
+# ELEMS / BLOCK_C rows (one from 1024 classes). Few classes ([N * H * W, 19] channels_last
+# logits, small heads): a program a row would leave most lanes idle.
+CE_ROWS_CONFIG = {"MAX_BLOCK_C": 1024, "ELEMS": 1024}
+
+
+def _rows_config(op, n, c):
+    """(grid, kernel options) of the row kernels for [N, C] logits, checked before any
+    allocation."""
+    cap = CE_ROWS_CONFIG["MAX_BLOCK_C"]
+    _check_class_steps(op, c, cap, "[N, C]")  # by BLOCK_C, at most cap
+    block_c = min(cap, next_power_of_2(c))
+    block_r = max(1, CE_ROWS_CONFIG["ELEMS"] // block_c)
+    return (grid_rows(op, n, block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c, "ONE_TILE": block_c >= c,
+                                                "num_warps": 8 if block_c >= 1024 else 4}
 
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
@@ -822,7 +859,7 @@ def scale_grad_(grad, scale):
 def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):
     n, c, _ = logits.shape
     op = "softmax_cross_entropy"
-    grid, cfg = (grid_rows(op, n),), _rows_config(op, c)  # before any allocation
+    grid, cfg = _rows_config(op, n, c)  # before any allocation
     loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
     if n:
         z = logits.contiguous()
@@ -841,7 +878,7 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     cfg, nb, grid = _launch("softmax_cross_entropy_backward", c, s, n, logits.device, backward=True)
     if s == 1:  # before any allocation
         op = "softmax_cross_entropy_backward"
-        rows, rows_cfg = (grid_rows(op, n),), _rows_config(op, c)
+        rows, rows_cfg = _rows_config(op, n, c)
     z = logits.contiguous()
     dz = torch.empty_like(z)
     if n * nb == 0 or (s == 1 and c == 0):

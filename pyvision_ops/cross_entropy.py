@@ -21,13 +21,19 @@ torch), and only once (double backward raises). A term whose factor is 0 is left
 largest logit: an infinite class weight on the class that holds it gives a NaN loss
 (inf * 0) where torch's is inf.
 
+Logits whose classes are innermost in memory (channels_last, or a sequence-first ``[T, B,
+C]`` passed as ``[B, C, T]``) go to the ``[N, C]`` kernels as the view of their positions in
+memory order: nothing is copied and the gradient takes the logits' layout. Other layouts
+are copied to contiguous memory and give a contiguous gradient.
+
 Training step on CUDA: where the logits require grad and the reduction is mean or sum, the
 forward also writes the gradient for a loss gradient of 1, in the same pass over the logits
 (they are read once a step, not twice), and the backward only scales it in place by the
 incoming loss gradient, reading nothing when that is 1 (``loss.backward()``). The gradient's
 memory is then taken at the forward instead of at the backward, and a loss gradient other
 than 1 (a GradScaler, a weighted sum of losses) costs a pass more than two ops would. Not for
-fp16 logits, [N, C] logits, under saved-tensor hooks or torch.compile (``_with_grad``).
+fp16 logits, [N, C] logits (nor classes innermost, run as [N, C]), under saved-tensor hooks or
+torch.compile (``_with_grad``).
 ``FUSED_GRAD_DEVICES`` lists the device types that do this.
 """
 
@@ -110,6 +116,20 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
                          f"{list(logits.shape)} and target {list(target.shape)}")
     eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
+    order = _utils.memory_order(logits) if logits.dim() > 2 else None
+    if order is not None and order[-1] == 1:
+        # Classes innermost (channels_last): the [N, C] op on the positions in memory order, a
+        # view (no copy), so that the gradient takes the logits' layout, as torch's does.
+        t_order = [d - (d > 1) for d in order[:-1]]  # the target's dims: the logits' but C
+        t = target.permute(t_order)
+        loss = ops.softmax_cross_entropy(logits.permute(order).reshape(-1, c, 1), t.reshape(-1, 1).to(torch.int64),
+                                         weight, ignore_index, eps, _REDUCTION[reduction])[0]
+        if reduction != "none":
+            return loss
+        back = [0] * len(t_order)
+        for i, d in enumerate(t_order):
+            back[d] = i
+        return loss.view(t.shape).permute(back)
     s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
     op = ops.softmax_cross_entropy_with_grad if _with_grad(logits, s, reduction) else ops.softmax_cross_entropy
     loss = op(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight, ignore_index, eps,

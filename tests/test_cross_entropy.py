@@ -35,6 +35,34 @@ def test_matches_torch(shape, weighted, label_smoothing, reduction):
     torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
 
 
+# classes innermost: channels_last, channels_last_3d, a sequence-first [T, B, C] as [B, C, T]
+# (the row op on the positions in memory order); for contrast a permuted layout whose classes
+# are not innermost (copied, as before)
+@pytest.mark.parametrize("make", [
+    lambda x: x.contiguous(memory_format=torch.channels_last),
+    lambda x: x.reshape(2, 5, 3, 2, 2).contiguous(memory_format=torch.channels_last_3d),
+    lambda x: x.reshape(2, 5, 12).permute(2, 0, 1).contiguous().permute(1, 2, 0),
+    lambda x: x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2),
+], ids=["channels_last", "channels_last_3d", "sequence_first", "h_w_swapped"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_permuted_logits_match_torch_with_its_gradient_layout(make, reduction):
+    x, _, w = batch((2, 5, 4, 3))
+    x = make(x)
+    y = torch.randint(0, 5, x.shape[:1] + x.shape[2:], generator=torch.Generator().manual_seed(3))
+    y.view(-1)[::4] = 255
+    kw = dict(weight=w, ignore_index=255, reduction=reduction, label_smoothing=0.2)
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    assert x1.stride() == x.stride()
+    ours, ref = P.softmax_cross_entropy(x1, y, **kw), F.cross_entropy(x2, y, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    gw = torch.rand(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    go = torch.autograd.grad((ours * gw).sum(), [x1])[0]
+    gr = torch.autograd.grad((ref * gw).sum(), [x2])[0]
+    torch.testing.assert_close(go, gr, rtol=1e-10, atol=1e-12)
+    if x.stride(1) == 1:  # classes innermost: the gradient takes the logits' layout (torch's may or may not)
+        assert go.stride() == x.stride()
+
+
 @pytest.mark.parametrize("dtype,tol,gtol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 2e-6, 2e-6),
                                              (torch.bfloat16, 1e-5, 8e-3)])  # bf16 gradients: an ulp
 def test_rows_of_classes_match_the_blocks_of_positions(dtype, tol, gtol):
@@ -357,6 +385,42 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shap
         torch.testing.assert_close(
             K.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, label_smoothing, reduction),
             ops.softmax_cross_entropy_backward(g, x, y, wt, fwd[2], fwd[1], -100, label_smoothing, reduction), **half)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+# (classes, MAX_BLOCK_C, ELEMS): tiles of several rows, one class step or several, a partial
+# last row block and class step; one class; a row a program
+@pytest.mark.parametrize("classes,cap,elems", [(7, 1024, 64), (19, 8, 64), (1, 1024, 16), (5, 4, 4)])
+def test_triton_cross_entropy_interpreter_row_tiles(monkeypatch, dtype, classes, cap, elems):
+    from pyvision_ops.kernels import cross_entropy as K
+
+    monkeypatch.setitem(K.CE_ROWS_CONFIG, "MAX_BLOCK_C", cap)
+    monkeypatch.setitem(K.CE_ROWS_CONFIG, "ELEMS", elems)
+    x, y, w = batch((37, classes, 1), dtype=dtype)
+    x[3, 0] = float("-inf")  # a row's max from a later class (with one class: a NaN row, both)
+    y[5, 0] = classes  # outside [0, C): NaN on CUDA (no read), the CPU raises
+    half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+    ok = torch.ones(37, dtype=torch.bool)
+    ok[5] = False
+    for wt, ls in ((None, 0.0), (w.to(dtype), 0.2)):
+        for reduction in (0, 2):  # none, sum
+            got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
+            fwd = ops.softmax_cross_entropy(x[ok], y[ok], wt, -100, ls, reduction)
+            loss = got[0][ok] if reduction == 0 else got[0]
+            if reduction == 0:
+                assert got[0][5].isnan()
+                torch.testing.assert_close(loss, fwd[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+                torch.testing.assert_close(got[2][:, ok], fwd[2], rtol=1e-5, atol=1e-6, equal_nan=True)
+            else:
+                assert loss.isnan()
+            g = torch.rand(got[0].shape, dtype=got[2].dtype) + 0.5
+            gk = K.softmax_cross_entropy_backward(g, x, y, wt, got[2], got[1], -100, ls, reduction)
+            if reduction == 0:
+                want = ops.softmax_cross_entropy_backward(g[ok], x[ok], y[ok], wt, fwd[2], fwd[1], -100, ls,
+                                                          reduction)
+                torch.testing.assert_close(gk[ok], want, **half, equal_nan=True)
+                assert gk[5].isnan().all()
 
 
 @pytest.mark.interpreter
@@ -738,18 +802,24 @@ def test_triton_cross_entropy_interpreter_special_logits(ce_kernels):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 19, 64, 96), (3000, 1100)], ids=str)  # [N, C]: the row kernels
+# [N, C]: the row kernels, a row a program (1100 classes) or tiles of rows (19); channels_last:
+# the row tiles on the positions
+@pytest.mark.parametrize("shape", [(2, 19, 64, 96), (3000, 1100), (5001, 19), "channels_last"], ids=str)
 def test_cuda_cross_entropy_matches_cpu(dtype, shape):
-    x, y, w = batch(shape, dtype=dtype, ignore=255)
+    x, y, w = batch((2, 19, 64, 96) if shape == "channels_last" else shape, dtype=dtype, ignore=255)
+    if shape == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     for kw in (dict(), dict(weight=w.float(), label_smoothing=0.1)):
         xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+        assert xg.stride() == xc.stride() == x.stride()
         a = P.softmax_cross_entropy(xg, y.cuda(), ignore_index=255, **{k: v.cuda() if torch.is_tensor(v) else v
                                                                       for k, v in kw.items()})
         b = P.softmax_cross_entropy(xc, y, ignore_index=255, **kw)
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
         tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
-        torch.testing.assert_close(torch.autograd.grad(a, [xg])[0].cpu(), torch.autograd.grad(b, [xc])[0],
-                                   rtol=tol, atol=tol)
+        ga, gb = torch.autograd.grad(a, [xg])[0], torch.autograd.grad(b, [xc])[0]
+        torch.testing.assert_close(ga.cpu(), gb, rtol=tol, atol=tol)
+        assert ga.stride() == gb.stride()
 
 
 @pytest.mark.gpu
@@ -878,6 +948,28 @@ def test_cuda_cross_entropy_class_planes_past_2_31():
     ref = torch.softmax(xt, 1) - F.one_hot(y[:, tail], 2).permute(0, 2, 1)
     torch.testing.assert_close(dx[..., tail].float(), ref, rtol=2e-3, atol=2e-3)
     assert not dx[..., : S - 5].any()
+    del x, loss, dx
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_cuda_cross_entropy_rows_past_2_31():
+    # [N, C] = [2^27 + 3, 17]: 2^31 + 51 logits, the offsets of the last row tiles (r0 * C) do
+    # not fit in 32 bits.
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs 60 GiB of GPU memory")
+    N = 2**27 + 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, 17, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+    y = torch.randint(0, 17, (N,), device="cuda", generator=g)
+    loss = P.softmax_cross_entropy(x, y, reduction="none")
+    tail = slice(N - 5, N)
+    xt = x.detach()[tail].float()
+    torch.testing.assert_close(loss[tail], F.cross_entropy(xt, y[tail], reduction="none"))
+    (dx,) = torch.autograd.grad(loss[tail].sum(), [x])
+    ref = torch.softmax(xt, 1) - F.one_hot(y[tail], 17)
+    torch.testing.assert_close(dx[tail].float(), ref, rtol=2e-3, atol=2e-3)
+    assert not dx[: N - 5].any()
     del x, loss, dx
     torch.cuda.empty_cache()
 

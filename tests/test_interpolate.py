@@ -255,7 +255,8 @@ def test_triton_interpreter_direct_op_edges():
     with pytest.raises(NotImplementedError, match="upsample_cross_entropy: 2147483648 rows"):
         C.upsample_cross_entropy(x[:1, :1], torch.zeros(1, 1, 1, dtype=torch.long).expand(1, 2**31, 1), False,
                                  None, -100, 0.0, 1)
-    z, t = torch.zeros(1, 1, 1).expand(2**31, 2, 1), torch.zeros(1, dtype=torch.long).expand(2**31, 1)
+    # 1025 classes: a row a program (fewer share a program: C = 2 takes 2^31 rows in 2^22)
+    z, t = torch.zeros(1, 1, 1).expand(2**31, 1025, 1), torch.zeros(1, dtype=torch.long).expand(2**31, 1)
     stats = torch.zeros(1, 1, 1).expand(2, 2**31, 1)  # expanded: nothing of 2^31 rows is ever allocated
     for call in (lambda: C.softmax_cross_entropy(z, t, None, -100, 0.0, 1),
                  lambda: C.softmax_cross_entropy_backward(torch.ones(()), z, t, None, stats, torch.ones(()), -100,
@@ -270,7 +271,10 @@ def test_triton_interpreter_direct_op_edges():
                                                           0.0, 1)):
         with pytest.raises(NotImplementedError, match="softmax_cross_entropy(_backward)?: 2147482625 classes"):
             call()
-    assert C._rows_config("op", 2**31 - 1024)["BLOCK_C"] == 1024 and C._rows_config("op", 2**31)["BLOCK_C"] == 1024
+    assert C._rows_config("op", 1, 2**31 - 1024)[1]["BLOCK_C"] == 1024 == C._rows_config("op", 1, 2**31)[1]["BLOCK_C"]
+    assert C._rows_config("op", (2**31 - 1) * 512, 2)[0] == (2**31 - 1,)  # rows of 2 classes: 512 a program
+    with pytest.raises(NotImplementedError, match=r"op: 1099511627265 rows \(512 a program\)"):
+        C._rows_config("op", (2**31 - 1) * 512 + 1, 2)
     # [N, C, d1, ...] logits past the class tiles: the plain kernels step through C by UNROLL
     step = C.CE_CONFIG["UNROLL"]
     z, t = torch.zeros(1, 1, 1).expand(1, 2**31 - 1, 2), torch.zeros(1, 2, dtype=torch.long)

@@ -82,6 +82,10 @@ def _launchers():
                                                               wsum, 255, 0.1, reduction)
             for reduction in (1, 2):  # the gradient in the forward's pass
                 cross_entropy.softmax_cross_entropy_with_grad(z, t, weight, 255, 0.1, reduction)
+        # [N, C] rows with more classes than a tile: a row a program and its class loop
+        wz, wt = torch.randn(2, 1100, 1, generator=g).to(dtype), torch.randint(0, 1100, (2, 1), generator=g)
+        _, wsum, stats = cross_entropy.softmax_cross_entropy(wz, wt, None, 255, 0.1, 1)
+        cross_entropy.softmax_cross_entropy_backward(torch.ones((), dtype=acc), wz, wt, None, stats, wsum, 255, 0.1, 1)
         cross_entropy.scale_grad_(x, torch.ones((), dtype=acc))
     for kind, cfg in ((3, box_iou.PAIRWISE_CONFIG), (0, box_iou.PAIRWISE_IOU_CONFIG)):
         # the tuners' variants
