@@ -1,4 +1,8 @@
 import fractions
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -954,6 +958,47 @@ def test_soft_nms_multi_kernel_equals_spread_on_cpu_threads(seed, arch):
             k2, s2 = cuda_sim.soft_nms(*args, method, kernel, arch)
             assert torch.equal(k1, k2)
             assert torch.equal(s1.nan_to_num(-7.0), s2.nan_to_num(-7.0))
+
+
+def _tsan(cases, csrc=None):
+    """tests/cuda_sim/tsan_check.py on `cases` under ThreadSanitizer (a report ends it with
+    exit code 66), the kernels from `csrc` where given."""
+    lib = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libtsan.so"], capture_output=True,
+                         text=True).stdout.strip()
+    if not os.path.isabs(lib):
+        pytest.skip("needs the compiler's libtsan")
+    env = {**os.environ, "LD_PRELOAD": lib, "PVO_SIM_TSAN": "1",
+           "TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    if csrc:
+        env["PVO_SIM_CSRC"] = str(csrc)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_sim", "tsan_check.py")
+    return subprocess.run([sys.executable, script, *cases], env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_soft_nms_cuda_kernels_have_no_race_on_cpu_threads():
+    # ThreadSanitizer over the kernels' own code as compiled for sm_90: lead's hand-over through
+    # shared memory (one register slot, and 4), multi's warp-synchronous replay, fp64 multi
+    r = _tsan(["300:f32:hard:lead:900:0.01", "1100:f32:gaussian:lead:900:0.01", "300:f64:linear:multi:900:0.01"])
+    assert r.returncode == 0, r.stderr[-6000:]
+    assert "ThreadSanitizer" not in r.stderr
+    assert r.stdout.count("same True") == 3, r.stdout
+
+
+@pytest.mark.slow
+def test_thread_sanitizer_finds_a_missing_barrier_in_the_kernels(tmp_path):
+    # The check above can fail: without lead's second barrier, the other warps read the step's
+    # selections while warp 0 writes them.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = shutil.copytree(os.path.join(root, "csrc"), tmp_path / "csrc")
+    path = csrc / "cuda" / "soft_nms.cuh"
+    text = path.read_text()
+    barrier = "        if (lane == 0) sel_count = m;\n      }\n      __syncthreads();\n"
+    assert text.count(barrier) == 1
+    path.write_text(text.replace(barrier, "        if (lane == 0) sel_count = m;\n      }\n"))
+    r = _tsan(["300:f32:gaussian:lead:900:0.01"], csrc)
+    assert r.returncode == 66, r.stderr[-6000:]
+    assert "ThreadSanitizer: data race" in r.stderr and "soft_nms.cuh" in r.stderr
 
 
 # PYVISION_OPS_SOFT_NMS_KERNEL: several selections a step (multi, the default; lead: replayed

@@ -15,8 +15,6 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SOURCES = [os.path.join(HERE, f) for f in ("soft_nms_sim.cpp", "cuda_sim.h")] + [
-    os.path.join(ROOT, "csrc", f) for f in ("cuda/soft_nms.cuh", "common/nms.h", "common/box_iou.h", "common/text.h")]
 METHODS = {"gaussian": 0, "linear": 1, "hard": 2}
 VARIANTS = {"chunks": 0, "spread": 1, "multi": 2, "lead": 3}  # soft_nms_sim.cpp:chunks
 ROUNDS_MAX_LEN = 64 * 256  # csrc/cuda/soft_nms.cuh: kWord * kRoundsMaxChunks
@@ -26,21 +24,28 @@ _libs = {}
 
 def library(arch=0):
     """The simulator built for __CUDA_ARCH__ `arch` (0: none, the kernels' pre-sm_80 branches;
-    900: sm_90's, as the GPU runs them)."""
+    900: sm_90's, as the GPU runs them). Environment: PVO_SIM_TSAN=1 builds it with
+    ThreadSanitizer (the process must preload libtsan: tsan_check.py), PVO_SIM_CSRC takes the
+    kernels from another csrc folder (a modified copy)."""
     if arch not in _libs:
         cxx = os.environ.get("CXX", "c++")
-        flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
-                 "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE] + ["-I" + p for p in cpp_extension.include_paths()]
+        csrc = os.environ.get("PVO_SIM_CSRC", os.path.join(ROOT, "csrc"))
+        tsan = os.environ.get("PVO_SIM_TSAN") == "1"
+        flags = ["-std=c++20", "-O1" if tsan else "-O2", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
+                 "-I" + csrc, "-I" + HERE] + ["-I" + p for p in cpp_extension.include_paths()]
+        flags += ["-g", "-fsanitize=thread"] if tsan else []
         flags += [f"-DPVO_SIM_ARCH={arch}"] if arch else []
         digest = hashlib.sha256(" ".join([cxx] + flags).encode())
-        for path in SOURCES:
+        sources = [os.path.join(HERE, f) for f in ("soft_nms_sim.cpp", "cuda_sim.h")] + [
+            os.path.join(csrc, f) for f in ("cuda/soft_nms.cuh", "common/nms.h", "common/box_iou.h", "common/text.h")]
+        for path in sources:
             with open(path, "rb") as f:
                 digest.update(f.read())
         out = os.path.join(ROOT, "build", "cuda_sim", f"soft_nms_sim-{digest.hexdigest()[:16]}.so")
         if not os.path.exists(out):
             os.makedirs(os.path.dirname(out), exist_ok=True)
             tmp = f"{out}.{os.getpid()}.tmp"  # pytest-xdist workers may build at once
-            subprocess.run([cxx, *flags, SOURCES[0], "-o", tmp], check=True)
+            subprocess.run([cxx, *flags, sources[0], "-o", tmp], check=True)
             os.replace(tmp, out)
         _libs[arch] = ctypes.CDLL(out)
     return _libs[arch]
