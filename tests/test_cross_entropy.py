@@ -936,44 +936,25 @@ def test_cuda_cross_entropy_precision_at_large_logits():
 
 
 @pytest.mark.gpu
-def test_cuda_cross_entropy_class_planes_past_2_31():
-    # C * S = 2^31 + 14 logits: the offset of class plane c (c * S) does not fit in 32 bits.
+# [1, 2, 2^30 + 7]: 2^31 + 14 logits, the offset of class plane c (c * S) does not fit in 32
+# bits; [2^27 + 3, 17] (the row tiles): 2^31 + 51, nor do the last tiles' (r0 * C)
+@pytest.mark.parametrize("shape", [(1, 2, 2**30 + 7), (2**27 + 3, 17)], ids=["class_planes", "row_tiles"])
+def test_cuda_cross_entropy_past_2_31_logits(shape):
     if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
         pytest.skip("needs 60 GiB of GPU memory")
-    S = 2**30 + 7
+    c, n = shape[1], shape[-1] if len(shape) == 3 else shape[0]
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, 2, S, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
-    y = torch.randint(0, 2, (1, S), device="cuda", generator=g)
+    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+    y = torch.randint(0, c, shape[:1] + shape[2:], device="cuda", generator=g)
     loss = P.softmax_cross_entropy(x, y, reduction="none")
-    tail = slice(S - 5, S)
-    xt = x.detach()[..., tail].float()
-    torch.testing.assert_close(loss[:, tail], F.cross_entropy(xt, y[:, tail], reduction="none"))
-    (dx,) = torch.autograd.grad(loss[:, tail].sum(), [x])
-    ref = torch.softmax(xt, 1) - F.one_hot(y[:, tail], 2).permute(0, 2, 1)
-    torch.testing.assert_close(dx[..., tail].float(), ref, rtol=2e-3, atol=2e-3)
-    assert not dx[..., : S - 5].any()
-    del x, loss, dx
-    torch.cuda.empty_cache()
-
-
-@pytest.mark.gpu
-def test_cuda_cross_entropy_rows_past_2_31():
-    # [N, C] = [2^27 + 3, 17]: 2^31 + 51 logits, the offsets of the last row tiles (r0 * C) do
-    # not fit in 32 bits.
-    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
-        pytest.skip("needs 60 GiB of GPU memory")
-    N = 2**27 + 3
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, 17, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
-    y = torch.randint(0, 17, (N,), device="cuda", generator=g)
-    loss = P.softmax_cross_entropy(x, y, reduction="none")
-    tail = slice(N - 5, N)
-    xt = x.detach()[tail].float()
-    torch.testing.assert_close(loss[tail], F.cross_entropy(xt, y[tail], reduction="none"))
-    (dx,) = torch.autograd.grad(loss[tail].sum(), [x])
-    ref = torch.softmax(xt, 1) - F.one_hot(y[tail], 17)
+    at = (lambda i: (Ellipsis, i)) if len(shape) == 3 else (lambda i: (i,))  # positions: last dim, or rows
+    tail, rest = at(slice(n - 5, n)), at(slice(0, n - 5))
+    xt, yt = x.detach()[tail].float(), y[..., n - 5:]
+    torch.testing.assert_close(loss[..., n - 5:], F.cross_entropy(xt, yt, reduction="none"))
+    (dx,) = torch.autograd.grad(loss[..., n - 5:].sum(), [x])
+    ref = torch.softmax(xt, 1) - F.one_hot(yt, c).movedim(-1, 1)
     torch.testing.assert_close(dx[tail].float(), ref, rtol=2e-3, atol=2e-3)
-    assert not dx[: N - 5].any()
+    assert not dx[rest].any()
     del x, loss, dx
     torch.cuda.empty_cache()
 
