@@ -119,7 +119,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
     order = _utils.memory_order(logits) if logits.dim() > 2 else None
     if order is not None and order[-1] == 1:
         # Classes innermost (channels_last): the [N, C] op on the positions in memory order, a
-        # view (no copy), so that the gradient takes the logits' layout, as torch's does.
+        # view (no copy), so that the gradient takes the logits' layout.
         t_order = [d - (d > 1) for d in order[:-1]]  # the target's dims: the logits' but C
         t = target.permute(t_order)
         loss = ops.softmax_cross_entropy(logits.permute(order).reshape(-1, c, 1), t.reshape(-1, 1).to(torch.int64),
