@@ -401,30 +401,29 @@ def test_triton_cross_entropy_interpreter_row_tiles(monkeypatch, dtype, classes,
     x, y, w = batch((37, classes, 1), dtype=dtype)
     x[3, 0] = float("-inf")  # a row's max from a later class (with one class: a NaN row, both)
     x[8, classes // 2] = float("nan")  # a NaN loss and gradient row, both
-    y[5, 0] = classes  # outside [0, C): NaN on CUDA (no read), the CPU raises
-    half = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
-    ok = torch.ones(37, dtype=torch.bool)
-    ok[5] = False
+    close = dict(rtol=1e-5, atol=1e-6, equal_nan=True)
+    half = dict(close, rtol=1e-3, atol=1e-3) if dtype == torch.float16 else close
+    finite = torch.arange(37) != 8  # the NaN row's max: whichever the max keeps
+    bad = y.clone()
+    bad[5, 0] = classes  # outside [0, C): NaN on CUDA (no read), the CPU raises
     for wt, ls in ((None, 0.0), (w.to(dtype), 0.2)):
-        for reduction in (0, 2):  # none, sum
+        for reduction in (0, 1, 2):  # none, mean, sum
+            want = ops.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
             got = K.softmax_cross_entropy(x, y, wt, -100, ls, reduction)
-            fwd = ops.softmax_cross_entropy(x[ok], y[ok], wt, -100, ls, reduction)
-            loss = got[0][ok] if reduction == 0 else got[0]
-            if reduction == 0:
-                assert got[0][5].isnan()
-                torch.testing.assert_close(loss, fwd[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-                finite = torch.arange(37)[ok] != 8  # the NaN row's max: whichever the max keeps
-                torch.testing.assert_close(got[2][:, ok][:, finite], fwd[2][:, finite], rtol=1e-5, atol=1e-6,
-                                           equal_nan=True)
-            else:
-                assert loss.isnan()
-            g = torch.rand(got[0].shape, dtype=got[2].dtype) + 0.5
+            torch.testing.assert_close(got[:2], want[:2], **close)
+            torch.testing.assert_close(got[2][:, finite], want[2][:, finite], **close)
+            g = torch.rand(want[0].shape, dtype=want[2].dtype) + 0.5
             gk = K.softmax_cross_entropy_backward(g, x, y, wt, got[2], got[1], -100, ls, reduction)
-            if reduction == 0:
-                want = ops.softmax_cross_entropy_backward(g[ok], x[ok], y[ok], wt, fwd[2], fwd[1], -100, ls,
-                                                          reduction)
-                torch.testing.assert_close(gk[ok], want, **half, equal_nan=True)
-                assert gk[5].isnan().all()
+            torch.testing.assert_close(
+                gk, ops.softmax_cross_entropy_backward(g, x, y, wt, want[2], want[1], -100, ls, reduction), **half)
+        loss, wsum, stats = K.softmax_cross_entropy(x, bad, wt, -100, ls, 0)
+        gk = K.softmax_cross_entropy_backward(torch.ones_like(loss), x, bad, wt, stats, wsum, -100, ls, 0)
+        want = ops.softmax_cross_entropy(x, y, wt, -100, ls, 0)
+        assert loss[5].isnan() and gk[5].isnan().all()
+        rest = torch.arange(37) != 5
+        torch.testing.assert_close(loss[rest], want[0][rest], **close)
+        torch.testing.assert_close(gk[rest], ops.softmax_cross_entropy_backward(
+            torch.ones_like(loss), x, y, wt, want[2], want[1], -100, ls, 0)[rest], **half)
 
 
 @pytest.mark.interpreter

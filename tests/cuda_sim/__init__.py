@@ -35,7 +35,9 @@ def library(arch=0):
                  "-I" + csrc, "-I" + HERE] + ["-I" + p for p in cpp_extension.include_paths()]
         flags += ["-g", "-fsanitize=thread"] if tsan else []
         flags += [f"-DPVO_SIM_ARCH={arch}"] if arch else []
-        digest = hashlib.sha256(" ".join([cxx] + flags).encode())
+        # the sources' contents below, not csrc's path: a modified copy in a new folder each run
+        # builds once
+        digest = hashlib.sha256(" ".join([cxx] + [f for f in flags if f != "-I" + csrc]).encode())
         sources = [os.path.join(HERE, f) for f in ("soft_nms_sim.cpp", "cuda_sim.h")] + [
             os.path.join(csrc, f) for f in ("cuda/soft_nms.cuh", "common/nms.h", "common/box_iou.h", "common/text.h")]
         for path in sources:
