@@ -616,8 +616,10 @@ def _ce_rows_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
                                      SMOOTH)
     # ignored rows have coefficients 0, targets outside [0, C) NaN ones: -1 matches no class
     coef_a, coef_b, gs, yc = coef_a[:, None], coef_b[:, None], gs[:, None], _target_class(y, C)[:, None]
-    rows = z_ptr + r0 * C + (lr * C)[:, None]
-    drows = dz_ptr + r0 * C + (lr * C)[:, None]
+    z_ptr += r0 * C
+    dz_ptr += r0 * C
+    rows = z_ptr + (lr * C)[:, None]
+    drows = dz_ptr + (lr * C)[:, None]
     for c0 in range(0, steps, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)[None, :]
         m = rm[:, None] & (cs < C)

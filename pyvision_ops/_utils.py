@@ -98,10 +98,11 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
 def memory_order(t: torch.Tensor) -> list[int] | None:
     """The dims of ``t`` from outermost to innermost in memory, where ``t`` is a permuted
     contiguous tensor other than a contiguous one (``t.permute(order)`` is contiguous; a
-    detection head's ``[N, C, H, W] -> [N, H * W, C]`` view, channels_last): an elementwise
-    op run on that view and permuted back gives a result with t's strides, as torch's
-    elementwise ops do, instead of a contiguous one that slows what follows (a gradient in
-    another layout than the activations it meets). None otherwise, and under vmap."""
+    detection head's ``[N, C, H, W] -> [N, H * W, C]`` view, channels_last): an op run on
+    that view without a copy, its result permuted back (``inverse_permutation``), gives results
+    and gradients with t's strides, as torch's elementwise ops do, instead of contiguous ones
+    that slow what follows (a gradient in another layout than the activations it meets). None
+    otherwise, and under vmap."""
     if t.dim() < 2 or t.is_contiguous() or (not torch.compiler.is_compiling() and is_vmapped(t)):
         return None
     try:
@@ -114,6 +115,14 @@ def memory_order(t: torch.Tensor) -> list[int] | None:
             order[j - 1], order[j] = order[j], order[j - 1]
             j -= 1
     return order if t.permute(order).is_contiguous() else None
+
+
+def inverse_permutation(order: list[int]) -> list[int]:
+    """``back`` with ``x.permute(order).permute(back)`` equal to ``x`` (a loop: dynamo traces it)."""
+    back = [0] * len(order)
+    for i, d in enumerate(order):
+        back[d] = i
+    return back
 
 
 def is_vmapped(t: torch.Tensor) -> bool:

@@ -116,7 +116,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
                          f"{list(logits.shape)} and target {list(target.shape)}")
     eps, ignore_index = _check_options(logits, target, weight, ignore_index, reduction, label_smoothing)
     n, c = logits.shape[:2]
-    order = _utils.memory_order(logits) if logits.dim() > 2 else None
+    order = _utils.memory_order(logits)
     if order is not None and order[-1] == 1:
         # Classes innermost (channels_last): the [N, C] op on the positions in memory order, a
         # view (no copy), so that the gradient takes the logits' layout.
@@ -126,10 +126,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight=Non
                                          weight, ignore_index, eps, _REDUCTION[reduction])[0]
         if reduction != "none":
             return loss
-        back = [0] * len(t_order)
-        for i, d in enumerate(t_order):
-            back[d] = i
-        return loss.view(t.shape).permute(back)
+        return loss.view(t.shape).permute(_utils.inverse_permutation(t_order))
     s = math.prod(logits.shape[2:])  # not -1: reshape cannot infer it when n == 0
     op = ops.softmax_cross_entropy_with_grad if _with_grad(logits, s, reduction) else ops.softmax_cross_entropy
     loss = op(logits.reshape(n, c, s), target.reshape(n, s).to(torch.int64), weight, ignore_index, eps,

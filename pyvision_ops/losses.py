@@ -57,10 +57,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
         # Elementwise, both in one layout: run on the views in memory order, so that the loss
         # and the gradients take that layout, as from torchvision's elementwise ops (and no
         # input is copied). Layouts that differ give contiguous results, as there.
-        back = [0] * len(order)
-        for i, d in enumerate(order):
-            back[d] = i
-        loss = ops.sigmoid_focal_loss(inputs.permute(order), targets.permute(order), alpha, gamma).permute(back)
+        loss = ops.sigmoid_focal_loss(inputs.permute(order), targets.permute(order), alpha, gamma)
+        loss = loss.permute(_utils.inverse_permutation(order))
     else:
         loss = ops.sigmoid_focal_loss(inputs, targets, alpha, gamma)
     if reduction == "mean":
