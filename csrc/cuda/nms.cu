@@ -435,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   const at::Tensor d_start = start_len_d.narrow(0, 0, groups), d_len = start_len_d.narrow(0, groups, groups);
   const at::Tensor grouped_orig = idxs ? g.order.index_select(0, g.grouped) : g.order;
   // each box's group (given its size, repeat_interleave does not read the lengths back)
-  const at::Tensor seg = groups > 1 ? at::repeat_interleave(d_len, n) : at::Tensor();
+  const at::Tensor seg = groups > 1 ? at::repeat_interleave(d_len, std::optional<int64_t>(n)) : at::Tensor();
   at::Tensor out_pos, out_count;  // the sequential kernel's outputs
   at::Tensor alive = at::empty({n}, boxes.options().dtype(at::kInt));
   at::Tensor out_score, place, selected;
