@@ -17,9 +17,13 @@ logits (two full sums of the logits, one fill of a gradient-sized tensor): the b
 these kernels reach it on this shape, besides the one the copy bandwidth of 1 GiB buffers
 gives, and the default step with the mean's divisor added by a launch of its own.
 kernels/cross_entropy.py:CE_CONFIG and CE_TILE_CONFIG take the best.
+
+`--rows`: instead, the row kernels' tiles (CE_ROWS_CONFIG) on the channels_last step (the
+[N * H * W, 19] row op) and on [4096, 1000] rows, forward and backward apart.
 """
 
 import itertools
+import sys
 
 import torch
 import triton.testing
@@ -74,7 +78,37 @@ TILE_FUSED = [{"MAX_C": 32, "BLOCK_C": 4, "ELEMS": 4096, "num_warps": 8, "PER_SM
 TILE_CONFIGS += TILE_FUSED
 
 
+ROWS_CONFIGS = [{"ELEMS": e, "WARPS": w} for e, w in [(1024, 4), (512, 4), (2048, 4), (2048, 8), (4096, 8), (256, 2),
+                                                          (128, 1)]]
+
+
+def rows():
+    bw = cuda_copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, c in [(2 * 512 * 1024, 19), (4096, 1000)]:
+        z = torch.randn(n, c, 1, device="cuda", generator=g)
+        y = torch.randint(0, c, (n, 1), device="cuda", generator=g)
+        y[torch.rand(n, 1, device="cuda", generator=g) < 0.1] = 255
+        one = torch.ones((), device="cuda")
+        _, wsum, stats = ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1)
+        bound = z.numel() * z.element_size() / bw  # one pass over the logits
+        print(f"[{n}, {c}] rows: one pass over the logits at copy bandwidth {bound * 1e6:.1f} us")
+        default = dict(K.CE_ROWS_CONFIG)
+        for cfg in ROWS_CONFIGS:
+            K.CE_ROWS_CONFIG = {**default, **cfg}
+            fwd = triton.testing.do_bench_cudagraph(lambda: ops.softmax_cross_entropy(z, y, None, 255, 0.0, 1),
+                                                    rep=30, return_mode="median")
+            bwd = triton.testing.do_bench_cudagraph(
+                lambda: ops.softmax_cross_entropy_backward(one, z, y, None, stats, wsum, 255, 0.0, 1), rep=30,
+                return_mode="median")
+            print(f"  {cfg}: forward {fwd * 1e3:6.1f} us ({100 * bound / (fwd / 1e3):5.1f}% of one pass), backward "
+                  f"{bwd * 1e3:6.1f} us ({100 * 2 * bound / (bwd / 1e3):5.1f}% of two)", flush=True)
+        K.CE_ROWS_CONFIG = default
+
+
 def main():
+    if "--rows" in sys.argv[1:]:
+        return rows()
     workload = next(w for w in WORKLOADS if w.name == "cross_entropy fwd+bwd (2,19,512,1024) (graph)")
     _, step = workload.make("cuda")
     bw = cuda_copy_bandwidth()

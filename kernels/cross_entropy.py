@@ -47,6 +47,10 @@ from .interpolate import (
 
 _INTERPRET = tl.constexpr(interpreting())
 _REDUCE = 1024  # lanes of _ce_reduce_kernel's fixed-order sums of partial sums (_sum_parts)
+# Partial sums a program of _ce_collapse_kernel adds. The single reduce program's loop waits
+# for each load: on an H200 (2026-11-28) it took 1.56 ms over the 2^20 rows of a channels_last
+# (2, 19, 512, 1024) step, when the row kernels left a partial sum a row.
+_COLLAPSE = 4096
 # Lanes of a fused forward program's sum of the mean's partial sums (_mean_divisor): at 1024
 # the tile kernel took 78 registers instead of 63 under Triton 3.6, 3 programs of 8 warps an
 # SM instead of 4 (python -m benchmarks.sass_cross_entropy)
@@ -199,6 +203,18 @@ def _sum_parts(part_ptr, nparts, BLOCK: tl.constexpr):
         o = i + tl.arange(0, BLOCK)
         acc += tl.load(part_ptr + o, mask=o < nparts, other=0.0)
     return tl.sum(acc, 0)
+
+
+@triton.jit
+def _ce_collapse_kernel(part_ptr, nparts, out_ptr, nout, BLOCK: tl.constexpr):
+    """[2, nparts] fp64 partial sums to [2, nout]: each program adds BLOCK consecutive ones of
+    a row, in a fixed order."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    nparts = tl.cast(nparts, tl.int64)
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(part_ptr + row * nparts + o, mask=o < nparts, other=0.0)
+    tl.store(out_ptr + row * nout + pid, tl.sum(v, 0))
 
 
 @triton.jit
@@ -585,8 +601,10 @@ def _ce_rows_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
     loss = _ce_loss(mx, ls, zy, tl.sum(dv, 1), wy, valid, keep, spread, tl.sum(wv, 1))
     if STORE_LOSS:
         tl.store(loss_ptr + r0 + lr, loss, mask=rm)
-    tl.store(part_ptr + r0 + lr, loss.to(tl.float64), mask=rm)
-    tl.store(part_ptr + N + r0 + lr, wy.to(tl.float64), mask=rm)
+    # a partial sum a program (rows past N are out of the sums)
+    pid, nparts = tl.program_id(0), tl.num_programs(0)
+    tl.store(part_ptr + pid, tl.sum(tl.where(rm, loss.to(tl.float64), 0.0), 0))
+    tl.store(part_ptr + nparts + pid, tl.sum(tl.where(rm, wy.to(tl.float64), 0.0), 0))
     tl.store(stats_ptr + r0 + lr, mx, mask=rm)
     tl.store(stats_ptr + N + r0 + lr, ls, mask=rm)
 
@@ -641,7 +659,8 @@ def _check_class_steps(op, c, step, what):
 # The row kernels' tiles: BLOCK_C, the next power of 2 of C up to MAX_BLOCK_C, by about
 # ELEMS / BLOCK_C rows (one from 1024 classes). Few classes ([N * H * W, 19] channels_last
 # logits, small heads): a program a row would leave most lanes idle.
-CE_ROWS_CONFIG = {"MAX_BLOCK_C": 1024, "ELEMS": 1024}
+# WARPS: a program's warps below 1024 classes (8 from there).
+CE_ROWS_CONFIG = {"MAX_BLOCK_C": 1024, "ELEMS": 1024, "WARPS": 4}
 
 
 def _rows_config(op, n, c):
@@ -652,7 +671,7 @@ def _rows_config(op, n, c):
     block_c = min(cap, next_power_of_2(c))
     block_r = max(1, CE_ROWS_CONFIG["ELEMS"] // block_c)
     return (grid_rows(op, n, block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c, "ONE_TILE": block_c >= c,
-                                                "num_warps": 8 if block_c >= 1024 else 4}
+                                                "num_warps": 8 if block_c >= 1024 else CE_ROWS_CONFIG["WARPS"]}
 
 
 _BLOCK = 512  # positions per program of the fused upsample kernels
@@ -778,9 +797,21 @@ def _reduce(loss_map, parts, reduction, div=None):
     the fp64 sum `div` where given (_mean_divisor)."""
     loss = loss_map if reduction == 0 else loss_map.new_empty(())
     wsum = loss_map.new_empty(())
+    parts = _collapse(parts)
     _ce_reduce_kernel[(1,)](parts, parts.shape[1], loss, wsum, parts if div is None else div, REDUCTION=reduction,
                             BLOCK=_REDUCE, GIVEN=div is not None)
     return loss, wsum
+
+
+def _collapse(parts):
+    """[2, n] partial sums to at most _REDUCE a row, by launches of many programs (the reduce
+    program adds the rest)."""
+    while parts.shape[1] > _REDUCE:
+        nout = cdiv(parts.shape[1], _COLLAPSE)
+        out = parts.new_empty((2, nout))
+        _ce_collapse_kernel[(nout, 2)](parts, parts.shape[1], out, nout, BLOCK=_COLLAPSE, num_warps=8)
+        parts = out
+    return parts
 
 
 def softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -839,7 +870,9 @@ def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_
             wsum, div = wparts[1], wparts[0, :1]  # the loss's row: unused here
         else:
             wsum = stats.new_empty(())
-            _ce_reduce_kernel[(1,)](wparts, n * nb, wsum, wsum, wparts, REDUCTION=0, BLOCK=_REDUCE, GIVEN=False)
+            wparts = _collapse(wparts)
+            _ce_reduce_kernel[(1,)](wparts, wparts.shape[1], wsum, wsum, wparts, REDUCTION=0, BLOCK=_REDUCE,
+                                    GIVEN=False)
     dz = torch.empty_like(z)
     _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, div, nb, ignore_index, label_smoothing,
              weight is not None, reduction)
@@ -862,7 +895,7 @@ def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reducti
     n, c, _ = logits.shape
     op = "softmax_cross_entropy"
     grid, cfg = _rows_config(op, n, c)  # before any allocation
-    loss_map, stats, parts = _outputs(logits, (n, 1), reduction, n)
+    loss_map, stats, parts = _outputs(logits, (n, 1), reduction, grid[0])
     if n:
         z = logits.contiguous()
         _ce_rows_forward_kernel[grid](

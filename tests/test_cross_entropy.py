@@ -427,6 +427,24 @@ def test_triton_cross_entropy_interpreter_row_tiles(monkeypatch, dtype, classes,
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("elems", [8, 16])  # a row a program; two, the last program's second past N
+def test_triton_cross_entropy_interpreter_collapsed_partial_sums(monkeypatch, elems):
+    """More partial sums than the reduce program takes: collapse launches add them first, over
+    levels here (37 or 19 parts, 4 at a time)."""
+    from pyvision_ops.kernels import cross_entropy as K
+
+    monkeypatch.setattr(K, "_REDUCE", 4)
+    monkeypatch.setattr(K, "_COLLAPSE", 4)
+    monkeypatch.setitem(K.CE_ROWS_CONFIG, "ELEMS", elems)
+    x, y, w = batch((37, 5, 1))
+    for wt in (None, w):
+        for reduction in (1, 2):
+            got = K.softmax_cross_entropy(x, y, wt, -100, 0.1, reduction)
+            want = ops.softmax_cross_entropy(x, y, wt, -100, 0.1, reduction)
+            torch.testing.assert_close(got[:2], want[:2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.interpreter
 # STAGES 3: the option reaches the kernel (the interpreter runs a pipelined loop as a plain
 # one; the GPU variant test and the sm_90 compile check the pipelining itself)
 @pytest.mark.parametrize("unroll,stages,gather", [(1, 1, True), (2, 1, True), (4, 1, True), (2, 3, True),

@@ -1001,7 +1001,7 @@ def test_thread_sanitizer_finds_a_missing_barrier_in_the_kernels(tmp_path):
     assert "ThreadSanitizer: data race" in r.stderr and "soft_nms.cuh" in r.stderr
 
 
-# PYVISION_OPS_SOFT_NMS_KERNEL: several selections a step (multi, the default; lead: replayed
+# PYVISION_OPS_SOFT_NMS_KERNEL: several selections a step (multi; lead, the default: replayed
 # by one warp), one with either chunk layout (spread, chunks), or the rounds kernel where it
 # applies (a positive score threshold; not the hard method at a threshold <= 0).
 KERNELS = pytest.mark.parametrize("kernel", ["chunks", "spread", "multi", "lead", "rounds"])

@@ -396,13 +396,15 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   nms::check_soft_args(sigma, score_threshold, method);
   c10::cuda::CUDAGuard guard(boxes.device());
   // PYVISION_OPS_SOFT_NMS_KERNEL: "spread" or "chunks" (soft_nms_kernel, a selection a
-  // block-wide step, with its two chunk placements), "lead" (multi with one warp's replay,
-  // fp32: 2.28 ms against multi's 2.38 at N = 5000 on the H200, 2026-11-28 09:05; not yet
-  // racechecked) or "rounds" (soft_rounds_kernel, where it applies); the same boxes, scores
-  // equal to rounding. The default, multi (soft_multi_kernel and soft_multi_global_kernel),
-  // was the fastest from N = 2000 on an H200 (benchmarks/soft_nms_scaling.py, 2026-11-28,
-  // N = 5000: 3.11 ms, spread 3.36, chunks 3.98, rounds 21.0; N = 12000: 15.2 against
-  // spread's 21.4; N = 1000: 1.14 against 1.05).
+  // block-wide step, with its two chunk placements), "multi" (soft_multi_kernel and
+  // soft_multi_global_kernel: each warp posts its best, a block-wide step makes the
+  // selections that beat every warp's second) or "rounds" (soft_rounds_kernel, where it
+  // applies); the same boxes, scores equal to rounding. The default, "lead", is multi with
+  // one warp's replay of a step's selections in fp32 (fp64 and the global layout take
+  // multi's). On an H200 (benchmarks/soft_nms_scaling.py, 2026-11-28 19:21) lead's kernel
+  // took 1.86 ms at N = 5000 against multi's 1.99 (spread 2.70 ms in all, rounds 21.5),
+  // 1.12 against 1.33 at N = 4000, the same at 8000 and 12000. It runs clean under
+  // ThreadSanitizer on CPU threads (tests/cuda_sim); not yet under racecheck.
   const char* variant_env = std::getenv("PYVISION_OPS_SOFT_NMS_KERNEL");
   const std::string variant = variant_env ? variant_env : "";
   const std::string what =
@@ -410,8 +412,8 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   TORCH_CHECK_VALUE(variant.empty() || variant == "chunks" || variant == "spread" || variant == "multi" ||
                         variant == "lead" || variant == "rounds",
                     what);
-  const bool spread = variant != "chunks", lead = variant == "lead",
-             multi = variant.empty() || variant == "multi" || lead;
+  const bool spread = variant != "chunks", lead = variant.empty() || variant == "lead",
+             multi = variant == "multi" || lead;
   const int64_t n = boxes.size(0);
   if (n == 0) return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   TORCH_CHECK(n < INT_MAX, "soft_nms: more than 2^31 - 1 boxes");
