@@ -47,6 +47,8 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
     tile = "BLOCK_C" in cfg
     fn = getattr(K, f"_ce{'_tile' if tile else ''}_{'forward' if fwd else kernel}_kernel")
     opts = dict(HAS_W=False, SMOOTH=False, LOOP=False, **cfg)
+    if not tile:  # class planes: positions 1 apart
+        opts["ZS"] = 1
     opts.update(dict(STORE_LOSS=False, FUSED=fused, MEAN=fused, WSUM_PARTS=fused) if fwd else dict(G_STEP=0, MEAN=True))
     if not fwd:
         opts.pop("GATHER")  # the forward's alone
@@ -67,7 +69,7 @@ def analyse(kernel: str, cfg: dict, num_warps: int) -> dict:
         return sum(_load_bytes(r"LDG(STS)?\.E", t) for t in b) // 4 // max(1, cfg["BLOCK"] // threads)
 
     if fused:  # the forward's loop (the first) for the loads in flight; each loop runs over all classes
-        body = class_loops[0]
+        body = class_loops[0] if class_loops else code  # one tile: no class loop
         issued = total + sum((-(-CLASSES // (cfg["BLOCK_C"] if tile else max(1, classes(b)))) - 1) * len(b)
                              for b in class_loops)
     elif tile:

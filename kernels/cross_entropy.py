@@ -155,13 +155,13 @@ def _target_class(y, C):
 
 
 @triton.jit
-def _target_logit(z_ptr, zoffs, y, mj, C, S, acc, GATHER: tl.constexpr):
-    """The target's logit of each position where GATHER (a load of it; targets outside
-    [0, C) read nothing), else 0 for the forward's class loop to fill in with a compare and a
-    select a logit (against _target_class)."""
+def _target_logit(z_ptr, zoffs, y, mj, C, ZC, acc, GATHER: tl.constexpr):
+    """The target's logit of each position where GATHER (a load of it, classes ZC apart;
+    targets outside [0, C) read nothing), else 0 for the forward's class loop to fill in with
+    a compare and a select a logit (against _target_class)."""
     if GATHER:
         yt = (y >= 0) & (y < C) & mj
-        return tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * S, mask=yt, other=0.0).to(acc)
+        return tl.load(z_ptr + zoffs + tl.where(yt, y, 0) * ZC, mask=yt, other=0.0).to(acc)
     else:
         return tl.zeros(zoffs.shape, acc)
 
@@ -248,15 +248,16 @@ def _position_grad(g_ptr, wsum_ptr, offs, mask, valid, G_STEP: tl.constexpr, MEA
 
 
 @triton.jit
-def position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK: tl.constexpr):
+def position_block(z_ptr, y_ptr, pid, nb, C, S, ZS, ignore_index, BLOCK: tl.constexpr):
     """Block pid of the S positions of an image ([N, C, S] logits, nb blocks an image): the
-    positions' offsets in [N, S] and in class plane 0 of the logits, their mask, targets and
+    positions' offsets in [N, S] and in class plane 0 of the logits (positions ZS apart: 1
+    in class planes, C for [N, C] rows taken as one image's planes), their mask, targets and
     validity."""
     n = (pid // nb).to(tl.int64)
     j = (pid % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # S may pass 2^31
     mj = j < S
     y = tl.load(y_ptr + n * S + j, mask=mj, other=ignore_index)
-    return n * S + j, n * C * S + j, mj, y, (y != ignore_index) & mj
+    return n * S + j, n * C * S + j * ZS, mj, y, (y != ignore_index) & mj
 
 
 @triton.jit
@@ -274,19 +275,22 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_pt
                        ignore_index, keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                        STORE_LOSS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
                        STAGES: tl.constexpr, GATHER: tl.constexpr, LOOP: tl.constexpr, FUSED: tl.constexpr,
-                       MEAN: tl.constexpr, WSUM_PARTS: tl.constexpr):
+                       MEAN: tl.constexpr, WSUM_PARTS: tl.constexpr, ZS: tl.constexpr):
     """The forward: stats, loss and partial sums of each block of positions. FUSED: then the
     gradient of the block for a loss gradient of 1 (dz_ptr; under the MEAN, wsum_ptr: the
     target weights' sum, or with WSUM_PARTS its partial sums, known before this kernel), its
-    logits read again while they are likely still in L2."""
+    logits read again while they are likely still in L2. ZS: the logits' position stride, 1
+    in class planes (S apart), C in [N, C] rows (_rows_as_planes: classes 1 apart; a compile
+    for each C)."""
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)  # fp64 arguments: a plain float is fp32
+    ZC = S if ZS == 1 else 1  # the class stride
     start, stop, step = _blocks(P, S, nb, LOOP)
     for pid in range(start, stop, step):
-        offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+        offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ZS, ignore_index, BLOCK)
         base = z_ptr + zoffs
         yc = _target_class(y, C)
-        zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc, GATHER)
+        zy = _target_logit(z_ptr, zoffs, y, mj, C, ZC, acc, GATHER)
         mx = tl.full((BLOCK,), float("-inf"), acc)
         s = tl.zeros((BLOCK,), acc)
         wd = tl.zeros((BLOCK,), acc)
@@ -304,13 +308,13 @@ def _ce_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, dz_pt
                     zy = tl.where(yc == c0 + u, z, zy)  # a class past C is no target
                 mx, s, wd, wseen = _ce_update(z, tl.where(live, c0 + u, 0), live, mx, s, wd, wseen, w_ptr, HAS_W,
                                               SMOOTH)
-                plane += S
+                plane += ZC
         ls, wy = _ce_finish(mx, s, zy, wd, y, valid, C, w_ptr, keep, spread, loss_ptr, part_ptr, pid, (P // S) * nb,
                             stats_ptr, P, offs, mj, HAS_W, STORE_LOSS)
         if FUSED:
             wsum = _mean_divisor(wsum_ptr, div_ptr, pid, (P // S) * nb, acc, MEAN, WSUM_PARTS)
             coef_a, coef_b, gs = _unit_grad_coefs(wsum, valid, wy, w_ptr, C, keep, spread, HAS_W, SMOOTH, MEAN)
-            _grad_planes(base, dz_ptr + zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, UNROLL,
+            _grad_planes(base, dz_ptr + zoffs, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, ZC, HAS_W, SMOOTH, UNROLL,
                          STAGES)
 
 
@@ -348,7 +352,7 @@ def _ce_tile_forward_kernel(z_ptr, y_ptr, w_ptr, loss_ptr, part_ptr, stats_ptr, 
     start, stop, step = _blocks(P, S, nb, LOOP)
     rows = tl.arange(0, BLOCK_C)[:, None]
     for pid in range(start, stop, step):
-        offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+        offs, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, 1, ignore_index, BLOCK)
         yc = _target_class(y, C)
         zy = _target_logit(z_ptr, zoffs, y, mj, C, S, acc, GATHER)
         mx = tl.full((BLOCK,), float("-inf"), acc)
@@ -404,12 +408,12 @@ def _ce_grad(z, c, y, mx, ls, coef_a, coef_b, gs, w_ptr, HAS_W: tl.constexpr, SM
 
 
 @triton.jit
-def _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P, nb, ignore_index, keep, spread,
-                    HAS_W: tl.constexpr, SMOOTH: tl.constexpr, G_STEP: tl.constexpr, MEAN: tl.constexpr,
+def _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, P, nb, ZS, ignore_index, keep,
+                    spread, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, G_STEP: tl.constexpr, MEAN: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Block pid of a backward program's positions (position_block): offsets in class plane 0,
     mask and targets, each position's stats m and l, and the coefficients of _grad_coefs."""
-    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+    offs, base, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, S, ZS, ignore_index, BLOCK)
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     keep, spread = tl.full((), keep, acc), tl.full((), spread, acc)
     g = _position_grad(g_ptr, wsum_ptr, offs, mj, valid, G_STEP, MEAN)
@@ -424,29 +428,32 @@ def _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, C, S, 
 def _ce_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz_ptr, C, S, P, nb, ignore_index,
                         keep: tl.float64, spread: tl.float64, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                         G_STEP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                        STAGES: tl.constexpr, LOOP: tl.constexpr):
+                        STAGES: tl.constexpr, LOOP: tl.constexpr, ZS: tl.constexpr):
+    """ZS: as in _ce_forward_kernel (the gradient's strides are the logits')."""
+    ZC = S if ZS == 1 else 1
     start, stop, step = _blocks(P, S, nb, LOOP)
     for pid in range(start, stop, step):
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
-                                                                  stats_ptr, C, S, P, nb, ignore_index, keep, spread,
-                                                                  HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
-        _grad_planes(z_ptr + base, dz_ptr + base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH,
+                                                                  stats_ptr, C, S, P, nb, ZS, ignore_index, keep,
+                                                                  spread, HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
+        _grad_planes(z_ptr + base, dz_ptr + base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, ZC, HAS_W, SMOOTH,
                      UNROLL, STAGES)
 
 
 @triton.jit
-def _grad_planes(zp, dp, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+def _grad_planes(zp, dp, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, ZC, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                  UNROLL: tl.constexpr, STAGES: tl.constexpr):
     """The gradient of a block of positions (its class plane 0 at zp in the logits, dp in the
-    gradient), UNROLL class planes a step; classes past C are masked, as in the forward."""
+    gradient, planes ZC apart), UNROLL class planes a step; classes past C are masked, as in
+    the forward."""
     for c0 in tl.range(0, C, UNROLL, num_stages=STAGES):
         for u in tl.static_range(UNROLL):
             live = c0 + u < C
             dz = _ce_grad(tl.load(zp, mask=mj & live, other=0.0).to(mx.dtype), tl.where(live, c0 + u, 0), y, mx,
                           ls, coef_a, coef_b, gs, w_ptr, HAS_W, SMOOTH)
             tl.store(dp, dz.to(dp.dtype.element_ty), mask=mj & live)
-            zp += S
-            dp += S
+            zp += ZC
+            dp += ZC
 
 
 @triton.jit
@@ -458,8 +465,8 @@ def _ce_tile_backward_kernel(g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr, stats_ptr, dz
     start, stop, step = _blocks(P, S, nb, LOOP)
     for pid in range(start, stop, step):
         base, mj, y, mx, ls, coef_a, coef_b, gs = _backward_block(pid, g_ptr, wsum_ptr, z_ptr, y_ptr, w_ptr,
-                                                                  stats_ptr, C, S, P, nb, ignore_index, keep, spread,
-                                                                  HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
+                                                                  stats_ptr, C, S, P, nb, 1, ignore_index, keep,
+                                                                  spread, HAS_W, SMOOTH, G_STEP, MEAN, BLOCK)
         _grad_tiles(z_ptr, dz_ptr, base, mj, y, mx, ls, coef_a, coef_b, gs, w_ptr, C, S, HAS_W, SMOOTH, BLOCK_C,
                     ONE_TILE, STAGES)
 
@@ -518,7 +525,7 @@ def _ce_wsum_kernel(y_ptr, w_ptr, part_ptr, C, S, nb, ignore_index, HAS_W: tl.co
     """The forward's partial sums of the target weights alone, over the same blocks (and 0 for
     the loss's): the mean's divisor, for a kernel that writes the gradient with the loss."""
     pid = tl.program_id(0)
-    _, _, _, y, valid = position_block(y_ptr, y_ptr, pid, nb, C, S, ignore_index, BLOCK)
+    _, _, _, y, valid = position_block(y_ptr, y_ptr, pid, nb, C, S, 1, ignore_index, BLOCK)
     wy = _target_weight(w_ptr, y, valid, C, HAS_W)
     tl.store(part_ptr + pid, 0.0)
     tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(wy.to(tl.float64), 0))
@@ -659,8 +666,13 @@ def _check_class_steps(op, c, step, what):
 # The row kernels' tiles: BLOCK_C, the next power of 2 of C up to MAX_BLOCK_C, by about
 # ELEMS / BLOCK_C rows (one from 1024 classes). Few classes ([N * H * W, 19] channels_last
 # logits, small heads): a program a row would leave most lanes idle.
-# WARPS: a program's warps below 1024 classes (8 from there).
-CE_ROWS_CONFIG = {"MAX_BLOCK_C": 1024, "ELEMS": 1024, "WARPS": 4}
+# WARPS: a program's warps below 1024 classes (8 from there). Up to PLANES_MAX_C classes the
+# rows go to the plain kernels instead (_rows_as_planes: each thread takes whole rows, with
+# no shuffles between lanes; the classes' loads are 4C bytes apart across a warp): off until
+# a GPU has timed it (benchmarks/tune_cross_entropy.py --rows). On an H200 (2026-11-28 19:35)
+# the row tiles of 19 classes took 166 us forward and 98 backward on [2^20, 19], 11% and 39%
+# of their passes' copy time, whatever ELEMS and WARPS.
+CE_ROWS_CONFIG = {"MAX_BLOCK_C": 1024, "ELEMS": 1024, "WARPS": 4, "PLANES_MAX_C": 0}
 
 
 def _rows_config(op, n, c):
@@ -740,9 +752,10 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(op, c, s, n, device, backward=False):
-    """(kernel options, blocks an image, grid) of the plain or class-tile kernels."""
-    cfg = dict(_tile_config(c, backward) or CE_CONFIG)
+def _launch(op, c, s, n, device, backward=False, plain=False):
+    """(kernel options, blocks an image, grid) of the plain or class-tile kernels (plain: the
+    plain ones)."""
+    cfg = dict((None if plain else _tile_config(c, backward)) or CE_CONFIG)
     if "UNROLL" in cfg:  # the plain kernels, UNROLL classes a step
         _check_class_steps(op, c, cfg["UNROLL"], "[N, C, d1, ...]")
     per_sm = cfg.pop("PER_SM")
@@ -840,7 +853,19 @@ def _forward(cfg, grid, z, y, w, loss_map, parts, stats, dz, wsum, div, nb, igno
     kernel[grid](z, y, w, loss_map, parts, stats, stats if dz is None else dz, wsum, div, c, s, n * s, nb,
                  ignore_index, *_split(label_smoothing, c), HAS_W=has_w, SMOOTH=label_smoothing != 0,
                  STORE_LOSS=reduction == 0, FUSED=dz is not None, MEAN=mean, WSUM_PARTS=mean and wsum.dim() == 1,
-                 **cfg)
+                 **cfg, **_strides(kernel, z))
+
+
+def _strides(kernel, z):
+    """The plain kernels' position stride of [N, C, S] logits z (class planes, or
+    _rows_as_planes)."""
+    return dict(ZS=z.stride(2)) if kernel in (_ce_forward_kernel, _ce_backward_kernel) else {}
+
+
+def _rows_as_planes(rows):
+    """[N, C, 1] rows (contiguous) as one image's C class planes of N positions, C apart."""
+    n, c, _ = rows.shape
+    return rows.as_strided((1, c, n), (c * n, 1, c))
 
 
 def softmax_cross_entropy_with_grad(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -894,6 +919,15 @@ def scale_grad_(grad, scale):
 def _rows_forward(logits, target, weight, ignore_index, label_smoothing, reduction):
     n, c, _ = logits.shape
     op = "softmax_cross_entropy"
+    if 0 < c <= CE_ROWS_CONFIG["PLANES_MAX_C"]:  # the plain kernels, a thread a row
+        cfg, nb, grid = _launch(op, c, n, 1, logits.device, plain=True)
+        loss_map, stats, parts = _outputs(logits, (1, n), reduction, nb)
+        if nb:
+            z = logits.contiguous()
+            _forward(cfg, grid, _rows_as_planes(z), target.contiguous().view(1, n), _weight(weight, z), loss_map,
+                     parts, stats, None, None, None, nb, ignore_index, label_smoothing, weight is not None, reduction)
+        loss, wsum = _reduce(loss_map, parts, reduction)
+        return loss.view(n, 1) if reduction == 0 else loss, wsum, stats.view(2, n, 1)
     grid, cfg = _rows_config(op, n, c)  # before any allocation
     loss_map, stats, parts = _outputs(logits, (n, 1), reduction, grid[0])
     if n:
@@ -910,9 +944,13 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     _check("softmax_cross_entropy_backward", logits, target, weight, 1, reduction, label_smoothing, grad, stats,
            wsum)
     n, c, s = logits.shape
-    cfg, nb, grid = _launch("softmax_cross_entropy_backward", c, s, n, logits.device, backward=True)
-    if s == 1:  # before any allocation
-        op = "softmax_cross_entropy_backward"
+    op = "softmax_cross_entropy_backward"
+    planes = s == 1 and 0 < c <= CE_ROWS_CONFIG["PLANES_MAX_C"]  # rows by the plain kernels
+    if planes:
+        cfg, nb, grid = _launch(op, c, n, 1, logits.device, backward=True, plain=True)
+    else:
+        cfg, nb, grid = _launch(op, c, s, n, logits.device, backward=True)
+    if s == 1 and not planes:  # before any allocation
         rows, rows_cfg = _rows_config(op, n, c)
     z = logits.contiguous()
     dz = torch.empty_like(z)
@@ -922,12 +960,16 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     g, g_step = loss_grad(grad, acc)
     args = (g, wsum, z, target.contiguous(), _weight(weight, z), stats.contiguous(), dz)  # acc already: _check
     opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
-    if s == 1:
+    if planes:  # dz: the same strides as z's view
+        _ce_backward_kernel[grid](*args, c, n, n, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg,
+                                  **_strides(_ce_backward_kernel, _rows_as_planes(z)))
+    elif s == 1:
         _ce_rows_backward_kernel[rows](
             *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **rows_cfg)
     else:
         kernel = _ce_tile_backward_kernel if "BLOCK_C" in cfg else _ce_backward_kernel
-        kernel[grid](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg)
+        kernel[grid](*args, c, s, n * s, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg,
+                     **_strides(kernel, z))
     return dz
 
 

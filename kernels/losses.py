@@ -133,7 +133,7 @@ def _dice_softmax(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, IGNORES: tl.conste
     softmax max and 1 / sum (0 on ignored and padded positions); classes are walked one
     plane at a time. IGNORES is False for the "no ignore" value: no target is ignored then,
     not even one equal to it."""
-    _, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, HW, ignore_index, BLOCK)
+    _, zoffs, mj, y, valid = position_block(z_ptr, y_ptr, pid, nb, C, HW, 1, ignore_index, BLOCK)
     if not IGNORES:
         valid = mj
     acc = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32

@@ -390,14 +390,21 @@ def test_triton_cross_entropy_interpreter(dtype, weighted, label_smoothing, shap
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 # (classes, MAX_BLOCK_C, ELEMS): tiles of several rows, one class step or several, a partial
-# last row block and class step; one class; a row a program
-@pytest.mark.parametrize("classes,cap,elems", [(7, 1024, 64), (19, 8, 64), (1, 1024, 16), (5, 4, 4)])
+# last row block and class step; one class; a row a program. MAX_BLOCK_C 0: the rows as class
+# planes (PLANES_MAX_C) in blocks of ELEMS positions (a partial last one; UNROLL 4: 19 and 5
+# classes end in a partial class step)
+@pytest.mark.parametrize("classes,cap,elems", [(7, 1024, 64), (19, 8, 64), (1, 1024, 16), (5, 4, 4), (19, 0, 16),
+                                               (5, 0, 16), (1, 0, 16)])
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max of a NaN row
 def test_triton_cross_entropy_interpreter_row_tiles(monkeypatch, dtype, classes, cap, elems):
     from pyvision_ops.kernels import cross_entropy as K
 
-    monkeypatch.setitem(K.CE_ROWS_CONFIG, "MAX_BLOCK_C", cap)
-    monkeypatch.setitem(K.CE_ROWS_CONFIG, "ELEMS", elems)
+    if cap:
+        monkeypatch.setitem(K.CE_ROWS_CONFIG, "MAX_BLOCK_C", cap)
+        monkeypatch.setitem(K.CE_ROWS_CONFIG, "ELEMS", elems)
+    else:
+        monkeypatch.setitem(K.CE_ROWS_CONFIG, "PLANES_MAX_C", 32)
+        monkeypatch.setitem(K.CE_CONFIG, "BLOCK", elems)
     x, y, w = batch((37, classes, 1), dtype=dtype)
     x[3, 0] = float("-inf")  # a row's max from a later class (with one class: a NaN row, both)
     x[8, classes // 2] = float("nan")  # a NaN loss and gradient row, both

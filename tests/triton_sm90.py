@@ -135,6 +135,16 @@ def _launchers():
     for zz, tt in ((z[:1], t[:1]), (z[:1, :, :1], t[:1, :1])):  # one forward program: nparts = 1
         _, wsum, stats = cross_entropy.softmax_cross_entropy(zz, tt, None, 255, 0.0, 1)
         cross_entropy.softmax_cross_entropy_backward(torch.ones(()), zz, tt, None, stats, wsum, 255, 0.0, 1)
+    # [N, C] rows as class planes (PLANES_MAX_C): positions 7 apart, a constant
+    saved = dict(cross_entropy.CE_ROWS_CONFIG)
+    cross_entropy.CE_ROWS_CONFIG["PLANES_MAX_C"] = 32
+    rt = torch.randint(0, 7, (9, 1), generator=g)
+    for rz in (torch.randn(9, 7, 1, generator=g), torch.randn(9, 7, 1, generator=g).half()):
+        for reduction, grad in ((0, torch.ones(9, 1)), (1, torch.ones(()))):
+            _, wsum, stats = cross_entropy.softmax_cross_entropy(rz, rt, None, 255, 0.1, reduction)
+            cross_entropy.softmax_cross_entropy_backward(grad, rz, rt, None, stats, wsum, 255, 0.1, reduction)
+    cross_entropy.CE_ROWS_CONFIG.update(saved)
+    cross_entropy._collapse(torch.zeros(2, 1500, dtype=torch.float64))  # more partial sums than the reduce takes
     # Sizes of 1 everywhere: Triton passes an int argument equal to 1 as a constant, which
     # some expressions (x.to(...)) do not accept.
     one = torch.ones((), dtype=torch.float32)
