@@ -9,7 +9,7 @@
 # GPU_CHECK_TUNE=1 also times the box IoU tile configs, the cross-entropy configs
 # (benchmarks/tune_*.py, up to 2 and 3 minutes) and Soft-NMS per selection with each CUDA kernel
 # variant (benchmarks/soft_nms_scaling.py, seconds); GPU_CHECK_TUNE=box_iou,soft_nms (any of
-# box_iou, cross_entropy, soft_nms) only those. GPU_CHECK_SANITIZE=1 runs the CUDA C++
+# box_iou, cross_entropy, soft_nms, ce_rows: tune_cross_entropy.py --rows) only those. GPU_CHECK_SANITIZE=1 runs the CUDA C++
 # kernels under compute-sanitizer's racecheck (up to 180 s), synccheck and memcheck (60 s
 # each), then the Triton kernels under memcheck (120 s), after the tuners
 # (benchmarks/sanitize.py); GPU_CHECK_SANITIZE=racecheck,memcheck (say) only those.
@@ -76,6 +76,11 @@ if tune soft_nms; then
   step "soft_nms scaling"
   timeout $(t 90) $PY -m benchmarks.soft_nms_scaling > "$OUT/soft_nms_scaling.log" 2>&1 || rc=1
   cat "$OUT/soft_nms_scaling.log"
+fi
+if tune ce_rows; then  # the [N, C] row kernels' tiles, and rows as class planes
+  step "tune cross_entropy rows"
+  timeout $(t 90) $PY -m benchmarks.tune_cross_entropy --rows > "$OUT/tune_ce_rows.log" 2>&1 || rc=1
+  cat "$OUT/tune_ce_rows.log"
 fi
 if tune box_iou; then
   step "tune box_iou"
