@@ -84,7 +84,7 @@ ROWS_CONFIGS = [{"ELEMS": e, "WARPS": w} for e, w in [(1024, 4), (512, 4), (2048
 # thread a row. Under Triton 3.8 at 19 classes the forward's class step issues 13.8
 # instructions a logit (BLOCK 1024, 8 warps, UNROLL 4; 48 registers), the backward's 18.8 (89
 # registers: 2 programs an SM); the row-tile forward issues 1040 instructions a thread for
-# its 8 elements of a 32 x 32 tile (19 of a row's 32 classes real), about 130 a logit.
+# its 8 elements of a 32 x 32 tile (19 of a row's 32 classes real), about 130 an element.
 ROWS_PLANES = [{"PLANES_MAX_C": 32, "CE_CONFIG": {"BLOCK": b, "num_warps": w, "UNROLL": u}}
                for b, w, u in [(1024, 8, 4), (512, 4, 2), (256, 4, 1), (128, 4, 4)]]
 
