@@ -960,9 +960,8 @@ def softmax_cross_entropy_backward(grad, logits, target, weight, stats, wsum, ig
     g, g_step = loss_grad(grad, acc)
     args = (g, wsum, z, target.contiguous(), _weight(weight, z), stats.contiguous(), dz)  # acc already: _check
     opts = dict(HAS_W=weight is not None, SMOOTH=label_smoothing != 0, G_STEP=g_step, MEAN=reduction == 1)
-    if planes:  # dz: the same strides as z's view
-        _ce_backward_kernel[grid](*args, c, n, n, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg,
-                                  **_strides(_ce_backward_kernel, _rows_as_planes(z)))
+    if planes:  # one image of n positions, c apart (_rows_as_planes); dz the same
+        _ce_backward_kernel[grid](*args, c, n, n, nb, ignore_index, *_split(label_smoothing, c), **opts, **cfg, ZS=c)
     elif s == 1:
         _ce_rows_backward_kernel[rows](
             *args, n, c, ignore_index, *_split(label_smoothing, c), **opts, **rows_cfg)

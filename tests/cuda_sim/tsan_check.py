@@ -18,16 +18,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cuda_sim  # noqa: E402
 import pyvision_ops  # noqa: E402, F401  (registers the CPU op)
+from pyvision_ops.testing import clustered_boxes  # noqa: E402
 
 
 def boxes_and_scores(n, dtype, seed):
     """Boxes around n // 16 objects (a detector's raw output), a NaN, an empty and an
     inverted box, and a NaN score."""
     g = torch.Generator().manual_seed(seed)
-    centers = torch.rand(max(1, n // 16), 2, generator=g) * 500
-    c = centers[torch.randint(0, len(centers), (n,), generator=g)] + torch.randn(n, 2, generator=g) * 4
-    half = torch.rand(n, 2, generator=g) * 20 + 5
-    boxes, scores = torch.cat([c - half, c + half], 1), torch.rand(n, generator=g)
+    boxes = clustered_boxes(n, objects=max(1, n // 16), generator=g)
+    scores = torch.rand(n, generator=g)
     boxes[1] = torch.tensor([float("nan"), 1.0, 5.0, 9.0])
     boxes[2] = torch.tensor([30.0, 30.0, 30.0, 30.0])
     boxes[3] = torch.tensor([50.0, 50.0, 40.0, 45.0])
